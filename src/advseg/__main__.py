@@ -1,0 +1,3 @@
+from advseg.cli import main
+
+main()

@@ -1,0 +1,44 @@
+"""The ``advseg`` command line: thin typer commands over the library.
+
+Each command group lives in its own module here and is attached below, explicitly. Commands parse
+options, call one library function and print its result; they hold no logic. A
+:class:`~advseg.errors.UserError` becomes one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from advseg import __version__
+from advseg.errors import UserError
+
+app = typer.Typer(
+    name="advseg",
+    help="Adversarial robustness of medical image segmentation models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Adversarial robustness of medical image segmentation models."""
+
+
+@app.command()
+def version() -> None:
+    """Print the advseg version."""
+    print(__version__)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point; ``argv`` defaults to ``sys.argv[1:]``."""
+    try:
+        app(args=argv, prog_name="advseg")
+    except UserError as err:
+        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)

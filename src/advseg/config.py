@@ -1,0 +1,147 @@
+"""Typed configs, read from and written to YAML.
+
+Each part of advseg keeps its own config dataclass beside the code that uses it (the preprocessing
+config in ``data/preprocess.py``, the training config in ``train.py``, ...). This module holds the
+one strict conversion between those dataclasses and plain dicts / YAML: an unknown key or a value of
+the wrong type is a :class:`~advseg.errors.UserError` that names the key by its full dotted path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+import yaml
+
+from advseg.atomic import write_text_atomic
+from advseg.errors import UserError
+
+C = TypeVar("C")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A dataclass as plain YAML-friendly data (tuples become lists, paths strings)."""
+    return _plain(dataclasses.asdict(config))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[C], data: Any, where: str = "") -> C:
+    """Build dataclass ``cls`` from ``data``, checking every key and type.
+
+    Args:
+        cls: the dataclass type.
+        data: a mapping (as read from YAML); missing keys keep their defaults.
+        where: dotted path of ``data`` inside the whole document, for error messages.
+    """
+    if not isinstance(data, dict):
+        raise UserError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = _join(where, str(unknown[0]))
+        raise UserError(f"{key}: unknown key; valid keys: {', '.join(sorted(fields))}")
+    values = {
+        name: _convert(hints[name], value, _join(where, name)) for name, value in data.items()
+    }
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, UserError):
+            raise
+        raise UserError(f"{where or cls.__name__}: {err}") from None
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(option, value, where)
+            except UserError as err:
+                errors.append(str(err))
+        raise UserError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise UserError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        item = args[0] if args else Any
+        items = [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {type(value).__name__}")
+        key_t, val_t = args or (Any, Any)
+        return {
+            _convert(key_t, k, where): _convert(val_t, v, f"{where}.{k}") for k, v in value.items()
+        }
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise UserError(f"{where}: expected a string, got {value!r}")
+        return value
+    if hint is Path:
+        if not isinstance(value, (str, Path)):
+            raise UserError(f"{where}: expected a path, got {value!r}")
+        return Path(value)
+    return value
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Parse a YAML file; a missing file or a syntax error is a one-line UserError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise UserError(f"{path}:{line}: {problem}") from None
+
+
+def save_yaml(config: Any, path: str | Path) -> None:
+    """Write a dataclass (or plain data) as YAML, atomically."""
+    data = to_dict(config) if dataclasses.is_dataclass(config) else _plain(config)
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
