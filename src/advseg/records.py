@@ -1,0 +1,94 @@
+"""Per-slice robustness records: the one data format between evaluation and reports.
+
+One row per (slice, class, model, attack, loss, eps). Pixel counts are kept beside the metrics so
+that every Dice protocol can be recomputed from the records alone, without a model. A file of
+records is written atomically (one experiment cell at a time), and reading checks every file,
+naming the one that is broken.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from advseg.atomic import atomic_path
+from advseg.errors import UserError
+
+RECORD_COLUMNS: dict[str, str] = {
+    "model": "string",  # the model's label in the run (a checkpoint name)
+    "arch": "string",  # the zoo name it was built from
+    "params": "int64",
+    "attack": "string",
+    "loss": "string",
+    "eps": "float64",
+    "slice_id": "string",
+    "case": "int64",
+    "scan": "string",
+    "slice": "int64",
+    "class": "string",
+    "gt_pixels": "int64",
+    "tp_clean": "int64",
+    "fp_clean": "int64",
+    "fn_clean": "int64",
+    "tp_adv": "int64",
+    "fp_adv": "int64",
+    "fn_adv": "int64",
+    "dice_clean": "float64",
+    "dice_adv": "float64",
+    "iou_clean": "float64",
+    "iou_adv": "float64",
+    "hd95_clean": "float64",
+    "hd95_adv": "float64",
+    "linf": "float64",
+    "l2": "float64",
+    "psnr": "float64",
+    "ssim": "float64",
+    "luminosity": "float64",
+}
+
+
+def check_records(frame: pd.DataFrame, source: str = "records") -> pd.DataFrame:
+    """Return ``frame`` with the record columns in order and typed; a missing column is an error."""
+    missing = [c for c in RECORD_COLUMNS if c not in frame.columns]
+    if missing:
+        raise UserError(f"{source}: missing record columns: {', '.join(missing)}")
+    try:
+        return frame[list(RECORD_COLUMNS)].astype(RECORD_COLUMNS)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{source}: a record column has the wrong type ({err})") from None
+
+
+def write_records(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write records to a Parquet file atomically: it exists complete, or not at all."""
+    path = Path(path)
+    frame = check_records(frame, str(path))
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+    return path
+
+
+def read_records(path: str | Path) -> pd.DataFrame:
+    """Read one records file, or every ``*.parquet`` under a run's ``records/`` folder.
+
+    Raises:
+        UserError: no records found, or a file that is not complete Parquet records (naming it).
+    """
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "records" if (path / "records").is_dir() else path
+        files = sorted(folder.glob("*.parquet"))
+        if not files:
+            raise UserError(f"{path}: no records (*.parquet) found")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise UserError(f"{path}: no such file or directory")
+    frames = []
+    for file in files:
+        try:
+            frame = pd.read_parquet(file)
+        except Exception as err:  # pyarrow raises several types for truncated files
+            raise UserError(f"{file}: not a complete Parquet records file ({err})") from None
+        frames.append(check_records(frame, str(file)))
+    return pd.concat(frames, ignore_index=True)

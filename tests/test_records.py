@@ -1,0 +1,39 @@
+import pandas as pd
+import pytest
+
+from advseg.errors import UserError
+from advseg.records import RECORD_COLUMNS, read_records, write_records
+
+
+def _frame(n: int = 3) -> pd.DataFrame:
+    row = {c: 0 for c in RECORD_COLUMNS}
+    row.update(model="m", arch="unet", attack="fgsm", loss="bce", slice_id="case1_day0_slice_0001")
+    row.update({"scan": "case1_day0", "class": "stomach", "dice_clean": 0.9, "dice_adv": 0.5})
+    return pd.DataFrame([row] * n)
+
+
+def test_write_then_read_a_run_directory(tmp_path):
+    write_records(_frame(2), tmp_path / "records" / "a.parquet")
+    write_records(_frame(3), tmp_path / "records" / "b.parquet")
+    frame = read_records(tmp_path)
+    assert len(frame) == 5
+    assert list(frame.columns) == list(RECORD_COLUMNS)
+    assert frame["dice_adv"].dtype == "float64"
+    assert not list((tmp_path / "records").glob(".*"))  # no temporary file left behind
+
+
+def test_missing_column_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(UserError, match="missing record columns: dice_adv"):
+        write_records(_frame().drop(columns=["dice_adv"]), tmp_path / "x.parquet")
+    assert not list(tmp_path.iterdir())
+
+
+def test_broken_files_are_named(tmp_path):
+    with pytest.raises(UserError, match="no records"):
+        read_records(tmp_path)
+    good = write_records(_frame(), tmp_path / "records" / "good.parquet")
+    (tmp_path / "records" / "half.parquet").write_bytes(good.read_bytes()[:100])
+    with pytest.raises(UserError, match=r"half.parquet: not a complete Parquet records file"):
+        read_records(tmp_path)
+    with pytest.raises(UserError, match="no such file"):
+        read_records(tmp_path / "nope")
