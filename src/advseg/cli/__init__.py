@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from advseg import __version__
+from advseg.cli import data
 from advseg.errors import UserError
 
 app = typer.Typer(
@@ -22,6 +23,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+app.add_typer(data.app, name="data")
 
 
 @app.callback()

@@ -54,6 +54,10 @@ class DataConfig:
     cache_dir: Path | None = None
     workers: int = 2
 
+    def __post_init__(self) -> None:
+        # YAML gives int keys, JSON string keys: keep one form so that configs compare equal.
+        self.nifti_labels = {str(k): v for k, v in self.nifti_labels.items()}
+
 
 @dataclass
 class SliceData:

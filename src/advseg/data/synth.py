@@ -6,7 +6,8 @@ layout; each of its scans ("days") moves and rescales that layout a little; with
 anatomy changes smoothly from slice to slice:
 
 - body outline with a subcutaneous fat ring, back muscles and a spine;
-- stomach: a large ellipse high on the patient's left (image right), in the upper slices;
+- stomach: a large ellipse high on the patient's left (image right), in the upper slices, grey
+  fluid under a black air cap inside a dark wall;
 - large bowel: a frame around the abdomen (ascending and descending colon as round
   cross-sections, the transverse colon as a band in upper slices), dark content with a bright wall;
 - small bowel: bright loops in the centre that drift from slice to slice;
@@ -163,11 +164,11 @@ class _Anatomy:
             fat=u(0.06, 0.11),
             stomach=(
                 u(0.28, 0.40),
-                u(-0.40, -0.25),
+                u(-0.55, -0.45),
                 u(0.26, 0.34),
                 u(0.20, 0.27),
-                u(0.50, 0.56),
-                u(0.76, 0.82),
+                u(0.46, 0.52),
+                u(0.78, 0.84),
             ),
             colon=(u(0.58, 0.64), u(0.16, 0.20), u(0.20, 0.27), u(0.66, 0.72), u(0.55, 0.6)),
             loops=loops,
@@ -265,7 +266,7 @@ class _Painter:
                 lb |= self._ellipse(side * (cx + drift) * bx, 0.05 * by, r * bx, r * by * 1.2)
             if t > ctt:
                 band = (np.abs(self.x) <= (cx + drift) * bx) & (
-                    np.abs(self.y + 0.35 * by) <= r * by * 1.1
+                    np.abs(self.y + 0.05 * by) <= r * by
                 )
                 lb |= band
             lb &= inner
@@ -277,8 +278,13 @@ class _Painter:
         sx, sy, srx, sry, st0, st1 = a.stomach
         size = _bump(t, st0, st1)
         if size > 0:
-            st = self._ellipse(sx * bx, sy * by, srx * size * bx, sry * size * by) & inner
-            img[st] = 0.58
+            r = 0.3 + 0.7 * size
+            st = self._ellipse(sx * bx, sy * by, srx * r * bx, sry * r * by) & inner
+            wall = st & ~cv2.erode(st.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+            air = st & (self.y < (sy - 0.45 * sry * r) * by)
+            img[st] = 0.52  # gastric fluid
+            img[air] = 0.04  # an air cap on top (the patient lies on the back)
+            img[wall] = 0.22  # a dark muscular wall
 
         img = cv2.GaussianBlur(img, (0, 0), 0.8)
         img = img * (1 + self.texture) * self.bias * a.brightness
