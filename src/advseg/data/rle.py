@@ -44,19 +44,20 @@ def rle_decode(rle: str | float | None, height: int, width: int, where: str = "R
             runs out of order or overlapping, or a run past the end of the image.
     """
     size = height * width
-    out = np.zeros(size + 1, dtype=np.int8)
+    out = np.zeros(size, dtype=np.uint8)
     starts, lengths = _parse(rle, where)
     if starts.size:
-        ends = starts + lengths  # 1-indexed exclusive end == 0-indexed exclusive end + 1
-        if int(ends[-1]) - 1 > size:
+        last = int(starts[-1] + lengths[-1] - 1)  # 1-indexed last pixel of the last run
+        if last > size:
             raise UserError(
-                f"{where}: run {starts[-1]} {lengths[-1]} ends at pixel {ends[-1] - 1}, past the "
+                f"{where}: run {starts[-1]} {lengths[-1]} ends at pixel {last}, past the "
                 f"image end ({width}x{height} = {size} pixels)"
             )
-        # Difference array: +1 at each run start, -1 after its end; the cumulative sum is the mask.
-        out[starts - 1] += 1
-        out[ends - 1] -= 1
-    return np.cumsum(out[:size], dtype=np.int8).astype(np.uint8).reshape(height, width)
+        # Every foreground pixel at once: run i covers starts[i]-1 .. starts[i]-1+lengths[i]-1.
+        done = np.cumsum(lengths)  # foreground pixels up to the end of each run
+        offset = np.repeat(starts - 1 - (done - lengths), lengths)
+        out[np.arange(done[-1]) + offset] = 1
+    return out.reshape(height, width)
 
 
 def _parse(rle: str | float | None, where: str) -> tuple[np.ndarray, np.ndarray]:

@@ -112,7 +112,7 @@ def _write_all(
         case_rng = np.random.default_rng([seed, case])
         anatomy = _Anatomy.sample(case_rng)
         day = 0
-        for s in range(scans):
+        for _ in range(scans):
             day += int(case_rng.integers(1, 8))
             scan_rng = np.random.default_rng([seed, case, day])
             scan = anatomy.jitter(scan_rng)
@@ -130,7 +130,6 @@ def _write_all(
                 sid = slice_id(case, day, z + 1)
                 with_mask += bool(any(m.any() for m in masks))
                 rows += [(sid, k, rle_encode(m)) for k, m in zip(UWMGI_CLASSES, masks, strict=True)]
-            del s
     return rows, with_mask
 
 
@@ -254,7 +253,7 @@ class _Painter:
                 r = lr * (0.4 + 0.6 * size)
                 sb |= self._ellipse(cx, cy, r * bx, r * by * 1.1)
             sb &= inner
-            img[sb] = 0.70
+            img[sb] = 0.78
         # Large bowel: ascending / descending colon, plus the transverse colon in upper slices.
         lb = np.zeros_like(body)
         cx, cr, ct0, ct1, ctt = a.colon
@@ -280,9 +279,9 @@ class _Painter:
         if size > 0:
             r = 0.3 + 0.7 * size
             st = self._ellipse(sx * bx, sy * by, srx * r * bx, sry * r * by) & inner
-            wall = st & ~cv2.erode(st.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+            wall = st & ~cv2.erode(st.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
             air = st & (self.y < (sy - 0.45 * sry * r) * by)
-            img[st] = 0.52  # gastric fluid
+            img[st] = 0.62  # gastric fluid
             img[air] = 0.04  # an air cap on top (the patient lies on the back)
             img[wall] = 0.22  # a dark muscular wall
 
