@@ -74,6 +74,8 @@ def test_unreadable_slice_stops_or_is_skipped_and_counted(synth, tmp_path):
     assert sid not in set(data.index["id"]) and "cannot decode" in reason
     again = load_data(_config(root, skip_unreadable=True))  # a cache hit keeps the count
     assert again.decoded == 0 and again.exclusions.skipped == data.exclusions.skipped
+    with pytest.raises(UserError, match="cannot decode"):  # without the option: still an error
+        load_data(_config(root))
 
 
 def test_dataset_items_and_transform_hook(synth, tmp_path):
@@ -117,3 +119,20 @@ def test_data_config_reads_from_yaml_dict(synth):
     assert from_dict(DataConfig, to_dict(cfg)) == cfg
     with pytest.raises(UserError, match=r"data\.preprocess\.size"):
         from_dict(DataConfig, {"preprocess": {"size": "big"}}, where="data")
+
+
+def test_no_path_means_the_synthetic_phantom_written_once(tmp_path, monkeypatch):
+    import advseg.data.synth as synth_module
+
+    calls = []
+    real = synth_module.write_synthetic
+
+    def small(out, overwrite=False):
+        calls.append(out)
+        return real(out, cases=1, scans=1, slices=3, overwrite=overwrite)
+
+    monkeypatch.setattr(synth_module, "write_synthetic", small)
+    config = DataConfig(path=None, cache_dir=tmp_path, preprocess=PreprocessConfig(size=16))
+    data = load_data(config)
+    assert len(data) == 3 and calls == [tmp_path / "synthetic"]
+    assert load_data(config).decoded == 0 and len(calls) == 1
