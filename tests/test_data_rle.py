@@ -67,3 +67,8 @@ def test_bad_rle_names_where(rle, message):
     text = str(err.value)
     assert text.startswith("train.csv: case1_day0_slice_0001, stomach:")
     assert "\n" not in text
+
+
+def test_extra_whitespace_is_tolerated():
+    for rle in (" 1 2 ", "1  2", "1 2\n", "\t1\t2"):
+        np.testing.assert_array_equal(rle_decode(rle, 1, 4), [[1, 1, 0, 0]])
