@@ -81,3 +81,15 @@ def test_label_shape_mismatch_names_both_files(tmp_path):
     _write(tmp_path, "vol_001", np.zeros((8, 8, 4), np.float32), np.zeros((8, 8, 5), np.uint8))
     with pytest.raises(UserError, match=r"labelsTr/vol_001\.nii\.gz: shape \(8, 8, 5\) differs"):
         read_nifti(tmp_path, {1: "organ"})
+
+
+def test_cli_info_reads_a_json_label_mapping(volumes, tmp_path, capsys):
+    from advseg.cli import main
+
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"1": "kidney", "2": "tumour", "3": "tumour"}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "info", str(volumes), "--labels", str(labels)])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "kidney, tumour" in out and "20x14: 10" in out
