@@ -173,3 +173,29 @@ def test_train_config_round_trips_through_yaml_dicts():
 
     config = tiny_config(precision="bf16")
     assert from_dict(TrainConfig, json.loads(json.dumps(to_dict(config)))) == config
+
+
+def test_unknown_loss_and_model_names_list_the_valid_ones():
+    with pytest.raises(UserError, match=r"train\.loss: unknown loss 'dicefocl'.*valid: bce"):
+        tiny_config(loss="dicefocl")
+    with pytest.raises(UserError, match=r"unknown model 'unet-tiney'.*valid:"):
+        tiny_config(model="unet-tiney")
+
+
+def test_augmented_training_with_workers_is_reproducible(tmp_path):
+    from advseg.augment import Augment
+
+    config = tiny_config(epochs=1, num_workers=2, augment=AugmentConfig())
+    runs = []
+    for name in ("a", "b"):
+        train_set = Blobs(8, transform=Augment(config.augment, 32))
+        result = run(tmp_path / name, config, train_set=train_set)
+        runs.append(read_checkpoint(result.last_path)[0])
+    plain = run(tmp_path / "plain", tiny_config(epochs=1))
+    for key, value in runs[0].items():
+        torch.testing.assert_close(runs[1][key], value, rtol=0, atol=0)
+    differs = any(
+        not torch.equal(value, read_checkpoint(plain.last_path)[0][key])
+        for key, value in runs[0].items()
+    )
+    assert differs  # the augmentation did change what was trained on
