@@ -199,3 +199,26 @@ def test_augmented_training_with_workers_is_reproducible(tmp_path):
         for key, value in runs[0].items()
     )
     assert differs  # the augmentation did change what was trained on
+
+
+def test_auto_device_and_precision_on_this_machine():
+    from advseg.train import resolve_device, resolve_precision
+
+    device = resolve_device("auto")
+    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        assert resolve_precision("auto", device) == torch.float32
+    assert resolve_precision("fp16", device) == torch.float16
+    with pytest.raises(UserError, match=r"train\.device"):
+        resolve_device("tpu:0")
+
+
+def test_tensorboard_without_the_package_is_a_user_error(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+
+        pytest.skip("tensorboard is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(UserError, match="tensorboard"):
+        run(tmp_path, tiny_config(epochs=1, tensorboard=True))
