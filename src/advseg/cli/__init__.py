@@ -35,6 +35,13 @@ def version() -> None:
     print(__version__)
 
 
+from advseg.cli import models as _models  # noqa: E402
+from advseg.cli import train as _train  # noqa: E402
+
+app.command("models")(_models.models)
+app.command("train")(_train.train)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point; ``argv`` defaults to ``sys.argv[1:]``."""
     try:
