@@ -26,10 +26,10 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from advseg import distributed
 from advseg.attacks import Attack, create_attack, frozen, model_logits
 from advseg.errors import UserError
 from advseg.metrics import (
@@ -177,9 +177,8 @@ def evaluate_cell(
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
 
-    rank, world = _rank_world()
     batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    mine = list(range(rank, len(batches), world))
+    mine = list(distributed.shard(range(len(batches))))  # whole batches, strided over ranks
     positions = [p for b in mine for p in range(b * batch_size, b * batch_size + len(batches[b]))]
     loader = DataLoader(
         Subset(data.dataset(rows), positions), batch_size=batch_size, num_workers=workers
@@ -206,8 +205,8 @@ def evaluate_cell(
         if start < examples:
             shown.append((batch_number, _examples(out, x, y, meta, activation, examples - start)))
 
-    frames = _gather(frames, world)
-    shown = _gather(shown, world)
+    frames = [item for part in distributed.gather_objects(frames) for item in part]
+    shown = [item for part in distributed.gather_objects(shown) for item in part]
     records = pd.concat([f for _, f in sorted(frames, key=lambda t: t[0])], ignore_index=True)
     order = records["loss"].map({name: i for i, name in enumerate(names)})
     records = records.iloc[np.argsort(order.to_numpy(), kind="stable")].reset_index(drop=True)
@@ -326,18 +325,3 @@ def _merge_examples(
         merged[key] = np.concatenate([p[key] for p in parts], axis=1)
     merged["losses"] = np.array(list(losses), dtype=str)
     return merged
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather(items: list, world: int) -> list:
-    """Every rank's items, concatenated (no-op in one process)."""
-    if world == 1:
-        return items
-    gathered: list[list] = [[] for _ in range(world)]
-    dist.all_gather_object(gathered, items)
-    return [item for part in gathered for item in part]
