@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -325,3 +326,133 @@ def _merge_examples(
         merged[key] = np.concatenate([p[key] for p in parts], axis=1)
     merged["losses"] = np.array(list(losses), dtype=str)
     return merged
+
+
+@dataclass
+class EvaluateConfig:
+    """An evaluation sweep: checkpoints x attacks x eps values, every loss in each cell.
+
+    Attributes:
+        checkpoints: checkpoint paths (``PATH``, ``PATH.safetensors`` or ``PATH.json``).
+        out: the run directory: ``records/*.parquet`` (one file per cell), ``summary.csv``.
+        data: the data directory; by default the one each checkpoint was trained on (or the
+            synthetic phantom).
+        split: ``test`` (the cases the checkpoint held out, its own ``test_fraction`` and
+            ``split_seed``) or ``all``.
+        attacks, losses, eps: the sweep.
+        attack_options: options for the attacks (``steps``, ``norm``, ...); each attack gets the
+            ones it accepts, and an option no attack of the sweep accepts is an error.
+        protocol: the Dice protocol of the summary (``paper``, ``per-class``, ``global``).
+        batch_size: slices per batch.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        examples: slices per cell saved as ``examples/<cell>.npz`` for figures.
+    """
+
+    checkpoints: list[Path]
+    out: Path
+    data: Path | None = None
+    split: str = "test"
+    attacks: list[str] = field(default_factory=lambda: ["fgsm"])
+    losses: list[str] = field(default_factory=lambda: ["bce", "focal", "dicefocal"])
+    eps: list[float] = field(default_factory=lambda: [0.009])
+    attack_options: dict[str, Any] = field(default_factory=dict)
+    protocol: str = "paper"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    device: str = "auto"
+    examples: int = 0
+
+
+@dataclass
+class EvaluateResult:
+    """What a sweep produced: Table II, the cells' record files and the slices evaluated."""
+
+    table: pd.DataFrame
+    record_files: list[Path]
+    summary_path: Path
+    slices: dict[str, int]
+
+
+def cell_name(model_name: str, attack: str, eps: float) -> str:
+    """The file stem of one cell's records, e.g. ``best__fgsm__eps0.009``."""
+    return f"{model_name}__{attack}__eps{eps:g}"
+
+
+def evaluate(config: EvaluateConfig) -> EvaluateResult:
+    """Run a sweep: every cell's records to ``out/records``, Table II to ``out/summary.csv``.
+
+    Under torchrun each cell is sharded over the ranks; rank 0 writes the files.
+
+    Raises:
+        UserError: no checkpoint, an unknown attack, loss, option or protocol, a bad eps, a
+            checkpoint that does not fit the data, or an empty split.
+    """
+    from advseg.atomic import atomic_path
+    from advseg.attacks import ATTACKS, attack_options
+    from advseg.config import from_dict
+    from advseg.data import DataConfig, PreprocessConfig, load_data, split_cases
+    from advseg.models.checkpoint import check_compatible, load_checkpoint
+    from advseg.records import write_records
+    from advseg.summary import PROTOCOLS, summarize
+    from advseg.train import resolve_device
+
+    if not config.checkpoints:
+        raise UserError("evaluate: no checkpoint given")
+    if config.protocol not in PROTOCOLS:
+        raise UserError(f"protocol: {config.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    if config.split not in ("test", "all"):
+        raise UserError(f"split: {config.split!r} is not 'test' or 'all'")
+    for name in config.attacks:
+        ATTACKS.get(name)  # unknown names fail before any model or data is loaded
+    accepted = {name: set(attack_options(name)) for name in config.attacks}
+    unused = sorted(set(config.attack_options) - set().union(*accepted.values()))
+    if unused:
+        raise UserError(f"attack options {', '.join(unused)}: no attack of the sweep takes them")
+
+    distributed.init()
+    device = resolve_device(config.device)
+    out = Path(config.out)
+    loaded: dict[tuple, Any] = {}
+    frames, files, slices = [], [], {}
+    for checkpoint in config.checkpoints:
+        model, meta = load_checkpoint(checkpoint, device)
+        model_name = Path(checkpoint).name.removesuffix(".safetensors").removesuffix(".json")
+        preprocess = from_dict(
+            PreprocessConfig, meta.preprocessing, where=f"{checkpoint} preprocessing"
+        )
+        data_path = config.data or meta.data.get("path")
+        key = (str(data_path), repr(preprocess))
+        if key not in loaded:
+            loaded[key] = load_data(DataConfig(path=data_path, preprocess=preprocess))
+        data = loaded[key]
+        check_compatible(
+            meta, checkpoint, in_channels=preprocess.channels, classes=list(data.classes)
+        )
+        rows = np.arange(len(data.index))
+        if config.split == "test":
+            fraction = meta.data.get("test_fraction", 0.1)
+            _, rows = split_cases(data.index, fraction, meta.data.get("split_seed", 0))
+        if len(rows) == 0:
+            raise UserError(f"{checkpoint}: the {config.split} split has no slices")
+        slices[model_name] = len(rows)
+        for attack in config.attacks:
+            options = {k: v for k, v in config.attack_options.items() if k in accepted[attack]}
+            for eps in config.eps:
+                result = evaluate_cell(
+                    model, data, rows, attack, config.losses, eps, model_name=model_name,
+                    arch=meta.model, attack_kwargs=options, batch_size=config.batch_size,
+                    examples=config.examples,
+                )  # fmt: skip
+                frames.append(result.records)
+                if distributed.is_main():
+                    name = cell_name(model_name, attack, eps)
+                    files.append(write_records(result.records, out / "records" / f"{name}.parquet"))
+                    if result.examples:
+                        npz = out / "examples" / f"{name}.npz"
+                        with atomic_path(npz) as tmp, open(tmp, "wb") as handle:
+                            np.savez(handle, **result.examples)
+    table = summarize(pd.concat(frames, ignore_index=True), config.protocol)
+    summary_path = out / "summary.csv"
+    if distributed.is_main():
+        with atomic_path(summary_path) as tmp:
+            table.to_csv(tmp, index=False)
+    return EvaluateResult(table, files, summary_path, slices)

@@ -1,0 +1,107 @@
+"""``advseg evaluate`` (a robustness sweep, Table II) and ``advseg attacks`` (what can be used)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from advseg import distributed
+from advseg.attacks import ATTACKS, attack_options
+from advseg.evaluate import EvaluateConfig, evaluate
+from advseg.losses import LOSSES
+
+
+def evaluate_command(
+    checkpoints: list[Path] = typer.Argument(..., help="Checkpoints (PATH or PATH.safetensors)."),
+    out: Path = typer.Option(..., "--out", help="Run directory (records/, summary.csv)."),
+    data: Path | None = typer.Option(
+        None, "--data", help="Data directory; default: the one each checkpoint was trained on."
+    ),
+    split: str = typer.Option("test", "--split", help="'test' (held-out cases) or 'all'."),
+    attack: list[str] = typer.Option(["fgsm"], "--attack", help="Attack name (repeatable)."),
+    loss: list[str] = typer.Option(
+        ["bce", "focal", "dicefocal"], "--loss", help="Attack loss (repeatable)."
+    ),
+    eps: list[float] = typer.Option([0.009], "--eps", help="Budget (repeatable)."),
+    steps: int | None = typer.Option(None, "--steps", help="Iterations of iterative attacks."),
+    alpha: float | None = typer.Option(None, "--alpha", help="Step size of iterative attacks."),
+    norm: str | None = typer.Option(None, "--norm", help="linf (default) or l2."),
+    restarts: int | None = typer.Option(None, "--restarts", help="PGD-family restarts."),
+    update: str | None = typer.Option(
+        None, "--update", help="FGSM update: sign (eq. 5) or notebook (the paper's blend)."
+    ),
+    protocol: str = typer.Option("paper", "--protocol", help="Dice: paper, per-class, global."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Slices per batch."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    examples: int = typer.Option(0, "--examples", help="Slices per cell saved for figures."),
+) -> None:
+    """Attack checkpoints on a data split; write records and print the paper's Table II.
+
+    Run it under torchrun (`torchrun --nproc-per-node N -m advseg evaluate ...`) to shard the
+    slices over several processes or GPUs.
+    """
+    options = {"steps": steps, "alpha": alpha, "norm": norm, "restarts": restarts}
+    options["update"] = update
+    config = EvaluateConfig(
+        checkpoints=list(checkpoints),
+        out=out,
+        data=data,
+        split=split,
+        attacks=list(attack),
+        losses=list(loss),
+        eps=list(eps),
+        attack_options={k: v for k, v in options.items() if v is not None},
+        protocol=protocol,
+        batch_size=batch_size,
+        device=device,
+        examples=examples,
+    )
+    result = evaluate(config)
+    if not distributed.is_main():
+        return
+    console = Console()
+    console.print(table_two(result.table, f"Table II ({config.protocol} Dice)"))
+    slices = ", ".join(f"{k}: {v}" for k, v in result.slices.items())
+    console.print(f"slices evaluated ({config.split} split): {slices}")
+    console.print(f"records: {len(result.record_files)} files in {out / 'records'}")
+    console.print(f"summary: {result.summary_path}")
+
+
+def table_two(frame: pd.DataFrame, title: str) -> Table:
+    """A rich table of :func:`advseg.summary.summarize`'s frame (numbers to 4 places)."""
+    table = Table(title=title)
+    for column in frame.columns:
+        table.add_column(str(column), justify="left" if column in ("model", "arch") else "right")
+    for row in frame.itertuples(index=False):
+        cells = []
+        for column, value in zip(frame.columns, row, strict=True):
+            if column == "params":
+                cells.append(f"{value / 1e6:.2f}M")
+            elif isinstance(value, float):
+                cells.append("-" if pd.isna(value) else f"{value:.4f}")
+            else:
+                cells.append(str(value))
+        table.add_row(*cells)
+    return table
+
+
+def attacks_command() -> None:
+    """List the attacks (with their options) and the losses they can use."""
+    table = Table(title="attacks")
+    table.add_column("name")
+    table.add_column("what")
+    table.add_column("options")
+    for name in ATTACKS.names():
+        table.add_row(name, ATTACKS.help(name), ", ".join(attack_options(name)))
+    losses = Table(title="losses (--loss)")
+    losses.add_column("name")
+    losses.add_column("what")
+    for name in LOSSES.names():
+        losses.add_row(name, LOSSES.help(name))
+    console = Console()
+    console.print(table)
+    console.print(losses)
