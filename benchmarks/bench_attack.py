@@ -17,7 +17,7 @@ losses (BCE, Focal, Dice+Focal), the adversarial images and their prediction:
 Prints each time (median of repeats, interleaved) and the ratios a/c, b/c and c/d. Runs the plain
 U-Net on this machine's CPU; with ``--models all`` and a GPU, every zoo model.
 
-    python benchmarks/bench_attack.py [--size 64] [--batch 4] [--batches 2] [--repeats 2]
+    python benchmarks/bench_attack.py [--size 64] [--batch 4] [--batches 1] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -158,8 +158,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=64, help="image side (the paper: 224)")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--batches", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", default="unet", help="comma-separated zoo names, or 'all'")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--skip-notebook", action="store_true", help="skip the slow way (a)")

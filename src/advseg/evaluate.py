@@ -6,8 +6,9 @@ is fast by construction:
 - slices are attacked in batches;
 - the losses of a cell share one clean forward pass. For a single-step attack (FGSM) that pass is
   made with the input requiring grad, so it gives the clean prediction *and*, through one
-  backward per loss on the same graph, every loss's input gradient. For iterative attacks the
-  clean prediction is one shared ``inference_mode`` forward;
+  backward per loss on the same graph, every loss's input gradient (one vmapped backward,
+  ``is_grads_batched``, measured slower on a CPU: ``benchmarks/bench_attack.py``). For iterative
+  attacks the clean prediction is one shared ``inference_mode`` forward;
 - the model's parameters require no grad during the attack (only the input gradient is made);
 - the adversarial images of every loss go through the model in one ``inference_mode`` forward;
 - on a GPU, bf16 autocast and channels_last memory.
@@ -90,7 +91,11 @@ class BatchOutput:
 
 
 def attack_batch(
-    model: nn.Module, attacks: Sequence[Attack], x: Tensor, y: Tensor, generator=None
+    model: nn.Module,
+    attacks: Sequence[Attack],
+    x: Tensor,
+    y: Tensor,
+    generator: torch.Generator | None = None,
 ) -> BatchOutput:
     """Attack one batch with one attack per loss, sharing the clean forward.
 
@@ -102,7 +107,7 @@ def attack_batch(
     """
     amp = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda")
     with frozen(model), amp:
-        if all(getattr(a, "single_step", False) for a in attacks):
+        if all(a.single_step for a in attacks):
             with torch.enable_grad():
                 x_in = x.detach().requires_grad_(True)
                 logits = model_logits(model, x_in).float()
