@@ -161,6 +161,7 @@ def evaluate_cell(
 
     Returns:
         A :class:`CellResult`; under ``torch.distributed`` every rank gets the merged records.
+        On a GPU the model is switched to channels_last memory (in place; same outputs).
 
     Raises:
         UserError: an empty split, an unknown attack or loss, a bad eps, or a model whose input
