@@ -57,6 +57,17 @@ def test_evaluate_writes_records_summary_and_prints_table_two(setup, capsys):
     assert len(list((out / "examples").glob("*.npz"))) == 2
 
 
+def test_targeted_sweep_names_its_cells(setup, capsys):
+    out = setup / "erase"
+    args = ["evaluate", str(setup / "tiny"), "--out", str(out), "--erase", "stomach"]
+    assert cli([*args, "--loss", "bce", "--attack", "bim", "--steps", "2", "--device", "cpu"]) == 0
+    assert [p.name for p in (out / "records").iterdir()] == [
+        "tiny__bim-erase-stomach__eps0.009.parquet"
+    ]
+    assert set(read_records(out)["attack"]) == {"bim:erase=stomach"}
+    assert "DSC bim:erase=stomach bce eps=0.009" in pd.read_csv(out / "summary.csv").columns
+
+
 def test_attacks_lists_attacks_and_losses(capsys):
     assert cli(["attacks"]) == 0
     out = capsys.readouterr().out

@@ -141,6 +141,7 @@ def evaluate_cell(
     batch_size: int = DEFAULT_BATCH_SIZE,
     examples: int = 0,
     workers: int = 0,
+    erase: Sequence[str] = (),
 ) -> CellResult:
     """Evaluate one (model, attack, eps) cell over every loss on the slices ``rows``.
 
@@ -158,6 +159,9 @@ def evaluate_cell(
         batch_size: slices per batch.
         examples: how many of the first slices to return as arrays for figures.
         workers: DataLoader worker processes.
+        erase: class names to make vanish: the attack becomes targeted, its target the true
+            mask with these classes emptied. The records still score against the true mask,
+            and their ``attack`` column reads e.g. ``pgd:erase=stomach``.
 
     Returns:
         A :class:`CellResult`; under ``torch.distributed`` every rank gets the merged records.
@@ -176,6 +180,8 @@ def evaluate_cell(
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     kwargs = dict(attack_kwargs or {})
     activation = kwargs.get("activation") or "sigmoid"
+    classes = list(data.classes)
+    label, erased = _target_spec(attack, kwargs, erase, classes)
     if len(set(losses)) != len(losses):
         raise UserError(f"losses: each loss once, got {', '.join(losses)}")
     attacks = [create_attack(attack, model, loss, eps, **kwargs) for loss in losses]
@@ -191,7 +197,6 @@ def evaluate_cell(
         Subset(data.dataset(rows), positions), batch_size=batch_size, num_workers=workers
     )
     index = data.index
-    classes = list(data.classes)
     params = sum(p.numel() for p in model.parameters())
     frames: list[tuple[int, pd.DataFrame]] = []
     shown: list[tuple[int, dict[str, np.ndarray]]] = []
@@ -204,7 +209,11 @@ def evaluate_cell(
         generator = torch.Generator(device=device).manual_seed(seed)
         if not frames:
             _check_fit(model, x, y, model_name, classes)
-        out = attack_batch(model, attacks, x, y, generator)
+        target = y
+        if erased:
+            target = y.clone()
+            target[:, erased] = 0  # (B, K, H, W): the chosen organs vanish
+        out = attack_batch(model, attacks, x, target, generator)
         meta = index.iloc[batch["row"].tolist()]
         records = _batch_records(out, names, x, y, meta, classes, activation)
         frames.append((batch_number, records))
@@ -218,11 +227,26 @@ def evaluate_cell(
     order = records["loss"].map({name: i for i, name in enumerate(names)})
     records = records.iloc[np.argsort(order.to_numpy(), kind="stable")].reset_index(drop=True)
     records.insert(0, "eps", float(eps))
-    records.insert(0, "attack", attack)
+    records.insert(0, "attack", label)
     records.insert(0, "params", params)
     records.insert(0, "arch", arch)
     records.insert(0, "model", model_name)
     return CellResult(check_records(records), _merge_examples(shown, names))
+
+
+def _target_spec(
+    attack: str, kwargs: dict[str, Any], erase: Sequence[str], classes: list[str]
+) -> tuple[str, list[int]]:
+    """The records' attack label and the class channels to erase (targeted evaluation)."""
+    if not erase:
+        if kwargs.get("targeted"):
+            raise UserError(f"{attack}: a targeted evaluation needs the classes to erase (erase)")
+        return attack, []
+    unknown = [name for name in erase if name not in classes]
+    if unknown:
+        raise UserError(f"erase: unknown class {unknown[0]!r}; valid: {', '.join(classes)}")
+    kwargs["targeted"] = True
+    return f"{attack}:erase={'+'.join(erase)}", [classes.index(name) for name in erase]
 
 
 def _check_fit(model: nn.Module, x: Tensor, y: Tensor, model_name: str, classes: list[str]):
@@ -352,6 +376,7 @@ class EvaluateConfig:
         batch_size: slices per batch.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         examples: slices per cell saved as ``examples/<cell>.npz`` for figures.
+        erase: classes the attacks try to make vanish (targeted; see :func:`evaluate_cell`).
     """
 
     checkpoints: list[Path]
@@ -366,6 +391,7 @@ class EvaluateConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
     device: str = "auto"
     examples: int = 0
+    erase: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -446,11 +472,12 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
                 result = evaluate_cell(
                     model, data, rows, attack, config.losses, eps, model_name=model_name,
                     arch=meta.model, attack_kwargs=options, batch_size=config.batch_size,
-                    examples=config.examples,
+                    examples=config.examples, erase=config.erase,
                 )  # fmt: skip
                 frames.append(result.records)
                 if distributed.is_main():
-                    name = cell_name(model_name, attack, eps)
+                    label = f"{attack}-erase-{'+'.join(config.erase)}" if config.erase else attack
+                    name = cell_name(model_name, label, eps)
                     files.append(write_records(result.records, out / "records" / f"{name}.parquet"))
                     if result.examples:
                         npz = out / "examples" / f"{name}.npz"

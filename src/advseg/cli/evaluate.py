@@ -38,6 +38,9 @@ def evaluate_command(
     batch_size: int = typer.Option(16, "--batch-size", help="Slices per batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     examples: int = typer.Option(0, "--examples", help="Slices per cell saved for figures."),
+    erase: list[str] = typer.Option(
+        [], "--erase", help="Targeted: make this class vanish (repeatable), e.g. stomach."
+    ),
 ) -> None:
     """Attack checkpoints on a data split; write records and print the paper's Table II.
 
@@ -59,6 +62,7 @@ def evaluate_command(
         batch_size=batch_size,
         device=device,
         examples=examples,
+        erase=list(erase),
     )
     result = evaluate(config)
     if not distributed.is_main():
