@@ -57,7 +57,7 @@ def test_evaluate_writes_records_summary_and_prints_table_two(setup, capsys):
     assert len(list((out / "examples").glob("*.npz"))) == 2
 
 
-def test_targeted_sweep_names_its_cells(setup, capsys):
+def test_targeted_sweep_names_its_cells(setup):
     out = setup / "erase"
     args = ["evaluate", str(setup / "tiny"), "--out", str(out), "--erase", "stomach"]
     assert cli([*args, "--loss", "bce", "--attack", "bim", "--steps", "2", "--device", "cpu"]) == 0

@@ -453,8 +453,12 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
         )
         data_path = config.data or meta.data.get("path")
         key = (str(data_path), repr(preprocess))
-        if key not in loaded:
+        if key not in loaded:  # rank 0 fills the preprocessing cache before the others read it
+            if not distributed.is_main():
+                distributed.barrier()
             loaded[key] = load_data(DataConfig(path=data_path, preprocess=preprocess))
+            if distributed.is_main():
+                distributed.barrier()
         data = loaded[key]
         check_compatible(
             meta, checkpoint, in_channels=preprocess.channels, classes=list(data.classes)
