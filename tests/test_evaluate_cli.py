@@ -40,9 +40,9 @@ def test_evaluate_writes_records_summary_and_prints_table_two(setup, capsys):
     args = ["evaluate", str(setup / "tiny"), "--out", str(out), "--eps", "0.01", "--eps", "0.03"]
     assert cli([*args, "--batch-size", "4", "--examples", "2", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert (
-        "Table II (paper Dice)" in printed and "slices evaluated (test split): tiny: 6" in printed
-    )
+    assert "Table II: fgsm, eps 0.01 (paper Dice" in printed
+    assert "Table II: fgsm, eps 0.03 (paper Dice" in printed
+    assert "dicefocal" in printed and "slices evaluated (test split): tiny: 6" in printed
     assert sorted(p.name for p in (out / "records").iterdir()) == [
         "tiny__fgsm__eps0.01.parquet",
         "tiny__fgsm__eps0.03.parquet",

@@ -396,9 +396,10 @@ class EvaluateConfig:
 
 @dataclass
 class EvaluateResult:
-    """What a sweep produced: Table II, the cells' record files and the slices evaluated."""
+    """What a sweep produced: Table II, per-cell summaries, the record files, the slices used."""
 
     table: pd.DataFrame
+    cells: pd.DataFrame
     record_files: list[Path]
     summary_path: Path
     slices: dict[str, int]
@@ -424,7 +425,7 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
     from advseg.data import DataConfig, PreprocessConfig, load_data, split_cases
     from advseg.models.checkpoint import check_compatible, load_checkpoint
     from advseg.records import write_records
-    from advseg.summary import PROTOCOLS, summarize
+    from advseg.summary import PROTOCOLS, summarize, summarize_cells
     from advseg.train import resolve_device
 
     if not config.checkpoints:
@@ -487,9 +488,11 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
                         npz = out / "examples" / f"{name}.npz"
                         with atomic_path(npz) as tmp, open(tmp, "wb") as handle:
                             np.savez(handle, **result.examples)
-    table = summarize(pd.concat(frames, ignore_index=True), config.protocol)
+    records = pd.concat(frames, ignore_index=True)
+    table = summarize(records, config.protocol)
     summary_path = out / "summary.csv"
     if distributed.is_main():
         with atomic_path(summary_path) as tmp:
             table.to_csv(tmp, index=False)
-    return EvaluateResult(table, files, summary_path, slices)
+    cells = summarize_cells(records, config.protocol)
+    return EvaluateResult(table, cells, files, summary_path, slices)

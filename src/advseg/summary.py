@@ -39,6 +39,12 @@ from advseg.metrics import PAPER_SMOOTH, dice_from_counts
 
 Protocol = Literal["paper", "per-class", "global"]
 PROTOCOLS: tuple[str, ...] = ("paper", "per-class", "global")
+UNITS: dict[str, tuple[str, str]] = {
+    "paper": ("slices with a mask", "slices without"),
+    "per-class": ("(slice, class) pairs with a mask", "pairs without"),
+    "global": ("classes with a mask", "classes without"),
+}
+"""What each protocol averages (``units``) and what it leaves out (``excluded``)."""
 
 MODEL_KEYS = ["model", "arch", "params"]
 CELL_KEYS = ["attack", "loss", "eps"]

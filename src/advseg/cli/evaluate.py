@@ -6,13 +6,15 @@ from pathlib import Path
 
 import pandas as pd
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from advseg import distributed
 from advseg.attacks import ATTACKS, attack_options
-from advseg.evaluate import EvaluateConfig, evaluate
+from advseg.evaluate import EvaluateConfig, EvaluateResult, evaluate
 from advseg.losses import LOSSES
+from advseg.summary import UNITS
 
 
 def evaluate_command(
@@ -68,29 +70,40 @@ def evaluate_command(
     if not distributed.is_main():
         return
     console = Console()
-    console.print(table_two(result.table, f"Table II ({config.protocol} Dice)"))
+    for table in table_two(result, config.protocol):
+        console.print(table)
+    kept, left = UNITS[config.protocol]
+    for row in result.table.itertuples(index=False):
+        console.print(f"{row.model}: clean DSC over {row.units} {kept} ({row.excluded} {left})")
     slices = ", ".join(f"{k}: {v}" for k, v in result.slices.items())
     console.print(f"slices evaluated ({config.split} split): {slices}")
     console.print(f"records: {len(result.record_files)} files in {out / 'records'}")
     console.print(f"summary: {result.summary_path}")
 
 
-def table_two(frame: pd.DataFrame, title: str) -> Table:
-    """A rich table of :func:`advseg.summary.summarize`'s frame (numbers to 4 places)."""
-    table = Table(title=title)
-    for column in frame.columns:
-        table.add_column(str(column), justify="left" if column in ("model", "arch") else "right")
-    for row in frame.itertuples(index=False):
-        cells = []
-        for column, value in zip(frame.columns, row, strict=True):
-            if column == "params":
-                cells.append(f"{value / 1e6:.2f}M")
-            elif isinstance(value, float):
-                cells.append("-" if pd.isna(value) else f"{value:.4f}")
-            else:
-                cells.append(str(value))
-        table.add_row(*cells)
-    return table
+def table_two(result: EvaluateResult, protocol: str) -> list[Table]:
+    """The paper's Table II layout, one table per (attack, eps): model, params, clean DSC, the
+    adversarial DSC under each loss, then the Attack Success under each loss."""
+    clean = result.table.set_index("model")["DSC clean"]
+    tables = []
+    for (attack, eps), cell in result.cells.groupby(["attack", "eps"], sort=False):
+        losses = list(dict.fromkeys(cell["loss"]))
+        title = f"Table II: {attack}, eps {eps:g} ({protocol} Dice; AS = attack success)"
+        table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0))
+        headers = ["model", "params", "DSC\nclean", *[f"DSC\n{x}" for x in losses]]
+        for column in [*headers, *[f"AS\n{x}" for x in losses]]:
+            table.add_column(column, justify="left" if column == "model" else "right", min_width=6)
+        for (model, params), rows in cell.groupby(["model", "params"], sort=False):
+            by_loss = rows.set_index("loss")
+            dsc = [_number(by_loss["dsc_adv"].get(x)) for x in losses]
+            success = [_number(by_loss["as"].get(x)) for x in losses]
+            table.add_row(model, f"{params / 1e6:.2f}M", _number(clean[model]), *dsc, *success)
+        tables.append(table)
+    return tables
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None or pd.isna(value) else f"{value:.4f}"
 
 
 def attacks_command() -> None:
