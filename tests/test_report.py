@@ -142,3 +142,18 @@ def test_correlation_is_n_a_below_three_points_or_when_constant():
     assert correlate([1, 2, 3], [5, 5, 5], names=("p", "AS")).reason == "AS is constant"
     stat = correlate([1, 2, 3, 4], [1, 3, 2, 4])
     assert stat.spearman_rho == pytest.approx(0.8) and 0 < stat.pearson_p < 1
+
+
+def test_cli_report_prints_table_ii_and_bad_input_is_one_line(tmp_path, capsys):
+    from advseg.cli import main
+
+    _write_run(tmp_path, _records(), examples=False)
+    main(["report", str(tmp_path), "--eps", "0.009"])
+    out = capsys.readouterr().out
+    assert "Table II: FGSM at eps 0.009" in out and "report.html" in out
+    assert "No saved example slices" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "missing: no such file or directory" in err

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from advseg import __version__
+from advseg.cli import report as report_cli
 from advseg.errors import UserError
 
 app = typer.Typer(
@@ -33,6 +34,9 @@ def _root() -> None:
 def version() -> None:
     """Print the advseg version."""
     print(__version__)
+
+
+app.add_typer(report_cli.app)  # advseg report
 
 
 def main(argv: list[str] | None = None) -> None:
