@@ -1,0 +1,63 @@
+"""Adversarial attacks by name, with any loss: ``create_attack(name, model, loss=..., eps=...)``.
+
+Each attack lives in its own module on the one base class :class:`~advseg.attacks.base.Attack`;
+the modules are imported here so that :data:`ATTACKS` lists them all.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+from advseg.attacks.base import ATTACKS, Attack, check_eps, frozen, model_logits
+from advseg.attacks.bim import BIM
+from advseg.attacks.cospgd import CosPGD
+from advseg.attacks.fgsm import FGSM
+from advseg.attacks.mifgsm import MIFGSM
+from advseg.attacks.pgd import PGD
+from advseg.attacks.segpgd import SegPGD
+from advseg.errors import UserError
+from advseg.losses import PerSampleLoss
+
+__all__ = ["ATTACKS", "BIM", "FGSM", "MIFGSM", "PGD", "Attack", "CosPGD", "SegPGD",
+           "attack_options", "check_eps", "create_attack", "frozen", "model_logits"]  # fmt: skip
+
+
+def create_attack(
+    name: str, model: nn.Module, loss: str | PerSampleLoss = "bce", eps: float = 0.009, **kwargs
+) -> Attack:
+    """An attack by registry name.
+
+    Args:
+        name: ``fgsm``, ``bim``, ``pgd``, ``mifgsm``, ``segpgd`` or ``cospgd``.
+        model: the segmentation model (logits ``(B, K, H, W)``).
+        loss: a loss name from :data:`advseg.losses.LOSSES` or a callable ``(logits, y) -> (B,)``.
+        eps: the budget (the paper's notebook used 0.009 under L-inf).
+        **kwargs: the attack's options (``norm``, ``steps``, ``alpha``, ``targeted``, ...).
+
+    Raises:
+        UserError: unknown attack, loss or option (answered with the valid ones), bad budget.
+
+    Example:
+        >>> attack = create_attack("pgd", model, loss="bce", eps=8 / 255, steps=10)
+        >>> x_adv = attack(images, masks)  # (B, C, H, W)
+    """
+    cls = ATTACKS.get(name)
+    unknown = sorted(set(kwargs) - set(attack_options(name)))
+    if unknown:
+        valid = ", ".join(attack_options(name))
+        raise UserError(f"attack {name!r}: unknown option(s) {', '.join(unknown)}; valid: {valid}")
+    return cls(model, loss, eps, **kwargs)
+
+
+def attack_options(name: str) -> list[str]:
+    """The keyword options an attack accepts (beyond model, loss and eps), in order."""
+    options: list[str] = []
+    for cls in ATTACKS.get(name).__mro__:
+        if not issubclass(cls, Attack) or "__init__" not in vars(cls):
+            continue
+        for param in inspect.signature(cls.__init__).parameters.values():
+            if param.kind is param.KEYWORD_ONLY and param.name not in options:
+                options.append(param.name)
+    return options

@@ -1,0 +1,228 @@
+"""The base of every attack: the model, the loss, the budget and the valid range.
+
+An attack is a small subclass whose :meth:`Attack.perturb` is its algorithm and nothing else (the
+torchattacks pattern). The base owns everything around it:
+
+- the loss, by name from :data:`advseg.losses.LOSSES` or any callable ``(logits, target) -> (B,)``,
+  always per sample, so that restarts can keep the worst case of each sample;
+- the threat model: ``eps`` under the ``linf`` or ``l2`` norm, and the valid pixel range;
+- untargeted (raise the loss against the true mask) or targeted (lower the loss toward a given
+  target mask, e.g. the true mask with one organ erased);
+- the model state: during an attack the model is in eval mode and its parameters do not require
+  grad (only the input gradient is computed); both are restored afterwards;
+- randomness: a random start draws from a ``torch.Generator`` seeded by the attack's ``seed`` (or
+  one passed to the call), never from the global generator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from advseg.errors import UserError
+from advseg.losses import Loss, PerSampleLoss, create_loss
+from advseg.registry import Registry
+
+Norm = Literal["linf", "l2"]
+Activation = Literal["sigmoid", "softmax"]
+
+ATTACKS: Registry[type[Attack]] = Registry("attack")
+
+_DIVISION_EPS = 1e-10  # keeps L2 normalisation finite on a zero gradient (torchattacks' value)
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no parameter gradients inside the block; the previous state afterwards.
+
+    Every submodule's training flag and every parameter's ``requires_grad`` are restored, so a
+    model that was partly frozen before stays exactly as it was.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    model.eval()
+    model.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        for module, mode in modes:
+            module.training = mode
+
+
+def model_logits(model: nn.Module, x: Tensor) -> Tensor:
+    """The model's logits ``(B, K, H, W)``, from a tensor, a tuple (first item) or a dict."""
+    out = model(x)
+    if isinstance(out, dict):
+        out = out["out"] if "out" in out else next(iter(out.values()))
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+class Attack:
+    """Base class of the attacks.
+
+    Args:
+        model: a segmentation model mapping images ``(B, C, H, W)`` to logits ``(B, K, H, W)``.
+        loss: a loss name (``bce``, ``focal``, ``dice``, ``dicefocal``, ``ce``) or a callable
+            ``(logits, target) -> (B,)``.
+        eps: the perturbation budget under ``norm`` (0 leaves the images unchanged).
+        norm: ``linf`` or ``l2``.
+        valid_range: the ``(low, high)`` pixel range the adversarial images are clipped to.
+        targeted: if true, the attack's ``y`` is a target mask and the loss toward it is lowered.
+        activation: ``sigmoid`` (multi-label, one decision per class) or ``softmax`` (one class
+            per pixel); by default ``softmax`` for the ``ce`` loss and ``sigmoid`` otherwise.
+            Only the attacks that look at the prediction (SegPGD, CosPGD) use it.
+        seed: seeds the attack's own random generator (random starts).
+        loss_kwargs: keyword arguments of the named loss (e.g. ``{"gamma": 2.0}``).
+    """
+
+    name: ClassVar[str] = "attack"
+    norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: str | PerSampleLoss = "bce",
+        eps: float = 0.009,
+        *,
+        norm: Norm = "linf",
+        valid_range: tuple[float, float] = (0.0, 1.0),
+        targeted: bool = False,
+        activation: Activation | None = None,
+        seed: int = 0,
+        loss_kwargs: dict | None = None,
+    ) -> None:
+        if norm not in self.norms:
+            raise UserError(f"{self.name}: norm {norm!r} is not one of {', '.join(self.norms)}")
+        low, high = (float(v) for v in valid_range)
+        if not low < high:
+            raise UserError(
+                f"{self.name}: valid_range {valid_range} must be (low, high), low < high"
+            )
+        self.eps = check_eps(eps, norm, high - low, self.name)
+        if activation is None:
+            activation = "softmax" if loss == "ce" else "sigmoid"
+        if activation not in ("sigmoid", "softmax"):
+            raise UserError(f"{self.name}: activation {activation!r} is not sigmoid or softmax")
+        self.model = model
+        self.loss: Loss = create_loss(loss, reduction="none", **(loss_kwargs or {}))
+        self.norm: Norm = norm
+        self.valid_range = (low, high)
+        self.targeted = bool(targeted)
+        self.activation: Activation = activation
+        self.seed = int(seed)
+
+    def __call__(self, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """Adversarial images ``(B, C, H, W)`` for images ``x`` and masks (or targets) ``y``.
+
+        Args:
+            x: images ``(B, C, H, W)`` in the valid range.
+            y: the true masks ``(B, K, H, W)`` (or class indices ``(B, H, W)`` for ``ce``);
+                the target masks when the attack is targeted.
+            generator: the random generator for random starts; by default a fresh one seeded
+                with the attack's ``seed``, so that a call does not depend on earlier calls.
+        """
+        if x.dim() != 4 or y.shape[0] != x.shape[0]:
+            raise ValueError(f"{self.name}: expected x (B, C, H, W) and y with the same B, got "
+                             f"{tuple(x.shape)} and {tuple(y.shape)}")  # fmt: skip
+        x, y = x.detach(), y.detach()
+        if self.eps == 0:
+            return x.clone()
+        if generator is None:
+            generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        with frozen(self.model), torch.enable_grad():  # works inside torch.no_grad() too
+            x_adv = self.perturb(x, y, generator)
+        return x_adv.detach()
+
+    def perturb(self, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        """The attack's algorithm; runs with the model frozen. Subclasses override it."""
+        raise NotImplementedError
+
+    def logits(self, x: Tensor) -> Tensor:
+        """The model's logits ``(B, K, H, W)`` in float32."""
+        return model_logits(self.model, x).float()
+
+    def objective(self, logits: Tensor, y: Tensor) -> Tensor:
+        """The per-sample value the attack raises, ``(B,)``: the loss, negated when targeted."""
+        values = self.loss(logits, y)
+        return -values if self.targeted else values
+
+    def gradient(self, x: Tensor, y: Tensor, t: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """The input gradient of the summed objective at step ``t`` (0-based).
+
+        Returns:
+            ``(grad (B, C, H, W), objective (B,), logits (B, K, H, W))``, all detached.
+        """
+        x = x.detach().requires_grad_(True)
+        logits = self.logits(x)
+        values = self.objective(self.weigh(logits, y, t), y)
+        (grad,) = torch.autograd.grad(values.sum(), x)
+        return grad, values.detach(), logits.detach()
+
+    def weigh(self, logits: Tensor, y: Tensor, t: int) -> Tensor:
+        """Hook for pixel-weighted attacks (SegPGD, CosPGD) at step ``t``; plain ones: identity."""
+        return logits
+
+    def step(self, x_adv: Tensor, grad: Tensor, alpha: float) -> Tensor:
+        """One ascent step of size ``alpha``: the sign (L-inf) or the unit direction (L2)."""
+        if self.norm == "linf":
+            return x_adv + alpha * grad.sign()
+        norms = grad.flatten(1).norm(p=2, dim=1) + _DIVISION_EPS  # (B,)
+        return x_adv + alpha * grad / norms.view(-1, 1, 1, 1)
+
+    def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
+        """Back into the ``eps`` ball around ``x``, then into the valid range.
+
+        Clipping to the valid range after the ball cannot leave the ball: ``x`` is inside the
+        range, so clipping only moves each pixel toward ``x``.
+        """
+        delta = x_adv - x
+        if self.norm == "linf":
+            delta = delta.clamp(-self.eps, self.eps)
+        else:
+            norms = delta.flatten(1).norm(p=2, dim=1)  # (B,)
+            factor = (self.eps / (norms + _DIVISION_EPS)).clamp(max=1.0)
+            delta = delta * factor.view(-1, 1, 1, 1)
+        return self.clip(x + delta)
+
+    def clip(self, x: Tensor) -> Tensor:
+        return x.clamp(*self.valid_range)
+
+    def random_point(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """A uniform point of the L-inf ball, or a point of the L2 ball (torchattacks' draws)."""
+        if self.norm == "linf":
+            noise = torch.empty_like(x).uniform_(-self.eps, self.eps, generator=generator)
+            return self.clip(x + noise)
+        delta = torch.empty_like(x).normal_(generator=generator)
+        norms = delta.flatten(1).norm(p=2, dim=1).view(-1, 1, 1, 1)
+        radius = torch.empty_like(norms).uniform_(0, 1, generator=generator)
+        return self.clip(x + delta * radius / norms * self.eps)
+
+    def __repr__(self) -> str:
+        kind = "targeted" if self.targeted else "untargeted"
+        return (f"{type(self).__name__}(loss={self.loss.name!r}, eps={self.eps:g}, "
+                f"norm={self.norm!r}, {kind})")  # fmt: skip
+
+
+def check_eps(eps: float, norm: str, span: float, name: str = "attack") -> float:
+    """``eps`` as a float, or a :class:`UserError` for a negative, infinite or absurd budget.
+
+    An L-inf budget above the width of the valid range allows any image at all, so it is refused.
+    """
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise UserError(f"{name}: eps {eps!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise UserError(f"{name}: eps must be a finite number >= 0, got {eps!r}")
+    if norm == "linf" and value > span:
+        raise UserError(f"{name}: eps {value:g} exceeds the valid range's width {span:g} (L-inf)")
+    return value

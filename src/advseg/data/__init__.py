@@ -1,0 +1,69 @@
+"""Data: sources on disk -> SliceIndex -> cached arrays -> torch Dataset.
+
+See docs/architecture.md ("Data") for the contract. The public API:
+
+- :func:`load_data` (``DataConfig`` -> :class:`SliceData`), :func:`build_index`;
+- readers :func:`read_uwmgi`, :func:`read_nifti`, and :func:`write_synthetic`;
+- :func:`rle_encode`, :func:`rle_decode`;
+- :class:`PreprocessConfig` and its pure functions;
+- :func:`split_cases`, :func:`kfold_cases`;
+- :func:`summarize_index` (what ``advseg data info`` prints).
+"""
+
+from advseg.data.cache import cache_key, cached_arrays
+from advseg.data.dataset import SliceDataset
+from advseg.data.index import (
+    BASE_COLUMNS,
+    UWMGI_CLASSES,
+    Exclusions,
+    IndexSummary,
+    index_classes,
+    summarize_index,
+)
+from advseg.data.load import DataConfig, SliceData, build_index, load_data
+from advseg.data.nifti import parse_label_map, read_nifti
+from advseg.data.preprocess import (
+    PreprocessConfig,
+    neighbour_rows,
+    normalize_intensity,
+    preprocess_slice,
+    resize_image,
+    resize_masks,
+)
+from advseg.data.rle import rle_decode, rle_encode
+from advseg.data.split import kfold_cases, split_cases
+from advseg.data.synth import SynthSummary, write_synthetic
+from advseg.data.uwmgi import EXCLUDE_LISTS, read_png, read_uwmgi
+
+__all__ = [
+    "BASE_COLUMNS",
+    "EXCLUDE_LISTS",
+    "UWMGI_CLASSES",
+    "DataConfig",
+    "Exclusions",
+    "IndexSummary",
+    "PreprocessConfig",
+    "SliceData",
+    "SliceDataset",
+    "SynthSummary",
+    "build_index",
+    "cache_key",
+    "cached_arrays",
+    "index_classes",
+    "kfold_cases",
+    "load_data",
+    "neighbour_rows",
+    "normalize_intensity",
+    "parse_label_map",
+    "preprocess_slice",
+    "read_nifti",
+    "read_png",
+    "read_uwmgi",
+    "resize_image",
+    "resize_masks",
+    "rle_decode",
+    "rle_encode",
+    "split_cases",
+    "summarize_index",
+    "write_synthetic",
+]

@@ -1,0 +1,258 @@
+"""A disk cache of preprocessed slices, memory-mapped on read.
+
+Decoding 16-bit PNGs (or NIfTI volumes) and RLE masks is done once per (index, preprocessing)
+pair. The key is a hash of the index contents (ids, image paths and axial positions, image file
+sizes and modification times, the RLE of every mask, the classes) and of the preprocessing fields
+that change the arrays. A cache entry is a directory::
+
+    <cache_dir>/<key>/images.npy   (N, S, S) float32 in [0, 1]
+                      masks.npy    (N, K, S, S) uint8 in {0, 1}
+                      kept.npy     (N,) positions of the index rows the arrays hold
+                      meta.json    key, classes, preprocessing, skipped slices
+
+It is written under a temporary name and renamed into place, so an interrupted build leaves no
+entry behind, and it is read with ``np.load(mmap_mode="r")``: a second run decodes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from advseg.data.index import index_classes
+from advseg.data.nifti import read_volume
+from advseg.data.preprocess import PreprocessConfig, preprocess_slice
+from advseg.data.rle import rle_decode
+from advseg.data.uwmgi import read_png
+from advseg.errors import UserError
+
+#: Bump when the cached arrays' meaning changes, so that old entries are not reused.
+CACHE_VERSION = 1
+
+
+@dataclass
+class CachedArrays:
+    """Preprocessed arrays of an index, as memory maps.
+
+    Attributes:
+        images: ``(N, S, S)`` float32 in [0, 1].
+        masks: ``(N, K, S, S)`` uint8 in {0, 1}.
+        kept: ``(N,)`` positions in the index of the rows the arrays hold (all rows unless some
+            were skipped as unreadable).
+        skipped: slice id -> reason, for unreadable slices skipped with ``skip_unreadable``.
+        decoded: slices decoded by this call (0 when the cache already held the entry).
+        path: the cache entry directory.
+    """
+
+    images: np.ndarray
+    masks: np.ndarray
+    kept: np.ndarray
+    skipped: dict[str, str] = field(default_factory=dict)
+    decoded: int = 0
+    path: Path = Path()
+
+
+def cache_key(index: pd.DataFrame, config: PreprocessConfig) -> str:
+    """A hex digest of the index contents, the image files' sizes and mtimes, and ``config``."""
+    classes = index_classes(index)
+    content = index[["id", "image_path", "image_z", "width", "height", *classes]]
+    stats = {p: _stat(p) for p in index["image_path"].unique()}
+    files = index["image_path"].map(stats)
+    row_hashes = pd.util.hash_pandas_object(content, index=False).to_numpy()
+    file_hashes = pd.util.hash_pandas_object(files, index=False).to_numpy()
+    digest = hashlib.sha256()
+    digest.update(row_hashes.tobytes())
+    digest.update(file_hashes.tobytes())
+    meta = {"version": CACHE_VERSION, "classes": classes, "preprocess": config.array_key()}
+    digest.update(json.dumps(meta, sort_keys=True).encode())
+    return digest.hexdigest()[:24]
+
+
+def _stat(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def cached_arrays(
+    index: pd.DataFrame,
+    config: PreprocessConfig,
+    cache_dir: str | Path,
+    skip_unreadable: bool = False,
+    workers: int = 2,
+    progress: Callable[[int], None] | None = None,
+) -> CachedArrays:
+    """The preprocessed arrays of ``index``, from the cache or decoded once and cached.
+
+    Args:
+        index: a SliceIndex.
+        config: preprocessing.
+        cache_dir: where cache entries live.
+        skip_unreadable: skip (and report) slices whose image or mask cannot be read, instead of
+            stopping at the first one.
+        workers: decoding threads (OpenCV and numpy release the GIL while decoding).
+        progress: called with the number of slices decoded so far, now and then.
+
+    Raises:
+        UserError: the first unreadable slice (unless ``skip_unreadable``), or no readable slice.
+    """
+    key = cache_key(index, config)
+    entry = Path(cache_dir) / key
+    if (entry / "meta.json").is_file():
+        return _open(entry, decoded=0)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{key}.", suffix=".tmp"))
+    try:
+        decoded = _build(tmp, index, config, skip_unreadable, workers, progress)
+        meta = json.loads((tmp / "meta.json").read_text())
+        meta["key"] = key
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.replace(tmp, entry)
+        except OSError:
+            if not (entry / "meta.json").is_file():  # pragma: no cover - not a concurrent build
+                raise
+        return _open(entry, decoded=decoded)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _open(entry: Path, decoded: int) -> CachedArrays:
+    meta = json.loads((entry / "meta.json").read_text())
+    return CachedArrays(
+        images=np.load(entry / "images.npy", mmap_mode="r"),
+        masks=np.load(entry / "masks.npy", mmap_mode="r"),
+        kept=np.load(entry / "kept.npy"),
+        skipped=meta["skipped"],
+        decoded=decoded,
+        path=entry,
+    )
+
+
+def _build(
+    out: Path,
+    index: pd.DataFrame,
+    config: PreprocessConfig,
+    skip_unreadable: bool,
+    workers: int,
+    progress: Callable[[int], None] | None,
+) -> int:
+    """Decode and preprocess every row into ``out``; returns the number of slices decoded."""
+    classes = index_classes(index)
+    n, k, s = len(index), len(classes), config.size
+    fmt = np.lib.format
+    images = fmt.open_memmap(out / "images.npy", mode="w+", dtype=np.float32, shape=(n, s, s))
+    masks = fmt.open_memmap(out / "masks.npy", mode="w+", dtype=np.uint8, shape=(n, k, s, s))
+    ok = np.zeros(n, bool)
+    skipped: dict[str, str] = {}
+    done = 0
+    units = _units(index)
+    decode = _Decoder(index, classes, config)
+    pool = ThreadPoolExecutor(max(1, workers))
+    try:
+        for results in pool.map(decode, units):
+            for pos, result in results:
+                if isinstance(result, UserError):
+                    if not skip_unreadable:
+                        raise result
+                    skipped[index["id"].iat[pos]] = str(result)
+                    continue
+                images[pos], masks[pos] = result
+                ok[pos] = True
+            done += len(results)
+            if progress is not None:
+                progress(done)
+    finally:  # on the first error, do not wait for the rest of the data set to decode
+        pool.shutdown(wait=True, cancel_futures=True)
+    kept = np.flatnonzero(ok)
+    if kept.size == 0:
+        raise UserError(f"no readable slice among {n} (first: {next(iter(skipped.values()))})")
+    images.flush()
+    masks.flush()
+    if kept.size < n:  # compact: keep only the readable rows
+        del images, masks
+        for name in ("images.npy", "masks.npy"):
+            full = np.load(out / name, mmap_mode="r")
+            np.save(out / f"kept-{name}", full[kept])
+            del full
+            os.replace(out / f"kept-{name}", out / name)
+    np.save(out / "kept.npy", kept)
+    meta = {"n": int(kept.size), "classes": classes, "preprocess": config.array_key()}
+    (out / "meta.json").write_text(json.dumps({**meta, "skipped": skipped}))
+    return n
+
+
+def _units(index: pd.DataFrame) -> list[list[int]]:
+    """Row positions grouped so that one NIfTI volume is read once; one PNG row per unit."""
+    z = index["image_z"].to_numpy()
+    paths = index["image_path"].to_numpy()
+    units: list[list[int]] = []
+    for pos in range(len(index)):
+        if z[pos] >= 0 and units and z[units[-1][0]] >= 0 and paths[units[-1][0]] == paths[pos]:
+            units[-1].append(pos)
+        else:
+            units.append([pos])
+    return units
+
+
+class _Decoder:
+    """Decodes one unit of rows into (position, (image, masks) or the UserError)."""
+
+    def __init__(self, index: pd.DataFrame, classes: list[str], config: PreprocessConfig) -> None:
+        self.ids = index["id"].to_numpy()
+        self.paths = index["image_path"].to_numpy()
+        self.z = index["image_z"].to_numpy()
+        self.width = index["width"].to_numpy()
+        self.height = index["height"].to_numpy()
+        self.rles = index[classes].to_numpy()
+        self.classes = classes
+        self.config = config
+        self.label_source = index.attrs.get("label_source", "labels")
+
+    def __call__(self, unit: list[int]) -> list[tuple[int, object]]:
+        try:
+            raw = list(self._raw_images(unit))
+        except UserError as err:
+            return [(pos, err) for pos in unit]
+        out: list[tuple[int, object]] = []
+        for pos, image in zip(unit, raw, strict=True):
+            try:
+                h, w = int(self.height[pos]), int(self.width[pos])
+                masks = (
+                    np.stack(
+                        [
+                            rle_decode(
+                                rle, h, w, where=f"{self.label_source}: {self.ids[pos]}, {c}"
+                            )
+                            for rle, c in zip(self.rles[pos], self.classes, strict=True)
+                        ]
+                    )
+                    if self.classes
+                    else np.zeros((0, h, w), np.uint8)
+                )
+                out.append((pos, preprocess_slice(image, masks, self.config)))
+            except UserError as err:
+                out.append((pos, err))
+        return out
+
+    def _raw_images(self, unit: list[int]) -> Iterator[np.ndarray]:
+        first = unit[0]
+        if self.z[first] < 0:
+            yield read_png(self.paths[first], int(self.width[first]), int(self.height[first]))
+            return
+        volume = read_volume(self.paths[first])  # (H, W, Z) after the reader's transpose
+        for pos in unit:
+            yield volume[:, :, self.z[pos]]

@@ -1,0 +1,158 @@
+"""One entry point from a data config to arrays: :func:`load_data`.
+
+``DataConfig`` is the ``data:`` section of an experiment YAML; :func:`load_data` indexes the data
+set (Kaggle layout or NIfTI, detected from the directory), applies the exclusions, fills or opens
+the preprocessed cache and returns a :class:`SliceData` whose ``.dataset(rows)`` feeds a
+DataLoader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from advseg.data.cache import cached_arrays
+from advseg.data.dataset import Item, SliceDataset
+from advseg.data.index import Exclusions, Source, detect_source, index_classes
+from advseg.data.nifti import read_nifti
+from advseg.data.preprocess import PreprocessConfig, neighbour_rows
+from advseg.data.uwmgi import read_uwmgi
+from advseg.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it becomes arrays.
+
+    Attributes:
+        path: the data directory (``train.csv`` + ``train/``, or ``imagesTr/`` + ``labelsTr/``).
+            None means the synthetic phantom, written once to ``cache_dir/synthetic``.
+        source: ``auto`` (detect from the directory), ``uwmgi`` or ``nifti``.
+        exclude: scans to leave out: a named list (``default``: case7_day0 and case81_day30;
+            ``host``: the competition host's 12; ``none``) or a list of scan ids.
+        skip_unreadable: skip and count slices that cannot be read instead of stopping.
+        nifti_labels: NIfTI label value -> class name (e.g. ``{"1": "liver"}``), or the path of a
+            JSON file holding that mapping as ``nifti_labels_file``.
+        nifti_labels_file: a JSON file with the NIfTI label mapping.
+        preprocess: resizing, intensity and channel settings.
+        cache_dir: where preprocessed arrays are cached; default ``<path>/.advseg-cache``
+            (``~/.cache/advseg`` for the synthetic default).
+        workers: decoding threads when the cache is filled.
+    """
+
+    path: Path | None = None
+    source: Source = "auto"
+    exclude: str | list[str] = "default"
+    skip_unreadable: bool = False
+    nifti_labels: dict[int | str, str] = field(default_factory=dict)
+    nifti_labels_file: Path | None = None
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    cache_dir: Path | None = None
+    workers: int = 2
+
+
+@dataclass
+class SliceData:
+    """A loaded data set: the index and its preprocessed arrays (row i of each is slice i).
+
+    Attributes:
+        index: the SliceIndex of the slices held (excluded and skipped slices removed).
+        classes: class names, the order of the mask channels.
+        images: ``(N, S, S)`` float32 in [0, 1], memory-mapped.
+        masks: ``(N, K, S, S)`` uint8 in {0, 1}, memory-mapped.
+        preprocess: the preprocessing used.
+        exclusions: what was left out, and why.
+        cache_path: the cache entry directory.
+        decoded: slices decoded by this load (0 when the cache held them).
+    """
+
+    index: pd.DataFrame
+    classes: list[str]
+    images: np.ndarray
+    masks: np.ndarray
+    preprocess: PreprocessConfig
+    exclusions: Exclusions
+    cache_path: Path
+    decoded: int
+
+    def __post_init__(self) -> None:
+        self.channels = neighbour_rows(
+            self.index["scan"].to_numpy(), self.index["slice"].to_numpy(), self.preprocess
+        )  # (N, C)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def dataset(
+        self,
+        rows: np.ndarray | list[int] | None = None,
+        transform: Callable[[Item], Item] | None = None,
+    ) -> SliceDataset:
+        """A torch Dataset over ``rows`` (positions in :attr:`index`; all rows when None)."""
+        rows = np.arange(len(self.index)) if rows is None else rows
+        return SliceDataset(self.images, self.masks, self.channels, rows, transform)
+
+
+def resolve_path(config: DataConfig) -> Path:
+    """The data directory; the synthetic default is written on first use."""
+    if config.path is not None:
+        return Path(config.path)
+    from advseg.data.synth import write_synthetic
+
+    base = Path(config.cache_dir) if config.cache_dir else Path.home() / ".cache" / "advseg"
+    path = base / "synthetic"
+    if not (path / "train.csv").is_file():
+        write_synthetic(path, overwrite=True)
+    return path
+
+
+def build_index(config: DataConfig) -> tuple[pd.DataFrame, Exclusions]:
+    """The SliceIndex of ``config.path`` and what was excluded (no image is decoded)."""
+    path = resolve_path(config)
+    source = detect_source(path) if config.source == "auto" else config.source
+    if source == "uwmgi":
+        return read_uwmgi(path, config.exclude, config.skip_unreadable)
+    labels: object = config.nifti_labels_file or config.nifti_labels
+    if not labels:
+        raise UserError(
+            f"{path}: NIfTI data needs a label mapping (nifti_labels, or --labels 1=liver,...)"
+        )
+    return read_nifti(path, labels)  # type: ignore[arg-type]
+
+
+def load_data(config: DataConfig, progress: Callable[[int], None] | None = None) -> SliceData:
+    """Index, exclude, decode (once, cached) and memory-map a data set.
+
+    Args:
+        config: the data config.
+        progress: called with the number of slices decoded so far while the cache fills.
+    """
+    index, exclusions = build_index(config)
+    path = resolve_path(config)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else path / ".advseg-cache"
+    arrays = cached_arrays(
+        index,
+        config.preprocess,
+        cache_dir,
+        skip_unreadable=config.skip_unreadable,
+        workers=config.workers,
+        progress=progress,
+    )
+    exclusions.skipped.update(arrays.skipped)
+    classes = index_classes(index)
+    kept = index.iloc[arrays.kept].reset_index(drop=True)
+    kept.attrs = dict(index.attrs)
+    return SliceData(
+        index=kept,
+        classes=classes,
+        images=arrays.images,
+        masks=arrays.masks,
+        preprocess=config.preprocess,
+        exclusions=exclusions,
+        cache_path=arrays.path,
+        decoded=arrays.decoded,
+    )

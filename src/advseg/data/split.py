@@ -1,0 +1,77 @@
+"""Case-grouped splits: no case has slices on both sides.
+
+Slices of one patient are strongly correlated, so the paper (FACTS.md section 1) splits by case:
+90 / 10 train / test, and 10-fold GroupKFold in its notebook. Both functions return positional row
+arrays into the index, and the same seed gives the same split.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from advseg.errors import UserError
+
+
+def _cases(index: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct cases (sorted) and each row's position in that list."""
+    if len(index) == 0:
+        raise UserError("split: the index is empty (no slices to split)")
+    cases, inverse = np.unique(index["case"].to_numpy(), return_inverse=True)
+    return cases, inverse
+
+
+def split_cases(
+    index: pd.DataFrame, test_fraction: float = 0.1, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split rows into train and test by case.
+
+    ``round(test_fraction * n_cases)`` cases (at least 1, at most n_cases - 1) are drawn at random
+    for the test side.
+
+    Args:
+        index: a SliceIndex.
+        test_fraction: share of the cases held out, in (0, 1).
+        seed: random seed.
+
+    Returns:
+        ``(train_rows, test_rows)``: sorted positional row arrays.
+    """
+    if not 0 < test_fraction < 1:
+        raise UserError(f"test_fraction: must lie in (0, 1), got {test_fraction}")
+    cases, inverse = _cases(index)
+    if len(cases) < 2:
+        raise UserError(f"split: need at least 2 cases to split by case, found {len(cases)}")
+    n_test = min(max(round(test_fraction * len(cases)), 1), len(cases) - 1)
+    order = np.random.default_rng(seed).permutation(len(cases))
+    is_test = np.zeros(len(cases), bool)
+    is_test[order[:n_test]] = True
+    test = is_test[inverse]
+    return np.flatnonzero(~test), np.flatnonzero(test)
+
+
+def kfold_cases(
+    index: pd.DataFrame, k: int = 5, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K folds by case, balanced by slice count (as scikit-learn's GroupKFold).
+
+    Cases are shuffled with ``seed`` (to break ties), then taken largest first and each put in the
+    fold that holds the fewest slices so far.
+
+    Returns:
+        ``k`` pairs ``(train_rows, val_rows)``; every row is in exactly one ``val_rows``.
+    """
+    cases, inverse = _cases(index)
+    if not 2 <= k <= len(cases):
+        raise UserError(f"k: need 2 <= k <= number of cases ({len(cases)}), got {k}")
+    sizes = np.bincount(inverse, minlength=len(cases))
+    shuffled = np.random.default_rng(seed).permutation(len(cases))
+    order = shuffled[np.argsort(-sizes[shuffled], kind="stable")]
+    fold_of_case = np.empty(len(cases), np.int64)
+    load = np.zeros(k, np.int64)
+    for c in order:
+        f = int(np.argmin(load))
+        fold_of_case[c] = f
+        load[f] += sizes[c]
+    fold = fold_of_case[inverse]
+    return [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(k)]

@@ -1,0 +1,227 @@
+"""Reader for the Kaggle UW-Madison GI Tract layout (also what the synthetic phantom writes).
+
+Layout (FACTS.md section 3)::
+
+    train.csv                       columns id, class, segmentation; 3 rows per slice
+    train/case{N}/case{N}_day{M}/scans/slice_{XXXX}_{W}_{H}_{pw}_{ph}.png   16-bit grey
+
+W and H are the width and height in pixels, pw and ph the pixel spacing in mm. Images are read
+without loss (16-bit) and checked against the size their file name states.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from advseg.data.index import ID_PATTERN, SCAN_PATTERN, Exclusions, make_index
+from advseg.errors import UserError
+
+#: Scans with faulty masks that are commonly dropped (FACTS.md section 3).
+DEFAULT_EXCLUDED = ("case7_day0", "case81_day30")
+#: The competition host's longer list of faulty scans.
+HOST_EXCLUDED = (
+    "case61_day14",
+    "case9_day27",
+    "case7_day0",
+    "case81_day30",
+    "case43_day18",
+    "case138_day0",
+    "case34_day20",
+    "case43_day26",
+    "case124_day19",
+    "case144_day15",
+    "case83_day11",
+    "case13_day0",
+)
+#: Named exclusion lists, usable wherever a list of scans is expected.
+EXCLUDE_LISTS: dict[str, tuple[str, ...]] = {
+    "default": DEFAULT_EXCLUDED,
+    "host": HOST_EXCLUDED,
+    "none": (),
+}
+
+FILE_PATTERN = re.compile(r"^slice_(\d+)_(\d+)_(\d+)_(\d+(?:\.\d+)?)_(\d+(?:\.\d+)?)\.png$")
+REQUIRED_COLUMNS = ("id", "class", "segmentation")
+
+
+def resolve_exclusions(exclude: str | Sequence[str]) -> tuple[str, ...]:
+    """A named list (``default``, ``host``, ``none``) or explicit scan ids, checked."""
+    if isinstance(exclude, str):
+        if exclude not in EXCLUDE_LISTS:
+            raise UserError(
+                f"exclude: unknown list {exclude!r}; valid: {', '.join(EXCLUDE_LISTS)} "
+                "or a list of scans like case7_day0"
+            )
+        return EXCLUDE_LISTS[exclude]
+    for scan in exclude:
+        if not SCAN_PATTERN.match(scan):
+            raise UserError(f"exclude: {scan!r} is not a scan id like case7_day0")
+    return tuple(exclude)
+
+
+def read_uwmgi(
+    root: str | Path,
+    exclude: str | Sequence[str] = "default",
+    skip_unreadable: bool = False,
+) -> tuple[pd.DataFrame, Exclusions]:
+    """Index a Kaggle-layout data set: one row per slice of ``train.csv``.
+
+    Args:
+        root: directory holding ``train.csv`` and ``train/``.
+        exclude: scans to leave out: a named list (see :data:`EXCLUDE_LISTS`) or scan ids.
+        skip_unreadable: skip (and count) slices whose image file is missing, instead of stopping.
+
+    Returns:
+        The SliceIndex and a record of what was excluded or skipped.
+    """
+    root = Path(root)
+    csv = root / "train.csv"
+    table = _read_csv(csv)
+    listed = resolve_exclusions(exclude)
+
+    parts = table["id"].str.extract(ID_PATTERN)
+    bad = parts[0].isna()
+    if bad.any():
+        i = int(np.argmax(bad.to_numpy()))
+        raise UserError(
+            f"{csv} line {i + 2}: id {table['id'].iloc[i]!r} does not match "
+            "case{N}_day{M}_slice_{XXXX}"
+        )
+    table["case"] = parts[0].astype("int64")
+    table["day"] = parts[1].astype("int64")
+    table["slice"] = parts[2].astype("int64")
+    table["line"] = np.arange(len(table)) + 2
+    if (table["class"] == "").any():
+        i = int(np.argmax((table["class"] == "").to_numpy()))
+        raise UserError(f"{csv} line {i + 2}: empty class")
+    dup = table.duplicated(["id", "class"])
+    if dup.any():
+        i = int(np.argmax(dup.to_numpy()))
+        raise UserError(
+            f"{csv} line {i + 2}: second row for id {table['id'].iloc[i]!r}, "
+            f"class {table['class'].iloc[i]!r}"
+        )
+    classes = sorted(table["class"].unique())
+
+    slices = table.drop_duplicates("id")[["id", "case", "day", "slice", "line"]].copy()
+    masks = table.pivot(index="id", columns="class", values="segmentation")
+    missing = masks.isna()
+    if missing.to_numpy().any():
+        sid, cls = missing.stack().loc[lambda s: s].index[0]
+        raise UserError(f"{csv}: id {sid!r} has no row for class {cls!r}")
+    slices = slices.join(masks, on="id")
+    slices["scan"] = "case" + slices["case"].astype(str) + "_day" + slices["day"].astype(str)
+
+    exclusions = Exclusions(listed=listed)
+    excluded = slices["scan"].isin(listed)
+    counts = slices.loc[excluded, "scan"].value_counts(sort=False)
+    exclusions.scans = {s: int(counts[s]) for s in listed if s in counts}
+    slices = slices[~excluded]
+
+    files = _scan_images(root)
+    merged = slices.merge(files, on=["scan", "slice"], how="left")
+    no_file = merged["image_path"].isna()
+    if no_file.any():
+        if not skip_unreadable:
+            row = merged[no_file].iloc[0]
+            raise UserError(
+                f"{csv} line {row['line']}: no image for {row['id']} (expected "
+                f"train/case{row['case']}/{row['scan']}/scans/slice_{row['slice']:04d}_W_H_pw_ph.png)"
+            )
+        for sid in merged.loc[no_file, "id"]:
+            exclusions.skipped[sid] = "image file missing"
+        merged = merged[~no_file]
+    labelled = files.merge(
+        slices[["scan", "slice"]], on=["scan", "slice"], how="left", indicator=True
+    )
+    in_excluded = labelled["scan"].isin(listed)
+    exclusions.unlabelled = int(((labelled["_merge"] == "left_only") & ~in_excluded).sum())
+
+    if merged.empty:
+        raise UserError(f"{csv}: no slices left to use (empty data set after exclusions)")
+    merged["image_z"] = -1
+    index = make_index(merged, classes)
+    index.attrs["label_source"] = str(csv)
+    return index, exclusions
+
+
+def _read_csv(csv: Path) -> pd.DataFrame:
+    if not csv.is_file():
+        raise UserError(f"{csv}: not found (the Kaggle layout needs train.csv)")
+    try:
+        table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{csv}: empty file (expected columns id, class, segmentation)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise UserError(f"{csv}: cannot parse as CSV ({str(err).splitlines()[0]})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise UserError(
+            f"{csv}: missing column(s) {', '.join(missing)}; expected id, class, segmentation "
+            f"(found {', '.join(map(str, table.columns))})"
+        )
+    if table.empty:
+        raise UserError(f"{csv}: no rows (empty data set)")
+    return table
+
+
+def _scan_images(root: Path) -> pd.DataFrame:
+    """Every slice PNG under ``root/train``, with the size and spacing its name states."""
+    records = []
+    for path in sorted((root / "train").glob("case*/case*_day*/scans/slice_*.png")):
+        match = FILE_PATTERN.match(path.name)
+        if match is None:
+            raise UserError(f"{path}: file name does not match slice_XXXX_W_H_pw_ph.png")
+        num, width, height, pw, ph = match.groups()
+        records.append(
+            (
+                path.parent.parent.name,
+                int(num),
+                str(path),
+                int(width),
+                int(height),
+                float(pw),
+                float(ph),
+            )
+        )
+    columns = ["scan", "slice", "image_path", "width", "height", "spacing_w", "spacing_h"]
+    files = pd.DataFrame.from_records(records, columns=columns)
+    dup = files.duplicated(["scan", "slice"])
+    if dup.any():
+        raise UserError(f"{files['image_path'][dup].iloc[0]}: a second image for the same slice")
+    return files
+
+
+def read_png(path: str | Path, width: int, height: int) -> np.ndarray:
+    """Read a greyscale PNG without loss and check it has the size its file name states.
+
+    Args:
+        path: the PNG file.
+        width: expected width W.
+        height: expected height H.
+
+    Returns:
+        ``(H, W)`` uint16 (or uint8) array.
+    """
+    data = np.fromfile(path, dtype=np.uint8) if Path(path).is_file() else None
+    if data is None:
+        raise UserError(f"{path}: image file missing")
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if image is None:
+        raise UserError(f"{path}: cannot decode image (truncated or not a PNG)")
+    if image.ndim != 2:
+        raise UserError(
+            f"{path}: expected a single-channel greyscale image, got shape {image.shape}"
+        )
+    if image.shape != (height, width):
+        raise UserError(
+            f"{path}: image is {image.shape[1]}x{image.shape[0]} (WxH) but its file name "
+            f"says {width}x{height}"
+        )
+    return image

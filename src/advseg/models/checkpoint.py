@@ -1,0 +1,304 @@
+"""Checkpoints as safetensors weights + JSON metadata; loading never unpickles anything.
+
+A checkpoint ``PATH`` is two files written by :func:`save_checkpoint`:
+
+- ``PATH.safetensors``: the model's ``state_dict`` and, for a resumable checkpoint, the tensors of
+  the training state (optimiser moments, ...) under keys starting with ``__state__.``.
+- ``PATH.json``: :class:`CheckpointMeta` (model name and sizes, class names, preprocessing, data
+  source and split, training config, metrics, package versions) and the non-tensor part of the
+  training state, with ``{"__tensor__": key}`` where a tensor was.
+
+Each file is written atomically, the JSON last; both carry the same random ``save_id``, so a pair
+torn apart by a crash between the two writes is detected instead of loaded. A pickle file (``.pt``,
+``.pth``, ``.ckpt``) handed in as a checkpoint is refused with a one-line error and never opened
+by an unpickler: a pickle can run arbitrary code when loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import uuid
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from advseg.atomic import atomic_path, write_text_atomic
+from advseg.config import from_dict, to_dict
+from advseg.errors import UserError
+from advseg.models.zoo import count_parameters, create_model, model_spec
+
+FORMAT = "advseg-checkpoint/1"
+_STATE_PREFIX = "__state__."
+_PACKAGES = ("advseg", "torch", "segmentation-models-pytorch", "monai", "safetensors", "numpy")
+
+
+@dataclass
+class CheckpointMeta:
+    """Everything needed to rebuild, trust and re-run a trained model.
+
+    Attributes:
+        model: zoo name (``advseg.models.create_model``).
+        in_channels: image channels C the model takes.
+        classes: class names, in output-channel order (K = ``len(classes)``).
+        params: parameter count (filled in by :func:`save_checkpoint`).
+        preprocessing: the data layer's preprocessing config (image size, channels, ...).
+        data: data source and split (e.g. ``{"source": ..., "split_seed": 0}``).
+        train: the training config (``advseg.train.TrainConfig`` as a dict).
+        metrics: ``{"best": {...}, "last": {...}}`` validation metrics.
+        epoch: epochs completed when the checkpoint was written.
+        versions: package versions (filled in by :func:`save_checkpoint`).
+    """
+
+    model: str
+    in_channels: int
+    classes: list[str]
+    params: int = 0
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+def checkpoint_files(path: str | Path) -> tuple[Path, Path]:
+    """``(PATH.safetensors, PATH.json)`` for a checkpoint given as PATH or either file."""
+    path = Path(path)
+    base = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    return base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of python and the packages a checkpoint's numbers depend on."""
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    metadata: CheckpointMeta,
+    training_state: dict[str, Any] | None = None,
+) -> tuple[Path, Path]:
+    """Write ``PATH.safetensors`` and ``PATH.json`` atomically (weights first, JSON last).
+
+    Args:
+        path: the checkpoint path without suffix, e.g. ``run/checkpoints/best``.
+        model: the model (a DistributedDataParallel wrapper is unwrapped).
+        metadata: what to store beside the weights; ``params`` and ``versions`` are filled in.
+        training_state: optional nested dicts/lists of tensors and plain values (optimiser,
+            scheduler and scaler ``state_dict()``s, epoch, ...), stored without pickle.
+
+    Returns:
+        The two files written.
+    """
+    model = getattr(model, "module", model)
+    weights_file, meta_file = checkpoint_files(path)
+    metadata = dataclasses.replace(
+        metadata, params=count_parameters(model), versions=package_versions()
+    )
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state_json = None
+    if training_state is not None:
+        state_tensors: dict[str, Tensor] = {}
+        state_json = _encode(training_state, state_tensors)
+        tensors.update(state_tensors)
+    save_id = uuid.uuid4().hex
+    with atomic_path(weights_file) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "save_id": save_id})
+    document = {
+        "format": FORMAT,
+        "save_id": save_id,
+        "meta": to_dict(metadata),
+        "training_state": state_json,
+    }
+    write_text_atomic(meta_file, json.dumps(document, indent=1) + "\n")
+    return weights_file, meta_file
+
+
+def read_checkpoint(
+    path: str | Path,
+) -> tuple[dict[str, Tensor], CheckpointMeta, dict[str, Any] | None]:
+    """Read a checkpoint's weights, metadata and training state, with no unpickling.
+
+    Returns:
+        ``(state_dict, metadata, training_state)``; ``training_state`` is None when the
+        checkpoint was saved without one.
+    """
+    weights_file, meta_file = checkpoint_files(path)
+    given = Path(path)
+    if given.is_file() and given not in (weights_file, meta_file):
+        raise UserError(
+            f"{given}: not an advseg checkpoint (expected {weights_file.name} + {meta_file.name}); "
+            "pickle files (.pt/.pth/.ckpt) are refused: advseg never unpickles"
+        )
+    for file in (weights_file, meta_file):
+        if not file.is_file():
+            raise UserError(f"{file}: checkpoint file not found")
+    document = _read_json(meta_file)
+    try:
+        with safe_open(str(weights_file), framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{weights_file}: not a safetensors file ({err})") from None
+    if header.get("save_id") != document["save_id"]:
+        raise UserError(
+            f"{weights_file}: weights and {meta_file.name} come from different saves "
+            "(a write was interrupted); use another checkpoint"
+        )
+    meta = from_dict(CheckpointMeta, document["meta"], where=f"{meta_file}: meta")
+    weights = {k: v for k, v in tensors.items() if not k.startswith(_STATE_PREFIX)}
+    state = document.get("training_state")
+    training_state = None if state is None else _decode(state, tensors, meta_file)
+    return weights, meta, training_state
+
+
+def _read_json(meta_file: Path) -> dict[str, Any]:
+    try:
+        document = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{meta_file}: not an advseg checkpoint's JSON ({err})") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        found = document.get("format") if isinstance(document, dict) else type(document).__name__
+        raise UserError(f"{meta_file}: format is {found!r}, expected {FORMAT!r}")
+    for key in ("save_id", "meta"):
+        if key not in document:
+            raise UserError(f"{meta_file}: missing key {key!r}")
+    return document
+
+
+def check_compatible(
+    meta: CheckpointMeta,
+    where: str | Path,
+    model: str | None = None,
+    in_channels: int | None = None,
+    classes: int | list[str] | None = None,
+) -> None:
+    """Refuse a checkpoint whose model, channel count or classes differ from what is expected.
+
+    Raises:
+        UserError: naming every field that differs, e.g. ``classes: checkpoint 3, expected 2``.
+    """
+    differences = []
+    if model is not None and model != meta.model:
+        differences.append(f"model: checkpoint {meta.model!r}, expected {model!r}")
+    if in_channels is not None and in_channels != meta.in_channels:
+        differences.append(f"in_channels: checkpoint {meta.in_channels}, expected {in_channels}")
+    if isinstance(classes, int) and classes != len(meta.classes):
+        differences.append(f"classes: checkpoint {len(meta.classes)}, expected {classes}")
+    if isinstance(classes, list) and classes != meta.classes:
+        differences.append(f"classes: checkpoint {meta.classes}, expected {classes}")
+    if differences:
+        raise UserError(f"{where}: checkpoint does not fit: {'; '.join(differences)}")
+
+
+def load_checkpoint(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    model: str | None = None,
+    in_channels: int | None = None,
+    classes: int | list[str] | None = None,
+) -> tuple[nn.Module, CheckpointMeta]:
+    """Rebuild a model from a checkpoint, in eval mode, never unpickling anything.
+
+    Args:
+        path: ``PATH``, ``PATH.safetensors`` or ``PATH.json``.
+        device: where to put the model.
+        model, in_channels, classes: when given, the checkpoint must match them
+            (see :func:`check_compatible`).
+
+    Returns:
+        ``(model, metadata)``: ``metadata.classes`` names the output channels,
+        ``metadata.in_channels`` the input channels, ``metadata.preprocessing`` how to prepare
+        images for it.
+
+    Example:
+        >>> net, meta = load_checkpoint("runs/demo/checkpoints/best")  # doctest: +SKIP
+        >>> net(images)  # (B, C, H, W) -> (B, len(meta.classes), H, W) logits  # doctest: +SKIP
+    """
+    weights, meta, _ = read_checkpoint(path)
+    check_compatible(meta, path, model, in_channels, classes)
+    net = create_model(meta.model, in_channels=meta.in_channels, classes=len(meta.classes))
+    load_weights(net, weights, path)
+    return net.to(device).eval(), meta
+
+
+def load_weights(model: nn.Module, weights: dict[str, Tensor], where: str | Path) -> None:
+    """Copy a checkpoint's weights into ``model``; any missing, extra or reshaped key is refused."""
+    model = getattr(model, "module", model)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    reshaped = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    if missing or extra or reshaped:
+        spec = getattr(model, "advseg_spec", None)
+        name = spec.name if spec else type(model).__name__
+        raise UserError(
+            f"{where}: weights do not fit model {name!r} ({len(missing)} missing, "
+            f"e.g. {missing[:2]}; {len(extra)} unexpected, e.g. {extra[:2]}; "
+            f"{len(reshaped)} of another shape, e.g. {reshaped[:2]})"
+        )
+    model.load_state_dict(weights)
+
+
+def metadata_for(model: nn.Module, classes: list[str], **fields: Any) -> CheckpointMeta:
+    """A :class:`CheckpointMeta` for a zoo model, with its name and channel count filled in."""
+    spec = model_spec(model)
+    if len(classes) != spec.classes:
+        raise UserError(f"classes: {len(classes)} names for a model with {spec.classes} outputs")
+    return CheckpointMeta(model=spec.name, in_channels=spec.in_channels, classes=classes, **fields)
+
+
+# Nested training state <-> (JSON, tensors). JSON objects need string keys and have no tuples,
+# while optimiser state dicts use integer keys and tuples (betas), so those are tagged.
+
+
+def _encode(value: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(value, Tensor):
+        key = f"{_STATE_PREFIX}{len(tensors)}"
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: _encode(v, tensors) for k, v in value.items()}
+        return {"__items__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, tensors) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v, tensors) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint's training state")
+
+
+def _decode(value: Any, tensors: dict[str, Tensor], where: Path) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors, where) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        key = value["__tensor__"]
+        if key not in tensors:
+            raise UserError(f"{where}: training state names a missing tensor {key!r}")
+        return tensors[key]
+    if "__tuple__" in value:
+        return tuple(_decode(v, tensors, where) for v in value["__tuple__"])
+    if "__items__" in value:
+        return {
+            _decode(k, tensors, where): _decode(v, tensors, where) for k, v in value["__items__"]
+        }
+    return {k: _decode(v, tensors, where) for k, v in value.items()}

@@ -1,0 +1,267 @@
+"""The model zoo: the paper's five U-Nets (and any segmentation_models_pytorch model) by name.
+
+Names are the interface (``advseg models`` lists them):
+
+- ``unet``: the paper's plain U-Net, kernels 16 -> 256 (MONAI ``BasicUNet``, features
+  ``(16, 32, 64, 128, 256, 16)``, 1.95M parameters with 3 channels in and 3 classes).
+- ``unet-vgg13``: the paper's "VGG16" row. Its 18.44M parameters are those of a VGG13 U-Net, not a
+  VGG16 one (23.75M); see FACTS.md §2. ``unet-vgg16`` is the VGG16 U-Net, offered for completeness.
+- ``unet-resnext101`` (resnext101_32x8d, 95.76M), ``unet-effb7`` (67.10M), ``unetpp-effb7``
+  (U-Net++, 68.16M): segmentation_models_pytorch, as in the paper.
+- ``unet-tiny``: not from the paper; a 0.12M-parameter ``BasicUNet`` for tests and fast demos.
+- ``smp:<Arch>:<encoder>``: any segmentation_models_pytorch model, e.g. ``smp:FPN:resnet34``.
+
+Every model maps ``(B, C, H, W)`` images to ``(B, K, H, W)`` per-class logits. H and W must be
+multiples of 32 for the encoder models and of 16 for the ``BasicUNet`` ones.
+
+Pretrained encoders: ``encoder_weights="imagenet"`` lets segmentation_models_pytorch download
+them (needs internet); a path to a local safetensors file holding the encoder's ``state_dict``
+(keys as in ``model.encoder``, optionally prefixed ``encoder.``) loads them with no network at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import segmentation_models_pytorch as smp
+import torch
+from monai.networks.nets import BasicUNet
+from torch import nn
+
+from advseg.errors import UserError
+from advseg.registry import Registry
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """How to build one named model.
+
+    Attributes:
+        arch: ``BasicUNet`` (MONAI) or a segmentation_models_pytorch architecture (``Unet``, ...).
+        encoder: the segmentation_models_pytorch encoder name; None for ``BasicUNet``.
+        features: ``BasicUNet`` feature widths (six values); unused for encoder models.
+        description: one line for ``advseg models``, including the paper row it stands for.
+    """
+
+    arch: str
+    encoder: str | None = None
+    features: tuple[int, ...] = ()
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a checkpoint needs to rebuild a model: its zoo name and its input/output sizes."""
+
+    name: str
+    in_channels: int
+    classes: int
+
+
+MODELS: Registry[ZooEntry] = Registry("model")
+
+_PAPER_ENTRIES = {
+    "unet": ZooEntry(
+        "BasicUNet",
+        features=(16, 32, 64, 128, 256, 16),
+        description="paper's plain U-Net, kernels 16 -> 256 (MONAI BasicUNet)",
+    ),
+    "unet-vgg13": ZooEntry(
+        "Unet",
+        "vgg13",
+        description="paper's 'VGG16 U-Net' row (18.44M): by its parameter count a VGG13 U-Net",
+    ),
+    "unet-vgg16": ZooEntry(
+        "Unet", "vgg16", description="U-Net + VGG16 encoder (not the paper's row, see unet-vgg13)"
+    ),
+    "unet-resnext101": ZooEntry(
+        "Unet", "resnext101_32x8d", description="paper's ResNeXt U-Net (resnext101_32x8d)"
+    ),
+    "unet-effb7": ZooEntry("Unet", "efficientnet-b7", description="paper's EfficientNet-B7 U-Net"),
+    "unetpp-effb7": ZooEntry(
+        "UnetPlusPlus", "efficientnet-b7", description="paper's EfficientNet-B7 U-Net++"
+    ),
+    "unet-tiny": ZooEntry(
+        "BasicUNet",
+        features=(4, 8, 16, 32, 64, 4),
+        description="not from the paper: tiny BasicUNet (kernels 4 -> 64) for tests and demos",
+    ),
+}
+for _name, _entry in _PAPER_ENTRIES.items():
+    MODELS.register(_name, help=_entry.description)(_entry)
+
+SMP_PREFIX = "smp:"
+
+# Classifier heads that pretrained files carry and segmentation encoders drop
+# (segmentation_models_pytorch removes the same ones when it loads ImageNet weights).
+_HEAD_PREFIXES = ("fc.", "_fc.", "classifier.", "last_linear.", "head.")
+
+
+def model_names() -> list[str]:
+    """Every registered name (``smp:<Arch>:<encoder>`` names are open-ended and not listed)."""
+    return MODELS.names()
+
+
+def resolve(name: str) -> ZooEntry:
+    """The zoo entry for ``name``: a registered name or ``smp:<Arch>:<encoder>``."""
+    if not name.startswith(SMP_PREFIX):
+        if name not in MODELS:
+            raise UserError(MODELS.unknown_message(name) + ", or smp:<Arch>:<encoder>")
+        return MODELS.get(name)
+    parts = name.split(":")
+    if len(parts) != 3 or not parts[1] or not parts[2]:
+        raise UserError(f"model {name!r}: expected smp:<Arch>:<encoder>, e.g. smp:Unet:resnet34")
+    _, arch, encoder = parts
+    archs = {cls.__name__: cls for cls in smp.MODEL_ARCHITECTURES_MAPPING.values()}
+    if arch not in archs:
+        raise UserError(
+            f"model {name!r}: unknown smp architecture {arch!r}; valid: {', '.join(archs)}"
+        )
+    encoders = smp.encoders.get_encoder_names()
+    if encoder not in encoders:
+        raise UserError(
+            f"model {name!r}: unknown smp encoder {encoder!r}; valid: {', '.join(sorted(encoders))}"
+        )
+    return ZooEntry(arch, encoder, description=f"segmentation_models_pytorch {arch} + {encoder}")
+
+
+def create_model(
+    name: str,
+    in_channels: int = 3,
+    classes: int = 3,
+    encoder_weights: str | Path | None = None,
+) -> nn.Module:
+    """Build a model by zoo name, randomly initialised or with a pretrained encoder.
+
+    Args:
+        name: a zoo name (``advseg models``) or ``smp:<Arch>:<encoder>``.
+        in_channels: image channels C (3: grey copied to RGB, as the paper).
+        classes: output channels K, one logit map per class.
+        encoder_weights: None (random), ``"imagenet"`` (downloaded by
+            segmentation_models_pytorch), or a local safetensors file of encoder weights.
+
+    Returns:
+        A module mapping ``(B, C, H, W)`` to logits ``(B, K, H, W)``; :func:`model_spec` gives
+        back the name and sizes it was built with.
+
+    Example:
+        >>> model = create_model("unet-tiny", in_channels=3, classes=3)
+        >>> model(torch.zeros(1, 3, 32, 32)).shape
+        torch.Size([1, 3, 32, 32])
+    """
+    entry = resolve(name)
+    if in_channels < 1 or classes < 1:
+        raise UserError(f"model {name!r}: in_channels and classes must be >= 1")
+    if entry.arch == "BasicUNet":
+        if encoder_weights is not None:
+            raise UserError(f"model {name!r} has no pretrained encoder; drop encoder_weights")
+        model = BasicUNet(
+            spatial_dims=2, in_channels=in_channels, out_channels=classes, features=entry.features
+        )
+    elif encoder_weights is None or encoder_weights == "imagenet":
+        model = _create_smp(name, entry, in_channels, classes, encoder_weights)
+    else:
+        # Build for 3 channels, load the RGB weights, then adapt the first convolution the way
+        # segmentation_models_pytorch does for its own pretrained weights.
+        model = _create_smp(name, entry, 3, classes, None)
+        load_encoder_weights(model, encoder_weights)
+        model.encoder.set_in_channels(in_channels, pretrained=True)
+    model.advseg_spec = ModelSpec(name, in_channels, classes)
+    return model
+
+
+def _create_smp(
+    name: str, entry: ZooEntry, in_channels: int, classes: int, weights: str | None
+) -> nn.Module:
+    try:
+        return smp.create_model(
+            entry.arch,
+            encoder_name=entry.encoder,
+            encoder_weights=weights,
+            in_channels=in_channels,
+            classes=classes,
+        )
+    except (OSError, ConnectionError) as err:  # no network, or the download failed
+        raise UserError(
+            f"model {name!r}: cannot fetch {weights} weights ({err}); "
+            "pass a local encoder weights file instead"
+        ) from None
+
+
+def load_encoder_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a local safetensors file into ``model.encoder``; never touches the network.
+
+    The file holds the encoder's ``state_dict`` (keys as in ``model.encoder``, or the whole
+    model's keys with the ``encoder.`` prefix). Classifier-head keys (``fc.``, ``classifier.``, ...)
+    are ignored, as segmentation_models_pytorch does; any other missing or extra key is an error.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: encoder weights file not found")
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{path}: not a safetensors file of encoder weights ({err})") from None
+    if any(key.startswith("encoder.") for key in state):
+        state = {
+            k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")
+        }
+    state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
+    expected = model.encoder.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise UserError(
+            f"{path}: does not match the {type(model.encoder).__name__} encoder "
+            f"({len(missing)} missing keys, e.g. {missing[:2]}; {len(extra)} unexpected, "
+            f"e.g. {extra[:2]})"
+        )
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise UserError(
+                f"{path}: {key} has shape {tuple(value.shape)}, the encoder expects "
+                f"{tuple(expected[key].shape)}"
+            )
+    model.encoder.load_state_dict(state)
+
+
+def model_spec(model: nn.Module) -> ModelSpec:
+    """The zoo name and sizes a model was built with (by :func:`create_model`)."""
+    model = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+    spec = getattr(model, "advseg_spec", None)
+    if spec is None:
+        raise ValueError("model was not built by advseg.models.create_model; its name is unknown")
+    return spec
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (trainable or not), as the paper's "params" column."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One row of ``advseg models``."""
+
+    name: str
+    arch: str
+    encoder: str | None
+    params: int
+    description: str
+
+
+def model_info(name: str, in_channels: int = 3, classes: int = 3) -> ModelInfo:
+    """Architecture and parameter count of a zoo model, built on the meta device (no memory)."""
+    entry = resolve(name)
+    with torch.device("meta"):
+        model = create_model(name, in_channels=in_channels, classes=classes)
+    return ModelInfo(name, entry.arch, entry.encoder, count_parameters(model), entry.description)
+
+
+def list_models(in_channels: int = 3, classes: int = 3) -> list[ModelInfo]:
+    """Every registered model with its parameter count for the given sizes."""
+    return [model_info(name, in_channels, classes) for name in model_names()]
