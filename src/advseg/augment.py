@@ -1,0 +1,131 @@
+"""Training augmentations, applied to an image and its mask together (MONAI dictionary transforms).
+
+The paper trained with shift / scale / rotate, flips, brightness-contrast and elastic deformation
+(its notebook used albumentations). Here the same family comes from MONAI's dictionary
+transforms, which move ``image`` and ``mask`` with one random draw: geometry is interpolated
+bilinearly for the image and nearest-neighbour for the mask (which stays in {0, 1}); intensity
+changes touch the image only, which is clipped back to the valid range [0, 1].
+
+:class:`Augment` is the ``transform`` hook of ``SliceData.dataset(rows, transform)``: it maps an
+item ``{"image": (C, S, S), "mask": (K, S, S), ...}`` to a new item of the same shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from monai.transforms import (
+    Compose,
+    Rand2DElasticd,
+    RandAffined,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+)
+from monai.utils import convert_to_tensor
+
+from advseg.errors import UserError
+
+
+@dataclass
+class AugmentConfig:
+    """Probabilities and ranges of the training augmentations (albumentations-like defaults).
+
+    Attributes:
+        enabled: False turns every augmentation off.
+        p_affine: probability of a random shift / scale / rotation.
+        shift: largest shift, as a fraction of the image size.
+        scale: largest relative zoom in or out.
+        rotate_deg: largest rotation, in degrees.
+        p_hflip, p_vflip: probabilities of a left-right / up-down flip.
+        p_intensity: probability of each of the brightness and contrast changes.
+        brightness: largest offset added to the intensities.
+        contrast: largest relative change of the intensities' scale.
+        p_elastic: probability of an elastic deformation.
+        elastic_spacing: distance in pixels between the control points of the deformation.
+        elastic_magnitude: range of the control points' displacement.
+    """
+
+    enabled: bool = True
+    p_affine: float = 0.5
+    shift: float = 0.0625
+    scale: float = 0.1
+    rotate_deg: float = 15.0
+    p_hflip: float = 0.5
+    p_vflip: float = 0.0
+    p_intensity: float = 0.5
+    brightness: float = 0.1
+    contrast: float = 0.1
+    p_elastic: float = 0.25
+    elastic_spacing: int = 32
+    elastic_magnitude: tuple[float, float] = (1.0, 2.0)
+
+    def __post_init__(self) -> None:
+        for name in ("p_affine", "p_hflip", "p_vflip", "p_intensity", "p_elastic"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise UserError(f"augment.{name}: {value} is not a probability in [0, 1]")
+        if self.elastic_spacing < 2:
+            raise UserError(f"augment.elastic_spacing: {self.elastic_spacing} must be >= 2")
+
+
+class Augment:
+    """Random augmentation of one item, image and mask together.
+
+    Randomness: MONAI transforms keep their own numpy random state. It is reseeded from
+    ``torch.initial_seed()`` whenever that changes, which differs per DataLoader worker and per
+    epoch when the training loop seeds torch each epoch, so runs are reproducible and workers do
+    not repeat one another's draws.
+
+    Args:
+        config: the augmentation settings.
+        image_size: S, the side of the square images, to turn the fractional shift into pixels.
+    """
+
+    def __init__(self, config: AugmentConfig, image_size: int) -> None:
+        self.config = config
+        keys = ["image", "mask"]
+        modes = ["bilinear", "nearest"]
+        c = config
+        self.transform = Compose(
+            [
+                RandAffined(
+                    keys,
+                    prob=c.p_affine,
+                    rotate_range=math.radians(c.rotate_deg),
+                    translate_range=(c.shift * image_size, c.shift * image_size),
+                    scale_range=(c.scale, c.scale),
+                    mode=modes,
+                    padding_mode="zeros",
+                ),
+                RandFlipd(keys, prob=c.p_hflip, spatial_axis=1),  # axis 1 of (S, S): left-right
+                RandFlipd(keys, prob=c.p_vflip, spatial_axis=0),
+                RandScaleIntensityd("image", factors=c.contrast, prob=c.p_intensity),
+                RandShiftIntensityd("image", offsets=c.brightness, prob=c.p_intensity),
+                Rand2DElasticd(
+                    keys,
+                    spacing=c.elastic_spacing,
+                    magnitude_range=c.elastic_magnitude,
+                    prob=c.p_elastic,
+                    mode=modes,
+                    padding_mode="zeros",
+                ),
+            ]
+        )
+        self._seeded_with: int | None = None
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        """``{"image": (C, S, S), "mask": (K, S, S), ...}`` -> the same keys, augmented."""
+        if not self.config.enabled:
+            return item
+        seed = torch.initial_seed()
+        if seed != self._seeded_with:
+            self.transform.set_random_state(seed=seed % 2**32)
+            self._seeded_with = seed
+        out = self.transform({"image": item["image"], "mask": item["mask"]})
+        image = convert_to_tensor(out["image"], track_meta=False).float().clamp_(0.0, 1.0)
+        mask = convert_to_tensor(out["mask"], track_meta=False).float()
+        return {**item, "image": image, "mask": mask}

@@ -1,0 +1,588 @@
+"""The training loop, as in the paper, on one process or many (torchrun).
+
+Paper settings (FACTS.md §1): AdamW (lr 3e-4), cosine annealing to eta_min 5e-6 over the epochs,
+15 epochs, early stopping on validation Dice, Dice + Focal loss, augmentation of image and mask
+together (:mod:`advseg.augment`). On top: mixed precision (bf16, or fp16 with a gradient scaler)
+and channels_last on a GPU, gradient accumulation, DataLoader workers, seeding per epoch (so a
+resumed run repeats the draws of an uninterrupted one), DistributedDataParallel under torchrun.
+
+A run directory holds ``checkpoints/best`` and ``checkpoints/last``
+(:mod:`advseg.models.checkpoint`: safetensors + JSON, written atomically; ``last`` also holds the
+optimiser, scheduler and scaler states for ``resume``), ``log.csv`` (one row per epoch) and,
+optionally, TensorBoard events. Only rank 0 writes.
+
+Validation Dice is the "global" protocol: per class, ``2 TP / (2 TP + FP + FN)`` with TP, FP, FN
+summed over every validation pixel (sigmoid > threshold), then the mean over classes present in
+the labels or the predictions. It needs no per-slice convention for empty masks and never is NaN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from advseg import distributed
+from advseg.atomic import write_text_atomic
+from advseg.augment import AugmentConfig
+from advseg.config import to_dict
+from advseg.errors import UserError
+from advseg.losses import create_loss
+from advseg.models.checkpoint import (
+    check_compatible,
+    load_weights,
+    metadata_for,
+    read_checkpoint,
+    save_checkpoint,
+)
+from advseg.models.zoo import model_spec
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+# Settings that may change when a run is resumed: they change speed, not the numbers.
+_RESUMABLE_CHANGES = {"num_workers", "device", "tensorboard"}
+
+
+@dataclass
+class TrainConfig:
+    """Training settings; the defaults are the paper's.
+
+    Attributes:
+        model: zoo name of the model (``advseg models``).
+        encoder_weights: None, ``"imagenet"`` or a local safetensors file (see the zoo).
+        loss: loss name (``advseg.losses``); the paper trained with ``dicefocal``.
+        epochs: number of epochs (the paper: 15); the cosine schedule spans them.
+        batch_size: images per optimiser step on each process, before accumulation.
+        lr, weight_decay: AdamW settings (the paper: lr 3e-4).
+        eta_min: the cosine schedule's final learning rate (the paper: 5e-6).
+        patience: stop after this many epochs without a better validation Dice; 0 never stops.
+        grad_accum: micro-batches whose gradients are summed per optimiser step.
+        precision: ``auto`` is bf16 on a GPU that has it and fp32 elsewhere; ``fp16`` uses a
+            gradient scaler; ``bf16`` also works on a CPU.
+        channels_last: memory format of images and weights; None means on a GPU only.
+        num_workers: DataLoader worker processes.
+        seed: seeds shuffling, augmentation and dropout, per epoch.
+        device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
+        threshold: probability above which a pixel counts as predicted, for validation Dice.
+        augment: the augmentation settings (applied by the dataset's transform).
+        tensorboard: also write TensorBoard events (needs the ``tensorboard`` package).
+    """
+
+    model: str = "unet"
+    encoder_weights: str | None = None
+    loss: str = "dicefocal"
+    epochs: int = 15
+    batch_size: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 1e-2
+    eta_min: float = 5e-6
+    patience: int = 5
+    grad_accum: int = 1
+    precision: Precision = "auto"
+    channels_last: bool | None = None
+    num_workers: int = 0
+    seed: int = 0
+    device: str = "auto"
+    threshold: float = 0.5
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise UserError(f"train.{name}: {getattr(self, name)} must be >= 1")
+        for name in ("patience", "num_workers"):
+            if getattr(self, name) < 0:
+                raise UserError(f"train.{name}: {getattr(self, name)} must be >= 0")
+        if self.lr <= 0 or self.eta_min < 0 or self.weight_decay < 0:
+            raise UserError("train.lr must be > 0, train.eta_min and train.weight_decay >= 0")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise UserError(f"train.precision: {self.precision!r} is not auto, fp32, bf16, fp16")
+
+
+@dataclass
+class EpochStats:
+    """One row of ``log.csv``."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_dice: float
+    lr: float
+    images_per_s: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    """What a training run achieved, and where it left its files.
+
+    Attributes:
+        best_dice, best_epoch: the best validation Dice and its epoch (1-based).
+        epochs_run: epochs completed, counting those before a resume.
+        stopped_early: True when early stopping ended the run before ``epochs``.
+        history: one :class:`EpochStats` per completed epoch.
+        best_path, last_path: the checkpoints (without suffix).
+        seconds: wall time of this call (not of earlier, interrupted calls).
+    """
+
+    best_dice: float
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    history: list[EpochStats]
+    best_path: Path
+    last_path: Path
+    seconds: float
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> this rank's GPU when CUDA is available, else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", distributed.local_rank())
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(
+            f"train.device: {name!r} is not a device (auto, cpu, cuda, cuda:N)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"train.device: {name!r} asked for, but CUDA is not available")
+    return device
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype:
+    """The autocast dtype: ``auto`` is bf16 on a GPU that supports it, else fp32."""
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def train(
+    model: nn.Module,
+    train_set: Dataset,
+    val_set: Dataset,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    classes: list[str],
+    preprocessing: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    resume: bool = False,
+    progress: bool = False,
+) -> TrainResult:
+    """Train ``model`` and write its checkpoints and log to ``out_dir``.
+
+    Under torchrun (see :mod:`advseg.distributed`) every rank calls this with the same arguments:
+    the model is wrapped in DistributedDataParallel, each rank trains on its share of
+    ``train_set`` and validates on its share of ``val_set``, and rank 0 writes the files.
+
+    Args:
+        model: a zoo model (:func:`advseg.models.create_model`) named ``config.model``.
+        train_set: items ``{"image": (C, S, S), "mask": (K, S, S), ...}``, augmented by the
+            dataset's own transform (:class:`advseg.augment.Augment`).
+        val_set: items of the same form, not augmented.
+        config: the training settings.
+        out_dir: the run directory.
+        classes: class names in output-channel order (stored in the checkpoints).
+        preprocessing, data: the data layer's preprocessing config and source/split, stored in
+            the checkpoints so an evaluation prepares images the same way.
+        resume: continue the run in ``out_dir`` from ``checkpoints/last``.
+        progress: show rich progress bars (rank 0 only).
+
+    Returns:
+        The best and last metrics, the history and the checkpoint paths.
+    """
+    start = time.perf_counter()
+    spec = model_spec(model)
+    if spec.name != config.model:
+        raise UserError(f"train.model is {config.model!r} but the model given is {spec.name!r}")
+    if len(train_set) == 0:
+        raise UserError("training split is empty: no slices to train on")
+    if len(val_set) == 0:
+        raise UserError("validation split is empty: early stopping needs validation slices")
+    out_dir = Path(out_dir)
+    best_path, last_path = out_dir / "checkpoints" / "best", out_dir / "checkpoints" / "last"
+    device = resolve_device(config.device)
+    dtype = resolve_precision(config.precision, device)
+    channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    model = model.to(device, memory_format=memory_format)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=config.epochs, eta_min=config.eta_min
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    run = _RunState()
+    if resume:
+        run = _restore(last_path, model, optimizer, scheduler, scaler, config, classes)
+    elif (last_path.with_suffix(".json")).exists():
+        raise UserError(f"{out_dir}: already holds a run; resume it or choose another directory")
+    distributed.barrier()  # no rank starts before every rank has read the checkpoint
+
+    net: nn.Module = model
+    if distributed.is_distributed():
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    loss_fn = create_loss(config.loss)
+    val_loss_fn = create_loss(config.loss, reduction="sum")
+    meta_fields = {"preprocessing": preprocessing or {}, "data": data or {}}
+    writer = _tensorboard(out_dir) if config.tensorboard and distributed.is_main() else None
+    show = progress and distributed.is_main()
+
+    with _progress(show) as bar:
+        for epoch in range(run.epoch + 1, config.epochs + 1):
+            if run.stopped_early:
+                break
+            torch.manual_seed(config.seed + 10_000 * epoch + distributed.rank())
+            lr = optimizer.param_groups[0]["lr"]
+            train_loss, images, train_seconds = _train_epoch(
+                net, train_set, config, epoch, optimizer, scaler, loss_fn, device, dtype,
+                memory_format, bar,
+            )  # fmt: skip
+            scheduler.step()
+            val_loss, val_dice = _validate(
+                net, val_set, config, val_loss_fn, device, dtype, memory_format, bar, epoch
+            )
+            stats = EpochStats(
+                epoch=epoch,
+                train_loss=train_loss,
+                val_loss=val_loss,
+                val_dice=val_dice,
+                lr=lr,
+                images_per_s=images / max(train_seconds, 1e-9),
+                seconds=train_seconds,
+            )
+            run.history.append(stats)
+            bar.epoch_done(
+                f"epoch {epoch}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
+                f"val Dice {val_dice:.4f}  lr {lr:.2e}  {stats.images_per_s:.1f} img/s"
+            )
+            run.epoch = epoch
+            improved = val_dice > run.best_dice
+            if improved:
+                run.best_dice, run.best_epoch = val_dice, epoch
+            if config.patience and epoch - run.best_epoch >= config.patience:
+                run.stopped_early = epoch < config.epochs
+            if distributed.is_main():
+                metrics = {"best": _best_metrics(run), "last": asdict(stats)}
+                meta = metadata_for(
+                    model, classes, **meta_fields, train=to_dict(config), metrics=metrics
+                )
+                meta.epoch = epoch
+                if improved:  # best before last: a crash in between is redone on resume
+                    save_checkpoint(best_path, model, meta)
+                state = run.training_state(optimizer, scheduler, scaler)
+                save_checkpoint(last_path, model, meta, training_state=state)
+                _write_log(out_dir / "log.csv", run.history)
+                if writer is not None:
+                    for key, value in asdict(stats).items():
+                        writer.add_scalar(key, value, epoch)
+            distributed.barrier()
+    if writer is not None:
+        writer.close()
+    return TrainResult(
+        best_dice=run.best_dice,
+        best_epoch=run.best_epoch,
+        epochs_run=run.epoch,
+        stopped_early=run.stopped_early,
+        history=run.history,
+        best_path=best_path,
+        last_path=last_path,
+        seconds=time.perf_counter() - start,
+    )
+
+
+@dataclass
+class _RunState:
+    """What a resumed run needs besides the model, optimiser, scheduler and scaler."""
+
+    epoch: int = 0
+    best_dice: float = -1.0
+    best_epoch: int = 0
+    stopped_early: bool = False
+    history: list[EpochStats] = field(default_factory=list)
+
+    def training_state(self, optimizer, scheduler, scaler) -> dict[str, Any]:
+        return {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": self.epoch,
+            "best_dice": self.best_dice,
+            "best_epoch": self.best_epoch,
+            "stopped_early": self.stopped_early,
+            "history": [asdict(s) for s in self.history],
+        }
+
+
+def _best_metrics(run: _RunState) -> dict[str, Any]:
+    best = next(s for s in run.history if s.epoch == run.best_epoch)
+    return asdict(best)
+
+
+def _restore(
+    last_path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    config: TrainConfig,
+    classes: list[str],
+) -> _RunState:
+    if not last_path.with_suffix(".json").exists():
+        raise UserError(f"{last_path}.json: nothing to resume (no last checkpoint)")
+    weights, meta, state = read_checkpoint(last_path)
+    spec = model_spec(model)
+    check_compatible(meta, last_path, spec.name, spec.in_channels, classes)
+    saved, now = meta.train, to_dict(config)
+    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if changed:
+        first = changed[0]
+        raise UserError(
+            f"{last_path}.json: cannot resume with another train config "
+            f"({', '.join(changed)} differ; e.g. {first}: {saved.get(first)!r} -> {now[first]!r})"
+        )
+    if state is None:
+        raise UserError(f"{last_path}: holds no training state to resume from")
+    load_weights(model, weights, last_path)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    return _RunState(
+        epoch=state["epoch"],
+        best_dice=state["best_dice"],
+        best_epoch=state["best_epoch"],
+        stopped_early=state["stopped_early"],
+        history=[EpochStats(**row) for row in state["history"]],
+    )
+
+
+def _loader(
+    dataset: Dataset, config: TrainConfig, epoch: int, shuffle: bool, device: torch.device
+) -> DataLoader:
+    generator = torch.Generator().manual_seed(config.seed + epoch)
+    sampler = None
+    if distributed.is_distributed() and shuffle:
+        sampler = DistributedSampler(dataset, shuffle=True, seed=config.seed)
+        sampler.set_epoch(epoch)
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=config.num_workers,
+        generator=generator,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def _to_device(
+    batch: dict[str, Tensor], device: torch.device, memory_format: torch.memory_format
+) -> tuple[Tensor, Tensor]:
+    image = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    mask = batch["mask"].to(device, non_blocking=True)
+    return image, mask  # (B, C, S, S), (B, K, S, S)
+
+
+def _train_epoch(
+    net: nn.Module,
+    dataset: Dataset,
+    config: TrainConfig,
+    epoch: int,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    loss_fn: nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    memory_format: torch.memory_format,
+    bar: _Bar,
+) -> tuple[float, int, float]:
+    """One pass over this rank's share; returns (mean loss, images seen by all ranks, seconds)."""
+    net.train()
+    loader = _loader(dataset, config, epoch, shuffle=True, device=device)
+    steps = len(loader)
+    bar.start(f"epoch {epoch}/{config.epochs} train", steps)
+    total_loss, images = torch.zeros((), device=device), 0
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    for step, batch in enumerate(loader):
+        image, mask = _to_device(batch, device, memory_format)
+        boundary = (step + 1) % config.grad_accum == 0 or step + 1 == steps
+        sync = (
+            contextlib.nullcontext() if boundary or not hasattr(net, "no_sync") else net.no_sync()
+        )
+        with sync:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                logits = net(image)  # (B, K, S, S)
+                loss = loss_fn(logits.float(), mask)
+            scaler.scale(loss / config.grad_accum).backward()
+        if boundary:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        total_loss += loss.detach() * image.shape[0]
+        images += image.shape[0]
+        seconds = time.perf_counter() - start
+        bar.advance(
+            loss=(total_loss / images).item() if step % 10 == 0 or step + 1 == steps else None,
+            lr=optimizer.param_groups[0]["lr"],
+            images_per_s=images * distributed.world_size() / max(seconds, 1e-9),
+        )
+    seconds = time.perf_counter() - start
+    counts = distributed.all_reduce_sum(
+        torch.stack([total_loss.float(), torch.tensor(float(images), device=device)])
+    )
+    return (counts[0] / counts[1].clamp(min=1)).item(), int(counts[1].item()), seconds
+
+
+@torch.inference_mode()
+def _validate(
+    net: nn.Module,
+    dataset: Dataset,
+    config: TrainConfig,
+    loss_fn: nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    memory_format: torch.memory_format,
+    bar: _Bar,
+    epoch: int,
+) -> tuple[float, float]:
+    """Mean loss and global Dice over the whole validation set (every rank's share summed)."""
+    net.eval()
+    rows = distributed.shard(list(range(len(dataset))))
+    loader = _loader(Subset(dataset, rows), config, epoch, shuffle=False, device=device)
+    bar.start(f"epoch {epoch}/{config.epochs} val", len(loader))
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    counts = None  # (3, K): TP, FP, FN per class
+    for batch in loader:
+        image, mask = _to_device(batch, device, memory_format)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits = net(image).float()  # (B, K, S, S)
+        loss_sum += loss_fn(logits, mask).double()
+        predicted = logits.sigmoid() > config.threshold
+        truth = mask > 0.5
+        batch_counts = torch.stack(
+            [
+                (predicted & truth).sum((0, 2, 3)),
+                (predicted & ~truth).sum((0, 2, 3)),
+                (~predicted & truth).sum((0, 2, 3)),
+            ]
+        ).double()  # (3, K)
+        counts = batch_counts if counts is None else counts + batch_counts
+        bar.advance()
+    if counts is None:  # this rank's shard is empty (fewer validation slices than ranks)
+        classes = _output_channels(net)
+        counts = torch.zeros(3, classes, device=device, dtype=torch.float64)
+    totals = distributed.all_reduce_sum(torch.cat([loss_sum.view(1), counts.flatten()]))
+    loss = (totals[0] / len(dataset)).item()
+    return loss, global_dice(totals[1:].view(3, -1))
+
+
+def _output_channels(net: nn.Module) -> int:
+    return model_spec(net).classes
+
+
+def global_dice(counts: Tensor) -> float:
+    """Mean over classes of ``2 TP / (2 TP + FP + FN)`` from summed counts ``(3, K)``.
+
+    Classes with no positive pixel in labels or predictions are left out of the mean; when no
+    class has any, the prediction is perfect and the Dice is 1.
+    """
+    tp, fp, fn = counts
+    denominator = 2 * tp + fp + fn
+    present = denominator > 0
+    if not present.any():
+        return 1.0
+    return (2 * tp[present] / denominator[present]).mean().item()
+
+
+def _write_log(path: Path, history: list[EpochStats]) -> None:
+    buffer = io.StringIO()
+    fields = list(EpochStats.__dataclass_fields__)
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    for stats in history:
+        writer.writerow({k: _round(v) for k, v in asdict(stats).items()})
+    write_text_atomic(path, buffer.getvalue())
+
+
+def _round(value: float | int) -> float | int:
+    return value if isinstance(value, int) else float(f"{value:.6g}")
+
+
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError(
+            "train.tensorboard: the tensorboard package is not installed (pip install tensorboard)"
+        ) from None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+class _Bar:
+    """A rich progress bar with loss, learning rate and images/s, or nothing at all."""
+
+    def __init__(self, progress=None) -> None:
+        self.progress = progress
+        self.task = None
+        self.fields: dict[str, str] = {}
+
+    def start(self, description: str, total: int) -> None:
+        if self.progress is None:
+            return
+        if self.task is not None:
+            self.progress.update(self.task, visible=False)
+        self.fields = {"stats": ""}
+        self.task = self.progress.add_task(description, total=total, stats="")
+
+    def advance(self, loss: float | None = None, **values: float) -> None:
+        if self.progress is None:
+            return
+        parts = [] if loss is None else [f"loss {loss:.4f}"]
+        parts += [f"lr {values['lr']:.2e}"] if "lr" in values else []
+        parts += [f"{values['images_per_s']:.1f} img/s"] if "images_per_s" in values else []
+        if parts:
+            self.fields["stats"] = "  ".join(parts)
+        self.progress.update(self.task, advance=1, stats=self.fields["stats"])
+
+    def epoch_done(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(text, highlight=False)
+
+
+@contextlib.contextmanager
+def _progress(show: bool) -> Iterator[_Bar]:
+    if not show:
+        yield _Bar()
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[stats]}"),
+    )
+    with Progress(*columns) as progress:
+        yield _Bar(progress)
