@@ -3,11 +3,21 @@
 Dice and IoU come from per-(slice, class) pixel counts (``tp``, ``fp``, ``fn``), computed once by
 :func:`confusion_counts` and reduced separately (the segmentation_models_pytorch pattern), so
 that every Dice protocol of :mod:`advseg.summary` can be recomputed from the records.
+
+Conventions for empty masks (per slice and class): Dice and IoU are 1 when the prediction and
+the ground truth are both empty (MONAI ``ignore_empty=False``); HD95 is 0 when both are empty and
+NaN when exactly one is (see :func:`hd95`). Which pairs enter a mean is the summary's protocol.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.metrics import SSIMMetric, compute_hausdorff_distance
+from torch import Tensor
 
 PAPER_SMOOTH = 1e-5
 """The smoothing of MONAI ``DiceLoss`` (``smooth_nr = smooth_dr = 1e-5``), the paper's Dice."""
@@ -35,3 +45,109 @@ def iou_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarra
     denominator = tp + fp + fn
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denominator > 0, tp / denominator, np.nan)
+
+
+def confusion_counts(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Pixel counts per (slice, class) of hard masks.
+
+    Args:
+        pred: predicted masks ``(B, K, H, W)`` (bool or {0, 1}).
+        target: ground-truth masks ``(B, K, H, W)``.
+
+    Returns:
+        ``(tp, fp, fn)``, each ``(B, K)`` int64.
+    """
+    pred, target = pred.bool(), target.bool()
+    tp = (pred & target).flatten(2).sum(2)
+    fp = (pred & ~target).flatten(2).sum(2)
+    fn = (~pred & target).flatten(2).sum(2)
+    return tp, fp, fn
+
+
+def hard_prediction(logits: Tensor, activation: str = "sigmoid") -> Tensor:
+    """Hard masks ``(B, K, H, W)`` bool: ``sigmoid > 0.5`` per class, or the softmax argmax."""
+    if activation == "sigmoid":
+        return logits > 0  # sigmoid(z) > 0.5  <=>  z > 0
+    return F.one_hot(logits.argmax(1), logits.shape[1]).permute(0, 3, 1, 2).bool()
+
+
+def dice_score(pred: Tensor, target: Tensor) -> Tensor:
+    """Dice per (slice, class), ``(B, K)`` float64; 1 where both masks are empty.
+
+    Equals MONAI ``DiceMetric(include_background=True, reduction="none", ignore_empty=False)``.
+    """
+    tp, fp, fn = confusion_counts(pred, target)
+    return _empty_is_one(dice_from_counts(tp.cpu().numpy(), fp.cpu().numpy(), fn.cpu().numpy()))
+
+
+def iou_score(pred: Tensor, target: Tensor) -> Tensor:
+    """IoU per (slice, class), ``(B, K)`` float64; 1 where both masks are empty."""
+    tp, fp, fn = confusion_counts(pred, target)
+    return _empty_is_one(iou_from_counts(tp.cpu().numpy(), fp.cpu().numpy(), fn.cpu().numpy()))
+
+
+def _empty_is_one(values: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.nan_to_num(values, nan=1.0))
+
+
+def hd95(pred: Tensor, target: Tensor) -> Tensor:
+    """95th-percentile Hausdorff distance per (slice, class), ``(B, K)`` float64, in pixels.
+
+    Computed by MONAI (``compute_hausdorff_distance``, Euclidean, symmetric, percentile 95) at the
+    model's resolution. Empty masks, which MONAI leaves undefined, follow this convention:
+
+    - both masks empty: 0 (the prediction is exactly right);
+    - exactly one empty: NaN (no distance exists). Records keep the NaN; every summary excludes
+      these pairs and reports how many it excluded, so no NaN reaches a table.
+    """
+    pred, target = pred.bool(), target.bool()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns on every empty mask
+        values = compute_hausdorff_distance(
+            pred.float(), target.float(), include_background=True, percentile=95
+        )
+    values = values.double().cpu()
+    pred_empty = ~pred.flatten(2).any(2).cpu()  # (B, K)
+    target_empty = ~target.flatten(2).any(2).cpu()
+    values[pred_empty & target_empty] = 0.0
+    values[pred_empty ^ target_empty] = float("nan")
+    return values
+
+
+def attack_success(dice_clean: np.ndarray, dice_adv: np.ndarray) -> np.ndarray:
+    """The paper's Attack Success ``(DSC_clean - DSC_adv) / DSC_clean``; NaN where clean is 0."""
+    clean, adv = np.asarray(dice_clean, np.float64), np.asarray(dice_adv, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(clean > 0, (clean - adv) / clean, np.nan)
+
+
+def perturbation_norms(x: Tensor, x_adv: Tensor) -> tuple[Tensor, Tensor]:
+    """L-inf and L2 norms of ``x_adv - x`` per image: two ``(B,)`` tensors."""
+    delta = (x_adv.float() - x.float()).flatten(1)
+    return delta.abs().amax(1), delta.norm(p=2, dim=1)
+
+
+def psnr(x: Tensor, x_adv: Tensor, data_range: float = 1.0) -> Tensor:
+    """Peak signal-to-noise ratio of ``x_adv`` against ``x`` per image, ``(B,)`` in dB.
+
+    ``inf`` where the images are equal (eps 0).
+    """
+    mse = (x_adv.float() - x.float()).flatten(1).pow(2).mean(1)
+    return 10 * torch.log10(data_range**2 / mse)
+
+
+def ssim(x: Tensor, x_adv: Tensor, data_range: float = 1.0, win_size: int = 7) -> Tensor:
+    """Structural similarity of ``x_adv`` to ``x`` per image, ``(B,)``, mean over channels.
+
+    MONAI ``SSIMMetric`` (Gaussian window, sigma 1.5); the window shrinks to the image on
+    images smaller than ``win_size``.
+    """
+    side = min(x.shape[-2:])
+    win = min(win_size, side if side % 2 else side - 1)
+    metric = SSIMMetric(spatial_dims=2, data_range=data_range, win_size=win, reduction="none")
+    return metric(x_adv.float(), x.float()).flatten()
+
+
+def luminosity(x: Tensor) -> Tensor:
+    """Mean intensity of each image, ``(B,)``: the slice brightness the paper asks about."""
+    return x.float().flatten(1).mean(1)
