@@ -40,7 +40,7 @@ class CountingCells:
         self.calls.append(cell.slug)
         if self.fail_at is not None and len(self.calls) == self.fail_at:
             raise KeyboardInterrupt
-        examples = {"slice_ids": ["case1_day0_slice_0001"], "x_adv": {"bce": [[0.5]]}}
+        examples = {"slice_ids": ["case1_day0_slice_0001"], "x_adv": [[[0.5]]]}
         return CellOutput(_records(cell), examples)
 
 
@@ -93,7 +93,8 @@ def test_examples_are_saved_beside_records_without_pickle(tmp_path):
     run_cells([cell], tmp_path, CountingCells())
     saved = load_examples(tmp_path / "examples" / f"{cell.slug}.npz")
     assert list(saved["slice_ids"]) == ["case1_day0_slice_0001"]
-    assert saved["x_adv"]["bce"].tolist() == [[0.5]]
+    assert saved["x_adv"].tolist() == [[[0.5]]]
+    assert saved["cell"] == {"model": "unet", "attack": "fgsm", "eps": 0.009}
 
 
 def test_a_run_directory_refuses_another_experiment(tmp_path):
@@ -122,3 +123,19 @@ def test_config_file_round_trips_and_bad_keys_are_named(tmp_path):
     path.write_text("models:\n  - arch: unet\n  - arch: unet\n")
     with pytest.raises(UserError, match=r"models\[1\]\.name: 'unet' is also models\[0\]"):
         load_experiment(path)
+
+
+def test_cli_run_names_the_bad_key_in_one_line(tmp_path, capsys):
+    from advseg.cli import main
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("evaluation:\n  batch_size: big\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(path), "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "exp.yaml: evaluation.batch_size: expected an integer" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()  # nothing written for a bad experiment
+    with pytest.raises(SystemExit):
+        main(["run", "no-such-experiment"])
+    assert "shipped experiments: demo, paper" in capsys.readouterr().err

@@ -18,18 +18,41 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
+import torch
+from rich.console import Console
+from rich.progress import (
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
+from advseg.atomic import write_text_atomic
+from advseg.attacks import ATTACKS
+from advseg.augment import Augment
 from advseg.config import from_dict, load_yaml, save_yaml, to_dict
+from advseg.data import DataConfig, SliceData, load_data, split_cases
 from advseg.errors import UserError
+from advseg.evaluate import evaluate_cell
 from advseg.losses import LOSSES
-from advseg.records import write_records
+from advseg.models import create_model, load_checkpoint, read_checkpoint
+from advseg.models.zoo import resolve as resolve_model
+from advseg.records import read_records, write_records
+from advseg.report import Report, write_report
 from advseg.report.examples import save_examples
+from advseg.report.tables import headline_eps
+from advseg.summary import summarize
+from advseg.train import TrainConfig, resolve_device, train
 
 PAPER_LOSSES = ["bce", "focal", "dicefocal"]
 
@@ -71,11 +94,25 @@ class AttackSpec:
 
 
 @dataclass
+class SplitSpec:
+    """How cases are divided; no case has slices on two sides.
+
+    Attributes:
+        test_fraction: share of the cases held out for evaluation (the paper: 0.1).
+        val_fraction: share of the remaining cases used for early stopping while training.
+        seed: the random draw of cases.
+    """
+
+    test_fraction: float = 0.1
+    val_fraction: float = 0.1
+    seed: int = 0
+
+
+@dataclass
 class EvaluationSpec:
     """Which slices are attacked and how the results are summarised.
 
     Attributes:
-        test_fraction: share of cases held out for testing (grouped by case, never split).
         slices: ``with_mask`` evaluates the test slices that have a mask (the paper's protocol);
             ``all`` evaluates every test slice.
         max_slices: evaluate at most this many test slices (the first ones in index order).
@@ -84,7 +121,6 @@ class EvaluationSpec:
         protocol: the Dice protocol of the summary (``paper``, ``per-class``, ``global``).
     """
 
-    test_fraction: float = 0.1
     slices: Literal["with_mask", "all"] = "with_mask"
     max_slices: int | None = None
     batch_size: int = 16
@@ -94,12 +130,26 @@ class EvaluationSpec:
 
 @dataclass
 class ExperimentConfig:
-    """A whole experiment, as read from its YAML file (every key optional)."""
+    """A whole experiment, as read from its YAML file (every key optional).
+
+    Attributes:
+        name: a label for the run.
+        seed: seeds each cell's attack (torch), so a resumed run gives the same numbers.
+        data: the data set and its preprocessing (:class:`advseg.data.DataConfig`); no ``path``
+            means the synthetic phantom.
+        split: the case split into train, validation and test.
+        train: training settings shared by every model trained here
+            (:class:`advseg.train.TrainConfig`; ``train.model`` is set from each model's arch).
+        models, attacks: the grid.
+        evaluation: slices, batch size, examples and the Dice protocol.
+        report: write the report when the grid is done.
+    """
 
     name: str = "experiment"
     seed: int = 0
-    data: dict[str, Any] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitSpec = field(default_factory=SplitSpec)
+    train: TrainConfig = field(default_factory=TrainConfig)
     models: list[ModelSpec] = field(default_factory=lambda: [ModelSpec()])
     attacks: list[AttackSpec] = field(default_factory=lambda: [AttackSpec()])
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
@@ -135,6 +185,11 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
         raise UserError("attacks: at least one attack is needed")
     seen: dict[str, int] = {}
     for i, model in enumerate(config.models):
+        if model.checkpoint is None:
+            try:
+                resolve_model(model.arch)
+            except UserError as err:
+                raise UserError(f"models[{i}].arch: {err}") from None
         if model.name in seen:
             raise UserError(
                 f"models[{i}].name: {model.name!r} is also models[{seen[model.name]}]; "
@@ -153,15 +208,21 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
         for j, eps in enumerate(attack.eps):
             if not (math.isfinite(eps) and eps >= 0):
                 raise UserError(f"attacks[{i}].eps[{j}]: {eps} is not a number >= 0")
+        if attack.name not in ATTACKS:
+            raise UserError(f"attacks[{i}].name: {ATTACKS.unknown_message(attack.name)}")
         first = kwargs_of.setdefault(attack.name, (i, attack.kwargs))
         if first[1] != attack.kwargs:
             raise UserError(
                 f"attacks[{i}].kwargs: attack {attack.name!r} appears in attacks[{first[0]}] with "
                 "other kwargs; the records could not tell them apart"
             )
+    for key in ("test_fraction", "val_fraction"):
+        value = getattr(config.split, key)
+        if not 0 < value < 1:
+            raise UserError(f"split.{key}: {value} is not between 0 and 1")
+    if config.train.model != TrainConfig.model:
+        raise UserError("train.model: name the models under models: (each one's arch)")
     ev = config.evaluation
-    if not 0 < ev.test_fraction < 1:
-        raise UserError(f"evaluation.test_fraction: {ev.test_fraction} is not between 0 and 1")
     for key in ("batch_size", "max_slices"):
         value = getattr(ev, key)
         if value is not None and value < 1:
@@ -169,6 +230,29 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
     if ev.examples < 0:
         raise UserError(f"evaluation.examples: {ev.examples} must be 0 or more")
     return config
+
+
+def packaged_config(name: str) -> Path | None:
+    """The experiment file shipped with advseg under ``name`` (``demo``, ``paper.yaml``), if any."""
+    stem = name.removesuffix(".yaml")
+    path = Path(str(resources.files("advseg") / "configs" / f"{stem}.yaml"))
+    return path if path.is_file() else None
+
+
+def find_experiment(path_or_name: str | Path) -> Path:
+    """An experiment file: ``path_or_name`` when it exists, else a shipped one of that name.
+
+    Raises:
+        UserError: neither exists (the shipped names are listed).
+    """
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    shipped = packaged_config(path.name) if path.parent == Path(".") else None
+    if shipped is not None:
+        return shipped
+    names = sorted(p.stem for p in resources.files("advseg").joinpath("configs").iterdir())
+    raise UserError(f"{path}: no such experiment file (shipped experiments: {', '.join(names)})")
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:
@@ -289,3 +373,194 @@ def _first_difference(old: Any, new: Any, where: str = "") -> str | None:
                 return found
         return None
     return None if old == new else (where or "the whole config")
+
+
+@dataclass
+class RunResult:
+    """What :func:`run_experiment` did.
+
+    Attributes:
+        run_dir: the run directory.
+        grid: cells computed now and cells found finished.
+        trained: models trained (or whose training was resumed) by this call.
+        summary: Table II at the headline eps (also in ``summary.csv``).
+        report: the written report, when ``config.report`` is true.
+        seconds: wall time of this call.
+    """
+
+    run_dir: Path
+    grid: GridResult
+    trained: list[str]
+    summary: pd.DataFrame
+    report: Report | None
+    seconds: float
+
+
+def run_experiment(
+    config: ExperimentConfig, run_dir: str | Path, *, progress: bool = False
+) -> RunResult:
+    """Run (or resume) an experiment in ``run_dir``: data, training, the grid, summary, report.
+
+    Args:
+        config: the experiment (checked by :func:`check_config`).
+        run_dir: the run directory; an existing one must hold this same experiment.
+        progress: show rich progress (data, training epochs, cells) on the terminal.
+    """
+    start = time.perf_counter()
+    check_config(config)
+    run_dir = prepare_run_dir(config, run_dir)
+    console = Console(stderr=True, quiet=not progress)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(
+            "loading data (the phantom is written on first use), slices", total=None
+        )
+        data = load_data(config.data, progress=lambda n: bar.update(task, completed=n))
+    train_rows, val_rows, test_rows = split_rows(data.index, config.split)
+    eval_rows = _evaluation_rows(data, test_rows, config.evaluation)
+    console.print(
+        f"data: {len(data)} slices; cases split into train {len(train_rows)}, validation "
+        f"{len(val_rows)}, test {len(test_rows)} slices; evaluated {len(eval_rows)} test slices "
+        f"({config.evaluation.slices})",
+        highlight=False,
+    )
+    for line in data.exclusions.lines():
+        console.print(f"data: {line}", highlight=False)
+    cells = plan_cells(config)
+    models: dict[str, tuple[torch.nn.Module, str]] = {}
+    trained = []
+    device = resolve_device(config.train.device)
+
+    def model_for(name: str) -> tuple[torch.nn.Module, str]:
+        if name not in models:
+            spec = next(m for m in config.models if m.name == name)
+            net, arch, fresh = _get_model(
+                spec, config, data, train_rows, val_rows, run_dir, progress
+            )
+            if fresh:
+                trained.append(name)
+            models.clear()  # one model in memory at a time
+            models[name] = (net.to(device).eval(), arch)
+        return models[name]
+
+    def compute(cell: Cell) -> CellOutput:
+        net, arch = model_for(cell.model)
+        torch.manual_seed(config.seed)
+        with console.status(
+            f"evaluating {cell.model}, {cell.attack} eps {cell.eps:g} "
+            f"({', '.join(cell.losses)}) on {len(eval_rows)} slices"
+        ):
+            result = evaluate_cell(
+                net,
+                data,
+                eval_rows,
+                cell.attack,
+                list(cell.losses),
+                cell.eps,
+                model_name=cell.model,
+                arch=arch,
+                attack_kwargs=dict(cell.kwargs),
+                batch_size=config.evaluation.batch_size,
+                examples=config.evaluation.examples,
+            )
+        return CellOutput(result.records, result.examples)
+
+    total = len(cells)
+
+    def on_cell(cell: Cell, skipped: bool) -> None:
+        index = cells.index(cell) + 1
+        state = "already done" if skipped else "done"
+        console.print(f"cell {index}/{total} {cell.slug}: {state}", highlight=False)
+
+    grid = run_cells(cells, run_dir, compute, on_cell)
+    records = read_records(run_dir)
+    eps = headline_eps(records)
+    summary = summarize(records[records["eps"] == eps], config.evaluation.protocol)
+    write_text_atomic(run_dir / "summary.csv", summary.to_csv(index=False, na_rep="n/a"))
+    report = None
+    if config.report:
+        with console.status("writing the report"):
+            report = write_report(run_dir, protocol=config.evaluation.protocol, eps=eps)
+    return RunResult(run_dir, grid, trained, summary, report, time.perf_counter() - start)
+
+
+def split_rows(index: pd.DataFrame, split: SplitSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train, validation and test rows (positions in ``index``), each a set of whole cases."""
+    learn, test = split_cases(index, split.test_fraction, split.seed)
+    train_part, val_part = split_cases(
+        index.iloc[learn].reset_index(drop=True), split.val_fraction, split.seed
+    )
+    return learn[train_part], learn[val_part], test
+
+
+def _evaluation_rows(
+    data: SliceData, test_rows: np.ndarray, evaluation: EvaluationSpec
+) -> np.ndarray:
+    rows = test_rows
+    if evaluation.slices == "with_mask":
+        has_mask = data.masks[rows].reshape(len(rows), -1).any(axis=1)
+        rows = rows[has_mask]
+    if evaluation.max_slices is not None:
+        rows = rows[: evaluation.max_slices]
+    if len(rows) == 0:
+        raise UserError(
+            f"evaluation.slices: no test slice left to evaluate ({evaluation.slices}, "
+            f"{len(test_rows)} test slices)"
+        )
+    return rows
+
+
+def _get_model(
+    spec: ModelSpec,
+    config: ExperimentConfig,
+    data: SliceData,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    run_dir: Path,
+    progress: bool,
+) -> tuple[torch.nn.Module, str, bool]:
+    """The model of ``spec``: loaded from its checkpoint, or trained (resumed) in the run dir.
+
+    Returns:
+        ``(model, zoo name, trained_now)``.
+    """
+    if spec.checkpoint is not None:
+        net, meta = load_checkpoint(spec.checkpoint, classes=data.classes)
+        return net, meta.model, False
+    out = run_dir / "models" / spec.name
+    best = out / "checkpoints" / "best"
+    last = out / "checkpoints" / "last"
+    train_config = replace(config.train, model=spec.arch)
+    if best.with_suffix(".json").exists() and _finished(last, train_config):
+        net, meta = load_checkpoint(best, classes=data.classes)
+        return net, meta.model, False
+    net = create_model(
+        spec.arch,
+        in_channels=data.preprocess.channels,
+        classes=len(data.classes),
+        encoder_weights=train_config.encoder_weights,
+    )
+    augment = train_config.augment
+    transform = Augment(augment, data.preprocess.size) if augment.enabled else None
+    train(
+        net,
+        data.dataset(train_rows, transform=transform),
+        data.dataset(val_rows),
+        train_config,
+        out,
+        classes=data.classes,
+        preprocessing=to_dict(data.preprocess),
+        data={"data": to_dict(config.data), "split": to_dict(config.split)},
+        resume=last.with_suffix(".json").exists(),
+        progress=progress,
+    )
+    net, meta = load_checkpoint(best, classes=data.classes)
+    return net, meta.model, True
+
+
+def _finished(last: Path, train_config: TrainConfig) -> bool:
+    """True when the training run at ``last`` ran all its epochs or stopped early."""
+    if not last.with_suffix(".json").exists():
+        return False
+    _, _, state = read_checkpoint(last)
+    return state is not None and (state["stopped_early"] or state["epoch"] >= train_config.epochs)

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from advseg import __version__
+from advseg.cli import experiment as experiment_cli
 from advseg.cli import report as report_cli
 from advseg.errors import UserError
 
@@ -37,6 +38,7 @@ def version() -> None:
 
 
 app.add_typer(report_cli.app)  # advseg report
+app.add_typer(experiment_cli.app)  # advseg run, advseg demo
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -192,7 +192,7 @@ def _panel_section(
         if model not in saved:
             continue
         for attack, examples in saved[model]:
-            losses = rows[(rows["attack"] == attack) & rows["loss"].isin(examples["x_adv"])]
+            losses = rows[(rows["attack"] == attack) & rows["loss"].isin(examples["losses"])]
             if losses.empty:
                 continue
             strongest = losses.sort_values("attack_success", ascending=False).iloc[0]

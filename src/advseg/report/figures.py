@@ -158,7 +158,7 @@ def _class_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def example_panel(
-    examples: dict[str, object],
+    examples: dict[str, np.ndarray],
     loss: str,
     classes: list[str],
     title: str,
@@ -168,24 +168,26 @@ def example_panel(
     perturbation (magnified) and adversarial prediction.
 
     Args:
-        examples: arrays saved by the experiment runner: ``slice_ids`` (N,), ``image`` and
-            ``x_adv[loss]`` (N, C, H, W) in [0, 1], ``mask``, ``pred_clean`` and ``pred_adv[loss]``
-            (N, K, H, W) binary.
-        loss: which attack loss's adversarial image to show.
+        examples: arrays saved by the experiment runner (:mod:`advseg.report.examples`):
+            ``slice_ids`` (N,), ``losses`` (L,), ``image`` (N, C, H, W) and ``x_adv``
+            (L, N, C, H, W) in [0, 1], ``mask``, ``pred_clean`` (N, K, H, W) and ``pred_adv``
+            (L, N, K, H, W) binary.
+        loss: which attack loss's adversarial image to show (one of ``losses``).
         classes: class names, in channel order, for the ground-truth legend.
         title: the figure title (model, attack, eps).
     """
-    ids = np.asarray(examples["slice_ids"])
+    ids = examples["slice_ids"]
+    which = list(examples["losses"]).index(loss)
     rows = min(len(ids), max_rows)
     figure, axes = plt.subplots(rows, 6, figsize=(16.5, 3.0 * rows + 0.9), squeeze=False)
     for r in range(rows):
-        image = np.asarray(examples["image"][r])  # (C, H, W)
-        x_adv = np.asarray(examples["x_adv"][loss][r])  # (C, H, W)
+        image = examples["image"][r]  # (C, H, W)
+        x_adv = examples["x_adv"][which, r]  # (C, H, W)
         centre = image.shape[0] // 2
         grey, grey_adv = image[centre], x_adv[centre]  # (H, W)
-        mask = np.asarray(examples["mask"][r]) > 0.5  # (K, H, W)
-        pred = np.asarray(examples["pred_clean"][r]) > 0.5
-        pred_adv = np.asarray(examples["pred_adv"][loss][r]) > 0.5
+        mask = examples["mask"][r] > 0  # (K, H, W)
+        pred = examples["pred_clean"][r] > 0
+        pred_adv = examples["pred_adv"][which, r] > 0
         delta = grey_adv - grey
         scale = float(np.abs(delta).max()) or 1.0
         cells = [
