@@ -75,10 +75,9 @@ class AugmentConfig:
 class Augment:
     """Random augmentation of one item, image and mask together.
 
-    Randomness: MONAI transforms keep their own numpy random state. It is reseeded from
-    ``torch.initial_seed()`` whenever that changes, which differs per DataLoader worker and per
-    epoch when the training loop seeds torch each epoch, so runs are reproducible and workers do
-    not repeat one another's draws.
+    Randomness: MONAI transforms keep their own numpy random state; each call reseeds it with a
+    number drawn from torch's generator. So the draws follow ``torch.manual_seed`` (reproducible
+    runs), and DataLoader workers, which torch seeds one by one, do not repeat one another.
 
     Args:
         config: the augmentation settings.
@@ -115,16 +114,12 @@ class Augment:
                 ),
             ]
         )
-        self._seeded_with: int | None = None
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         """``{"image": (C, S, S), "mask": (K, S, S), ...}`` -> the same keys, augmented."""
         if not self.config.enabled:
             return item
-        seed = torch.initial_seed()
-        if seed != self._seeded_with:
-            self.transform.set_random_state(seed=seed % 2**32)
-            self._seeded_with = seed
+        self.transform.set_random_state(seed=int(torch.randint(2**31, ()).item()))
         out = self.transform({"image": item["image"], "mask": item["mask"]})
         image = convert_to_tensor(out["image"], track_meta=False).float().clamp_(0.0, 1.0)
         mask = convert_to_tensor(out["mask"], track_meta=False).float()

@@ -101,16 +101,21 @@ def hd95(pred: Tensor, target: Tensor) -> Tensor:
       these pairs and reports how many it excluded, so no NaN reaches a table.
     """
     pred, target = pred.bool(), target.bool()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # MONAI warns on every empty mask
-        values = compute_hausdorff_distance(
-            pred.float(), target.float(), include_background=True, percentile=95
-        )
-    values = values.double().cpu()
     pred_empty = ~pred.flatten(2).any(2).cpu()  # (B, K)
     target_empty = ~target.flatten(2).any(2).cpu()
-    values[pred_empty & target_empty] = 0.0
+    values = torch.zeros(pred.shape[:2], dtype=torch.float64)  # both empty: 0
     values[pred_empty ^ target_empty] = float("nan")
+    both = ~pred_empty & ~target_empty
+    if both.any():  # only the defined pairs go to MONAI, one per row: (N, 1, H, W)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # MONAI warns about its deprecated arguments
+            distances = compute_hausdorff_distance(
+                pred.cpu()[both].unsqueeze(1).float(),
+                target.cpu()[both].unsqueeze(1).float(),
+                include_background=True,
+                percentile=95,
+            )
+        values[both] = distances.flatten().double()
     return values
 
 

@@ -34,8 +34,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from advseg import distributed
 from advseg.atomic import write_text_atomic
-from advseg.augment import AugmentConfig
+from advseg.augment import Augment, AugmentConfig
 from advseg.config import to_dict
+from advseg.data import DataConfig
 from advseg.errors import UserError
 from advseg.losses import create_loss
 from advseg.models.checkpoint import (
@@ -45,7 +46,7 @@ from advseg.models.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from advseg.models.zoo import model_spec
+from advseg.models.zoo import create_model, model_spec, resolve
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -134,6 +135,7 @@ class TrainResult:
         history: one :class:`EpochStats` per completed epoch.
         best_path, last_path: the checkpoints (without suffix).
         seconds: wall time of this call (not of earlier, interrupted calls).
+        data: the data source and split stored in the checkpoints (row counts, exclusions).
     """
 
     best_dice: float
@@ -144,6 +146,7 @@ class TrainResult:
     best_path: Path
     last_path: Path
     seconds: float
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -308,7 +311,83 @@ def train(
         best_path=best_path,
         last_path=last_path,
         seconds=time.perf_counter() - start,
+        data=data or {},
     )
+
+
+def train_on_data(
+    data_config: DataConfig,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    test_fraction: float = 0.1,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    resume: bool = False,
+    progress: bool = False,
+) -> TrainResult:
+    """Load a data set, split it by case, build ``config.model`` and :func:`train` it.
+
+    The split is the paper's: ``test_fraction`` of the cases held out for evaluation (the same
+    ``split_cases(index, test_fraction, split_seed)`` an evaluation calls), then ``val_fraction``
+    of the remaining cases for validation (early stopping); no case is on two sides. The data
+    source, exclusions, split and row counts are stored in the checkpoints.
+
+    Under torchrun, rank 0 fills the preprocessing cache before the other ranks read it.
+    """
+    from advseg.data import load_data, split_cases
+
+    resolve(config.model)  # an unknown name fails before any data is read
+    distributed.init()
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 fills the cache first
+    data = load_data(data_config)
+    if distributed.is_main():
+        distributed.barrier()
+    trainval_rows, test_rows = split_cases(data.index, test_fraction, split_seed)
+    trainval = data.index.iloc[trainval_rows]
+    if trainval["case"].nunique() < 2:
+        raise UserError(
+            f"validation split: {trainval['case'].nunique()} case(s) left after holding out "
+            f"test_fraction {test_fraction}; training and validation need 2 or more"
+        )
+    inner_train, inner_val = split_cases(trainval, val_fraction, split_seed)
+    train_rows, val_rows = trainval_rows[inner_train], trainval_rows[inner_val]
+    image_size = data_config.preprocess.size
+    train_set = data.dataset(train_rows, transform=Augment(config.augment, image_size))
+    val_set = data.dataset(val_rows)
+
+    torch.manual_seed(config.seed)
+    model = create_model(
+        config.model,
+        in_channels=data_config.preprocess.channels,
+        classes=len(data.classes),
+        encoder_weights=None if resume else config.encoder_weights,
+    )
+    source = {
+        "path": None if data_config.path is None else str(data_config.path),
+        "source": data_config.source,
+        "exclude": data_config.exclude,
+        "excluded": data.exclusions.lines(),
+        "test_fraction": test_fraction,
+        "val_fraction": val_fraction,
+        "split_seed": split_seed,
+        "rows": {"train": len(train_rows), "val": len(val_rows), "test": len(test_rows)},
+    }
+    result = train(
+        model,
+        train_set,
+        val_set,
+        config,
+        out_dir,
+        classes=list(data.classes),
+        preprocessing=to_dict(data_config.preprocess),
+        data=source,
+        resume=resume,
+        progress=progress,
+    )
+    result.data = source
+    return result
 
 
 @dataclass

@@ -1,0 +1,28 @@
+"""``advseg models``: the model zoo with parameter counts."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from advseg.models import list_models
+
+
+def models(
+    in_channels: int = typer.Option(3, "--in-channels", help="Input channels C."),
+    classes: int = typer.Option(3, "--classes", help="Output classes K."),
+) -> None:
+    """List the models by name with their parameter counts (smp:<Arch>:<encoder> also works)."""
+    table = Table(title=f"advseg models ({in_channels} channels in, {classes} classes)")
+    for column in ("name", "architecture", "encoder", "params"):
+        table.add_column(column, justify="right" if column == "params" else "left")
+    table.add_column("about")
+    for info in list_models(in_channels, classes):
+        params = f"{info.params / 1e6:.2f}M"
+        table.add_row(info.name, info.arch, info.encoder or "-", params, info.description)
+    console = Console()
+    console.print(table)
+    console.print(
+        "Any segmentation_models_pytorch model: smp:<Arch>:<encoder>, e.g. smp:FPN:resnet34"
+    )

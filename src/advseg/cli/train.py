@@ -1,0 +1,105 @@
+"""``advseg train``: train a zoo model on a data set, as in the paper, on one process or many."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from advseg import distributed
+from advseg.config import from_dict, load_yaml, to_dict
+from advseg.data import DataConfig, PreprocessConfig
+from advseg.train import TrainConfig, train_on_data
+
+
+def train(
+    out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, log.csv)."),
+    data: Path | None = typer.Option(
+        None, "--data", help="Data directory (Kaggle layout or NIfTI); default: synthetic phantom."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="YAML file of training settings (TrainConfig keys)."
+    ),
+    model: str | None = typer.Option(None, "--model", help="Zoo name (see `advseg models`)."),
+    encoder_weights: str | None = typer.Option(
+        None, "--encoder-weights", help="'imagenet' (needs internet) or a local safetensors file."
+    ),
+    loss: str | None = typer.Option(None, "--loss", help="Training loss (default dicefocal)."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default 15)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step per rank."),
+    lr: float | None = typer.Option(None, "--lr", help="AdamW learning rate (default 3e-4)."),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", help="AdamW weight decay."),
+    patience: int | None = typer.Option(None, "--patience", help="Early stopping; 0 never stops."),
+    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Micro-batches per step."),
+    precision: str | None = typer.Option(None, "--precision", help="auto, fp32, bf16 or fp16."),
+    channels_last: bool | None = typer.Option(
+        None, "--channels-last/--no-channels-last", help="Memory format (default: on a GPU)."
+    ),
+    workers: int | None = typer.Option(None, "--workers", help="DataLoader worker processes."),
+    seed: int | None = typer.Option(None, "--seed", help="Training seed."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
+    no_augment: bool = typer.Option(False, "--no-augment", help="Turn augmentation off."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard logs."),
+    size: int = typer.Option(224, "--size", help="Image side S after resizing."),
+    channels: int = typer.Option(3, "--channels", help="Input channels C (grey copies)."),
+    test_fraction: float = typer.Option(0.1, "--test-fraction", help="Cases held out for test."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Cases for validation."),
+    split_seed: int = typer.Option(0, "--split-seed", help="Seed of the case split."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+) -> None:
+    """Train a model (AdamW, cosine schedule, early stopping on validation Dice, Dice+Focal).
+
+    Run it under torchrun (`torchrun --nproc-per-node N -m advseg train ...`) for
+    DistributedDataParallel on several GPUs or machines.
+    """
+    settings = {} if config is None else load_yaml(config) or {}
+    options = {
+        "model": model,
+        "encoder_weights": encoder_weights,
+        "loss": loss,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "patience": patience,
+        "grad_accum": grad_accum,
+        "precision": precision,
+        "channels_last": channels_last,
+        "num_workers": workers,
+        "seed": seed,
+        "device": device,
+    }
+    values = {**settings, **{k: v for k, v in options.items() if v is not None}}
+    if tensorboard:
+        values["tensorboard"] = True
+    train_config = from_dict(TrainConfig, values, where=str(config) if config else "")
+    if no_augment:
+        train_config.augment.enabled = False
+    data_config = DataConfig(path=data, preprocess=PreprocessConfig(size=size, channels=channels))
+    result = train_on_data(
+        data_config,
+        train_config,
+        out,
+        test_fraction=test_fraction,
+        val_fraction=val_fraction,
+        split_seed=split_seed,
+        resume=resume,
+        progress=True,
+    )
+    if not distributed.is_main():
+        return
+    rows = result.data.get("rows", {})
+    table = Table(title=f"advseg train: {train_config.model}", show_header=False)
+    table.add_row("best validation Dice", f"{result.best_dice:.4f} (epoch {result.best_epoch})")
+    stop = " (stopped early)" if result.stopped_early else ""
+    table.add_row("epochs", f"{result.epochs_run} of {train_config.epochs}{stop}")
+    table.add_row("slices", ", ".join(f"{k} {v}" for k, v in rows.items()))
+    for line in result.data.get("excluded", []):
+        table.add_row("excluded", line)
+    table.add_row("time", f"{result.seconds:.1f} s")
+    table.add_row("best checkpoint", str(result.best_path))
+    table.add_row("last checkpoint", str(result.last_path))
+    table.add_row("settings", ", ".join(f"{k}={v}" for k, v in to_dict(train_config).items()))
+    Console().print(table)

@@ -1,0 +1,327 @@
+"""The robustness evaluation engine: one (model, attack, eps) cell over every loss, batched.
+
+:func:`evaluate_cell` is what the experiment runner and ``advseg evaluate`` call once per cell. It
+is fast by construction:
+
+- slices are attacked in batches;
+- the losses of a cell share one clean forward pass. For a single-step attack (FGSM) that pass is
+  made with the input requiring grad, so it gives the clean prediction *and*, through one
+  backward per loss on the same graph, every loss's input gradient. For iterative attacks the
+  clean prediction is one shared ``inference_mode`` forward;
+- the model's parameters require no grad during the attack (only the input gradient is made);
+- the adversarial images of every loss go through the model in one ``inference_mode`` forward;
+- on a GPU, bf16 autocast and channels_last memory.
+
+Under ``torchrun`` (``torch.distributed`` initialised) the batches are dealt out over the ranks
+(batch ``i`` to rank ``i % world``) and the records gathered back in batch order, so every rank
+returns exactly the records of a one-process run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from advseg import distributed
+from advseg.attacks import Attack, create_attack, frozen, model_logits
+from advseg.errors import UserError
+from advseg.metrics import (
+    confusion_counts,
+    dice_from_counts,
+    hard_prediction,
+    hd95,
+    iou_from_counts,
+    luminosity,
+    perturbation_norms,
+    psnr,
+    ssim,
+)
+from advseg.records import check_records
+
+DEFAULT_BATCH_SIZE = 16
+
+
+class SliceSource(Protocol):
+    """What :func:`evaluate_cell` needs of the data (``advseg.data.SliceData`` has it).
+
+    ``index`` has one row per slice with the columns ``id``, ``case``, ``scan``, ``slice``;
+    ``dataset(rows)`` yields dicts ``{"image": (C, H, W), "mask": (K, H, W), "row": int}``.
+    """
+
+    index: pd.DataFrame
+    classes: Sequence[str]
+
+    def dataset(self, rows: Sequence[int]) -> Dataset: ...
+
+
+@dataclass
+class CellResult:
+    """The outcome of one cell.
+
+    Attributes:
+        records: one row per (loss, slice, class) in the :data:`~advseg.records.RECORD_COLUMNS`
+            format, ordered by loss (as given), then slice (as in ``rows``), then class.
+        examples: up to ``examples`` slices to draw, as numpy arrays: ``slice_ids`` ``(N,)``,
+            ``losses`` ``(L,)``, ``image`` ``(N, C, H, W)`` float32, ``mask`` and ``pred_clean``
+            ``(N, K, H, W)`` uint8, ``x_adv`` ``(L, N, C, H, W)`` float32 and ``pred_adv``
+            ``(L, N, K, H, W)`` uint8 (one entry per loss, in the order of ``losses``).
+            Empty when no example was asked for. ``np.savez(path, **examples)`` stores it.
+    """
+
+    records: pd.DataFrame
+    examples: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class BatchOutput:
+    """The tensors of one attacked batch: clean logits, and per loss the images and logits."""
+
+    clean_logits: Tensor  # (B, K, H, W)
+    x_adv: list[Tensor]  # L x (B, C, H, W)
+    adv_logits: list[Tensor]  # L x (B, K, H, W)
+
+
+def attack_batch(
+    model: nn.Module, attacks: Sequence[Attack], x: Tensor, y: Tensor, generator=None
+) -> BatchOutput:
+    """Attack one batch with one attack per loss, sharing the clean forward.
+
+    Args:
+        model: the model the attacks were built on.
+        attacks: one attack per loss, all on ``model`` (same kind, same eps).
+        x: images ``(B, C, H, W)``; y: masks ``(B, K, H, W)``.
+        generator: random generator for random starts (per batch, for reproducible shards).
+    """
+    amp = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda")
+    with frozen(model), amp:
+        if all(getattr(a, "single_step", False) for a in attacks):
+            with torch.enable_grad():
+                x_in = x.detach().requires_grad_(True)
+                logits = model_logits(model, x_in).float()
+                grads = []
+                for i, attack in enumerate(attacks):
+                    objective = attack.objective(logits, y).sum()
+                    last = i == len(attacks) - 1
+                    grads.append(torch.autograd.grad(objective, x_in, retain_graph=not last)[0])
+            clean_logits = logits.detach()
+            x_adv = [a.apply_gradient(x, g) for a, g in zip(attacks, grads, strict=True)]
+        else:
+            with torch.inference_mode():
+                clean_logits = model_logits(model, x).float()
+            x_adv = [a(x, y, generator=generator) for a in attacks]
+        with torch.inference_mode():
+            adv_logits = model_logits(model, torch.cat(x_adv)).float().split(x.shape[0])
+    return BatchOutput(clean_logits, x_adv, list(adv_logits))
+
+
+def evaluate_cell(
+    model: nn.Module,
+    data: SliceSource,
+    rows: Sequence[int],
+    attack: str,
+    losses: Sequence[str],
+    eps: float,
+    *,
+    model_name: str,
+    arch: str,
+    attack_kwargs: dict[str, Any] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    examples: int = 0,
+    workers: int = 0,
+) -> CellResult:
+    """Evaluate one (model, attack, eps) cell over every loss on the slices ``rows``.
+
+    Args:
+        model: a segmentation model (logits ``(B, K, H, W)``), on the device to use.
+        data: the slices (see :class:`SliceSource`).
+        rows: positional rows of ``data.index`` to evaluate (a split).
+        attack: an attack name (``fgsm``, ``pgd``, ...).
+        losses: loss names; each gives its own adversarial images and records.
+        eps: the budget.
+        model_name: the model's label in the records (a checkpoint name).
+        arch: the zoo name the model was built from.
+        attack_kwargs: options of the attack (``steps``, ``norm``, ``activation``, ...).
+            ``activation`` (``sigmoid`` unless given) also decides the hard predictions.
+        batch_size: slices per batch.
+        examples: how many of the first slices to return as arrays for figures.
+        workers: DataLoader worker processes.
+
+    Returns:
+        A :class:`CellResult`; under ``torch.distributed`` every rank gets the merged records.
+
+    Raises:
+        UserError: an empty split, an unknown attack or loss, a bad eps, or a model whose input
+            channels or classes do not fit the data.
+    """
+    rows = [int(r) for r in rows]
+    if not rows:
+        raise UserError(f"{model_name}: the split has no slices to evaluate")
+    if not losses:
+        raise UserError(f"{model_name}: no attack loss given")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    kwargs = dict(attack_kwargs or {})
+    activation = kwargs.get("activation") or "sigmoid"
+    if len(set(losses)) != len(losses):
+        raise UserError(f"losses: each loss once, got {', '.join(losses)}")
+    attacks = [create_attack(attack, model, loss, eps, **kwargs) for loss in losses]
+    names = [a.loss.name for a in attacks]
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    mine = list(distributed.shard(range(len(batches))))  # whole batches, strided over ranks
+    positions = [p for b in mine for p in range(b * batch_size, b * batch_size + len(batches[b]))]
+    loader = DataLoader(
+        Subset(data.dataset(rows), positions), batch_size=batch_size, num_workers=workers
+    )
+    index = data.index
+    classes = list(data.classes)
+    params = sum(p.numel() for p in model.parameters())
+    frames: list[tuple[int, pd.DataFrame]] = []
+    shown: list[tuple[int, dict[str, np.ndarray]]] = []
+    for batch_number, batch in zip(mine, loader, strict=True):
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["mask"].to(device, non_blocking=True).float()
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        seed = attacks[0].seed * 1_000_003 + batch_number
+        generator = torch.Generator(device=device).manual_seed(seed)
+        if not frames:
+            _check_fit(model, x, y, model_name, classes)
+        out = attack_batch(model, attacks, x, y, generator)
+        meta = index.iloc[batch["row"].tolist()]
+        records = _batch_records(out, names, x, y, meta, classes, activation)
+        frames.append((batch_number, records))
+        start = batch_number * batch_size
+        if start < examples:
+            shown.append((batch_number, _examples(out, x, y, meta, activation, examples - start)))
+
+    frames = [item for part in distributed.gather_objects(frames) for item in part]
+    shown = [item for part in distributed.gather_objects(shown) for item in part]
+    records = pd.concat([f for _, f in sorted(frames, key=lambda t: t[0])], ignore_index=True)
+    order = records["loss"].map({name: i for i, name in enumerate(names)})
+    records = records.iloc[np.argsort(order.to_numpy(), kind="stable")].reset_index(drop=True)
+    records.insert(0, "eps", float(eps))
+    records.insert(0, "attack", attack)
+    records.insert(0, "params", params)
+    records.insert(0, "arch", arch)
+    records.insert(0, "model", model_name)
+    return CellResult(check_records(records), _merge_examples(shown, names))
+
+
+def _check_fit(model: nn.Module, x: Tensor, y: Tensor, model_name: str, classes: list[str]):
+    """One slice through the model: a model that does not fit the data is a UserError."""
+    try:
+        with frozen(model), torch.inference_mode():
+            logits = model_logits(model, x[:1])
+    except RuntimeError as err:
+        raise UserError(
+            f"model {model_name!r} does not fit the data: images have {x.shape[1]} channels "
+            f"({str(err).splitlines()[0]})"
+        ) from None
+    if logits.shape[1] != len(classes) or logits.shape[2:] != y.shape[2:]:
+        raise UserError(
+            f"model {model_name!r} predicts {logits.shape[1]} classes at "
+            f"{tuple(logits.shape[2:])}; the data has {len(classes)} classes "
+            f"({', '.join(classes)}) at {tuple(y.shape[2:])}"
+        )
+
+
+def _batch_records(
+    out: BatchOutput,
+    losses: Sequence[str],
+    x: Tensor,
+    y: Tensor,
+    meta: pd.DataFrame,
+    classes: list[str],
+    activation: str,
+) -> pd.DataFrame:
+    """Records of one batch: one row per (loss, slice, class); model/attack columns added later."""
+    b, k = y.shape[:2]
+    target = y > 0.5
+    pred_clean = hard_prediction(out.clean_logits, activation)
+    tp_c, fp_c, fn_c = (t.cpu().numpy().ravel() for t in confusion_counts(pred_clean, target))
+    hd_clean = hd95(pred_clean, target).numpy().ravel()
+    lum = np.repeat(luminosity(x).cpu().numpy(), k)  # (B*K,)
+    frames = []
+    for attack_loss, x_adv, adv_logits in zip(losses, out.x_adv, out.adv_logits, strict=True):
+        pred_adv = hard_prediction(adv_logits, activation)
+        tp_a, fp_a, fn_a = (t.cpu().numpy().ravel() for t in confusion_counts(pred_adv, target))
+        linf, l2 = (np.repeat(v.cpu().numpy(), k) for v in perturbation_norms(x, x_adv))
+        frame = pd.DataFrame(
+            {
+                "loss": attack_loss,
+                "slice_id": np.repeat(meta["id"].to_numpy(), k),
+                "case": np.repeat(meta["case"].to_numpy(), k),
+                "scan": np.repeat(meta["scan"].to_numpy(), k),
+                "slice": np.repeat(meta["slice"].to_numpy(), k),
+                "class": np.tile(classes, b),
+                "gt_pixels": tp_c + fn_c,
+                "tp_clean": tp_c,
+                "fp_clean": fp_c,
+                "fn_clean": fn_c,
+                "tp_adv": tp_a,
+                "fp_adv": fp_a,
+                "fn_adv": fn_a,
+                "dice_clean": _empty_is_one(dice_from_counts(tp_c, fp_c, fn_c)),
+                "dice_adv": _empty_is_one(dice_from_counts(tp_a, fp_a, fn_a)),
+                "iou_clean": _empty_is_one(iou_from_counts(tp_c, fp_c, fn_c)),
+                "iou_adv": _empty_is_one(iou_from_counts(tp_a, fp_a, fn_a)),
+                "hd95_clean": hd_clean,
+                "hd95_adv": hd95(pred_adv, target).numpy().ravel(),
+                "linf": linf,
+                "l2": l2,
+                "psnr": np.repeat(psnr(x, x_adv).cpu().numpy(), k),
+                "ssim": np.repeat(ssim(x, x_adv).cpu().numpy(), k),
+                "luminosity": lum,
+            }
+        )
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _empty_is_one(values: np.ndarray) -> np.ndarray:
+    """Dice/IoU of a pair empty in both masks is 1 (see :mod:`advseg.metrics`)."""
+    return np.nan_to_num(values, nan=1.0)
+
+
+def _examples(out, x, y, meta, activation, count) -> dict[str, np.ndarray]:
+    count = min(count, x.shape[0])
+    return {
+        "slice_ids": meta["id"].to_numpy()[:count].astype(str),
+        "image": x[:count].float().cpu().numpy(),
+        "mask": (y[:count] > 0.5).to(torch.uint8).cpu().numpy(),
+        "pred_clean": hard_prediction(out.clean_logits[:count], activation)
+        .to(torch.uint8)
+        .cpu()
+        .numpy(),
+        "x_adv": torch.stack([a[:count] for a in out.x_adv]).float().cpu().numpy(),
+        "pred_adv": torch.stack([hard_prediction(a[:count], activation) for a in out.adv_logits])
+        .to(torch.uint8)
+        .cpu()
+        .numpy(),
+    }
+
+
+def _merge_examples(
+    shown: list[tuple[int, dict[str, np.ndarray]]], losses: Sequence[str]
+) -> dict[str, np.ndarray]:
+    if not shown:
+        return {}
+    parts = [part for _, part in sorted(shown, key=lambda t: t[0])]
+    merged = {key: np.concatenate([p[key] for p in parts]) for key in ("slice_ids", "image")}
+    for key in ("mask", "pred_clean"):
+        merged[key] = np.concatenate([p[key] for p in parts])
+    for key in ("x_adv", "pred_adv"):
+        merged[key] = np.concatenate([p[key] for p in parts], axis=1)
+    merged["losses"] = np.array(list(losses), dtype=str)
+    return merged

@@ -1,0 +1,180 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from advseg.attacks import create_attack
+from advseg.errors import UserError
+from advseg.evaluate import evaluate_cell
+from advseg.metrics import confusion_counts, hd95
+from advseg.records import RECORD_COLUMNS
+from advseg.summary import summarize
+
+CLASSES = ["large_bowel", "small_bowel", "stomach"]
+LOSSES = ["bce", "focal", "dicefocal"]
+
+
+class MemoryData:
+    """Slices in memory with the ``SliceData`` interface evaluate_cell uses."""
+
+    def __init__(self, n: int = 10, size: int = 16, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.images = 0.2 * torch.rand(n, 3, size, size, generator=g)
+        self.masks = torch.zeros(n, 3, size, size)
+        for i in range(n):
+            for k in range(3):
+                if (i + k) % 3:  # some classes empty, slice 0 ... has masks, a few are blank
+                    r, c = torch.randint(0, size - 5, (2,), generator=g).tolist()
+                    self.images[i, k, r : r + 5, c : c + 5] += 0.6
+                    self.masks[i, k, r : r + 5, c : c + 5] = 1
+        self.masks[n - 1] = 0  # one slice with no mask at all
+        self.index = pd.DataFrame(
+            {
+                "id": [f"case{1 + i // 4}_day0_slice_{i % 4 + 1:04d}" for i in range(n)],
+                "case": [1 + i // 4 for i in range(n)],
+                "scan": [f"case{1 + i // 4}_day0" for i in range(n)],
+                "slice": [i % 4 + 1 for i in range(n)],
+            }
+        )
+        self.classes = CLASSES
+
+    def dataset(self, rows):
+        return _Items(self, list(rows))
+
+
+class _Items(Dataset):
+    def __init__(self, data, rows):
+        self.data, self.rows = data, rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        r = self.rows[i]
+        return {"image": self.data.images[r], "mask": self.data.masks[r], "row": r}
+
+
+def tiny_net(in_channels: int = 3, classes: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, classes, 3, padding=1)
+    )
+
+
+@pytest.fixture(scope="module")
+def model():
+    net = tiny_net()
+    data = MemoryData(32, seed=9)
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-2)
+    for _ in range(40):
+        optimizer.zero_grad()
+        nn.functional.binary_cross_entropy_with_logits(net(data.images), data.masks).backward()
+        optimizer.step()
+    net.zero_grad(set_to_none=True)
+    return net
+
+
+def _cell(model, data, rows, attack="fgsm", **kw):
+    kw = {"model_name": "tiny", "arch": "unet", "batch_size": 4} | kw
+    return evaluate_cell(model, data, rows, attack, LOSSES, 0.05, **kw)
+
+
+def test_records_are_complete_and_match_direct_computation(model):
+    data = MemoryData()
+    rows = [3, 0, 5, 9, 7, 1, 2]
+    result = _cell(model, data, rows)
+    records = result.records
+    assert list(records.columns) == list(RECORD_COLUMNS)
+    assert len(records) == len(rows) * 3 * len(LOSSES)
+    assert not records.drop(columns=["hd95_clean", "hd95_adv"]).isna().to_numpy().any()
+    first = records[records["loss"] == "bce"]
+    assert first["slice_id"].iloc[::3].tolist() == data.index["id"].iloc[rows].tolist()
+    assert first["class"].tolist()[:3] == CLASSES
+    assert set(records["params"]) == {sum(p.numel() for p in model.parameters())}
+    x, y = data.images[rows], data.masks[rows]
+    for loss in LOSSES:
+        x_adv = create_attack("fgsm", model, loss, 0.05)(x, y)
+        with torch.no_grad():
+            tp, fp, fn = confusion_counts(model(x_adv) > 0, y > 0.5)
+            hd_adv = hd95(model(x_adv) > 0, y > 0.5)
+        got = records[records["loss"] == loss]
+        assert got["tp_adv"].tolist() == tp.flatten().tolist()
+        assert got["fp_adv"].tolist() == fp.flatten().tolist()
+        assert got["fn_adv"].tolist() == fn.flatten().tolist()
+        np.testing.assert_allclose(got["hd95_adv"], hd_adv.flatten().numpy())
+        assert got["linf"].max() == pytest.approx(0.05, abs=1e-6)
+    assert (records["gt_pixels"] == records["tp_clean"] + records["fn_clean"]).all()
+    blank = records[records["slice_id"] == data.index["id"][9]]
+    assert (blank["gt_pixels"] == 0).all()
+    assert (records["dice_adv"] <= records["dice_clean"] + 1e-9).mean() > 0.8
+
+
+def test_losses_share_one_clean_forward_and_parameters_get_no_gradient(model):
+    data = MemoryData()
+    calls = []
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    model.train()
+    try:
+        _cell(model, data, range(10))
+    finally:
+        handle.remove()
+    # one slice checks the model fits the data; then per batch of (4, 4, 2) slices one clean
+    # forward with input gradient and one forward of the 3 losses' adversarial images
+    assert calls == [1, 4, 12, 4, 12, 2, 6]
+    assert model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
+    model.eval()
+
+
+def test_iterative_attack_cell_is_deterministic_and_raises_the_error(model):
+    data = MemoryData()
+    kw = {"attack_kwargs": {"steps": 3}}
+    first = _cell(model, data, range(10), "pgd", **kw).records
+    again = _cell(model, data, range(10), "pgd", **kw).records
+    pd.testing.assert_frame_equal(first, again)
+    table = summarize(first, "per-class")
+    for loss in LOSSES:
+        assert table[f"AS pgd {loss} eps=0.05"].iloc[0] > 0
+
+
+def test_examples_hold_the_first_slices_per_loss(model):
+    data = MemoryData()
+    result = _cell(model, data, [4, 5, 6, 7, 8, 0], examples=5)
+    ex = result.examples
+    assert ex["slice_ids"].tolist() == data.index["id"].iloc[[4, 5, 6, 7, 8]].tolist()
+    assert ex["losses"].tolist() == LOSSES
+    assert ex["image"].shape == (5, 3, 16, 16) and ex["mask"].dtype == np.uint8
+    assert ex["x_adv"].shape == (3, 5, 3, 16, 16) and ex["pred_adv"].shape == (3, 5, 3, 16, 16)
+    fgsm = create_attack("fgsm", model, "focal", 0.05)
+    expected = fgsm(data.images[[4, 5, 6, 7, 8]], data.masks[[4, 5, 6, 7, 8]])
+    np.testing.assert_allclose(ex["x_adv"][1], expected.numpy(), atol=1e-6)
+    assert _cell(model, data, [0, 1]).examples == {}
+
+
+def test_summary_of_a_cell_has_table_two_layout(model):
+    records = _cell(model, MemoryData(), range(10)).records
+    for protocol in ("paper", "per-class", "global"):
+        table = summarize(records, protocol)
+        assert len(table) == 1 and not table.isna().to_numpy().any()
+        assert 0 < table["DSC clean"].iloc[0] <= 1
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rows": []}, "no slices"),
+        ({"attack": "pdg"}, "unknown attack 'pdg'.*valid"),
+        ({"losses": ["bce", "bec"]}, "unknown loss 'bec'.*valid"),
+        ({"eps": -1.0}, "eps must be"),
+        ({"eps": 3.0}, "exceeds"),
+        ({"model": tiny_net(classes=2)}, "predicts 2 classes.*data has 3 classes"),
+        ({"model": tiny_net(in_channels=1)}, "does not fit the data: images have 3 channels"),
+        ({"losses": []}, "no attack loss"),
+    ],
+)
+def test_bad_input_is_a_user_error(model, change, message):
+    args = {"model": model, "data": MemoryData(4), "rows": [0, 1], "attack": "fgsm"}
+    args |= {"losses": ["bce"], "eps": 0.01} | change
+    with pytest.raises(UserError, match=message):
+        evaluate_cell(**args, model_name="tiny", arch="unet")
