@@ -90,9 +90,10 @@ def write_report(
         _luminosity_section(writer, records, eps, protocol),
         _class_section(writer, records, protocol, eps),
     ]
+    cell_files = len(list((run_dir / "records").glob("*.parquet")))
     intro = (
-        f"Run {run_dir.resolve()}: {len(records)} records from "
-        f"{len(list((run_dir / 'records').glob('*.parquet')))} cell files; "
+        f"Run {run_dir.resolve()}: {len(records)} records from {cell_files} cell "
+        f"file{'s' if cell_files != 1 else ''}; "
         f"models {', '.join(map(str, records['model'].unique()))}; "
         f"Dice protocol '{protocol}'; main eps {eps:g}. Every number below is computed from "
         "these records (advseg.summary); the CSV file named beside each table or figure holds "
