@@ -67,7 +67,8 @@ def write_report(
     records = read_records(run_dir)
     protocol = protocol or _run_protocol(run_dir)
     if protocol not in PROTOCOLS:
-        raise UserError(f"--protocol: unknown Dice protocol {protocol!r}; valid: {PROTOCOLS}")
+        valid = ", ".join(PROTOCOLS)
+        raise UserError(f"--protocol: unknown Dice protocol {protocol!r}; valid: {valid}")
     available = sorted(records["eps"].unique())
     eps = tables.headline_eps(records) if eps is None else float(eps)
     if not any(abs(eps - e) < 1e-12 for e in available):
@@ -82,7 +83,7 @@ def write_report(
     at_eps = cells[cells["eps"] == eps]
     classes = list(records["class"].drop_duplicates())
     sections = [
-        _table_section(writer, table_ii, records, protocol, eps),
+        _table_section(writer, table_ii, protocol, eps),
         _eps_section(writer, cells),
         _panel_section(writer, run_dir, at_eps, classes, eps),
         _loss_section(writer, at_eps, eps),
@@ -143,9 +144,7 @@ class _Writer:
         return Block("text", text)
 
 
-def _table_section(
-    writer: _Writer, table: pd.DataFrame, records: pd.DataFrame, protocol: str, eps: float
-) -> Section:
+def _table_section(writer: _Writer, table: pd.DataFrame, protocol: str, eps: float) -> Section:
     caption = (
         f"Table II at eps {eps:g}: DSC clean and under each (attack, loss, eps), Attack Success "
         "AS = (DSC_clean - DSC_adv) / DSC_clean. 'units' counts what the protocol averaged, "
