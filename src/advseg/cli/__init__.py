@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from advseg import __version__
+from advseg.cli import data
 from advseg.cli import experiment as experiment_cli
 from advseg.cli import report as report_cli
 from advseg.errors import UserError
@@ -24,6 +25,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+app.add_typer(data.app, name="data")
 
 
 @app.callback()

@@ -111,9 +111,17 @@ def cached_arrays(
     key = cache_key(index, config)
     entry = Path(cache_dir) / key
     if (entry / "meta.json").is_file():
-        return _open(entry, decoded=0)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{key}.", suffix=".tmp"))
+        arrays = _open(entry, decoded=0)
+        if arrays.skipped and not skip_unreadable:  # cached with skipping; now asked to stop
+            raise UserError(next(iter(arrays.skipped.values())))
+        return arrays
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{key}.", suffix=".tmp"))
+    except OSError as err:
+        raise UserError(
+            f"{entry.parent}: cannot write the cache ({err.strerror or err}); set cache_dir"
+        ) from None
     try:
         decoded = _build(tmp, index, config, skip_unreadable, workers, progress)
         meta = json.loads((tmp / "meta.json").read_text())

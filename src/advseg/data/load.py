@@ -54,6 +54,10 @@ class DataConfig:
     cache_dir: Path | None = None
     workers: int = 2
 
+    def __post_init__(self) -> None:
+        # YAML gives int keys, JSON string keys: keep one form so that configs compare equal.
+        self.nifti_labels = {str(k): v for k, v in self.nifti_labels.items()}
+
 
 @dataclass
 class SliceData:
@@ -116,12 +120,12 @@ def build_index(config: DataConfig) -> tuple[pd.DataFrame, Exclusions]:
     source = detect_source(path) if config.source == "auto" else config.source
     if source == "uwmgi":
         return read_uwmgi(path, config.exclude, config.skip_unreadable)
-    labels: object = config.nifti_labels_file or config.nifti_labels
+    labels = config.nifti_labels_file or config.nifti_labels
     if not labels:
         raise UserError(
             f"{path}: NIfTI data needs a label mapping (nifti_labels, or --labels 1=liver,...)"
         )
-    return read_nifti(path, labels)  # type: ignore[arg-type]
+    return read_nifti(path, labels)
 
 
 def load_data(config: DataConfig, progress: Callable[[int], None] | None = None) -> SliceData:

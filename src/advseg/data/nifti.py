@@ -19,6 +19,7 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -31,7 +32,7 @@ from advseg.errors import UserError
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
-def parse_label_map(spec: str | Path | Mapping[object, str]) -> dict[int, str]:
+def parse_label_map(spec: str | Path | Mapping[Any, str]) -> dict[int, str]:
     """A label mapping from a dict, a JSON file, or text like ``1=liver,2=tumour``.
 
     Returns:
@@ -98,7 +99,7 @@ def _volumes(folder: Path) -> dict[str, Path]:
 
 
 def read_nifti(
-    root: str | Path, labels: str | Path | Mapping[object, str]
+    root: str | Path, labels: str | Path | Mapping[Any, str]
 ) -> tuple[pd.DataFrame, Exclusions]:
     """Index a NIfTI data set: one row per axial slice of every labelled volume.
 

@@ -135,7 +135,7 @@ def neighbour_rows(scans: np.ndarray, slices: np.ndarray, config: PreprocessConf
 
     With ``stack: copy`` every channel is the row itself; with ``stack: neighbours`` channel j is
     the slice at offset ``(j - C // 2) * stride`` within the same scan, clamped to the scan's first
-    and last slice (gaps in the slice numbering are clamped to the nearest present slice).
+    and last slice (a slice number missing inside a scan is replaced by the next present one).
 
     Args:
         scans: ``(N,)`` scan ids per row.

@@ -8,9 +8,13 @@ row-major, see FACTS.md section 3.) Both directions are vectorised: no Python lo
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from advseg.errors import UserError
+
+_DIGITS_AND_SPACES = re.compile(r"[0-9 \t\n\r]*")
 
 
 def rle_encode(mask: np.ndarray) -> str:
@@ -44,19 +48,20 @@ def rle_decode(rle: str | float | None, height: int, width: int, where: str = "R
             runs out of order or overlapping, or a run past the end of the image.
     """
     size = height * width
-    out = np.zeros(size + 1, dtype=np.int8)
+    out = np.zeros(size, dtype=np.uint8)
     starts, lengths = _parse(rle, where)
     if starts.size:
-        ends = starts + lengths  # 1-indexed exclusive end == 0-indexed exclusive end + 1
-        if int(ends[-1]) - 1 > size:
+        last = int(starts[-1] + lengths[-1] - 1)  # 1-indexed last pixel of the last run
+        if last > size:
             raise UserError(
-                f"{where}: run {starts[-1]} {lengths[-1]} ends at pixel {ends[-1] - 1}, past the "
+                f"{where}: run {starts[-1]} {lengths[-1]} ends at pixel {last}, past the "
                 f"image end ({width}x{height} = {size} pixels)"
             )
-        # Difference array: +1 at each run start, -1 after its end; the cumulative sum is the mask.
-        out[starts - 1] += 1
-        out[ends - 1] -= 1
-    return np.cumsum(out[:size], dtype=np.int8).astype(np.uint8).reshape(height, width)
+        # Every foreground pixel at once: run i covers starts[i]-1 .. starts[i]-1+lengths[i]-1.
+        done = np.cumsum(lengths)  # foreground pixels up to the end of each run
+        offset = np.repeat(starts - 1 - (done - lengths), lengths)
+        out[np.arange(done[-1]) + offset] = 1
+    return out.reshape(height, width)
 
 
 def _parse(rle: str | float | None, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -68,11 +73,16 @@ def _parse(rle: str | float | None, where: str) -> tuple[np.ndarray, np.ndarray]
     fields = rle.split()
     if len(fields) % 2:
         raise UserError(f"{where}: RLE has an odd number of fields ({len(fields)})")
-    try:
-        values = np.array(fields, dtype=np.int64)
-    except (ValueError, OverflowError):
-        bad = next(f for f in fields if not f.lstrip("-").isdigit())
-        raise UserError(f"{where}: RLE field {bad!r} is not an integer") from None
+    if _DIGITS_AND_SPACES.fullmatch(rle):
+        # Fast path, about 10x faster than converting the split strings: only digits and
+        # whitespace, so every field is a non-negative integer and none is lost.
+        values = np.fromstring(rle, dtype=np.int64, sep=" ") if fields else np.empty(0, np.int64)
+    else:
+        try:
+            values = np.array(fields, dtype=np.int64)
+        except (ValueError, OverflowError):
+            bad = next(f for f in fields if not f.lstrip("-").isdigit())
+            raise UserError(f"{where}: RLE field {bad!r} is not an integer") from None
     starts, lengths = values[0::2], values[1::2]
     if starts.size:
         if starts.min() < 1:

@@ -6,7 +6,8 @@ layout; each of its scans ("days") moves and rescales that layout a little; with
 anatomy changes smoothly from slice to slice:
 
 - body outline with a subcutaneous fat ring, back muscles and a spine;
-- stomach: a large ellipse high on the patient's left (image right), in the upper slices;
+- stomach: a large ellipse high on the patient's left (image right), in the upper slices, grey
+  fluid under a black air cap inside a dark wall;
 - large bowel: a frame around the abdomen (ascending and descending colon as round
   cross-sections, the transverse colon as a band in upper slices), dark content with a bright wall;
 - small bowel: bright loops in the centre that drift from slice to slice;
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +60,7 @@ def write_synthetic(
     slices: int = 64,
     seed: int = 0,
     overwrite: bool = False,
+    workers: int = 2,
 ) -> SynthSummary:
     """Write a synthetic data set in the Kaggle layout (``train.csv`` + ``train/``).
 
@@ -70,6 +73,7 @@ def write_synthetic(
         slices: slices per scan.
         seed: random seed; the same seed gives the same files.
         overwrite: replace ``out`` if it exists.
+        workers: threads writing scans in parallel (the output does not depend on it).
     """
     out = Path(out)
     for name, value in (("cases", cases), ("scans", scans), ("slices", slices)):
@@ -80,7 +84,7 @@ def write_synthetic(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        rows, with_mask = _write_all(tmp, cases, scans, slices, seed)
+        rows, with_mask = _write_all(tmp, cases, scans, slices, seed, workers)
         pd.DataFrame(rows, columns=["id", "class", "segmentation"]).to_csv(
             tmp / "train.csv", index=False
         )
@@ -93,43 +97,68 @@ def write_synthetic(
     return SynthSummary(out, cases, cases * scans, cases * scans * slices, with_mask)
 
 
+# Huffman-only deflate: half the time of level 1 and smaller files on noisy 16-bit images.
+_PNG_OPTIONS = [
+    cv2.IMWRITE_PNG_COMPRESSION,
+    1,
+    cv2.IMWRITE_PNG_STRATEGY,
+    cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY,
+]
+
+Row = tuple[str, str, str]
+
+
+@dataclass
+class _ScanPlan:
+    case: int
+    day: int
+    width: int
+    height: int
+    spacing: float
+    anatomy: _Anatomy
+    rng: np.random.Generator
+
+
 def _write_all(
-    root: Path, cases: int, scans: int, slices: int, seed: int
-) -> tuple[list[tuple[str, str, str]], int]:
-    rows: list[tuple[str, str, str]] = []
-    with_mask = 0
-    # Huffman-only deflate: half the time of level 1 and smaller files on noisy 16-bit images.
-    png = [
-        cv2.IMWRITE_PNG_COMPRESSION,
-        1,
-        cv2.IMWRITE_PNG_STRATEGY,
-        cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY,
-    ]
+    root: Path, cases: int, scans: int, slices: int, seed: int, workers: int
+) -> tuple[list[Row], int]:
+    plans = []
     for c in range(cases):
         case = c + 1
         width, height, spacing = SIZES[SIZE_CYCLE[c % len(SIZE_CYCLE)]]
         case_rng = np.random.default_rng([seed, case])
         anatomy = _Anatomy.sample(case_rng)
         day = 0
-        for s in range(scans):
+        for _ in range(scans):
             day += int(case_rng.integers(1, 8))
             scan_rng = np.random.default_rng([seed, case, day])
             scan = anatomy.jitter(scan_rng)
-            folder = root / "train" / f"case{case}" / f"case{case}_day{day}" / "scans"
-            folder.mkdir(parents=True)
-            painter = _Painter(width, height, scan_rng)
-            for z in range(slices):
-                t = z / max(slices - 1, 1)
-                image, masks = painter.paint(scan, t)
-                name = f"slice_{z + 1:04d}_{width}_{height}_{spacing:.2f}_{spacing:.2f}.png"
-                ok, buf = cv2.imencode(".png", image, png)
-                if not ok:  # pragma: no cover - OpenCV encodes any uint16 array
-                    raise RuntimeError(f"cannot encode {name}")
-                buf.tofile(folder / name)
-                sid = slice_id(case, day, z + 1)
-                with_mask += bool(any(m.any() for m in masks))
-                rows += [(sid, k, rle_encode(m)) for k, m in zip(UWMGI_CLASSES, masks, strict=True)]
-            del s
+            plans.append(_ScanPlan(case, day, width, height, spacing, scan, scan_rng))
+    # Scans are independent (each has its own generator), so threads keep the output identical;
+    # OpenCV and numpy release the GIL for most of the work.
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        results = list(pool.map(lambda plan: _write_scan(root, plan, slices), plans))
+    rows = [row for scan_rows, _ in results for row in scan_rows]
+    return rows, sum(n for _, n in results)
+
+
+def _write_scan(root: Path, plan: _ScanPlan, slices: int) -> tuple[list[Row], int]:
+    """Write one scan's PNGs; return its train.csv rows and how many slices have a mask."""
+    folder = root / "train" / f"case{plan.case}" / f"case{plan.case}_day{plan.day}" / "scans"
+    folder.mkdir(parents=True)
+    painter = _Painter(plan.width, plan.height, plan.rng)
+    rows: list[Row] = []
+    with_mask = 0
+    for z in range(slices):
+        image, masks = painter.paint(plan.anatomy, z / max(slices - 1, 1))
+        size = f"{plan.width}_{plan.height}_{plan.spacing:.2f}_{plan.spacing:.2f}"
+        ok, buf = cv2.imencode(".png", image, _PNG_OPTIONS)
+        if not ok:  # pragma: no cover - OpenCV encodes any uint16 array
+            raise RuntimeError(f"cannot encode slice {z + 1} of {folder}")
+        buf.tofile(folder / f"slice_{z + 1:04d}_{size}.png")
+        sid = slice_id(plan.case, plan.day, z + 1)
+        with_mask += bool(any(m.any() for m in masks))
+        rows += [(sid, k, rle_encode(m)) for k, m in zip(UWMGI_CLASSES, masks, strict=True)]
     return rows, with_mask
 
 
@@ -163,11 +192,11 @@ class _Anatomy:
             fat=u(0.06, 0.11),
             stomach=(
                 u(0.28, 0.40),
-                u(-0.40, -0.25),
+                u(-0.55, -0.45),
                 u(0.26, 0.34),
                 u(0.20, 0.27),
-                u(0.50, 0.56),
-                u(0.76, 0.82),
+                u(0.46, 0.52),
+                u(0.78, 0.84),
             ),
             colon=(u(0.58, 0.64), u(0.16, 0.20), u(0.20, 0.27), u(0.66, 0.72), u(0.55, 0.6)),
             loops=loops,
@@ -253,7 +282,7 @@ class _Painter:
                 r = lr * (0.4 + 0.6 * size)
                 sb |= self._ellipse(cx, cy, r * bx, r * by * 1.1)
             sb &= inner
-            img[sb] = 0.70
+            img[sb] = 0.78
         # Large bowel: ascending / descending colon, plus the transverse colon in upper slices.
         lb = np.zeros_like(body)
         cx, cr, ct0, ct1, ctt = a.colon
@@ -265,7 +294,7 @@ class _Painter:
                 lb |= self._ellipse(side * (cx + drift) * bx, 0.05 * by, r * bx, r * by * 1.2)
             if t > ctt:
                 band = (np.abs(self.x) <= (cx + drift) * bx) & (
-                    np.abs(self.y + 0.35 * by) <= r * by * 1.1
+                    np.abs(self.y + 0.05 * by) <= r * by
                 )
                 lb |= band
             lb &= inner
@@ -277,8 +306,13 @@ class _Painter:
         sx, sy, srx, sry, st0, st1 = a.stomach
         size = _bump(t, st0, st1)
         if size > 0:
-            st = self._ellipse(sx * bx, sy * by, srx * size * bx, sry * size * by) & inner
-            img[st] = 0.58
+            r = 0.3 + 0.7 * size
+            st = self._ellipse(sx * bx, sy * by, srx * r * bx, sry * r * by) & inner
+            wall = st & ~cv2.erode(st.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+            air = st & (self.y < (sy - 0.45 * sry * r) * by)
+            img[st] = 0.62  # gastric fluid
+            img[air] = 0.04  # an air cap on top (the patient lies on the back)
+            img[wall] = 0.22  # a dark muscular wall
 
         img = cv2.GaussianBlur(img, (0, 0), 0.8)
         img = img * (1 + self.texture) * self.bias * a.brightness

@@ -46,6 +46,10 @@ EXCLUDE_LISTS: dict[str, tuple[str, ...]] = {
     "none": (),
 }
 
+# OpenCV would print libpng's complaint about a broken file on stderr; read_png's UserError says
+# it in one line instead.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
 FILE_PATTERN = re.compile(r"^slice_(\d+)_(\d+)_(\d+)_(\d+(?:\.\d+)?)_(\d+(?:\.\d+)?)\.png$")
 REQUIRED_COLUMNS = ("id", "class", "segmentation")
 

@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+
+from advseg.config import from_dict, to_dict
+from advseg.data.preprocess import (
+    PreprocessConfig,
+    neighbour_rows,
+    normalize_intensity,
+    preprocess_slice,
+    resize_masks,
+)
+from advseg.errors import UserError
+
+
+def test_divide_by_slice_max_is_the_default():
+    image = np.array([[0, 100], [200, 400]], np.uint16)
+    out = normalize_intensity(image, PreprocessConfig())
+    np.testing.assert_allclose(out, [[0, 0.25], [0.5, 1.0]])
+    assert out.dtype == np.float32
+
+
+@pytest.mark.parametrize("intensity", ["max", "percentile"])
+def test_blank_slice_gives_zeros_not_nan(intensity):
+    out = normalize_intensity(np.zeros((10, 12), np.uint16), PreprocessConfig(intensity=intensity))
+    assert np.isfinite(out).all() and (out == 0).all()
+
+
+def test_constant_slice_never_gives_nan():
+    image = np.full((10, 12), 7, np.uint16)
+    assert (normalize_intensity(image, PreprocessConfig(intensity="max")) == 1).all()
+    assert (normalize_intensity(image, PreprocessConfig(intensity="percentile")) == 0).all()
+
+
+def test_percentile_clips_hot_pixels():
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 1000, (50, 50)).astype(np.float32)
+    image[0, 0] = 1e6  # one hot pixel
+    by_max = normalize_intensity(image, PreprocessConfig(intensity="max"))
+    robust = normalize_intensity(image, PreprocessConfig(intensity="percentile"))
+    assert by_max.mean() < 0.01 < 0.4 < robust.mean()
+    assert robust.min() == 0 and robust.max() == 1
+
+
+def test_preprocess_slice_shapes_and_ranges_non_square():
+    image = (np.random.default_rng(0).uniform(0, 16000, (310, 360))).astype(np.uint16)
+    masks = np.zeros((3, 310, 360), np.uint8)
+    masks[1, 100:200, 50:300] = 1
+    x, m = preprocess_slice(image, masks, PreprocessConfig(size=64))
+    assert x.shape == (64, 64) and x.dtype == np.float32 and x.min() >= 0 and x.max() <= 1
+    assert m.shape == (3, 64, 64) and m.dtype == np.uint8 and set(np.unique(m)) <= {0, 1}
+    assert m[0].sum() == 0 and m[1].sum() > 0
+    # the box covers rows 100..200 of 310 and columns 50..300 of 360
+    rows = np.flatnonzero(m[1].any(axis=1))
+    assert abs(rows[0] - 100 * 64 / 310) <= 1 and abs(rows[-1] - 200 * 64 / 310) <= 1
+
+
+def test_area_resize_drops_thin_structures_nearest_may_keep():
+    masks = np.zeros((1, 100, 100), np.uint8)
+    masks[0, :, 50] = 1  # one pixel wide line
+    area = resize_masks(masks, 10, "area")
+    assert area.sum() == 0  # 10 % coverage of each output pixel: below the 0.5 threshold
+    block = np.zeros((1, 100, 100), np.uint8)
+    block[0, 20:60, 30:70] = 1
+    for method in ("nearest", "area"):
+        out = resize_masks(block, 10, method)
+        assert out[0, 2:6, 3:7].all() and out.sum() == 16
+
+
+def test_copy_channels_repeat_the_row():
+    scans = np.array(["a", "a", "b"])
+    rows = neighbour_rows(scans, np.array([1, 2, 1]), PreprocessConfig(channels=3))
+    np.testing.assert_array_equal(rows, [[0, 0, 0], [1, 1, 1], [2, 2, 2]])
+
+
+def test_neighbours_stay_in_their_scan_and_clamp():
+    # rows deliberately not sorted: scan b first, slices out of order
+    scans = np.array(["b", "a", "a", "a", "a", "b"])
+    slices = np.array([2, 3, 1, 4, 2, 1])
+    cfg = PreprocessConfig(channels=3, stack="neighbours", stride=2)
+    rows = neighbour_rows(scans, slices, cfg)
+    # row 1 (a, slice 3): slices 1, 3, 5 -> 5 clamps to 4
+    np.testing.assert_array_equal(rows[1], [2, 1, 3])
+    # row 0 (b, slice 2): slices 0 -> 1, 2, 4 -> 2
+    np.testing.assert_array_equal(rows[0], [5, 0, 0])
+    assert (scans[rows] == scans[:, None]).all()
+
+
+def test_config_round_trips_and_is_checked():
+    cfg = PreprocessConfig(size=96, intensity="percentile", percentiles=(1.0, 99.0))
+    assert from_dict(PreprocessConfig, to_dict(cfg)) == cfg
+    with pytest.raises(UserError, match=r"preprocess\.channels"):
+        PreprocessConfig(channels=4, stack="neighbours")
+    with pytest.raises(UserError, match="mask_resize"):
+        from_dict(PreprocessConfig, {"mask_resize": "cubic"})

@@ -1,0 +1,58 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from advseg.data.split import kfold_cases, split_cases
+from advseg.errors import UserError
+
+
+def _index(n_cases=20, seed=0):
+    rng = np.random.default_rng(seed)
+    sizes = rng.choice([80, 144], n_cases)
+    return pd.DataFrame({"case": np.repeat(np.arange(1, n_cases + 1) * 3, sizes)})
+
+
+def test_split_is_by_case_and_covers_every_row():
+    index = _index()
+    train, test = split_cases(index, test_fraction=0.1, seed=1)
+    assert set(index["case"].iloc[train]).isdisjoint(index["case"].iloc[test])
+    assert np.array_equal(np.sort(np.r_[train, test]), np.arange(len(index)))
+    assert index["case"].iloc[test].nunique() == 2  # 10 % of 20 cases
+
+
+def test_same_seed_same_split_other_seed_other_split():
+    index = _index()
+    a = split_cases(index, 0.25, seed=7)
+    b = split_cases(index, 0.25, seed=7)
+    c = split_cases(index, 0.25, seed=8)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not np.array_equal(a[1], c[1])
+
+
+def test_split_keeps_both_sides_non_empty():
+    train, test = split_cases(_index(3), test_fraction=0.01)
+    assert len(train) and len(test)
+    with pytest.raises(UserError, match="at least 2 cases"):
+        split_cases(_index(1))
+    with pytest.raises(UserError, match="test_fraction"):
+        split_cases(_index(), test_fraction=1.0)
+
+
+def test_kfold_partitions_cases_and_balances_slices():
+    index = _index(23)
+    folds = kfold_cases(index, k=5, seed=0)
+    assert len(folds) == 5
+    val = np.concatenate([v for _, v in folds])
+    assert np.array_equal(np.sort(val), np.arange(len(index)))  # each row validated once
+    for train, v in folds:
+        assert set(index["case"].iloc[train]).isdisjoint(index["case"].iloc[v])
+        assert len(train) + len(v) == len(index)
+    sizes = [len(v) for _, v in folds]
+    assert max(sizes) - min(sizes) <= 144
+    again = kfold_cases(index, k=5, seed=0)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, again, strict=True))
+
+
+def test_kfold_rejects_more_folds_than_cases():
+    with pytest.raises(UserError, match="k: need"):
+        kfold_cases(_index(3), k=4)
