@@ -36,9 +36,9 @@ def test_round_trip_gives_the_same_outputs(saved, suffix):
 def test_training_state_round_trip_without_pickle(tmp_path):
     model = create_model("unet-tiny")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=5)
     model(torch.rand(1, 3, 32, 32)).mean().backward()
     optimizer.step()
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=5)
     scheduler.step()
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": 3}
     save_checkpoint(tmp_path / "last", model, metadata_for(model, CLASSES), state)

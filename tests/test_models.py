@@ -51,6 +51,7 @@ def test_forward_shapes_and_spec(name, in_channels, classes):
         ("smp:Unet", "smp:<Arch>:<encoder>"),
         ("smp:NoSuchNet:resnet18", "valid: Unet"),
         ("smp:Unet:resnet9000", "unknown smp encoder"),
+        ("smp:Unet:tu-resnet9000", "timm has no model"),
     ],
 )
 def test_unknown_names_list_the_valid_ones(name, fragment):

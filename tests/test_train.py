@@ -173,3 +173,52 @@ def test_train_config_round_trips_through_yaml_dicts():
 
     config = tiny_config(precision="bf16")
     assert from_dict(TrainConfig, json.loads(json.dumps(to_dict(config)))) == config
+
+
+def test_unknown_loss_and_model_names_list_the_valid_ones():
+    with pytest.raises(UserError, match=r"train\.loss: unknown loss 'dicefocl'.*valid: bce"):
+        tiny_config(loss="dicefocl")
+    with pytest.raises(UserError, match=r"unknown model 'unet-tiney'.*valid:"):
+        tiny_config(model="unet-tiney")
+
+
+def test_augmented_training_with_workers_is_reproducible(tmp_path):
+    from advseg.augment import Augment
+
+    config = tiny_config(epochs=1, num_workers=2, augment=AugmentConfig())
+    runs = []
+    for name in ("a", "b"):
+        train_set = Blobs(8, transform=Augment(config.augment, 32))
+        result = run(tmp_path / name, config, train_set=train_set)
+        runs.append(read_checkpoint(result.last_path)[0])
+    plain = run(tmp_path / "plain", tiny_config(epochs=1))
+    for key, value in runs[0].items():
+        torch.testing.assert_close(runs[1][key], value, rtol=0, atol=0)
+    differs = any(
+        not torch.equal(value, read_checkpoint(plain.last_path)[0][key])
+        for key, value in runs[0].items()
+    )
+    assert differs  # the augmentation did change what was trained on
+
+
+def test_auto_device_and_precision_on_this_machine():
+    from advseg.train import resolve_device, resolve_precision
+
+    device = resolve_device("auto")
+    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        assert resolve_precision("auto", device) == torch.float32
+    assert resolve_precision("fp16", device) == torch.float16
+    with pytest.raises(UserError, match=r"train\.device"):
+        resolve_device("tpu:0")
+
+
+def test_tensorboard_without_the_package_is_a_user_error(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+
+        pytest.skip("tensorboard is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(UserError, match="tensorboard"):
+        run(tmp_path, tiny_config(epochs=1, tensorboard=True))

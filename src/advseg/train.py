@@ -38,7 +38,7 @@ from advseg.augment import Augment, AugmentConfig
 from advseg.config import to_dict
 from advseg.data import DataConfig
 from advseg.errors import UserError
-from advseg.losses import create_loss
+from advseg.losses import LOSSES, create_loss
 from advseg.models.checkpoint import (
     check_compatible,
     load_weights,
@@ -109,6 +109,9 @@ class TrainConfig:
             raise UserError("train.lr must be > 0, train.eta_min and train.weight_decay >= 0")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise UserError(f"train.precision: {self.precision!r} is not auto, fp32, bf16, fp16")
+        if self.loss not in LOSSES:
+            raise UserError(f"train.loss: {LOSSES.unknown_message(self.loss)}")
+        resolve(self.model)  # an unknown model name fails here, before any data is read
 
 
 @dataclass
@@ -337,7 +340,6 @@ def train_on_data(
     """
     from advseg.data import load_data, split_cases
 
-    resolve(config.model)  # an unknown name fails before any data is read
     distributed.init()
     if not distributed.is_main():
         distributed.barrier()  # rank 0 fills the cache first

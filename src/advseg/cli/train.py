@@ -24,7 +24,10 @@ def train(
     ),
     model: str | None = typer.Option(None, "--model", help="Zoo name (see `advseg models`)."),
     encoder_weights: str | None = typer.Option(
-        None, "--encoder-weights", help="'imagenet' (needs internet) or a local safetensors file."
+        None,
+        "--encoder-weights",
+        help="'imagenet' (needs internet) or a local safetensors file of encoder weights "
+        "(e.g. model.safetensors of the smp-hub/<encoder>.imagenet repository).",
     ),
     loss: str | None = typer.Option(None, "--loss", help="Training loss (default dicefocal)."),
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default 15)."),

@@ -17,6 +17,8 @@ multiples of 32 for the encoder models and of 16 for the ``BasicUNet`` ones.
 Pretrained encoders: ``encoder_weights="imagenet"`` lets segmentation_models_pytorch download
 them (needs internet); a path to a local safetensors file holding the encoder's ``state_dict``
 (keys as in ``model.encoder``, optionally prefixed ``encoder.``) loads them with no network at all.
+The ``model.safetensors`` files that segmentation_models_pytorch itself downloads (Hugging Face
+repositories ``smp-hub/<encoder>.imagenet``) have exactly that form.
 """
 
 from __future__ import annotations
@@ -119,7 +121,14 @@ def resolve(name: str) -> ZooEntry:
             f"model {name!r}: unknown smp architecture {arch!r}; valid: {', '.join(archs)}"
         )
     encoders = smp.encoders.get_encoder_names()
-    if encoder not in encoders:
+    if encoder.startswith("tu-"):  # any timm model, through smp's timm-universal encoder
+        import timm
+
+        if not timm.is_model(encoder[3:]):
+            raise UserError(
+                f"model {name!r}: timm has no model {encoder[3:]!r} (see timm.list_models)"
+            )
+    elif encoder not in encoders:
         raise UserError(
             f"model {name!r}: unknown smp encoder {encoder!r}; valid: {', '.join(sorted(encoders))}"
         )
@@ -166,7 +175,10 @@ def create_model(
         # segmentation_models_pytorch does for its own pretrained weights.
         model = _create_smp(name, entry, 3, classes, None)
         load_encoder_weights(model, encoder_weights)
-        model.encoder.set_in_channels(in_channels, pretrained=True)
+        if in_channels != 3:
+            if not hasattr(model.encoder, "set_in_channels"):
+                raise UserError(f"model {name!r}: local encoder weights need in_channels 3")
+            model.encoder.set_in_channels(in_channels, pretrained=True)
     model.advseg_spec = ModelSpec(name, in_channels, classes)
     return model
 
@@ -187,6 +199,8 @@ def _create_smp(
             f"model {name!r}: cannot fetch {weights} weights ({err}); "
             "pass a local encoder weights file instead"
         ) from None
+    except KeyError as err:  # smp has no such weights for this encoder
+        raise UserError(f"model {name!r}: {err.args[0] if err.args else err}") from None
 
 
 def load_encoder_weights(model: nn.Module, path: str | Path) -> None:
