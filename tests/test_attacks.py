@@ -85,6 +85,8 @@ def test_budget_and_valid_range_hold(name, norm, eps, batch, size, seed):
     attack = create_attack(name, tiny_net(seed=seed % 7), "bce", eps, **_args(name, norm))
     x_adv = attack(x, y)
     assert x_adv.shape == x.shape
+    if eps == 0:
+        assert torch.equal(x_adv, x)
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     delta = (x_adv - x).flatten(1)
     if norm == "linf":

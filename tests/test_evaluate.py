@@ -178,3 +178,22 @@ def test_bad_input_is_a_user_error(model, change, message):
     args |= {"losses": ["bce"], "eps": 0.01} | change
     with pytest.raises(UserError, match=message):
         evaluate_cell(**args, model_name="tiny", arch="unet")
+
+
+def test_targeted_cell_makes_an_organ_vanish(model):
+    data = MemoryData()
+    records = evaluate_cell(
+        model, data, range(10), "pgd", ["bce"], 0.2, model_name="tiny", arch="unet",
+        attack_kwargs={"steps": 5}, erase=["stomach"],
+    ).records  # fmt: skip
+    assert set(records["attack"]) == {"pgd:erase=stomach"}
+    stomach = records[records["class"] == "stomach"]
+    predicted_clean = (stomach["tp_clean"] + stomach["fp_clean"]).sum()
+    predicted_adv = (stomach["tp_adv"] + stomach["fp_adv"]).sum()
+    assert predicted_adv < 0.5 * predicted_clean
+    with pytest.raises(UserError, match="unknown class 'liver'; valid: large_bowel"):
+        evaluate_cell(model, data, [0], "fgsm", ["bce"], 0.1, model_name="t", arch="u",
+                      erase=["liver"])  # fmt: skip
+    with pytest.raises(UserError, match="needs the classes to erase"):
+        evaluate_cell(model, data, [0], "fgsm", ["bce"], 0.1, model_name="t", arch="u",
+                      attack_kwargs={"targeted": True})  # fmt: skip

@@ -6,8 +6,9 @@ is fast by construction:
 - slices are attacked in batches;
 - the losses of a cell share one clean forward pass. For a single-step attack (FGSM) that pass is
   made with the input requiring grad, so it gives the clean prediction *and*, through one
-  backward per loss on the same graph, every loss's input gradient. For iterative attacks the
-  clean prediction is one shared ``inference_mode`` forward;
+  backward per loss on the same graph, every loss's input gradient (one vmapped backward,
+  ``is_grads_batched``, measured slower on a CPU: ``benchmarks/bench_attack.py``). For iterative
+  attacks the clean prediction is one shared ``inference_mode`` forward;
 - the model's parameters require no grad during the attack (only the input gradient is made);
 - the adversarial images of every loss go through the model in one ``inference_mode`` forward;
 - on a GPU, bf16 autocast and channels_last memory.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -89,7 +91,11 @@ class BatchOutput:
 
 
 def attack_batch(
-    model: nn.Module, attacks: Sequence[Attack], x: Tensor, y: Tensor, generator=None
+    model: nn.Module,
+    attacks: Sequence[Attack],
+    x: Tensor,
+    y: Tensor,
+    generator: torch.Generator | None = None,
 ) -> BatchOutput:
     """Attack one batch with one attack per loss, sharing the clean forward.
 
@@ -101,7 +107,7 @@ def attack_batch(
     """
     amp = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda")
     with frozen(model), amp:
-        if all(getattr(a, "single_step", False) for a in attacks):
+        if all(a.single_step for a in attacks):
             with torch.enable_grad():
                 x_in = x.detach().requires_grad_(True)
                 logits = model_logits(model, x_in).float()
@@ -135,6 +141,7 @@ def evaluate_cell(
     batch_size: int = DEFAULT_BATCH_SIZE,
     examples: int = 0,
     workers: int = 0,
+    erase: Sequence[str] = (),
 ) -> CellResult:
     """Evaluate one (model, attack, eps) cell over every loss on the slices ``rows``.
 
@@ -152,9 +159,13 @@ def evaluate_cell(
         batch_size: slices per batch.
         examples: how many of the first slices to return as arrays for figures.
         workers: DataLoader worker processes.
+        erase: class names to make vanish: the attack becomes targeted, its target the true
+            mask with these classes emptied. The records still score against the true mask,
+            and their ``attack`` column reads e.g. ``pgd:erase=stomach``.
 
     Returns:
         A :class:`CellResult`; under ``torch.distributed`` every rank gets the merged records.
+        On a GPU the model is switched to channels_last memory (in place; same outputs).
 
     Raises:
         UserError: an empty split, an unknown attack or loss, a bad eps, or a model whose input
@@ -169,6 +180,8 @@ def evaluate_cell(
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     kwargs = dict(attack_kwargs or {})
     activation = kwargs.get("activation") or "sigmoid"
+    classes = list(data.classes)
+    label, erased = _target_spec(attack, kwargs, erase, classes)
     if len(set(losses)) != len(losses):
         raise UserError(f"losses: each loss once, got {', '.join(losses)}")
     attacks = [create_attack(attack, model, loss, eps, **kwargs) for loss in losses]
@@ -184,7 +197,6 @@ def evaluate_cell(
         Subset(data.dataset(rows), positions), batch_size=batch_size, num_workers=workers
     )
     index = data.index
-    classes = list(data.classes)
     params = sum(p.numel() for p in model.parameters())
     frames: list[tuple[int, pd.DataFrame]] = []
     shown: list[tuple[int, dict[str, np.ndarray]]] = []
@@ -197,7 +209,11 @@ def evaluate_cell(
         generator = torch.Generator(device=device).manual_seed(seed)
         if not frames:
             _check_fit(model, x, y, model_name, classes)
-        out = attack_batch(model, attacks, x, y, generator)
+        target = y
+        if erased:
+            target = y.clone()
+            target[:, erased] = 0  # (B, K, H, W): the chosen organs vanish
+        out = attack_batch(model, attacks, x, target, generator)
         meta = index.iloc[batch["row"].tolist()]
         records = _batch_records(out, names, x, y, meta, classes, activation)
         frames.append((batch_number, records))
@@ -211,11 +227,26 @@ def evaluate_cell(
     order = records["loss"].map({name: i for i, name in enumerate(names)})
     records = records.iloc[np.argsort(order.to_numpy(), kind="stable")].reset_index(drop=True)
     records.insert(0, "eps", float(eps))
-    records.insert(0, "attack", attack)
+    records.insert(0, "attack", label)
     records.insert(0, "params", params)
     records.insert(0, "arch", arch)
     records.insert(0, "model", model_name)
     return CellResult(check_records(records), _merge_examples(shown, names))
+
+
+def _target_spec(
+    attack: str, kwargs: dict[str, Any], erase: Sequence[str], classes: list[str]
+) -> tuple[str, list[int]]:
+    """The records' attack label and the class channels to erase (targeted evaluation)."""
+    if not erase:
+        if kwargs.get("targeted"):
+            raise UserError(f"{attack}: a targeted evaluation needs the classes to erase (erase)")
+        return attack, []
+    unknown = [name for name in erase if name not in classes]
+    if unknown:
+        raise UserError(f"erase: unknown class {unknown[0]!r}; valid: {', '.join(classes)}")
+    kwargs["targeted"] = True
+    return f"{attack}:erase={'+'.join(erase)}", [classes.index(name) for name in erase]
 
 
 def _check_fit(model: nn.Module, x: Tensor, y: Tensor, model_name: str, classes: list[str]):
@@ -325,3 +356,143 @@ def _merge_examples(
         merged[key] = np.concatenate([p[key] for p in parts], axis=1)
     merged["losses"] = np.array(list(losses), dtype=str)
     return merged
+
+
+@dataclass
+class EvaluateConfig:
+    """An evaluation sweep: checkpoints x attacks x eps values, every loss in each cell.
+
+    Attributes:
+        checkpoints: checkpoint paths (``PATH``, ``PATH.safetensors`` or ``PATH.json``).
+        out: the run directory: ``records/*.parquet`` (one file per cell), ``summary.csv``.
+        data: the data directory; by default the one each checkpoint was trained on (or the
+            synthetic phantom).
+        split: ``test`` (the cases the checkpoint held out, its own ``test_fraction`` and
+            ``split_seed``) or ``all``.
+        attacks, losses, eps: the sweep.
+        attack_options: options for the attacks (``steps``, ``norm``, ...); each attack gets the
+            ones it accepts, and an option no attack of the sweep accepts is an error.
+        protocol: the Dice protocol of the summary (``paper``, ``per-class``, ``global``).
+        batch_size: slices per batch.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        examples: slices per cell saved as ``examples/<cell>.npz`` for figures.
+        erase: classes the attacks try to make vanish (targeted; see :func:`evaluate_cell`).
+    """
+
+    checkpoints: list[Path]
+    out: Path
+    data: Path | None = None
+    split: str = "test"
+    attacks: list[str] = field(default_factory=lambda: ["fgsm"])
+    losses: list[str] = field(default_factory=lambda: ["bce", "focal", "dicefocal"])
+    eps: list[float] = field(default_factory=lambda: [0.009])
+    attack_options: dict[str, Any] = field(default_factory=dict)
+    protocol: str = "paper"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    device: str = "auto"
+    examples: int = 0
+    erase: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvaluateResult:
+    """What a sweep produced: Table II, per-cell summaries, the record files, the slices used."""
+
+    table: pd.DataFrame
+    cells: pd.DataFrame
+    record_files: list[Path]
+    summary_path: Path
+    slices: dict[str, int]
+
+
+def cell_name(model_name: str, attack: str, eps: float) -> str:
+    """The file stem of one cell's records, e.g. ``best__fgsm__eps0.009``."""
+    return f"{model_name}__{attack}__eps{eps:g}"
+
+
+def evaluate(config: EvaluateConfig) -> EvaluateResult:
+    """Run a sweep: every cell's records to ``out/records``, Table II to ``out/summary.csv``.
+
+    Under torchrun each cell is sharded over the ranks; rank 0 writes the files.
+
+    Raises:
+        UserError: no checkpoint, an unknown attack, loss, option or protocol, a bad eps, a
+            checkpoint that does not fit the data, or an empty split.
+    """
+    from advseg.atomic import atomic_path
+    from advseg.attacks import ATTACKS, attack_options
+    from advseg.config import from_dict
+    from advseg.data import DataConfig, PreprocessConfig, load_data, split_cases
+    from advseg.models.checkpoint import check_compatible, load_checkpoint
+    from advseg.records import write_records
+    from advseg.summary import PROTOCOLS, summarize, summarize_cells
+    from advseg.train import resolve_device
+
+    if not config.checkpoints:
+        raise UserError("evaluate: no checkpoint given")
+    if config.protocol not in PROTOCOLS:
+        raise UserError(f"protocol: {config.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    if config.split not in ("test", "all"):
+        raise UserError(f"split: {config.split!r} is not 'test' or 'all'")
+    for name in config.attacks:
+        ATTACKS.get(name)  # unknown names fail before any model or data is loaded
+    accepted = {name: set(attack_options(name)) for name in config.attacks}
+    unused = sorted(set(config.attack_options) - set().union(*accepted.values()))
+    if unused:
+        raise UserError(f"attack options {', '.join(unused)}: no attack of the sweep takes them")
+
+    distributed.init()
+    device = resolve_device(config.device)
+    out = Path(config.out)
+    loaded: dict[tuple, Any] = {}
+    frames, files, slices = [], [], {}
+    for checkpoint in config.checkpoints:
+        model, meta = load_checkpoint(checkpoint, device)
+        model_name = Path(checkpoint).name.removesuffix(".safetensors").removesuffix(".json")
+        preprocess = from_dict(
+            PreprocessConfig, meta.preprocessing, where=f"{checkpoint} preprocessing"
+        )
+        data_path = config.data or meta.data.get("path")
+        key = (str(data_path), repr(preprocess))
+        if key not in loaded:  # rank 0 fills the preprocessing cache before the others read it
+            if not distributed.is_main():
+                distributed.barrier()
+            loaded[key] = load_data(DataConfig(path=data_path, preprocess=preprocess))
+            if distributed.is_main():
+                distributed.barrier()
+        data = loaded[key]
+        check_compatible(
+            meta, checkpoint, in_channels=preprocess.channels, classes=list(data.classes)
+        )
+        rows = np.arange(len(data.index))
+        if config.split == "test":
+            fraction = meta.data.get("test_fraction", 0.1)
+            _, rows = split_cases(data.index, fraction, meta.data.get("split_seed", 0))
+        if len(rows) == 0:
+            raise UserError(f"{checkpoint}: the {config.split} split has no slices")
+        slices[model_name] = len(rows)
+        for attack in config.attacks:
+            options = {k: v for k, v in config.attack_options.items() if k in accepted[attack]}
+            for eps in config.eps:
+                result = evaluate_cell(
+                    model, data, rows, attack, config.losses, eps, model_name=model_name,
+                    arch=meta.model, attack_kwargs=options, batch_size=config.batch_size,
+                    examples=config.examples, erase=config.erase,
+                )  # fmt: skip
+                frames.append(result.records)
+                if distributed.is_main():
+                    label = f"{attack}-erase-{'+'.join(config.erase)}" if config.erase else attack
+                    name = cell_name(model_name, label, eps)
+                    files.append(write_records(result.records, out / "records" / f"{name}.parquet"))
+                    if result.examples:
+                        npz = out / "examples" / f"{name}.npz"
+                        with atomic_path(npz) as tmp, open(tmp, "wb") as handle:
+                            np.savez(handle, **result.examples)
+    records = pd.concat(frames, ignore_index=True)
+    table = summarize(records, config.protocol)
+    summary_path = out / "summary.csv"
+    if distributed.is_main():
+        with atomic_path(summary_path) as tmp:
+            table.to_csv(tmp, index=False)
+    cells = summarize_cells(records, config.protocol)
+    return EvaluateResult(table, cells, files, summary_path, slices)

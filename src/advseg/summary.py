@@ -39,10 +39,17 @@ from advseg.metrics import PAPER_SMOOTH, dice_from_counts
 
 Protocol = Literal["paper", "per-class", "global"]
 PROTOCOLS: tuple[str, ...] = ("paper", "per-class", "global")
+UNITS: dict[str, tuple[str, str]] = {
+    "paper": ("slices with a mask", "slices without"),
+    "per-class": ("(slice, class) pairs with a mask", "pairs without"),
+    "global": ("classes with a mask", "classes without"),
+}
+"""What each protocol averages (``units``) and what it leaves out (``excluded``)."""
 
 MODEL_KEYS = ["model", "arch", "params"]
 CELL_KEYS = ["attack", "loss", "eps"]
 CELL_COLUMNS = [*MODEL_KEYS, *CELL_KEYS, "units", "excluded", "dsc_clean", "dsc_adv", "as"]
+HD95_COLUMNS = ["hd95_clean", "hd95_adv", "hd95_pairs", "hd95_excluded"]
 
 
 def _check_protocol(protocol: str) -> None:
@@ -101,7 +108,8 @@ def summarize_cells(records: pd.DataFrame, protocol: Protocol = "per-class") -> 
 
     Returns:
         Columns ``model, arch, params, attack, loss, eps, units, excluded, dsc_clean, dsc_adv,
-        as``; ``units`` / ``excluded`` count what the protocol averaged and left out.
+        as``; ``units`` / ``excluded`` count what the protocol averaged and left out. Then
+        ``hd95_clean, hd95_adv, hd95_pairs, hd95_excluded`` from :func:`hd95_means`.
 
     Raises:
         UserError: unknown protocol or no records.
@@ -114,8 +122,22 @@ def summarize_cells(records: pd.DataFrame, protocol: Protocol = "per-class") -> 
         clean, units, excluded = protocol_dice(group, protocol, "clean")
         adv, _, _ = protocol_dice(group, protocol, "adv")
         success = (clean - adv) / clean if clean > 0 else float("nan")
-        rows.append([*keys, units, excluded, clean, adv, success])
-    return pd.DataFrame(rows, columns=CELL_COLUMNS)
+        rows.append([*keys, units, excluded, clean, adv, success, *hd95_means(group)])
+    return pd.DataFrame(rows, columns=CELL_COLUMNS + HD95_COLUMNS)
+
+
+def hd95_means(group: pd.DataFrame) -> tuple[float, float, int, int]:
+    """Mean clean and adversarial HD95 (pixels) over the (slice, class) pairs where both exist.
+
+    HD95 is undefined (NaN in the records) where exactly one of prediction and mask is empty
+    (:func:`advseg.metrics.hd95`); such pairs, clean or adversarial, are excluded and counted.
+
+    Returns:
+        ``(hd95_clean, hd95_adv, pairs, excluded)``; the means are NaN when no pair is left.
+    """
+    clean, adv = group["hd95_clean"].to_numpy(), group["hd95_adv"].to_numpy()
+    keep = np.isfinite(clean) & np.isfinite(adv)
+    return _mean(clean[keep]), _mean(adv[keep]), int(keep.sum()), int((~keep).sum())
 
 
 def cell_label(attack: str, loss: str, eps: float) -> str:

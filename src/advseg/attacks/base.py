@@ -86,6 +86,9 @@ class Attack:
 
     name: ClassVar[str] = "attack"
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+    single_step: ClassVar[bool] = False
+    """True for attacks made of one step from the clean gradient: they provide
+    ``apply_gradient(x, grad)``, so that an evaluation can share one forward over losses."""
 
     def __init__(
         self,

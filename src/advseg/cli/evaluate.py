@@ -1,0 +1,124 @@
+"""``advseg evaluate`` (a robustness sweep, Table II) and ``advseg attacks`` (what can be used)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from advseg import distributed
+from advseg.attacks import ATTACKS, attack_options
+from advseg.evaluate import EvaluateConfig, EvaluateResult, evaluate
+from advseg.losses import LOSSES
+from advseg.summary import UNITS
+
+
+def evaluate_command(
+    checkpoints: list[Path] = typer.Argument(..., help="Checkpoints (PATH or PATH.safetensors)."),
+    out: Path = typer.Option(..., "--out", help="Run directory (records/, summary.csv)."),
+    data: Path | None = typer.Option(
+        None, "--data", help="Data directory; default: the one each checkpoint was trained on."
+    ),
+    split: str = typer.Option("test", "--split", help="'test' (held-out cases) or 'all'."),
+    attack: list[str] = typer.Option(["fgsm"], "--attack", help="Attack name (repeatable)."),
+    loss: list[str] = typer.Option(
+        ["bce", "focal", "dicefocal"], "--loss", help="Attack loss (repeatable)."
+    ),
+    eps: list[float] = typer.Option([0.009], "--eps", help="Budget (repeatable)."),
+    steps: int | None = typer.Option(None, "--steps", help="Iterations of iterative attacks."),
+    alpha: float | None = typer.Option(None, "--alpha", help="Step size of iterative attacks."),
+    norm: str | None = typer.Option(None, "--norm", help="linf (default) or l2."),
+    restarts: int | None = typer.Option(None, "--restarts", help="PGD-family restarts."),
+    update: str | None = typer.Option(
+        None, "--update", help="FGSM update: sign (eq. 5) or notebook (the paper's blend)."
+    ),
+    protocol: str = typer.Option("paper", "--protocol", help="Dice: paper, per-class, global."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Slices per batch."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    examples: int = typer.Option(0, "--examples", help="Slices per cell saved for figures."),
+    erase: list[str] = typer.Option(
+        [], "--erase", help="Targeted: make this class vanish (repeatable), e.g. stomach."
+    ),
+) -> None:
+    """Attack checkpoints on a data split; write records and print the paper's Table II.
+
+    Run it under torchrun (`torchrun --nproc-per-node N -m advseg evaluate ...`) to shard the
+    slices over several processes or GPUs.
+    """
+    options = {"steps": steps, "alpha": alpha, "norm": norm, "restarts": restarts}
+    options["update"] = update
+    config = EvaluateConfig(
+        checkpoints=list(checkpoints),
+        out=out,
+        data=data,
+        split=split,
+        attacks=list(attack),
+        losses=list(loss),
+        eps=list(eps),
+        attack_options={k: v for k, v in options.items() if v is not None},
+        protocol=protocol,
+        batch_size=batch_size,
+        device=device,
+        examples=examples,
+        erase=list(erase),
+    )
+    result = evaluate(config)
+    if not distributed.is_main():
+        return
+    console = Console()
+    for table in table_two(result, config.protocol):
+        console.print(table)
+    kept, left = UNITS[config.protocol]
+    for row in result.table.itertuples(index=False):
+        console.print(f"{row.model}: clean DSC over {row.units} {kept} ({row.excluded} {left})")
+    slices = ", ".join(f"{k}: {v}" for k, v in result.slices.items())
+    console.print(f"slices evaluated ({config.split} split): {slices}")
+    console.print(f"records: {len(result.record_files)} files in {out / 'records'}")
+    console.print(f"summary: {result.summary_path}")
+
+
+def table_two(result: EvaluateResult, protocol: str) -> list[Table]:
+    """The paper's Table II layout, one table per (attack, eps): model, params, clean DSC, the
+    adversarial DSC under each loss, then the Attack Success under each loss."""
+    clean = result.table.set_index("model")["DSC clean"]
+    tables = []
+    for (attack, eps), cell in result.cells.groupby(["attack", "eps"], sort=False):
+        losses = list(dict.fromkeys(cell["loss"]))
+        title = f"Table II: {attack}, eps {eps:g} ({protocol} Dice; AS = attack success)"
+        table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0))
+        headers = ["model", "params", "DSC\nclean", *[f"DSC\n{x}" for x in losses]]
+        for column in [*headers, *[f"AS\n{x}" for x in losses]]:
+            table.add_column(column, justify="left" if column == "model" else "right", min_width=6)
+        for (model, params), rows in cell.groupby(["model", "params"], sort=False):
+            by_loss = rows.set_index("loss")
+            dsc = [_number(by_loss["dsc_adv"].get(x)) for x in losses]
+            success = [_number(by_loss["as"].get(x)) for x in losses]
+            table.add_row(model, f"{params / 1e6:.2f}M", _number(clean[model]), *dsc, *success)
+        tables.append(table)
+    return tables
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None or pd.isna(value) else f"{value:.4f}"
+
+
+def attacks_command() -> None:
+    """List the attacks (with their options) and the losses they can use."""
+    table = Table(title="attacks")
+    table.add_column("name")
+    table.add_column("what")
+    table.add_column("options")
+    for name in ATTACKS.names():
+        table.add_row(name, ATTACKS.help(name), ", ".join(attack_options(name)))
+    losses = Table(title="losses (--loss)")
+    losses.add_column("name")
+    losses.add_column("what")
+    for name in LOSSES.names():
+        losses.add_row(name, LOSSES.help(name))
+    console = Console()
+    console.print(table)
+    console.print(losses)

@@ -1,0 +1,100 @@
+import pandas as pd
+import pytest
+import torch
+
+from advseg.cli import main
+from advseg.config import to_dict
+from advseg.data import UWMGI_CLASSES, PreprocessConfig, write_synthetic
+from advseg.models import create_model
+from advseg.models.checkpoint import metadata_for, save_checkpoint
+from advseg.records import read_records
+from advseg.summary import summarize
+
+
+def cli(args: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    return exit_.value.code
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A small synthetic data set and an (untrained) unet-tiny checkpoint made for it."""
+    root = tmp_path_factory.mktemp("eval")
+    data = root / "data"
+    write_synthetic(data, cases=3, scans=1, slices=6)
+    torch.manual_seed(0)
+    model = create_model("unet-tiny")
+    preprocessing = to_dict(PreprocessConfig(size=32))
+    source = {"path": str(data), "test_fraction": 0.34, "split_seed": 0}
+    meta = metadata_for(model, list(UWMGI_CLASSES), preprocessing=preprocessing, data=source)
+    save_checkpoint(root / "tiny", model, meta)
+    wrong = create_model("unet-tiny", classes=2)
+    meta = metadata_for(wrong, ["a", "b"], preprocessing=preprocessing, data=source)
+    save_checkpoint(root / "two-classes", wrong, meta)
+    return root
+
+
+def test_evaluate_writes_records_summary_and_prints_table_two(setup, capsys):
+    out = setup / "run"
+    args = ["evaluate", str(setup / "tiny"), "--out", str(out), "--eps", "0.01", "--eps", "0.03"]
+    assert cli([*args, "--batch-size", "4", "--examples", "2", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "Table II: fgsm, eps 0.01 (paper Dice" in printed
+    assert "Table II: fgsm, eps 0.03 (paper Dice" in printed
+    assert "dicefocal" in printed and "slices evaluated (test split): tiny: 6" in printed
+    assert sorted(p.name for p in (out / "records").iterdir()) == [
+        "tiny__fgsm__eps0.01.parquet",
+        "tiny__fgsm__eps0.03.parquet",
+    ]
+    records = read_records(out)
+    assert len(records) == 2 * 6 * 3 * 3  # eps x slices x classes x losses
+    assert set(records["loss"]) == {"bce", "focal", "dicefocal"}
+    summary = pd.read_csv(out / "summary.csv")
+    expected = summarize(records, "paper")
+    assert summary.columns.tolist() == expected.columns.tolist()
+    assert summary["DSC clean"].tolist() == pytest.approx(expected["DSC clean"].tolist())
+    assert len(list((out / "examples").glob("*.npz"))) == 2
+
+
+def test_targeted_sweep_names_its_cells(setup):
+    out = setup / "erase"
+    args = ["evaluate", str(setup / "tiny"), "--out", str(out), "--erase", "stomach"]
+    assert cli([*args, "--loss", "bce", "--attack", "bim", "--steps", "2", "--device", "cpu"]) == 0
+    assert [p.name for p in (out / "records").iterdir()] == [
+        "tiny__bim-erase-stomach__eps0.009.parquet"
+    ]
+    assert set(read_records(out)["attack"]) == {"bim:erase=stomach"}
+    assert "DSC bim:erase=stomach bce eps=0.009" in pd.read_csv(out / "summary.csv").columns
+
+
+def test_attacks_lists_attacks_and_losses(capsys):
+    assert cli(["attacks"]) == 0
+    out = capsys.readouterr().out
+    for name in ("fgsm", "bim", "pgd", "mifgsm", "segpgd", "cospgd", "dicefocal", "restarts"):
+        assert name in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--attack", "pdg"], "unknown attack 'pdg'"),
+        (["--loss", "bec"], "unknown loss 'bec'"),
+        (["--eps", "-0.1"], "eps must be a finite number >= 0"),
+        (["--steps", "3"], "steps: no attack of the sweep takes them"),
+        (["--protocol", "macro"], "protocol"),
+        (["--split", "val"], "split"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(setup, capsys, extra, message):
+    args = ["evaluate", str(setup / "tiny"), "--out", str(setup / "bad"), "--device", "cpu"]
+    assert cli([*args, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (setup / "bad" / "records").exists()
+
+
+def test_checkpoint_that_does_not_fit_the_data(setup, capsys):
+    args = ["evaluate", str(setup / "two-classes"), "--out", str(setup / "bad2")]
+    assert cli(args) == 2
+    assert "checkpoint does not fit: classes" in capsys.readouterr().err
