@@ -21,7 +21,7 @@ from advseg.report import figures, tables
 from advseg.report.examples import load_examples
 from advseg.report.html import Block, Section, format_table, render_html, render_markdown
 from advseg.report.stats import correlate
-from advseg.summary import PROTOCOLS
+from advseg.summary import PROTOCOLS, UNITS
 
 
 @dataclass
@@ -147,8 +147,8 @@ class _Writer:
 def _table_section(writer: _Writer, table: pd.DataFrame, protocol: str, eps: float) -> Section:
     caption = (
         f"Table II at eps {eps:g}: DSC clean and under each (attack, loss, eps), Attack Success "
-        "AS = (DSC_clean - DSC_adv) / DSC_clean. 'units' counts what the protocol averaged, "
-        "'excluded' what it left out."
+        f"AS = (DSC_clean - DSC_adv) / DSC_clean. 'units': {UNITS[protocol][0]} (averaged); "
+        f"'excluded': {UNITS[protocol][1]} (left out)."
     )
     blocks = [writer.table("table2", table, caption)]
     if table.isna().to_numpy().any():
