@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from advseg.cli.report import print_report
+from advseg.cli.report import dataframe_table, print_report
 from advseg.demo import run_demo
 from advseg.experiment import RunResult, find_experiment, load_experiment, run_experiment
 
@@ -24,6 +24,8 @@ def _print_result(result: RunResult, console: Console) -> None:
     )
     if result.report is not None:
         print_report(result.report, console)
+    else:
+        console.print(dataframe_table(result.summary, f"Table II ({result.run_dir}/summary.csv)"))
 
 
 @app.command()
