@@ -90,14 +90,16 @@ def loss_comparison(cells: pd.DataFrame) -> Figure:
     for i, name in enumerate(series):
         values = pivot[name].to_numpy()
         bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name)
-        ax.bar_label(bars, fmt="%.2f", fontsize="x-small", padding=2)
+        ax.bar_label(bars, fmt="%.3f", fontsize="x-small", padding=2)
     ax.set_xticks(x, models, rotation=15 if len(models) > 3 else 0)
     ax.set_xlabel("model")
     ax.set_ylabel("Attack Success\n(DSC_clean - DSC_adv) / DSC_clean")
     eps = ", ".join(f"{e:g}" for e in sorted(cells["eps"].unique()))
     ax.set_title(f"Attack loss comparison (eps {eps})")
-    top = np.nanmax(pivot.to_numpy()) if pivot.size else 1.0
-    ax.set_ylim(min(0.0, np.nanmin(pivot.to_numpy())), max(1.0, top * 1.15))
+    values = pivot.to_numpy()
+    top = float(np.nanmax(values)) if np.isfinite(values).any() else 1.0
+    bottom = float(np.nanmin(values)) if np.isfinite(values).any() else 0.0
+    ax.set_ylim(min(0.0, bottom * 1.3), max(0.05, top * 1.3))
     ax.legend(title="attack / loss", fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     figure.tight_layout()
