@@ -24,6 +24,7 @@ th, td { border: 1px solid #d0d0d0; padding: .3rem .6rem; text-align: right; }
 th { background: #f0f2f5; } td:first-child, th:first-child { text-align: left; }
 tr:nth-child(even) td { background: #fafafa; }
 img { max-width: 100%; border: 1px solid #e2e2e2; margin: .5rem 0; }
+.wide { overflow-x: auto; } figure { margin: 1rem 0; }
 .note { color: #555; font-size: .9rem; } .file { color: #777; font-size: .8rem; }
 """
 
@@ -96,7 +97,7 @@ def _html_block(block: Block) -> str:
         return f"<p>{html.escape(block.text)}</p>"
     if block.kind == "table":
         table = block.table.to_html(index=False, border=0, escape=True)
-        return f'<p class="note">{html.escape(block.text)}{file}</p>{table}'
+        return f'<p class="note">{html.escape(block.text)}{file}</p><div class="wide">{table}</div>'
     data = base64.b64encode(block.png).decode("ascii")
     return (
         f'<figure><img alt="{html.escape(block.text)}" src="data:image/png;base64,{data}">'
