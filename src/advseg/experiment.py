@@ -7,7 +7,8 @@ attack) and writes each cell's records atomically, so that a run stopped at any 
 again skips the finished cells and redoes only the unfinished one. The run directory holds::
 
     config.yaml              the resolved experiment (a different experiment is refused)
-    checkpoints/<model>.*    trained models (not retrained on resume)
+    models/<model>/          each training run: checkpoints/best and last, log.csv (a finished
+                             training is not redone; an interrupted one is resumed)
     records/<cell>.parquet   one file per finished cell
     examples/<cell>.npz      a few slices' images and predictions, for the report's panels
     summary.csv              Table II at the headline eps
