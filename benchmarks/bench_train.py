@@ -10,8 +10,11 @@ on a shared machine); the ratios compare settings measured in this same run.
 - GPU (when CUDA is available): every zoo model, fp32 vs bf16 autocast (both channels_last).
 
 Usage:
-    python benchmarks/bench_train.py                  # about a minute on 2 CPU cores
+    python benchmarks/bench_train.py                  # under a minute on 2 idle CPU cores
     python benchmarks/bench_train.py --size 224 --batch 16 --steps 20   # bigger
+
+On a CPU shared with other busy processes, OpenMP threads that spin while waiting slow every
+step several-fold: run with ``OMP_WAIT_POLICY=PASSIVE`` in the environment, or ``--threads 1``.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def test_malicious_pickle_is_refused_and_runs_no_code(tmp_path, name):
     with pytest.raises(UserError) as err:
         load_checkpoint(evil)
     assert "\n" not in str(err.value)
-    assert str(evil.name) in str(err.value) or "model" in str(err.value)
+    assert evil.name in str(err.value)  # the message names the file at fault
     assert not marker.exists()
 
 
