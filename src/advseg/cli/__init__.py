@@ -14,6 +14,8 @@ from rich.console import Console
 
 from advseg import __version__
 from advseg.cli import data
+from advseg.cli import experiment as experiment_cli
+from advseg.cli import report as report_cli
 from advseg.errors import UserError
 
 app = typer.Typer(
@@ -47,6 +49,8 @@ app.command("models")(_models.models)
 app.command("train")(_train.train)
 app.command("evaluate")(_evaluate.evaluate_command)
 app.command("attacks")(_evaluate.attacks_command)
+app.add_typer(report_cli.app)  # advseg report
+app.add_typer(experiment_cli.app)  # advseg run, advseg demo
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,54 @@
+"""``advseg run EXPERIMENT`` and ``advseg demo``: experiments, resumable, ending in a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from advseg.cli.report import dataframe_table, print_report
+from advseg.demo import run_demo
+from advseg.experiment import RunResult, find_experiment, load_experiment, run_experiment
+
+app = typer.Typer()
+
+
+def _print_result(result: RunResult, console: Console) -> None:
+    grid = result.grid
+    console.print(
+        f"{len(grid.computed)} cells computed, {len(grid.skipped)} already done; "
+        f"models trained now: {', '.join(result.trained) or 'none'}; "
+        f"wall time {result.seconds:.1f} s; run directory {result.run_dir}",
+        highlight=False,
+    )
+    if result.report is not None:
+        print_report(result.report, console)
+    else:
+        console.print(dataframe_table(result.summary, f"Table II ({result.run_dir}/summary.csv)"))
+
+
+@app.command()
+def run(
+    experiment: str = typer.Argument(
+        ..., help="An experiment YAML file, or a shipped one by name (demo, paper)."
+    ),
+    out: Path | None = typer.Option(None, help="Run directory [default: runs/<name>]."),
+) -> None:
+    """Run an experiment grid (train or load models, attack, record, report); resumable."""
+    config = load_experiment(find_experiment(experiment))
+    run_dir = out if out is not None else Path("runs") / config.name
+    _print_result(run_experiment(config, run_dir, progress=True), Console())
+
+
+@app.command()
+def demo(
+    data: Path | None = typer.Option(
+        None, help="A data directory [default: the synthetic phantom, made on the fly]."
+    ),
+    out: Path | None = typer.Option(
+        None, help="Run directory [default: runs/demo, or runs/demo-<data folder>]."
+    ),
+) -> None:
+    """Train the plain U-Net, attack it with FGSM under three losses, write the report."""
+    _print_result(run_demo(data, out, progress=True), Console())

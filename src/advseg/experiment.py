@@ -1,0 +1,567 @@
+"""An experiment: a grid of models x attacks x eps values, each evaluated under several losses.
+
+An experiment file (YAML) names the data, the models (trained here or loaded from checkpoints),
+the attacks with their losses and eps values, and the evaluation protocol. :func:`run_experiment`
+works through the grid one *cell* at a time (one model, one attack, one eps, every loss of that
+attack) and writes each cell's records atomically, so that a run stopped at any point and started
+again skips the finished cells and redoes only the unfinished one. The run directory holds::
+
+    config.yaml              the resolved experiment (a different experiment is refused)
+    models/<model>/          each training run: checkpoints/best and last, log.csv (a finished
+                             training is not redone; an interrupted one is resumed)
+    records/<cell>.parquet   one file per finished cell
+    examples/<cell>.npz      a few slices' images and predictions, for the report's panels
+    summary.csv              Table II at the headline eps
+    report/                  report.html, report.md, CSV and PNG files
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.progress import (
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from advseg.atomic import write_text_atomic
+from advseg.attacks import ATTACKS
+from advseg.augment import Augment
+from advseg.config import from_dict, load_yaml, save_yaml, to_dict
+from advseg.data import DataConfig, SliceData, load_data, split_cases
+from advseg.errors import UserError
+from advseg.evaluate import evaluate_cell
+from advseg.losses import LOSSES
+from advseg.models import create_model, load_checkpoint, read_checkpoint
+from advseg.models.zoo import resolve as resolve_model
+from advseg.records import read_records, write_records
+from advseg.report import Report, write_report
+from advseg.report.examples import save_examples
+from advseg.report.tables import headline_eps
+from advseg.summary import summarize
+from advseg.train import TrainConfig, resolve_device, train
+
+PAPER_LOSSES = ["bce", "focal", "dicefocal"]
+
+
+@dataclass
+class ModelSpec:
+    """One model of the grid.
+
+    Attributes:
+        arch: a model zoo name (``advseg models`` lists them), e.g. ``unet`` or ``smp:Unet:vgg13``.
+        name: the model's label in the run (records, tables, checkpoint file); defaults to ``arch``
+            with every character outside ``[A-Za-z0-9._-]`` replaced by ``-``.
+        checkpoint: load this checkpoint (path without suffix) instead of training.
+    """
+
+    arch: str = "unet"
+    name: str = ""
+    checkpoint: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.name = self.name or slug(self.arch)
+
+
+@dataclass
+class AttackSpec:
+    """One attack of the grid, evaluated at every eps under every loss.
+
+    Attributes:
+        name: an attack registry name (``fgsm``, ``pgd``, ...).
+        losses: loss registry names the attack maximises, one records set each.
+        eps: L-inf budgets in image units ([0, 1] range).
+        kwargs: further attack arguments (steps, step size, ...), passed as they are.
+    """
+
+    name: str = "fgsm"
+    losses: list[str] = field(default_factory=lambda: list(PAPER_LOSSES))
+    eps: list[float] = field(default_factory=lambda: [0.009])
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SplitSpec:
+    """How cases are divided; no case has slices on two sides.
+
+    Attributes:
+        test_fraction: share of the cases held out for evaluation (the paper: 0.1).
+        val_fraction: share of the remaining cases used for early stopping while training.
+        seed: the random draw of cases.
+    """
+
+    test_fraction: float = 0.1
+    val_fraction: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class EvaluationSpec:
+    """Which slices are attacked and how the results are summarised.
+
+    Attributes:
+        slices: ``with_mask`` evaluates the test slices that have a mask (the paper's protocol);
+            ``all`` evaluates every test slice.
+        max_slices: evaluate at most this many test slices (the first ones in index order).
+        batch_size: slices per attack batch.
+        examples: slices per cell whose images and predictions are kept for the report's panels.
+        protocol: the Dice protocol of the summary (``paper``, ``per-class``, ``global``).
+    """
+
+    slices: Literal["with_mask", "all"] = "with_mask"
+    max_slices: int | None = None
+    batch_size: int = 16
+    examples: int = 2
+    protocol: Literal["paper", "per-class", "global"] = "per-class"
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment, as read from its YAML file (every key optional).
+
+    Attributes:
+        name: a label for the run.
+        seed: seeds each cell's attack (torch), so a resumed run gives the same numbers.
+        data: the data set and its preprocessing (:class:`advseg.data.DataConfig`); no ``path``
+            means the synthetic phantom.
+        split: the case split into train, validation and test.
+        train: training settings shared by every model trained here
+            (:class:`advseg.train.TrainConfig`; ``train.model`` is set from each model's arch).
+        models, attacks: the grid.
+        evaluation: slices, batch size, examples and the Dice protocol.
+        report: write the report when the grid is done.
+    """
+
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitSpec = field(default_factory=SplitSpec)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    models: list[ModelSpec] = field(default_factory=lambda: [ModelSpec()])
+    attacks: list[AttackSpec] = field(default_factory=lambda: [AttackSpec()])
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    report: bool = True
+
+
+def slug(text: str) -> str:
+    """A stable file-name-safe form of ``text``: characters outside ``[A-Za-z0-9._-]`` become -."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work and of resumption: one model, one attack, one eps, several losses."""
+
+    model: str
+    attack: str
+    eps: float
+    losses: tuple[str, ...]
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def slug(self) -> str:
+        """The cell's file name stem, e.g. ``unet__fgsm__eps0.009``."""
+        return f"{slug(self.model)}__{slug(self.attack)}__eps{self.eps:g}"
+
+
+def check_config(config: ExperimentConfig) -> ExperimentConfig:
+    """Check what the dataclass types cannot: names, ranges and duplicates, naming the key."""
+    if not config.models:
+        raise UserError("models: at least one model is needed")
+    if not config.attacks:
+        raise UserError("attacks: at least one attack is needed")
+    seen: dict[str, int] = {}
+    for i, model in enumerate(config.models):
+        if model.checkpoint is None:
+            try:
+                resolve_model(model.arch)
+            except UserError as err:
+                raise UserError(f"models[{i}].arch: {err}") from None
+        if model.name in seen:
+            raise UserError(
+                f"models[{i}].name: {model.name!r} is also models[{seen[model.name]}]; "
+                "give one of them another name"
+            )
+        seen[model.name] = i
+    kwargs_of: dict[str, tuple[int, dict[str, Any]]] = {}
+    for i, attack in enumerate(config.attacks):
+        if not attack.losses:
+            raise UserError(f"attacks[{i}].losses: at least one loss is needed")
+        for j, loss in enumerate(attack.losses):
+            if loss not in LOSSES:
+                raise UserError(f"attacks[{i}].losses[{j}]: {LOSSES.unknown_message(loss)}")
+        if not attack.eps:
+            raise UserError(f"attacks[{i}].eps: at least one eps is needed")
+        for j, eps in enumerate(attack.eps):
+            if not (math.isfinite(eps) and eps >= 0):
+                raise UserError(f"attacks[{i}].eps[{j}]: {eps} is not a number >= 0")
+        if attack.name not in ATTACKS:
+            raise UserError(f"attacks[{i}].name: {ATTACKS.unknown_message(attack.name)}")
+        first = kwargs_of.setdefault(attack.name, (i, attack.kwargs))
+        if first[1] != attack.kwargs:
+            raise UserError(
+                f"attacks[{i}].kwargs: attack {attack.name!r} appears in attacks[{first[0]}] with "
+                "other kwargs; the records could not tell them apart"
+            )
+    for key in ("test_fraction", "val_fraction"):
+        value = getattr(config.split, key)
+        if not 0 < value < 1:
+            raise UserError(f"split.{key}: {value} is not between 0 and 1")
+    if config.train.model != TrainConfig.model:
+        raise UserError("train.model: name the models under models: (each one's arch)")
+    ev = config.evaluation
+    for key in ("batch_size", "max_slices"):
+        value = getattr(ev, key)
+        if value is not None and value < 1:
+            raise UserError(f"evaluation.{key}: {value} must be at least 1")
+    if ev.examples < 0:
+        raise UserError(f"evaluation.examples: {ev.examples} must be 0 or more")
+    return config
+
+
+def packaged_config(name: str) -> Path | None:
+    """The experiment file shipped with advseg under ``name`` (``demo``, ``paper.yaml``), if any."""
+    stem = name.removesuffix(".yaml")
+    path = Path(str(resources.files("advseg") / "configs" / f"{stem}.yaml"))
+    return path if path.is_file() else None
+
+
+def find_experiment(path_or_name: str | Path) -> Path:
+    """An experiment file: ``path_or_name`` when it exists, else a shipped one of that name.
+
+    Raises:
+        UserError: neither exists (the shipped names are listed).
+    """
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    shipped = packaged_config(path.name) if path.parent == Path(".") else None
+    if shipped is not None:
+        return shipped
+    names = sorted(p.stem for p in resources.files("advseg").joinpath("configs").iterdir())
+    raise UserError(f"{path}: no such experiment file (shipped experiments: {', '.join(names)})")
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Read and check an experiment file; a bad key or value is a UserError naming key and file."""
+    data = load_yaml(path)
+    try:
+        return check_config(from_dict(ExperimentConfig, data or {}))
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
+
+
+def plan_cells(config: ExperimentConfig) -> list[Cell]:
+    """The grid in run order (model by model), with the losses of repeated (attack, eps) united."""
+    cells: dict[tuple[str, str, float], list[str]] = {}
+    kwargs: dict[str, tuple[tuple[str, Any], ...]] = {}
+    for model in config.models:
+        for attack in config.attacks:
+            kwargs[attack.name] = tuple(sorted(attack.kwargs.items()))
+            for eps in attack.eps:
+                losses = cells.setdefault((model.name, attack.name, float(eps)), [])
+                losses += [loss for loss in attack.losses if loss not in losses]
+    return [
+        Cell(model, attack, eps, tuple(losses), kwargs[attack])
+        for (model, attack, eps), losses in cells.items()
+    ]
+
+
+@dataclass
+class CellOutput:
+    """What computing one cell gives: its records and (optionally) example arrays."""
+
+    records: pd.DataFrame
+    examples: dict[str, Any] | None = None
+
+
+@dataclass
+class GridResult:
+    """Which cells were computed now and which were found finished on disk."""
+
+    computed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def run_cells(
+    cells: Sequence[Cell],
+    run_dir: str | Path,
+    compute: Callable[[Cell], CellOutput],
+    on_cell: Callable[[Cell, bool], None] | None = None,
+) -> GridResult:
+    """Compute every cell whose records file is missing; a present file means the cell is done.
+
+    The examples file is written before the records file, and each atomically, so a records file
+    on disk always belongs to a finished cell and an interrupted cell leaves nothing behind.
+
+    Args:
+        cells: the grid, in run order.
+        run_dir: the run directory (``records/`` and ``examples/`` are made inside it).
+        compute: evaluates one cell.
+        on_cell: called after each cell with the cell and whether it was skipped (for progress).
+    """
+    run_dir = Path(run_dir)
+    result = GridResult()
+    for cell in cells:
+        records_path = run_dir / "records" / f"{cell.slug}.parquet"
+        if records_path.exists():
+            result.skipped.append(cell.slug)
+        else:
+            output = compute(cell)
+            if output.examples:
+                path = run_dir / "examples" / f"{cell.slug}.npz"
+                save_examples(
+                    output.examples, path, model=cell.model, attack=cell.attack, eps=cell.eps
+                )
+            write_records(output.records, records_path)
+            result.computed.append(cell.slug)
+        if on_cell is not None:
+            on_cell(cell, cell.slug in result.skipped)
+    return result
+
+
+def prepare_run_dir(config: ExperimentConfig, run_dir: str | Path) -> Path:
+    """Create ``run_dir`` with the resolved config, or check that it holds this same experiment.
+
+    Raises:
+        UserError: ``run_dir/config.yaml`` holds a different experiment (naming the first key that
+            differs), since resuming it with this config would mix two experiments' records.
+    """
+    run_dir = Path(run_dir)
+    saved_path = run_dir / "config.yaml"
+    resolved = to_dict(config)
+    if saved_path.exists():
+        saved = load_yaml(saved_path)
+        difference = _first_difference(saved, resolved)
+        if difference is not None:
+            raise UserError(
+                f"{saved_path}: this run directory holds another experiment ({difference} "
+                "differs); use a new run directory"
+            )
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(resolved, saved_path)
+    return run_dir
+
+
+def _first_difference(old: Any, new: Any, where: str = "") -> str | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            found = _first_difference(
+                old.get(key), new.get(key), f"{where}.{key}" if where else key
+            )
+            if found:
+                return found
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            found = _first_difference(a, b, f"{where}[{i}]")
+            if found:
+                return found
+        return None
+    return None if old == new else (where or "the whole config")
+
+
+@dataclass
+class RunResult:
+    """What :func:`run_experiment` did.
+
+    Attributes:
+        run_dir: the run directory.
+        grid: cells computed now and cells found finished.
+        trained: models trained (or whose training was resumed) by this call.
+        summary: Table II at the headline eps (also in ``summary.csv``).
+        report: the written report, when ``config.report`` is true.
+        seconds: wall time of this call.
+    """
+
+    run_dir: Path
+    grid: GridResult
+    trained: list[str]
+    summary: pd.DataFrame
+    report: Report | None
+    seconds: float
+
+
+def run_experiment(
+    config: ExperimentConfig, run_dir: str | Path, *, progress: bool = False
+) -> RunResult:
+    """Run (or resume) an experiment in ``run_dir``: data, training, the grid, summary, report.
+
+    Args:
+        config: the experiment (checked by :func:`check_config`).
+        run_dir: the run directory; an existing one must hold this same experiment.
+        progress: show rich progress (data, training epochs, cells) on the terminal.
+    """
+    start = time.perf_counter()
+    check_config(config)
+    run_dir = prepare_run_dir(config, run_dir)
+    console = Console(stderr=True, quiet=not progress)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(
+            "loading data (the phantom is written on first use), slices", total=None
+        )
+        data = load_data(config.data, progress=lambda n: bar.update(task, completed=n))
+    train_rows, val_rows, test_rows = split_rows(data.index, config.split)
+    eval_rows = _evaluation_rows(data, test_rows, config.evaluation)
+    console.print(
+        f"data: {len(data)} slices; cases split into train {len(train_rows)}, validation "
+        f"{len(val_rows)}, test {len(test_rows)} slices; evaluated {len(eval_rows)} test slices "
+        f"({config.evaluation.slices})",
+        highlight=False,
+    )
+    for line in data.exclusions.lines():
+        console.print(f"data: {line}", highlight=False)
+    cells = plan_cells(config)
+    models: dict[str, tuple[torch.nn.Module, str]] = {}
+    trained = []
+    device = resolve_device(config.train.device)
+
+    def model_for(name: str) -> tuple[torch.nn.Module, str]:
+        if name not in models:
+            spec = next(m for m in config.models if m.name == name)
+            net, arch, fresh = _get_model(
+                spec, config, data, train_rows, val_rows, run_dir, progress
+            )
+            if fresh:
+                trained.append(name)
+            models.clear()  # one model in memory at a time
+            models[name] = (net.to(device).eval(), arch)
+        return models[name]
+
+    def compute(cell: Cell) -> CellOutput:
+        net, arch = model_for(cell.model)
+        torch.manual_seed(config.seed)
+        with console.status(
+            f"evaluating {cell.model}, {cell.attack} eps {cell.eps:g} "
+            f"({', '.join(cell.losses)}) on {len(eval_rows)} slices"
+        ):
+            result = evaluate_cell(
+                net,
+                data,
+                eval_rows,
+                cell.attack,
+                list(cell.losses),
+                cell.eps,
+                model_name=cell.model,
+                arch=arch,
+                attack_kwargs=dict(cell.kwargs),
+                batch_size=config.evaluation.batch_size,
+                examples=config.evaluation.examples,
+            )
+        return CellOutput(result.records, result.examples)
+
+    total = len(cells)
+
+    def on_cell(cell: Cell, skipped: bool) -> None:
+        index = cells.index(cell) + 1
+        state = "already done" if skipped else "done"
+        console.print(f"cell {index}/{total} {cell.slug}: {state}", highlight=False)
+
+    grid = run_cells(cells, run_dir, compute, on_cell)
+    records = read_records(run_dir)
+    eps = headline_eps(records)
+    summary = summarize(records[records["eps"] == eps], config.evaluation.protocol)
+    write_text_atomic(run_dir / "summary.csv", summary.to_csv(index=False, na_rep="n/a"))
+    report = None
+    if config.report:
+        with console.status("writing the report"):
+            report = write_report(run_dir, protocol=config.evaluation.protocol, eps=eps)
+    return RunResult(run_dir, grid, trained, summary, report, time.perf_counter() - start)
+
+
+def split_rows(index: pd.DataFrame, split: SplitSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train, validation and test rows (positions in ``index``), each a set of whole cases."""
+    learn, test = split_cases(index, split.test_fraction, split.seed)
+    train_part, val_part = split_cases(
+        index.iloc[learn].reset_index(drop=True), split.val_fraction, split.seed
+    )
+    return learn[train_part], learn[val_part], test
+
+
+def _evaluation_rows(
+    data: SliceData, test_rows: np.ndarray, evaluation: EvaluationSpec
+) -> np.ndarray:
+    rows = test_rows
+    if evaluation.slices == "with_mask":
+        has_mask = data.masks[rows].reshape(len(rows), -1).any(axis=1)
+        rows = rows[has_mask]
+    if evaluation.max_slices is not None:
+        rows = rows[: evaluation.max_slices]
+    if len(rows) == 0:
+        raise UserError(
+            f"evaluation.slices: no test slice left to evaluate ({evaluation.slices}, "
+            f"{len(test_rows)} test slices)"
+        )
+    return rows
+
+
+def _get_model(
+    spec: ModelSpec,
+    config: ExperimentConfig,
+    data: SliceData,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    run_dir: Path,
+    progress: bool,
+) -> tuple[torch.nn.Module, str, bool]:
+    """The model of ``spec``: loaded from its checkpoint, or trained (resumed) in the run dir.
+
+    Returns:
+        ``(model, zoo name, trained_now)``.
+    """
+    if spec.checkpoint is not None:
+        net, meta = load_checkpoint(spec.checkpoint, classes=data.classes)
+        return net, meta.model, False
+    out = run_dir / "models" / spec.name
+    best = out / "checkpoints" / "best"
+    last = out / "checkpoints" / "last"
+    train_config = replace(config.train, model=spec.arch)
+    if best.with_suffix(".json").exists() and _finished(last, train_config):
+        net, meta = load_checkpoint(best, classes=data.classes)
+        return net, meta.model, False
+    net = create_model(
+        spec.arch,
+        in_channels=data.preprocess.channels,
+        classes=len(data.classes),
+        encoder_weights=train_config.encoder_weights,
+    )
+    augment = train_config.augment
+    transform = Augment(augment, data.preprocess.size) if augment.enabled else None
+    train(
+        net,
+        data.dataset(train_rows, transform=transform),
+        data.dataset(val_rows),
+        train_config,
+        out,
+        classes=data.classes,
+        preprocessing=to_dict(data.preprocess),
+        data={"data": to_dict(config.data), "split": to_dict(config.split)},
+        resume=last.with_suffix(".json").exists(),
+        progress=progress,
+    )
+    net, meta = load_checkpoint(best, classes=data.classes)
+    return net, meta.model, True
+
+
+def _finished(last: Path, train_config: TrainConfig) -> bool:
+    """True when the training run at ``last`` ran all its epochs or stopped early."""
+    if not last.with_suffix(".json").exists():
+        return False
+    _, _, state = read_checkpoint(last)
+    return state is not None and (state["stopped_early"] or state["epoch"] >= train_config.epochs)

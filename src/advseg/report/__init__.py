@@ -1,0 +1,328 @@
+"""The report of a run: tables, figures and one self-contained HTML page, from records only.
+
+:func:`write_report` reads a run directory's ``records/*.parquet`` (and, for the example panels,
+``examples/*.npz``), never a model, so it can be re-run at any time. It writes into
+``RUN_DIR/report/``: ``report.html`` (figures embedded), ``report.md``, one CSV per table with the
+raw numbers, one PNG per figure. Every DSC and Attack Success comes from :mod:`advseg.summary`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from advseg.atomic import write_bytes_atomic, write_text_atomic
+from advseg.config import load_yaml
+from advseg.errors import UserError
+from advseg.records import read_records
+from advseg.report import figures, tables
+from advseg.report.examples import load_examples
+from advseg.report.html import Block, Section, format_table, render_html, render_markdown
+from advseg.report.stats import correlate
+from advseg.summary import PROTOCOLS, UNITS
+
+
+@dataclass
+class Report:
+    """What :func:`write_report` wrote.
+
+    Attributes:
+        html, markdown: the report's two pages.
+        files: every file written (pages, CSV, PNG).
+        table: Table II at ``eps`` (as :func:`advseg.summary.summarize` returns it).
+        protocol: the Dice protocol used; eps: the headline eps.
+        notes: what could not be drawn, and why (also stated in the report).
+    """
+
+    html: Path
+    markdown: Path
+    table: pd.DataFrame
+    protocol: str
+    eps: float
+    files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def write_report(
+    run_dir: str | Path,
+    *,
+    protocol: str | None = None,
+    eps: float | None = None,
+    out_dir: str | Path | None = None,
+) -> Report:
+    """Write the report of ``run_dir`` from its records.
+
+    Args:
+        run_dir: a run directory (with ``records/``).
+        protocol: Dice protocol; default: the run's ``evaluation.protocol``, else ``per-class``.
+        eps: the eps of Table II and the per-eps figures; default: the eps with the most results.
+        out_dir: where to write; default ``run_dir/report``.
+
+    Raises:
+        UserError: no records, a broken records or examples file, an eps not in the records.
+    """
+    run_dir = Path(run_dir)
+    records = read_records(run_dir)
+    protocol = protocol or _run_protocol(run_dir)
+    if protocol not in PROTOCOLS:
+        valid = ", ".join(PROTOCOLS)
+        raise UserError(f"--protocol: unknown Dice protocol {protocol!r}; valid: {valid}")
+    available = sorted(records["eps"].unique())
+    eps = tables.headline_eps(records) if eps is None else float(eps)
+    if not any(abs(eps - e) < 1e-12 for e in available):
+        listed = ", ".join(f"{e:g}" for e in available)
+        raise UserError(f"--eps: {eps:g} is not in the records of {run_dir} (they have {listed})")
+    eps = next(e for e in available if abs(eps - e) < 1e-12)
+    out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    writer = _Writer(out)
+
+    table_ii = tables.table_ii(records, protocol, eps)
+    cells = tables.cells_table(records, protocol)
+    at_eps = cells[cells["eps"] == eps]
+    classes = list(records["class"].drop_duplicates())
+    sections = [
+        _table_section(writer, table_ii, protocol, eps),
+        _eps_section(writer, cells),
+        _panel_section(writer, run_dir, at_eps, classes, eps),
+        _loss_section(writer, at_eps, eps),
+        _params_section(writer, at_eps, eps),
+        _luminosity_section(writer, records, eps, protocol),
+        _class_section(writer, records, protocol, eps),
+    ]
+    cell_files = len(list((run_dir / "records").glob("*.parquet")))
+    intro = (
+        f"Run {run_dir.resolve()}: {len(records)} records from {cell_files} cell "
+        f"file{'s' if cell_files != 1 else ''}; "
+        f"models {', '.join(map(str, records['model'].unique()))}; "
+        f"Dice protocol '{protocol}'; main eps {eps:g}. Every number below is computed from "
+        "these records (advseg.summary); the CSV file named beside each table or figure holds "
+        "its numbers."
+    )
+    title = "advseg robustness report"
+    html_path = writer.text("report.html", render_html(title, intro, sections))
+    md_path = writer.text("report.md", render_markdown(title, intro, sections))
+    return Report(html_path, md_path, table_ii, protocol, eps, writer.files, writer.notes)
+
+
+def _run_protocol(run_dir: Path) -> str:
+    config = run_dir / "config.yaml"
+    if config.exists():
+        data = load_yaml(config) or {}
+        protocol = (data.get("evaluation") or {}).get("protocol")
+        if protocol:
+            return str(protocol)
+    return "per-class"
+
+
+class _Writer:
+    """Writes the report's files atomically and remembers them, and what was left out."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.files: list[Path] = []
+        self.notes: list[str] = []
+
+    def text(self, name: str, text: str) -> Path:
+        write_text_atomic(self.out / name, text)
+        self.files.append(self.out / name)
+        return self.out / name
+
+    def table(self, name: str, frame: pd.DataFrame, caption: str) -> Block:
+        self.text(f"{name}.csv", frame.to_csv(index=False, na_rep="n/a"))
+        return Block("table", caption, table=format_table(frame), file=f"{name}.csv")
+
+    def figure(self, name: str, figure: object, caption: str) -> Block:
+        png = figures.to_png(figure)
+        write_bytes_atomic(self.out / f"{name}.png", png)
+        self.files.append(self.out / f"{name}.png")
+        return Block("figure", caption, png=png, file=f"{name}.png")
+
+    def note(self, text: str) -> Block:
+        self.notes.append(text)
+        return Block("text", text)
+
+
+def _table_section(writer: _Writer, table: pd.DataFrame, protocol: str, eps: float) -> Section:
+    caption = (
+        f"Table II at eps {eps:g}: DSC clean and under each (attack, loss, eps), Attack Success "
+        f"AS = (DSC_clean - DSC_adv) / DSC_clean. 'units': {UNITS[protocol][0]} (averaged); "
+        f"'excluded': {UNITS[protocol][1]} (left out)."
+    )
+    blocks = [writer.table("table2", table, caption)]
+    if table.isna().to_numpy().any():
+        blocks.append(writer.note("n/a: no unit left to average (or a clean DSC of 0 for AS)."))
+    return Section(f"Table II (Dice protocol '{protocol}')", blocks)
+
+
+def _eps_section(writer: _Writer, cells: pd.DataFrame) -> Section:
+    section = Section("DSC against eps")
+    swept = cells.groupby(["attack", "loss"])["eps"].nunique()
+    if (swept >= 2).any():
+        section.blocks.append(
+            writer.figure(
+                "dsc_vs_eps",
+                figures.dsc_vs_eps(cells),
+                "DSC under attack against eps, one line per model (eps 0: clean DSC).",
+            )
+        )
+    else:
+        section.blocks.append(
+            writer.note("No (attack, loss) was evaluated at two or more eps values: no curve.")
+        )
+    section.blocks.append(
+        writer.table("cells", cells, "Every (model, attack, loss, eps) cell of the run.")
+    )
+    return section
+
+
+def _panel_section(
+    writer: _Writer, run_dir: Path, at_eps: pd.DataFrame, classes: list[str], eps: float
+) -> Section:
+    section = Section(f"Example slices (eps {eps:g})")
+    files = sorted((run_dir / "examples").glob("*.npz"))
+    saved = {}
+    for file in files:
+        examples = load_examples(file)
+        cell = examples["cell"]
+        if abs(cell["eps"] - eps) < 1e-12 and len(examples.get("slice_ids", [])):
+            saved.setdefault(cell["model"], []).append((cell["attack"], examples))
+    for model, rows in at_eps.groupby("model", sort=False):
+        if model not in saved:
+            continue
+        for attack, examples in saved[model]:
+            losses = rows[(rows["attack"] == attack) & rows["loss"].isin(examples["losses"])]
+            if losses.empty:
+                continue
+            strongest = losses.sort_values("attack_success", ascending=False).iloc[0]
+            title = (
+                f"{model}: {attack.upper()} eps {eps:g}, loss {strongest['loss']} "
+                f"(the strongest; AS {strongest['attack_success']:.3f})"
+            )
+            figure = figures.example_panel(examples, strongest["loss"], classes, title)
+            name = f"panel_{tables.file_stem(model)}_{tables.file_stem(attack)}"
+            section.blocks.append(writer.figure(name, figure, title))
+    missing = [m for m in at_eps["model"].unique() if m not in saved]
+    if missing:
+        section.blocks.append(
+            writer.note(
+                f"No saved example slices at eps {eps:g} for {', '.join(map(str, missing))} in "
+                f"{run_dir / 'examples'}: panels need a run with evaluation.examples > 0."
+            )
+        )
+    return section
+
+
+def _loss_section(writer: _Writer, at_eps: pd.DataFrame, eps: float) -> Section:
+    figure = figures.loss_comparison(at_eps)
+    return Section(
+        "Attack loss comparison",
+        [
+            writer.figure(
+                "loss_comparison",
+                figure,
+                f"Attack Success per model and attack loss at eps {eps:g} (the paper's Figure 8).",
+            )
+        ],
+    )
+
+
+def _params_section(writer: _Writer, at_eps: pd.DataFrame, eps: float) -> Section:
+    points = at_eps.assign(
+        series=at_eps["attack"] + " / " + at_eps["loss"], params_m=at_eps["params"] / 1e6
+    )
+    stats = tables.correlation_table(points, ["series"], "params_m")
+    correlations = {
+        name: correlate(f["params_m"], f["attack_success"], names=("parameters", "AS"))
+        for name, f in points.groupby("series")
+    }
+    figure = figures.scatter_with_stats(
+        points,
+        "params_m",
+        "attack_success",
+        "series",
+        correlations,
+        xlabel="parameters (millions)",
+        ylabel="Attack Success",
+        title=f"Parameter count against Attack Success (eps {eps:g}), one point per model",
+    )
+    writer.text("params_vs_attack_success.csv", points.to_csv(index=False, na_rep="n/a"))
+    return Section(
+        "Parameter count against Attack Success",
+        [
+            writer.figure(
+                "params_vs_attack_success",
+                figure,
+                "The paper claims a negligible correlation; tested per attack / loss "
+                "(points: params_vs_attack_success.csv).",
+            ),
+            writer.table(
+                "params_correlation",
+                stats,
+                "Pearson and Spearman correlation of parameters and Attack Success over models.",
+            ),
+        ],
+    )
+
+
+def _luminosity_section(
+    writer: _Writer, records: pd.DataFrame, eps: float, protocol: str
+) -> Section:
+    per_slice = tables.slice_table(records[records["eps"] == eps])
+    points = per_slice.slices.assign(
+        series=per_slice.slices["attack"] + " / " + per_slice.slices["loss"]
+    )
+    writer.text("luminosity_vs_attack_success.csv", points.to_csv(index=False, na_rep="n/a"))
+    section = Section("Slice luminosity against Attack Success")
+    for series, frame in points.groupby("series", sort=True):
+        correlations = {
+            str(m): correlate(f["luminosity"], f["attack_success"], names=("luminosity", "AS"))
+            for m, f in frame.groupby("model")
+        }
+        figure = figures.scatter_with_stats(
+            frame,
+            "luminosity",
+            "attack_success",
+            "model",
+            correlations,
+            xlabel="slice luminosity (mean image intensity, range [0, 1])",
+            ylabel="Attack Success of the slice",
+            title=f"Luminosity against Attack Success, {series}, eps {eps:g}, one point per slice",
+        )
+        name = f"luminosity_{tables.file_stem(series)}"
+        section.blocks.append(
+            writer.figure(name, figure, f"{series}: points in luminosity_vs_attack_success.csv")
+        )
+    stats = tables.correlation_table(points, ["model", "attack", "loss"], "luminosity")
+    section.blocks.append(
+        writer.table(
+            "luminosity_correlation",
+            stats,
+            "Pearson and Spearman correlation of slice luminosity and the slice's Attack Success.",
+        )
+    )
+    section.blocks.append(
+        Block(
+            "text",
+            f"Per-slice DSC: the mean over the classes with a mask in the slice (this is the "
+            f"report's own per-slice view, not the '{protocol}' protocol). Left out: "
+            f"{per_slice.no_ground_truth} slice results with no mask at all, "
+            f"{per_slice.clean_zero} with a clean DSC of 0 (Attack Success undefined).",
+        )
+    )
+    return section
+
+
+def _class_section(writer: _Writer, records: pd.DataFrame, protocol: str, eps: float) -> Section:
+    table = tables.per_class_table(records, protocol, eps)
+    return Section(
+        "Per-class breakdown",
+        [
+            writer.table(
+                "per_class",
+                table,
+                f"Table II computed on each class's records alone, eps {eps:g}.",
+            )
+        ],
+    )

@@ -1,0 +1,221 @@
+"""The report's figures, drawn with matplotlib (Agg backend) from tables built out of records.
+
+Every function takes plain DataFrames (or saved example arrays) and returns a
+:class:`matplotlib.figure.Figure`; writing PNG files and embedding them is the caller's job. Each
+figure has axis labels with units and a legend. The long "cells" table used here has one row per
+(model, attack, loss, eps) with columns ``model, params, attack, loss, eps, dsc_clean, dsc_adv,
+attack_success`` (see :func:`advseg.report.tables.cells_table`).
+"""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from advseg.report.stats import Correlation
+
+# Colours for pixel outcomes in prediction panels (RGB in [0, 1]).
+OUTCOME_COLOURS = {
+    "true positive": (0.10, 0.75, 0.25),
+    "false positive": (0.90, 0.15, 0.15),
+    "false negative": (0.15, 0.45, 1.00),
+}
+CLASS_COLOURS = [(1.0, 0.55, 0.0), (0.0, 0.8, 0.9), (0.85, 0.2, 0.85)]
+ALPHA = 0.55
+
+
+def to_png(figure: Figure, dpi: int = 110) -> bytes:
+    """Render ``figure`` to PNG bytes and close it."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _label(attack: str, loss: str) -> str:
+    return f"{attack.upper()} / {loss}"
+
+
+def dsc_vs_eps(cells: pd.DataFrame) -> Figure:
+    """DSC against eps, one line per model, one panel per (attack, loss); eps 0 is the clean DSC.
+
+    The paper's Figure 5 shows images at a few eps values; this is the same question as a curve.
+    Only (attack, loss) pairs evaluated at two or more eps values are drawn.
+    """
+    groups = [
+        (key, frame)
+        for key, frame in cells.groupby(["attack", "loss"], sort=True)
+        if frame["eps"].nunique() >= 2
+    ]
+    if not groups:
+        raise ValueError("no (attack, loss) pair was evaluated at two or more eps values")
+    figure, axes = plt.subplots(
+        1, len(groups), figsize=(5.2 * len(groups), 4.0), squeeze=False, sharey=True
+    )
+    for ax, ((attack, loss), frame) in zip(axes[0], groups, strict=True):
+        for model, rows in frame.groupby("model", sort=True):
+            rows = rows.sort_values("eps")
+            eps = np.concatenate([[0.0], rows["eps"].to_numpy()])
+            dsc = np.concatenate([[rows["dsc_clean"].iloc[0]], rows["dsc_adv"].to_numpy()])
+            ax.plot(eps, dsc, marker="o", label=str(model))
+        ax.set_title(_label(attack, loss))
+        ax.set_xlabel("eps (L-inf perturbation budget, image range [0, 1])")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("DSC under attack (eps 0 = clean)")
+    axes[0][-1].legend(title="model", fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
+def loss_comparison(cells: pd.DataFrame) -> Figure:
+    """Attack Success per model, one bar per attack loss (the paper's Figure 8), at one eps."""
+    table = cells.assign(
+        series=[_label(a, b) for a, b in zip(cells.attack, cells.loss, strict=True)]
+    )
+    pivot = table.pivot_table(index="model", columns="series", values="attack_success")
+    models, series = list(pivot.index), list(pivot.columns)
+    width = 0.8 / max(len(series), 1)
+    figure, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(models) + 2.5), 4.0))
+    x = np.arange(len(models))
+    for i, name in enumerate(series):
+        values = pivot[name].to_numpy()
+        bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name)
+        ax.bar_label(bars, fmt="%.3f", fontsize="x-small", padding=2)
+    ax.set_xticks(x, models, rotation=15 if len(models) > 3 else 0)
+    ax.set_xlabel("model")
+    ax.set_ylabel("Attack Success\n(DSC_clean - DSC_adv) / DSC_clean")
+    eps = ", ".join(f"{e:g}" for e in sorted(cells["eps"].unique()))
+    ax.set_title(f"Attack loss comparison (eps {eps})")
+    values = pivot.to_numpy()
+    top = float(np.nanmax(values)) if np.isfinite(values).any() else 1.0
+    bottom = float(np.nanmin(values)) if np.isfinite(values).any() else 0.0
+    ax.set_ylim(min(0.0, bottom * 1.3), max(0.05, top * 1.3))
+    ax.legend(title="attack / loss", fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def scatter_with_stats(
+    points: pd.DataFrame,
+    x: str,
+    y: str,
+    series: str,
+    correlations: dict[str, Correlation],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logx: bool = False,
+) -> Figure:
+    """A scatter of ``y`` against ``x`` with one colour per ``series``; its legend carries each
+    series' Pearson / Spearman result."""
+    figure, ax = plt.subplots(figsize=(7.0, 4.4))
+    for name, rows in points.groupby(series, sort=True):
+        stat = correlations.get(str(name))
+        label = f"{name}: {stat.describe()}" if stat else str(name)
+        ax.scatter(rows[x], rows[y], s=18 if len(rows) > 30 else 40, alpha=0.7, label=label)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    figure.tight_layout()
+    return figure
+
+
+def _outcome_overlay(image: np.ndarray, mask: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """An RGB image with TP / FP / FN pixels (over all classes) coloured on the grey image.
+
+    Args:
+        image: (H, W) grey in [0, 1]; mask, pred: (K, H, W) boolean.
+    """
+    rgb = np.repeat(image[..., None], 3, axis=2)  # (H, W, 3)
+    tp = (mask & pred).any(axis=0)
+    fp = (~mask & pred).any(axis=0) & ~tp
+    fn = (mask & ~pred).any(axis=0) & ~tp & ~fp
+    for where, colour in zip((tp, fp, fn), OUTCOME_COLOURS.values(), strict=True):
+        rgb[where] = (1 - ALPHA) * rgb[where] + ALPHA * np.asarray(colour)
+    return rgb
+
+
+def _class_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    rgb = np.repeat(image[..., None], 3, axis=2)  # (H, W, 3)
+    for k in range(mask.shape[0]):
+        colour = np.asarray(CLASS_COLOURS[k % len(CLASS_COLOURS)])
+        rgb[mask[k]] = (1 - ALPHA) * rgb[mask[k]] + ALPHA * colour
+    return rgb
+
+
+def example_panel(
+    examples: dict[str, np.ndarray],
+    loss: str,
+    classes: list[str],
+    title: str,
+    max_rows: int = 2,
+) -> Figure:
+    """One row per example slice: image, ground truth, clean prediction, adversarial image,
+    perturbation (magnified) and adversarial prediction.
+
+    Args:
+        examples: arrays saved by the experiment runner (:mod:`advseg.report.examples`):
+            ``slice_ids`` (N,), ``losses`` (L,), ``image`` (N, C, H, W) and ``x_adv``
+            (L, N, C, H, W) in [0, 1], ``mask``, ``pred_clean`` (N, K, H, W) and ``pred_adv``
+            (L, N, K, H, W) binary.
+        loss: which attack loss's adversarial image to show (one of ``losses``).
+        classes: class names, in channel order, for the ground-truth legend.
+        title: the figure title (model, attack, eps).
+    """
+    ids = examples["slice_ids"]
+    which = list(examples["losses"]).index(loss)
+    rows = min(len(ids), max_rows)
+    figure, axes = plt.subplots(rows, 6, figsize=(16.5, 3.0 * rows + 0.9), squeeze=False)
+    for r in range(rows):
+        image = examples["image"][r]  # (C, H, W)
+        x_adv = examples["x_adv"][which, r]  # (C, H, W)
+        centre = image.shape[0] // 2
+        grey, grey_adv = image[centre], x_adv[centre]  # (H, W)
+        mask = examples["mask"][r] > 0  # (K, H, W)
+        pred = examples["pred_clean"][r] > 0
+        pred_adv = examples["pred_adv"][which, r] > 0
+        delta = grey_adv - grey
+        scale = float(np.abs(delta).max()) or 1.0
+        cells = [
+            (grey, f"{ids[r]}\nimage", "gray"),
+            (_class_overlay(grey, mask), "ground truth", None),
+            (_outcome_overlay(grey, mask, pred), "clean prediction", None),
+            (grey_adv, f"adversarial image ({loss})", "gray"),
+            (delta, f"perturbation (x_adv - x, ±{scale:.3g})", "coolwarm"),
+            (_outcome_overlay(grey_adv, mask, pred_adv), "adversarial prediction", None),
+        ]
+        for ax, (picture, name, cmap) in zip(axes[r], cells, strict=True):
+            if cmap == "coolwarm":
+                shown = ax.imshow(picture, cmap=cmap, vmin=-scale, vmax=scale)
+                figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label="intensity change")
+            elif cmap:
+                ax.imshow(picture, cmap=cmap, vmin=0, vmax=1)
+            else:
+                ax.imshow(np.clip(picture, 0, 1))
+            ax.set_title(name, fontsize="small")
+            ax.set_axis_off()
+    handles = [Patch(color=c, label=n) for n, c in OUTCOME_COLOURS.items()]
+    handles += [
+        Patch(color=CLASS_COLOURS[k % len(CLASS_COLOURS)], label=f"ground truth: {name}")
+        for k, name in enumerate(classes)
+    ]
+    figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize="small")
+    figure.suptitle(title)
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
+    return figure

@@ -1,0 +1,141 @@
+"""The experiment grid, its config file and the resume logic (with a counting fake cell)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from advseg.config import save_yaml
+from advseg.errors import UserError
+from advseg.experiment import (
+    AttackSpec,
+    Cell,
+    CellOutput,
+    ExperimentConfig,
+    ModelSpec,
+    load_experiment,
+    plan_cells,
+    prepare_run_dir,
+    run_cells,
+)
+from advseg.records import RECORD_COLUMNS, read_records
+from advseg.report.examples import load_examples
+
+
+def _records(cell: Cell) -> pd.DataFrame:
+    row = {c: 0 for c in RECORD_COLUMNS}
+    row.update(model=cell.model, arch="unet", attack=cell.attack, eps=cell.eps)
+    row.update(slice_id="case1_day0_slice_0001", scan="case1_day0", **{"class": "stomach"})
+    return pd.DataFrame([{**row, "loss": loss} for loss in cell.losses])
+
+
+class CountingCells:
+    """A fake cell function: counts calls and can fail at a chosen call, as an interrupt would."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.calls: list[str] = []
+        self.fail_at = fail_at
+
+    def __call__(self, cell: Cell) -> CellOutput:
+        self.calls.append(cell.slug)
+        if self.fail_at is not None and len(self.calls) == self.fail_at:
+            raise KeyboardInterrupt
+        examples = {"slice_ids": ["case1_day0_slice_0001"], "x_adv": [[[0.5]]]}
+        return CellOutput(_records(cell), examples)
+
+
+def _config() -> ExperimentConfig:
+    return ExperimentConfig(
+        models=[ModelSpec(arch="unet"), ModelSpec(arch="smp:Unet:vgg13")],
+        attacks=[
+            AttackSpec(name="fgsm", losses=["bce", "focal", "dicefocal"], eps=[0.009]),
+            AttackSpec(name="fgsm", losses=["bce"], eps=[0.003, 0.009]),
+        ],
+    )
+
+
+def test_grid_unites_losses_of_a_repeated_cell_and_names_cells_stably():
+    cells = plan_cells(_config())
+    assert [c.slug for c in cells] == [
+        "unet__fgsm__eps0.009",
+        "unet__fgsm__eps0.003",
+        "smp-Unet-vgg13__fgsm__eps0.009",
+        "smp-Unet-vgg13__fgsm__eps0.003",
+    ]
+    assert cells[0].losses == ("bce", "focal", "dicefocal")
+    assert cells[1].losses == ("bce",)
+
+
+def test_an_interrupted_run_redoes_only_the_unfinished_cell(tmp_path):
+    cells = plan_cells(_config())
+    first = CountingCells(fail_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        run_cells(cells, tmp_path, first)
+    assert sorted(p.name for p in (tmp_path / "records").iterdir()) == [
+        "unet__fgsm__eps0.003.parquet",
+        "unet__fgsm__eps0.009.parquet",
+    ]  # the interrupted cell left no file, not even a temporary one
+
+    second = CountingCells()
+    result = run_cells(cells, tmp_path, second)
+    assert second.calls == [cells[2].slug, cells[3].slug]
+    assert result.skipped == [cells[0].slug, cells[1].slug]
+    assert result.computed == second.calls
+    assert len(read_records(tmp_path)) == 3 + 1 + 3 + 1
+
+    third = CountingCells()
+    run_cells(cells, tmp_path, third)
+    assert third.calls == []
+
+
+def test_examples_are_saved_beside_records_without_pickle(tmp_path):
+    cell = plan_cells(_config())[0]
+    run_cells([cell], tmp_path, CountingCells())
+    saved = load_examples(tmp_path / "examples" / f"{cell.slug}.npz")
+    assert list(saved["slice_ids"]) == ["case1_day0_slice_0001"]
+    assert saved["x_adv"].tolist() == [[[0.5]]]
+    assert saved["cell"] == {"model": "unet", "attack": "fgsm", "eps": 0.009}
+
+
+def test_a_run_directory_refuses_another_experiment(tmp_path):
+    prepare_run_dir(_config(), tmp_path)
+    prepare_run_dir(_config(), tmp_path)  # the same experiment resumes
+    other = _config()
+    other.attacks[1].eps = [0.003, 0.03]
+    with pytest.raises(UserError, match=r"config.yaml: .*attacks\[1\]\.eps\[1\] differs"):
+        prepare_run_dir(other, tmp_path)
+
+
+def test_config_file_round_trips_and_bad_keys_are_named(tmp_path):
+    path = tmp_path / "exp.yaml"
+    save_yaml(_config(), path)
+    assert load_experiment(path) == _config()
+
+    path.write_text("models:\n  - arch: unet\n    epochs: 3\n")
+    with pytest.raises(UserError, match=r"exp.yaml: models\[0\]\.epochs: unknown key"):
+        load_experiment(path)
+    path.write_text("attacks:\n  - eps: fast\n")
+    with pytest.raises(UserError, match=r"exp.yaml: attacks\[0\]\.eps: expected a list"):
+        load_experiment(path)
+    path.write_text("attacks:\n  - losses: [bce, dyce]\n")
+    with pytest.raises(UserError, match=r"attacks\[0\]\.losses\[1\]: unknown loss 'dyce'"):
+        load_experiment(path)
+    path.write_text("models:\n  - arch: unet\n  - arch: unet\n")
+    with pytest.raises(UserError, match=r"models\[1\]\.name: 'unet' is also models\[0\]"):
+        load_experiment(path)
+
+
+def test_cli_run_names_the_bad_key_in_one_line(tmp_path, capsys):
+    from advseg.cli import main
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("evaluation:\n  batch_size: big\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(path), "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "exp.yaml: evaluation.batch_size: expected an integer" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()  # nothing written for a bad experiment
+    with pytest.raises(SystemExit):
+        main(["run", "no-such-experiment"])
+    assert "shipped experiments: demo, paper" in capsys.readouterr().err

@@ -1,0 +1,162 @@
+"""The report, built from records synthesised here (no model, no evaluation)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from advseg.errors import UserError
+from advseg.records import RECORD_COLUMNS, read_records, write_records
+from advseg.report import write_report
+from advseg.report.examples import save_examples
+from advseg.report.stats import correlate
+from advseg.summary import summarize
+
+CLASSES = ["large_bowel", "small_bowel", "stomach"]
+MODELS = {"small": 1_000_000, "mid": 5_000_000, "big": 20_000_000}
+GRID = [("bce", 0.003), ("bce", 0.009), ("focal", 0.009), ("dicefocal", 0.009), ("bce", 0.03)]
+
+
+def _records(seed: int = 0, slices: int = 6) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for model, params in MODELS.items():
+        for loss, eps in GRID:
+            for s in range(slices):
+                luminosity = 0.1 + 0.05 * s
+                for k, name in enumerate(CLASSES):
+                    gt = int(rng.integers(0, 3)) * 50 * (k + 1) if s else 0  # slice 0: no mask
+                    tp = int(gt * rng.uniform(0.6, 0.95))
+                    tp_adv = int(tp * rng.uniform(0.2, 1.0) * (1 - 10 * eps))
+                    row = dict.fromkeys(RECORD_COLUMNS, 0.0)
+                    row.update(model=model, arch="unet", params=params, attack="fgsm")
+                    row.update(loss=loss, eps=eps, slice_id=f"case1_day0_slice_{s:04d}")
+                    row.update(case=1, scan="case1_day0", slice=s, gt_pixels=gt)
+                    row.update({"class": name, "luminosity": luminosity})
+                    row.update(tp_clean=tp, fn_clean=gt - tp, fp_clean=int(rng.integers(0, 9)))
+                    row.update(tp_adv=tp_adv, fn_adv=gt - tp_adv, fp_adv=int(rng.integers(0, 40)))
+                    row["dice_clean"] = 2 * tp / max(2 * tp + row["fp_clean"] + gt - tp, 1)
+                    row["dice_adv"] = 2 * tp_adv / max(2 * tp_adv + row["fp_adv"] + gt - tp_adv, 1)
+                    rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _write_run(run_dir, records: pd.DataFrame, examples: bool = True) -> None:
+    for (model, eps), frame in records.groupby(["model", "eps"]):
+        write_records(frame, run_dir / "records" / f"{model}__fgsm__eps{eps:g}.parquet")
+        if examples and eps == 0.009:
+            rng = np.random.default_rng(1)
+            image = rng.uniform(0, 1, (2, 3, 32, 32)).astype(np.float32)
+            mask = np.zeros((2, 3, 32, 32), np.uint8)
+            mask[:, 0, 8:20, 8:20] = 1
+            pred = np.roll(mask, 3, axis=-1)
+            losses = ["bce", "focal", "dicefocal"]
+            delta = 0.009 * np.sign(rng.normal(size=image.shape)).astype(np.float32)
+            save_examples(
+                {
+                    "slice_ids": np.array(["case1_day0_slice_0001", "case1_day0_slice_0002"]),
+                    "image": image,
+                    "mask": mask,
+                    "pred_clean": pred,
+                    "losses": np.array(losses),
+                    "x_adv": np.stack([np.clip(image + delta, 0, 1)] * len(losses)),
+                    "pred_adv": np.stack([np.roll(pred, 6, axis=-2)] * len(losses)),
+                },
+                run_dir / "examples" / f"{model}__fgsm__eps{eps:g}.npz",
+                model=model,
+                attack="fgsm",
+                eps=eps,
+            )
+
+
+def test_report_renders_summarize_and_writes_every_file(tmp_path):
+    records = _records()
+    _write_run(tmp_path, records)
+    report = write_report(tmp_path)
+
+    assert report.eps == 0.009  # the eps with every loss, not a sweep-only eps
+    on_disk = read_records(tmp_path)
+    expected = summarize(on_disk[on_disk["eps"] == 0.009], "per-class")
+    pd.testing.assert_frame_equal(report.table, expected)
+    names = {p.name for p in report.files}
+    assert {"report.html", "report.md", "table2.csv", "per_class.csv", "cells.csv"} <= names
+    assert {"dsc_vs_eps.png", "loss_comparison.png", "params_vs_attack_success.png"} <= names
+    assert {f"panel_{m}_fgsm.png" for m in MODELS} <= names
+    assert report.notes == []
+
+    html = report.html.read_text()
+    assert html.count("data:image/png;base64,") == sum(n.endswith(".png") for n in names)
+    assert 'src="http' not in html and "<script" not in html  # self-contained, nothing fetched
+    for path in report.files:
+        if path.suffix in {".csv", ".md", ".html"}:
+            assert not re.search(r"\bnan\b", path.read_text(), re.IGNORECASE), path.name
+    # Table II's numbers are summarize's, to the digit the report shows.
+    clean = expected.set_index("model")["DSC clean"]
+    markdown = report.markdown.read_text()
+    for value in clean:
+        assert f"{value:.4f}" in markdown
+    # The parameter correlation is scipy's, over the three models.
+    cells = pd.read_csv(tmp_path / "report" / "params_vs_attack_success.csv")
+    bce = cells[(cells["loss"] == "bce") & (cells["eps"] == 0.009)]
+    stat = correlate(bce["params_m"], bce["attack_success"])
+    table = pd.read_csv(tmp_path / "report" / "params_correlation.csv")
+    row = table[table["series"] == "fgsm / bce"].iloc[0]
+    assert row["n"] == 3 and row["pearson_r"] == pytest.approx(stat.pearson_r, abs=1e-4)
+    per_class = pd.read_csv(tmp_path / "report" / "per_class.csv")
+    assert sorted(per_class["class"].unique()) == CLASSES
+
+
+def test_report_without_examples_says_so_and_small_samples_say_n_a(tmp_path):
+    records = _records()
+    records = records[records["model"].isin(["small", "mid"])]  # two models: no correlation
+    _write_run(tmp_path, records, examples=False)
+    report = write_report(tmp_path, protocol="paper", eps=0.03)
+    assert report.protocol == "paper" and report.eps == 0.03
+    assert any("No saved example slices" in note for note in report.notes)
+    assert "panels need a run with evaluation.examples" in report.html.read_text()
+    table = pd.read_csv(tmp_path / "report" / "params_correlation.csv")
+    assert set(table["pearson_r"]) == {"n/a (n < 3)"}
+
+
+def test_bad_run_directories_get_one_line_naming_the_file(tmp_path):
+    with pytest.raises(UserError, match="no records"):
+        write_report(tmp_path)
+    _write_run(tmp_path, _records(), examples=False)
+    with pytest.raises(UserError, match=r"--eps: 0.5 is not in the records"):
+        write_report(tmp_path, eps=0.5)
+    half = tmp_path / "records" / "half.parquet"
+    half.write_bytes((tmp_path / "records" / "big__fgsm__eps0.009.parquet").read_bytes()[:200])
+    with pytest.raises(UserError, match=r"half\.parquet: not a complete Parquet records file"):
+        write_report(tmp_path)
+    half.unlink()
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "bad.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(UserError, match=r"bad\.npz: not a readable examples file"):
+        write_report(tmp_path)
+
+
+def test_correlation_is_n_a_below_three_points_or_when_constant():
+    assert correlate([1, 2], [3, 4]).describe() == "n/a (n < 3), n = 2"
+    assert correlate([1, 2, 3], [5, 5, 5], names=("p", "AS")).reason == "AS is constant"
+    stat = correlate([1, 2, 3, 4], [1, 3, 2, 4])
+    assert stat.spearman_rho == pytest.approx(0.8) and 0 < stat.pearson_p < 1
+
+
+def test_cli_report_prints_table_ii_and_bad_input_is_one_line(tmp_path, capsys):
+    from advseg.cli import main
+
+    _write_run(tmp_path, _records(), examples=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path), "--eps", "0.009"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "Table II: FGSM at eps 0.009" in out and "report.html" in out
+    assert "No saved example slices" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "missing: no such file or directory" in err
