@@ -78,6 +78,15 @@ def test_run_writes_everything_and_resumes_without_retraining(phantom, tmp_path)
     )  # the same numbers as the uninterrupted run
 
 
+def test_the_same_config_in_a_fresh_run_directory_gives_the_same_records(phantom, tmp_path):
+    config = _config(phantom, tmp_path)
+    config.attacks = [AttackSpec(name="fgsm", losses=["bce"], eps=[0.01])]
+    first = read_records(run_experiment(config, tmp_path / "a").run_dir)
+    second = read_records(run_experiment(config, tmp_path / "b").run_dir)
+    assert first["dice_clean"].sum() > 0
+    pd.testing.assert_frame_equal(first, second)  # training included: seeded from the config
+
+
 def test_shipped_experiments_load():
     demo = load_experiment(packaged_config("demo"))
     assert [m.arch for m in demo.models] == ["unet"]

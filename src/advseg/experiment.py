@@ -42,18 +42,18 @@ from advseg.atomic import write_text_atomic
 from advseg.attacks import ATTACKS
 from advseg.augment import Augment
 from advseg.config import from_dict, load_yaml, save_yaml, to_dict
-from advseg.data import DataConfig, SliceData, load_data, split_cases
+from advseg.data import DataConfig, SliceData, load_data, split_train_val_test
 from advseg.errors import UserError
 from advseg.evaluate import evaluate_cell
 from advseg.losses import LOSSES
-from advseg.models import create_model, load_checkpoint, read_checkpoint
+from advseg.models import load_checkpoint, read_checkpoint
 from advseg.models.zoo import resolve as resolve_model
 from advseg.records import read_records, write_records
 from advseg.report import Report, write_report
 from advseg.report.examples import save_examples
 from advseg.report.tables import headline_eps
 from advseg.summary import summarize
-from advseg.train import TrainConfig, resolve_device, train
+from advseg.train import TrainConfig, new_model, resolve_device, train
 
 PAPER_LOSSES = ["bce", "focal", "dicefocal"]
 
@@ -417,7 +417,9 @@ def run_experiment(
             "loading data (the phantom is written on first use), slices", total=None
         )
         data = load_data(config.data, progress=lambda n: bar.update(task, completed=n))
-    train_rows, val_rows, test_rows = split_rows(data.index, config.split)
+    train_rows, val_rows, test_rows = split_train_val_test(
+        data.index, config.split.test_fraction, config.split.val_fraction, config.split.seed
+    )
     eval_rows = _evaluation_rows(data, test_rows, config.evaluation)
     console.print(
         f"data: {len(data)} slices; cases split into train {len(train_rows)}, validation "
@@ -485,15 +487,6 @@ def run_experiment(
     return RunResult(run_dir, grid, trained, summary, report, time.perf_counter() - start)
 
 
-def split_rows(index: pd.DataFrame, split: SplitSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Train, validation and test rows (positions in ``index``), each a set of whole cases."""
-    learn, test = split_cases(index, split.test_fraction, split.seed)
-    train_part, val_part = split_cases(
-        index.iloc[learn].reset_index(drop=True), split.val_fraction, split.seed
-    )
-    return learn[train_part], learn[val_part], test
-
-
 def _evaluation_rows(
     data: SliceData, test_rows: np.ndarray, evaluation: EvaluationSpec
 ) -> np.ndarray:
@@ -535,8 +528,8 @@ def _get_model(
     if best.with_suffix(".json").exists() and _finished(last, train_config):
         net, meta = load_checkpoint(best, classes=data.classes)
         return net, meta.model, False
-    net = create_model(
-        spec.arch,
+    net = new_model(
+        train_config,
         in_channels=data.preprocess.channels,
         classes=len(data.classes),
         encoder_weights=train_config.encoder_weights,

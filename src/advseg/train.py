@@ -318,6 +318,16 @@ def train(
     )
 
 
+def new_model(
+    config: TrainConfig, in_channels: int, classes: int, encoder_weights: str | None = None
+) -> nn.Module:
+    """``config.model`` initialised from ``config.seed``: the same config, the same start."""
+    torch.manual_seed(config.seed)
+    return create_model(
+        config.model, in_channels=in_channels, classes=classes, encoder_weights=encoder_weights
+    )
+
+
 def train_on_data(
     data_config: DataConfig,
     config: TrainConfig,
@@ -338,7 +348,7 @@ def train_on_data(
 
     Under torchrun, rank 0 fills the preprocessing cache before the other ranks read it.
     """
-    from advseg.data import load_data, split_cases
+    from advseg.data import load_data, split_train_val_test
 
     distributed.init()
     if not distributed.is_main():
@@ -346,22 +356,14 @@ def train_on_data(
     data = load_data(data_config)
     if distributed.is_main():
         distributed.barrier()
-    trainval_rows, test_rows = split_cases(data.index, test_fraction, split_seed)
-    trainval = data.index.iloc[trainval_rows]
-    if trainval["case"].nunique() < 2:
-        raise UserError(
-            f"validation split: {trainval['case'].nunique()} case(s) left after holding out "
-            f"test_fraction {test_fraction}; training and validation need 2 or more"
-        )
-    inner_train, inner_val = split_cases(trainval, val_fraction, split_seed)
-    train_rows, val_rows = trainval_rows[inner_train], trainval_rows[inner_val]
+    train_rows, val_rows, test_rows = split_train_val_test(
+        data.index, test_fraction, val_fraction, split_seed
+    )
     image_size = data_config.preprocess.size
     train_set = data.dataset(train_rows, transform=Augment(config.augment, image_size))
     val_set = data.dataset(val_rows)
-
-    torch.manual_seed(config.seed)
-    model = create_model(
-        config.model,
+    model = new_model(
+        config,
         in_channels=data_config.preprocess.channels,
         classes=len(data.classes),
         encoder_weights=None if resume else config.encoder_weights,

@@ -6,7 +6,7 @@ See docs/architecture.md ("Data") for the contract. The public API:
 - readers :func:`read_uwmgi`, :func:`read_nifti`, and :func:`write_synthetic`;
 - :func:`rle_encode`, :func:`rle_decode`;
 - :class:`PreprocessConfig` and its pure functions;
-- :func:`split_cases`, :func:`kfold_cases`;
+- :func:`split_cases`, :func:`split_train_val_test`, :func:`kfold_cases`;
 - :func:`summarize_index` (what ``advseg data info`` prints).
 """
 
@@ -31,7 +31,7 @@ from advseg.data.preprocess import (
     resize_masks,
 )
 from advseg.data.rle import rle_decode, rle_encode
-from advseg.data.split import kfold_cases, split_cases
+from advseg.data.split import kfold_cases, split_cases, split_train_val_test
 from advseg.data.synth import SynthSummary, write_synthetic
 from advseg.data.uwmgi import EXCLUDE_LISTS, read_png, read_uwmgi
 
@@ -64,6 +64,7 @@ __all__ = [
     "rle_decode",
     "rle_encode",
     "split_cases",
+    "split_train_val_test",
     "summarize_index",
     "write_synthetic",
 ]

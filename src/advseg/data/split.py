@@ -50,6 +50,28 @@ def split_cases(
     return np.flatnonzero(~test), np.flatnonzero(test)
 
 
+def split_train_val_test(
+    index: pd.DataFrame, test_fraction: float = 0.1, val_fraction: float = 0.1, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train, validation and test rows, each a set of whole cases.
+
+    The test side is exactly ``split_cases(index, test_fraction, seed)``, the split an evaluation
+    of a checkpoint recomputes; validation (for early stopping) is then ``val_fraction`` of the
+    remaining cases, drawn the same way.
+
+    Returns:
+        ``(train_rows, val_rows, test_rows)``: sorted positional row arrays.
+    """
+    learn, test = split_cases(index, test_fraction, seed)
+    if index["case"].iloc[learn].nunique() < 2:
+        raise UserError(
+            f"validation split: {index['case'].iloc[learn].nunique()} case(s) left after holding "
+            f"out test_fraction {test_fraction}; training and validation need 2 or more"
+        )
+    train_part, val_part = split_cases(index.iloc[learn], val_fraction, seed)
+    return learn[train_part], learn[val_part], test
+
+
 def kfold_cases(
     index: pd.DataFrame, k: int = 5, seed: int = 0
 ) -> list[tuple[np.ndarray, np.ndarray]]:
