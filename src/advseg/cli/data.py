@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from advseg.cli.console import console
 from advseg.data.index import summarize_index
 from advseg.data.load import DataConfig, build_index, load_data
 from advseg.data.preprocess import PreprocessConfig
@@ -32,7 +32,7 @@ def synth(
     summary = write_synthetic(
         out, cases=cases, scans=scans, slices=slices, seed=seed, overwrite=overwrite
     )
-    Console().print(
+    console().print(
         f"wrote {summary.slices} slices ({summary.scans} scans, {summary.cases} cases, "
         f"{summary.with_mask / summary.slices:.1%} with a mask) to {summary.path}"
     )
@@ -94,7 +94,7 @@ def info(
     table.add_row("left out", "\n".join(lines))
     if check:
         table.add_row("cache", f"{data.cache_path} ({data.decoded} slices decoded now)")
-    Console().print(table)
+    console().print(table)
 
 
 def _label_text(text: str) -> dict[int | str, str]:

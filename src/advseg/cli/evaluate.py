@@ -7,11 +7,11 @@ from pathlib import Path
 import pandas as pd
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
 from advseg import distributed
 from advseg.attacks import ATTACKS, attack_options
+from advseg.cli.console import console
 from advseg.evaluate import EvaluateConfig, EvaluateResult, evaluate
 from advseg.losses import LOSSES
 from advseg.summary import UNITS
@@ -69,16 +69,16 @@ def evaluate_command(
     result = evaluate(config)
     if not distributed.is_main():
         return
-    console = Console()
+    terminal = console()
     for table in table_two(result, config.protocol):
-        console.print(table)
+        terminal.print(table)
     kept, left = UNITS[config.protocol]
     for row in result.table.itertuples(index=False):
-        console.print(f"{row.model}: clean DSC over {row.units} {kept} ({row.excluded} {left})")
+        terminal.print(f"{row.model}: clean DSC over {row.units} {kept} ({row.excluded} {left})")
     slices = ", ".join(f"{k}: {v}" for k, v in result.slices.items())
-    console.print(f"slices evaluated ({config.split} split): {slices}")
-    console.print(f"records: {len(result.record_files)} files in {out / 'records'}")
-    console.print(f"summary: {result.summary_path}")
+    terminal.print(f"slices evaluated ({config.split} split): {slices}")
+    terminal.print(f"records: {len(result.record_files)} files in {out / 'records'}")
+    terminal.print(f"summary: {result.summary_path}")
 
 
 def table_two(result: EvaluateResult, protocol: str) -> list[Table]:
@@ -119,6 +119,6 @@ def attacks_command() -> None:
     losses.add_column("what")
     for name in LOSSES.names():
         losses.add_row(name, LOSSES.help(name))
-    console = Console()
-    console.print(table)
-    console.print(losses)
+    out = console()
+    out.print(table)
+    out.print(losses)

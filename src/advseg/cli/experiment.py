@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from advseg.cli.console import console
 from advseg.cli.report import dataframe_table, print_report
 from advseg.demo import run_demo
 from advseg.experiment import RunResult, find_experiment, load_experiment, run_experiment
@@ -38,7 +39,7 @@ def run(
     """Run an experiment grid (train or load models, attack, record, report); resumable."""
     config = load_experiment(find_experiment(experiment))
     run_dir = out if out is not None else Path("runs") / config.name
-    _print_result(run_experiment(config, run_dir, progress=True), Console())
+    _print_result(run_experiment(config, run_dir, progress=True), console())
 
 
 @app.command()
@@ -51,4 +52,4 @@ def demo(
     ),
 ) -> None:
     """Train the plain U-Net, attack it with FGSM under three losses, write the report."""
-    _print_result(run_demo(data, out, progress=True), Console())
+    _print_result(run_demo(data, out, progress=True), console())

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from advseg.cli.console import console
 from advseg.models import list_models
 
 
@@ -21,8 +21,6 @@ def models(
     for info in list_models(in_channels, classes):
         params = f"{info.params / 1e6:.2f}M"
         table.add_row(info.name, info.arch, info.encoder or "-", params, info.description)
-    console = Console()
-    console.print(table)
-    console.print(
-        "Any segmentation_models_pytorch model: smp:<Arch>:<encoder>, e.g. smp:FPN:resnet34"
-    )
+    out = console()
+    out.print(table)
+    out.print("Any segmentation_models_pytorch model: smp:<Arch>:<encoder>, e.g. smp:FPN:resnet34")

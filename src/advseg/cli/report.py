@@ -10,6 +10,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from advseg.cli.console import console
 from advseg.report import Report, write_report
 from advseg.report.html import format_table
 
@@ -72,4 +73,4 @@ def report(
 ) -> None:
     """Write a run's report (HTML, Markdown, CSV, PNG) from its records; no model is needed."""
     result = write_report(run_dir, protocol=protocol, eps=eps, out_dir=out)
-    print_report(result, Console())
+    print_report(result, console())

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from advseg import distributed
+from advseg.cli.console import console
 from advseg.config import from_dict, load_yaml, to_dict
 from advseg.data import DataConfig, PreprocessConfig
 from advseg.train import TrainConfig, train_on_data
@@ -105,4 +105,4 @@ def train(
     table.add_row("best checkpoint", str(result.best_path))
     table.add_row("last checkpoint", str(result.last_path))
     table.add_row("settings", ", ".join(f"{k}={v}" for k, v in to_dict(train_config).items()))
-    Console().print(table)
+    console().print(table)
