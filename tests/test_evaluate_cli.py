@@ -26,7 +26,8 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     model = create_model("unet-tiny")
     preprocessing = to_dict(PreprocessConfig(size=32))
-    source = {"path": str(data), "test_fraction": 0.34, "split_seed": 0}
+    data_config = {"path": str(data), "cache_dir": str(root / "cache")}
+    source = {"config": data_config, "test_fraction": 0.34, "split_seed": 0}
     meta = metadata_for(model, list(UWMGI_CLASSES), preprocessing=preprocessing, data=source)
     save_checkpoint(root / "tiny", model, meta)
     wrong = create_model("unet-tiny", classes=2)
@@ -55,6 +56,8 @@ def test_evaluate_writes_records_summary_and_prints_table_two(setup, capsys):
     assert summary.columns.tolist() == expected.columns.tolist()
     assert summary["DSC clean"].tolist() == pytest.approx(expected["DSC clean"].tolist())
     assert len(list((out / "examples").glob("*.npz"))) == 2
+    assert cli(["report", str(out)]) == 0  # the report reads an evaluation's examples too
+    assert (out / "report" / "report.html").exists()
 
 
 def test_targeted_sweep_names_its_cells(setup):
@@ -92,6 +95,21 @@ def test_bad_input_exits_2_with_one_line(setup, capsys, extra, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (setup / "bad" / "records").exists()
+
+
+def test_two_checkpoints_with_one_name_are_refused(setup, capsys):
+    (setup / "other").mkdir(exist_ok=True)
+    for suffix in (".safetensors", ".json"):
+        (setup / "other" / f"tiny{suffix}").write_bytes((setup / f"tiny{suffix}").read_bytes())
+    args = ["evaluate", str(setup / "tiny"), str(setup / "other" / "tiny")]
+    assert cli([*args, "--out", str(setup / "dup"), "--device", "cpu"]) == 2
+    assert "another checkpoint is also named 'tiny'" in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_is_refused_before_any_work(setup, capsys):
+    (setup / "a-file").write_text("x")
+    assert cli(["evaluate", str(setup / "tiny"), "--out", str(setup / "a-file")]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
 
 
 def test_checkpoint_that_does_not_fit_the_data(setup, capsys):

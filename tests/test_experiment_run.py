@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from advseg.data import DataConfig, PreprocessConfig, write_synthetic
+from advseg.evaluate import EvaluateConfig, evaluate
 from advseg.experiment import (
     AttackSpec,
     EvaluationSpec,
@@ -64,6 +65,16 @@ def test_run_writes_everything_and_resumes_without_retraining(phantom, tmp_path)
     assert summary["model"].tolist() == ["unet-tiny"]
     assert first.report is not None and first.report.html.exists()
     assert load_experiment(run_dir / "config.yaml") == config  # the resolved config round-trips
+
+    # Its checkpoint, evaluated on its own, finds the experiment's data and held-out cases.
+    best = run_dir / "models" / "unet-tiny" / "checkpoints" / "best"
+    alone = evaluate(
+        EvaluateConfig(
+            checkpoints=[best], out=tmp_path / "alone", losses=["bce"], eps=[0.01], device="cpu"
+        )
+    )
+    assert alone.slices["unet-tiny"] >= records["slice_id"].nunique()  # all its test slices
+    assert set(read_records(tmp_path / "alone")["case"]) == set(records["case"])
 
     # Interrupted after the first cell: only the missing cell is redone, nothing retrained.
     (run_dir / "records" / "unet-tiny__fgsm__eps0.03.parquet").unlink()

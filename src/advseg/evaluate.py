@@ -21,7 +21,7 @@ returns exactly the records of a one-process run.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -410,6 +410,39 @@ def cell_name(model_name: str, attack: str, eps: float) -> str:
     return f"{model_name}__{attack}__eps{eps:g}"
 
 
+def checkpoint_label(checkpoint: str | Path) -> str:
+    """The model's name in records: the file stem, or the training run's folder for the
+    ``<run>/checkpoints/best`` and ``last`` files that ``advseg train`` writes."""
+    path = Path(checkpoint)
+    stem = path.name.removesuffix(".safetensors").removesuffix(".json")
+    if stem in ("best", "last") and path.parent.name == "checkpoints" and path.parent.parent.name:
+        return path.parent.parent.name if stem == "best" else f"{path.parent.parent.name}-last"
+    return stem
+
+
+def trained_data_config(
+    metadata: dict[str, Any], checkpoint: Path, preprocess: Any, path: Path | None = None
+) -> Any:
+    """The :class:`~advseg.data.DataConfig` a checkpoint was trained on (``path`` replaced).
+
+    Its source, exclusions and label mapping decide which cases exist, and so which cases the
+    checkpoint's split holds out: an evaluation must rebuild all of them, not only the path.
+    """
+    from advseg.config import from_dict
+    from advseg.data import DataConfig
+
+    if "config" not in metadata:
+        if path is None:
+            raise UserError(
+                f"{checkpoint}: its metadata does not say which data it was trained on "
+                "(no data.config); give the data with --data"
+            )
+        return DataConfig(path=Path(path), preprocess=preprocess)
+    data_config = from_dict(DataConfig, metadata["config"], where=f"{checkpoint} data.config")
+    data_config = replace(data_config, preprocess=preprocess)
+    return data_config if path is None else replace(data_config, path=Path(path))
+
+
 def evaluate(config: EvaluateConfig) -> EvaluateResult:
     """Run a sweep: every cell's records to ``out/records``, Table II to ``out/summary.csv``.
 
@@ -422,9 +455,10 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
     from advseg.atomic import atomic_path
     from advseg.attacks import ATTACKS, attack_options
     from advseg.config import from_dict
-    from advseg.data import DataConfig, PreprocessConfig, load_data, split_cases
+    from advseg.data import PreprocessConfig, load_data, split_cases
     from advseg.models.checkpoint import check_compatible, load_checkpoint
     from advseg.records import write_records
+    from advseg.report.examples import save_examples
     from advseg.summary import PROTOCOLS, summarize, summarize_cells
     from advseg.train import resolve_device
 
@@ -441,23 +475,30 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
     if unused:
         raise UserError(f"attack options {', '.join(unused)}: no attack of the sweep takes them")
 
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
     distributed.init()
     device = resolve_device(config.device)
-    out = Path(config.out)
     loaded: dict[tuple, Any] = {}
     frames, files, slices = [], [], {}
     for checkpoint in config.checkpoints:
         model, meta = load_checkpoint(checkpoint, device)
-        model_name = Path(checkpoint).name.removesuffix(".safetensors").removesuffix(".json")
+        model_name = checkpoint_label(checkpoint)
+        if model_name in slices:
+            raise UserError(
+                f"{checkpoint}: another checkpoint is also named {model_name!r}; the records "
+                "of one model would overwrite the other's (rename or copy one of them)"
+            )
         preprocess = from_dict(
             PreprocessConfig, meta.preprocessing, where=f"{checkpoint} preprocessing"
         )
-        data_path = config.data or meta.data.get("path")
-        key = (str(data_path), repr(preprocess))
+        data_config = trained_data_config(meta.data, checkpoint, preprocess, config.data)
+        key = (repr(data_config),)
         if key not in loaded:  # rank 0 fills the preprocessing cache before the others read it
             if not distributed.is_main():
                 distributed.barrier()
-            loaded[key] = load_data(DataConfig(path=data_path, preprocess=preprocess))
+            loaded[key] = load_data(data_config)
             if distributed.is_main():
                 distributed.barrier()
         data = loaded[key]
@@ -466,8 +507,12 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
         )
         rows = np.arange(len(data.index))
         if config.split == "test":
-            fraction = meta.data.get("test_fraction", 0.1)
-            _, rows = split_cases(data.index, fraction, meta.data.get("split_seed", 0))
+            if "test_fraction" not in meta.data or "split_seed" not in meta.data:
+                raise UserError(
+                    f"{checkpoint}: its metadata does not say which cases it held out "
+                    "(data.test_fraction, data.split_seed); use --split all"
+                )
+            _, rows = split_cases(data.index, meta.data["test_fraction"], meta.data["split_seed"])
         if len(rows) == 0:
             raise UserError(f"{checkpoint}: the {config.split} split has no slices")
         slices[model_name] = len(rows)
@@ -486,8 +531,7 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
                     files.append(write_records(result.records, out / "records" / f"{name}.parquet"))
                     if result.examples:
                         npz = out / "examples" / f"{name}.npz"
-                        with atomic_path(npz) as tmp, open(tmp, "wb") as handle:
-                            np.savez(handle, **result.examples)
+                        save_examples(result.examples, npz, model=model_name, attack=label, eps=eps)
     records = pd.concat(frames, ignore_index=True)
     table = summarize(records, config.protocol)
     summary_path = out / "summary.csv"

@@ -53,7 +53,7 @@ from advseg.report import Report, write_report
 from advseg.report.examples import save_examples
 from advseg.report.tables import headline_eps
 from advseg.summary import summarize
-from advseg.train import TrainConfig, new_model, resolve_device, train
+from advseg.train import TrainConfig, data_metadata, new_model, resolve_device, train
 
 PAPER_LOSSES = ["bce", "focal", "dicefocal"]
 
@@ -544,7 +544,14 @@ def _get_model(
         out,
         classes=data.classes,
         preprocessing=to_dict(data.preprocess),
-        data={"data": to_dict(config.data), "split": to_dict(config.split)},
+        data=data_metadata(
+            config.data,
+            data,
+            test_fraction=config.split.test_fraction,
+            val_fraction=config.split.val_fraction,
+            split_seed=config.split.seed,
+            rows={"train": len(train_rows), "val": len(val_rows)},
+        ),
         resume=last.with_suffix(".json").exists(),
         progress=progress,
     )

@@ -36,7 +36,7 @@ from advseg import distributed
 from advseg.atomic import write_text_atomic
 from advseg.augment import Augment, AugmentConfig
 from advseg.config import to_dict
-from advseg.data import DataConfig
+from advseg.data import DataConfig, SliceData
 from advseg.errors import UserError
 from advseg.losses import LOSSES, create_loss
 from advseg.models.checkpoint import (
@@ -328,6 +328,30 @@ def new_model(
     )
 
 
+def data_metadata(
+    data_config: DataConfig,
+    data: SliceData,
+    *,
+    test_fraction: float,
+    val_fraction: float,
+    split_seed: int,
+    rows: dict[str, int],
+) -> dict[str, Any]:
+    """What a checkpoint records of its data, so that an evaluation finds the same test cases.
+
+    ``config`` is the whole :class:`DataConfig` (source, exclusions, label mapping, cache), the
+    split is ``split_train_val_test(index, test_fraction, val_fraction, split_seed)``.
+    """
+    return {
+        "config": to_dict(data_config),
+        "excluded": data.exclusions.lines(),
+        "test_fraction": test_fraction,
+        "val_fraction": val_fraction,
+        "split_seed": split_seed,
+        "rows": rows,
+    }
+
+
 def train_on_data(
     data_config: DataConfig,
     config: TrainConfig,
@@ -368,16 +392,14 @@ def train_on_data(
         classes=len(data.classes),
         encoder_weights=None if resume else config.encoder_weights,
     )
-    source = {
-        "path": None if data_config.path is None else str(data_config.path),
-        "source": data_config.source,
-        "exclude": data_config.exclude,
-        "excluded": data.exclusions.lines(),
-        "test_fraction": test_fraction,
-        "val_fraction": val_fraction,
-        "split_seed": split_seed,
-        "rows": {"train": len(train_rows), "val": len(val_rows), "test": len(test_rows)},
-    }
+    source = data_metadata(
+        data_config,
+        data,
+        test_fraction=test_fraction,
+        val_fraction=val_fraction,
+        split_seed=split_seed,
+        rows={"train": len(train_rows), "val": len(val_rows), "test": len(test_rows)},
+    )
     result = train(
         model,
         train_set,
