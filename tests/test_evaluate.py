@@ -138,6 +138,17 @@ def test_iterative_attack_cell_is_deterministic_and_raises_the_error(model):
         assert table[f"AS pgd {loss} eps=0.05"].iloc[0] > 0
 
 
+def test_a_loss_gives_the_same_records_whatever_losses_share_its_cell(model):
+    data = MemoryData()
+    kw = {"attack_kwargs": {"steps": 2}}
+    alone = evaluate_cell(model, data, range(8), "pgd", ["bce"], 0.05, model_name="tiny",
+                          arch="unet", batch_size=4, **kw).records  # fmt: skip
+    shared = evaluate_cell(model, data, range(8), "pgd", ["focal", "bce"], 0.05, model_name="tiny",
+                           arch="unet", batch_size=4, **kw).records  # fmt: skip
+    shared = shared[shared["loss"] == "bce"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(alone, shared)  # random starts drawn per (batch, loss)
+
+
 def test_examples_hold_the_first_slices_per_loss(model):
     data = MemoryData()
     result = _cell(model, data, [4, 5, 6, 7, 8, 0], examples=5)
@@ -171,6 +182,7 @@ def test_summary_of_a_cell_has_table_two_layout(model):
         ({"model": tiny_net(classes=2)}, "predicts 2 classes.*data has 3 classes"),
         ({"model": tiny_net(in_channels=1)}, "does not fit the data: images have 3 channels"),
         ({"losses": []}, "no attack loss"),
+        ({"losses": ["ce"]}, "'ce' is for softmax models"),
     ],
 )
 def test_bad_input_is_a_user_error(model, change, message):

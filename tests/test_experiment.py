@@ -120,6 +120,15 @@ def test_config_file_round_trips_and_bad_keys_are_named(tmp_path):
     path.write_text("attacks:\n  - losses: [bce, dyce]\n")
     with pytest.raises(UserError, match=r"attacks\[0\]\.losses\[1\]: unknown loss 'dyce'"):
         load_experiment(path)
+    path.write_text("attacks:\n  - name: pgd\n    kwargs: {step: 3}\n")
+    with pytest.raises(UserError, match=r"attacks\[0\]\.kwargs\.step: pgd takes steps, alpha"):
+        load_experiment(path)  # refused before any model is trained
+    path.write_text("attacks:\n  - eps: [0.01, 2.0]\n")
+    with pytest.raises(UserError, match=r"attacks\[0\]\.eps\[1\]: fgsm: eps 2 exceeds"):
+        load_experiment(path)
+    path.write_text("attacks:\n  - losses: [ce]\n")
+    with pytest.raises(UserError, match=r"attacks\[0\]\.losses\[0\]: 'ce' is for softmax"):
+        load_experiment(path)
     path.write_text("models:\n  - arch: unet\n  - arch: unet\n")
     with pytest.raises(UserError, match=r"models\[1\]\.name: 'unet' is also models\[0\]"):
         load_experiment(path)

@@ -20,6 +20,7 @@ returns exactly the records of a one-process run.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -95,7 +96,7 @@ def attack_batch(
     attacks: Sequence[Attack],
     x: Tensor,
     y: Tensor,
-    generator: torch.Generator | None = None,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> BatchOutput:
     """Attack one batch with one attack per loss, sharing the clean forward.
 
@@ -103,7 +104,8 @@ def attack_batch(
         model: the model the attacks were built on.
         attacks: one attack per loss, all on ``model`` (same kind, same eps).
         x: images ``(B, C, H, W)``; y: masks ``(B, K, H, W)``.
-        generator: random generator for random starts (per batch, for reproducible shards).
+        generators: one random generator per attack, for random starts; per batch and loss, so
+            that a loss's numbers depend neither on the shard nor on the other losses.
     """
     amp = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda")
     with frozen(model), amp:
@@ -121,10 +123,16 @@ def attack_batch(
         else:
             with torch.inference_mode():
                 clean_logits = model_logits(model, x).float()
-            x_adv = [a(x, y, generator=generator) for a in attacks]
+            draws = generators or [None] * len(attacks)
+            x_adv = [a(x, y, generator=g) for a, g in zip(attacks, draws, strict=True)]
         with torch.inference_mode():
             adv_logits = model_logits(model, torch.cat(x_adv)).float().split(x.shape[0])
     return BatchOutput(clean_logits, x_adv, list(adv_logits))
+
+
+def _draw_seed(attack: Attack, batch_number: int) -> int:
+    """The seed of one (batch, loss)'s random starts: stable across runs, shards and loss sets."""
+    return zlib.crc32(f"{attack.seed}/{batch_number}/{attack.loss.name}".encode())
 
 
 def evaluate_cell(
@@ -184,6 +192,11 @@ def evaluate_cell(
     label, erased = _target_spec(attack, kwargs, erase, classes)
     if len(set(losses)) != len(losses):
         raise UserError(f"losses: each loss once, got {', '.join(losses)}")
+    if activation == "sigmoid" and "ce" in losses:
+        raise UserError(
+            "loss 'ce' is for softmax models (one class per pixel); these masks are multi-label "
+            "sigmoid outputs: use bce, focal, dice or dicefocal"
+        )
     attacks = [create_attack(attack, model, loss, eps, **kwargs) for loss in losses]
     names = [a.loss.name for a in attacks]
     device = next(model.parameters()).device
@@ -205,15 +218,16 @@ def evaluate_cell(
         y = batch["mask"].to(device, non_blocking=True).float()
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        seed = attacks[0].seed * 1_000_003 + batch_number
-        generator = torch.Generator(device=device).manual_seed(seed)
+        generators = [
+            torch.Generator(device=device).manual_seed(_draw_seed(a, batch_number)) for a in attacks
+        ]
         if not frames:
             _check_fit(model, x, y, model_name, classes)
         target = y
         if erased:
             target = y.clone()
             target[:, erased] = 0  # (B, K, H, W): the chosen organs vanish
-        out = attack_batch(model, attacks, x, target, generator)
+        out = attack_batch(model, attacks, x, target, generators)
         meta = index.iloc[batch["row"].tolist()]
         records = _batch_records(out, names, x, y, meta, classes, activation)
         frames.append((batch_number, records))

@@ -17,7 +17,6 @@ again skips the finished cells and redoes only the unfinished one. The run direc
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +38,7 @@ from rich.progress import (
 )
 
 from advseg.atomic import write_text_atomic
-from advseg.attacks import ATTACKS
+from advseg.attacks import ATTACKS, attack_options, check_eps
 from advseg.augment import Augment
 from advseg.config import from_dict, load_yaml, save_yaml, to_dict
 from advseg.data import DataConfig, SliceData, load_data, split_train_val_test
@@ -204,13 +203,26 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
         for j, loss in enumerate(attack.losses):
             if loss not in LOSSES:
                 raise UserError(f"attacks[{i}].losses[{j}]: {LOSSES.unknown_message(loss)}")
+            if loss == "ce":
+                raise UserError(
+                    f"attacks[{i}].losses[{j}]: 'ce' is for softmax models; the masks here are "
+                    "multi-label sigmoid outputs"
+                )
+        if attack.name not in ATTACKS:
+            raise UserError(f"attacks[{i}].name: {ATTACKS.unknown_message(attack.name)}")
+        unknown = sorted(set(attack.kwargs) - set(attack_options(attack.name)))
+        if unknown:
+            raise UserError(
+                f"attacks[{i}].kwargs.{unknown[0]}: {attack.name} takes "
+                f"{', '.join(attack_options(attack.name))}"
+            )
         if not attack.eps:
             raise UserError(f"attacks[{i}].eps: at least one eps is needed")
         for j, eps in enumerate(attack.eps):
-            if not (math.isfinite(eps) and eps >= 0):
-                raise UserError(f"attacks[{i}].eps[{j}]: {eps} is not a number >= 0")
-        if attack.name not in ATTACKS:
-            raise UserError(f"attacks[{i}].name: {ATTACKS.unknown_message(attack.name)}")
+            try:
+                check_eps(eps, attack.kwargs.get("norm", "linf"), 1.0, attack.name)
+            except UserError as err:
+                raise UserError(f"attacks[{i}].eps[{j}]: {err}") from None
         first = kwargs_of.setdefault(attack.name, (i, attack.kwargs))
         if first[1] != attack.kwargs:
             raise UserError(
@@ -448,7 +460,6 @@ def run_experiment(
 
     def compute(cell: Cell) -> CellOutput:
         net, arch = model_for(cell.model)
-        torch.manual_seed(config.seed)
         with console.status(
             f"evaluating {cell.model}, {cell.attack} eps {cell.eps:g} "
             f"({', '.join(cell.losses)}) on {len(eval_rows)} slices"
@@ -462,7 +473,7 @@ def run_experiment(
                 cell.eps,
                 model_name=cell.model,
                 arch=arch,
-                attack_kwargs=dict(cell.kwargs),
+                attack_kwargs={"seed": config.seed, **dict(cell.kwargs)},
                 batch_size=config.evaluation.batch_size,
                 examples=config.evaluation.examples,
             )
