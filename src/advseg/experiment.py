@@ -17,7 +17,6 @@ again skips the finished cells and redoes only the unfinished one. The run direc
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -50,7 +49,7 @@ from advseg.models.zoo import resolve as resolve_model
 from advseg.records import read_records, write_records
 from advseg.report import Report, write_report
 from advseg.report.examples import save_examples
-from advseg.report.tables import headline_eps
+from advseg.report.tables import file_stem, headline_eps
 from advseg.summary import summarize
 from advseg.train import TrainConfig, data_metadata, new_model, resolve_device, train
 
@@ -73,7 +72,7 @@ class ModelSpec:
     checkpoint: Path | None = None
 
     def __post_init__(self) -> None:
-        self.name = self.name or slug(self.arch)
+        self.name = self.name or file_stem(self.arch)
 
 
 @dataclass
@@ -156,11 +155,6 @@ class ExperimentConfig:
     report: bool = True
 
 
-def slug(text: str) -> str:
-    """A stable file-name-safe form of ``text``: characters outside ``[A-Za-z0-9._-]`` become -."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
-
-
 @dataclass(frozen=True)
 class Cell:
     """One unit of work and of resumption: one model, one attack, one eps, several losses."""
@@ -174,7 +168,7 @@ class Cell:
     @property
     def slug(self) -> str:
         """The cell's file name stem, e.g. ``unet__fgsm__eps0.009``."""
-        return f"{slug(self.model)}__{slug(self.attack)}__eps{self.eps:g}"
+        return f"{file_stem(self.model)}__{file_stem(self.attack)}__eps{self.eps:g}"
 
 
 def check_config(config: ExperimentConfig) -> ExperimentConfig:

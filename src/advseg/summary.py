@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from advseg.errors import UserError
-from advseg.metrics import PAPER_SMOOTH, dice_from_counts
+from advseg.metrics import PAPER_SMOOTH, attack_success, dice_from_counts
 
 Protocol = Literal["paper", "per-class", "global"]
 PROTOCOLS: tuple[str, ...] = ("paper", "per-class", "global")
@@ -121,7 +121,7 @@ def summarize_cells(records: pd.DataFrame, protocol: Protocol = "per-class") -> 
     for keys, group in records.groupby([*MODEL_KEYS, *CELL_KEYS], sort=False):
         clean, units, excluded = protocol_dice(group, protocol, "clean")
         adv, _, _ = protocol_dice(group, protocol, "adv")
-        success = (clean - adv) / clean if clean > 0 else float("nan")
+        success = float(attack_success(clean, adv))
         rows.append([*keys, units, excluded, clean, adv, success, *hd95_means(group)])
     return pd.DataFrame(rows, columns=CELL_COLUMNS + HD95_COLUMNS)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from advseg.metrics import attack_success
 from advseg.report.stats import correlate
 from advseg.summary import summarize, summarize_cells
 
@@ -91,7 +92,7 @@ def slice_table(records: pd.DataFrame) -> SliceTable:
     everything = records[keys].drop_duplicates()
     no_gt = len(everything) - len(per_slice)
     defined = per_slice[per_slice["dsc_clean"] > 0].copy()
-    defined["attack_success"] = (defined["dsc_clean"] - defined["dsc_adv"]) / defined["dsc_clean"]
+    defined["attack_success"] = attack_success(defined["dsc_clean"], defined["dsc_adv"])
     return SliceTable(
         defined.reset_index(drop=True),
         no_ground_truth=no_gt,
