@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from advseg.data import DataConfig, PreprocessConfig, write_synthetic
+from advseg.errors import UserError
 from advseg.evaluate import EvaluateConfig, evaluate
 from advseg.experiment import (
     AttackSpec,
@@ -75,6 +76,16 @@ def test_run_writes_everything_and_resumes_without_retraining(phantom, tmp_path)
     )
     assert alone.slices["unet-tiny"] >= records["slice_id"].nunique()  # all its test slices
     assert set(read_records(tmp_path / "alone")["case"]) == set(records["case"])
+
+    # Loaded by another experiment: evaluated on the same cases, refused under another split.
+    loaded = _config(phantom, tmp_path)
+    loaded.models = [ModelSpec(name="loaded", checkpoint=best)]
+    reused = run_experiment(loaded, tmp_path / "loaded")
+    assert reused.trained == [] and len(reused.grid.computed) == 2
+    assert set(read_records(tmp_path / "loaded")["slice_id"]) == set(records["slice_id"])
+    loaded.split = SplitSpec(test_fraction=0.34, val_fraction=0.5, seed=1)
+    with pytest.raises(UserError, match=r"trained with data\.split_seed 0.*split has 1"):
+        run_experiment(loaded, tmp_path / "loaded-other-split")
 
     # Interrupted after the first cell: only the missing cell is redone, nothing retrained.
     (run_dir / "records" / "unet-tiny__fgsm__eps0.03.parquet").unlink()

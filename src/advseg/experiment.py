@@ -525,6 +525,7 @@ def _get_model(
     """
     if spec.checkpoint is not None:
         net, meta = load_checkpoint(spec.checkpoint, classes=data.classes)
+        check_held_out(meta.data, spec.checkpoint, config)
         return net, meta.model, False
     out = run_dir / "models" / spec.name
     best = out / "checkpoints" / "best"
@@ -562,6 +563,31 @@ def _get_model(
     )
     net, meta = load_checkpoint(best, classes=data.classes)
     return net, meta.model, True
+
+
+def check_held_out(metadata: dict[str, Any], checkpoint: Path, config: ExperimentConfig) -> None:
+    """Refuse a checkpoint whose training split differs from the experiment's.
+
+    The experiment evaluates its own test cases; a checkpoint trained with another split seed or
+    fraction, or on another data source, may have trained on some of them.
+    """
+    split = config.split
+    expected = {"test_fraction": split.test_fraction, "split_seed": split.seed}
+    for key, value in expected.items():
+        if key not in metadata:
+            raise UserError(
+                f"{checkpoint}: its metadata does not say which cases it held out (no "
+                f"data.{key}); the experiment cannot tell train cases from test cases"
+            )
+        if metadata[key] != value:
+            raise UserError(
+                f"{checkpoint}: trained with data.{key} {metadata[key]}, the experiment's split "
+                f"has {value}; its test cases would include training cases"
+            )
+    trained_on = metadata.get("config", {}).get("path")
+    ours = None if config.data.path is None else str(config.data.path)
+    if trained_on != ours:
+        raise UserError(f"{checkpoint}: trained on data {trained_on}, the experiment uses {ours}")
 
 
 def _finished(last: Path, train_config: TrainConfig) -> bool:
