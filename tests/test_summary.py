@@ -126,11 +126,11 @@ def test_counts_are_the_only_input():
     assert not np.isnan(summarize_cells(records, "per-class")["dsc_clean"]).any()
 
 
-def test_hd95_means_exclude_and_count_undefined_pairs():
-    records = _records("m", "bce", SLICES)
+def test_hd95_means_over_present_organs_count_vanished_predictions():
+    records = _records("m", "bce", SLICES)  # organs present in rows 0, 6 and 7
     records["hd95_clean"] = [1.0, 0.0, 0.0, 0.0, 0.0, np.nan, 2.0, 4.0, 0.0]
     records["hd95_adv"] = [3.0, 0.0, 0.0, 0.0, 0.0, 0.0, np.nan, 6.0, 0.0]
     row = summarize_cells(records, "per-class").iloc[0]
-    assert row["hd95_pairs"] == 7 and row["hd95_excluded"] == 2
-    assert row["hd95_clean"] == pytest.approx(5 / 7)
-    assert row["hd95_adv"] == pytest.approx(9 / 7)
+    assert row["hd95_pairs"] == 2 and row["hd95_excluded"] == 1  # row 6: the organ vanished
+    assert row["hd95_clean"] == pytest.approx((1.0 + 4.0) / 2)
+    assert row["hd95_adv"] == pytest.approx((3.0 + 6.0) / 2)

@@ -127,15 +127,19 @@ def summarize_cells(records: pd.DataFrame, protocol: Protocol = "per-class") -> 
 
 
 def hd95_means(group: pd.DataFrame) -> tuple[float, float, int, int]:
-    """Mean clean and adversarial HD95 (pixels) over the (slice, class) pairs where both exist.
+    """Mean clean and adversarial HD95 (pixels) over the organs present, where both are defined.
 
-    HD95 is undefined (NaN in the records) where exactly one of prediction and mask is empty
-    (:func:`advseg.metrics.hd95`); such pairs, clean or adversarial, are excluded and counted.
+    Only (slice, class) pairs with a ground-truth mask enter: a pair empty in the ground truth
+    has no boundary to miss (a hallucinated organ there shows in Dice instead), and its 0 for an
+    empty prediction would dilute the mean. Among them, a pair whose clean or adversarial
+    prediction vanished has no HD95 (NaN in the records, :func:`advseg.metrics.hd95`): it is
+    excluded and counted, so ``excluded`` is how often the organ disappeared.
 
     Returns:
         ``(hd95_clean, hd95_adv, pairs, excluded)``; the means are NaN when no pair is left.
     """
-    clean, adv = group["hd95_clean"].to_numpy(), group["hd95_adv"].to_numpy()
+    present = group[group["gt_pixels"] > 0]
+    clean, adv = present["hd95_clean"].to_numpy(), present["hd95_adv"].to_numpy()
     keep = np.isfinite(clean) & np.isfinite(adv)
     return _mean(clean[keep]), _mean(adv[keep]), int(keep.sum()), int((~keep).sum())
 
