@@ -8,11 +8,11 @@ losses (BCE, Focal, Dice+Focal), the adversarial images and their prediction:
 (b) torchattacks' style: batched, one loss at a time (a forward and an input-gradient per loss,
     parameters left requiring grad), plus one clean forward for the clean prediction;
 (c) advseg: :func:`advseg.evaluate.attack_batch` (one forward with input gradient shared by the
-    losses, frozen parameters, one ``inference_mode`` forward of every loss's images);
+    losses, frozen parameters, one ``inference_mode`` forward per loss's images);
 (c') "vmapped": advseg's shared forward with one vmapped backward (``is_grads_batched``)
     instead of one backward per loss, to decide between the two;
 (d) the floor: the bare model calls (c) needs, timed alone: one forward with input gradient, one
-    backward per loss (a fixed cotangent, no loss), one ``inference_mode`` forward of 3B images.
+    backward per loss (a fixed cotangent, no loss), one ``inference_mode`` forward per loss.
 
 Prints each time (best of the repeats, interleaved and rotated) and the ratios a/c, b/c and c/d.
 Runs the plain U-Net on this machine's CPU; with ``--models all`` and a GPU, every zoo model.
@@ -87,7 +87,8 @@ def advseg_vmapped_way(model, batches):
             (grads,) = torch.autograd.grad(objectives, xg, eye, is_grads_batched=True)
             x_adv = [a.apply_gradient(x, g) for a, g in zip(attacks, grads, strict=True)]
             with torch.inference_mode():
-                model(torch.cat(x_adv))
+                for images in x_adv:
+                    model(images)
 
 
 def floor_way(model, batches, cotangents):
@@ -101,7 +102,8 @@ def floor_way(model, batches, cotangents):
                 for i in range(len(LOSSES))
             ]
             with torch.inference_mode():
-                model(torch.cat([x + 0 * g for g in grads]))
+                for g in grads:
+                    model(x + 0 * g)
 
 
 def batch_stream(n, batch, size, channels=3, classes=3, device="cpu"):
