@@ -153,7 +153,7 @@ def test_cli_report_prints_table_ii_and_bad_input_is_one_line(tmp_path, capsys):
         main(["report", str(tmp_path), "--eps", "0.009"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "Table II: FGSM at eps 0.009" in out and "report.html" in out
+    assert "Table II: fgsm, eps 0.009 (per-class Dice" in out and "report.html" in out
     assert "No saved example slices" in out
     with pytest.raises(SystemExit) as exit_info:
         main(["report", str(tmp_path / "missing")])

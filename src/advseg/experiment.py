@@ -50,7 +50,7 @@ from advseg.records import read_records, write_records
 from advseg.report import Report, write_report
 from advseg.report.examples import save_examples
 from advseg.report.tables import file_stem, headline_eps
-from advseg.summary import summarize
+from advseg.summary import summarize, summarize_cells
 from advseg.train import TrainConfig, data_metadata, new_model, resolve_device, train
 
 PAPER_LOSSES = ["bce", "focal", "dicefocal"]
@@ -391,6 +391,8 @@ class RunResult:
         grid: cells computed now and cells found finished.
         trained: models trained (or whose training was resumed) by this call.
         summary: Table II at the headline eps (also in ``summary.csv``).
+        cells: its numbers one row per (model, attack, loss), from
+            :func:`advseg.summary.summarize_cells`; protocol: the Dice protocol of both.
         report: the written report, when ``config.report`` is true.
         seconds: wall time of this call.
     """
@@ -399,6 +401,8 @@ class RunResult:
     grid: GridResult
     trained: list[str]
     summary: pd.DataFrame
+    cells: pd.DataFrame
+    protocol: str
     report: Report | None
     seconds: float
 
@@ -483,13 +487,16 @@ def run_experiment(
     grid = run_cells(cells, run_dir, compute, on_cell)
     records = read_records(run_dir)
     eps = headline_eps(records)
-    summary = summarize(records[records["eps"] == eps], config.evaluation.protocol)
+    protocol = config.evaluation.protocol
+    summary = summarize(records[records["eps"] == eps], protocol)
+    cells = summarize_cells(records[records["eps"] == eps], protocol)
     write_text_atomic(run_dir / "summary.csv", summary.to_csv(index=False, na_rep="n/a"))
     report = None
     if config.report:
         with console.status("writing the report"):
-            report = write_report(run_dir, protocol=config.evaluation.protocol, eps=eps)
-    return RunResult(run_dir, grid, trained, summary, report, time.perf_counter() - start)
+            report = write_report(run_dir, protocol=protocol, eps=eps)
+    seconds = time.perf_counter() - start
+    return RunResult(run_dir, grid, trained, summary, cells, protocol, report, seconds)
 
 
 def _evaluation_rows(

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import typer
-from rich import box
 from rich.table import Table
 
 from advseg import distributed
 from advseg.attacks import ATTACKS, attack_options
 from advseg.cli.console import console
-from advseg.evaluate import EvaluateConfig, EvaluateResult, evaluate
+from advseg.cli.table_ii import table_ii
+from advseg.evaluate import EvaluateConfig, evaluate
 from advseg.losses import LOSSES
 from advseg.summary import UNITS
 
@@ -70,7 +69,7 @@ def evaluate_command(
     if not distributed.is_main():
         return
     terminal = console()
-    for table in table_two(result, config.protocol):
+    for table in table_ii(result.cells, config.protocol):
         terminal.print(table)
     kept, left = UNITS[config.protocol]
     for row in result.table.itertuples(index=False):
@@ -79,31 +78,6 @@ def evaluate_command(
     terminal.print(f"slices evaluated ({config.split} split): {slices}")
     terminal.print(f"records: {len(result.record_files)} files in {out / 'records'}")
     terminal.print(f"summary: {result.summary_path}")
-
-
-def table_two(result: EvaluateResult, protocol: str) -> list[Table]:
-    """The paper's Table II layout, one table per (attack, eps): model, params, clean DSC, the
-    adversarial DSC under each loss, then the Attack Success under each loss."""
-    clean = result.table.set_index("model")["DSC clean"]
-    tables = []
-    for (attack, eps), cell in result.cells.groupby(["attack", "eps"], sort=False):
-        losses = list(dict.fromkeys(cell["loss"]))
-        title = f"Table II: {attack}, eps {eps:g} ({protocol} Dice; AS = attack success)"
-        table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0))
-        headers = ["model", "params", "DSC\nclean", *[f"DSC\n{x}" for x in losses]]
-        for column in [*headers, *[f"AS\n{x}" for x in losses]]:
-            table.add_column(column, justify="left" if column == "model" else "right", min_width=6)
-        for (model, params), rows in cell.groupby(["model", "params"], sort=False):
-            by_loss = rows.set_index("loss")
-            dsc = [_number(by_loss["dsc_adv"].get(x)) for x in losses]
-            success = [_number(by_loss["as"].get(x)) for x in losses]
-            table.add_row(model, f"{params / 1e6:.2f}M", _number(clean[model]), *dsc, *success)
-        tables.append(table)
-    return tables
-
-
-def _number(value: float | None) -> str:
-    return "-" if value is None or pd.isna(value) else f"{value:.4f}"
 
 
 def attacks_command() -> None:

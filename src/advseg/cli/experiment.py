@@ -8,7 +8,8 @@ import typer
 from rich.console import Console
 
 from advseg.cli.console import console
-from advseg.cli.report import dataframe_table, print_report
+from advseg.cli.report import print_report
+from advseg.cli.table_ii import table_ii
 from advseg.demo import run_demo
 from advseg.experiment import RunResult, find_experiment, load_experiment, run_experiment
 
@@ -26,7 +27,9 @@ def _print_result(result: RunResult, console: Console) -> None:
     if result.report is not None:
         print_report(result.report, console)
     else:
-        console.print(dataframe_table(result.summary, f"Table II ({result.run_dir}/summary.csv)"))
+        for table in table_ii(result.cells, result.protocol):
+            console.print(table)
+        console.print(f"summary: {result.run_dir / 'summary.csv'}")
 
 
 @app.command()

@@ -32,6 +32,8 @@ class Report:
         html, markdown: the report's two pages.
         files: every file written (pages, CSV, PNG).
         table: Table II at ``eps`` (as :func:`advseg.summary.summarize` returns it).
+        cells: its numbers one row per (model, attack, loss) at ``eps``, as
+            :func:`advseg.summary.summarize_cells` returns them.
         protocol: the Dice protocol used; eps: the headline eps.
         notes: what could not be drawn, and why (also stated in the report).
     """
@@ -39,6 +41,7 @@ class Report:
     html: Path
     markdown: Path
     table: pd.DataFrame
+    cells: pd.DataFrame
     protocol: str
     eps: float
     files: list[Path] = field(default_factory=list)
@@ -81,6 +84,7 @@ def write_report(
     table_ii = tables.table_ii(records, protocol, eps)
     cells = tables.cells_table(records, protocol)
     at_eps = cells[cells["eps"] == eps]
+    headline_cells = at_eps.rename(columns={"attack_success": "as"})
     classes = list(records["class"].drop_duplicates())
     sections = [
         _table_section(writer, table_ii, protocol, eps),
@@ -103,7 +107,9 @@ def write_report(
     title = "advseg robustness report"
     html_path = writer.text("report.html", render_html(title, intro, sections))
     md_path = writer.text("report.md", render_markdown(title, intro, sections))
-    return Report(html_path, md_path, table_ii, protocol, eps, writer.files, writer.notes)
+    return Report(
+        html_path, md_path, table_ii, headline_cells, protocol, eps, writer.files, writer.notes
+    )
 
 
 def _run_protocol(run_dir: Path) -> str:
