@@ -1,13 +1,16 @@
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from rich.console import Console
 from torch import nn
 from torch.utils.data import Dataset
 
 from advseg.attacks import create_attack
 from advseg.errors import UserError
-from advseg.evaluate import evaluate_cell
+from advseg.evaluate import cell_progress, evaluate_cell
 from advseg.metrics import confusion_counts, hd95
 from advseg.records import RECORD_COLUMNS
 from advseg.summary import summarize
@@ -209,3 +212,18 @@ def test_targeted_cell_makes_an_organ_vanish(model):
     with pytest.raises(UserError, match="needs the classes to erase"):
         evaluate_cell(model, data, [0], "fgsm", ["bce"], 0.1, model_name="t", arch="u",
                       attack_kwargs={"targeted": True})  # fmt: skip
+
+
+def test_progress_reports_each_batch_and_a_quiet_console_shows_nothing(model):
+    data = MemoryData()
+    seen = []
+    _cell(model, data, range(10), on_batch=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    shown = Console(file=io.StringIO(), force_terminal=True, width=100)
+    with cell_progress(shown, "tiny, fgsm") as on_batch:
+        _cell(model, data, range(10), on_batch=on_batch)
+    assert "tiny, fgsm, batches" in shown.file.getvalue() and "3/3" in shown.file.getvalue()
+    quiet = Console(file=io.StringIO(), quiet=True)
+    with cell_progress(quiet, "tiny, fgsm") as on_batch:
+        _cell(model, data, range(10), on_batch=on_batch)
+    assert quiet.file.getvalue() == ""

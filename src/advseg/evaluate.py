@@ -23,7 +23,8 @@ returns exactly the records of a one-process run.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +32,15 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -152,6 +162,7 @@ def evaluate_cell(
     examples: int = 0,
     workers: int = 0,
     erase: Sequence[str] = (),
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> CellResult:
     """Evaluate one (model, attack, eps) cell over every loss on the slices ``rows``.
 
@@ -172,6 +183,8 @@ def evaluate_cell(
         erase: class names to make vanish: the attack becomes targeted, its target the true
             mask with these classes emptied. The records still score against the true mask,
             and their ``attack`` column reads e.g. ``pgd:erase=stomach``.
+        on_batch: called after each batch with (batches done, batches in all) on this rank,
+            for progress (see :func:`cell_progress`).
 
     Returns:
         A :class:`CellResult`; under ``torch.distributed`` every rank gets the merged records.
@@ -236,6 +249,8 @@ def evaluate_cell(
         start = batch_number * batch_size
         if start < examples:
             shown.append((batch_number, _examples(out, x, y, meta, activation, examples - start)))
+        if on_batch is not None:
+            on_batch(len(frames), len(mine))
 
     frames = [item for part in distributed.gather_objects(frames) for item in part]
     shown = [item for part in distributed.gather_objects(shown) for item in part]
@@ -248,6 +263,20 @@ def evaluate_cell(
     records.insert(0, "arch", arch)
     records.insert(0, "model", model_name)
     return CellResult(check_records(records), _merge_examples(shown, names))
+
+
+@contextmanager
+def cell_progress(console: Console, description: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar of one cell's batches on ``console``, removed when the cell ends.
+
+    Yields the ``on_batch`` callback of :func:`evaluate_cell`. A quiet console shows nothing.
+    """
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(
+        *columns, TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True
+    ) as bar:
+        task = bar.add_task(f"{description}, batches", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def _target_spec(
@@ -459,10 +488,11 @@ def trained_data_config(
     return data_config if path is None else replace(data_config, path=Path(path))
 
 
-def evaluate(config: EvaluateConfig) -> EvaluateResult:
+def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResult:
     """Run a sweep: every cell's records to ``out/records``, Table II to ``out/summary.csv``.
 
-    Under torchrun each cell is sharded over the ranks; rank 0 writes the files.
+    Under torchrun each cell is sharded over the ranks; rank 0 writes the files. ``progress``
+    shows each cell's batches on stderr (rank 0's).
 
     Raises:
         UserError: no checkpoint, an unknown attack, loss, option or protocol, a bad eps, a
@@ -495,6 +525,7 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
     distributed.init()
+    console = Console(stderr=True, quiet=not (progress and distributed.is_main()))
     device = resolve_device(config.device)
     loaded: dict[tuple, Any] = {}
     frames, files, slices = [], [], {}
@@ -535,11 +566,13 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
         for attack in config.attacks:
             options = {k: v for k, v in config.attack_options.items() if k in accepted[attack]}
             for eps in config.eps:
-                result = evaluate_cell(
-                    model, data, rows, attack, config.losses, eps, model_name=model_name,
-                    arch=meta.model, attack_kwargs=options, batch_size=config.batch_size,
-                    examples=config.examples, erase=config.erase,
-                )  # fmt: skip
+                what = f"{model_name}, {attack} eps {eps:g} on {len(rows)} slices"
+                with cell_progress(console, what) as on_batch:
+                    result = evaluate_cell(
+                        model, data, rows, attack, config.losses, eps, model_name=model_name,
+                        arch=meta.model, attack_kwargs=options, batch_size=config.batch_size,
+                        examples=config.examples, erase=config.erase, on_batch=on_batch,
+                    )  # fmt: skip
                 frames.append(result.records)
                 if distributed.is_main():
                     label = f"{attack}-erase-{'+'.join(config.erase)}" if config.erase else attack

@@ -42,7 +42,7 @@ from advseg.augment import Augment
 from advseg.config import from_dict, load_yaml, save_yaml, to_dict
 from advseg.data import DataConfig, SliceData, load_data, split_train_val_test
 from advseg.errors import UserError
-from advseg.evaluate import evaluate_cell
+from advseg.evaluate import cell_progress, evaluate_cell
 from advseg.losses import LOSSES
 from advseg.models import load_checkpoint, read_checkpoint
 from advseg.models.zoo import resolve as resolve_model
@@ -458,10 +458,11 @@ def run_experiment(
 
     def compute(cell: Cell) -> CellOutput:
         net, arch = model_for(cell.model)
-        with console.status(
+        what = (
             f"evaluating {cell.model}, {cell.attack} eps {cell.eps:g} "
             f"({', '.join(cell.losses)}) on {len(eval_rows)} slices"
-        ):
+        )
+        with cell_progress(console, what) as on_batch:
             result = evaluate_cell(
                 net,
                 data,
@@ -474,6 +475,7 @@ def run_experiment(
                 attack_kwargs={"seed": config.seed, **dict(cell.kwargs)},
                 batch_size=config.evaluation.batch_size,
                 examples=config.evaluation.examples,
+                on_batch=on_batch,
             )
         return CellOutput(result.records, result.examples)
 

@@ -65,7 +65,7 @@ def evaluate_command(
         examples=examples,
         erase=list(erase),
     )
-    result = evaluate(config)
+    result = evaluate(config, progress=True)
     if not distributed.is_main():
         return
     terminal = console()
