@@ -106,6 +106,21 @@ def test_a_run_directory_refuses_another_experiment(tmp_path):
         prepare_run_dir(other, tmp_path)
 
 
+def test_a_resume_may_change_how_the_work_is_done_not_its_records(tmp_path):
+    prepare_run_dir(_config(), tmp_path)
+    changed = _config()
+    changed.train.num_workers = 2
+    changed.evaluation.protocol = "global"
+    changed.report = not changed.report
+    prepare_run_dir(changed, tmp_path)
+    assert load_experiment(tmp_path / "config.yaml") == changed  # the saved config follows
+    changed.train.lr *= 2
+    changed.train.num_workers = 0
+    with pytest.raises(UserError, match=r"train\.lr differs"):
+        prepare_run_dir(changed, tmp_path)
+    assert load_experiment(tmp_path / "config.yaml").train.num_workers == 2  # left as it was
+
+
 def test_config_file_round_trips_and_bad_keys_are_named(tmp_path):
     path = tmp_path / "exp.yaml"
     save_yaml(_config(), path)

@@ -340,8 +340,17 @@ def run_cells(
     return result
 
 
+RESUMABLE_KEYS = frozenset(
+    {"train.num_workers", "train.tensorboard", "evaluation.protocol", "report"}
+)
+"""Config keys a resume may change: they decide how the work is done or shown, not its records
+(the summary and the report are recomputed from the records at every run)."""
+
+
 def prepare_run_dir(config: ExperimentConfig, run_dir: str | Path) -> Path:
     """Create ``run_dir`` with the resolved config, or check that it holds this same experiment.
+
+    A resume may change the :data:`RESUMABLE_KEYS`; the saved config then takes the new values.
 
     Raises:
         UserError: ``run_dir/config.yaml`` holds a different experiment (naming the first key that
@@ -351,35 +360,32 @@ def prepare_run_dir(config: ExperimentConfig, run_dir: str | Path) -> Path:
     saved_path = run_dir / "config.yaml"
     resolved = to_dict(config)
     if saved_path.exists():
-        saved = load_yaml(saved_path)
-        difference = _first_difference(saved, resolved)
-        if difference is not None:
+        differences = _differences(load_yaml(saved_path), resolved)
+        refused = [key for key in differences if key not in RESUMABLE_KEYS]
+        if refused:
             raise UserError(
-                f"{saved_path}: this run directory holds another experiment ({difference} "
+                f"{saved_path}: this run directory holds another experiment ({refused[0]} "
                 "differs); use a new run directory"
             )
+        if differences:
+            save_yaml(resolved, saved_path)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(resolved, saved_path)
     return run_dir
 
 
-def _first_difference(old: Any, new: Any, where: str = "") -> str | None:
+def _differences(old: Any, new: Any, where: str = "") -> list[str]:
+    """The dotted keys (``train.lr``, ``models[0].arch``) whose values differ, in key order."""
     if isinstance(old, dict) and isinstance(new, dict):
+        found = []
         for key in sorted(set(old) | set(new), key=str):
-            found = _first_difference(
-                old.get(key), new.get(key), f"{where}.{key}" if where else key
-            )
-            if found:
-                return found
-        return None
+            found += _differences(old.get(key), new.get(key), f"{where}.{key}" if where else key)
+        return found
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        for i, (a, b) in enumerate(zip(old, new, strict=True)):
-            found = _first_difference(a, b, f"{where}[{i}]")
-            if found:
-                return found
-        return None
-    return None if old == new else (where or "the whole config")
+        return [d for i, (a, b) in enumerate(zip(old, new, strict=True))
+                for d in _differences(a, b, f"{where}[{i}]")]  # fmt: skip
+    return [] if old == new else [where or "the whole config"]
 
 
 @dataclass
