@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from advseg.allocator import keep_freed_memory
 from advseg.attacks import create_attack, frozen
 from advseg.evaluate import DEFAULT_BATCH_SIZE, attack_batch
 from advseg.losses import create_loss
@@ -176,7 +177,12 @@ def main() -> None:
     parser.add_argument("--models", default="unet", help="comma-separated zoo names, or 'all'")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--skip-notebook", action="store_true", help="skip the slow way (a)")
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="leave glibc's malloc as it is"
+    )
     args = parser.parse_args()
+    kept = not args.default_malloc and keep_freed_memory()
+    print(f"malloc: {'keeps freed memory, as the advseg command does' if kept else 'default'}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from advseg.allocator import keep_freed_memory
 from advseg.losses import create_loss
 from advseg.models import count_parameters, create_model, model_names
 
@@ -79,7 +80,12 @@ def main() -> None:
     parser.add_argument("--demo-sizes", default="64,96,128", help="comma-separated; '' skips")
     parser.add_argument("--gpu-batch", type=int, default=16)
     parser.add_argument("--gpu-steps", type=int, default=10)
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="leave glibc's malloc as it is"
+    )
     args = parser.parse_args()
+    kept = not args.default_malloc and keep_freed_memory()
+    print(f"malloc: {'keeps freed memory, as the advseg command does' if kept else 'default'}")
 
     if args.threads:
         torch.set_num_threads(args.threads)

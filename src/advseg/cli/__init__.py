@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from advseg import __version__
+from advseg.allocator import keep_freed_memory
 from advseg.cli import data
 from advseg.cli import experiment as experiment_cli
 from advseg.cli import report as report_cli
@@ -55,6 +56,7 @@ app.add_typer(experiment_cli.app)  # advseg run, advseg demo
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point; ``argv`` defaults to ``sys.argv[1:]``."""
+    keep_freed_memory()
     try:
         app(args=argv, prog_name="advseg")
     except UserError as err:
