@@ -269,12 +269,13 @@ def evaluate_cell(
 def cell_progress(console: Console, description: str) -> Iterator[Callable[[int, int], None]]:
     """A progress bar of one cell's batches on ``console``, removed when the cell ends.
 
-    Yields the ``on_batch`` callback of :func:`evaluate_cell`. A quiet console shows nothing.
+    Yields the ``on_batch`` callback of :func:`evaluate_cell`. A quiet console, or one that is
+    not a terminal (a log file), shows nothing.
     """
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    with Progress(
-        *columns, TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True
-    ) as bar:
+    columns += (TimeElapsedColumn(), TimeRemainingColumn())
+    hidden = not console.is_terminal
+    with Progress(*columns, console=console, transient=True, disable=hidden) as bar:
         task = bar.add_task(f"{description}, batches", total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
 

@@ -428,7 +428,10 @@ def run_experiment(
     run_dir = prepare_run_dir(config, run_dir)
     console = Console(stderr=True, quiet=not progress)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), MofNCompleteColumn())
-    with Progress(*columns, TimeElapsedColumn(), console=console, transient=True) as bar:
+    hidden = not console.is_terminal
+    with Progress(
+        *columns, TimeElapsedColumn(), console=console, transient=True, disable=hidden
+    ) as bar:
         task = bar.add_task(
             "loading data (the phantom is written on first use), slices", total=None
         )
@@ -442,9 +445,10 @@ def run_experiment(
         f"{len(val_rows)}, test {len(test_rows)} slices; evaluated {len(eval_rows)} test slices "
         f"({config.evaluation.slices})",
         highlight=False,
+        soft_wrap=True,
     )
     for line in data.exclusions.lines():
-        console.print(f"data: {line}", highlight=False)
+        console.print(f"data: {line}", highlight=False, soft_wrap=True)
     cells = plan_cells(config)
     models: dict[str, tuple[torch.nn.Module, str]] = {}
     trained = []

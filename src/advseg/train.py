@@ -672,7 +672,7 @@ class _Bar:
 
     def epoch_done(self, text: str) -> None:
         if self.progress is not None:
-            self.progress.console.print(text, highlight=False)
+            self.progress.console.print(text, highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
