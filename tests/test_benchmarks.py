@@ -1,0 +1,41 @@
+"""The benchmark scripts run end to end at toy sizes and print their ratio lines (no timing is
+asserted: these machines are noisy; the figures are read from full runs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, *args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent / "src")}
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_bench_attack_prints_each_way_its_ratios_and_the_targets():
+    toy = ["--size", "32", "--batch", "2", "--batches", "1", "--repeats", "1"]
+    out = _run("bench_attack.py", *toy)
+    assert "malloc: " in out
+    assert all(f" {way} " in out for way in ("a", "b", "c", "vmapped", "d"))
+    assert "a/c" in out and "b/c" in out and "c/d" in out
+    assert "targets: b/c >= 1.4" in out and "c/d <= 1.15" in out
+
+
+def test_bench_train_prints_images_per_second():
+    out = _run("bench_train.py", "--size", "32", "--batch", "2", "--steps", "1", "--demo-sizes", "")
+    assert "img/s" in out and "1.00x" in out
+
+
+def test_bench_data_prints_its_throughputs(tmp_path):
+    args = ["--cases", "2", "--scans", "1", "--slices", "4", "--size", "32", "--workers", "0"]
+    out = _run("bench_data.py", *args, "--dir", str(tmp_path))
+    assert "slices/s" in out
