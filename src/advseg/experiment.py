@@ -500,15 +500,16 @@ def run_experiment(
     records = read_records(run_dir)
     eps = headline_eps(records)
     protocol = config.evaluation.protocol
-    summary = summarize(records[records["eps"] == eps], protocol)
-    cells = summarize_cells(records[records["eps"] == eps], protocol)
+    headline = records[records["eps"] == eps]
+    summary = summarize(headline, protocol)
+    headline_cells = summarize_cells(headline, protocol)
     write_text_atomic(run_dir / "summary.csv", summary.to_csv(index=False, na_rep="n/a"))
     report = None
     if config.report:
         with console.status("writing the report"):
             report = write_report(run_dir, protocol=protocol, eps=eps)
     seconds = time.perf_counter() - start
-    return RunResult(run_dir, grid, trained, summary, cells, protocol, report, seconds)
+    return RunResult(run_dir, grid, trained, summary, headline_cells, protocol, report, seconds)
 
 
 def _evaluation_rows(
