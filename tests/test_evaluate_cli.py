@@ -116,3 +116,13 @@ def test_checkpoint_that_does_not_fit_the_data(setup, capsys):
     args = ["evaluate", str(setup / "two-classes"), "--out", str(setup / "bad2")]
     assert cli(args) == 2
     assert "checkpoint does not fit: classes" in capsys.readouterr().err
+
+
+def test_evaluate_compat_notebook_labels_its_records(setup, capsys):
+    out = setup / "run-notebook"
+    args = ["evaluate", str(setup / "tiny"), "--out", str(out), "--compat", "notebook"]
+    assert cli([*args, "--batch-size", "4", "--device", "cpu"]) == 0
+    assert [p.name for p in (out / "records").iterdir()] == ["tiny__fgsm-notebook__eps0.009.parquet"]
+    assert set(read_records(out)["attack"]) == {"fgsm:notebook"}
+    assert cli([*args, "--attack", "pgd"]) == 2
+    assert "the notebook had fgsm only" in capsys.readouterr().err

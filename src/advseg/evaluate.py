@@ -45,7 +45,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from advseg import distributed
-from advseg.attacks import Attack, create_attack, frozen, model_logits
+from advseg.attacks import Attack, frozen, model_logits
+from advseg.compat import (
+    NOTEBOOK_ATTACKS,
+    check_compat,
+    compat_label,
+    create_compat_attack,
+    soft_masks,
+)
 from advseg.errors import UserError
 from advseg.metrics import (
     confusion_counts,
@@ -163,6 +170,7 @@ def evaluate_cell(
     workers: int = 0,
     erase: Sequence[str] = (),
     on_batch: Callable[[int, int], None] | None = None,
+    compat: str = "none",
 ) -> CellResult:
     """Evaluate one (model, attack, eps) cell over every loss on the slices ``rows``.
 
@@ -185,6 +193,9 @@ def evaluate_cell(
             and their ``attack`` column reads e.g. ``pgd:erase=stomach``.
         on_batch: called after each batch with (batches done, batches in all) on this rank,
             for progress (see :func:`cell_progress`).
+        compat: ``none`` (the attack as named) or ``notebook``: the paper's notebook reproduced
+            (:mod:`advseg.compat`: blended FGSM, swapped loss arguments, soft masks as the
+            attack's target); the records' ``attack`` column then reads ``fgsm:notebook``.
 
     Returns:
         A :class:`CellResult`; under ``torch.distributed`` every rank gets the merged records.
@@ -205,6 +216,10 @@ def evaluate_cell(
     activation = kwargs.get("activation") or "sigmoid"
     classes = list(data.classes)
     label, erased = _target_spec(attack, kwargs, erase, classes)
+    check_compat(compat)
+    if compat != "none" and erase:
+        raise UserError(f"compat {compat}: the notebook's attack was untargeted (no erase)")
+    label = compat_label(label, compat)
     if len(set(losses)) != len(losses):
         raise UserError(f"losses: each loss once, got {', '.join(losses)}")
     if activation == "sigmoid" and "ce" in losses:
@@ -212,7 +227,7 @@ def evaluate_cell(
             "loss 'ce' is for softmax models (one class per pixel); these masks are multi-label "
             "sigmoid outputs: use bce, focal, dice or dicefocal"
         )
-    attacks = [create_attack(attack, model, loss, eps, **kwargs) for loss in losses]
+    attacks = [create_compat_attack(attack, model, loss, eps, compat, **kwargs) for loss in losses]
     names = [a.loss.name for a in attacks]
     device = next(model.parameters()).device
     if device.type == "cuda":
@@ -239,6 +254,8 @@ def evaluate_cell(
         if not frames:
             _check_fit(model, x, y, model_name, classes)
         target = y
+        if compat == "notebook":  # the notebook's area-resized masks, never thresholded
+            target = soft_masks(index, batch["row"].tolist(), classes, y.shape[-1]).to(device)
         if erased:
             target = y.clone()
             target[:, erased] = 0  # (B, K, H, W): the chosen organs vanish
@@ -423,6 +440,7 @@ class EvaluateConfig:
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         examples: slices per cell saved as ``examples/<cell>.npz`` for figures.
         erase: classes the attacks try to make vanish (targeted; see :func:`evaluate_cell`).
+        compat: ``none`` or ``notebook`` (the paper's notebook reproduced, :mod:`advseg.compat`).
     """
 
     checkpoints: list[Path]
@@ -438,6 +456,7 @@ class EvaluateConfig:
     device: str = "auto"
     examples: int = 0
     erase: list[str] = field(default_factory=list)
+    compat: str = "none"
 
 
 @dataclass
@@ -513,6 +532,12 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
         raise UserError("evaluate: no checkpoint given")
     if config.protocol not in PROTOCOLS:
         raise UserError(f"protocol: {config.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    check_compat(config.compat, "--compat")
+    if config.compat != "none":
+        for name in config.attacks:
+            if name not in NOTEBOOK_ATTACKS:
+                raise UserError(f"--compat {config.compat}: the notebook had fgsm only, not "
+                                f"{name!r}")  # fmt: skip
     if config.split not in ("test", "all"):
         raise UserError(f"split: {config.split!r} is not 'test' or 'all'")
     for name in config.attacks:
@@ -573,10 +598,12 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
                         model, data, rows, attack, config.losses, eps, model_name=model_name,
                         arch=meta.model, attack_kwargs=options, batch_size=config.batch_size,
                         examples=config.examples, erase=config.erase, on_batch=on_batch,
+                        compat=config.compat,
                     )  # fmt: skip
                 frames.append(result.records)
                 if distributed.is_main():
                     label = f"{attack}-erase-{'+'.join(config.erase)}" if config.erase else attack
+                    label = compat_label(label, config.compat).replace(":", "-")
                     name = cell_name(model_name, label, eps)
                     files.append(write_records(result.records, out / "records" / f"{name}.parquet"))
                     if result.examples:

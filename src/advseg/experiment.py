@@ -39,6 +39,7 @@ from rich.progress import (
 from advseg.atomic import write_text_atomic
 from advseg.attacks import ATTACKS, attack_options, check_eps
 from advseg.augment import Augment
+from advseg.compat import NOTEBOOK_ATTACKS, check_compat, compat_label
 from advseg.config import from_dict, load_yaml, save_yaml, to_dict
 from advseg.data import DataConfig, SliceData, load_data, split_train_val_test
 from advseg.errors import UserError
@@ -84,12 +85,16 @@ class AttackSpec:
         losses: loss registry names the attack maximises, one records set each.
         eps: L-inf budgets in image units ([0, 1] range).
         kwargs: further attack arguments (steps, step size, ...), passed as they are.
+        compat: ``none`` (the attack as named; for FGSM the paper's equation 5) or ``notebook``
+            (the paper's notebook code reproduced, :mod:`advseg.compat`; records label the
+            attack ``fgsm:notebook``). Empty: the experiment's ``compat``.
     """
 
     name: str = "fgsm"
     losses: list[str] = field(default_factory=lambda: list(PAPER_LOSSES))
     eps: list[float] = field(default_factory=lambda: [0.009])
     kwargs: dict[str, Any] = field(default_factory=dict)
+    compat: str = ""
 
 
 @dataclass
@@ -142,6 +147,8 @@ class ExperimentConfig:
         models, attacks: the grid.
         evaluation: slices, batch size, examples and the Dice protocol.
         report: write the report when the grid is done.
+        compat: ``none``, or ``notebook`` for every attack that does not name its own compat
+            (:mod:`advseg.compat`; a reproduction of the paper's code, not a recommended attack).
     """
 
     name: str = "experiment"
@@ -153,6 +160,7 @@ class ExperimentConfig:
     attacks: list[AttackSpec] = field(default_factory=lambda: [AttackSpec()])
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     report: bool = True
+    compat: str = "none"
 
 
 @dataclass(frozen=True)
@@ -164,11 +172,17 @@ class Cell:
     eps: float
     losses: tuple[str, ...]
     kwargs: tuple[tuple[str, Any], ...] = ()
+    compat: str = "none"
+
+    @property
+    def label(self) -> str:
+        """The records' attack label: the name, or e.g. ``fgsm:notebook``."""
+        return compat_label(self.attack, self.compat)
 
     @property
     def slug(self) -> str:
         """The cell's file name stem, e.g. ``unet__fgsm__eps0.009``."""
-        return f"{file_stem(self.model)}__{file_stem(self.attack)}__eps{self.eps:g}"
+        return f"{file_stem(self.model)}__{file_stem(self.label)}__eps{self.eps:g}"
 
 
 def check_config(config: ExperimentConfig) -> ExperimentConfig:
@@ -190,8 +204,16 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
                 "give one of them another name"
             )
         seen[model.name] = i
+    check_compat(config.compat, "compat")
     kwargs_of: dict[str, tuple[int, dict[str, Any]]] = {}
     for i, attack in enumerate(config.attacks):
+        mode = attack_compat(attack, config)
+        check_compat(mode, f"attacks[{i}].compat")
+        if mode != "none" and attack.name not in NOTEBOOK_ATTACKS:
+            raise UserError(
+                f"attacks[{i}].compat: {mode!r} reproduces the paper's notebook, which attacked "
+                f"with {', '.join(NOTEBOOK_ATTACKS)} only, not {attack.name!r}"
+            )
         if not attack.losses:
             raise UserError(f"attacks[{i}].losses: at least one loss is needed")
         for j, loss in enumerate(attack.losses):
@@ -217,7 +239,7 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
                 check_eps(eps, attack.kwargs.get("norm", "linf"), 1.0, attack.name)
             except UserError as err:
                 raise UserError(f"attacks[{i}].eps[{j}]: {err}") from None
-        first = kwargs_of.setdefault(attack.name, (i, attack.kwargs))
+        first = kwargs_of.setdefault(compat_label(attack.name, mode), (i, attack.kwargs))
         if first[1] != attack.kwargs:
             raise UserError(
                 f"attacks[{i}].kwargs: attack {attack.name!r} appears in attacks[{first[0]}] with "
@@ -271,19 +293,25 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         raise UserError(f"{path}: {err}") from None
 
 
+def attack_compat(attack: AttackSpec, config: ExperimentConfig) -> str:
+    """The compatibility mode of one attack: its own, else the experiment's."""
+    return attack.compat or config.compat
+
+
 def plan_cells(config: ExperimentConfig) -> list[Cell]:
     """The grid in run order (model by model), with the losses of repeated (attack, eps) united."""
-    cells: dict[tuple[str, str, float], list[str]] = {}
-    kwargs: dict[str, tuple[tuple[str, Any], ...]] = {}
+    cells: dict[tuple[str, str, str, float], list[str]] = {}
+    kwargs: dict[tuple[str, str], tuple[tuple[str, Any], ...]] = {}
     for model in config.models:
         for attack in config.attacks:
-            kwargs[attack.name] = tuple(sorted(attack.kwargs.items()))
+            mode = attack_compat(attack, config)
+            kwargs[attack.name, mode] = tuple(sorted(attack.kwargs.items()))
             for eps in attack.eps:
-                losses = cells.setdefault((model.name, attack.name, float(eps)), [])
+                losses = cells.setdefault((model.name, attack.name, mode, float(eps)), [])
                 losses += [loss for loss in attack.losses if loss not in losses]
     return [
-        Cell(model, attack, eps, tuple(losses), kwargs[attack])
-        for (model, attack, eps), losses in cells.items()
+        Cell(model, attack, eps, tuple(losses), kwargs[attack, mode], mode)
+        for (model, attack, mode, eps), losses in cells.items()
     ]
 
 
@@ -331,7 +359,7 @@ def run_cells(
             if output.examples:
                 path = run_dir / "examples" / f"{cell.slug}.npz"
                 save_examples(
-                    output.examples, path, model=cell.model, attack=cell.attack, eps=cell.eps
+                    output.examples, path, model=cell.model, attack=cell.label, eps=cell.eps
                 )
             write_records(output.records, records_path)
             result.computed.append(cell.slug)
@@ -469,7 +497,7 @@ def run_experiment(
     def compute(cell: Cell) -> CellOutput:
         net, arch = model_for(cell.model)
         what = (
-            f"evaluating {cell.model}, {cell.attack} eps {cell.eps:g} "
+            f"evaluating {cell.model}, {cell.label} eps {cell.eps:g} "
             f"({', '.join(cell.losses)}) on {len(eval_rows)} slices"
         )
         with cell_progress(console, what) as on_batch:
@@ -486,6 +514,7 @@ def run_experiment(
                 batch_size=config.evaluation.batch_size,
                 examples=config.evaluation.examples,
                 on_batch=on_batch,
+                compat=cell.compat,
             )
         return CellOutput(result.records, result.examples)
 

@@ -42,6 +42,12 @@ def evaluate_command(
     erase: list[str] = typer.Option(
         [], "--erase", help="Targeted: make this class vanish (repeatable), e.g. stomach."
     ),
+    compat: str = typer.Option(
+        "none",
+        "--compat",
+        help="none, or notebook: reproduce the paper's notebook code (blended FGSM, swapped "
+        "loss arguments, soft masks); not a recommended attack.",
+    ),
 ) -> None:
     """Attack checkpoints on a data split; write records and print the paper's Table II.
 
@@ -64,6 +70,7 @@ def evaluate_command(
         device=device,
         examples=examples,
         erase=list(erase),
+        compat=compat,
     )
     result = evaluate(config, progress=True)
     if not distributed.is_main():
