@@ -11,7 +11,6 @@ import monai
 import numpy as np
 import pytest
 import torch
-from data_corpus import tiny_synthetic
 
 from advseg.compat import create_compat_attack, notebook_loss, soft_masks
 from advseg.data import DataConfig, PreprocessConfig, load_data
@@ -20,6 +19,7 @@ from advseg.evaluate import evaluate_cell
 from advseg.losses import create_loss
 from advseg.metrics import PAPER_SMOOTH, dice_from_counts
 from advseg.models.zoo import create_model
+from data_corpus import tiny_synthetic
 
 SIZE = 32
 
@@ -47,7 +47,7 @@ def nb_mask(rles, img_width, img_height):
     return mask.transpose(2, 0, 1).reshape(1, 3, SIZE, SIZE)  # ours is not transposed H <-> W
 
 
-def FGSM_attack(model, img, mask, eps=0.007, loss=None):  # noqa: N802 (the notebook's name)
+def FGSM_attack(model, img, mask, eps=0.007, loss=None):
     loss = loss if loss is not None else monai.losses.DiceFocalLoss(sigmoid=True)
     img.requires_grad = True
     output = model(img)
@@ -123,7 +123,8 @@ def test_compat_notebook_equals_the_transcribed_notebook(setup, loss, batch_size
     for r, (_, dice) in reference.items():
         mine = records[records["slice_id"] == data.index["id"].iat[r]]
         counts = (mine[c].to_numpy() for c in ("tp_adv", "fp_adv", "fn_adv"))
-        assert dice_from_counts(*counts, smooth=PAPER_SMOOTH).mean() == pytest.approx(dice, abs=1e-6)
+        mean = dice_from_counts(*counts, smooth=PAPER_SMOOTH).mean()
+        assert mean == pytest.approx(dice, abs=1e-6)
 
 
 def test_soft_masks_are_the_notebooks_area_resized_masks(setup):
@@ -189,5 +190,5 @@ def test_an_experiment_runs_both_modes_side_by_side(tmp_path):
     with pytest.raises(UserError, match=r"z.yaml: attacks\[0\].compat: .*fgsm only"):
         load_experiment(tmp_path / "z.yaml")
     save_yaml({**grid, "compat": "paper"}, tmp_path / "w.yaml")
-    with pytest.raises(UserError, match="w.yaml: compat: 'paper' is not one of none, notebook"):
+    with pytest.raises(UserError, match=r"w.yaml: compat: 'paper' is not one of none, notebook"):
         load_experiment(tmp_path / "w.yaml")

@@ -53,7 +53,8 @@ def test_evaluate_writes_records_summary_and_prints_table_two(setup, capsys):
     assert set(records["loss"]) == {"bce", "focal", "dicefocal"}
     summary = pd.read_csv(out / "summary.csv")
     expected = summarize(records, "paper")
-    assert summary.columns.tolist() == expected.columns.tolist()
+    bounds = [f"{c} {side}" for c in expected.columns[5:] for side in ("low", "high")]
+    assert sorted(summary.columns) == sorted([*expected.columns, *bounds])  # 95% CIs beside
     assert summary["DSC clean"].tolist() == pytest.approx(expected["DSC clean"].tolist())
     assert len(list((out / "examples").glob("*.npz"))) == 2
     assert cli(["report", str(out)]) == 0  # the report reads an evaluation's examples too
@@ -122,7 +123,8 @@ def test_evaluate_compat_notebook_labels_its_records(setup, capsys):
     out = setup / "run-notebook"
     args = ["evaluate", str(setup / "tiny"), "--out", str(out), "--compat", "notebook"]
     assert cli([*args, "--batch-size", "4", "--device", "cpu"]) == 0
-    assert [p.name for p in (out / "records").iterdir()] == ["tiny__fgsm-notebook__eps0.009.parquet"]
+    files = [p.name for p in (out / "records").iterdir()]
+    assert files == ["tiny__fgsm-notebook__eps0.009.parquet"]
     assert set(read_records(out)["attack"]) == {"fgsm:notebook"}
     assert cli([*args, "--attack", "pgd"]) == 2
     assert "the notebook had fgsm only" in capsys.readouterr().err

@@ -520,12 +520,13 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
     """
     from advseg.atomic import atomic_path
     from advseg.attacks import ATTACKS, attack_options
+    from advseg.bootstrap import with_intervals
     from advseg.config import from_dict
     from advseg.data import PreprocessConfig, load_data, split_cases
     from advseg.models.checkpoint import check_compatible, load_checkpoint
     from advseg.records import write_records
     from advseg.report.examples import save_examples
-    from advseg.summary import PROTOCOLS, summarize, summarize_cells
+    from advseg.summary import PROTOCOLS, summarize_cells
     from advseg.train import resolve_device
 
     if not config.checkpoints:
@@ -610,7 +611,7 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
                         npz = out / "examples" / f"{name}.npz"
                         save_examples(result.examples, npz, model=model_name, attack=label, eps=eps)
     records = pd.concat(frames, ignore_index=True)
-    table = summarize(records, config.protocol)
+    table = with_intervals(records, config.protocol)  # Table II with case-bootstrap intervals
     summary_path = out / "summary.csv"
     if distributed.is_main():
         with atomic_path(summary_path) as tmp:

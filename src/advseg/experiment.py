@@ -39,6 +39,7 @@ from rich.progress import (
 from advseg.atomic import write_text_atomic
 from advseg.attacks import ATTACKS, attack_options, check_eps
 from advseg.augment import Augment
+from advseg.bootstrap import with_intervals
 from advseg.compat import NOTEBOOK_ATTACKS, check_compat, compat_label
 from advseg.config import from_dict, load_yaml, save_yaml, to_dict
 from advseg.data import DataConfig, SliceData, load_data, split_train_val_test
@@ -51,7 +52,7 @@ from advseg.records import read_records, write_records
 from advseg.report import Report, write_report
 from advseg.report.examples import save_examples
 from advseg.report.tables import file_stem, headline_eps
-from advseg.summary import summarize, summarize_cells
+from advseg.summary import summarize_cells
 from advseg.train import TrainConfig, data_metadata, new_model, resolve_device, train
 
 PAPER_LOSSES = ["bce", "focal", "dicefocal"]
@@ -530,7 +531,7 @@ def run_experiment(
     eps = headline_eps(records)
     protocol = config.evaluation.protocol
     headline = records[records["eps"] == eps]
-    summary = summarize(headline, protocol)
+    summary = with_intervals(headline, protocol, seed=config.seed)  # + case-bootstrap 95% CIs
     headline_cells = summarize_cells(headline, protocol)
     write_text_atomic(run_dir / "summary.csv", summary.to_csv(index=False, na_rep="n/a"))
     report = None

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from advseg.atomic import write_bytes_atomic, write_text_atomic
+from advseg.bootstrap import with_intervals
 from advseg.config import load_yaml
 from advseg.errors import UserError
 from advseg.records import read_records
@@ -87,7 +88,7 @@ def write_report(
     headline_cells = at_eps.rename(columns={"attack_success": "as"})
     classes = list(records["class"].drop_duplicates())
     sections = [
-        _table_section(writer, table_ii, protocol, eps),
+        _table_section(writer, records[records["eps"] == eps], protocol, eps),
         _eps_section(writer, cells),
         _panel_section(writer, run_dir, at_eps, classes, eps),
         _loss_section(writer, at_eps, eps),
@@ -150,11 +151,14 @@ class _Writer:
         return Block("text", text)
 
 
-def _table_section(writer: _Writer, table: pd.DataFrame, protocol: str, eps: float) -> Section:
+def _table_section(writer: _Writer, records: pd.DataFrame, protocol: str, eps: float) -> Section:
+    table = with_intervals(records, protocol)
     caption = (
         f"Table II at eps {eps:g}: DSC clean and under each (attack, loss, eps), Attack Success "
         f"AS = (DSC_clean - DSC_adv) / DSC_clean. 'units': {UNITS[protocol][0]} (averaged); "
-        f"'excluded': {UNITS[protocol][1]} (left out)."
+        f"'excluded': {UNITS[protocol][1]} (left out). '<number> low' / 'high': its 95% "
+        f"confidence interval from a bootstrap over cases ({table.attrs['draws']} draws, seed "
+        f"{table.attrs['seed']}; the slices of one case are resampled together)."
     )
     blocks = [writer.table("table2", table, caption)]
     if table.isna().to_numpy().any():

@@ -1,0 +1,225 @@
+"""Bootstrap confidence intervals over cases, for every number of Table II.
+
+Slices of one case (one patient) are correlated: neighbouring slices show the same organs, and a
+model that fails on one patient fails on many of its slices. Resampling slices would treat them
+as independent and give intervals that are too narrow, so the unit of resampling here is the case
+(Field & Welsh 2007, "Bootstrapping clustered data"): each draw picks as many cases as there
+are, with replacement, and recomputes the statistic on every slice of the picked cases.
+
+Each Dice protocol of :mod:`advseg.summary` is a ratio of sums over its units (slices, (slice,
+class) pairs, or per-class pixel counts), so the sums are computed once per case and a draw is
+a weighted sum: ``(draws, cases) @ (cases, ...)``. 2000 draws of a whole Table II take
+milliseconds. The point estimate is the statistic on all the cases, equal to
+:func:`advseg.summary.summarize_cells`' number; the interval is the percentile interval of the
+draws, seeded, so the same records and seed give the same interval.
+
+Example:
+    >>> ci = case_bootstrap(cell_records, "paper", draws=2000, seed=0)
+    >>> ci["dsc_adv"].low, ci["dsc_adv"].estimate, ci["dsc_adv"].high
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from advseg.errors import UserError
+from advseg.metrics import PAPER_SMOOTH, dice_from_counts
+
+DRAWS = 2000
+LEVEL = 0.95
+STATISTICS = ("dsc_clean", "dsc_adv", "as")
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate and its bootstrap interval.
+
+    Attributes:
+        estimate: the statistic on every case.
+        low, high: the percentile interval at ``level`` (NaN when no draw defines it).
+        cases: the number of cases resampled; draws: the number of draws.
+    """
+
+    estimate: float
+    low: float
+    high: float
+    cases: int
+    draws: int
+    level: float = LEVEL
+
+    def describe(self) -> str:
+        """E.g. ``0.712 [0.680, 0.745]``."""
+        return f"{self.estimate:.3f} [{self.low:.3f}, {self.high:.3f}]"
+
+
+def case_weights(cases: int, draws: int = DRAWS, seed: int = 0) -> np.ndarray:
+    """How often each case is picked in each draw: ``(draws, cases)`` counts summing to ``cases``.
+
+    Row 0 is not special: every row is a resample. Seeded by ``seed`` (numpy's PCG64).
+    """
+    if cases < 1:
+        raise UserError("bootstrap: no case to resample")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, cases, size=(draws, cases))
+    offsets = np.arange(draws)[:, None] * cases
+    return np.bincount((picks + offsets).ravel(), minlength=draws * cases).reshape(draws, cases)
+
+
+def _per_case_sums(group: pd.DataFrame, protocol: str, which: str, cases: np.ndarray):
+    """Additive per-case parts of one protocol's Dice: ``(cases, P)`` arrays."""
+    tp = group[f"tp_{which}"].to_numpy(np.float64)
+    fp = group[f"fp_{which}"].to_numpy(np.float64)
+    fn = group[f"fn_{which}"].to_numpy(np.float64)
+    case_of = np.searchsorted(cases, group["case"].to_numpy())
+    gt = group["gt_pixels"].to_numpy()
+    n = len(cases)
+    if protocol == "per-class":
+        keep = gt > 0
+        values = dice_from_counts(tp[keep], fp[keep], fn[keep])
+        total = np.bincount(case_of[keep], weights=values, minlength=n)
+        count = np.bincount(case_of[keep], minlength=n).astype(np.float64)
+        return np.stack([total, count], axis=1)
+    if protocol == "paper":
+        frame = pd.DataFrame(
+            {
+                "slice": group["slice_id"].to_numpy(),
+                "case": case_of,
+                "dice": dice_from_counts(tp, fp, fn, smooth=PAPER_SMOOTH),
+                "gt": gt,
+            }
+        )
+        per_slice = frame.groupby("slice", sort=False).agg(
+            case=("case", "first"), dice=("dice", "mean"), gt=("gt", "sum")
+        )
+        per_slice = per_slice[per_slice["gt"] > 0]
+        owner = per_slice["case"].to_numpy()
+        total = np.bincount(owner, weights=per_slice["dice"].to_numpy(), minlength=n)
+        count = np.bincount(owner, minlength=n).astype(np.float64)
+        return np.stack([total, count], axis=1)
+    if protocol == "global":
+        classes = pd.Index(group["class"].unique())
+        k = classes.get_indexer(group["class"])
+        parts = np.zeros((n, len(classes), 4))
+        for j, values in enumerate((tp, fp, fn, gt.astype(np.float64))):
+            np.add.at(parts[:, :, j], (case_of, k), values)
+        return parts.reshape(n, -1)
+    raise UserError(f"unknown Dice protocol {protocol!r}; valid: paper, per-class, global")
+
+
+def _finish(sums: np.ndarray, protocol: str) -> np.ndarray:
+    """The Dice from summed parts, ``(D, P) -> (D,)``; NaN where no unit is left."""
+    if protocol in ("per-class", "paper"):
+        total, count = sums[:, 0], sums[:, 1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(count > 0, total / count, np.nan)
+    parts = sums.reshape(len(sums), -1, 4)
+    tp, fp, fn, gt = (parts[:, :, j] for j in range(4))
+    dice = np.where(gt > 0, dice_from_counts(tp, fp, fn), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a draw with no class left: NaN
+        return np.nanmean(dice, axis=1)
+
+
+def _interval(estimate: float, values: np.ndarray, cases: int, level: float) -> Interval:
+    values = values[np.isfinite(values)]
+    if values.size == 0 or not np.isfinite(estimate):
+        return Interval(estimate, float("nan"), float("nan"), cases, 0, level)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return Interval(float(estimate), float(low), float(high), cases, int(values.size), level)
+
+
+def case_bootstrap(
+    group: pd.DataFrame,
+    protocol: str,
+    *,
+    draws: int = DRAWS,
+    seed: int = 0,
+    level: float = LEVEL,
+    by: str | None = None,
+) -> dict[str, Interval]:
+    """Intervals of the clean DSC, adversarial DSC and Attack Success of one cell's records.
+
+    Args:
+        group: records of one (model, attack, loss, eps) cell (any number of cases).
+        protocol: the Dice protocol (``paper``, ``per-class``, ``global``).
+        draws: bootstrap draws; seed: their seed; level: the interval's coverage.
+        by: a column splitting ``group`` into repeats measured on the same cases (``seed``: one
+            model per training seed). Each statistic is then the mean over the repeats, and a
+            draw resamples the same cases for every repeat.
+
+    Returns:
+        ``{"dsc_clean": Interval, "dsc_adv": Interval, "as": Interval}``.
+    """
+    cases = np.unique(group["case"].to_numpy())
+    weights = case_weights(len(cases), draws, seed)
+    repeats = [group] if by is None else [g for _, g in group.groupby(by, sort=True)]
+    point: dict[str, list[float]] = {"dsc_clean": [], "dsc_adv": [], "as": []}
+    drawn: dict[str, list[np.ndarray]] = {"dsc_clean": [], "dsc_adv": [], "as": []}
+    for part in repeats:
+        per_case = {w: _per_case_sums(part, protocol, w, cases) for w in ("clean", "adv")}
+        full = {w: _finish(s.sum(0, keepdims=True), protocol)[0] for w, s in per_case.items()}
+        sampled = {w: _finish(weights @ s, protocol) for w, s in per_case.items()}
+        with np.errstate(invalid="ignore", divide="ignore"):
+            success = np.where(
+                sampled["clean"] > 0, (sampled["clean"] - sampled["adv"]) / sampled["clean"], np.nan
+            )
+        full_as = (full["clean"] - full["adv"]) / full["clean"] if full["clean"] > 0 else np.nan
+        for key, value, values in (
+            ("dsc_clean", full["clean"], sampled["clean"]),
+            ("dsc_adv", full["adv"], sampled["adv"]),
+            ("as", full_as, success),
+        ):
+            point[key].append(float(value))
+            drawn[key].append(values)
+    return {
+        key: _interval(float(np.mean(point[key])), np.mean(drawn[key], axis=0), len(cases), level)
+        for key in STATISTICS
+    }
+
+
+def with_intervals(
+    records: pd.DataFrame,
+    protocol: str = "per-class",
+    *,
+    draws: int = DRAWS,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> pd.DataFrame:
+    """Table II (:func:`advseg.summary.summarize`) with a case-bootstrap interval per number.
+
+    Every ``DSC ...`` and ``AS ...`` column is followed by ``<column> low`` and ``<column> high``,
+    the bounds of its ``level`` interval over cases (``draws`` draws, seeded by ``seed``); the
+    clean DSC is resampled over the model's distinct (slice, class) records, as
+    :func:`~advseg.summary.summarize` computes it. ``attrs``: ``protocol``, ``draws``, ``seed``,
+    ``level``.
+    """
+    from advseg.summary import CELL_KEYS, MODEL_KEYS, cell_label, summarize
+
+    table = summarize(records, protocol)
+    bounds: dict[str, dict[tuple, tuple[float, float]]] = {}
+    for keys, group in records.groupby(MODEL_KEYS, sort=False):
+        distinct = group.drop_duplicates(["slice_id", "class"])
+        clean = case_bootstrap(distinct, protocol, draws=draws, seed=seed, level=level)
+        bounds.setdefault("DSC clean", {})[keys] = (clean["dsc_clean"].low, clean["dsc_clean"].high)
+        for cell, cell_group in group.groupby(CELL_KEYS, sort=False):
+            ci = case_bootstrap(cell_group, protocol, draws=draws, seed=seed, level=level)
+            label = cell_label(*cell)
+            bounds.setdefault(f"DSC {label}", {})[keys] = (ci["dsc_adv"].low, ci["dsc_adv"].high)
+            bounds.setdefault(f"AS {label}", {})[keys] = (ci["as"].low, ci["as"].high)
+    columns: list[str] = []
+    model_keys = list(table[MODEL_KEYS].itertuples(index=False, name=None))
+    for column in table.columns:
+        columns.append(column)
+        if column in bounds:
+            for side, at in (("low", 0), ("high", 1)):
+                name = f"{column} {side}"
+                table[name] = [bounds[column].get(k, (np.nan, np.nan))[at] for k in model_keys]
+                columns.append(name)
+    table = table[columns]
+    table.attrs.update(protocol=protocol, draws=draws, seed=seed, level=level)
+    return table

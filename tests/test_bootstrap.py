@@ -1,0 +1,95 @@
+"""Case-bootstrap intervals: seeded, around the point estimate, narrower with more cases."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from advseg.bootstrap import case_bootstrap, case_weights, with_intervals
+from advseg.records import RECORD_COLUMNS, check_records
+from advseg.summary import PROTOCOLS, summarize, summarize_cells
+
+CLASSES = ["large_bowel", "small_bowel", "stomach"]
+
+
+def synthetic_records(cases: int, slices: int = 4, seed: int = 0, model: str = "m") -> pd.DataFrame:
+    """Records of one FGSM cell: each case has its own difficulty (correlated slices)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for case in range(1, cases + 1):
+        quality = rng.uniform(0.3, 0.95)  # the case's difficulty, shared by its slices
+        for s in range(1, slices + 1):
+            for k, name in enumerate(CLASSES):
+                gt = int(rng.integers(0, 200)) if (s + k) % 3 else 0
+                tp_c = int(gt * quality)
+                tp_a = int(tp_c * rng.uniform(0.3, 0.9))
+                row = {c: 0 for c in RECORD_COLUMNS}
+                row.update(model=model, arch="unet", params=10, attack="fgsm", loss="bce")
+                row.update(eps=0.009, slice_id=f"case{case}_day0_slice_{s:04d}", case=case)
+                row.update(scan=f"case{case}_day0", slice=s, gt_pixels=gt, **{"class": name})
+                row.update(tp_clean=tp_c, fn_clean=gt - tp_c, fp_clean=int(rng.integers(0, 30)))
+                row.update(tp_adv=tp_a, fn_adv=gt - tp_a, fp_adv=int(rng.integers(0, 60)))
+                rows.append(row)
+    return check_records(pd.DataFrame(rows))
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_point_estimate_is_the_summary_and_lies_in_the_interval(protocol):
+    records = synthetic_records(12)
+    cell = summarize_cells(records, protocol).iloc[0]
+    ci = case_bootstrap(records, protocol, draws=500, seed=1)
+    for key in ("dsc_clean", "dsc_adv", "as"):
+        assert ci[key].estimate == pytest.approx(cell[key], abs=1e-12)
+        assert ci[key].low <= ci[key].estimate <= ci[key].high
+        assert ci[key].low < ci[key].high
+        assert ci[key].cases == 12
+
+
+def test_seeded():
+    records = synthetic_records(10)
+    a = case_bootstrap(records, "paper", draws=300, seed=5)
+    b = case_bootstrap(records, "paper", draws=300, seed=5)
+    c = case_bootstrap(records, "paper", draws=300, seed=6)
+    assert a == b
+    assert a["dsc_adv"].low != c["dsc_adv"].low
+
+
+def test_interval_shrinks_as_cases_grow():
+    widths = []
+    for cases in (8, 32, 128):
+        ci = case_bootstrap(synthetic_records(cases, seed=2), "per-class", draws=1000, seed=0)
+        widths.append(ci["dsc_clean"].high - ci["dsc_clean"].low)
+    assert widths[0] > widths[1] > widths[2]
+    assert widths[2] < widths[0] / 2.5  # about 1 / sqrt(cases): 4x the cases, half the width
+
+
+def test_resamples_cases_not_slices():
+    # every slice of a case moves together: one case per draw-weight, never a lone slice
+    weights = case_weights(5, draws=50, seed=0)
+    assert weights.shape == (50, 5) and (weights.sum(1) == 5).all()
+    # two cases, perfectly good and perfectly bad: with many slices each, a slice bootstrap would
+    # give a narrow interval around 0.5; the case bootstrap spans both extremes
+    records = synthetic_records(2, slices=40)
+    records.loc[records["case"] == 1, ["tp_clean", "fn_clean"]] = records.loc[
+        records["case"] == 1, ["gt_pixels"]
+    ].to_numpy() * np.array([1, 0])
+    records.loc[records["case"] == 2, ["tp_clean", "fp_clean"]] = 0
+    ci = case_bootstrap(records, "per-class", draws=400, seed=0)["dsc_clean"]
+    assert ci.high - ci.low > 0.5
+
+
+def test_with_intervals_adds_bounds_beside_every_number():
+    records = pd.concat(
+        [synthetic_records(6, model="a"), synthetic_records(6, seed=1, model="b")],
+        ignore_index=True,
+    )
+    table = with_intervals(records, "paper", draws=200, seed=0)
+    plain = summarize(records, "paper")
+    for column in plain.columns:
+        assert table[column].equals(plain[column])
+    columns = list(table.columns)
+    for column in ("DSC clean", "DSC fgsm bce eps=0.009", "AS fgsm bce eps=0.009"):
+        at = columns.index(column)
+        assert columns[at + 1 : at + 3] == [f"{column} low", f"{column} high"]
+        assert (table[f"{column} low"] <= table[column]).all()
+        assert (table[column] <= table[f"{column} high"]).all()
+    assert table.attrs["draws"] == 200
