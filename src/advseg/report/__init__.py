@@ -19,6 +19,7 @@ from advseg.config import load_yaml
 from advseg.errors import UserError
 from advseg.records import read_records
 from advseg.report import figures, tables
+from advseg.report.claims import claim_sections
 from advseg.report.examples import load_examples
 from advseg.report.html import Block, Section, format_table, render_html, render_markdown
 from advseg.report.stats import correlate
@@ -95,6 +96,7 @@ def write_report(
         _params_section(writer, at_eps, eps),
         _luminosity_section(writer, records, eps, protocol),
         _class_section(writer, records, protocol, eps),
+        *claim_sections(writer, records, protocol, eps),
     ]
     cell_files = len(list((run_dir / "records").glob("*.parquet")))
     intro = (

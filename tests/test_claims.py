@@ -1,0 +1,98 @@
+"""The claims sections: paired loss tests, exact Spearman, the luminosity band, in the report."""
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from advseg.records import write_records
+from advseg.report import write_report
+from advseg.report.claims import (
+    exact_spearman,
+    loss_ranking,
+    luminosity_band,
+    per_slice_dsc,
+    ranking_verdict,
+)
+from test_bootstrap import synthetic_records
+
+
+def _slices(effects: dict[str, float], n: int = 40, seeds: int = 1, noise: float = 0.05):
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in range(seeds):
+        base = rng.uniform(0.4, 0.8, n)
+        for loss, effect in effects.items():
+            for i in range(n):
+                dsc = base[i] - effect + noise * rng.standard_normal()
+                rows.append({"model": "m", "seed": seed, "attack": "fgsm", "eps": 0.009,
+                             "loss": loss, "slice_id": f"s{i}", "case": i // 4,
+                             "dsc_adv": dsc})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_a_clearly_stronger_loss_is_named_robustly_strongest():
+    ranking = loss_ranking(_slices({"bce": 0.2, "focal": 0.05, "dicefocal": 0.0}, seeds=3))
+    bce_focal = ranking[(ranking["loss_a"] == "bce") & (ranking["loss_b"] == "focal")].iloc[0]
+    assert bce_focal["n"] == 120 and bce_focal["a_lower"] > 0.9 and bce_focal["p_holm"] < 1e-6
+    assert bce_focal["seeds_a_lower"] == "3/3" and bce_focal["cases"] == 10
+    d = _slices({"bce": 0.2, "focal": 0.05}, seeds=3)
+    wide = d.pivot_table(index=["seed", "slice_id"], columns="loss", values="dsc_adv")
+    assert bce_focal["p"] != stats.wilcoxon(wide["bce"] - wide["focal"]).pvalue  # other noise
+    verdict, lines = ranking_verdict(ranking)
+    assert verdict["robustly_strongest"].tolist() == ["bce"]
+    assert "bce in 1 of 1" in lines[0]
+
+
+def test_no_loss_is_robustly_strongest_when_they_are_equal():
+    ranking = loss_ranking(_slices({"bce": 0.0, "focal": 0.0, "dicefocal": 0.0}))
+    verdict, lines = ranking_verdict(ranking)
+    assert verdict["robustly_strongest"].tolist() == ["none"]
+    assert "no loss in any of 1" in lines[0]
+
+
+def test_exact_spearman_enumerates_every_pairing():
+    x, y = np.array([1.0, 2.0, 3.0, 4.0, 5.0]), np.array([0.1, 0.3, 0.2, 0.5, 0.4])
+    rho, p, floor = exact_spearman(x, y)
+    rhos = [stats.spearmanr(x, perm).statistic for perm in itertools.permutations(y)]
+    expected = np.mean(np.abs(rhos) >= abs(rho) - 1e-12)
+    assert rho == pytest.approx(0.8) and p == pytest.approx(expected)
+    assert floor == pytest.approx(2 / math.factorial(5))
+    _, p4, floor4 = exact_spearman(np.arange(4.0), np.arange(4.0))
+    assert p4 == pytest.approx(2 / 24) and floor4 >= 0.05  # four models can never reach 0.05
+    assert math.isnan(exact_spearman(np.arange(2.0), np.arange(2.0))[0])
+
+
+def test_luminosity_band_holds_the_true_slope():
+    rng = np.random.default_rng(1)
+    case = np.repeat(np.arange(30), 5)
+    x = rng.uniform(0.1, 0.6, case.size)
+    y = 2.0 * x + rng.normal(0, 0.1, 30)[case] + rng.normal(0, 0.05, case.size)
+    band = luminosity_band(pd.DataFrame({"luminosity": x, "attack_success": y, "case": case}))
+    assert band["slope_low"] < 2.0 < band["slope_high"]
+    assert (band["low"] <= band["fit"] + 1e-12).all() and (
+        band["fit"] <= band["high"] + 1e-12
+    ).all()
+
+
+def test_report_has_the_claim_sections(tmp_path):
+    frames = []
+    for model, params in (("a", 10), ("b", 20), ("c", 30)):
+        for attack in ("fgsm", "fgsm:notebook"):
+            for loss in ("bce", "focal", "dicefocal"):
+                r = synthetic_records(6, seed=hash((model, attack, loss)) % 100, model=model)
+                frames.append(r.assign(attack=attack, loss=loss, params=params))
+    records = pd.concat(frames, ignore_index=True)
+    records["luminosity"] = records["case"] / 10 + records["slice"] / 100
+    write_records(records, tmp_path / "records" / "all.parquet")
+    report = write_report(tmp_path, protocol="paper")
+    names = {p.name for p in report.files}
+    assert {"claim_loss_ranking.csv", "claim_loss_verdict.csv", "claim_params_tests.csv"} <= names
+    assert "claim_luminosity_fgsm-notebook_bce.png" in names
+    text = report.markdown.read_text()
+    assert "fgsm:notebook (the paper's notebook code): robustly strongest loss" in text
+    slices = per_slice_dsc(records, "paper")
+    assert len(slices) == 3 * 2 * 3 * 6 * 4  # models x attacks x losses x cases x slices
