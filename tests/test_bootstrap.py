@@ -93,3 +93,24 @@ def test_with_intervals_adds_bounds_beside_every_number():
         assert (table[f"{column} low"] <= table[column]).all()
         assert (table[column] <= table[f"{column} high"]).all()
     assert table.attrs["draws"] == 200
+
+
+def test_seeds_give_the_mean_the_spread_and_one_interval():
+    per_seed = [synthetic_records(8, seed=s).assign(seed=s) for s in range(3)]
+    records = pd.concat(per_seed, ignore_index=True)
+    table = with_intervals(records, "paper", draws=300, seed=0)
+    tables = [summarize(r, "paper") for r in per_seed]
+    column = "DSC fgsm bce eps=0.009"
+    values = [t[column].iloc[0] for t in tables]
+    assert table["seeds"].tolist() == [3]
+    assert table[column].iloc[0] == pytest.approx(np.mean(values))
+    assert table[f"{column} seed sd"].iloc[0] == pytest.approx(np.std(values, ddof=1))
+    assert table["DSC clean"].iloc[0] == pytest.approx(
+        np.mean([t["DSC clean"].iloc[0] for t in tables])
+    )
+    assert (
+        table[f"{column} low"].iloc[0] <= table[column].iloc[0] <= table[f"{column} high"].iloc[0]
+    )
+    columns = list(table.columns)
+    at = columns.index(column)
+    assert columns[at + 1 : at + 4] == [f"{column} seed sd", f"{column} low", f"{column} high"]

@@ -195,31 +195,58 @@ def with_intervals(
     Every ``DSC ...`` and ``AS ...`` column is followed by ``<column> low`` and ``<column> high``,
     the bounds of its ``level`` interval over cases (``draws`` draws, seeded by ``seed``); the
     clean DSC is resampled over the model's distinct (slice, class) records, as
-    :func:`~advseg.summary.summarize` computes it. ``attrs``: ``protocol``, ``draws``, ``seed``,
-    ``level``.
+    :func:`~advseg.summary.summarize` computes it.
+
+    When the records hold several training seeds of a model (a ``seed`` column), each number is
+    the mean over the seeds of the per-seed Table II, ``<column> seed sd`` beside it is the
+    standard deviation over seeds, a ``seeds`` column counts them, and each bootstrap draw
+    resamples the same cases for every seed. ``attrs``: ``protocol``, ``draws``, ``seed``,
+    ``level``, ``seeds``.
     """
     from advseg.summary import CELL_KEYS, MODEL_KEYS, cell_label, summarize
 
+    seeded = "seed" in records.columns and records["seed"].nunique() > 1
+    by = "seed" if seeded else None
     table = summarize(records, protocol)
+    numbers = [c for c in table.columns if c.startswith(("DSC ", "AS "))]
+    spread: dict[str, pd.Series] = {}
+    if seeded:
+        per_seed = pd.concat(
+            [summarize(g, protocol) for _, g in records.groupby("seed", sort=True)],
+            ignore_index=True,
+        )
+        grouped = per_seed.groupby(MODEL_KEYS, sort=False)[numbers]
+        means, sds = grouped.mean(), grouped.std()
+        at = pd.MultiIndex.from_frame(table[MODEL_KEYS])
+        for column in numbers:
+            table[column] = means[column].reindex(at).to_numpy()
+            spread[column] = sds[column].reindex(at).to_numpy()
+        counts = records.groupby(MODEL_KEYS, sort=False)["seed"].nunique()
+        table.insert(len(MODEL_KEYS), "seeds", counts.reindex(at).to_numpy())
     bounds: dict[str, dict[tuple, tuple[float, float]]] = {}
+    distinct_keys = ["seed", "slice_id", "class"] if seeded else ["slice_id", "class"]
     for keys, group in records.groupby(MODEL_KEYS, sort=False):
-        distinct = group.drop_duplicates(["slice_id", "class"])
-        clean = case_bootstrap(distinct, protocol, draws=draws, seed=seed, level=level)
+        distinct = group.drop_duplicates(distinct_keys)
+        clean = case_bootstrap(distinct, protocol, draws=draws, seed=seed, level=level, by=by)
         bounds.setdefault("DSC clean", {})[keys] = (clean["dsc_clean"].low, clean["dsc_clean"].high)
         for cell, cell_group in group.groupby(CELL_KEYS, sort=False):
-            ci = case_bootstrap(cell_group, protocol, draws=draws, seed=seed, level=level)
+            ci = case_bootstrap(cell_group, protocol, draws=draws, seed=seed, level=level, by=by)
             label = cell_label(*cell)
             bounds.setdefault(f"DSC {label}", {})[keys] = (ci["dsc_adv"].low, ci["dsc_adv"].high)
             bounds.setdefault(f"AS {label}", {})[keys] = (ci["as"].low, ci["as"].high)
     columns: list[str] = []
     model_keys = list(table[MODEL_KEYS].itertuples(index=False, name=None))
-    for column in table.columns:
+    for column in list(table.columns):
         columns.append(column)
+        if column in spread:
+            table[f"{column} seed sd"] = spread[column]
+            columns.append(f"{column} seed sd")
         if column in bounds:
-            for side, at in (("low", 0), ("high", 1)):
+            for side, pos in (("low", 0), ("high", 1)):
                 name = f"{column} {side}"
-                table[name] = [bounds[column].get(k, (np.nan, np.nan))[at] for k in model_keys]
+                table[name] = [bounds[column].get(k, (np.nan, np.nan))[pos] for k in model_keys]
                 columns.append(name)
     table = table[columns]
-    table.attrs.update(protocol=protocol, draws=draws, seed=seed, level=level)
+    seeds = int(records["seed"].nunique()) if "seed" in records.columns else 1
+    table.attrs.update(protocol=protocol, draws=draws, seed=seed, level=level, seeds=seeds)
     return table

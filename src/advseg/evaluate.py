@@ -601,12 +601,14 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
                         examples=config.examples, erase=config.erase, on_batch=on_batch,
                         compat=config.compat,
                     )  # fmt: skip
-                frames.append(result.records)
+                records = result.records.assign(seed=int(meta.train.get("seed", 0)))
+                frames.append(records)
                 if distributed.is_main():
                     label = f"{attack}-erase-{'+'.join(config.erase)}" if config.erase else attack
-                    label = compat_label(label, config.compat).replace(":", "-")
-                    name = cell_name(model_name, label, eps)
-                    files.append(write_records(result.records, out / "records" / f"{name}.parquet"))
+                    if config.compat != "none":  # records say fgsm:notebook, files fgsm-notebook
+                        label = compat_label(attack, config.compat)
+                    name = cell_name(model_name, label.replace(":", "-"), eps)
+                    files.append(write_records(records, out / "records" / f"{name}.parquet"))
                     if result.examples:
                         npz = out / "examples" / f"{name}.npz"
                         save_examples(result.examples, npz, model=model_name, attack=label, eps=eps)

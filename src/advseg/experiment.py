@@ -36,9 +36,9 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from advseg import distributed
 from advseg.atomic import write_text_atomic
 from advseg.attacks import ATTACKS, attack_options, check_eps
-from advseg.augment import Augment
 from advseg.bootstrap import with_intervals
 from advseg.compat import NOTEBOOK_ATTACKS, check_compat, compat_label
 from advseg.config import from_dict, load_yaml, save_yaml, to_dict
@@ -53,7 +53,7 @@ from advseg.report import Report, write_report
 from advseg.report.examples import save_examples
 from advseg.report.tables import file_stem, headline_eps
 from advseg.summary import summarize_cells
-from advseg.train import TrainConfig, data_metadata, new_model, resolve_device, train
+from advseg.train import TrainConfig, resolve_device, train_on_data
 
 PAPER_LOSSES = ["bce", "focal", "dicefocal"]
 
@@ -67,11 +67,14 @@ class ModelSpec:
         name: the model's label in the run (records, tables, checkpoint file); defaults to ``arch``
             with every character outside ``[A-Za-z0-9._-]`` replaced by ``-``.
         checkpoint: load this checkpoint (path without suffix) instead of training.
+        encoder_weights: a local safetensors file of this model's pretrained encoder (each
+            encoder needs its own; default: ``train.encoder_weights``). Nothing is downloaded.
     """
 
     arch: str = "unet"
     name: str = ""
     checkpoint: Path | None = None
+    encoder_weights: Path | None = None
 
     def __post_init__(self) -> None:
         self.name = self.name or file_stem(self.arch)
@@ -150,6 +153,9 @@ class ExperimentConfig:
         report: write the report when the grid is done.
         compat: ``none``, or ``notebook`` for every attack that does not name its own compat
             (:mod:`advseg.compat`; a reproduction of the paper's code, not a recommended attack).
+        seeds: training seeds: each model is trained once per seed (``models/<model>/seed<k>/``)
+            and its records carry the seed, so that Table II shows the mean and the spread over
+            seeds. Empty: one training per model, seeded by ``train.seed``.
     """
 
     name: str = "experiment"
@@ -162,6 +168,7 @@ class ExperimentConfig:
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     report: bool = True
     compat: str = "none"
+    seeds: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -174,6 +181,7 @@ class Cell:
     losses: tuple[str, ...]
     kwargs: tuple[tuple[str, Any], ...] = ()
     compat: str = "none"
+    seed: int | None = None  # the training seed, when the grid names seeds
 
     @property
     def label(self) -> str:
@@ -183,7 +191,8 @@ class Cell:
     @property
     def slug(self) -> str:
         """The cell's file name stem, e.g. ``unet__fgsm__eps0.009``."""
-        return f"{file_stem(self.model)}__{file_stem(self.label)}__eps{self.eps:g}"
+        seed = "" if self.seed is None else f"__seed{self.seed}"
+        return f"{file_stem(self.model)}{seed}__{file_stem(self.label)}__eps{self.eps:g}"
 
 
 def check_config(config: ExperimentConfig) -> ExperimentConfig:
@@ -250,6 +259,8 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
         value = getattr(config.split, key)
         if not 0 < value < 1:
             raise UserError(f"split.{key}: {value} is not between 0 and 1")
+    if len(set(config.seeds)) != len(config.seeds):
+        raise UserError(f"seeds: each seed once, got {config.seeds}")
     if config.train.model != TrainConfig.model:
         raise UserError("train.model: name the models under models: (each one's arch)")
     ev = config.evaluation
@@ -301,19 +312,29 @@ def attack_compat(attack: AttackSpec, config: ExperimentConfig) -> str:
 
 def plan_cells(config: ExperimentConfig) -> list[Cell]:
     """The grid in run order (model by model), with the losses of repeated (attack, eps) united."""
-    cells: dict[tuple[str, str, str, float], list[str]] = {}
+    cells: dict[tuple[str, int | None, str, str, float], list[str]] = {}
     kwargs: dict[tuple[str, str], tuple[tuple[str, Any], ...]] = {}
     for model in config.models:
-        for attack in config.attacks:
-            mode = attack_compat(attack, config)
-            kwargs[attack.name, mode] = tuple(sorted(attack.kwargs.items()))
-            for eps in attack.eps:
-                losses = cells.setdefault((model.name, attack.name, mode, float(eps)), [])
-                losses += [loss for loss in attack.losses if loss not in losses]
+        for seed in _training_seeds(config, model):
+            for attack in config.attacks:
+                mode = attack_compat(attack, config)
+                kwargs[attack.name, mode] = tuple(sorted(attack.kwargs.items()))
+                for eps in attack.eps:
+                    key = (model.name, seed, attack.name, mode, float(eps))
+                    losses = cells.setdefault(key, [])
+                    losses += [loss for loss in attack.losses if loss not in losses]
     return [
-        Cell(model, attack, eps, tuple(losses), kwargs[attack, mode], mode)
-        for (model, attack, mode, eps), losses in cells.items()
+        Cell(model, attack, eps, tuple(losses), kwargs[attack, mode], mode, seed)
+        for (model, seed, attack, mode, eps), losses in cells.items()
     ]
+
+
+def _training_seeds(config: ExperimentConfig, model: ModelSpec) -> list[int | None]:
+    """The seeds a model is trained with: None (one run, ``train.seed``) unless seeds are named
+    (a loaded checkpoint is one model, whatever the seeds)."""
+    if not config.seeds or model.checkpoint is not None:
+        return [None]
+    return list(config.seeds)
 
 
 @dataclass
@@ -353,16 +374,17 @@ def run_cells(
     result = GridResult()
     for cell in cells:
         records_path = run_dir / "records" / f"{cell.slug}.parquet"
-        if records_path.exists():
+        if distributed.broadcast_object(records_path.exists()):  # every rank skips alike
             result.skipped.append(cell.slug)
         else:
             output = compute(cell)
-            if output.examples:
-                path = run_dir / "examples" / f"{cell.slug}.npz"
-                save_examples(
-                    output.examples, path, model=cell.model, attack=cell.label, eps=cell.eps
-                )
-            write_records(output.records, records_path)
+            if distributed.is_main():  # under torchrun every rank computes, rank 0 writes
+                if output.examples:
+                    path = run_dir / "examples" / f"{cell.slug}.npz"
+                    save_examples(
+                        output.examples, path, model=cell.model, attack=cell.label, eps=cell.eps
+                    )
+                write_records(output.records, records_path)
             result.computed.append(cell.slug)
         if on_cell is not None:
             on_cell(cell, cell.slug in result.skipped)
@@ -451,11 +473,20 @@ def run_experiment(
         config: the experiment (checked by :func:`check_config`).
         run_dir: the run directory; an existing one must hold this same experiment.
         progress: show rich progress (data, training epochs, cells) on the terminal.
+
+    Under ``torchrun`` every rank calls this: training runs as DistributedDataParallel
+    (:func:`advseg.train.train_on_data`), each cell's slices are sharded over the ranks
+    (:func:`advseg.evaluate.evaluate_cell`), and rank 0 alone writes files.
     """
     start = time.perf_counter()
     check_config(config)
-    run_dir = prepare_run_dir(config, run_dir)
-    console = Console(stderr=True, quiet=not progress)
+    distributed.init()
+    main = distributed.is_main()
+    if main:
+        run_dir = prepare_run_dir(config, run_dir)
+    distributed.barrier()
+    run_dir = Path(run_dir)
+    console = Console(stderr=True, quiet=not (progress and main))
     columns = (SpinnerColumn(), TextColumn("{task.description}"), MofNCompleteColumn())
     hidden = not console.is_terminal
     with Progress(
@@ -464,7 +495,11 @@ def run_experiment(
         task = bar.add_task(
             "loading data (the phantom is written on first use), slices", total=None
         )
+        if not main:
+            distributed.barrier()  # rank 0 fills the preprocessing cache first
         data = load_data(config.data, progress=lambda n: bar.update(task, completed=n))
+        if main:
+            distributed.barrier()
     train_rows, val_rows, test_rows = split_train_val_test(
         data.index, config.split.test_fraction, config.split.val_fraction, config.split.seed
     )
@@ -479,24 +514,24 @@ def run_experiment(
     for line in data.exclusions.lines():
         console.print(f"data: {line}", highlight=False, soft_wrap=True)
     cells = plan_cells(config)
-    models: dict[str, tuple[torch.nn.Module, str]] = {}
+    models: dict[tuple[str, int | None], tuple[torch.nn.Module, str, int]] = {}
     trained = []
     device = resolve_device(config.train.device)
 
-    def model_for(name: str) -> tuple[torch.nn.Module, str]:
-        if name not in models:
+    def model_for(name: str, seed: int | None) -> tuple[torch.nn.Module, str, int]:
+        if (name, seed) not in models:
             spec = next(m for m in config.models if m.name == name)
-            net, arch, fresh = _get_model(
-                spec, config, data, train_rows, val_rows, run_dir, progress
+            net, arch, fresh, trained_seed = _get_model(
+                spec, config, data.classes, run_dir, progress, seed
             )
             if fresh:
-                trained.append(name)
+                trained.append(name if seed is None else f"{name} (seed {seed})")
             models.clear()  # one model in memory at a time
-            models[name] = (net.to(device).eval(), arch)
-        return models[name]
+            models[name, seed] = (net.to(device).eval(), arch, trained_seed)
+        return models[name, seed]
 
     def compute(cell: Cell) -> CellOutput:
-        net, arch = model_for(cell.model)
+        net, arch, trained_seed = model_for(cell.model, cell.seed)
         what = (
             f"evaluating {cell.model}, {cell.label} eps {cell.eps:g} "
             f"({', '.join(cell.losses)}) on {len(eval_rows)} slices"
@@ -517,7 +552,7 @@ def run_experiment(
                 on_batch=on_batch,
                 compat=cell.compat,
             )
-        return CellOutput(result.records, result.examples)
+        return CellOutput(result.records.assign(seed=trained_seed), result.examples)
 
     total = len(cells)
 
@@ -527,15 +562,17 @@ def run_experiment(
         console.print(f"cell {index}/{total} {cell.slug}: {state}", highlight=False)
 
     grid = run_cells(cells, run_dir, compute, on_cell)
+    distributed.barrier()  # rank 0 has written every cell
     records = read_records(run_dir)
     eps = headline_eps(records)
     protocol = config.evaluation.protocol
     headline = records[records["eps"] == eps]
     summary = with_intervals(headline, protocol, seed=config.seed)  # + case-bootstrap 95% CIs
     headline_cells = summarize_cells(headline, protocol)
-    write_text_atomic(run_dir / "summary.csv", summary.to_csv(index=False, na_rep="n/a"))
     report = None
-    if config.report:
+    if main:
+        write_text_atomic(run_dir / "summary.csv", summary.to_csv(index=False, na_rep="n/a"))
+    if config.report and main:
         with console.status("writing the report"):
             report = write_report(run_dir, protocol=protocol, eps=eps)
     seconds = time.perf_counter() - start
@@ -562,57 +599,53 @@ def _evaluation_rows(
 def _get_model(
     spec: ModelSpec,
     config: ExperimentConfig,
-    data: SliceData,
-    train_rows: np.ndarray,
-    val_rows: np.ndarray,
+    classes: list[str],
     run_dir: Path,
     progress: bool,
-) -> tuple[torch.nn.Module, str, bool]:
+    seed: int | None = None,
+) -> tuple[torch.nn.Module, str, bool, int]:
     """The model of ``spec``: loaded from its checkpoint, or trained (resumed) in the run dir.
 
+    Training is :func:`advseg.train.train_on_data`, the one training path (``advseg train``
+    takes it too): the same split, augmentation, encoder weights and checkpoint metadata.
+
+    Args:
+        seed: the training seed (``train.seed`` when None); with seeds named the run trains in
+            ``models/<name>/seed<k>/``.
+
     Returns:
-        ``(model, zoo name, trained_now)``.
+        ``(model, zoo name, trained_now, training seed)``.
     """
     if spec.checkpoint is not None:
-        net, meta = load_checkpoint(spec.checkpoint, classes=data.classes)
+        net, meta = load_checkpoint(spec.checkpoint, classes=classes)
         check_held_out(meta.data, spec.checkpoint, config)
-        return net, meta.model, False
+        return net, meta.model, False, int(meta.train.get("seed", 0))
     out = run_dir / "models" / spec.name
+    if seed is not None:
+        out = out / f"seed{seed}"
     best = out / "checkpoints" / "best"
     last = out / "checkpoints" / "last"
-    train_config = replace(config.train, model=spec.arch)
-    if best.with_suffix(".json").exists() and _finished(last, train_config):
-        net, meta = load_checkpoint(best, classes=data.classes)
-        return net, meta.model, False
-    net = new_model(
-        train_config,
-        in_channels=data.preprocess.channels,
-        classes=len(data.classes),
-        encoder_weights=train_config.encoder_weights,
+    weights = spec.encoder_weights or config.train.encoder_weights
+    train_config = replace(
+        config.train,
+        model=spec.arch,
+        seed=config.train.seed if seed is None else seed,
+        encoder_weights=None if weights is None else str(weights),
     )
-    augment = train_config.augment
-    transform = Augment(augment, data.preprocess.size) if augment.enabled else None
-    train(
-        net,
-        data.dataset(train_rows, transform=transform),
-        data.dataset(val_rows),
-        train_config,
-        out,
-        classes=data.classes,
-        preprocessing=to_dict(data.preprocess),
-        data=data_metadata(
+    fresh = not (best.with_suffix(".json").exists() and _finished(last, train_config))
+    if fresh:
+        train_on_data(
             config.data,
-            data,
+            train_config,
+            out,
             test_fraction=config.split.test_fraction,
             val_fraction=config.split.val_fraction,
             split_seed=config.split.seed,
-            rows={"train": len(train_rows), "val": len(val_rows)},
-        ),
-        resume=last.with_suffix(".json").exists(),
-        progress=progress,
-    )
-    net, meta = load_checkpoint(best, classes=data.classes)
-    return net, meta.model, True
+            resume=last.with_suffix(".json").exists(),
+            progress=progress,
+        )
+    net, meta = load_checkpoint(best, classes=classes)
+    return net, meta.model, fresh, train_config.seed
 
 
 def check_held_out(metadata: dict[str, Any], checkpoint: Path, config: ExperimentConfig) -> None:

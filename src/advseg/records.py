@@ -19,6 +19,7 @@ RECORD_COLUMNS: dict[str, str] = {
     "model": "string",  # the model's label in the run (a checkpoint name)
     "arch": "string",  # the zoo name it was built from
     "params": "int64",
+    "seed": "int64",  # the model's training seed (0 in records written before seeds existed)
     "attack": "string",
     "loss": "string",
     "eps": "float64",
@@ -49,7 +50,13 @@ RECORD_COLUMNS: dict[str, str] = {
 
 
 def check_records(frame: pd.DataFrame, source: str = "records") -> pd.DataFrame:
-    """Return ``frame`` with the record columns in order and typed; a missing column is an error."""
+    """Return ``frame`` with the record columns in order and typed; a missing column is an error.
+
+    ``seed`` alone may be missing (an evaluation of one checkpoint, records from before seeds
+    existed): it is then 0.
+    """
+    if "seed" not in frame.columns:
+        frame = frame.assign(seed=0)
     missing = [c for c in RECORD_COLUMNS if c not in frame.columns]
     if missing:
         raise UserError(f"{source}: missing record columns: {', '.join(missing)}")
