@@ -42,18 +42,25 @@ from advseg.attacks import ATTACKS, attack_options, check_eps
 from advseg.bootstrap import with_intervals
 from advseg.compat import NOTEBOOK_ATTACKS, check_compat, compat_label
 from advseg.config import from_dict, load_yaml, save_yaml, to_dict
+from advseg.cross_model import (
+    ENSEMBLE_PREFIX,
+    CrossModel,
+    check_cross_model,
+    transfer_cells,
+)
 from advseg.data import DataConfig, SliceData, load_data, split_train_val_test
 from advseg.errors import UserError
 from advseg.evaluate import cell_progress, evaluate_cell
 from advseg.losses import LOSSES
 from advseg.models import load_checkpoint, read_checkpoint
 from advseg.models.zoo import resolve as resolve_model
-from advseg.records import read_records, write_records
+from advseg.records import read_records, white_box, write_records
 from advseg.report import Report, write_report
 from advseg.report.examples import save_examples
 from advseg.report.tables import file_stem, headline_eps
 from advseg.summary import summarize_cells
 from advseg.train import TrainConfig, resolve_device, train_on_data
+from advseg.transfer import source_stem
 
 PAPER_LOSSES = ["bce", "focal", "dicefocal"]
 
@@ -92,6 +99,11 @@ class AttackSpec:
         compat: ``none`` (the attack as named; for FGSM the paper's equation 5) or ``notebook``
             (the paper's notebook code reproduced, :mod:`advseg.compat`; records label the
             attack ``fgsm:notebook``). Empty: the experiment's ``compat``.
+        transfer: also score every model's adversarial images on every other model of the grid
+            (transfer cells, :mod:`advseg.transfer`).
+        sources: models whose adversarial images are scored on every model of the grid; an
+            entry ``a+b`` is one attack on the mean loss of models ``a`` and ``b`` (an ensemble
+            attack).
     """
 
     name: str = "fgsm"
@@ -99,6 +111,8 @@ class AttackSpec:
     eps: list[float] = field(default_factory=lambda: [0.009])
     kwargs: dict[str, Any] = field(default_factory=dict)
     compat: str = ""
+    transfer: bool = False
+    sources: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -173,7 +187,11 @@ class ExperimentConfig:
 
 @dataclass(frozen=True)
 class Cell:
-    """One unit of work and of resumption: one model, one attack, one eps, several losses."""
+    """One unit of work and of resumption: one model, one attack, one eps, several losses.
+
+    ``source`` is set for a transfer cell: the model (or ensemble ``a+b``) whose adversarial
+    images the cell scores on ``model``.
+    """
 
     model: str
     attack: str
@@ -182,6 +200,7 @@ class Cell:
     kwargs: tuple[tuple[str, Any], ...] = ()
     compat: str = "none"
     seed: int | None = None  # the training seed, when the grid names seeds
+    source: str = ""
 
     @property
     def label(self) -> str:
@@ -190,9 +209,11 @@ class Cell:
 
     @property
     def slug(self) -> str:
-        """The cell's file name stem, e.g. ``unet__fgsm__eps0.009``."""
+        """The cell's file name stem, e.g. ``unet__fgsm__eps0.009`` (``unet__seed1__...`` with
+        seeds, ``...__from-<source>`` for a transfer cell)."""
         seed = "" if self.seed is None else f"__seed{self.seed}"
-        return f"{file_stem(self.model)}{seed}__{file_stem(self.label)}__eps{self.eps:g}"
+        slug = f"{file_stem(self.model)}{seed}__{file_stem(self.label)}__eps{self.eps:g}"
+        return f"{slug}__from-{source_stem(self.source)}" if self.source else slug
 
 
 def check_config(config: ExperimentConfig) -> ExperimentConfig:
@@ -203,7 +224,9 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
         raise UserError("attacks: at least one attack is needed")
     seen: dict[str, int] = {}
     for i, model in enumerate(config.models):
-        if model.checkpoint is None:
+        if model.arch.startswith(ENSEMBLE_PREFIX):
+            pass  # members are checked by check_cross_model
+        elif model.checkpoint is None:
             try:
                 resolve_model(model.arch)
             except UserError as err:
@@ -270,6 +293,7 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
             raise UserError(f"evaluation.{key}: {value} must be at least 1")
     if ev.examples < 0:
         raise UserError(f"evaluation.examples: {ev.examples} must be 0 or more")
+    check_cross_model(config)
     return config
 
 
@@ -323,10 +347,11 @@ def plan_cells(config: ExperimentConfig) -> list[Cell]:
                     key = (model.name, seed, attack.name, mode, float(eps))
                     losses = cells.setdefault(key, [])
                     losses += [loss for loss in attack.losses if loss not in losses]
-    return [
+    planned = [
         Cell(model, attack, eps, tuple(losses), kwargs[attack, mode], mode, seed)
         for (model, seed, attack, mode, eps), losses in cells.items()
     ]
+    return planned + transfer_cells(config, planned)
 
 
 def _training_seeds(config: ExperimentConfig, model: ModelSpec) -> list[int | None]:
@@ -514,24 +539,37 @@ def run_experiment(
     for line in data.exclusions.lines():
         console.print(f"data: {line}", highlight=False, soft_wrap=True)
     cells = plan_cells(config)
-    models: dict[tuple[str, int | None], tuple[torch.nn.Module, str, int]] = {}
+    models: dict[tuple[str, int | None], tuple[torch.nn.Module, str]] = {}
+    seeds: dict[tuple[str, int | None], int] = {}  # (model, grid seed) -> its training seed
     trained = []
     device = resolve_device(config.train.device)
 
-    def model_for(name: str, seed: int | None) -> tuple[torch.nn.Module, str, int]:
+    def model_for(name: str, seed: int | None = None) -> tuple[torch.nn.Module, str]:
+        """The model ``name`` trained with ``seed`` (cross-model cells: the first seed's)."""
+        spec = next(m for m in config.models if m.name == name)
+        if seed is None:
+            seed = _training_seeds(config, spec)[0]
         if (name, seed) not in models:
-            spec = next(m for m in config.models if m.name == name)
-            net, arch, fresh, trained_seed = _get_model(
-                spec, config, data.classes, run_dir, progress, seed
-            )
-            if fresh:
-                trained.append(name if seed is None else f"{name} (seed {seed})")
+            if spec.arch.startswith(ENSEMBLE_PREFIX):
+                net, arch, trained_seed = cross.ensemble(spec.arch, model_for), spec.arch, 0
+            else:
+                net, arch, fresh, trained_seed = _get_model(
+                    spec, config, data.classes, run_dir, progress, seed
+                )
+                if fresh:
+                    trained.append(name if seed is None else f"{name} (seed {seed})")
             models.clear()  # one model in memory at a time
-            models[name, seed] = (net.to(device).eval(), arch, trained_seed)
+            models[name, seed] = (net.to(device).eval(), arch)
+            seeds[name, seed] = trained_seed
         return models[name, seed]
 
+    cross = CrossModel(config, data, eval_rows, train_rows, run_dir, model_for, console)
+    cross.check_io()
+
     def compute(cell: Cell) -> CellOutput:
-        net, arch, trained_seed = model_for(cell.model, cell.seed)
+        if cross.handles(cell):
+            return CellOutput(cross.compute(cell))
+        net, arch = model_for(cell.model, cell.seed)
         what = (
             f"evaluating {cell.model}, {cell.label} eps {cell.eps:g} "
             f"({', '.join(cell.losses)}) on {len(eval_rows)} slices"
@@ -551,8 +589,10 @@ def run_experiment(
                 examples=config.evaluation.examples,
                 on_batch=on_batch,
                 compat=cell.compat,
+                keep_adversarial=cross.is_source(cell),
             )
-        return CellOutput(result.records.assign(seed=trained_seed), result.examples)
+        cross.keep(cell, result.adversarial)
+        return CellOutput(result.records.assign(seed=seeds[cell.model, cell.seed]), result.examples)
 
     total = len(cells)
 
@@ -563,7 +603,7 @@ def run_experiment(
 
     grid = run_cells(cells, run_dir, compute, on_cell)
     distributed.barrier()  # rank 0 has written every cell
-    records = read_records(run_dir)
+    records = white_box(read_records(run_dir))
     eps = headline_eps(records)
     protocol = config.evaluation.protocol
     headline = records[records["eps"] == eps]
