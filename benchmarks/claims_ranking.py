@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     args = parser.parse_args()
     keep_freed_memory()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # oversubscribed CPUs: OpenMP spinning costs more than it gains
     args.out.mkdir(parents=True, exist_ok=True)
     frames, signs = [], []
     start = time.perf_counter()
