@@ -23,7 +23,8 @@ def synthetic_records(cases: int, slices: int = 4, seed: int = 0, model: str = "
                 tp_c = int(gt * quality)
                 tp_a = int(tp_c * rng.uniform(0.3, 0.9))
                 row = {c: 0 for c in RECORD_COLUMNS}
-                row.update(model=model, arch="unet", params=10, attack="fgsm", loss="bce")
+                row.update(model=model, source=model, arch="unet", params=10, attack="fgsm")
+                row.update(loss="bce")
                 row.update(eps=0.009, slice_id=f"case{case}_day0_slice_{s:04d}", case=case)
                 row.update(scan=f"case{case}_day0", slice=s, gt_pixels=gt, **{"class": name})
                 row.update(tp_clean=tp_c, fn_clean=gt - tp_c, fp_clean=int(rng.integers(0, 30)))
