@@ -24,7 +24,7 @@ SOFTMAX_FORMS: dict[str, str] = {
 }
 SIGMOID_FORMS: dict[str, str] = {v: k for k, v in SOFTMAX_FORMS.items()}
 
-ENSEMBLE_LOSS = "ensemble"
+WORST_CASE_LOSS = "worst-case"
 """The ``loss`` of an ensemble attack's records: its members carry their own losses."""
 
 NO_MEMBER = "none"
@@ -54,7 +54,7 @@ class SEA(Attack):
         model, eps, norm, valid_range, targeted, activation, seed: see
             :class:`~advseg.attacks.base.Attack`.
         loss: not used to attack (the members carry their own losses); accepted so that SEA is
-            created like every attack. Evaluation records label it ``ensemble``.
+            created like every attack. Evaluation records label it ``worst-case``.
         members: loss names, one APGD run each; by default ``masked-bce``, ``js``,
             ``masked-spherical``, ``balanced-bce``, each replaced by its softmax form
             (``masked-ce``, ``balanced-ce``) on softmax models and back.
@@ -75,7 +75,7 @@ class SEA(Attack):
     """
 
     name = "sea"
-    ensemble = True
+    loss_ensemble = True
 
     def __init__(self, model: nn.Module, loss="bce", eps: float = 0.009, *,
                  members: Sequence[str] | None = None, steps: int = 100,
