@@ -27,6 +27,7 @@ RECORD_COLUMNS: dict[str, str] = {
     "seed": "int64",  # the model's training seed (0 in records written before seeds existed)
     "attack": "string",
     "loss": "string",
+    "member": "string",  # sea: the member (loss) whose image won the slice; "" for other attacks
     "eps": "float64",
     "slice_id": "string",
     "case": "int64",
@@ -59,12 +60,15 @@ def check_records(frame: pd.DataFrame, source: str = "records") -> pd.DataFrame:
 
     ``seed`` may be missing (an evaluation of one checkpoint, records from before seeds existed):
     it is then 0. A frame without ``source`` (records from before transfer attacks) is white-box:
-    its ``source`` is its ``model``.
+    its ``source`` is its ``model``. A frame without ``member`` (records from before the ``sea``
+    attack) had no ensemble attack: its ``member`` is ``""``.
     """
     if "seed" not in frame.columns:
         frame = frame.assign(seed=0)
     if "source" not in frame.columns and "model" in frame.columns:
         frame = frame.assign(source=frame["model"])
+    if "member" not in frame.columns:
+        frame = frame.assign(member="")
     missing = [c for c in RECORD_COLUMNS if c not in frame.columns]
     if missing:
         raise UserError(f"{source}: missing record columns: {', '.join(missing)}")
