@@ -22,6 +22,7 @@ returns exactly the records of a one-process run.
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -121,7 +122,7 @@ def attack_batch(
     """
     amp = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda")
     with frozen(model), amp:
-        if all(a.single_step for a in attacks):
+        if all(a.single_step and a.model is model for a in attacks):  # not on adaptive views
             with torch.enable_grad():
                 x_in = x.detach().requires_grad_(True)
                 logits = model_logits(model, x_in).float()
@@ -423,6 +424,9 @@ class EvaluateConfig:
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         examples: slices per cell saved as ``examples/<cell>.npz`` for figures.
         erase: classes the attacks try to make vanish (targeted; see :func:`evaluate_cell`).
+        defences: input defences each checkpoint is evaluated behind (``none``, ``median:3``,
+            ...; :mod:`advseg.defences.transforms`); the records name the model
+            ``<checkpoint>+<defence>``.
     """
 
     checkpoints: list[Path]
@@ -438,6 +442,7 @@ class EvaluateConfig:
     device: str = "auto"
     examples: int = 0
     erase: list[str] = field(default_factory=list)
+    defences: list[str] = field(default_factory=lambda: ["none"])
 
 
 @dataclass
@@ -500,12 +505,14 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
             checkpoint that does not fit the data, or an empty split.
     """
     from advseg.atomic import atomic_path
-    from advseg.attacks import ATTACKS, attack_options
+    from advseg.attacks import attack_options
     from advseg.config import from_dict
     from advseg.data import PreprocessConfig, load_data, split_cases
+    from advseg.defences import create_defence, defend, defended_name
     from advseg.models.checkpoint import check_compatible, load_checkpoint
     from advseg.records import write_records
     from advseg.report.examples import save_examples
+    from advseg.report.tables import file_stem
     from advseg.summary import PROTOCOLS, summarize, summarize_cells
     from advseg.train import resolve_device
 
@@ -516,7 +523,11 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
     if config.split not in ("test", "all"):
         raise UserError(f"split: {config.split!r} is not 'test' or 'all'")
     for name in config.attacks:
-        ATTACKS.get(name)  # unknown names fail before any model or data is loaded
+        attack_options(name)  # unknown names fail before any model or data is loaded
+    for spec in config.defences:
+        create_defence(spec)
+    if len({defended_name("", spec) for spec in config.defences}) != len(config.defences):
+        raise UserError(f"defences: each defence once, got {', '.join(config.defences)}")
     accepted = {name: set(attack_options(name)) for name in config.attacks}
     unused = sorted(set(config.attack_options) - set().union(*accepted.values()))
     if unused:
@@ -531,11 +542,11 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
     loaded: dict[tuple, Any] = {}
     frames, files, slices = [], [], {}
     for checkpoint in config.checkpoints:
-        model, meta = load_checkpoint(checkpoint, device)
-        model_name = checkpoint_label(checkpoint)
-        if model_name in slices:
+        bare, meta = load_checkpoint(checkpoint, device)
+        checkpoint_name = checkpoint_label(checkpoint)
+        if checkpoint_name in slices:
             raise UserError(
-                f"{checkpoint}: another checkpoint is also named {model_name!r}; the records "
+                f"{checkpoint}: another checkpoint is also named {checkpoint_name!r}; the records "
                 "of one model would overwrite the other's (rename or copy one of them)"
             )
         preprocess = from_dict(
@@ -563,8 +574,9 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
             _, rows = split_cases(data.index, meta.data["test_fraction"], meta.data["split_seed"])
         if len(rows) == 0:
             raise UserError(f"{checkpoint}: the {config.split} split has no slices")
-        slices[model_name] = len(rows)
-        for attack in config.attacks:
+        slices[checkpoint_name] = len(rows)
+        for spec, attack in itertools.product(config.defences, config.attacks):
+            model, model_name = defend(bare, spec), defended_name(checkpoint_name, spec)
             options = {k: v for k, v in config.attack_options.items() if k in accepted[attack]}
             for eps in config.eps:
                 what = f"{model_name}, {attack} eps {eps:g} on {len(rows)} slices"
@@ -577,7 +589,7 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
                 frames.append(result.records)
                 if distributed.is_main():
                     label = f"{attack}-erase-{'+'.join(config.erase)}" if config.erase else attack
-                    name = cell_name(model_name, label, eps)
+                    name = cell_name(file_stem(model_name), label, eps)
                     files.append(write_records(result.records, out / "records" / f"{name}.parquet"))
                     if result.examples:
                         npz = out / "examples" / f"{name}.npz"

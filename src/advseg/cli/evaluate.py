@@ -11,6 +11,7 @@ from advseg import distributed
 from advseg.attacks import ATTACKS, attack_options
 from advseg.cli.console import console
 from advseg.cli.table_ii import table_ii
+from advseg.defences import DEFENCES
 from advseg.evaluate import EvaluateConfig, evaluate
 from advseg.losses import LOSSES
 from advseg.summary import UNITS
@@ -42,6 +43,15 @@ def evaluate_command(
     erase: list[str] = typer.Option(
         [], "--erase", help="Targeted: make this class vanish (repeatable), e.g. stomach."
     ),
+    defence: list[str] = typer.Option(
+        ["none"],
+        "--defence",
+        help="Input defence in front of each checkpoint (repeatable): none, median:3, blur:1, "
+        "bitdepth:4, jpeg:75, noise:0.1. Attack it adaptively with e.g. --attack pgd+bpda.",
+    ),
+    eot_samples: int | None = typer.Option(
+        None, "--eot-samples", help="Draws averaged by +eot attacks (default 8)."
+    ),
 ) -> None:
     """Attack checkpoints on a data split; write records and print the paper's Table II.
 
@@ -50,6 +60,7 @@ def evaluate_command(
     """
     options = {"steps": steps, "alpha": alpha, "norm": norm, "restarts": restarts}
     options["update"] = update
+    options["eot_samples"] = eot_samples
     config = EvaluateConfig(
         checkpoints=list(checkpoints),
         out=out,
@@ -64,6 +75,7 @@ def evaluate_command(
         device=device,
         examples=examples,
         erase=list(erase),
+        defences=list(defence),
     )
     result = evaluate(config, progress=True)
     if not distributed.is_main():
@@ -81,7 +93,7 @@ def evaluate_command(
 
 
 def attacks_command() -> None:
-    """List the attacks (with their options) and the losses they can use."""
+    """List the attacks (with their options), the losses they can use and the input defences."""
     table = Table(title="attacks")
     table.add_column("name")
     table.add_column("what")
@@ -93,6 +105,13 @@ def attacks_command() -> None:
     losses.add_column("what")
     for name in LOSSES.names():
         losses.add_row(name, LOSSES.help(name))
+    defences = Table(title="input defences (--defence NAME:VALUE; attack them with +bpda, +eot)")
+    for column in ("name", "value", "what"):
+        defences.add_column(column)
+    for name in DEFENCES.names():
+        cls = DEFENCES.get(name)
+        defences.add_row(name, f"{cls.parameter} (default {cls.default:g})", DEFENCES.help(name))
     out = console()
     out.print(table)
     out.print(losses)
+    out.print(defences)
