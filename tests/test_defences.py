@@ -205,9 +205,8 @@ def test_eot_is_at_least_as_strong_on_a_random_defence(trained):
 
 
 def test_evaluate_cell_records_naive_and_adaptive_side_by_side(trained):
-    from test_evaluate import MemoryData
-
     from advseg.evaluate import evaluate_cell
+    from test_evaluate import MemoryData
 
     model, _, _ = trained
     data = MemoryData(6, size=16, seed=3)
@@ -226,13 +225,12 @@ def test_evaluate_cell_records_naive_and_adaptive_side_by_side(trained):
 
 
 def test_evaluate_cli_defences_and_adaptive_attacks(tmp_path, capsys):
-    from test_evaluate_cli import cli
-
     from advseg.config import to_dict
     from advseg.data import UWMGI_CLASSES, PreprocessConfig, write_synthetic
     from advseg.models import create_model
     from advseg.models.checkpoint import metadata_for, save_checkpoint
     from advseg.records import read_records
+    from test_evaluate_cli import cli
 
     write_synthetic(tmp_path / "data", cases=3, scans=1, slices=4)
     torch.manual_seed(0)
