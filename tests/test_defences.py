@@ -255,3 +255,29 @@ def test_evaluate_cli_defences_and_adaptive_attacks(tmp_path, capsys):
     assert cli([*args[:2], "--out", str(tmp_path / "bad"), "--defence", "jpeg:0"]) == 2
     assert "quality must be an integer" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------- Gaussian-noise augmentation
+
+
+def test_noise_sigma_trains_on_noisy_images_and_validates_on_clean_ones(tmp_path):
+    from advseg.models import create_model, load_checkpoint
+    from advseg.train import train
+    from test_train import Blobs, tiny_config
+
+    torch.manual_seed(0)
+    model = create_model("unet-tiny", in_channels=3, classes=2)
+    seen = {True: [], False: []}
+    model.register_forward_pre_hook(lambda m, args: seen[m.training].append(args[0].detach()))
+    config = tiny_config(epochs=1, noise_sigma=0.3, batch_size=12)
+    result = train(model, Blobs(12), Blobs(6, seed=1), config, tmp_path, classes=["a", "b"])
+    clean = torch.stack([Blobs(12)[i]["image"] for i in range(12)])
+    trained_on = seen[True][0]  # (12, 3, 32, 32), shuffled
+    assert trained_on.min() < 0  # noise, not clipped to the valid range
+    assert trained_on.var() - clean.var() == pytest.approx(0.3**2, abs=0.01)  # var adds up
+    validated_on = torch.stack([Blobs(6, seed=1)[i]["image"] for i in range(6)])
+    assert torch.equal(seen[False][0], validated_on)  # validation stays clean
+    _, meta = load_checkpoint(result.best_path)
+    assert meta.train["noise_sigma"] == 0.3
+    with pytest.raises(UserError, match="noise_sigma"):
+        tiny_config(noise_sigma=-0.1)

@@ -45,11 +45,20 @@ RECORD_COLUMNS: dict[str, str] = {
     "psnr": "float64",
     "ssim": "float64",
     "luminosity": "float64",
+    "abstained": "float64",  # share of the pixels left undecided (randomized smoothing), else 0
 }
+
+DEFAULTS: dict[str, object] = {"abstained": 0.0}
+"""Columns a producer may leave out (and older files lack): filled with these values. An
+ordinary prediction decides every pixel, so only certification (``advseg certify``) abstains."""
 
 
 def check_records(frame: pd.DataFrame, source: str = "records") -> pd.DataFrame:
-    """Return ``frame`` with the record columns in order and typed; a missing column is an error."""
+    """Return ``frame`` with the record columns in order and typed; a missing column is an error.
+
+    Columns of :data:`DEFAULTS` that are missing are filled with their default.
+    """
+    frame = frame.assign(**{c: v for c, v in DEFAULTS.items() if c not in frame.columns})
     missing = [c for c in RECORD_COLUMNS if c not in frame.columns]
     if missing:
         raise UserError(f"{source}: missing record columns: {', '.join(missing)}")

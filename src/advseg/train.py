@@ -76,6 +76,9 @@ class TrainConfig:
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
         threshold: probability above which a pixel counts as predicted, for validation Dice.
         augment: the augmentation settings (applied by the dataset's transform).
+        noise_sigma: Gaussian noise of this standard deviation added to every training image
+            (not clipped): the "augmentation" defence, and the training that randomized
+            smoothing (``advseg certify --sigma``) expects. 0 adds none.
         tensorboard: also write TensorBoard events (needs the ``tensorboard`` package).
     """
 
@@ -97,6 +100,7 @@ class TrainConfig:
     threshold: float = 0.5
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     tensorboard: bool = False
+    noise_sigma: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum"):
@@ -111,6 +115,8 @@ class TrainConfig:
             raise UserError(f"train.precision: {self.precision!r} is not auto, fp32, bf16, fp16")
         if self.loss not in LOSSES:
             raise UserError(f"train.loss: {LOSSES.unknown_message(self.loss)}")
+        if not 0 <= self.noise_sigma <= 10:
+            raise UserError(f"train.noise_sigma: {self.noise_sigma} must be in [0, 10]")
         resolve(self.model)  # an unknown model name fails here, before any data is read
 
 
@@ -531,6 +537,8 @@ def _train_epoch(
     optimizer.zero_grad(set_to_none=True)
     for step, batch in enumerate(loader):
         image, mask = _to_device(batch, device, memory_format)
+        if config.noise_sigma > 0:  # Gaussian augmentation; draws follow the epoch's seed
+            image = image + config.noise_sigma * torch.randn_like(image)
         boundary = (step + 1) % config.grad_accum == 0 or step + 1 == steps
         sync = (
             contextlib.nullcontext() if boundary or not hasattr(net, "no_sync") else net.no_sync()

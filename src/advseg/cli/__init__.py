@@ -42,6 +42,7 @@ def version() -> None:
     print(__version__)
 
 
+from advseg.cli import certify as _certify  # noqa: E402
 from advseg.cli import evaluate as _evaluate  # noqa: E402
 from advseg.cli import models as _models  # noqa: E402
 from advseg.cli import train as _train  # noqa: E402
@@ -50,6 +51,7 @@ app.command("models")(_models.models)
 app.command("train")(_train.train)
 app.command("evaluate")(_evaluate.evaluate_command)
 app.command("attacks")(_evaluate.attacks_command)
+app.command("certify")(_certify.certify_command)
 app.add_typer(report_cli.app)  # advseg report
 app.add_typer(experiment_cli.app)  # advseg run, advseg demo
 

@@ -44,6 +44,9 @@ def train(
     seed: int | None = typer.Option(None, "--seed", help="Training seed."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
     no_augment: bool = typer.Option(False, "--no-augment", help="Turn augmentation off."),
+    noise_sigma: float | None = typer.Option(
+        None, "--noise-sigma", help="Gaussian noise added to training images (default 0)."
+    ),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard logs."),
     size: int = typer.Option(224, "--size", help="Image side S after resizing."),
     channels: int = typer.Option(3, "--channels", help="Input channels C (grey copies)."),
@@ -73,6 +76,7 @@ def train(
         "num_workers": workers,
         "seed": seed,
         "device": device,
+        "noise_sigma": noise_sigma,
     }
     values = {**settings, **{k: v for k, v in options.items() if v is not None}}
     if tensorboard:
