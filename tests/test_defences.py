@@ -1,8 +1,10 @@
 """Input defences (model wrappers) and the adaptive attacks BPDA / EOT that see through them."""
 
 import io
+import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -281,3 +283,54 @@ def test_noise_sigma_trains_on_noisy_images_and_validates_on_clean_ones(tmp_path
     assert meta.train["noise_sigma"] == 0.3
     with pytest.raises(UserError, match="noise_sigma"):
         tiny_config(noise_sigma=-0.1)
+
+
+# ------------------------------------------------------------------------ in a YAML grid
+
+
+def test_grid_holds_defended_and_undefended_models_side_by_side(tmp_path):
+    import yaml
+
+    from advseg.data import write_synthetic
+    from advseg.experiment import load_experiment, run_experiment
+    from advseg.records import read_records
+
+    write_synthetic(tmp_path / "data", cases=3, scans=1, slices=6, seed=0)
+    grid = {
+        "data": {"path": str(tmp_path / "data"), "cache_dir": str(tmp_path / "cache"),
+                 "preprocess": {"size": 32}},
+        "split": {"test_fraction": 0.34, "val_fraction": 0.5},
+        "train": {"epochs": 1, "batch_size": 4, "device": "cpu", "augment": {"enabled": False}},
+        "models": [
+            {"arch": "unet-tiny", "name": "plain", "defences": ["bitdepth:3"]},
+            {"arch": "unet-tiny", "name": "noisy", "train": {"noise_sigma": 0.2}},
+        ],
+        "attacks": [{"name": "pgd", "losses": ["bce"], "eps": [0.03], "kwargs": {"steps": 2}},
+                    {"name": "pgd+bpda", "losses": ["bce"], "eps": [0.03],
+                     "kwargs": {"steps": 2}}],
+        "evaluation": {"batch_size": 4, "examples": 0, "max_slices": 4},
+    }  # fmt: skip
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    result = run_experiment(load_experiment(path), tmp_path / "run")
+    assert result.trained == ["plain", "noisy"]  # the defended variant reuses plain's training
+    records = read_records(tmp_path / "run")
+    cells = set(map(tuple, records[["model", "attack"]].drop_duplicates().to_numpy()))
+    assert cells == {(m, a) for m in ("plain", "plain+bitdepth:3", "noisy")
+                     for a in ("pgd", "pgd+bpda")}  # fmt: skip
+    meta = json.loads((tmp_path / "run/models/noisy/checkpoints/best.json").read_text())
+    assert meta["meta"]["train"]["noise_sigma"] == 0.2
+    table = pd.read_csv(tmp_path / "run" / "report" / "defences.csv").set_index("model")
+    assert (
+        table.loc["noisy", "training"] == "noise 0.2" and table.loc["plain", "training"] == "none"
+    )
+    assert table.loc["plain+bitdepth:3", "adaptive"] == "pgd+bpda / bce"
+
+    grid["models"][0]["defences"] = ["bitdepth:33"]
+    path.write_text(yaml.safe_dump(grid))
+    with pytest.raises(UserError, match=r"models\[0\].defences\[0\]: .*bits"):
+        load_experiment(path)
+    grid["models"][0] = {"arch": "unet-tiny", "train": {"noise_sigma": -1}}
+    path.write_text(yaml.safe_dump(grid))
+    with pytest.raises(UserError, match=r"models\[0\].train: train.noise_sigma"):
+        load_experiment(path)

@@ -54,7 +54,7 @@ def run_dir(tmp_path):
         pd.DataFrame({"epoch": range(1, len(seconds) + 1), "seconds": seconds}).to_csv(
             folder / "log.csv", index=False
         )
-        (folder / "checkpoints" / "best.json").write_text(json.dumps({"train": train}))
+        (folder / "checkpoints" / "best.json").write_text(json.dumps({"meta": {"train": train}}))
     return tmp_path
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -37,10 +37,11 @@ from rich.progress import (
 )
 
 from advseg.atomic import write_text_atomic
-from advseg.attacks import ATTACKS, attack_options, check_eps
+from advseg.attacks import attack_options, check_eps
 from advseg.augment import Augment
 from advseg.config import from_dict, load_yaml, save_yaml, to_dict
 from advseg.data import DataConfig, SliceData, load_data, split_train_val_test
+from advseg.defences import defend, defended_name
 from advseg.errors import UserError
 from advseg.evaluate import cell_progress, evaluate_cell
 from advseg.losses import LOSSES
@@ -65,11 +66,19 @@ class ModelSpec:
         name: the model's label in the run (records, tables, checkpoint file); defaults to ``arch``
             with every character outside ``[A-Za-z0-9._-]`` replaced by ``-``.
         checkpoint: load this checkpoint (path without suffix) instead of training.
+        train: this model's changes to the experiment's ``train`` settings, e.g.
+            ``{noise_sigma: 0.25}`` (Gaussian-noise training) or ``{epochs: 5}``.
+        defences: input defences (``median:3``, ``jpeg:75``, ``noise:0.1``, ...;
+            :mod:`advseg.defences.transforms`): the grid also evaluates the model behind each
+            one, as the model ``<name>+<defence>`` (trained once, attacked naively and, with
+            ``pgd+bpda`` / ``pgd+eot`` attacks, adaptively).
     """
 
     arch: str = "unet"
     name: str = ""
     checkpoint: Path | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+    defences: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.name = self.name or file_stem(self.arch)
@@ -190,6 +199,18 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
                 "give one of them another name"
             )
         seen[model.name] = i
+        try:
+            model_train_config(config, model)
+        except UserError as err:
+            raise UserError(f"models[{i}].train: {err}") from None
+        for j, spec in enumerate(model.defences):
+            try:
+                label = defended_name(model.name, spec)
+            except UserError as err:
+                raise UserError(f"models[{i}].defences[{j}]: {err}") from None
+            if label == model.name or label in seen:
+                raise UserError(f"models[{i}].defences[{j}]: {spec!r} is listed twice (or none)")
+            seen[label] = i
     kwargs_of: dict[str, tuple[int, dict[str, Any]]] = {}
     for i, attack in enumerate(config.attacks):
         if not attack.losses:
@@ -202,8 +223,10 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
                     f"attacks[{i}].losses[{j}]: 'ce' is for softmax models; the masks here are "
                     "multi-label sigmoid outputs"
                 )
-        if attack.name not in ATTACKS:
-            raise UserError(f"attacks[{i}].name: {ATTACKS.unknown_message(attack.name)}")
+        try:
+            attack_options(attack.name)  # a registry name, maybe with +bpda / +eot
+        except UserError as err:
+            raise UserError(f"attacks[{i}].name: {err}") from None
         unknown = sorted(set(attack.kwargs) - set(attack_options(attack.name)))
         if unknown:
             raise UserError(
@@ -237,6 +260,29 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
     if ev.examples < 0:
         raise UserError(f"evaluation.examples: {ev.examples} must be 0 or more")
     return config
+
+
+def model_variants(model: ModelSpec) -> list[str]:
+    """The grid's names of one model: as trained, then behind each of its input defences."""
+    return [model.name, *(defended_name(model.name, spec) for spec in model.defences)]
+
+
+def model_train_config(config: ExperimentConfig, model: ModelSpec) -> TrainConfig:
+    """The experiment's training settings with this model's arch and its own ``train`` changes."""
+    if "model" in model.train:
+        raise UserError("model: a model's arch is its train.model; do not set it here")
+    values = _merged(to_dict(config.train), model.train)
+    return from_dict(TrainConfig, {**values, "model": model.arch}, where="train")
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` applied key by key, nested mappings merged, not replaced."""
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = _merged(out[key], value)
+        out[key] = value
+    return out
 
 
 def packaged_config(name: str) -> Path | None:
@@ -275,11 +321,12 @@ def plan_cells(config: ExperimentConfig) -> list[Cell]:
     """The grid in run order (model by model), with the losses of repeated (attack, eps) united."""
     cells: dict[tuple[str, str, float], list[str]] = {}
     kwargs: dict[str, tuple[tuple[str, Any], ...]] = {}
-    for model in config.models:
+    names = [name for model in config.models for name in model_variants(model)]
+    for name in names:
         for attack in config.attacks:
             kwargs[attack.name] = tuple(sorted(attack.kwargs.items()))
             for eps in attack.eps:
-                losses = cells.setdefault((model.name, attack.name, float(eps)), [])
+                losses = cells.setdefault((name, attack.name, float(eps)), [])
                 losses += [loss for loss in attack.losses if loss not in losses]
     return [
         Cell(model, attack, eps, tuple(losses), kwargs[attack])
@@ -385,6 +432,8 @@ def _differences(old: Any, new: Any, where: str = "") -> list[str]:
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         return [d for i, (a, b) in enumerate(zip(old, new, strict=True))
                 for d in _differences(a, b, f"{where}[{i}]")]  # fmt: skip
+    if old is None and isinstance(new, (dict, list)) and not new:
+        return []  # a key added to the config since the run began, at its empty default
     return [] if old == new else [where or "the whole config"]
 
 
@@ -454,17 +503,24 @@ def run_experiment(
     trained = []
     device = resolve_device(config.train.device)
 
+    variants = {
+        name: (spec, defence)
+        for spec in config.models
+        for name, defence in zip(model_variants(spec), ["none", *spec.defences], strict=True)
+    }
+
     def model_for(name: str) -> tuple[torch.nn.Module, str]:
-        if name not in models:
-            spec = next(m for m in config.models if m.name == name)
+        spec, defence = variants[name]
+        if spec.name not in models:
             net, arch, fresh = _get_model(
                 spec, config, data, train_rows, val_rows, run_dir, progress
             )
             if fresh:
-                trained.append(name)
+                trained.append(spec.name)
             models.clear()  # one model in memory at a time
-            models[name] = (net.to(device).eval(), arch)
-        return models[name]
+            models[spec.name] = (net.to(device).eval(), arch)
+        net, arch = models[spec.name]
+        return defend(net, defence), arch  # a fresh defence per cell: its own noise draws
 
     def compute(cell: Cell) -> CellOutput:
         net, arch = model_for(cell.model)
@@ -550,7 +606,7 @@ def _get_model(
     out = run_dir / "models" / spec.name
     best = out / "checkpoints" / "best"
     last = out / "checkpoints" / "last"
-    train_config = replace(config.train, model=spec.arch)
+    train_config = model_train_config(config, spec)
     if best.with_suffix(".json").exists() and _finished(last, train_config):
         net, meta = load_checkpoint(best, classes=data.classes)
         return net, meta.model, False

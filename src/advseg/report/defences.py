@@ -92,7 +92,8 @@ def _training(run_dir: Path, model: str) -> tuple[str, float]:
     trained = []
     meta = folder / "checkpoints" / "best.json"
     if meta.exists():
-        train = json.loads(meta.read_text()).get("train") or {}
+        document = json.loads(meta.read_text())
+        train = (document.get("meta") or {}).get("train") or {}
         if train.get("noise_sigma"):
             trained.append(f"noise {train['noise_sigma']:g}")
         adversarial = train.get("adversarial")
