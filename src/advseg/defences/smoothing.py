@@ -370,7 +370,11 @@ def certify_checkpoint(
     preprocess = from_dict(
         PreprocessConfig, meta.preprocessing, where=f"{checkpoint} preprocessing"
     )
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 fills the preprocessing cache before the others read it
     data = load_data(trained_data_config(meta.data, Path(checkpoint), preprocess, data_path))
+    if distributed.is_main():
+        distributed.barrier()
     check_compatible(meta, checkpoint, in_channels=preprocess.channels, classes=list(data.classes))
     rows = np.arange(len(data.index))
     if split == "test":

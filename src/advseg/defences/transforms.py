@@ -217,7 +217,9 @@ class GaussianNoise(InputTransform):
 
     Not clipped to the valid range, as in randomized smoothing (Cohen et al., ICML 2019), so a
     model trained with the same noise (``train.noise_sigma``) sees what it was trained on.
-    Draws come from the defence's own generator (seeded with ``seed``), never the global one.
+    Draws come from the defence's own generator (seeded with ``seed``), never the global one,
+    so one process gives the same numbers run after run; under torchrun each rank draws its own
+    sequence, so the records of a random defence differ (in law, not in expectation).
     """
 
     name = "noise"
