@@ -20,10 +20,11 @@ from advseg.attacks.fgsm import FGSM
 from advseg.attacks.mifgsm import MIFGSM
 from advseg.attacks.pgd import PGD
 from advseg.attacks.segpgd import SegPGD
+from advseg.attacks.universal import Universal
 from advseg.errors import UserError
 from advseg.losses import PerSampleLoss
 
-__all__ = ["ATTACKS", "BIM", "FGSM", "MIFGSM", "PGD", "Attack", "CosPGD", "SegPGD",
+__all__ = ["ATTACKS", "BIM", "FGSM", "MIFGSM", "PGD", "Attack", "CosPGD", "SegPGD", "Universal",
            "attack_options", "check_eps", "create_attack", "frozen", "model_logits",
            "parse_attack_name"]  # fmt: skip
 
@@ -34,10 +35,11 @@ def create_attack(
     """An attack by registry name.
 
     Args:
-        name: ``fgsm``, ``bim``, ``pgd``, ``mifgsm``, ``segpgd`` or ``cospgd``, optionally
-            with the adaptive suffixes ``+bpda`` / ``+eot`` (e.g. ``pgd+bpda``), which attack
-            a :class:`~advseg.defences.DefendedModel` through BPDA / EOT
-            (``eot_samples`` draws, default 8).
+        name: ``fgsm``, ``bim``, ``pgd``, ``mifgsm``, ``segpgd``, ``cospgd`` or ``universal``
+            (which must be fitted on training slices before it is called), optionally with the
+            adaptive suffixes ``+bpda`` / ``+eot`` (e.g. ``pgd+bpda``), which attack a
+            :class:`~advseg.defences.DefendedModel` through BPDA / EOT (``eot_samples`` draws,
+            default 8).
         model: the segmentation model (logits ``(B, K, H, W)``).
         loss: a loss name from :data:`advseg.losses.LOSSES` or a callable ``(logits, y) -> (B,)``.
         eps: the budget (the paper's notebook used 0.009 under L-inf).
