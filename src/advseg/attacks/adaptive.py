@@ -6,8 +6,9 @@ zero gradient, one that draws noise a gradient that changes at every call; neith
 model robust. The adaptive attack sees through both:
 
 - ``+bpda`` (Backward Pass Differentiable Approximation): the forward runs the defence as it is,
-  the backward treats every non-differentiable step as the identity (a straight-through
-  estimator). Differentiable steps (blur, noise) keep their exact gradient.
+  the backward treats every non-differentiable step (bit-depth and JPEG rounding) as the
+  identity (a straight-through estimator). Differentiable steps (blur, noise, the median almost
+  everywhere) keep their exact gradient.
 - ``+eot`` (Expectation Over Transformation): the attacked forward averages the model's logits
   over ``eot_samples`` independent draws of a random defence, so each step follows the gradient
   of the expected logits, not of one draw. Deterministic defences are run once.
