@@ -26,6 +26,7 @@ RECORD_COLUMNS: dict[str, str] = {
     "params": "int64",
     "attack": "string",
     "loss": "string",
+    "member": "string",  # sea: the member (loss) whose image won the slice; "" for other attacks
     "eps": "float64",
     "slice_id": "string",
     "case": "int64",
@@ -62,11 +63,14 @@ def check_records(frame: pd.DataFrame, source: str = "records") -> pd.DataFrame:
     """Return ``frame`` with the record columns in order and typed; a missing column is an error.
 
     A frame without ``source`` (records from before transfer attacks) is white-box: its
-    ``source`` is its ``model``. Columns of :data:`DEFAULTS` that are missing are filled with
-    their default.
+    ``source`` is its ``model``. A frame without ``member`` (records from before the ``sea``
+    attack) had no ensemble attack: its ``member`` is ``""``. Columns of :data:`DEFAULTS` that
+    are missing are filled with their default.
     """
     if "source" not in frame.columns and "model" in frame.columns:
         frame = frame.assign(source=frame["model"])
+    if "member" not in frame.columns:
+        frame = frame.assign(member="")
     frame = frame.assign(**{c: v for c, v in DEFAULTS.items() if c not in frame.columns})
     missing = [c for c in RECORD_COLUMNS if c not in frame.columns]
     if missing:
