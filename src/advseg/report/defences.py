@@ -97,7 +97,7 @@ def _training(run_dir: Path, model: str) -> tuple[str, float]:
         if train.get("noise_sigma"):
             trained.append(f"noise {train['noise_sigma']:g}")
         adversarial = train.get("adversarial")
-        if isinstance(adversarial, dict) and adversarial.get("method"):
+        if isinstance(adversarial, dict) and adversarial.get("method") not in (None, "", "none"):
             trained.append(f"{adversarial['method']} eps {adversarial.get('eps', '?')}")
     return (", ".join(trained) or "none") if meta.exists() else "", seconds
 
