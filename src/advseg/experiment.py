@@ -221,8 +221,10 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
                 "give one of them another name"
             )
         seen[model.name] = i
+        trained_here = model.checkpoint is None and not model.arch.startswith(ENSEMBLE_PREFIX)
         try:
-            model_train_config(config, model)
+            if trained_here:
+                model_train_config(config, model)
         except UserError as err:
             raise UserError(f"models[{i}].train: {err}") from None
         for j, spec in enumerate(model.defences):
