@@ -317,3 +317,47 @@ def test_train_command_with_adversarial_options(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train.adversarial.method" in err and "fgsm-rs" in err and "Traceback" not in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_grid_holds_defended_and_undefended_models_side_by_side(tmp_path):
+    from advseg.augment import AugmentConfig
+    from advseg.data import write_synthetic
+    from advseg.experiment import load_experiment, run_experiment
+
+    data = tmp_path / "data"
+    write_synthetic(data, cases=3, scans=1, slices=8, seed=0)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        f"""
+data: {{path: {data}, cache_dir: {tmp_path / "cache"}, preprocess: {{size: 32}}}}
+split: {{test_fraction: 0.34, val_fraction: 0.5}}
+train: {{epochs: 1, batch_size: 4, device: cpu, augment: {{enabled: false}}}}
+models:
+  - {{arch: unet-tiny, name: plain}}
+  - {{arch: unet-tiny, name: pgd, adversarial: {{method: pgd, eps: 0.03, steps: 2}}}}
+attacks:
+  - {{name: fgsm, losses: [bce], eps: [0.03]}}
+evaluation: {{batch_size: 4, examples: 0}}
+"""
+    )
+    config = load_experiment(grid)
+    assert config.models[0].adversarial is None and config.models[1].adversarial.method == "pgd"
+    assert config.train.augment == AugmentConfig(enabled=False)
+    result = run_experiment(config, tmp_path / "run")
+    assert sorted(result.trained) == ["pgd", "plain"]
+    _, meta = load_checkpoint(tmp_path / "run" / "models" / "pgd" / "checkpoints" / "best")
+    assert meta.train["adversarial"]["method"] == "pgd" and meta.train["adversarial"]["steps"] == 2
+    _, meta = load_checkpoint(tmp_path / "run" / "models" / "plain" / "checkpoints" / "best")
+    assert meta.train["adversarial"]["method"] == "none"
+    # The report shows how each model was trained, what it cost and how it held.
+    table = (tmp_path / "run" / "report" / "training.csv").read_text()
+    assert "pgd eps 0.03, 2 steps of 0.0375" in table and "time_ratio" in table
+    assert "dsc_worst" in table
+    assert "Training and adversarial training" in result.report.html.read_text()
+
+    bad = grid.read_text().replace(
+        "name: plain}", "name: plain, checkpoint: x, adversarial: {method: pgd}}"
+    )
+    grid.write_text(bad)
+    with pytest.raises(UserError, match=r"models\[0\].adversarial: only a model trained here"):
+        load_experiment(grid)

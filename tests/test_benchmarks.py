@@ -39,3 +39,20 @@ def test_bench_data_prints_its_throughputs(tmp_path):
     args = ["--cases", "2", "--scans", "1", "--slices", "4", "--size", "32", "--workers", "0"]
     out = _run("bench_data.py", *args, "--dir", str(tmp_path))
     assert "slices/s" in out
+
+
+def test_bench_adversarial_training_prints_its_ratios():
+    args = [
+        "--model",
+        "unet-tiny",
+        "--size",
+        "32",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--threads",
+        "1",
+    ]
+    out = _run("bench_adversarial_training.py", *args, "--rounds", "1", "--pgd-steps", "2")
+    assert "1.00x plain" in out and "fgsm-rs" in out and "pgd-2" in out and "trades-4" in out
