@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +48,7 @@ from advseg.cross_model import (
 )
 from advseg.data import DataConfig, SliceData, load_data, split_train_val_test
 from advseg.defences import defend, defended_name
+from advseg.defences.adversarial_training import AdversarialConfig
 from advseg.errors import UserError
 from advseg.evaluate import cell_progress, evaluate_cell
 from advseg.losses import LOSSES, SOFTMAX_LOSSES
@@ -79,6 +80,9 @@ class ModelSpec:
             :mod:`advseg.defences.transforms`): the grid also evaluates the model behind each
             one, as the model ``<name>+<defence>`` (trained once, attacked naively and, with
             ``pgd+bpda`` / ``pgd+eot`` attacks, adaptively).
+        adversarial: this model's adversarial training, in place of ``train.adversarial``
+            (:class:`advseg.defences.AdversarialConfig`), so that one grid holds defended and
+            undefended models side by side.
     """
 
     arch: str = "unet"
@@ -86,6 +90,7 @@ class ModelSpec:
     checkpoint: Path | None = None
     train: dict[str, Any] = field(default_factory=dict)
     defences: list[str] = field(default_factory=list)
+    adversarial: AdversarialConfig | None = None
 
     def __post_init__(self) -> None:
         self.name = self.name or file_stem(self.arch)
@@ -215,13 +220,18 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
                 resolve_model(model.arch)
             except UserError as err:
                 raise UserError(f"models[{i}].arch: {err}") from None
+        trained_here = model.checkpoint is None and not model.arch.startswith(ENSEMBLE_PREFIX)
+        if model.adversarial is not None and not trained_here:
+            raise UserError(
+                f"models[{i}].adversarial: only a model trained here takes a training defence "
+                "(not a checkpoint or an ensemble)"
+            )
         if model.name in seen:
             raise UserError(
                 f"models[{i}].name: {model.name!r} is also models[{seen[model.name]}]; "
                 "give one of them another name"
             )
         seen[model.name] = i
-        trained_here = model.checkpoint is None and not model.arch.startswith(ENSEMBLE_PREFIX)
         try:
             if trained_here:
                 model_train_config(config, model)
@@ -643,6 +653,8 @@ def _get_model(
     best = out / "checkpoints" / "best"
     last = out / "checkpoints" / "last"
     train_config = model_train_config(config, spec)
+    if spec.adversarial is not None:
+        train_config = replace(train_config, adversarial=spec.adversarial)
     if best.with_suffix(".json").exists() and _finished(last, train_config):
         net, meta = load_checkpoint(best, classes=data.classes)
         return net, meta.model, False

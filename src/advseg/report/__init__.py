@@ -18,7 +18,7 @@ from advseg.config import load_yaml
 from advseg.defences.smoothing import certified_summary, read_certified
 from advseg.errors import UserError
 from advseg.records import read_records, white_box
-from advseg.report import cross_model, defences, figures, tables
+from advseg.report import cross_model, defences, figures, tables, training
 from advseg.report.examples import load_examples
 from advseg.report.html import Block, Section, format_table, render_html, render_markdown
 from advseg.report.stats import correlate
@@ -97,6 +97,7 @@ def write_report(
         _luminosity_section(writer, records, eps, protocol),
         _class_section(writer, records, protocol, eps),
         *cross_model.sections(writer, run_dir, every_record, protocol, eps),
+        *training.sections(writer, run_dir, every_record, protocol, eps),
     ]
     sections += _defence_sections(writer, run_dir, records, protocol, eps)
     cell_files = len(list((run_dir / "records").glob("*.parquet")))
