@@ -36,7 +36,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from advseg.atomic import write_text_atomic
+from advseg.atomic import remove_debris, write_text_atomic
 from advseg.attacks import ATTACKS, attack_options, check_eps
 from advseg.augment import Augment
 from advseg.config import from_dict, load_yaml, save_yaml, to_dict
@@ -45,6 +45,7 @@ from advseg.errors import UserError
 from advseg.evaluate import cell_progress, evaluate_cell
 from advseg.losses import LOSSES
 from advseg.models import load_checkpoint, read_checkpoint
+from advseg.models.checkpoint import checkpoint_exists
 from advseg.models.zoo import resolve as resolve_model
 from advseg.records import read_records, write_records
 from advseg.report import Report, write_report
@@ -427,6 +428,13 @@ def run_experiment(
     check_config(config)
     run_dir = prepare_run_dir(config, run_dir)
     console = Console(stderr=True, quiet=not progress)
+    removed = remove_debris(run_dir)
+    if removed:
+        console.print(
+            f"removed {len(removed)} temporary file(s) left in {run_dir} by a killed run",
+            highlight=False,
+            soft_wrap=True,
+        )
     columns = (SpinnerColumn(), TextColumn("{task.description}"), MofNCompleteColumn())
     hidden = not console.is_terminal
     with Progress(
@@ -551,7 +559,7 @@ def _get_model(
     best = out / "checkpoints" / "best"
     last = out / "checkpoints" / "last"
     train_config = replace(config.train, model=spec.arch)
-    if best.with_suffix(".json").exists() and _finished(last, train_config):
+    if checkpoint_exists(best) and _finished(last, train_config):
         net, meta = load_checkpoint(best, classes=data.classes)
         return net, meta.model, False
     net = new_model(
@@ -578,7 +586,7 @@ def _get_model(
             split_seed=config.split.seed,
             rows={"train": len(train_rows), "val": len(val_rows)},
         ),
-        resume=last.with_suffix(".json").exists(),
+        resume=checkpoint_exists(last),
         progress=progress,
     )
     net, meta = load_checkpoint(best, classes=data.classes)
@@ -612,7 +620,7 @@ def check_held_out(metadata: dict[str, Any], checkpoint: Path, config: Experimen
 
 def _finished(last: Path, train_config: TrainConfig) -> bool:
     """True when the training run at ``last`` ran all its epochs or stopped early."""
-    if not last.with_suffix(".json").exists():
+    if not checkpoint_exists(last):
         return False
     _, _, state = read_checkpoint(last)
     return state is not None and (state["stopped_early"] or state["epoch"] >= train_config.epochs)

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from advseg import distributed
-from advseg.atomic import write_text_atomic
+from advseg.atomic import remove_debris, write_text_atomic
 from advseg.augment import Augment, AugmentConfig
 from advseg.config import to_dict
 from advseg.data import DataConfig, SliceData
@@ -41,6 +41,7 @@ from advseg.errors import UserError
 from advseg.losses import LOSSES, create_loss
 from advseg.models.checkpoint import (
     check_compatible,
+    checkpoint_exists,
     load_weights,
     metadata_for,
     read_checkpoint,
@@ -237,9 +238,12 @@ def train(
     )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     run = _RunState()
+    if distributed.is_main():  # temporary files of an earlier, killed run in this directory
+        remove_debris(out_dir, recursive=False)
+        remove_debris(out_dir / "checkpoints", recursive=False)
     if resume:
         run = _restore(last_path, model, optimizer, scheduler, scaler, config, classes)
-    elif (last_path.with_suffix(".json")).exists():
+    elif checkpoint_exists(last_path):
         raise UserError(f"{out_dir}: already holds a run; resume it or choose another directory")
     distributed.barrier()  # no rank starts before every rank has read the checkpoint
 
@@ -453,7 +457,7 @@ def _restore(
     config: TrainConfig,
     classes: list[str],
 ) -> _RunState:
-    if not last_path.with_suffix(".json").exists():
+    if not checkpoint_exists(last_path):
         raise UserError(f"{last_path}.json: nothing to resume (no last checkpoint)")
     weights, meta, state = read_checkpoint(last_path)
     spec = model_spec(model)
