@@ -51,9 +51,10 @@ def test_a_failing_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, code,
 
 def test_an_output_under_a_file_is_one_line(tmp_path):
     (tmp_path / "out").write_text("a file")
-    with pytest.raises(UserError, match=r"out/records/x.parquet: cannot write \(a parent"):
-        with atomic_path(tmp_path / "out" / "records" / "x.parquet") as tmp:
-            tmp.write_text("never")
+    target = tmp_path / "out" / "records" / "x.parquet"
+    expected = r"out/records/x.parquet: cannot write \(a parent"
+    with pytest.raises(UserError, match=expected), atomic_path(target) as tmp:
+        tmp.write_text("never")
 
 
 def test_fault_point_fires_only_where_and_when_asked(monkeypatch):

@@ -13,8 +13,8 @@ is written completely under temporary names, the previous complete pair is kept 
 ``PATH.prev.safetensors`` + ``PATH.prev.json`` while the two new files are renamed into place, and
 only then removed. A process killed at any instant therefore leaves a complete pair under ``PATH``
 or under ``PATH.prev``, and :func:`read_checkpoint` reads the newest complete pair: a kill loses at
-most the work since the last complete save. A pair torn apart some other way is detected (the two
-``save_id``\ s differ) instead of loaded.
+most the work since the last complete save. A pair torn apart some other way is detected (their
+save ids differ) instead of loaded.
 
 A pickle file (``.pt``, ``.pth``, ``.ckpt``) handed in as a checkpoint is refused with a one-line
 error and never opened by an unpickler: a pickle can run arbitrary code when loaded.
