@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -127,16 +128,16 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 
 
 def is_debris(path: Path) -> bool:
-    """True for a temporary file of :func:`atomic_path` whose writing process is gone."""
+    """True for a temporary file (or cache build directory) whose writing process is gone."""
     match = _DEBRIS.match(path.name)
-    return match is not None and path.is_file() and not _alive(int(match.group(1)))
+    return match is not None and path.exists() and not _alive(int(match.group(1)))
 
 
 def remove_debris(directory: str | Path, recursive: bool = True) -> list[Path]:
     """Remove the temporary files left in ``directory`` by killed advseg writers.
 
-    Only names of the form ``.NAME.PID.RANDOM.tmp`` whose PID is no running process are removed:
-    the debris advseg owns, and only that.
+    Only names of the form ``.NAME.PID.RANDOM.tmp`` whose PID is no running process are removed
+    (files, and the data cache's build directories): the debris advseg owns, and only that.
 
     Returns:
         The files removed (for the caller to report).
@@ -148,7 +149,10 @@ def remove_debris(directory: str | Path, recursive: bool = True) -> list[Path]:
     removed = []
     for path in sorted(candidates):
         if is_debris(path):
-            path.unlink(missing_ok=True)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
             removed.append(path)
     return removed
 
@@ -163,3 +167,34 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's live process
         return True
     return True
+
+
+def check_output_dir(path: str | Path, what: str = "output directory") -> Path:
+    """Refuse an output directory that is a file, lies under a file, or cannot be written.
+
+    Nothing is created; the nearest existing ancestor must be a writable directory.
+
+    Raises:
+        UserError: one line naming ``path`` and what is wrong.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path}: the {what} is a file, not a directory")
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise UserError(f"{path}: cannot create the {what}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only(existing) else "no write permission"
+        raise UserError(f"{path}: cannot write the {what} ({why} at {existing})")
+    return path
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:  # pragma: no cover - statvfs missing
+        return False

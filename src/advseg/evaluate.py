@@ -499,7 +499,7 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
         UserError: no checkpoint, an unknown attack, loss, option or protocol, a bad eps, a
             checkpoint that does not fit the data, or an empty split.
     """
-    from advseg.atomic import atomic_path
+    from advseg.atomic import atomic_path, check_output_dir
     from advseg.attacks import ATTACKS, attack_options
     from advseg.config import from_dict
     from advseg.data import PreprocessConfig, load_data, split_cases
@@ -522,9 +522,14 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
     if unused:
         raise UserError(f"attack options {', '.join(unused)}: no attack of the sweep takes them")
 
+    if config.examples < 0:
+        raise UserError(f"--examples: {config.examples} must be 0 or more")
+    if config.batch_size < 1:
+        raise UserError(f"--batch-size: {config.batch_size} must be at least 1")
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
+    check_output_dir(out, "--out directory")  # under a file, or not writable: before any work
     distributed.init()
     console = Console(stderr=True, quiet=not (progress and distributed.is_main()))
     device = resolve_device(config.device)

@@ -17,6 +17,7 @@ again skips the finished cells and redoes only the unfinished one. The run direc
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -47,6 +48,7 @@ from advseg.losses import LOSSES
 from advseg.models import load_checkpoint, read_checkpoint
 from advseg.models.checkpoint import checkpoint_exists
 from advseg.models.zoo import resolve as resolve_model
+from advseg.preflight import check_experiment, data_fingerprint
 from advseg.records import read_records, write_records
 from advseg.report import Report, write_report
 from advseg.report.examples import save_examples
@@ -363,17 +365,32 @@ def prepare_run_dir(config: ExperimentConfig, run_dir: str | Path) -> Path:
     if saved_path.exists():
         differences = _differences(load_yaml(saved_path), resolved)
         refused = [key for key in differences if key not in RESUMABLE_KEYS]
-        if refused:
+        if refused and holds_work(run_dir):
             raise UserError(
                 f"{saved_path}: this run directory holds another experiment ({refused[0]} "
                 "differs); use a new run directory"
             )
-        if differences:
+        if differences:  # resumable keys, or a directory with nothing finished in it
             save_yaml(resolved, saved_path)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(resolved, saved_path)
     return run_dir
+
+
+def holds_work(run_dir: str | Path) -> bool:
+    """True when ``run_dir`` holds finished work: a cell's records or a model's checkpoint.
+
+    A directory holding only ``config.yaml`` (an experiment refused or stopped before its first
+    save) holds none: it may be reused with a corrected experiment.
+    """
+    run_dir = Path(run_dir)
+    if any((run_dir / "records").glob("*.parquet")):
+        return True
+    return any(
+        checkpoint_exists(path.with_name(path.name.removesuffix(".json")))
+        for path in (run_dir / "models").glob("*/checkpoints/*.json")
+    )
 
 
 def _differences(old: Any, new: Any, where: str = "") -> list[str]:
@@ -426,6 +443,7 @@ def run_experiment(
     """
     start = time.perf_counter()
     check_config(config)
+    check_experiment(config, run_dir)  # everything the grid needs, before anything is written
     run_dir = prepare_run_dir(config, run_dir)
     console = Console(stderr=True, quiet=not progress)
     removed = remove_debris(run_dir)
@@ -444,6 +462,7 @@ def run_experiment(
             "loading data (the phantom is written on first use), slices", total=None
         )
         data = load_data(config.data, progress=lambda n: bar.update(task, completed=n))
+    check_data_fingerprint(run_dir, data)
     train_rows, val_rows, test_rows = split_train_val_test(
         data.index, config.split.test_fraction, config.split.val_fraction, config.split.seed
     )
@@ -518,6 +537,32 @@ def run_experiment(
             report = write_report(run_dir, protocol=protocol, eps=eps)
     seconds = time.perf_counter() - start
     return RunResult(run_dir, grid, trained, summary, headline_cells, protocol, report, seconds)
+
+
+def check_data_fingerprint(run_dir: Path, data: SliceData) -> None:
+    """Record the data's fingerprint in ``run_dir/data.json``; refuse a resume on other data.
+
+    Raises:
+        UserError: the run holds finished work computed on data with another fingerprint (the
+            data at the path was replaced, edited or copied anew since).
+    """
+    path = run_dir / "data.json"
+    now = {"fingerprint": data_fingerprint(data), "slices": len(data)}
+    if path.is_file() and holds_work(run_dir):
+        try:
+            saved = json.loads(path.read_text())["fingerprint"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(
+                f"{path}: damaged (no data fingerprint); use a new run directory"
+            ) from None
+        if saved != now["fingerprint"]:
+            raise UserError(
+                f"{path}: the data changed since this run computed on it (fingerprint {saved}, "
+                f"now {now['fingerprint']}: files replaced, edited or copied anew); restore the "
+                "data or use a new run directory"
+            )
+        return
+    write_text_atomic(path, json.dumps(now, indent=1) + "\n")
 
 
 def _evaluation_rows(

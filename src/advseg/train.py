@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -106,8 +107,13 @@ class TrainConfig:
         for name in ("patience", "num_workers"):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name}: {getattr(self, name)} must be >= 0")
-        if self.lr <= 0 or self.eta_min < 0 or self.weight_decay < 0:
-            raise UserError("train.lr must be > 0, train.eta_min and train.weight_decay >= 0")
+        if not self.lr > 0:  # also refuses nan (a finite check is config.from_dict's)
+            raise UserError(f"train.lr: {self.lr} must be > 0")
+        for name in ("eta_min", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"train.{name}: {getattr(self, name)} must be >= 0")
+        if not 0 < self.threshold < 1:
+            raise UserError(f"train.threshold: {self.threshold} must lie in (0, 1)")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise UserError(f"train.precision: {self.precision!r} is not auto, fp32, bf16, fp16")
         if self.loss not in LOSSES:
@@ -242,7 +248,7 @@ def train(
         remove_debris(out_dir, recursive=False)
         remove_debris(out_dir / "checkpoints", recursive=False)
     if resume:
-        run = _restore(last_path, model, optimizer, scheduler, scaler, config, classes)
+        run = _restore(last_path, model, optimizer, scheduler, scaler, config, classes, data)
     elif checkpoint_exists(last_path):
         raise UserError(f"{out_dir}: already holds a run; resume it or choose another directory")
     distributed.barrier()  # no rank starts before every rank has read the checkpoint
@@ -272,6 +278,12 @@ def train(
             val_loss, val_dice = _validate(
                 net, val_set, config, val_loss_fn, device, dtype, memory_format, bar, epoch
             )
+            if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+                raise UserError(  # before this epoch's checkpoints: the last saved ones stay good
+                    f"epoch {epoch}: the loss is no longer a finite number (train {train_loss}, "
+                    f"validation {val_loss}); training stopped. Lower train.lr, or check the "
+                    "data for NaN or inf values"
+                )
             stats = EpochStats(
                 epoch=epoch,
                 train_loss=train_loss,
@@ -348,6 +360,7 @@ def data_metadata(
     """
     return {
         "config": to_dict(data_config),
+        "fingerprint": data.cache_path.name,  # advseg.preflight.data_fingerprint
         "excluded": data.exclusions.lines(),
         "test_fraction": test_fraction,
         "val_fraction": val_fraction,
@@ -376,8 +389,16 @@ def train_on_data(
 
     Under torchrun, rank 0 fills the preprocessing cache before the other ranks read it.
     """
+    from advseg.atomic import check_output_dir
     from advseg.data import load_data, split_train_val_test
 
+    for name, value in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
+        if not 0 < value < 1:  # also nan
+            raise UserError(f"{name}: {value} must lie in (0, 1)")
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int):
+        raise UserError(f"split_seed: expected an integer, got {split_seed!r}")
+    resolve_device(config.device)  # an unknown device fails before any data is read
+    check_output_dir(out_dir, "training output directory")
     distributed.init()
     if not distributed.is_main():
         distributed.barrier()  # rank 0 fills the cache first
@@ -456,6 +477,7 @@ def _restore(
     scaler: torch.amp.GradScaler,
     config: TrainConfig,
     classes: list[str],
+    data: dict[str, Any] | None,
 ) -> _RunState:
     if not checkpoint_exists(last_path):
         raise UserError(f"{last_path}.json: nothing to resume (no last checkpoint)")
@@ -472,17 +494,29 @@ def _restore(
         )
     if state is None:
         raise UserError(f"{last_path}: holds no training state to resume from")
+    saved_data, data_now = meta.data.get("fingerprint"), (data or {}).get("fingerprint")
+    if saved_data and data_now and saved_data != data_now:
+        raise UserError(
+            f"{last_path}.json: the data changed since this run trained on it (fingerprint "
+            f"{saved_data}, now {data_now}: files replaced, edited or copied anew); restore the "
+            "data or train in a new directory"
+        )
     load_weights(model, weights, last_path)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    return _RunState(
-        epoch=state["epoch"],
-        best_dice=state["best_dice"],
-        best_epoch=state["best_epoch"],
-        stopped_early=state["stopped_early"],
-        history=[EpochStats(**row) for row in state["history"]],
-    )
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        return _RunState(
+            epoch=int(state["epoch"]),
+            best_dice=float(state["best_dice"]),
+            best_epoch=int(state["best_epoch"]),
+            stopped_early=bool(state["stopped_early"]),
+            history=[EpochStats(**row) for row in state["history"]],
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(
+            f"{last_path}.json: training_state is damaged ({type(err).__name__}: {err})"
+        ) from None
 
 
 def _loader(

@@ -242,10 +242,24 @@ def read_checkpoint(
             "(a write was interrupted); use another checkpoint"
         )
     meta = from_dict(CheckpointMeta, document["meta"], where=f"{meta_file}: meta")
+    _check_split(meta.data, meta_file)
     weights = {k: v for k, v in tensors.items() if not k.startswith(_STATE_PREFIX)}
     state = document.get("training_state")
     training_state = None if state is None else _decode(state, tensors, meta_file)
     return weights, meta, training_state
+
+
+def _check_split(data: dict[str, Any], meta_file: Path) -> None:
+    """The split fields an evaluation relies on must be what they say (a hand edit, a bad tool)."""
+    seed = data.get("split_seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"{meta_file}: meta.data.split_seed: expected an integer, got {seed!r}")
+    for key in ("test_fraction", "val_fraction"):
+        value = data.get(key, 0.5)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise UserError(
+                f"{meta_file}: meta.data.{key}: expected a number in (0, 1), got {value!r}"
+            )
 
 
 def _read_json(meta_file: Path) -> dict[str, Any]:

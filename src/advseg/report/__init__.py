@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from advseg.atomic import write_bytes_atomic, write_text_atomic
+from advseg.atomic import check_output_dir, write_bytes_atomic, write_text_atomic
 from advseg.config import load_yaml
 from advseg.errors import UserError
 from advseg.records import read_records
@@ -79,6 +79,7 @@ def write_report(
         raise UserError(f"--eps: {eps:g} is not in the records of {run_dir} (they have {listed})")
     eps = next(e for e in available if abs(eps - e) < 1e-12)
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    check_output_dir(out, "report directory")
     writer = _Writer(out)
 
     table_ii = tables.table_ii(records, protocol, eps)
