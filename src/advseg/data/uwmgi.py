@@ -254,7 +254,7 @@ def read_png(path: str | Path, width: int, height: int) -> np.ndarray:
         and _IEND not in data[-12:].tobytes()
     ):
         # libpng would print its own complaint on stderr before failing: say it once, here
-        raise UserError(f"{path}: cannot decode image (truncated or not a PNG: no end chunk)")
+        raise UserError(f"{path}: cannot decode image (truncated or not a PNG)")
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
         raise UserError(f"{path}: cannot decode image (truncated or not a PNG)")
