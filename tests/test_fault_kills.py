@@ -87,3 +87,22 @@ def test_a_kill_during_a_save_loses_nothing_saved(tmp_path, uninterrupted, fault
         torch.testing.assert_close(weights[key], value, rtol=0, atol=0)
     leftovers = sorted(p.name for p in tmp_path.rglob("*") if p.name.endswith(".tmp"))
     assert leftovers == [] and not (tmp_path / "checkpoints" / "last.prev.json").exists()
+
+
+@pytest.mark.slow
+def test_a_kill_before_the_cache_entry_is_renamed_leaves_debris_the_next_load_removes(tmp_path):
+    from advseg.data import DataConfig, PreprocessConfig, load_data, write_synthetic
+
+    data = tmp_path / "data"
+    write_synthetic(data, cases=1, scans=1, slices=2)
+    code = (
+        "import sys; from advseg.data import DataConfig, PreprocessConfig, load_data; "
+        "load_data(DataConfig(path=sys.argv[1], preprocess=PreprocessConfig(size=16)))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC), FAULT_ENV: "rename"}
+    killed = subprocess.run([sys.executable, "-c", code, str(data)], env=env, capture_output=True)
+    assert killed.returncode == 137
+    cache = data / ".advseg-cache"
+    assert [p.name.endswith(".tmp") for p in cache.iterdir()] == [True]  # the partial build
+    loaded = load_data(DataConfig(path=data, preprocess=PreprocessConfig(size=16)))
+    assert [p.name for p in cache.iterdir()] == [loaded.cache_path.name]

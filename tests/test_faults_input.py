@@ -275,3 +275,25 @@ def test_a_full_disk_while_building_the_cache_is_one_line(synth, tmp_path, monke
     with pytest.raises(UserError, match=r"cache/\w+: cannot write the cache \(no space left"):
         load_data(_data_config(root))
     assert list((root / "cache").iterdir()) == []  # no partial entry left
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["data", "synth", "--cases", "1", "--slices", "1", "--out"],
+        ["report", "--out"],  # RUN_DIR comes after
+    ],
+)
+def test_other_outputs_under_a_file_are_one_line(tmp_path, capfd, argv):
+    (tmp_path / "taken").write_text("a file")
+    out = str(tmp_path / "taken" / "x")
+    if argv[0] == "report":
+        from advseg.records import write_records
+        from test_records import _frame
+
+        write_records(_frame(1), tmp_path / "run" / "records" / "cell.parquet")
+        argv = [*argv, out, str(tmp_path / "run")]
+    else:
+        argv = [*argv, out]
+    line = _one_line(argv, capfd)
+    assert "taken" in line and "is a file" in line

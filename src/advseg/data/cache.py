@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from advseg.atomic import remove_debris, write_error
+from advseg.atomic import fault_point, remove_debris, write_error
 from advseg.data.index import index_classes
 from advseg.data.nifti import read_volume
 from advseg.data.preprocess import PreprocessConfig, preprocess_slice
@@ -143,6 +143,7 @@ def cached_arrays(
         meta = json.loads((tmp / "meta.json").read_text())
         meta["key"] = key
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        fault_point("rename", entry.name)
         try:
             os.replace(tmp, entry)
         except OSError:
