@@ -92,6 +92,16 @@ class CellResult:
 
     records: pd.DataFrame
     examples: dict[str, np.ndarray] = field(default_factory=dict)
+    adversarial: dict[str, np.ndarray] = field(default_factory=dict)
+    """With ``keep_adversarial``: per loss, the adversarial images ``(N, C, H, W)`` of every
+    slice of ``rows``, in that order (what a transfer study scores on other models)."""
+
+
+Crafted = Callable[[Tensor, Tensor, np.ndarray], list[Tensor]]
+"""Adversarial images made elsewhere: ``(x (B, C, H, W), y (B, K, H, W), positions (B,) in
+``rows``) -> one ``(B, C, H, W)`` tensor per loss``. A transfer cell reads the images crafted on
+another model; a universal perturbation adds its fitted pattern (:mod:`advseg.transfer`,
+:mod:`advseg.attacks.universal`)."""
 
 
 @dataclass
@@ -142,7 +152,7 @@ def attack_batch(
     return BatchOutput(clean_logits, x_adv, adv_logits)
 
 
-def _draw_seed(attack: Attack, batch_number: int) -> int:
+def draw_seed(attack: Attack, batch_number: int) -> int:
     """The seed of one (batch, loss)'s random starts: stable across runs, shards and loss sets."""
     return zlib.crc32(f"{attack.seed}/{batch_number}/{attack.loss.name}".encode())
 
@@ -163,6 +173,9 @@ def evaluate_cell(
     workers: int = 0,
     erase: Sequence[str] = (),
     on_batch: Callable[[int, int], None] | None = None,
+    crafted: Crafted | None = None,
+    source: str | None = None,
+    keep_adversarial: bool = False,
 ) -> CellResult:
     """Evaluate one (model, attack, eps) cell over every loss on the slices ``rows``.
 
@@ -185,6 +198,11 @@ def evaluate_cell(
             and their ``attack`` column reads e.g. ``pgd:erase=stomach``.
         on_batch: called after each batch with (batches done, batches in all) on this rank,
             for progress (see :func:`cell_progress`).
+        crafted: adversarial images made elsewhere (see :data:`Crafted`): the cell scores them
+            on ``model`` instead of attacking it; ``attack`` is then only the records' label.
+        source: the ``source`` column of the records (default ``model_name``: white-box).
+        keep_adversarial: return every slice's adversarial images (``CellResult.adversarial``),
+            so that other models can be scored on them without crafting them again.
 
     Returns:
         A :class:`CellResult`; under ``torch.distributed`` every rank gets the merged records.
@@ -212,8 +230,11 @@ def evaluate_cell(
             "loss 'ce' is for softmax models (one class per pixel); these masks are multi-label "
             "sigmoid outputs: use bce, focal, dice or dicefocal"
         )
-    attacks = [create_attack(attack, model, loss, eps, **kwargs) for loss in losses]
-    names = [a.loss.name for a in attacks]
+    if crafted is None:
+        attacks = [create_attack(attack, model, loss, eps, **kwargs) for loss in losses]
+        names = [a.loss.name for a in attacks]
+    else:
+        attacks, names = [], list(losses)
     device = next(model.parameters()).device
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -228,13 +249,14 @@ def evaluate_cell(
     params = sum(p.numel() for p in model.parameters())
     frames: list[tuple[int, pd.DataFrame]] = []
     shown: list[tuple[int, dict[str, np.ndarray]]] = []
+    kept: list[tuple[int, list[np.ndarray]]] = []
     for batch_number, batch in zip(mine, loader, strict=True):
         x = batch["image"].to(device, non_blocking=True)
         y = batch["mask"].to(device, non_blocking=True).float()
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         generators = [
-            torch.Generator(device=device).manual_seed(_draw_seed(a, batch_number)) for a in attacks
+            torch.Generator(device=device).manual_seed(draw_seed(a, batch_number)) for a in attacks
         ]
         if not frames:
             _check_fit(model, x, y, model_name, classes)
@@ -242,7 +264,13 @@ def evaluate_cell(
         if erased:
             target = y.clone()
             target[:, erased] = 0  # (B, K, H, W): the chosen organs vanish
-        out = attack_batch(model, attacks, x, target, generators)
+        if crafted is None:
+            out = attack_batch(model, attacks, x, target, generators)
+        else:
+            start = batch_number * batch_size
+            out = score_batch(model, x, crafted(x, target, np.arange(start, start + len(x))))
+        if keep_adversarial:
+            kept.append((batch_number, [images.float().cpu().numpy() for images in out.x_adv]))
         meta = index.iloc[batch["row"].tolist()]
         records = _batch_records(out, names, x, y, meta, classes, activation)
         frames.append((batch_number, records))
@@ -254,6 +282,10 @@ def evaluate_cell(
 
     frames = [item for part in distributed.gather_objects(frames) for item in part]
     shown = [item for part in distributed.gather_objects(shown) for item in part]
+    adversarial = {}
+    if keep_adversarial:
+        kept = sorted((i for part in distributed.gather_objects(kept) for i in part), key=_first)
+        adversarial = {n: np.concatenate([k[i] for _, k in kept]) for i, n in enumerate(names)}
     records = pd.concat([f for _, f in sorted(frames, key=lambda t: t[0])], ignore_index=True)
     order = records["loss"].map({name: i for i, name in enumerate(names)})
     records = records.iloc[np.argsort(order.to_numpy(), kind="stable")].reset_index(drop=True)
@@ -261,8 +293,22 @@ def evaluate_cell(
     records.insert(0, "attack", label)
     records.insert(0, "params", params)
     records.insert(0, "arch", arch)
+    records.insert(0, "source", source or model_name)
     records.insert(0, "model", model_name)
-    return CellResult(check_records(records), _merge_examples(shown, names))
+    return CellResult(check_records(records), _merge_examples(shown, names), adversarial)
+
+
+def _first(item: tuple) -> Any:
+    return item[0]
+
+
+def score_batch(model: nn.Module, x: Tensor, x_adv: Sequence[Tensor]) -> BatchOutput:
+    """Score given adversarial images on ``model``: the clean and each loss's forward."""
+    amp = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda")
+    with frozen(model), amp, torch.inference_mode():
+        clean_logits = model_logits(model, x).float()
+        adv_logits = [model_logits(model, images.to(x.device)).float() for images in x_adv]
+    return BatchOutput(clean_logits, [images.to(x.device) for images in x_adv], adv_logits)
 
 
 @contextmanager

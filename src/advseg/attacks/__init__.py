@@ -17,10 +17,11 @@ from advseg.attacks.fgsm import FGSM
 from advseg.attacks.mifgsm import MIFGSM
 from advseg.attacks.pgd import PGD
 from advseg.attacks.segpgd import SegPGD
+from advseg.attacks.universal import Universal
 from advseg.errors import UserError
 from advseg.losses import PerSampleLoss
 
-__all__ = ["ATTACKS", "BIM", "FGSM", "MIFGSM", "PGD", "Attack", "CosPGD", "SegPGD",
+__all__ = ["ATTACKS", "BIM", "FGSM", "MIFGSM", "PGD", "Attack", "CosPGD", "SegPGD", "Universal",
            "attack_options", "check_eps", "create_attack", "frozen", "model_logits"]  # fmt: skip
 
 
@@ -30,7 +31,8 @@ def create_attack(
     """An attack by registry name.
 
     Args:
-        name: ``fgsm``, ``bim``, ``pgd``, ``mifgsm``, ``segpgd`` or ``cospgd``.
+        name: ``fgsm``, ``bim``, ``pgd``, ``mifgsm``, ``segpgd``, ``cospgd`` or ``universal``
+            (which must be fitted on training slices before it is called).
         model: the segmentation model (logits ``(B, K, H, W)``).
         loss: a loss name from :data:`advseg.losses.LOSSES` or a callable ``(logits, y) -> (B,)``.
         eps: the budget (the paper's notebook used 0.009 under L-inf).
