@@ -176,7 +176,7 @@ TRAIN_BAD = {
 
 
 def train_cases(c: Campaign) -> None:
-    base = ["train", "--data", str(c.synth), "--size", "16", "--epochs", "1"]
+    base = ["train", "--data", str(c.synth), "--size", "32", "--epochs", "1"]
     base += ["--model", "unet-tiny", "--test-fraction", "0.34", "--val-fraction", "0.5"]
     for name, (extra, says) in TRAIN_BAD.items():
         out = c.fresh("run")
@@ -248,7 +248,7 @@ EXPERIMENT_BAD = {
 def experiment_cases(c: Campaign) -> None:
     base = (
         "name: campaign\n"
-        f"data: {{path: {c.synth}, cache_dir: {c.work / 'cache'}, preprocess: {{size: 16}}}}\n"
+        f"data: {{path: {c.synth}, cache_dir: {c.work / 'cache'}, preprocess: {{size: 32}}}}\n"
         "split: {test_fraction: 0.34, val_fraction: 0.5}\n"
         "models: [{arch: unet-tiny}]\n"
     )
