@@ -332,7 +332,14 @@ def records_cases(c: Campaign) -> None:
 
     run = c.fresh("records")
     row = {k: 0 for k in RECORD_COLUMNS}
-    row.update(model="m", arch="unet", attack="fgsm", loss="bce", slice_id="case1_day0_slice_0001")
+    row.update(
+        model="m",
+        source="m",
+        arch="unet",
+        attack="fgsm",
+        loss="bce",
+        slice_id="case1_day0_slice_0001",
+    )
     row.update({"scan": "case1_day0", "class": "stomach", "dice_clean": 0.9, "dice_adv": 0.5})
     write_records(pd.DataFrame([row]), run / "records" / "cell.parquet")
     shutil.copy(run / "records" / "cell.parquet", run / "records" / "cell-copy.parquet")

@@ -9,7 +9,7 @@ def _frame(n: int = 3, first: int = 1) -> pd.DataFrame:
     rows = []
     for i in range(first, first + n):
         row = {c: 0 for c in RECORD_COLUMNS}
-        row.update(model="m", arch="unet", attack="fgsm", loss="bce", slice=i)
+        row.update(model="m", source="m", arch="unet", attack="fgsm", loss="bce", slice=i)
         row.update(slice_id=f"case1_day0_slice_{i:04d}", scan="case1_day0", dice_clean=0.9)
         row.update({"class": "stomach", "dice_adv": 0.5})
         rows.append(row)
