@@ -12,6 +12,7 @@ from advseg.data.index import summarize_index
 from advseg.data.load import DataConfig, build_index, load_data
 from advseg.data.preprocess import PreprocessConfig
 from advseg.data.synth import write_synthetic
+from advseg.errors import UserError
 
 app = typer.Typer(
     help="Data sets: write the synthetic phantom, describe or check a data set.",
@@ -21,14 +22,32 @@ app = typer.Typer(
 
 @app.command()
 def synth(
-    out: Path = typer.Option(..., "--out", help="Directory to create (Kaggle layout)."),
+    out: Path = typer.Option(..., "--out", help="Directory to create."),
+    kind: str = typer.Option(
+        "phantom",
+        help="phantom: abdominal MRI (Kaggle layout); nifti: abdominal CT (Decathlon layout).",
+    ),
     cases: int = typer.Option(8, help="Cases (patients)."),
-    scans: int = typer.Option(2, help="Scans (days) per case."),
-    slices: int = typer.Option(64, help="Slices per scan."),
+    scans: int = typer.Option(2, help="Scans (days) per case (phantom only)."),
+    slices: int = typer.Option(64, help="Slices per scan (per volume for nifti)."),
     seed: int = typer.Option(0, help="Random seed; the same seed writes the same files."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
-    """Write a synthetic abdominal-MRI phantom in the Kaggle UW-Madison layout."""
+    """Write a synthetic data set: the MRI phantom, or abdominal CT volumes (--kind nifti)."""
+    if kind == "nifti":
+        from advseg.data.synth_nifti import write_synthetic_nifti
+
+        made = write_synthetic_nifti(
+            out, cases=cases, slices=slices, seed=seed, overwrite=overwrite
+        )
+        console().print(
+            f"wrote {made.cases} CT volumes ({made.slices} slices, "
+            f"{made.with_mask / made.slices:.1%} with a mask) to {made.path} "
+            "(labels in dataset.json)"
+        )
+        return
+    if kind != "phantom":
+        raise UserError(f"--kind: {kind!r} is not one of phantom, nifti")
     summary = write_synthetic(
         out, cases=cases, scans=scans, slices=slices, seed=seed, overwrite=overwrite
     )

@@ -3,7 +3,9 @@
 See docs/architecture.md ("Data") for the contract. The public API:
 
 - :func:`load_data` (``DataConfig`` -> :class:`SliceData`), :func:`build_index`;
-- readers :func:`read_uwmgi`, :func:`read_nifti`, and :func:`write_synthetic`;
+- readers :func:`read_uwmgi`, :func:`read_nifti` (labels from ``dataset.json`` via
+  :func:`dataset_json_labels`), and the synthetic writers :func:`write_synthetic` (MRI phantom,
+  Kaggle layout) and :func:`write_synthetic_nifti` (abdominal CT, Decathlon layout);
 - :func:`rle_encode`, :func:`rle_decode`;
 - :class:`PreprocessConfig` and its pure functions;
 - :func:`split_cases`, :func:`split_train_val_test`, :func:`kfold_cases`;
@@ -21,7 +23,7 @@ from advseg.data.index import (
     summarize_index,
 )
 from advseg.data.load import DataConfig, SliceData, build_index, load_data
-from advseg.data.nifti import parse_label_map, read_nifti
+from advseg.data.nifti import dataset_json_labels, parse_label_map, read_nifti
 from advseg.data.preprocess import (
     PreprocessConfig,
     neighbour_rows,
@@ -33,15 +35,18 @@ from advseg.data.preprocess import (
 from advseg.data.rle import rle_decode, rle_encode
 from advseg.data.split import kfold_cases, split_cases, split_train_val_test
 from advseg.data.synth import SynthSummary, write_synthetic
+from advseg.data.synth_nifti import NIFTI_LABELS, NiftiSynthSummary, write_synthetic_nifti
 from advseg.data.uwmgi import EXCLUDE_LISTS, read_png, read_uwmgi
 
 __all__ = [
     "BASE_COLUMNS",
     "EXCLUDE_LISTS",
+    "NIFTI_LABELS",
     "UWMGI_CLASSES",
     "DataConfig",
     "Exclusions",
     "IndexSummary",
+    "NiftiSynthSummary",
     "PreprocessConfig",
     "SliceData",
     "SliceDataset",
@@ -49,6 +54,7 @@ __all__ = [
     "build_index",
     "cache_key",
     "cached_arrays",
+    "dataset_json_labels",
     "index_classes",
     "kfold_cases",
     "load_data",
@@ -67,4 +73,5 @@ __all__ = [
     "split_train_val_test",
     "summarize_index",
     "write_synthetic",
+    "write_synthetic_nifti",
 ]

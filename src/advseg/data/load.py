@@ -18,7 +18,7 @@ import pandas as pd
 from advseg.data.cache import cached_arrays
 from advseg.data.dataset import Item, SliceDataset
 from advseg.data.index import Exclusions, Source, detect_source, index_classes
-from advseg.data.nifti import read_nifti
+from advseg.data.nifti import dataset_json_labels, read_nifti
 from advseg.data.preprocess import PreprocessConfig, neighbour_rows
 from advseg.data.uwmgi import read_uwmgi
 from advseg.errors import UserError
@@ -120,10 +120,11 @@ def build_index(config: DataConfig) -> tuple[pd.DataFrame, Exclusions]:
     source = detect_source(path) if config.source == "auto" else config.source
     if source == "uwmgi":
         return read_uwmgi(path, config.exclude, config.skip_unreadable)
-    labels = config.nifti_labels_file or config.nifti_labels
+    labels = config.nifti_labels_file or config.nifti_labels or dataset_json_labels(path)
     if not labels:
         raise UserError(
-            f"{path}: NIfTI data needs a label mapping (nifti_labels, or --labels 1=liver,...)"
+            f"{path}: NIfTI data needs a label mapping (a dataset.json with 'labels', "
+            "nifti_labels, or --labels 1=liver,...)"
         )
     return read_nifti(path, labels)
 

@@ -73,6 +73,40 @@ def parse_label_map(spec: str | Path | Mapping[Any, str]) -> dict[int, str]:
     return mapping
 
 
+def dataset_json_labels(root: str | Path) -> dict[int, str] | None:
+    """The label mapping of ``root/dataset.json``, or None when there is no such file.
+
+    Reads both published forms: the Decathlon's ``{"0": "background", "1": "liver"}`` and
+    nnU-Net v2's ``{"background": 0, "liver": 1}`` (a region given as a list of values maps each
+    value to the region's name). Background (0) is dropped; names are made identifiers
+    (``"left kidney"`` -> ``left_kidney``).
+    """
+    path = Path(root) / "dataset.json"
+    if not path.is_file():
+        return None
+    try:
+        labels = json.loads(path.read_text()).get("labels")
+    except (OSError, json.JSONDecodeError, AttributeError) as err:
+        raise UserError(f"{path}: cannot read its labels ({err})") from None
+    if not isinstance(labels, dict) or not labels:
+        raise UserError(f"{path}: has no 'labels' object (pass --labels 1=liver,... instead)")
+    mapping: dict[int, str] = {}
+    for key, value in labels.items():
+        decathlon = isinstance(value, str)
+        name, values = (value, [key]) if decathlon else (key, value)
+        values = values if isinstance(values, list) else [values]
+        for v in values:
+            try:
+                number = int(v)
+            except (TypeError, ValueError):
+                raise UserError(f"{path}: label {key!r}: {v!r} is not an integer") from None
+            if number != 0:
+                mapping[number] = (
+                    re.sub(r"\W+", "_", str(name).strip()).strip("_") or f"label{number}"
+                )
+    return parse_label_map(mapping)
+
+
 def read_volume(path: str | Path) -> np.ndarray:
     """A 3D NIfTI volume as an ``(H, W, Z)`` array (voxel axes 1, 0, 2), native dtype."""
     try:
