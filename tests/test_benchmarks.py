@@ -31,7 +31,7 @@ def test_bench_attack_prints_each_way_its_ratios_and_the_targets():
 
 
 def test_bench_sweep_prints_its_ratios_and_the_target():
-    out = _run("bench_sweep.py", "--size", "16", "--batch", "1", "--batches", "1", "--repeats", "1")
+    out = _run("bench_sweep.py", "--size", "32", "--batch", "1", "--batches", "1", "--repeats", "1")
     assert "images: sweep/one" in out and "scored: sweep/one" in out and "cells/one" in out
     assert "target: images sweep/one <= 1.3" in out
 
