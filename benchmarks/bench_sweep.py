@@ -55,6 +55,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model", default="unet", help="a zoo name")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument(
+        "--eps", default=",".join(map(str, SWEEP)), help="the sweep, comma-separated"
+    )
     args = parser.parse_args()
     keep_freed_memory()
     if args.threads:
@@ -63,8 +66,9 @@ def main() -> None:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     model = create_model(args.model).to(device).eval()
     batches = batch_stream(args.batches, args.batch, args.size, device)
-    sweep = [[create_attack("fgsm", model, loss, eps) for loss in LOSSES] for eps in SWEEP]
-    one = sweep[SWEEP.index(0.009)]
+    values = [float(v) for v in args.eps.split(",")]
+    sweep = [[create_attack("fgsm", model, loss, eps) for loss in LOSSES] for eps in values]
+    one = sweep[values.index(0.009) if 0.009 in values else 0]  # the paper's eps
     ways = {
         "images one": lambda x, y: sweep_images(model, [one], x, y),
         "images cells": lambda x, y: [sweep_images(model, [atk], x, y) for atk in sweep],
@@ -87,7 +91,7 @@ def main() -> None:
     best = {k: min(v) for k, v in times.items()}
     shape = f"{args.batches} x {args.batch} x 3 x {args.size}^2"
     print(f"device {device}, threads {torch.get_num_threads()}, {args.model}, images {shape}, "
-          f"FGSM at {len(SWEEP)} eps x {len(LOSSES)} losses ({', '.join(LOSSES)})")  # fmt: skip
+          f"FGSM at {len(values)} eps x {len(LOSSES)} losses ({', '.join(LOSSES)})")  # fmt: skip
     print("  ".join(f"{k} {v:.3f}s" for k, v in best.items()))
     for kind in ("images", "scored"):
         sweep_ratio = best[f"{kind} sweep"] / best[f"{kind} one"]

@@ -31,7 +31,19 @@ def test_bench_attack_prints_each_way_its_ratios_and_the_targets():
 
 
 def test_bench_sweep_prints_its_ratios_and_the_target():
-    out = _run("bench_sweep.py", "--size", "32", "--batch", "1", "--batches", "1", "--repeats", "1")
+    toy = [
+        "--size",
+        "32",
+        "--batch",
+        "1",
+        "--batches",
+        "1",
+        "--repeats",
+        "1",
+        "--eps",
+        "0.009,0.03",
+    ]
+    out = _run("bench_sweep.py", *toy)
     assert "images: sweep/one" in out and "scored: sweep/one" in out and "cells/one" in out
     assert "target: images sweep/one <= 1.3" in out
 

@@ -10,9 +10,11 @@ import inspect
 
 from torch import nn
 
+from advseg.attacks.asma import ASMA
 from advseg.attacks.base import ATTACKS, Attack, check_eps, frozen, model_logits
 from advseg.attacks.bim import BIM
 from advseg.attacks.cospgd import CosPGD
+from advseg.attacks.dag import DAG
 from advseg.attacks.fgsm import FGSM
 from advseg.attacks.mifgsm import MIFGSM
 from advseg.attacks.pgd import PGD
@@ -20,7 +22,7 @@ from advseg.attacks.segpgd import SegPGD
 from advseg.errors import UserError
 from advseg.losses import PerSampleLoss
 
-__all__ = ["ATTACKS", "BIM", "FGSM", "MIFGSM", "PGD", "Attack", "CosPGD", "SegPGD",
+__all__ = ["ASMA", "ATTACKS", "BIM", "DAG", "FGSM", "MIFGSM", "PGD", "Attack", "CosPGD", "SegPGD",
            "attack_options", "check_eps", "create_attack", "frozen", "model_logits"]  # fmt: skip
 
 
@@ -30,7 +32,7 @@ def create_attack(
     """An attack by registry name.
 
     Args:
-        name: ``fgsm``, ``bim``, ``pgd``, ``mifgsm``, ``segpgd`` or ``cospgd``.
+        name: ``fgsm``, ``bim``, ``pgd``, ``mifgsm``, ``segpgd``, ``cospgd``, ``dag`` or ``asma``.
         model: the segmentation model (logits ``(B, K, H, W)``).
         loss: a loss name from :data:`advseg.losses.LOSSES` or a callable ``(logits, y) -> (B,)``.
         eps: the budget (the paper's notebook used 0.009 under L-inf).
