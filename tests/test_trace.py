@@ -19,7 +19,14 @@ def _final(model, loss, x_adv, y):
     )
 
 
-@pytest.mark.parametrize("name", ATTACKS.names())
+TRACED = ["fgsm", "bim", "pgd", "mifgsm", "segpgd", "cospgd", "dag", "asma"]  # per-sample steps
+
+
+def test_the_traced_attacks_are_registered():
+    assert set(TRACED) <= set(ATTACKS.names())
+
+
+@pytest.mark.parametrize("name", TRACED)
 def test_trace_has_one_entry_per_step_and_ends_at_the_result(name):
     model = tiny_net().eval()
     x, y = blobs(3, size=8)

@@ -94,6 +94,16 @@ class CellResult:
 
     records: pd.DataFrame
     examples: dict[str, np.ndarray] = field(default_factory=dict)
+    adversarial: dict[str, np.ndarray] = field(default_factory=dict)
+    """With ``keep_adversarial``: per loss, the adversarial images ``(N, C, H, W)`` of every
+    slice of ``rows``, in that order (what a transfer study scores on other models)."""
+
+
+Crafted = Callable[[Tensor, Tensor, np.ndarray], list[Tensor]]
+"""Adversarial images made elsewhere: ``(x (B, C, H, W), y (B, K, H, W), positions (B,) in
+``rows``) -> one ``(B, C, H, W)`` tensor per loss``. A transfer cell reads the images crafted on
+another model; a universal perturbation adds its fitted pattern (:mod:`advseg.transfer`,
+:mod:`advseg.attacks.universal`)."""
 
 
 @dataclass
@@ -188,7 +198,7 @@ def sweep_images(
     return logits.detach(), images
 
 
-def _draw_seed(attack: Attack, batch_number: int) -> int:
+def draw_seed(attack: Attack, batch_number: int) -> int:
     """The seed of one (batch, loss)'s random starts: stable across runs, shards and loss sets."""
     return zlib.crc32(f"{attack.seed}/{batch_number}/{attack.loss.name}".encode())
 
@@ -209,6 +219,9 @@ def evaluate_cell(
     workers: int = 0,
     erase: Sequence[str] = (),
     on_batch: Callable[[int, int], None] | None = None,
+    crafted: Crafted | None = None,
+    source: str | None = None,
+    keep_adversarial: bool = False,
 ) -> CellResult:
     """Evaluate one (model, attack, eps) cell over every loss on the slices ``rows``.
 
@@ -231,6 +244,11 @@ def evaluate_cell(
             and their ``attack`` column reads e.g. ``pgd:erase=stomach``.
         on_batch: called after each batch with (batches done, batches in all) on this rank,
             for progress (see :func:`cell_progress`).
+        crafted: adversarial images made elsewhere (see :data:`Crafted`): the cell scores them
+            on ``model`` instead of attacking it; ``attack`` is then only the records' label.
+        source: the ``source`` column of the records (default ``model_name``: white-box).
+        keep_adversarial: return every slice's adversarial images (``CellResult.adversarial``),
+            so that other models can be scored on them without crafting them again.
 
     Returns:
         A :class:`CellResult`; under ``torch.distributed`` every rank gets the merged records.
@@ -243,7 +261,8 @@ def evaluate_cell(
     return evaluate_sweep(
         model, data, rows, attack, {eps: losses}, model_name=model_name, arch=arch,
         attack_kwargs=attack_kwargs, batch_size=batch_size, examples=examples, workers=workers,
-        erase=erase, on_batch=on_batch,
+        erase=erase, on_batch=on_batch, crafted=crafted, source=source,
+        keep_adversarial=keep_adversarial,
     )[0]  # fmt: skip
 
 
@@ -262,6 +281,9 @@ def evaluate_sweep(
     workers: int = 0,
     erase: Sequence[str] = (),
     on_batch: Callable[[int, int], None] | None = None,
+    crafted: Crafted | None = None,
+    source: str | None = None,
+    keep_adversarial: bool = False,
 ) -> list[CellResult]:
     """Evaluate several cells of one (model, attack), one per eps, in one pass over the data.
 
@@ -274,8 +296,9 @@ def evaluate_sweep(
     Args:
         cells: eps -> the losses of that cell (e.g. ``{0.009: ["bce", "focal"], 0.03: ["bce"]}``).
         model, data, rows, attack, model_name, arch, attack_kwargs, batch_size, examples,
-            workers, erase: as for :func:`evaluate_cell`.
+            workers, erase, source, keep_adversarial: as for :func:`evaluate_cell`.
         on_batch: called after each batch (attacked at every eps) with (done, total).
+        crafted: as for :func:`evaluate_cell`, for a single cell only.
 
     Returns:
         One :class:`CellResult` per eps, in the order of ``cells``.
@@ -285,6 +308,8 @@ def evaluate_sweep(
         raise UserError(f"{model_name}: the split has no slices to evaluate")
     if not cells:
         raise UserError(f"{model_name}: no eps given")
+    if crafted is not None and len(cells) != 1:
+        raise ValueError("evaluate_sweep: crafted images belong to one cell (one eps)")
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     kwargs = dict(attack_kwargs or {})
@@ -293,10 +318,13 @@ def evaluate_sweep(
     label, erased = _target_spec(attack, kwargs, erase, classes)
     for losses in cells.values():
         _check_losses(losses, activation, model_name)
-    sweep = [[create_attack(attack, model, loss, eps, **kwargs) for loss in losses]
-             for eps, losses in cells.items()]  # fmt: skip
-    names = [[a.loss.name for a in attacks] for attacks in sweep]
-    shared = all(a.single_step for attacks in sweep for a in attacks)
+    if crafted is None:
+        sweep = [[create_attack(attack, model, loss, eps, **kwargs) for loss in losses]
+                 for eps, losses in cells.items()]  # fmt: skip
+        names = [[a.loss.name for a in attacks] for attacks in sweep]
+    else:
+        sweep, names = [], [list(losses) for losses in cells.values()]
+    shared = bool(sweep) and all(a.single_step for attacks in sweep for a in attacks)
     device = next(model.parameters()).device
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -311,6 +339,7 @@ def evaluate_sweep(
     params = sum(p.numel() for p in model.parameters())
     frames: list[tuple[int, list[pd.DataFrame]]] = []  # per batch, one frame per eps
     shown: list[tuple[int, list[dict[str, np.ndarray]]]] = []
+    kept: list[tuple[int, list[list[np.ndarray]]]] = []  # per batch, per eps, per loss
     for batch_number, batch in zip(mine, loader, strict=True):
         x = batch["image"].to(device, non_blocking=True)
         y = batch["mask"].to(device, non_blocking=True).float()
@@ -322,11 +351,18 @@ def evaluate_sweep(
         if erased:
             target = y.clone()
             target[:, erased] = 0  # (B, K, H, W): the chosen organs vanish
-        if shared:
+        if crafted is not None:
+            start = batch_number * batch_size
+            outs = [score_batch(model, x, crafted(x, target, np.arange(start, start + len(x))))]
+        elif shared:
             outs = sweep_batch(model, sweep, x, target)
         else:
             outs = [attack_batch(model, attacks, x, target, _generators(attacks, batch_number))
                     for attacks in sweep]  # fmt: skip
+        if keep_adversarial:
+            kept.append(
+                (batch_number, [[im.float().cpu().numpy() for im in o.x_adv] for o in outs])
+            )
         meta = index.iloc[batch["row"].tolist()]
         parts = [
             _batch_records(o, n, x, y, meta, classes, activation)
@@ -344,8 +380,10 @@ def evaluate_sweep(
 
     frames = [item for part in distributed.gather_objects(frames) for item in part]
     shown = [item for part in distributed.gather_objects(shown) for item in part]
-    frames.sort(key=lambda t: t[0])
-    shown.sort(key=lambda t: t[0])
+    frames.sort(key=_first)
+    shown.sort(key=_first)
+    if keep_adversarial:
+        kept = sorted((i for part in distributed.gather_objects(kept) for i in part), key=_first)
     results = []
     for i, eps in enumerate(cells):
         records = pd.concat([parts[i] for _, parts in frames], ignore_index=True)
@@ -355,9 +393,15 @@ def evaluate_sweep(
         records.insert(0, "attack", label)
         records.insert(0, "params", params)
         records.insert(0, "arch", arch)
+        records.insert(0, "source", source or model_name)
         records.insert(0, "model", model_name)
         examples_i = _merge_examples([(b, parts[i]) for b, parts in shown], names[i])
-        results.append(CellResult(check_records(records), examples_i))
+        adversarial = {}
+        if keep_adversarial:
+            adversarial = {
+                n: np.concatenate([k[i][j] for _, k in kept]) for j, n in enumerate(names[i])
+            }
+        results.append(CellResult(check_records(records), examples_i, adversarial))
     return results
 
 
@@ -376,9 +420,20 @@ def _check_losses(losses: Sequence[str], activation: str, model_name: str) -> No
 def _generators(attacks: Sequence[Attack], batch_number: int) -> list[torch.Generator]:
     """One generator per loss for a batch's random starts (see :func:`_draw_seed`)."""
     device = next(attacks[0].model.parameters()).device
-    return [
-        torch.Generator(device=device).manual_seed(_draw_seed(a, batch_number)) for a in attacks
-    ]
+    return [torch.Generator(device=device).manual_seed(draw_seed(a, batch_number)) for a in attacks]
+
+
+def _first(item: tuple) -> Any:
+    return item[0]
+
+
+def score_batch(model: nn.Module, x: Tensor, x_adv: Sequence[Tensor]) -> BatchOutput:
+    """Score given adversarial images on ``model``: the clean and each loss's forward."""
+    amp = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda")
+    with frozen(model), amp, torch.inference_mode():
+        clean_logits = model_logits(model, x).float()
+        adv_logits = [model_logits(model, images.to(x.device)).float() for images in x_adv]
+    return BatchOutput(clean_logits, [images.to(x.device) for images in x_adv], adv_logits)
 
 
 @contextmanager

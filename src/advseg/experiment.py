@@ -40,18 +40,25 @@ from advseg.atomic import write_text_atomic
 from advseg.attacks import ATTACKS, attack_options, check_eps
 from advseg.augment import Augment
 from advseg.config import from_dict, load_yaml, save_yaml, to_dict
+from advseg.cross_model import (
+    ENSEMBLE_PREFIX,
+    CrossModel,
+    check_cross_model,
+    transfer_cells,
+)
 from advseg.data import DataConfig, SliceData, load_data, split_train_val_test
 from advseg.errors import UserError
 from advseg.evaluate import cell_progress, evaluate_sweep
 from advseg.losses import LOSSES
 from advseg.models import load_checkpoint, read_checkpoint
 from advseg.models.zoo import resolve as resolve_model
-from advseg.records import read_records, write_records
+from advseg.records import read_records, white_box, write_records
 from advseg.report import Report, write_report
 from advseg.report.examples import save_examples
 from advseg.report.tables import file_stem, headline_eps
 from advseg.summary import summarize, summarize_cells
 from advseg.train import TrainConfig, data_metadata, new_model, resolve_device, train
+from advseg.transfer import source_stem
 
 PAPER_LOSSES = ["bce", "focal", "dicefocal"]
 
@@ -84,12 +91,19 @@ class AttackSpec:
         losses: loss registry names the attack maximises, one records set each.
         eps: L-inf budgets in image units ([0, 1] range).
         kwargs: further attack arguments (steps, step size, ...), passed as they are.
+        transfer: also score every model's adversarial images on every other model of the grid
+            (transfer cells, :mod:`advseg.transfer`).
+        sources: models whose adversarial images are scored on every model of the grid; an
+            entry ``a+b`` is one attack on the mean loss of models ``a`` and ``b`` (an ensemble
+            attack).
     """
 
     name: str = "fgsm"
     losses: list[str] = field(default_factory=lambda: list(PAPER_LOSSES))
     eps: list[float] = field(default_factory=lambda: [0.009])
     kwargs: dict[str, Any] = field(default_factory=dict)
+    transfer: bool = False
+    sources: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -157,18 +171,24 @@ class ExperimentConfig:
 
 @dataclass(frozen=True)
 class Cell:
-    """One unit of work and of resumption: one model, one attack, one eps, several losses."""
+    """One unit of work and of resumption: one model, one attack, one eps, several losses.
+
+    ``source`` is set for a transfer cell: the model (or ensemble ``a+b``) whose adversarial
+    images the cell scores on ``model``.
+    """
 
     model: str
     attack: str
     eps: float
     losses: tuple[str, ...]
     kwargs: tuple[tuple[str, Any], ...] = ()
+    source: str = ""
 
     @property
     def slug(self) -> str:
-        """The cell's file name stem, e.g. ``unet__fgsm__eps0.009``."""
-        return f"{file_stem(self.model)}__{file_stem(self.attack)}__eps{self.eps:g}"
+        """The cell's file name stem, e.g. ``unet__fgsm__eps0.009`` (``...__from-<source>``)."""
+        slug = f"{file_stem(self.model)}__{file_stem(self.attack)}__eps{self.eps:g}"
+        return f"{slug}__from-{source_stem(self.source)}" if self.source else slug
 
 
 def check_config(config: ExperimentConfig) -> ExperimentConfig:
@@ -179,7 +199,9 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
         raise UserError("attacks: at least one attack is needed")
     seen: dict[str, int] = {}
     for i, model in enumerate(config.models):
-        if model.checkpoint is None:
+        if model.arch.startswith(ENSEMBLE_PREFIX):
+            pass  # members are checked by check_cross_model
+        elif model.checkpoint is None:
             try:
                 resolve_model(model.arch)
             except UserError as err:
@@ -236,6 +258,7 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
             raise UserError(f"evaluation.{key}: {value} must be at least 1")
     if ev.examples < 0:
         raise UserError(f"evaluation.examples: {ev.examples} must be 0 or more")
+    check_cross_model(config)
     return config
 
 
@@ -281,10 +304,11 @@ def plan_cells(config: ExperimentConfig) -> list[Cell]:
             for eps in attack.eps:
                 losses = cells.setdefault((model.name, attack.name, float(eps)), [])
                 losses += [loss for loss in attack.losses if loss not in losses]
-    return [
+    planned = [
         Cell(model, attack, eps, tuple(losses), kwargs[attack])
         for (model, attack, eps), losses in cells.items()
     ]
+    return planned + transfer_cells(config, planned)
 
 
 @dataclass
@@ -309,8 +333,8 @@ def sweep_key(cell: Cell) -> tuple | None:
     A single-step attack's images at every eps come from the same input gradient, so the cells of
     one (model, attack, options) are computed together by ``run_cells``' ``sweep``.
     """
-    if not ATTACKS.get(cell.attack).single_step:
-        return None
+    if cell.source or not ATTACKS.get(cell.attack).single_step:
+        return None  # a transfer cell scores images crafted elsewhere
     return (cell.model, cell.attack, cell.kwargs)
 
 
@@ -482,14 +506,20 @@ def run_experiment(
     def model_for(name: str) -> tuple[torch.nn.Module, str]:
         if name not in models:
             spec = next(m for m in config.models if m.name == name)
-            net, arch, fresh = _get_model(
-                spec, config, data, train_rows, val_rows, run_dir, progress
-            )
-            if fresh:
-                trained.append(name)
+            if spec.arch.startswith(ENSEMBLE_PREFIX):
+                net, arch = cross.ensemble(spec.arch, model_for), spec.arch
+            else:
+                net, arch, fresh = _get_model(
+                    spec, config, data, train_rows, val_rows, run_dir, progress
+                )
+                if fresh:
+                    trained.append(name)
             models.clear()  # one model in memory at a time
             models[name] = (net.to(device).eval(), arch)
         return models[name]
+
+    cross = CrossModel(config, data, eval_rows, train_rows, run_dir, model_for, console)
+    cross.check_io()
 
     def compute_cells(group: list[Cell]) -> list[CellOutput]:
         first = group[0]  # the group shares model, attack and options (sweep_key)
@@ -511,10 +541,15 @@ def run_experiment(
                 batch_size=config.evaluation.batch_size,
                 examples=config.evaluation.examples,
                 on_batch=on_batch,
+                keep_adversarial=any(cross.is_source(c) for c in group),
             )
+        for cell, result in zip(group, results, strict=True):
+            cross.keep(cell, result.adversarial)
         return [CellOutput(r.records, r.examples) for r in results]
 
     def compute(cell: Cell) -> CellOutput:
+        if cross.handles(cell):
+            return CellOutput(cross.compute(cell))
         return compute_cells([cell])[0]
 
     total = len(cells)
@@ -525,7 +560,7 @@ def run_experiment(
         console.print(f"cell {index}/{total} {cell.slug}: {state}", highlight=False)
 
     grid = run_cells(cells, run_dir, compute, on_cell, sweep=compute_cells)
-    records = read_records(run_dir)
+    records = white_box(read_records(run_dir))
     eps = headline_eps(records)
     protocol = config.evaluation.protocol
     headline = records[records["eps"] == eps]

@@ -1,7 +1,11 @@
 """Per-slice robustness records: the one data format between evaluation and reports.
 
-One row per (slice, class, model, attack, loss, eps). Pixel counts are kept beside the metrics so
-that every Dice protocol can be recomputed from the records alone, without a model. A file of
+One row per (slice, class, model, source, attack, loss, eps). ``source`` is the model the
+adversarial images were crafted on: equal to ``model`` for a white-box cell, another model (or
+``a+b``, an ensemble of sources) for a transfer cell (:mod:`advseg.transfer`). Records written
+before the column existed are read as white-box (``source`` = ``model``). Pixel counts are kept
+beside the metrics so that every Dice protocol can be recomputed from the records alone, without
+a model. A file of
 records is written atomically (one experiment cell at a time), and reading checks every file,
 naming the one that is broken.
 """
@@ -17,6 +21,7 @@ from advseg.errors import UserError
 
 RECORD_COLUMNS: dict[str, str] = {
     "model": "string",  # the model's label in the run (a checkpoint name)
+    "source": "string",  # the model the images were crafted on (= model: white-box)
     "arch": "string",  # the zoo name it was built from
     "params": "int64",
     "attack": "string",
@@ -49,7 +54,13 @@ RECORD_COLUMNS: dict[str, str] = {
 
 
 def check_records(frame: pd.DataFrame, source: str = "records") -> pd.DataFrame:
-    """Return ``frame`` with the record columns in order and typed; a missing column is an error."""
+    """Return ``frame`` with the record columns in order and typed; a missing column is an error.
+
+    A frame without ``source`` (records from before transfer attacks) is white-box: its
+    ``source`` is its ``model``.
+    """
+    if "source" not in frame.columns and "model" in frame.columns:
+        frame = frame.assign(source=frame["model"])
     missing = [c for c in RECORD_COLUMNS if c not in frame.columns]
     if missing:
         raise UserError(f"{source}: missing record columns: {', '.join(missing)}")
@@ -57,6 +68,11 @@ def check_records(frame: pd.DataFrame, source: str = "records") -> pd.DataFrame:
         return frame[list(RECORD_COLUMNS)].astype(RECORD_COLUMNS)
     except (TypeError, ValueError) as err:
         raise UserError(f"{source}: a record column has the wrong type ({err})") from None
+
+
+def white_box(records: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose images were crafted on the scored model itself (``source == model``)."""
+    return records[records["source"] == records["model"]]
 
 
 def write_records(frame: pd.DataFrame, path: str | Path) -> Path:

@@ -19,11 +19,13 @@ from advseg.attacks.fgsm import FGSM
 from advseg.attacks.mifgsm import MIFGSM
 from advseg.attacks.pgd import PGD
 from advseg.attacks.segpgd import SegPGD
+from advseg.attacks.universal import Universal
 from advseg.errors import UserError
 from advseg.losses import PerSampleLoss
 
 __all__ = ["ASMA", "ATTACKS", "BIM", "DAG", "FGSM", "MIFGSM", "PGD", "Attack", "CosPGD", "SegPGD",
-           "attack_options", "check_eps", "create_attack", "frozen", "model_logits"]  # fmt: skip
+           "Universal", "attack_options", "check_eps", "create_attack", "frozen",
+           "model_logits"]  # fmt: skip
 
 
 def create_attack(
@@ -32,7 +34,8 @@ def create_attack(
     """An attack by registry name.
 
     Args:
-        name: ``fgsm``, ``bim``, ``pgd``, ``mifgsm``, ``segpgd``, ``cospgd``, ``dag`` or ``asma``.
+        name: ``fgsm``, ``bim``, ``pgd``, ``mifgsm``, ``segpgd``, ``cospgd``, ``dag``, ``asma``
+            or ``universal`` (which must be fitted on training slices before it is called).
         model: the segmentation model (logits ``(B, K, H, W)``).
         loss: a loss name from :data:`advseg.losses.LOSSES` or a callable ``(logits, y) -> (B,)``.
         eps: the budget (the paper's notebook used 0.009 under L-inf).

@@ -16,8 +16,8 @@ import pandas as pd
 from advseg.atomic import write_bytes_atomic, write_text_atomic
 from advseg.config import load_yaml
 from advseg.errors import UserError
-from advseg.records import read_records
-from advseg.report import figures, tables
+from advseg.records import read_records, white_box
+from advseg.report import cross_model, figures, tables
 from advseg.report.examples import load_examples
 from advseg.report.html import Block, Section, format_table, render_html, render_markdown
 from advseg.report.stats import correlate
@@ -67,7 +67,8 @@ def write_report(
         UserError: no records, a broken records or examples file, an eps not in the records.
     """
     run_dir = Path(run_dir)
-    records = read_records(run_dir)
+    every_record = read_records(run_dir)
+    records = white_box(every_record)  # Table II and the figures: white-box cells only
     protocol = protocol or _run_protocol(run_dir)
     if protocol not in PROTOCOLS:
         valid = ", ".join(PROTOCOLS)
@@ -94,6 +95,7 @@ def write_report(
         _params_section(writer, at_eps, eps),
         _luminosity_section(writer, records, eps, protocol),
         _class_section(writer, records, protocol, eps),
+        *cross_model.sections(writer, run_dir, every_record, protocol, eps),
     ]
     cell_files = len(list((run_dir / "records").glob("*.parquet")))
     intro = (

@@ -1,0 +1,278 @@
+"""The cross-model cells of an experiment grid: transfer, ensemble models, universal attacks.
+
+:mod:`advseg.experiment` plans and runs the grid; this module holds what it needs to know about
+cells that involve more than one model or more than the test slices:
+
+- ``ensemble:<a>+<b>`` models (:class:`~advseg.models.ensemble.EnsembleModel` of grid models);
+- transfer cells (``transfer: true`` or ``sources:`` on an attack, :mod:`advseg.transfer`): the
+  white-box cell of every source keeps its adversarial images in ``adversarial/``, each
+  transfer cell scores them on its target; an ensemble source ``a+b`` is crafted once, on the
+  first cell that needs it;
+- ``universal`` cells (:mod:`advseg.attacks.universal`): one perturbation per (model, eps, loss)
+  fitted on the training slices, saved in ``universal/``, scored beside a random-sign
+  perturbation of the same norm (attack label ``random-sign``) in the same cell.
+
+Every cell is still one :func:`~advseg.evaluate.evaluate_cell` call per attack label, writing
+records in the one format, so resuming works exactly as for the other cells.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.console import Console
+from torch import nn
+
+from advseg.errors import UserError
+from advseg.evaluate import cell_progress, evaluate_cell
+from advseg.models.ensemble import ENSEMBLE_PREFIX, build_ensemble, ensemble_members
+from advseg.transfer import (
+    LossEnsemble,
+    ModelIO,
+    check_same_io,
+    craft,
+    crafted_dir,
+    load_crafted,
+    reader,
+    save_crafted,
+    source_members,
+    transfer_pairs,
+)
+
+__all__ = ["ENSEMBLE_PREFIX", "CrossModel", "check_cross_model", "transfer_cells"]
+
+UNIVERSAL = "universal"
+RANDOM_SIGN = "random-sign"
+
+
+def check_cross_model(config: Any) -> None:
+    """Check ensemble models and transfer sources of an experiment config, naming the key."""
+    names = [m.name for m in config.models]
+    plain = [m.name for m in config.models if not m.arch.startswith(ENSEMBLE_PREFIX)]
+    for i, model in enumerate(config.models):
+        if not model.arch.startswith(ENSEMBLE_PREFIX):
+            continue
+        try:
+            members = ensemble_members(model.arch)
+        except UserError as err:
+            raise UserError(f"models[{i}].arch: {err}") from None
+        if model.checkpoint is not None:
+            raise UserError(f"models[{i}].checkpoint: an ensemble is built from its members")
+        for member in members:
+            if member not in plain:
+                raise UserError(
+                    f"models[{i}].arch: ensemble member {member!r} is not a (non-ensemble) model "
+                    f"of the grid; models: {', '.join(plain)}"
+                )
+        if len(set(members)) != len(members):
+            raise UserError(f"models[{i}].arch: {model.arch!r} names a member twice")
+    for i, attack in enumerate(config.attacks):
+        if not (attack.transfer or attack.sources):
+            continue
+        if attack.name == UNIVERSAL:
+            raise UserError(f"attacks[{i}]: universal perturbations are not transferred here")
+        if attack.transfer and len(names) < 2:
+            raise UserError(f"attacks[{i}].transfer: needs at least two models in the grid")
+        for j, source in enumerate(attack.sources):
+            members = source_members(source)
+            unknown = [m for m in members if m not in names]
+            if not members or unknown:
+                raise UserError(
+                    f"attacks[{i}].sources[{j}]: {source!r} is not a model of the grid (or "
+                    f"models joined by +); models: {', '.join(names)}"
+                )
+            if len(set(members)) != len(members):
+                raise UserError(f"attacks[{i}].sources[{j}]: {source!r} names a model twice")
+
+
+def transfer_cells(config: Any, planned: Sequence[Any]) -> list[Any]:
+    """The transfer cells of the grid, target by target, after the white-box ``planned`` ones.
+
+    Each is its target's white-box cell (same attack, eps, losses, options) with ``source`` set.
+    """
+    names = [m.name for m in config.models]
+    cells: list[Any] = []
+    for attack in config.attacks:
+        for source, target in transfer_pairs(names, attack.sources, attack.transfer):
+            for eps in attack.eps:
+                base = next(
+                    c
+                    for c in planned
+                    if (c.model, c.attack, c.eps) == (target, attack.name, float(eps))
+                )
+                cell = replace(base, source=source)
+                if cell not in cells:
+                    cells.append(cell)
+    return sorted(cells, key=lambda c: names.index(c.model))
+
+
+class CrossModel:
+    """Runs the cross-model cells of one grid run (see the module docstring).
+
+    Args:
+        config: the experiment; data, rows: the data and the evaluated test rows;
+        train_rows: the training rows (universal perturbations are fitted on them);
+        run_dir: the run directory; model_for: ``name -> (model, arch)``, the runner's loader;
+        console: where progress goes.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        data: Any,
+        rows: np.ndarray,
+        train_rows: np.ndarray,
+        run_dir: Path,
+        model_for: Callable[[str], tuple[nn.Module, str]],
+        console: Console,
+    ) -> None:
+        self.config, self.data, self.rows, self.train_rows = config, data, rows, train_rows
+        self.run_dir, self.model_for, self.console = Path(run_dir), model_for, console
+        self.slice_ids = data.index["id"].iloc[rows].astype(str).tolist()
+        names = [m.name for m in config.models]
+        self.sources = {
+            (source, attack.name)
+            for attack in config.attacks
+            for source, _ in transfer_pairs(names, attack.sources, attack.transfer)
+        }
+        self.crafted_now = 0  # attack runs made for transfer cells (not white-box ones)
+
+    # --- ensembles -------------------------------------------------------------------------
+
+    def ensemble(self, arch: str, load: Callable[[str], tuple[nn.Module, str]]) -> nn.Module:
+        """The ensemble model ``ensemble:a+b`` from the grid's models (one member: itself)."""
+        members = ensemble_members(arch)
+        nets = [load(name)[0] for name in members]
+        return build_ensemble(nets, names=members)
+
+    def check_io(self) -> None:
+        """Refuse ensemble members and (source, target) pairs that take different images or
+        predict different classes (checkpoints may come from other data), naming both."""
+        pairs = [
+            (member, m.name, "ensemble members")
+            for m in self.config.models
+            if m.arch.startswith(ENSEMBLE_PREFIX)
+            for member in ensemble_members(m.arch)
+        ]
+        pairs += [
+            (member, target, "source and target")
+            for attack in self.config.attacks
+            for source, target in transfer_pairs(
+                [m.name for m in self.config.models], attack.sources, attack.transfer
+            )
+            for member in source_members(source)
+        ]
+        if not any(self._spec(a).checkpoint or self._spec(b).checkpoint for a, b, _ in pairs):
+            return  # every model is trained here, on the same data
+        io: dict[str, ModelIO] = {}
+        for first, second, role in pairs:
+            check_same_io(self._io(first, io), self._io(second, io), role)
+
+    def _spec(self, name: str) -> Any:
+        return next(m for m in self.config.models if m.name == name)
+
+    def _io(self, name: str, cache: dict[str, ModelIO]) -> ModelIO:
+        if name not in cache:
+            spec = self._spec(name)
+            if spec.arch.startswith(ENSEMBLE_PREFIX):
+                cache[name] = replace(self._io(ensemble_members(spec.arch)[0], cache), name=name)
+            elif spec.checkpoint is not None:
+                from advseg.models import read_checkpoint
+
+                meta = read_checkpoint(spec.checkpoint)[1]
+                size = meta.preprocessing.get("size")
+                cache[name] = ModelIO(name, meta.in_channels, tuple(meta.classes), size)
+            else:
+                preprocess = self.data.preprocess
+                classes = tuple(self.data.classes)
+                cache[name] = ModelIO(name, preprocess.channels, classes, preprocess.size)
+        return cache[name]
+
+    # --- transfer --------------------------------------------------------------------------
+
+    def is_source(self, cell: Any) -> bool:
+        """Whether a white-box cell's adversarial images are scored on other models."""
+        return not cell.source and (cell.model, cell.attack) in self.sources
+
+    def keep(self, cell: Any, adversarial: dict[str, np.ndarray]) -> None:
+        """Save a source's white-box images for its transfer cells (before its records)."""
+        if self.is_source(cell):
+            folder = crafted_dir(self.run_dir, cell.model, cell.attack, cell.eps)
+            save_crafted(folder, self.slice_ids, adversarial)
+
+    def handles(self, cell: Any) -> bool:
+        """True for the cells this class computes: transfer and universal cells."""
+        return bool(cell.source) or cell.attack == UNIVERSAL
+
+    def compute(self, cell: Any) -> pd.DataFrame:
+        """The records of a transfer or universal cell."""
+        return self._transfer(cell) if cell.source else self._universal(cell)
+
+    def _kwargs(self, cell: Any) -> dict[str, Any]:
+        return {"seed": self.config.seed, **dict(cell.kwargs)}
+
+    def _transfer(self, cell: Any) -> pd.DataFrame:
+        folder = crafted_dir(self.run_dir, cell.source, cell.attack, cell.eps)
+        images = load_crafted(folder, cell.losses, self.slice_ids)
+        if images is None:  # an ensemble source, or a source whose images were removed
+            nets = [self.model_for(name)[0] for name in source_members(cell.source)]
+            source = nets[0] if len(nets) == 1 else LossEnsemble(nets)
+            with self.console.status(f"crafting on {cell.source}, {cell.attack} eps {cell.eps:g}"):
+                crafted = craft(
+                    source, self.data, self.rows, cell.attack, cell.losses, cell.eps,
+                    attack_kwargs=self._kwargs(cell),
+                    batch_size=self.config.evaluation.batch_size,
+                )  # fmt: skip
+            self.crafted_now += 1
+            save_crafted(folder, self.slice_ids, crafted)
+            images = load_crafted(folder, cell.losses, self.slice_ids)
+        net, arch = self.model_for(cell.model)
+        what = f"scoring {cell.source}'s {cell.attack} eps {cell.eps:g} images on {cell.model}"
+        with cell_progress(self.console, what) as on_batch:
+            result = evaluate_cell(
+                net, self.data, self.rows, cell.attack, list(cell.losses), cell.eps,
+                model_name=cell.model, arch=arch, attack_kwargs=self._kwargs(cell),
+                batch_size=self.config.evaluation.batch_size, on_batch=on_batch,
+                crafted=reader(images, cell.losses), source=cell.source,
+            )  # fmt: skip
+        return result.records
+
+    # --- universal perturbations -----------------------------------------------------------
+
+    def _universal(self, cell: Any) -> pd.DataFrame:
+        from advseg.attacks import create_attack
+        from advseg.attacks.universal import save_perturbation
+
+        net, arch = self.model_for(cell.model)
+        kwargs = self._kwargs(cell)
+        fitted = []
+        for loss in cell.losses:
+            attack = create_attack(UNIVERSAL, net, loss, cell.eps, **kwargs)
+            with self.console.status(f"fitting a universal perturbation on {cell.model} ({loss})"):
+                attack.fit(self.data.dataset(self.train_rows))
+            stem = f"{cell.model}__eps{cell.eps:g}__{loss}"
+            save_perturbation(attack.perturbation, self.run_dir / "universal" / stem)
+            fitted.append(attack)
+        frames = []
+        for label in (UNIVERSAL, RANDOM_SIGN):
+            deltas = [
+                a.perturbation if label == UNIVERSAL else a.random_sign(self.config.seed)
+                for a in fitted
+            ]
+
+            def add(x: torch.Tensor, y: torch.Tensor, positions: np.ndarray, deltas=deltas):
+                return [a.clip(x + d.to(x.device)) for a, d in zip(fitted, deltas, strict=True)]
+
+            result = evaluate_cell(
+                net, self.data, self.rows, label, list(cell.losses), cell.eps,
+                model_name=cell.model, arch=arch, attack_kwargs=kwargs,
+                batch_size=self.config.evaluation.batch_size, crafted=add,
+            )  # fmt: skip
+            frames.append(result.records)
+        return pd.concat(frames, ignore_index=True)

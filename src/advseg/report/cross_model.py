@@ -1,0 +1,189 @@
+"""The report's cross-model sections: transfer matrix, ensembles, universal perturbations.
+
+Like the rest of the report these read records (and the saved perturbation PNGs) only. The
+transfer matrix comes from :func:`advseg.transfer.transfer_matrix`, whose diagonal is the
+white-box cells; the ensemble and universal statements come from the white-box cells of
+:func:`advseg.summary.summarize_cells`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from advseg.atomic import write_bytes_atomic
+from advseg.models.ensemble import ENSEMBLE_PREFIX, ensemble_members
+from advseg.records import white_box
+from advseg.report.html import Block, Section
+from advseg.report.tables import file_stem
+from advseg.summary import summarize_cells
+from advseg.transfer import transfer_matrix
+
+UNIVERSAL, RANDOM_SIGN = "universal", "random-sign"
+
+
+def transfer_heatmap(matrix: pd.DataFrame, title: str) -> Figure:
+    """Sources x targets, coloured by Attack Success, each cell showing AS and the DSC under
+    attack. ``matrix``: rows of one (attack, loss, eps) from ``transfer_matrix``."""
+    sources = list(dict.fromkeys(matrix["source"]))
+    targets = list(dict.fromkeys(matrix["target"]))
+    values = np.full((len(sources), len(targets)), np.nan)
+    dsc = np.full_like(values, np.nan)
+    for row in matrix.itertuples():
+        i, j = sources.index(row.source), targets.index(row.target)
+        values[i, j], dsc[i, j] = row.attack_success, row.dsc_adv
+    figure, ax = plt.subplots(
+        figsize=(1.6 * len(targets) + 2.6, 0.9 * len(sources) + 1.8), squeeze=True
+    )
+    image = ax.imshow(values, cmap="Reds", vmin=0, vmax=max(0.05, float(np.nanmax(values))))
+    for i in range(len(sources)):
+        for j in range(len(targets)):
+            text = "n/a" if np.isnan(values[i, j]) else f"AS {values[i, j]:.3f}"
+            text += "" if np.isnan(dsc[i, j]) else f"\nDSC {dsc[i, j]:.3f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize="small")
+    ax.set_xticks(range(len(targets)), targets, rotation=15 if len(targets) > 3 else 0)
+    ax.set_yticks(range(len(sources)), sources)
+    ax.set_xlabel("target (the model scored)")
+    ax.set_ylabel("source (the model crafted on)")
+    ax.set_title(title)
+    figure.colorbar(image, ax=ax, label="Attack Success")
+    figure.tight_layout()
+    return figure
+
+
+def sections(
+    writer: Any, run_dir: Path, records: pd.DataFrame, protocol: str, eps: float
+) -> list[Section]:
+    """The cross-model sections present in ``records`` (every row, transfer included)."""
+    at_eps = records[records["eps"] == eps]
+    found = []
+    if (at_eps["source"] != at_eps["model"]).any():
+        found.append(_transfer_section(writer, at_eps, protocol, eps))
+    cells = summarize_cells(white_box(at_eps), protocol)
+    if cells["arch"].str.startswith(ENSEMBLE_PREFIX).any():
+        found.append(_ensemble_section(writer, cells, eps))
+    if (cells["attack"] == UNIVERSAL).any():
+        found.append(_universal_section(writer, run_dir, cells, eps))
+    return found
+
+
+def _transfer_section(writer: Any, at_eps: pd.DataFrame, protocol: str, eps: float) -> Section:
+    transferred = at_eps[at_eps["source"] != at_eps["model"]]
+    sources = set(transferred["source"])
+    shown = at_eps[at_eps["source"].isin(sources)]  # with the sources' own white-box cells
+    shown = shown[shown["attack"].isin(set(transferred["attack"]))]
+    matrix = transfer_matrix(shown, protocol)
+    section = Section(f"Transfer matrix (eps {eps:g})")
+    section.blocks.append(
+        writer.table(
+            "transfer_matrix",
+            matrix,
+            "Adversarial images crafted on a source, scored on a target: DSC under attack and "
+            "Attack Success per (source, target). Rows with source = target are the white-box "
+            "cells of Table II; a source 'a+b' is one attack on the mean loss of a and b.",
+        )
+    )
+    for (attack, loss), rows in matrix.groupby(["attack", "loss"], sort=False):
+        title = f"{attack.upper()} / {loss}, eps {eps:g}: Attack Success (source -> target)"
+        name = f"transfer_{file_stem(attack)}_{file_stem(loss)}"
+        section.blocks.append(writer.figure(name, transfer_heatmap(rows, title), title))
+    return section
+
+
+def ensemble_verdicts(cells: pd.DataFrame) -> pd.DataFrame:
+    """Each ensemble model's white-box Attack Success beside its members', per (attack, loss).
+
+    Returns:
+        Columns ``ensemble, attack, loss, eps, ensemble_as, best_member, best_member_as,
+        mean_member_as, ensemble_dsc_adv, best_member_dsc_adv, verdict``; ``verdict`` says
+        whether averaging helped robustness (a lower AS than every member), partly (lower than
+        the members' mean), or not.
+    """
+    rows = []
+    cells = cells.rename(columns={"as": "success"})
+    for ens in cells[cells["arch"].str.startswith(ENSEMBLE_PREFIX)].itertuples():
+        members = cells[
+            cells["model"].isin(ensemble_members(ens.arch))
+            & (cells["attack"] == ens.attack)
+            & (cells["loss"] == ens.loss)
+        ]
+        if members.empty:
+            continue
+        best = members.loc[members["success"].idxmin()]
+        mean = float(members["success"].mean())
+        if ens.success < best["success"]:
+            verdict = "helped: lower Attack Success than every member"
+        elif ens.success < mean:
+            verdict = "partly: lower than the members' mean, not than the best member"
+        else:
+            verdict = "did not help: Attack Success not below the members' mean"
+        rows.append([ens.model, ens.attack, ens.loss, ens.eps, ens.success, best["model"]])
+        rows[-1] += [best["success"], mean, ens.dsc_adv, best["dsc_adv"], verdict]
+    columns = ["ensemble", "attack", "loss", "eps", "ensemble_as", "best_member"]
+    columns += ["best_member_as", "mean_member_as", "ensemble_dsc_adv", "best_member_dsc_adv"]
+    return pd.DataFrame(rows, columns=[*columns, "verdict"])
+
+
+def _ensemble_section(writer: Any, cells: pd.DataFrame, eps: float) -> Section:
+    verdicts = ensemble_verdicts(cells)
+    section = Section(f"Ensembles (eps {eps:g}): did averaging help?")
+    section.blocks.append(
+        writer.table(
+            "ensembles",
+            verdicts,
+            "Each ensemble (mean of its members' probabilities) attacked white-box, through "
+            "every member, against its members attacked alone.",
+        )
+    )
+    for row in verdicts.itertuples():
+        section.blocks.append(
+            Block(
+                "text",
+                f"{row.ensemble}, {row.attack} / {row.loss}: Attack Success {row.ensemble_as:.3f} "
+                f"vs members' mean {row.mean_member_as:.3f} (best {row.best_member} "
+                f"{row.best_member_as:.3f}): averaging {row.verdict}.",
+            )
+        )
+    return section
+
+
+def _universal_section(writer: Any, run_dir: Path, cells: pd.DataFrame, eps: float) -> Section:
+    pairs = cells[cells["attack"].isin([UNIVERSAL, RANDOM_SIGN])]
+    table = pairs.pivot_table(index=["model", "loss", "eps"], columns="attack", values="as")
+    table = table.reset_index().rename(
+        columns={UNIVERSAL: "as_universal", RANDOM_SIGN: "as_random_sign"}
+    )
+    section = Section(f"Universal perturbations (eps {eps:g})")
+    section.blocks.append(
+        writer.table(
+            "universal",
+            table,
+            "One perturbation per (model, eps, loss), fitted on the training slices (Metzen et "
+            "al., ICCV 2017) and added to every test slice, against a random-sign perturbation "
+            "of the same norm: the gap is the damage due to universal structure, not noise.",
+        )
+    )
+    for row in table.itertuples():
+        stem = f"{row.model}__eps{row.eps:g}__{row.loss}"
+        png = run_dir / "universal" / f"{stem}.png"
+        if png.exists():
+            data = png.read_bytes()
+            name = f"universal_{file_stem(stem)}.png"
+            write_bytes_atomic(writer.out / name, data)
+            writer.files.append(writer.out / name)
+            caption = (
+                f"{row.model}, loss {row.loss}: the universal perturbation (first channel; "
+                f"mid-grey 0, black/white -+max), AS {row.as_universal:.3f} vs random sign "
+                f"{row.as_random_sign:.3f}"
+            )
+            section.blocks.append(Block("figure", caption, png=data, file=name))
+    return section
