@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from advseg import distributed
-from advseg.attacks import Attack, create_attack, frozen, model_logits
+from advseg.attacks import ATTACKS, Attack, create_attack, frozen, model_logits
 from advseg.errors import UserError
 from advseg.metrics import (
     confusion_counts,
@@ -61,6 +61,7 @@ from advseg.metrics import (
     ssim,
 )
 from advseg.records import check_records
+from advseg.traces import BatchTrace, cell_trace
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -95,6 +96,9 @@ class CellResult:
     records: pd.DataFrame
     examples: dict[str, np.ndarray] = field(default_factory=dict)
     adversarial: dict[str, np.ndarray] = field(default_factory=dict)
+    trace: pd.DataFrame | None = None
+    """With ``trace``: the cell's convergence trace (:data:`advseg.traces.TRACE_COLUMNS`), for
+    iterative attacks; None otherwise."""
     """With ``keep_adversarial``: per loss, the adversarial images ``(N, C, H, W)`` of every
     slice of ``rows``, in that order (what a transfer study scores on other models)."""
 
@@ -284,6 +288,7 @@ def evaluate_sweep(
     crafted: Crafted | None = None,
     source: str | None = None,
     keep_adversarial: bool = False,
+    trace: bool = False,
 ) -> list[CellResult]:
     """Evaluate several cells of one (model, attack), one per eps, in one pass over the data.
 
@@ -299,6 +304,9 @@ def evaluate_sweep(
             workers, erase, source, keep_adversarial: as for :func:`evaluate_cell`.
         on_batch: called after each batch (attacked at every eps) with (done, total).
         crafted: as for :func:`evaluate_cell`, for a single cell only.
+        trace: keep each cell's convergence trace (``CellResult.trace``): per loss and step the
+            mean loss and Dice over the slices. Iterative attacks only: a single-step sweep
+            (which shares one gradient) and crafted images have no steps to trace.
 
     Returns:
         One :class:`CellResult` per eps, in the order of ``cells``.
@@ -318,6 +326,9 @@ def evaluate_sweep(
     label, erased = _target_spec(attack, kwargs, erase, classes)
     for losses in cells.values():
         _check_losses(losses, activation, model_name)
+    traced = trace and crafted is None and not ATTACKS.get(attack).single_step
+    if traced:
+        kwargs["record_trace"] = True
     if crafted is None:
         sweep = [[create_attack(attack, model, loss, eps, **kwargs) for loss in losses]
                  for eps, losses in cells.items()]  # fmt: skip
@@ -340,6 +351,7 @@ def evaluate_sweep(
     frames: list[tuple[int, list[pd.DataFrame]]] = []  # per batch, one frame per eps
     shown: list[tuple[int, list[dict[str, np.ndarray]]]] = []
     kept: list[tuple[int, list[list[np.ndarray]]]] = []  # per batch, per eps, per loss
+    steps: list[tuple[int, list[BatchTrace]]] = []  # per batch, per eps: (slices, loss traces)
     for batch_number, batch in zip(mine, loader, strict=True):
         x = batch["image"].to(device, non_blocking=True)
         y = batch["mask"].to(device, non_blocking=True).float()
@@ -359,6 +371,8 @@ def evaluate_sweep(
         else:
             outs = [attack_batch(model, attacks, x, target, _generators(attacks, batch_number))
                     for attacks in sweep]  # fmt: skip
+        if traced:
+            steps.append((batch_number, [(len(x), [a.trace for a in atk]) for atk in sweep]))
         if keep_adversarial:
             kept.append(
                 (batch_number, [[im.float().cpu().numpy() for im in o.x_adv] for o in outs])
@@ -382,6 +396,8 @@ def evaluate_sweep(
     shown = [item for part in distributed.gather_objects(shown) for item in part]
     frames.sort(key=_first)
     shown.sort(key=_first)
+    steps = [item for part in distributed.gather_objects(steps) for item in part]
+    steps.sort(key=_first)
     if keep_adversarial:
         kept = sorted((i for part in distributed.gather_objects(kept) for i in part), key=_first)
     results = []
@@ -401,7 +417,11 @@ def evaluate_sweep(
             adversarial = {
                 n: np.concatenate([k[i][j] for _, k in kept]) for j, n in enumerate(names[i])
             }
-        results.append(CellResult(check_records(records), examples_i, adversarial))
+        cell_steps = None
+        if traced:
+            batches = [parts[i] for _, parts in steps]
+            cell_steps = cell_trace(batches, names[i], model=model_name, attack=label, eps=eps)
+        results.append(CellResult(check_records(records), examples_i, adversarial, cell_steps))
     return results
 
 
@@ -594,6 +614,7 @@ class EvaluateConfig:
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         examples: slices per cell saved as ``examples/<cell>.npz`` for figures.
         erase: classes the attacks try to make vanish (targeted; see :func:`evaluate_cell`).
+        trace: keep iterative attacks' convergence traces as ``traces/<cell>.csv``.
     """
 
     checkpoints: list[Path]
@@ -609,6 +630,7 @@ class EvaluateConfig:
     device: str = "auto"
     examples: int = 0
     erase: list[str] = field(default_factory=list)
+    trace: bool = False
 
 
 @dataclass
@@ -691,6 +713,7 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
     from advseg.records import write_records
     from advseg.report.examples import save_examples
     from advseg.summary import PROTOCOLS, summarize, summarize_cells
+    from advseg.traces import write_trace
     from advseg.train import resolve_device
 
     if not config.checkpoints:
@@ -758,6 +781,7 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
                         model_name=model_name,
                         arch=meta.model, attack_kwargs=options, batch_size=config.batch_size,
                         examples=config.examples, erase=config.erase, on_batch=on_batch,
+                        trace=config.trace,
                     )  # fmt: skip
                 for eps, result in zip(group, results, strict=True):
                     frames.append(result.records)
@@ -769,6 +793,8 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
                     if result.examples:
                         npz = out / "examples" / f"{name}.npz"
                         save_examples(result.examples, npz, model=model_name, attack=label, eps=eps)
+                    if result.trace is not None:
+                        write_trace(result.trace, out / "traces" / f"{name}.csv")
     records = pd.concat(frames, ignore_index=True)
     table = summarize(records, config.protocol)
     summary_path = out / "summary.csv"

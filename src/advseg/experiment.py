@@ -57,6 +57,7 @@ from advseg.report import Report, write_report
 from advseg.report.examples import save_examples
 from advseg.report.tables import file_stem, headline_eps
 from advseg.summary import summarize, summarize_cells
+from advseg.traces import write_trace
 from advseg.train import TrainConfig, data_metadata, new_model, resolve_device, train
 from advseg.transfer import source_stem
 
@@ -132,6 +133,8 @@ class EvaluationSpec:
         batch_size: slices per attack batch.
         examples: slices per cell whose images and predictions are kept for the report's panels.
         protocol: the Dice protocol of the summary (``paper``, ``per-class``, ``global``).
+        trace: keep iterative attacks' convergence traces (``traces/<cell>.csv``) for the
+            report's "Did the attacks converge?".
     """
 
     slices: Literal["with_mask", "all"] = "with_mask"
@@ -139,6 +142,7 @@ class EvaluationSpec:
     batch_size: int = 16
     examples: int = 2
     protocol: Literal["paper", "per-class", "global"] = "per-class"
+    trace: bool = False
 
 
 @dataclass
@@ -317,6 +321,7 @@ class CellOutput:
 
     records: pd.DataFrame
     examples: dict[str, Any] | None = None
+    trace: pd.DataFrame | None = None
 
 
 @dataclass
@@ -382,6 +387,8 @@ def run_cells(
                 save_examples(
                     output.examples, path, model=cell.model, attack=cell.attack, eps=cell.eps
                 )
+            if output.trace is not None:
+                write_trace(output.trace, run_dir / "traces" / f"{cell.slug}.csv")
             write_records(output.records, records_path(cell))
             result.computed.append(cell.slug)
         if on_cell is not None:
@@ -390,7 +397,7 @@ def run_cells(
 
 
 RESUMABLE_KEYS = frozenset(
-    {"train.num_workers", "train.tensorboard", "evaluation.protocol", "report"}
+    {"train.num_workers", "train.tensorboard", "evaluation.protocol", "evaluation.trace", "report"}
 )
 """Config keys a resume may change: they decide how the work is done or shown, not its records
 (the summary and the report are recomputed from the records at every run)."""
@@ -542,10 +549,11 @@ def run_experiment(
                 examples=config.evaluation.examples,
                 on_batch=on_batch,
                 keep_adversarial=any(cross.is_source(c) for c in group),
+                trace=config.evaluation.trace,
             )
         for cell, result in zip(group, results, strict=True):
             cross.keep(cell, result.adversarial)
-        return [CellOutput(r.records, r.examples) for r in results]
+        return [CellOutput(r.records, r.examples, r.trace) for r in results]
 
     def compute(cell: Cell) -> CellOutput:
         if cross.handles(cell):
