@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -57,3 +59,11 @@ def test_bench_data_prints_its_throughputs(tmp_path):
     args = ["--cases", "2", "--scans", "1", "--slices", "4", "--size", "32", "--workers", "0"]
     out = _run("bench_data.py", *args, "--dir", str(tmp_path))
     assert "slices/s" in out
+
+
+@pytest.mark.slow  # minutes on a shared 2-core machine: two attacks and two SEA runs
+def test_bench_apgd_prints_its_ratio_and_what_sea_skipping_saves():
+    args = ["--model", "unet-tiny", "--size", "32", "--batch", "2", "--steps", "4"]
+    out = _run("bench_apgd.py", *args, "--repeats", "1", "--train-steps", "1")
+    assert "apgd/pgd step" in out and "target <= 1.1x" in out
+    assert "skipping saves" in out
