@@ -61,6 +61,14 @@ def test_bench_data_prints_its_throughputs(tmp_path):
     assert "slices/s" in out
 
 
+@pytest.mark.slow  # minutes on a shared 2-core machine: four methods, three of them attacking
+def test_bench_adversarial_training_prints_its_ratios():
+    args = ["--model", "unet-tiny", "--size", "32", "--batch", "2", "--steps", "1"]
+    args += ["--threads", "1", "--rounds", "1", "--pgd-steps", "2"]
+    out = _run("bench_adversarial_training.py", *args)
+    assert "1.00x plain" in out and "fgsm-rs" in out and "pgd-2" in out and "trades-4" in out
+
+
 @pytest.mark.slow  # minutes on a shared 2-core machine: two attacks and two SEA runs
 def test_bench_apgd_prints_its_ratio_and_what_sea_skipping_saves():
     args = ["--model", "unet-tiny", "--size", "32", "--batch", "2", "--steps", "4"]

@@ -47,6 +47,7 @@ from advseg.cross_model import (
     transfer_cells,
 )
 from advseg.data import DataConfig, SliceData, load_data, split_train_val_test
+from advseg.defences.adversarial_training import AdversarialConfig
 from advseg.errors import UserError
 from advseg.evaluate import cell_progress, evaluate_sweep
 from advseg.losses import LOSSES, SOFTMAX_LOSSES
@@ -73,11 +74,15 @@ class ModelSpec:
         name: the model's label in the run (records, tables, checkpoint file); defaults to ``arch``
             with every character outside ``[A-Za-z0-9._-]`` replaced by ``-``.
         checkpoint: load this checkpoint (path without suffix) instead of training.
+        adversarial: this model's adversarial training, in place of ``train.adversarial``
+            (:class:`advseg.defences.AdversarialConfig`), so that one grid holds defended and
+            undefended models side by side.
     """
 
     arch: str = "unet"
     name: str = ""
     checkpoint: Path | None = None
+    adversarial: AdversarialConfig | None = None
 
     def __post_init__(self) -> None:
         self.name = self.name or file_stem(self.arch)
@@ -210,6 +215,12 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
                 resolve_model(model.arch)
             except UserError as err:
                 raise UserError(f"models[{i}].arch: {err}") from None
+        trained_here = model.checkpoint is None and not model.arch.startswith(ENSEMBLE_PREFIX)
+        if model.adversarial is not None and not trained_here:
+            raise UserError(
+                f"models[{i}].adversarial: only a model trained here takes a training defence "
+                "(not a checkpoint or an ensemble)"
+            )
         if model.name in seen:
             raise UserError(
                 f"models[{i}].name: {model.name!r} is also models[{seen[model.name]}]; "
@@ -622,6 +633,8 @@ def _get_model(
     best = out / "checkpoints" / "best"
     last = out / "checkpoints" / "last"
     train_config = replace(config.train, model=spec.arch)
+    if spec.adversarial is not None:
+        train_config = replace(train_config, adversarial=spec.adversarial)
     if best.with_suffix(".json").exists() and _finished(last, train_config):
         net, meta = load_checkpoint(best, classes=data.classes)
         return net, meta.model, False

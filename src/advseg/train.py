@@ -34,9 +34,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from advseg import distributed
 from advseg.atomic import write_text_atomic
+from advseg.attacks import Attack
 from advseg.augment import Augment, AugmentConfig
 from advseg.config import to_dict
 from advseg.data import DataConfig, SliceData
+from advseg.defences.adversarial_training import AdversarialConfig, AdversarialTraining
 from advseg.errors import UserError
 from advseg.losses import LOSSES, create_loss
 from advseg.models.checkpoint import (
@@ -77,6 +79,8 @@ class TrainConfig:
         threshold: probability above which a pixel counts as predicted, for validation Dice.
         augment: the augmentation settings (applied by the dataset's transform).
         tensorboard: also write TensorBoard events (needs the ``tensorboard`` package).
+        adversarial: adversarial training (FGSM-RS, PGD, TRADES) and robust checkpoint selection
+            (:mod:`advseg.defences.adversarial_training`); off by default.
     """
 
     model: str = "unet"
@@ -97,6 +101,7 @@ class TrainConfig:
     threshold: float = 0.5
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     tensorboard: bool = False
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum"):
@@ -125,6 +130,7 @@ class EpochStats:
     lr: float
     images_per_s: float
     seconds: float
+    val_robust_dice: float | None = None  # with train.adversarial.select_by robust
 
 
 @dataclass
@@ -132,7 +138,8 @@ class TrainResult:
     """What a training run achieved, and where it left its files.
 
     Attributes:
-        best_dice, best_epoch: the best validation Dice and its epoch (1-based).
+        best_dice, best_epoch: the best validation Dice and its epoch (1-based); with
+            ``train.adversarial.select_by: robust``, the best robust validation Dice.
         epochs_run: epochs completed, counting those before a resume.
         stopped_early: True when early stopping ended the run before ``epochs``.
         history: one :class:`EpochStats` per completed epoch.
@@ -250,6 +257,10 @@ def train(
         )
     loss_fn = create_loss(config.loss)
     val_loss_fn = create_loss(config.loss, reduction="sum")
+    defence = AdversarialTraining(
+        config.adversarial, model, loss_fn, train_loss=config.loss, seed=config.seed,
+        rank=distributed.rank(),
+    )  # fmt: skip
     meta_fields = {"preprocessing": preprocessing or {}, "data": data or {}}
     writer = _tensorboard(out_dir) if config.tensorboard and distributed.is_main() else None
     show = progress and distributed.is_main()
@@ -261,13 +272,19 @@ def train(
             torch.manual_seed(config.seed + 10_000 * epoch + distributed.rank())
             lr = optimizer.param_groups[0]["lr"]
             train_loss, images, train_seconds = _train_epoch(
-                net, train_set, config, epoch, optimizer, scaler, loss_fn, device, dtype,
+                net, train_set, config, epoch, optimizer, scaler, defence, device, dtype,
                 memory_format, bar,
             )  # fmt: skip
             scheduler.step()
             val_loss, val_dice = _validate(
                 net, val_set, config, val_loss_fn, device, dtype, memory_format, bar, epoch
             )
+            robust_dice = None
+            if defence.validation_attack is not None:  # Rice et al. 2020: select on robust Dice
+                _, robust_dice = _validate(
+                    net, val_set, config, val_loss_fn, device, dtype, memory_format, bar, epoch,
+                    attack=defence.validation_attack,
+                )  # fmt: skip
             stats = EpochStats(
                 epoch=epoch,
                 train_loss=train_loss,
@@ -276,20 +293,28 @@ def train(
                 lr=lr,
                 images_per_s=images / max(train_seconds, 1e-9),
                 seconds=train_seconds,
+                val_robust_dice=robust_dice,
             )
             run.history.append(stats)
             bar.epoch_done(
                 f"epoch {epoch}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
-                f"val Dice {val_dice:.4f}  lr {lr:.2e}  {stats.images_per_s:.1f} img/s"
+                f"val Dice {val_dice:.4f}  "
+                + ("" if robust_dice is None else f"robust val Dice {robust_dice:.4f}  ")
+                + f"lr {lr:.2e}  {stats.images_per_s:.1f} img/s"
             )
             run.epoch = epoch
-            improved = val_dice > run.best_dice
+            score = val_dice if robust_dice is None else robust_dice  # what "best" means
+            improved = score > run.best_dice
             if improved:
-                run.best_dice, run.best_epoch = val_dice, epoch
+                run.best_dice, run.best_epoch = score, epoch
             if config.patience and epoch - run.best_epoch >= config.patience:
                 run.stopped_early = epoch < config.epochs
             if distributed.is_main():
-                metrics = {"best": _best_metrics(run), "last": asdict(stats)}
+                metrics = {
+                    "best": _best_metrics(run),
+                    "last": asdict(stats),
+                    "train_seconds": sum(s.seconds for s in run.history),  # all epochs
+                }
                 meta = metadata_for(
                     model, classes, **meta_fields, train=to_dict(config), metrics=metrics
                 )
@@ -459,7 +484,10 @@ def _restore(
     spec = model_spec(model)
     check_compatible(meta, last_path, spec.name, spec.in_channels, classes)
     saved, now = meta.train, to_dict(config)
-    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
+    defaults = to_dict(TrainConfig())  # a key newer than the checkpoint had its default value
+    changed = sorted(
+        k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k, defaults[k]) != now[k]
+    )
     if changed:
         first = changed[0]
         raise UserError(
@@ -515,7 +543,7 @@ def _train_epoch(
     epoch: int,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
-    loss_fn: nn.Module,
+    defence: AdversarialTraining,
     device: torch.device,
     dtype: torch.dtype,
     memory_format: torch.memory_format,
@@ -537,8 +565,8 @@ def _train_epoch(
         )
         with sync:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                logits = net(image)  # (B, K, S, S)
-                loss = loss_fn(logits.float(), mask)
+                # loss(net(image), mask), or with the adversarial training's attack step
+                loss = defence.loss(net, image, mask, epoch=epoch, step=step, steps=steps)
             scaler.scale(loss / config.grad_accum).backward()
         if boundary:
             scaler.step(optimizer)
@@ -559,7 +587,6 @@ def _train_epoch(
     return (counts[0] / counts[1].clamp(min=1)).item(), int(counts[1].item()), seconds
 
 
-@torch.inference_mode()
 def _validate(
     net: nn.Module,
     dataset: Dataset,
@@ -570,16 +597,42 @@ def _validate(
     memory_format: torch.memory_format,
     bar: _Bar,
     epoch: int,
+    attack: Attack | None = None,
 ) -> tuple[float, float]:
-    """Mean loss and global Dice over the whole validation set (every rank's share summed)."""
+    """Mean loss and global Dice over the whole validation set (every rank's share summed).
+
+    With ``attack``, of the validation images attacked (robust validation Dice).
+    """
+    with torch.inference_mode() if attack is None else torch.no_grad():
+        return _validate_pass(
+            net, dataset, config, loss_fn, device, dtype, memory_format, bar, epoch, attack
+        )
+
+
+def _validate_pass(
+    net: nn.Module,
+    dataset: Dataset,
+    config: TrainConfig,
+    loss_fn: nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    memory_format: torch.memory_format,
+    bar: _Bar,
+    epoch: int,
+    attack: Attack | None,
+) -> tuple[float, float]:
     net.eval()
     rows = distributed.shard(list(range(len(dataset))))
     loader = _loader(Subset(dataset, rows), config, epoch, shuffle=False, device=device)
-    bar.start(f"epoch {epoch}/{config.epochs} val", len(loader))
+    what = "val" if attack is None else "robust val"
+    bar.start(f"epoch {epoch}/{config.epochs} {what}", len(loader))
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     counts = None  # (3, K): TP, FP, FN per class
     for batch in loader:
         image, mask = _to_device(batch, device, memory_format)
+        if attack is not None:  # the attack runs on the unwrapped model, in eval mode
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                image = attack(image, mask)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             logits = net(image).float()  # (B, K, S, S)
         loss_sum += loss_fn(logits, mask).double()
@@ -630,8 +683,8 @@ def _write_log(path: Path, history: list[EpochStats]) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
-def _round(value: float | int) -> float | int:
-    return value if isinstance(value, int) else float(f"{value:.6g}")
+def _round(value: float | int | None) -> float | int | None:
+    return value if value is None or isinstance(value, int) else float(f"{value:.6g}")
 
 
 def _tensorboard(out_dir: Path):

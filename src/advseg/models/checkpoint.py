@@ -167,6 +167,15 @@ def read_checkpoint(
     return weights, meta, training_state
 
 
+def read_metadata(path: str | Path) -> CheckpointMeta:
+    """A checkpoint's metadata alone, from its JSON file: no weights are read (for reports)."""
+    _, meta_file = checkpoint_files(path)
+    if not meta_file.is_file():
+        raise UserError(f"{meta_file}: checkpoint file not found")
+    document = _read_json(meta_file)
+    return from_dict(CheckpointMeta, document["meta"], where=f"{meta_file}: meta")
+
+
 def _read_json(meta_file: Path) -> dict[str, Any]:
     try:
         document = json.loads(meta_file.read_text(encoding="utf-8"))
