@@ -50,7 +50,7 @@ from advseg.cross_model import (
 from advseg.data import DataConfig, SliceData, load_data, split_train_val_test
 from advseg.defences.adversarial_training import AdversarialConfig
 from advseg.errors import UserError
-from advseg.evaluate import cell_progress, evaluate_cell
+from advseg.evaluate import cell_progress, evaluate_sweep
 from advseg.losses import LOSSES, SOFTMAX_LOSSES
 from advseg.models import load_checkpoint, read_checkpoint
 from advseg.models.checkpoint import checkpoint_exists
@@ -61,6 +61,7 @@ from advseg.report import Report, write_report
 from advseg.report.examples import save_examples
 from advseg.report.tables import file_stem, headline_eps
 from advseg.summary import summarize, summarize_cells
+from advseg.traces import write_trace
 from advseg.train import TrainConfig, data_metadata, new_model, resolve_device, train
 from advseg.transfer import source_stem
 
@@ -140,6 +141,8 @@ class EvaluationSpec:
         batch_size: slices per attack batch.
         examples: slices per cell whose images and predictions are kept for the report's panels.
         protocol: the Dice protocol of the summary (``paper``, ``per-class``, ``global``).
+        trace: keep iterative attacks' convergence traces (``traces/<cell>.csv``) for the
+            report's "Did the attacks converge?".
     """
 
     slices: Literal["with_mask", "all"] = "with_mask"
@@ -147,6 +150,7 @@ class EvaluationSpec:
     batch_size: int = 16
     examples: int = 2
     protocol: Literal["paper", "per-class", "global"] = "per-class"
+    trace: bool = False
 
 
 @dataclass
@@ -331,6 +335,7 @@ class CellOutput:
 
     records: pd.DataFrame
     examples: dict[str, Any] | None = None
+    trace: pd.DataFrame | None = None
 
 
 @dataclass
@@ -341,37 +346,64 @@ class GridResult:
     skipped: list[str] = field(default_factory=list)
 
 
+def sweep_key(cell: Cell) -> tuple | None:
+    """Cells with one key can share one gradient (a single-step attack's eps sweep); None: alone.
+
+    A single-step attack's images at every eps come from the same input gradient, so the cells of
+    one (model, attack, options) are computed together by ``run_cells``' ``sweep``.
+    """
+    if cell.source or not ATTACKS.get(cell.attack).single_step:
+        return None  # a transfer cell scores images crafted elsewhere
+    return (cell.model, cell.attack, cell.kwargs)
+
+
 def run_cells(
     cells: Sequence[Cell],
     run_dir: str | Path,
     compute: Callable[[Cell], CellOutput],
     on_cell: Callable[[Cell, bool], None] | None = None,
+    sweep: Callable[[list[Cell]], list[CellOutput]] | None = None,
 ) -> GridResult:
     """Compute every cell whose records file is missing; a present file means the cell is done.
 
     The examples file is written before the records file, and each atomically, so a records file
     on disk always belongs to a finished cell and an interrupted cell leaves nothing behind.
+    Cells computed together by ``sweep`` are still written (and so resumed) one by one.
 
     Args:
         cells: the grid, in run order.
         run_dir: the run directory (``records/`` and ``examples/`` are made inside it).
         compute: evaluates one cell.
         on_cell: called after each cell with the cell and whether it was skipped (for progress).
+        sweep: evaluates several unfinished cells of one :func:`sweep_key` at once (their
+            outputs in the same order); without it every cell goes through ``compute``.
     """
     run_dir = Path(run_dir)
     result = GridResult()
+
+    def records_path(cell: Cell) -> Path:
+        return run_dir / "records" / f"{cell.slug}.parquet"
+
+    pending = [cell for cell in cells if not records_path(cell).exists()]
+    ready: dict[Cell, CellOutput] = {}
     for cell in cells:
-        records_path = run_dir / "records" / f"{cell.slug}.parquet"
-        if records_path.exists():
+        if cell not in pending:
             result.skipped.append(cell.slug)
         else:
-            output = compute(cell)
+            if cell not in ready:
+                key = sweep_key(cell) if sweep is not None else None
+                group = [c for c in pending if c == cell or (key and sweep_key(c) == key)]
+                outputs = sweep(group) if sweep and len(group) > 1 else [compute(cell)]
+                ready.update(zip(group, outputs, strict=True))
+            output = ready.pop(cell)
             if output.examples:
                 path = run_dir / "examples" / f"{cell.slug}.npz"
                 save_examples(
                     output.examples, path, model=cell.model, attack=cell.attack, eps=cell.eps
                 )
-            write_records(output.records, records_path)
+            if output.trace is not None:
+                write_trace(output.trace, run_dir / "traces" / f"{cell.slug}.csv")
+            write_records(output.records, records_path(cell))
             result.computed.append(cell.slug)
         if on_cell is not None:
             on_cell(cell, cell.slug in result.skipped)
@@ -379,7 +411,7 @@ def run_cells(
 
 
 RESUMABLE_KEYS = frozenset(
-    {"train.num_workers", "train.tensorboard", "evaluation.protocol", "report"}
+    {"train.num_workers", "train.tensorboard", "evaluation.protocol", "evaluation.trace", "report"}
 )
 """Config keys a resume may change: they decide how the work is done or shown, not its records
 (the summary and the report are recomputed from the records at every run)."""
@@ -534,32 +566,37 @@ def run_experiment(
     cross = CrossModel(config, data, eval_rows, train_rows, run_dir, model_for, console)
     cross.check_io()
 
-    def compute(cell: Cell) -> CellOutput:
-        if cross.handles(cell):
-            return CellOutput(cross.compute(cell))
-        net, arch = model_for(cell.model)
-        what = (
-            f"evaluating {cell.model}, {cell.attack} eps {cell.eps:g} "
-            f"({', '.join(cell.losses)}) on {len(eval_rows)} slices"
-        )
+    def compute_cells(group: list[Cell]) -> list[CellOutput]:
+        first = group[0]  # the group shares model, attack and options (sweep_key)
+        net, arch = model_for(first.model)
+        eps = ", ".join(f"{c.eps:g}" for c in group)
+        losses = ", ".join(dict.fromkeys(loss for c in group for loss in c.losses))
+        what = f"evaluating {first.model}, {first.attack} eps {eps} ({losses})"
+        what += f" on {len(eval_rows)} slices"
         with cell_progress(console, what) as on_batch:
-            result = evaluate_cell(
+            results = evaluate_sweep(
                 net,
                 data,
                 eval_rows,
-                cell.attack,
-                list(cell.losses),
-                cell.eps,
-                model_name=cell.model,
+                first.attack,
+                {c.eps: list(c.losses) for c in group},
+                model_name=first.model,
                 arch=arch,
-                attack_kwargs={"seed": config.seed, **dict(cell.kwargs)},
+                attack_kwargs={"seed": config.seed, **dict(first.kwargs)},
                 batch_size=config.evaluation.batch_size,
                 examples=config.evaluation.examples,
                 on_batch=on_batch,
-                keep_adversarial=cross.is_source(cell),
+                keep_adversarial=any(cross.is_source(c) for c in group),
+                trace=config.evaluation.trace,
             )
-        cross.keep(cell, result.adversarial)
-        return CellOutput(result.records, result.examples)
+        for cell, result in zip(group, results, strict=True):
+            cross.keep(cell, result.adversarial)
+        return [CellOutput(r.records, r.examples, r.trace) for r in results]
+
+    def compute(cell: Cell) -> CellOutput:
+        if cross.handles(cell):
+            return CellOutput(cross.compute(cell))
+        return compute_cells([cell])[0]
 
     total = len(cells)
 
@@ -568,7 +605,7 @@ def run_experiment(
         state = "already done" if skipped else "done"
         console.print(f"cell {index}/{total} {cell.slug}: {state}", highlight=False)
 
-    grid = run_cells(cells, run_dir, compute, on_cell)
+    grid = run_cells(cells, run_dir, compute, on_cell, sweep=compute_cells)
     records = white_box(read_records(run_dir))
     eps = headline_eps(records)
     protocol = config.evaluation.protocol

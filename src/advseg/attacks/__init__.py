@@ -11,9 +11,11 @@ import inspect
 from torch import nn
 
 from advseg.attacks.apgd import APGD
+from advseg.attacks.asma import ASMA
 from advseg.attacks.base import ATTACKS, Attack, check_eps, frozen, model_logits
 from advseg.attacks.bim import BIM
 from advseg.attacks.cospgd import CosPGD
+from advseg.attacks.dag import DAG
 from advseg.attacks.fgsm import FGSM
 from advseg.attacks.mifgsm import MIFGSM
 from advseg.attacks.pgd import PGD
@@ -23,9 +25,9 @@ from advseg.attacks.universal import Universal
 from advseg.errors import UserError
 from advseg.losses import PerSampleLoss
 
-__all__ = ["APGD", "ATTACKS", "BIM", "FGSM", "MIFGSM", "PGD", "SEA", "Attack", "CosPGD", "SegPGD",
-           "Universal",
-           "attack_options", "check_eps", "create_attack", "frozen", "model_logits"]  # fmt: skip
+__all__ = ["APGD", "ASMA", "ATTACKS", "BIM", "DAG", "FGSM", "MIFGSM", "PGD", "SEA", "Attack",
+           "CosPGD", "SegPGD", "Universal", "attack_options", "check_eps", "create_attack",
+           "frozen", "model_logits"]  # fmt: skip
 
 
 def create_attack(
@@ -34,7 +36,8 @@ def create_attack(
     """An attack by registry name.
 
     Args:
-        name: ``fgsm``, ``bim``, ``pgd``, ``mifgsm``, ``segpgd``, ``cospgd``, ``apgd``, ``sea``
+        name: ``fgsm``, ``bim``, ``pgd``, ``mifgsm``, ``segpgd``, ``cospgd``, ``apgd``, ``sea``,
+            ``dag``, ``asma``
             or ``universal`` (which must be fitted on training slices before it is called).
         model: the segmentation model (logits ``(B, K, H, W)``).
         loss: a loss name from :data:`advseg.losses.LOSSES` or a callable ``(logits, y) -> (B,)``.

@@ -42,6 +42,9 @@ def evaluate_command(
     erase: list[str] = typer.Option(
         [], "--erase", help="Targeted: make this class vanish (repeatable), e.g. stomach."
     ),
+    trace: bool = typer.Option(
+        False, "--trace", help="Keep iterative attacks' loss and Dice per step (traces/)."
+    ),
 ) -> None:
     """Attack checkpoints on a data split; write records and print the paper's Table II.
 
@@ -64,6 +67,7 @@ def evaluate_command(
         device=device,
         examples=examples,
         erase=list(erase),
+        trace=trace,
     )
     result = evaluate(config, progress=True)
     if not distributed.is_main():

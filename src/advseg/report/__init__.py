@@ -17,7 +17,7 @@ from advseg.atomic import check_output_dir, write_bytes_atomic, write_text_atomi
 from advseg.config import load_yaml
 from advseg.errors import UserError
 from advseg.records import read_records, white_box
-from advseg.report import cross_model, figures, tables, training
+from advseg.report import convergence, cross_model, figures, tables, training
 from advseg.report.examples import load_examples
 from advseg.report.html import Block, Section, format_table, render_html, render_markdown
 from advseg.report.stats import correlate
@@ -98,6 +98,7 @@ def write_report(
         _class_section(writer, records, protocol, eps),
         *cross_model.sections(writer, run_dir, every_record, protocol, eps),
         *training.sections(writer, run_dir, every_record, protocol, eps),
+        *convergence.sections(writer, run_dir, eps),
     ]
     cell_files = len(list((run_dir / "records").glob("*.parquet")))
     intro = (
