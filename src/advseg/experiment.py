@@ -17,6 +17,7 @@ again skips the finished cells and redoes only the unfinished one. The run direc
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -36,8 +37,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from advseg.atomic import write_text_atomic
-from advseg.attacks import attack_options, check_eps
+from advseg.atomic import remove_debris, write_text_atomic
+from advseg.attacks import ATTACKS, attack_options, check_eps
 from advseg.augment import Augment
 from advseg.config import from_dict, load_yaml, save_yaml, to_dict
 from advseg.cross_model import (
@@ -50,15 +51,18 @@ from advseg.data import DataConfig, SliceData, load_data, split_train_val_test
 from advseg.defences import defend, defended_name
 from advseg.defences.adversarial_training import AdversarialConfig
 from advseg.errors import UserError
-from advseg.evaluate import cell_progress, evaluate_cell
+from advseg.evaluate import cell_progress, evaluate_sweep
 from advseg.losses import LOSSES, SOFTMAX_LOSSES
 from advseg.models import load_checkpoint, read_checkpoint
+from advseg.models.checkpoint import checkpoint_exists
 from advseg.models.zoo import resolve as resolve_model
+from advseg.preflight import check_experiment, data_fingerprint
 from advseg.records import read_records, white_box, write_records
 from advseg.report import Report, write_report
 from advseg.report.examples import save_examples
 from advseg.report.tables import file_stem, headline_eps
 from advseg.summary import summarize, summarize_cells
+from advseg.traces import write_trace
 from advseg.train import TrainConfig, data_metadata, new_model, resolve_device, train
 from advseg.transfer import source_stem
 
@@ -146,6 +150,8 @@ class EvaluationSpec:
         batch_size: slices per attack batch.
         examples: slices per cell whose images and predictions are kept for the report's panels.
         protocol: the Dice protocol of the summary (``paper``, ``per-class``, ``global``).
+        trace: keep iterative attacks' convergence traces (``traces/<cell>.csv``) for the
+            report's "Did the attacks converge?".
     """
 
     slices: Literal["with_mask", "all"] = "with_mask"
@@ -153,6 +159,7 @@ class EvaluationSpec:
     batch_size: int = 16
     examples: int = 2
     protocol: Literal["paper", "per-class", "global"] = "per-class"
+    trace: bool = False
 
 
 @dataclass
@@ -376,6 +383,7 @@ class CellOutput:
 
     records: pd.DataFrame
     examples: dict[str, Any] | None = None
+    trace: pd.DataFrame | None = None
 
 
 @dataclass
@@ -386,37 +394,64 @@ class GridResult:
     skipped: list[str] = field(default_factory=list)
 
 
+def sweep_key(cell: Cell) -> tuple | None:
+    """Cells with one key can share one gradient (a single-step attack's eps sweep); None: alone.
+
+    A single-step attack's images at every eps come from the same input gradient, so the cells of
+    one (model, attack, options) are computed together by ``run_cells``' ``sweep``.
+    """
+    if cell.source or "+" in cell.attack or not ATTACKS.get(cell.attack).single_step:
+        return None  # a transfer cell scores images crafted elsewhere; +bpda/+eot attack a view
+    return (cell.model, cell.attack, cell.kwargs)
+
+
 def run_cells(
     cells: Sequence[Cell],
     run_dir: str | Path,
     compute: Callable[[Cell], CellOutput],
     on_cell: Callable[[Cell, bool], None] | None = None,
+    sweep: Callable[[list[Cell]], list[CellOutput]] | None = None,
 ) -> GridResult:
     """Compute every cell whose records file is missing; a present file means the cell is done.
 
     The examples file is written before the records file, and each atomically, so a records file
     on disk always belongs to a finished cell and an interrupted cell leaves nothing behind.
+    Cells computed together by ``sweep`` are still written (and so resumed) one by one.
 
     Args:
         cells: the grid, in run order.
         run_dir: the run directory (``records/`` and ``examples/`` are made inside it).
         compute: evaluates one cell.
         on_cell: called after each cell with the cell and whether it was skipped (for progress).
+        sweep: evaluates several unfinished cells of one :func:`sweep_key` at once (their
+            outputs in the same order); without it every cell goes through ``compute``.
     """
     run_dir = Path(run_dir)
     result = GridResult()
+
+    def records_path(cell: Cell) -> Path:
+        return run_dir / "records" / f"{cell.slug}.parquet"
+
+    pending = [cell for cell in cells if not records_path(cell).exists()]
+    ready: dict[Cell, CellOutput] = {}
     for cell in cells:
-        records_path = run_dir / "records" / f"{cell.slug}.parquet"
-        if records_path.exists():
+        if cell not in pending:
             result.skipped.append(cell.slug)
         else:
-            output = compute(cell)
+            if cell not in ready:
+                key = sweep_key(cell) if sweep is not None else None
+                group = [c for c in pending if c == cell or (key and sweep_key(c) == key)]
+                outputs = sweep(group) if sweep and len(group) > 1 else [compute(cell)]
+                ready.update(zip(group, outputs, strict=True))
+            output = ready.pop(cell)
             if output.examples:
                 path = run_dir / "examples" / f"{cell.slug}.npz"
                 save_examples(
                     output.examples, path, model=cell.model, attack=cell.attack, eps=cell.eps
                 )
-            write_records(output.records, records_path)
+            if output.trace is not None:
+                write_trace(output.trace, run_dir / "traces" / f"{cell.slug}.csv")
+            write_records(output.records, records_path(cell))
             result.computed.append(cell.slug)
         if on_cell is not None:
             on_cell(cell, cell.slug in result.skipped)
@@ -424,7 +459,7 @@ def run_cells(
 
 
 RESUMABLE_KEYS = frozenset(
-    {"train.num_workers", "train.tensorboard", "evaluation.protocol", "report"}
+    {"train.num_workers", "train.tensorboard", "evaluation.protocol", "evaluation.trace", "report"}
 )
 """Config keys a resume may change: they decide how the work is done or shown, not its records
 (the summary and the report are recomputed from the records at every run)."""
@@ -445,17 +480,32 @@ def prepare_run_dir(config: ExperimentConfig, run_dir: str | Path) -> Path:
     if saved_path.exists():
         differences = _differences(load_yaml(saved_path), resolved)
         refused = [key for key in differences if key not in RESUMABLE_KEYS]
-        if refused:
+        if refused and holds_work(run_dir):
             raise UserError(
                 f"{saved_path}: this run directory holds another experiment ({refused[0]} "
                 "differs); use a new run directory"
             )
-        if differences:
+        if differences:  # resumable keys, or a directory with nothing finished in it
             save_yaml(resolved, saved_path)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(resolved, saved_path)
     return run_dir
+
+
+def holds_work(run_dir: str | Path) -> bool:
+    """True when ``run_dir`` holds finished work: a cell's records or a model's checkpoint.
+
+    A directory holding only ``config.yaml`` (an experiment refused or stopped before its first
+    save) holds none: it may be reused with a corrected experiment.
+    """
+    run_dir = Path(run_dir)
+    if any((run_dir / "records").glob("*.parquet")):
+        return True
+    return any(
+        checkpoint_exists(path.with_name(path.name.removesuffix(".json")))
+        for path in (run_dir / "models").glob("*/checkpoints/*.json")
+    )
 
 
 def _differences(old: Any, new: Any, where: str = "") -> list[str]:
@@ -510,8 +560,16 @@ def run_experiment(
     """
     start = time.perf_counter()
     check_config(config)
+    check_experiment(config, run_dir)  # everything the grid needs, before anything is written
     run_dir = prepare_run_dir(config, run_dir)
     console = Console(stderr=True, quiet=not progress)
+    removed = remove_debris(run_dir)
+    if removed:
+        console.print(
+            f"removed {len(removed)} temporary file(s) left in {run_dir} by a killed run",
+            highlight=False,
+            soft_wrap=True,
+        )
     columns = (SpinnerColumn(), TextColumn("{task.description}"), MofNCompleteColumn())
     hidden = not console.is_terminal
     with Progress(
@@ -521,6 +579,7 @@ def run_experiment(
             "loading data (the phantom is written on first use), slices", total=None
         )
         data = load_data(config.data, progress=lambda n: bar.update(task, completed=n))
+    check_data_fingerprint(run_dir, data)
     train_rows, val_rows, test_rows = split_train_val_test(
         data.index, config.split.test_fraction, config.split.val_fraction, config.split.seed
     )
@@ -564,32 +623,37 @@ def run_experiment(
     cross = CrossModel(config, data, eval_rows, train_rows, run_dir, model_for, console)
     cross.check_io()
 
-    def compute(cell: Cell) -> CellOutput:
-        if cross.handles(cell):
-            return CellOutput(cross.compute(cell))
-        net, arch = model_for(cell.model)
-        what = (
-            f"evaluating {cell.model}, {cell.attack} eps {cell.eps:g} "
-            f"({', '.join(cell.losses)}) on {len(eval_rows)} slices"
-        )
+    def compute_cells(group: list[Cell]) -> list[CellOutput]:
+        first = group[0]  # the group shares model, attack and options (sweep_key)
+        net, arch = model_for(first.model)
+        eps = ", ".join(f"{c.eps:g}" for c in group)
+        losses = ", ".join(dict.fromkeys(loss for c in group for loss in c.losses))
+        what = f"evaluating {first.model}, {first.attack} eps {eps} ({losses})"
+        what += f" on {len(eval_rows)} slices"
         with cell_progress(console, what) as on_batch:
-            result = evaluate_cell(
+            results = evaluate_sweep(
                 net,
                 data,
                 eval_rows,
-                cell.attack,
-                list(cell.losses),
-                cell.eps,
-                model_name=cell.model,
+                first.attack,
+                {c.eps: list(c.losses) for c in group},
+                model_name=first.model,
                 arch=arch,
-                attack_kwargs={"seed": config.seed, **dict(cell.kwargs)},
+                attack_kwargs={"seed": config.seed, **dict(first.kwargs)},
                 batch_size=config.evaluation.batch_size,
                 examples=config.evaluation.examples,
                 on_batch=on_batch,
-                keep_adversarial=cross.is_source(cell),
+                keep_adversarial=any(cross.is_source(c) for c in group),
+                trace=config.evaluation.trace,
             )
-        cross.keep(cell, result.adversarial)
-        return CellOutput(result.records, result.examples)
+        for cell, result in zip(group, results, strict=True):
+            cross.keep(cell, result.adversarial)
+        return [CellOutput(r.records, r.examples, r.trace) for r in results]
+
+    def compute(cell: Cell) -> CellOutput:
+        if cross.handles(cell):
+            return CellOutput(cross.compute(cell))
+        return compute_cells([cell])[0]
 
     total = len(cells)
 
@@ -598,7 +662,7 @@ def run_experiment(
         state = "already done" if skipped else "done"
         console.print(f"cell {index}/{total} {cell.slug}: {state}", highlight=False)
 
-    grid = run_cells(cells, run_dir, compute, on_cell)
+    grid = run_cells(cells, run_dir, compute, on_cell, sweep=compute_cells)
     records = white_box(read_records(run_dir))
     eps = headline_eps(records)
     protocol = config.evaluation.protocol
@@ -612,6 +676,32 @@ def run_experiment(
             report = write_report(run_dir, protocol=protocol, eps=eps)
     seconds = time.perf_counter() - start
     return RunResult(run_dir, grid, trained, summary, headline_cells, protocol, report, seconds)
+
+
+def check_data_fingerprint(run_dir: Path, data: SliceData) -> None:
+    """Record the data's fingerprint in ``run_dir/data.json``; refuse a resume on other data.
+
+    Raises:
+        UserError: the run holds finished work computed on data with another fingerprint (the
+            data at the path was replaced, edited or copied anew since).
+    """
+    path = run_dir / "data.json"
+    now = {"fingerprint": data_fingerprint(data), "slices": len(data)}
+    if path.is_file() and holds_work(run_dir):
+        try:
+            saved = json.loads(path.read_text())["fingerprint"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(
+                f"{path}: damaged (no data fingerprint); use a new run directory"
+            ) from None
+        if saved != now["fingerprint"]:
+            raise UserError(
+                f"{path}: the data changed since this run computed on it (fingerprint {saved}, "
+                f"now {now['fingerprint']}: files replaced, edited or copied anew); restore the "
+                "data or use a new run directory"
+            )
+        return
+    write_text_atomic(path, json.dumps(now, indent=1) + "\n")
 
 
 def _evaluation_rows(
@@ -655,7 +745,7 @@ def _get_model(
     train_config = model_train_config(config, spec)
     if spec.adversarial is not None:
         train_config = replace(train_config, adversarial=spec.adversarial)
-    if best.with_suffix(".json").exists() and _finished(last, train_config):
+    if checkpoint_exists(best) and _finished(last, train_config):
         net, meta = load_checkpoint(best, classes=data.classes)
         return net, meta.model, False
     net = new_model(
@@ -682,7 +772,7 @@ def _get_model(
             split_seed=config.split.seed,
             rows={"train": len(train_rows), "val": len(val_rows)},
         ),
-        resume=last.with_suffix(".json").exists(),
+        resume=checkpoint_exists(last),
         progress=progress,
     )
     net, meta = load_checkpoint(best, classes=data.classes)
@@ -716,7 +806,7 @@ def check_held_out(metadata: dict[str, Any], checkpoint: Path, config: Experimen
 
 def _finished(last: Path, train_config: TrainConfig) -> bool:
     """True when the training run at ``last`` ran all its epochs or stopped early."""
-    if not last.with_suffix(".json").exists():
+    if not checkpoint_exists(last):
         return False
     _, _, state = read_checkpoint(last)
     return state is not None and (state["stopped_early"] or state["epoch"] >= train_config.epochs)

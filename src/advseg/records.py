@@ -118,4 +118,27 @@ def read_records(path: str | Path) -> pd.DataFrame:
         except Exception as err:  # pyarrow raises several types for truncated files
             raise UserError(f"{file}: not a complete Parquet records file ({err})") from None
         frames.append(check_records(frame, str(file)))
-    return pd.concat(frames, ignore_index=True)
+    records = pd.concat(frames, ignore_index=True)
+    _refuse_repeats(records, [f for f, frame in zip(files, frames, strict=True)
+                              for _ in range(len(frame))])  # fmt: skip
+    return records
+
+
+KEY_COLUMNS = ("model", "source", "attack", "loss", "eps", "slice_id", "class")
+"""What identifies a record: no two rows of a set of records may share these."""
+
+
+def _refuse_repeats(records: pd.DataFrame, files: list[Path]) -> None:
+    """Refuse records whose key repeats (a records file copied or written twice)."""
+    repeated = records.duplicated(list(KEY_COLUMNS), keep=False).to_numpy()
+    if not repeated.any():
+        return
+    first = int(repeated.argmax())
+    key = records.iloc[first][list(KEY_COLUMNS)]
+    same = (records[list(KEY_COLUMNS)] == key).all(axis=1).to_numpy() & repeated
+    where = sorted({str(files[i]) for i in same.nonzero()[0]})
+    text = ", ".join(f"{k}={key[k]}" for k in KEY_COLUMNS)
+    raise UserError(
+        f"{where[0]}: records repeat ({text}) in {' and '.join(where)}; a records file copied or "
+        "written twice would be counted twice: remove the copy"
+    )

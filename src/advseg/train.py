@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -33,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from advseg import distributed
-from advseg.atomic import write_text_atomic
+from advseg.atomic import remove_debris, write_text_atomic
 from advseg.attacks import Attack
 from advseg.augment import Augment, AugmentConfig
 from advseg.config import to_dict
@@ -43,6 +44,7 @@ from advseg.errors import UserError
 from advseg.losses import LOSSES, create_loss
 from advseg.models.checkpoint import (
     check_compatible,
+    checkpoint_exists,
     load_weights,
     metadata_for,
     read_checkpoint,
@@ -114,8 +116,13 @@ class TrainConfig:
         for name in ("patience", "num_workers"):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name}: {getattr(self, name)} must be >= 0")
-        if self.lr <= 0 or self.eta_min < 0 or self.weight_decay < 0:
-            raise UserError("train.lr must be > 0, train.eta_min and train.weight_decay >= 0")
+        if not self.lr > 0:  # also refuses nan (a finite check is config.from_dict's)
+            raise UserError(f"train.lr: {self.lr} must be > 0")
+        for name in ("eta_min", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"train.{name}: {getattr(self, name)} must be >= 0")
+        if not 0 < self.threshold < 1:
+            raise UserError(f"train.threshold: {self.threshold} must lie in (0, 1)")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise UserError(f"train.precision: {self.precision!r} is not auto, fp32, bf16, fp16")
         if self.loss not in LOSSES:
@@ -250,9 +257,12 @@ def train(
     )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     run = _RunState()
+    if distributed.is_main():  # temporary files of an earlier, killed run in this directory
+        remove_debris(out_dir, recursive=False)
+        remove_debris(out_dir / "checkpoints", recursive=False)
     if resume:
-        run = _restore(last_path, model, optimizer, scheduler, scaler, config, classes)
-    elif (last_path.with_suffix(".json")).exists():
+        run = _restore(last_path, model, optimizer, scheduler, scaler, config, classes, data)
+    elif checkpoint_exists(last_path):
         raise UserError(f"{out_dir}: already holds a run; resume it or choose another directory")
     distributed.barrier()  # no rank starts before every rank has read the checkpoint
 
@@ -285,6 +295,12 @@ def train(
             val_loss, val_dice = _validate(
                 net, val_set, config, val_loss_fn, device, dtype, memory_format, bar, epoch
             )
+            if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+                raise UserError(  # before this epoch's checkpoints: the last saved ones stay good
+                    f"epoch {epoch}: the loss is no longer a finite number (train {train_loss}, "
+                    f"validation {val_loss}); training stopped. Lower train.lr, or check the "
+                    "data for NaN or inf values"
+                )
             robust_dice = None
             if defence.validation_attack is not None:  # Rice et al. 2020: select on robust Dice
                 _, robust_dice = _validate(
@@ -375,6 +391,7 @@ def data_metadata(
     """
     return {
         "config": to_dict(data_config),
+        "fingerprint": data.cache_path.name,  # advseg.preflight.data_fingerprint
         "excluded": data.exclusions.lines(),
         "test_fraction": test_fraction,
         "val_fraction": val_fraction,
@@ -403,8 +420,16 @@ def train_on_data(
 
     Under torchrun, rank 0 fills the preprocessing cache before the other ranks read it.
     """
+    from advseg.atomic import check_output_dir
     from advseg.data import load_data, split_train_val_test
 
+    for name, value in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
+        if not 0 < value < 1:  # also nan
+            raise UserError(f"{name}: {value} must lie in (0, 1)")
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int):
+        raise UserError(f"split_seed: expected an integer, got {split_seed!r}")
+    resolve_device(config.device)  # an unknown device fails before any data is read
+    check_output_dir(out_dir, "training output directory")
     distributed.init()
     if not distributed.is_main():
         distributed.barrier()  # rank 0 fills the cache first
@@ -483,8 +508,9 @@ def _restore(
     scaler: torch.amp.GradScaler,
     config: TrainConfig,
     classes: list[str],
+    data: dict[str, Any] | None,
 ) -> _RunState:
-    if not last_path.with_suffix(".json").exists():
+    if not checkpoint_exists(last_path):
         raise UserError(f"{last_path}.json: nothing to resume (no last checkpoint)")
     weights, meta, state = read_checkpoint(last_path)
     spec = model_spec(model)
@@ -502,17 +528,29 @@ def _restore(
         )
     if state is None:
         raise UserError(f"{last_path}: holds no training state to resume from")
+    saved_data, data_now = meta.data.get("fingerprint"), (data or {}).get("fingerprint")
+    if saved_data and data_now and saved_data != data_now:
+        raise UserError(
+            f"{last_path}.json: the data changed since this run trained on it (fingerprint "
+            f"{saved_data}, now {data_now}: files replaced, edited or copied anew); restore the "
+            "data or train in a new directory"
+        )
     load_weights(model, weights, last_path)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    return _RunState(
-        epoch=state["epoch"],
-        best_dice=state["best_dice"],
-        best_epoch=state["best_epoch"],
-        stopped_early=state["stopped_early"],
-        history=[EpochStats(**row) for row in state["history"]],
-    )
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        return _RunState(
+            epoch=int(state["epoch"]),
+            best_dice=float(state["best_dice"]),
+            best_epoch=int(state["best_epoch"]),
+            stopped_early=bool(state["stopped_early"]),
+            history=[EpochStats(**row) for row in state["history"]],
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(
+            f"{last_path}.json: training_state is damaged ({type(err).__name__}: {err})"
+        ) from None
 
 
 def _loader(

@@ -14,9 +14,11 @@ from torch import nn
 
 from advseg.attacks.adaptive import DEFAULT_EOT_SAMPLES, adaptive_model, parse_attack_name
 from advseg.attacks.apgd import APGD
+from advseg.attacks.asma import ASMA
 from advseg.attacks.base import ATTACKS, Attack, check_eps, frozen, model_logits
 from advseg.attacks.bim import BIM
 from advseg.attacks.cospgd import CosPGD
+from advseg.attacks.dag import DAG
 from advseg.attacks.fgsm import FGSM
 from advseg.attacks.mifgsm import MIFGSM
 from advseg.attacks.pgd import PGD
@@ -26,9 +28,9 @@ from advseg.attacks.universal import Universal
 from advseg.errors import UserError
 from advseg.losses import PerSampleLoss
 
-__all__ = ["APGD", "ATTACKS", "BIM", "FGSM", "MIFGSM", "PGD", "SEA", "Attack", "CosPGD", "SegPGD",
-           "Universal", "attack_options", "check_eps", "create_attack", "frozen", "model_logits",
-           "parse_attack_name"]  # fmt: skip
+__all__ = ["APGD", "ASMA", "ATTACKS", "BIM", "DAG", "FGSM", "MIFGSM", "PGD", "SEA", "Attack",
+           "CosPGD", "SegPGD", "Universal", "attack_options", "check_eps", "create_attack",
+           "frozen", "model_logits", "parse_attack_name"]  # fmt: skip
 
 
 def create_attack(
@@ -37,8 +39,8 @@ def create_attack(
     """An attack by registry name.
 
     Args:
-        name: ``fgsm``, ``bim``, ``pgd``, ``mifgsm``, ``segpgd``, ``cospgd``, ``apgd``, ``sea``
-            or ``universal`` (which must be fitted on training slices before it is called),
+        name: ``fgsm``, ``bim``, ``pgd``, ``mifgsm``, ``segpgd``, ``cospgd``, ``apgd``, ``sea``,
+            ``dag``, ``asma`` or ``universal`` (which must be fitted on training slices before it is called),
             optionally with the adaptive suffixes ``+bpda`` / ``+eot`` (e.g. ``pgd+bpda``),
             which attack a :class:`~advseg.defences.DefendedModel` through BPDA / EOT
             (``eot_samples`` draws, default 8).

@@ -51,6 +51,8 @@ def evaluate_command(
     ),
     eot_samples: int | None = typer.Option(
         None, "--eot-samples", help="Draws averaged by +eot attacks (default 8)."
+    trace: bool = typer.Option(
+        False, "--trace", help="Keep iterative attacks' loss and Dice per step (traces/)."
     ),
 ) -> None:
     """Attack checkpoints on a data split; write records and print the paper's Table II.
@@ -76,6 +78,7 @@ def evaluate_command(
         examples=examples,
         erase=list(erase),
         defences=list(defence),
+        trace=trace,
     )
     result = evaluate(config, progress=True)
     if not distributed.is_main():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -14,6 +17,28 @@ from advseg.data import DataConfig, PreprocessConfig
 from advseg.defences import describe
 from advseg.errors import UserError
 from advseg.train import TrainConfig, train_on_data
+
+_FLAGS = {"num_workers": "--workers"}
+
+
+@contextmanager
+def options_named(options: dict[str, object], file: Path | None) -> Iterator[None]:
+    """Say ``--lr`` (the option typed) where a library error names the key ``train.lr``.
+
+    Keys not given on the command line came from the ``--config`` file, whose name is put first.
+    """
+    try:
+        yield
+    except UserError as err:
+        message = str(err)
+        match = re.match(r"^(?:train\.|preprocess\.|data\.)?([a-z_]+)(?=[:. ])", message)
+        key = match.group(1) if match else None
+        if key in options:
+            flag = _FLAGS.get(key, "--" + key.replace("_", "-"))
+            raise UserError(flag + message[match.end() :]) from None
+        if key is not None and file is not None and not message.startswith(str(file)):
+            raise UserError(f"{file}: {message}") from None
+        raise
 
 
 def train(
@@ -110,7 +135,8 @@ def train(
         "device": device,
         "noise_sigma": noise_sigma,
     }
-    values = {**settings, **{k: v for k, v in options.items() if v is not None}}
+    given = {k: v for k, v in options.items() if v is not None}
+    values = {**settings, **given}
     adversarial = {
         "method": adv_train,
         "eps": adv_eps,
@@ -133,20 +159,25 @@ def train(
         values["adversarial"] = {**saved, **adversarial}
     if tensorboard:
         values["tensorboard"] = True
-    train_config = from_dict(TrainConfig, values, where=str(config) if config else "")
-    if no_augment:
-        train_config.augment.enabled = False
-    data_config = DataConfig(path=data, preprocess=PreprocessConfig(size=size, channels=channels))
-    result = train_on_data(
-        data_config,
-        train_config,
-        out,
-        test_fraction=test_fraction,
-        val_fraction=val_fraction,
-        split_seed=split_seed,
-        resume=resume,
-        progress=True,
-    )
+    typed = {**given, "test_fraction": test_fraction, "val_fraction": val_fraction}
+    typed.update(size=size, channels=channels)
+    with options_named(typed, file=config):
+        train_config = from_dict(TrainConfig, values)
+        if no_augment:
+            train_config.augment.enabled = False
+        data_config = DataConfig(
+            path=data, preprocess=PreprocessConfig(size=size, channels=channels)
+        )
+        result = train_on_data(
+            data_config,
+            train_config,
+            out,
+            test_fraction=test_fraction,
+            val_fraction=val_fraction,
+            split_seed=split_seed,
+            resume=resume,
+            progress=True,
+        )
     if not distributed.is_main():
         return
     rows = result.data.get("rows", {})

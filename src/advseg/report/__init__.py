@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from advseg.atomic import write_bytes_atomic, write_text_atomic
+from advseg.atomic import check_output_dir, write_bytes_atomic, write_text_atomic
 from advseg.config import load_yaml
 from advseg.defences.smoothing import certified_summary, read_certified
 from advseg.errors import UserError
 from advseg.records import read_records, white_box
-from advseg.report import cross_model, defences, figures, tables, training
+from advseg.report import convergence, cross_model, defences, figures, tables, training
 from advseg.report.examples import load_examples
 from advseg.report.html import Block, Section, format_table, render_html, render_markdown
 from advseg.report.stats import correlate
@@ -81,6 +81,7 @@ def write_report(
         raise UserError(f"--eps: {eps:g} is not in the records of {run_dir} (they have {listed})")
     eps = next(e for e in available if abs(eps - e) < 1e-12)
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    check_output_dir(out, "report directory")
     writer = _Writer(out)
 
     table_ii = tables.table_ii(records, protocol, eps)
@@ -98,6 +99,7 @@ def write_report(
         _class_section(writer, records, protocol, eps),
         *cross_model.sections(writer, run_dir, every_record, protocol, eps),
         *training.sections(writer, run_dir, every_record, protocol, eps),
+        *convergence.sections(writer, run_dir, eps),
     ]
     sections += _defence_sections(writer, run_dir, records, protocol, eps)
     cell_files = len(list((run_dir / "records").glob("*.parquet")))
