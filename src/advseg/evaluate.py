@@ -729,7 +729,7 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
             checkpoint that does not fit the data, or an empty split.
     """
     from advseg.atomic import atomic_path, check_output_dir
-    from advseg.attacks import ATTACKS, attack_options
+    from advseg.attacks import attack_options
     from advseg.config import from_dict
     from advseg.data import PreprocessConfig, load_data, split_cases
     from advseg.defences import create_defence, defend, defended_name

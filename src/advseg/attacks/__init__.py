@@ -40,8 +40,9 @@ def create_attack(
 
     Args:
         name: ``fgsm``, ``bim``, ``pgd``, ``mifgsm``, ``segpgd``, ``cospgd``, ``apgd``, ``sea``,
-            ``dag``, ``asma`` or ``universal`` (which must be fitted on training slices before it is called),
-            optionally with the adaptive suffixes ``+bpda`` / ``+eot`` (e.g. ``pgd+bpda``),
+            ``dag``, ``asma`` or ``universal`` (which must be fitted on training slices before it
+            is called), optionally with the adaptive suffixes ``+bpda`` / ``+eot``
+            (e.g. ``pgd+bpda``),
             which attack a :class:`~advseg.defences.DefendedModel` through BPDA / EOT
             (``eot_samples`` draws, default 8).
         model: the segmentation model (logits ``(B, K, H, W)``).

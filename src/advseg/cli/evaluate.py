@@ -51,6 +51,7 @@ def evaluate_command(
     ),
     eot_samples: int | None = typer.Option(
         None, "--eot-samples", help="Draws averaged by +eot attacks (default 8)."
+    ),
     trace: bool = typer.Option(
         False, "--trace", help="Keep iterative attacks' loss and Dice per step (traces/)."
     ),
