@@ -332,8 +332,9 @@ def evaluate_sweep(
     label, erased = _target_spec(attack, kwargs, erase, classes)
     for losses in cells.values():
         _check_losses(losses, activation, model_name)
-    base_attack = ATTACKS.get(parse_attack_name(attack)[0])
-    traced = trace and crafted is None and not base_attack.single_step
+    # crafted images carry a label (universal, random-sign), not necessarily a registry name
+    base_attack = None if crafted is not None else ATTACKS.get(parse_attack_name(attack)[0])
+    traced = trace and base_attack is not None and not base_attack.single_step
     if traced:
         kwargs["record_trace"] = True
     if crafted is None and getattr(base_attack, "loss_ensemble", False):
