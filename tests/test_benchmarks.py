@@ -32,6 +32,24 @@ def test_bench_attack_prints_each_way_its_ratios_and_the_targets():
     assert "targets: b/c >= 1.4" in out and "c/d <= 1.15" in out
 
 
+def test_bench_sweep_prints_its_ratios_and_the_target():
+    toy = [
+        "--size",
+        "32",
+        "--batch",
+        "1",
+        "--batches",
+        "1",
+        "--repeats",
+        "1",
+        "--eps",
+        "0.009,0.03",
+    ]
+    out = _run("bench_sweep.py", *toy)
+    assert "images: sweep/one" in out and "scored: sweep/one" in out and "cells/one" in out
+    assert "target: images sweep/one <= 1.3" in out
+
+
 def test_bench_train_prints_images_per_second():
     out = _run("bench_train.py", "--size", "32", "--batch", "2", "--steps", "1", "--demo-sizes", "")
     assert "img/s" in out and "1.00x" in out
@@ -41,6 +59,14 @@ def test_bench_data_prints_its_throughputs(tmp_path):
     args = ["--cases", "2", "--scans", "1", "--slices", "4", "--size", "32", "--workers", "0"]
     out = _run("bench_data.py", *args, "--dir", str(tmp_path))
     assert "slices/s" in out
+
+
+@pytest.mark.slow  # minutes on a shared 2-core machine: four methods, three of them attacking
+def test_bench_adversarial_training_prints_its_ratios():
+    args = ["--model", "unet-tiny", "--size", "32", "--batch", "2", "--steps", "1"]
+    args += ["--threads", "1", "--rounds", "1", "--pgd-steps", "2"]
+    out = _run("bench_adversarial_training.py", *args)
+    assert "1.00x plain" in out and "fgsm-rs" in out and "pgd-2" in out and "trades-4" in out
 
 
 @pytest.mark.slow  # minutes on a shared 2-core machine: two attacks and two SEA runs

@@ -165,30 +165,3 @@ def test_compat_refuses_what_the_notebook_did_not_have():
         create_compat_attack("fgsm", model, "bce", 0.03, "notebook", norm="l2")
     with pytest.raises(UserError, match="not one of"):
         create_compat_attack("fgsm", model, "bce", 0.03, "paper")
-
-
-def test_an_experiment_runs_both_modes_side_by_side(tmp_path):
-    from advseg.config import save_yaml
-    from advseg.experiment import load_experiment, plan_cells
-
-    grid = {
-        "models": [{"arch": "unet-tiny"}],
-        "attacks": [
-            {"name": "fgsm", "losses": ["bce", "focal"], "eps": [0.009], "compat": "notebook"},
-            {"name": "fgsm", "losses": ["bce", "focal"], "eps": [0.009]},
-        ],
-    }
-    save_yaml(grid, tmp_path / "x.yaml")
-    cells = plan_cells(load_experiment(tmp_path / "x.yaml"))
-    assert [(c.label, c.slug) for c in cells] == [
-        ("fgsm:notebook", "unet-tiny__fgsm-notebook__eps0.009"),
-        ("fgsm", "unet-tiny__fgsm__eps0.009"),
-    ]
-    save_yaml({**grid, "compat": "notebook", "attacks": grid["attacks"][1:]}, tmp_path / "y.yaml")
-    assert [c.label for c in plan_cells(load_experiment(tmp_path / "y.yaml"))] == ["fgsm:notebook"]
-    save_yaml({**grid, "attacks": [{"name": "pgd", "compat": "notebook"}]}, tmp_path / "z.yaml")
-    with pytest.raises(UserError, match=r"z.yaml: attacks\[0\].compat: .*fgsm only"):
-        load_experiment(tmp_path / "z.yaml")
-    save_yaml({**grid, "compat": "paper"}, tmp_path / "w.yaml")
-    with pytest.raises(UserError, match=r"w.yaml: compat: 'paper' is not one of none, notebook"):
-        load_experiment(tmp_path / "w.yaml")

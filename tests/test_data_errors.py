@@ -70,6 +70,18 @@ def _day(root):
     return next((root / "train" / "case1").iterdir()).name.split("day")[1]
 
 
+def _misspelt_class(root):
+    table = pd.read_csv(root / "train.csv", dtype=str, keep_default_na=False)
+    table["class"] = table["class"].replace("stomach", "stomack")  # in every row: a 4th class
+    table.to_csv(root / "train.csv", index=False)
+    return "train.csv line 4", "class 'stomack' is not one of large_bowel, small_bowel, stomach"
+
+
+def _class_row_missing(root):
+    edit_csv(root, 3, "class", "liver")  # slice 2's large_bowel row now names another class
+    return "train.csv line 5", "class 'liver' has rows for 1 of 4 slices"
+
+
 BROKEN_INDEX = {
     "no train.csv": (_no_csv, []),
     "wrong columns": (_wrong_columns, []),
@@ -78,6 +90,8 @@ BROKEN_INDEX = {
     "header only": (_empty_rows, []),
     "empty file": (_empty_file, []),
     "all excluded": (_everything_excluded, ["--exclude", "case1_day{day}"]),
+    "misspelt class": (_misspelt_class, []),
+    "a slice without a row for a class": (_class_row_missing, []),
 }
 
 
@@ -95,6 +109,13 @@ def _truncated_png(root):
     png = first_png(root)
     png.write_bytes(png.read_bytes()[:300])
     return png.name, "cannot decode image (truncated or not a PNG)"
+
+
+def _truncated_in_the_data(root):
+    png = first_png(root)
+    data = png.read_bytes()
+    png.write_bytes(data[: len(data) * 9 // 10])  # libpng would print its own line here
+    return png.name, "cannot decode image (truncated or not a PNG"
 
 
 def _not_a_png(root):
@@ -124,6 +145,14 @@ BROKEN_SLICE = {
     "rle non-integer": _rle("1 2 x 4", "'x' is not an integer"),
     "rle past the end": _rle("70000 758", "past the image end (266x266 = 70756 pixels)"),
     "rle overlapping": _rle("10 5 12 3", "overlap or are out of order"),
+    "truncated png data": _truncated_in_the_data,
+    "rle int64 overflow": _rle(
+        "100 9223372036854775800", "RLE value 9223372036854775800 is out of range"
+    ),
+    "rle huge": _rle("100 99999999999999999999", "RLE value 99999999999999999999 is out of"),
+    "rle beyond the image": _rle(
+        "100 900000000000000000", "RLE run 100 900000000000000000 lies past the image end"
+    ),
 }
 
 

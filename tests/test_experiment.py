@@ -97,13 +97,28 @@ def test_examples_are_saved_beside_records_without_pickle(tmp_path):
     assert saved["cell"] == {"model": "unet", "attack": "fgsm", "eps": 0.009}
 
 
+def _finished_cell(run_dir):
+    """Stand-in for a finished cell: what makes a run directory hold work."""
+    (run_dir / "records").mkdir(exist_ok=True)
+    (run_dir / "records" / "unet__fgsm__eps0.009.parquet").write_bytes(b"finished")
+
+
 def test_a_run_directory_refuses_another_experiment(tmp_path):
     prepare_run_dir(_config(), tmp_path)
     prepare_run_dir(_config(), tmp_path)  # the same experiment resumes
+    _finished_cell(tmp_path)
     other = _config()
     other.attacks[1].eps = [0.003, 0.03]
     with pytest.raises(UserError, match=r"config.yaml: .*attacks\[1\]\.eps\[1\] differs"):
         prepare_run_dir(other, tmp_path)
+
+
+def test_a_run_directory_without_finished_work_takes_the_corrected_experiment(tmp_path):
+    prepare_run_dir(_config(), tmp_path)  # e.g. refused later, or killed before its first save
+    corrected = _config()
+    corrected.attacks[1].eps = [0.003, 0.03]
+    prepare_run_dir(corrected, tmp_path)
+    assert load_experiment(tmp_path / "config.yaml") == corrected
 
 
 def test_a_resume_may_change_how_the_work_is_done_not_its_records(tmp_path):
@@ -114,6 +129,7 @@ def test_a_resume_may_change_how_the_work_is_done_not_its_records(tmp_path):
     changed.report = not changed.report
     prepare_run_dir(changed, tmp_path)
     assert load_experiment(tmp_path / "config.yaml") == changed  # the saved config follows
+    _finished_cell(tmp_path)
     changed.train.lr *= 2
     changed.train.num_workers = 0
     with pytest.raises(UserError, match=r"train\.lr differs"):

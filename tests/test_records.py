@@ -5,16 +5,20 @@ from advseg.errors import UserError
 from advseg.records import RECORD_COLUMNS, read_records, write_records
 
 
-def _frame(n: int = 3) -> pd.DataFrame:
-    row = {c: 0 for c in RECORD_COLUMNS}
-    row.update(model="m", arch="unet", attack="fgsm", loss="bce", slice_id="case1_day0_slice_0001")
-    row.update({"scan": "case1_day0", "class": "stomach", "dice_clean": 0.9, "dice_adv": 0.5})
-    return pd.DataFrame([row] * n)
+def _frame(n: int = 3, first: int = 1) -> pd.DataFrame:
+    rows = []
+    for i in range(first, first + n):
+        row = {c: 0 for c in RECORD_COLUMNS}
+        row.update(model="m", source="m", arch="unet", attack="fgsm", loss="bce", slice=i)
+        row.update(slice_id=f"case1_day0_slice_{i:04d}", scan="case1_day0", dice_clean=0.9)
+        row.update({"class": "stomach", "dice_adv": 0.5})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def test_write_then_read_a_run_directory(tmp_path):
     write_records(_frame(2), tmp_path / "records" / "a.parquet")
-    write_records(_frame(3), tmp_path / "records" / "b.parquet")
+    write_records(_frame(3, first=3), tmp_path / "records" / "b.parquet")
     frame = read_records(tmp_path)
     assert len(frame) == 5
     assert list(frame.columns) == list(RECORD_COLUMNS)
@@ -37,3 +41,13 @@ def test_broken_files_are_named(tmp_path):
         read_records(tmp_path)
     with pytest.raises(UserError, match="no such file"):
         read_records(tmp_path / "nope")
+
+
+def test_a_copied_records_file_is_refused_naming_both(tmp_path):
+    write_records(_frame(2), tmp_path / "records" / "a.parquet")
+    write_records(_frame(3, first=2), tmp_path / "records" / "a-copy.parquet")  # slice 2 twice
+    with pytest.raises(UserError) as err:
+        read_records(tmp_path)
+    message = str(err.value)
+    assert "a-copy.parquet and" in message and "a.parquet;" in message and "\n" not in message
+    assert "slice_id=case1_day0_slice_0002" in message

@@ -48,7 +48,7 @@ def test_train_command_on_a_small_synthetic_set(tmp_path, capsys):
     [
         (["--model", "unet-vgg19"], "unknown model 'unet-vgg19'"),  # before reading data
         (["--precision", "fp8"], "precision"),
-        (["--epochs", "0"], "train.epochs"),
+        (["--epochs", "0"], "--epochs: 0 must be >= 1"),
         (["--test-fraction", "0.5"], "validation split: 1 case(s) left"),
     ],
 )

@@ -2,33 +2,115 @@
 
 Everything advseg writes that a later run reads (caches, checkpoints, records, reports) goes
 through here, so an interrupted run never leaves a half-written file behind.
+
+Three more duties live here because they concern every such write:
+
+- **Failures are one line.** A full disk, a read-only file system or a missing permission while
+  writing becomes a :class:`~advseg.errors.UserError` naming the file and what failed, instead of
+  a traceback (the temporary file is removed; the final name keeps its previous content).
+- **Debris is recognisable.** A temporary file is named ``.NAME.PID.RANDOM.tmp``: a process
+  killed before its rename leaves one behind, and :func:`remove_debris` removes exactly those whose
+  writer (PID) is gone, never a file another live process is writing, never a file of another name.
+- **Faults can be injected.** :func:`fault_point` ends the process at a named point when the
+  ``ADVSEG_FAULT`` environment variable asks for it; the tests kill runs there (between the two
+  files of a checkpoint, before a rename) and check that a resume loses nothing finished.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from advseg.errors import UserError
+
+FAULT_ENV = "ADVSEG_FAULT"
+"""``POINT[:TEXT][@N]``: exit (status 137, like ``kill -9``) the N-th time (default 1st) the
+process reaches :func:`fault_point` ``POINT`` with a detail containing ``TEXT``."""
+
+_DEBRIS = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
+_fault_hits: dict[str, int] = {}
+
+# errno values that are the machine's state, not a bug: said in one line, naming the path.
+_ENVIRONMENT_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.ENOTDIR: "a parent of it is a file, not a directory",
+    errno.EISDIR: "it is a directory",
+    errno.EEXIST: "a parent of it is a file, not a directory",
+}
+
+
+def fault_point(point: str, detail: str = "") -> None:
+    """Exit at once (``os._exit(137)``) if ``ADVSEG_FAULT`` names this point; else do nothing.
+
+    Used only by the fault tests: ``ADVSEG_FAULT=rename:last.json@2`` kills the process the second
+    time it is about to rename a file whose final name contains ``last.json``.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    target, _, count = spec.partition("@")
+    name, _, text = target.partition(":")
+    if name != point or text not in detail:
+        return
+    _fault_hits[spec] = _fault_hits.get(spec, 0) + 1
+    if _fault_hits[spec] == int(count or 1):
+        os._exit(137)
+
+
+def write_error(path: str | Path, err: OSError, what: str = "cannot write") -> UserError | None:
+    """One-line :class:`UserError` for an OSError that is the machine's state, else None."""
+    reason = _ENVIRONMENT_ERRORS.get(err.errno or -1)
+    if reason is None:
+        return None
+    return UserError(f"{path}: {what} ({reason})")
+
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it to ``path``, else delete it.
+
+    Args:
+        path: the final file name.
+        fsync: flush the file to the disk before the rename (for files whose loss costs hours,
+            such as checkpoints: after a power cut the rename never shows an empty file).
+
+    Raises:
+        UserError: the disk is full, the file system read-only, a parent is a file, ...: one line
+            naming ``path`` (an error raised by the caller's block that is no OSError passes).
 
     Example:
         >>> with atomic_path("records/cell.parquet") as tmp:  # doctest: +SKIP
         ...     frame.to_parquet(tmp)
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
+        )
+    except OSError as err:
+        raise (write_error(path, err) or err) from None
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
+        if fsync:
+            with tmp.open("rb+") as handle:
+                os.fsync(handle.fileno())
+        fault_point("rename", path.name)
         os.replace(tmp, path)
+    except OSError as err:
+        raise (write_error(path, err) or err) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -43,3 +125,76 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def is_debris(path: Path) -> bool:
+    """True for a temporary file (or cache build directory) whose writing process is gone."""
+    match = _DEBRIS.match(path.name)
+    return match is not None and path.exists() and not _alive(int(match.group(1)))
+
+
+def remove_debris(directory: str | Path, recursive: bool = True) -> list[Path]:
+    """Remove the temporary files left in ``directory`` by killed advseg writers.
+
+    Only names of the form ``.NAME.PID.RANDOM.tmp`` whose PID is no running process are removed
+    (files, and the data cache's build directories): the debris advseg owns, and only that.
+
+    Returns:
+        The files removed (for the caller to report).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    candidates = directory.rglob(".*.tmp") if recursive else directory.glob(".*.tmp")
+    removed = []
+    for path in sorted(candidates):
+        if is_debris(path):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def check_output_dir(path: str | Path, what: str = "output directory") -> Path:
+    """Refuse an output directory that is a file, lies under a file, or cannot be written.
+
+    Nothing is created; the nearest existing ancestor must be a writable directory.
+
+    Raises:
+        UserError: one line naming ``path`` and what is wrong.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path}: the {what} is a file, not a directory")
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise UserError(f"{path}: cannot create the {what}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only(existing) else "no write permission"
+        raise UserError(f"{path}: cannot write the {what} ({why} at {existing})")
+    return path
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:  # pragma: no cover - statvfs missing
+        return False

@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Bad input from the user: a one-line message naming the file, row, field or option."""
+
+
+class AdvsegWarning(UserWarning):
+    """Something the user should know that does not stop the work (one line, shown by the CLI)."""

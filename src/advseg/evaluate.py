@@ -9,6 +9,8 @@ is fast by construction:
   backward per loss on the same graph, every loss's input gradient (one vmapped backward,
   ``is_grads_batched``, measured slower on a CPU: ``benchmarks/bench_attack.py``). For iterative
   attacks the clean prediction is one shared ``inference_mode`` forward;
+- the cells of a single-step attack's eps sweep share that gradient too (:func:`evaluate_sweep`,
+  :func:`sweep_batch`): one gradient forward and one backward per loss for every eps;
 - the model's parameters require no grad during the attack (only the input gradient is made);
 - each loss's adversarial images go through the model in an ``inference_mode`` forward of the
   batch size the user chose: one forward of all losses' images at once held three times the
@@ -22,8 +24,9 @@ returns exactly the records of a one-process run.
 
 from __future__ import annotations
 
+import itertools
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,7 +48,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from advseg import distributed
-from advseg.attacks import ATTACKS, Attack, create_attack, frozen, model_logits
+from advseg.attacks import ATTACKS, Attack, create_attack, frozen, model_logits, parse_attack_name
 from advseg.attacks.sea import WORST_CASE_LOSS
 from advseg.compat import (
     NOTEBOOK_ATTACKS,
@@ -68,6 +71,7 @@ from advseg.metrics import (
     ssim,
 )
 from advseg.records import check_records
+from advseg.traces import BatchTrace, cell_trace
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -102,6 +106,9 @@ class CellResult:
     records: pd.DataFrame
     examples: dict[str, np.ndarray] = field(default_factory=dict)
     adversarial: dict[str, np.ndarray] = field(default_factory=dict)
+    trace: pd.DataFrame | None = None
+    """With ``trace``: the cell's convergence trace (:data:`advseg.traces.TRACE_COLUMNS`), for
+    iterative attacks; None otherwise."""
     """With ``keep_adversarial``: per loss, the adversarial images ``(N, C, H, W)`` of every
     slice of ``rows``, in that order (what a transfer study scores on other models)."""
 
@@ -140,28 +147,72 @@ def attack_batch(
         generators: one random generator per attack, for random starts; per batch and loss, so
             that a loss's numbers depend neither on the shard nor on the other losses.
     """
+    if all(a.single_step and a.model is model for a in attacks):  # not on adaptive views
+        return sweep_batch(model, [attacks], x, y)[0]
     amp = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda")
     with frozen(model), amp:
-        if all(a.single_step for a in attacks):
-            with torch.enable_grad():
-                x_in = x.detach().requires_grad_(True)
-                logits = model_logits(model, x_in).float()
-                grads = []
-                for i, attack in enumerate(attacks):
-                    objective = attack.objective(logits, y).sum()
-                    last = i == len(attacks) - 1
-                    grads.append(torch.autograd.grad(objective, x_in, retain_graph=not last)[0])
-            clean_logits = logits.detach()
-            x_adv = [a.apply_gradient(x, g) for a, g in zip(attacks, grads, strict=True)]
-        else:
-            with torch.inference_mode():
-                clean_logits = model_logits(model, x).float()
-            draws = generators or [None] * len(attacks)
-            x_adv = [a(x, y, generator=g) for a, g in zip(attacks, draws, strict=True)]
+        with torch.inference_mode():
+            clean_logits = model_logits(model, x).float()
+        draws = generators or [None] * len(attacks)
+        x_adv = [a(x, y, generator=g) for a, g in zip(attacks, draws, strict=True)]
         with torch.inference_mode():
             adv_logits = [model_logits(model, images).float() for images in x_adv]
     members = [list(a.winners) if getattr(a, "loss_ensemble", False) else None for a in attacks]
     return BatchOutput(clean_logits, x_adv, adv_logits, members)
+
+
+def sweep_batch(
+    model: nn.Module, sweep: Sequence[Sequence[Attack]], x: Tensor, y: Tensor
+) -> list[BatchOutput]:
+    """Attack one batch at several eps with single-step attacks, at the cost of one gradient.
+
+    A single-step attack's image is a function of the gradient at the clean image, which no eps
+    changes: :func:`sweep_images` makes every (eps, loss)'s images from one forward with input
+    gradient and one backward per loss; each (eps, loss) then costs one ``inference_mode``
+    forward of its images (they differ, so these forwards cannot be shared).
+
+    Args:
+        model: the model the attacks were built on.
+        sweep: per eps, one single-step attack per loss (same kind and options; losses are told
+            apart by name, and an eps may have its own subset of them).
+        x: images ``(B, C, H, W)``; y: masks ``(B, K, H, W)``.
+
+    Returns:
+        One :class:`BatchOutput` per eps, each exactly what :func:`attack_batch` gives for it.
+    """
+    clean_logits, images = sweep_images(model, sweep, x, y)
+    amp = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda")
+    outputs = []
+    with frozen(model), amp, torch.inference_mode():
+        for x_adv in images:
+            adv_logits = [model_logits(model, batch).float() for batch in x_adv]
+            outputs.append(BatchOutput(clean_logits, x_adv, adv_logits))
+    return outputs
+
+
+def sweep_images(
+    model: nn.Module, sweep: Sequence[Sequence[Attack]], x: Tensor, y: Tensor
+) -> tuple[Tensor, list[list[Tensor]]]:
+    """The clean logits ``(B, K, H, W)`` and, per eps and loss, the adversarial images.
+
+    One forward with input gradient gives the clean prediction and, through one backward per
+    distinct loss (by name) on its graph, every loss's gradient; each (eps, loss)'s images are
+    then its attack's ``apply_gradient``. See :func:`sweep_batch` for the arguments.
+    """
+    if not all(a.single_step for attacks in sweep for a in attacks):
+        raise ValueError("sweep_images: every attack must be single-step (apply_gradient)")
+    by_loss = {a.loss.name: a for attacks in sweep for a in attacks}  # one gradient per loss
+    amp = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda")
+    with frozen(model), amp, torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        logits = model_logits(model, x_in).float()
+        grads = {}
+        for i, (name, attack) in enumerate(by_loss.items()):
+            objective = attack.objective(logits, y).sum()
+            last = i == len(by_loss) - 1
+            grads[name] = torch.autograd.grad(objective, x_in, retain_graph=not last)[0]
+    images = [[a.apply_gradient(x, grads[a.loss.name]) for a in attacks] for attacks in sweep]
+    return logits.detach(), images
 
 
 def draw_seed(attack: Attack, batch_number: int) -> int:
@@ -228,11 +279,63 @@ def evaluate_cell(
         UserError: an empty split, an unknown attack or loss, a bad eps, or a model whose input
             channels or classes do not fit the data.
     """
+    return evaluate_sweep(
+        model, data, rows, attack, {eps: losses}, model_name=model_name, arch=arch,
+        attack_kwargs=attack_kwargs, batch_size=batch_size, examples=examples, workers=workers,
+        erase=erase, on_batch=on_batch, crafted=crafted, source=source,
+        keep_adversarial=keep_adversarial, compat=compat,
+    )[0]  # fmt: skip
+
+
+def evaluate_sweep(
+    model: nn.Module,
+    data: SliceSource,
+    rows: Sequence[int],
+    attack: str,
+    cells: Mapping[float, Sequence[str]],
+    *,
+    model_name: str,
+    arch: str,
+    attack_kwargs: dict[str, Any] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    examples: int = 0,
+    workers: int = 0,
+    erase: Sequence[str] = (),
+    on_batch: Callable[[int, int], None] | None = None,
+    crafted: Crafted | None = None,
+    source: str | None = None,
+    keep_adversarial: bool = False,
+    trace: bool = False,
+    compat: str = "none",
+) -> list[CellResult]:
+    """Evaluate several cells of one (model, attack), one per eps, in one pass over the data.
+
+    Each batch is read once and attacked at every eps. For a single-step attack (FGSM) the cells
+    share the gradient (:func:`sweep_batch`): one forward with input gradient and one backward per
+    loss serve every eps, and each (loss, eps) adds one adversarial forward. An iterative attack
+    is run at each eps on its own. Either way the records are those of :func:`evaluate_cell` at
+    each eps, cell for cell.
+
+    Args:
+        cells: eps -> the losses of that cell (e.g. ``{0.009: ["bce", "focal"], 0.03: ["bce"]}``).
+        model, data, rows, attack, model_name, arch, attack_kwargs, batch_size, examples,
+            workers, erase, source, keep_adversarial: as for :func:`evaluate_cell`.
+        on_batch: called after each batch (attacked at every eps) with (done, total).
+        crafted: as for :func:`evaluate_cell`, for a single cell only.
+        trace: keep each cell's convergence trace (``CellResult.trace``): per loss and step the
+            mean loss and Dice over the slices. Iterative attacks only: a single-step sweep
+            (which shares one gradient) and crafted images have no steps to trace.
+
+    Returns:
+        One :class:`CellResult` per eps, in the order of ``cells``.
+    """
     rows = [int(r) for r in rows]
     if not rows:
         raise UserError(f"{model_name}: the split has no slices to evaluate")
-    if not losses:
-        raise UserError(f"{model_name}: no attack loss given")
+    if not cells:
+        raise UserError(f"{model_name}: no eps given")
+    if crafted is not None and len(cells) != 1:
+        raise ValueError("evaluate_sweep: crafted images belong to one cell (one eps)")
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     kwargs = dict(attack_kwargs or {})
@@ -243,25 +346,26 @@ def evaluate_cell(
     if compat != "none" and erase:
         raise UserError(f"compat {compat}: the notebook's attack was untargeted (no erase)")
     label = compat_label(label, compat)
-    if len(set(losses)) != len(losses):
-        raise UserError(f"losses: each loss once, got {', '.join(losses)}")
-    softmax_only = [loss for loss in losses if loss in SOFTMAX_LOSSES]
-    if activation == "sigmoid" and softmax_only:
-        raise UserError(
-            f"loss {softmax_only[0]!r} is for softmax models (one class per pixel); these masks "
-            "are multi-label sigmoid outputs: use bce, focal, dice or dicefocal"
-        )
-    if crafted is None and getattr(ATTACKS.get(attack), "loss_ensemble", False):
-        # sea: one attack whose members carry their own losses; one set of records
-        attacks = [create_attack(attack, model, eps=eps, **kwargs)]
-        names = [WORST_CASE_LOSS]
+    for losses in cells.values():
+        _check_losses(losses, activation, model_name)
+    # crafted images carry a label (universal, random-sign), not necessarily a registry name
+    base_attack = None if crafted is not None else ATTACKS.get(parse_attack_name(attack)[0])
+    traced = trace and base_attack is not None and not base_attack.single_step
+    if traced:
+        kwargs["record_trace"] = True
+    if crafted is None and getattr(base_attack, "loss_ensemble", False):
+        # sea: one attack per cell whose members carry their own losses; one set of records
+        sweep = [[create_attack(attack, model, eps=eps, **kwargs)] for eps in cells]
+        names = [[WORST_CASE_LOSS] for _ in cells]
     elif crafted is None:
-        attacks = [
-            create_compat_attack(attack, model, loss, eps, compat, **kwargs) for loss in losses
-        ]
-        names = [a.loss.name for a in attacks]
+        sweep = [[create_compat_attack(attack, model, loss, eps, compat, **kwargs)
+                  for loss in losses] for eps, losses in cells.items()]  # fmt: skip
+        names = [[a.loss.name for a in attacks] for attacks in sweep]
     else:
-        attacks, names = [], list(losses)
+        sweep, names = [], [list(losses) for losses in cells.values()]
+    shared = bool(sweep) and all(
+        a.single_step and a.model is model for attacks in sweep for a in attacks
+    )  # an adaptive attack (+bpda/+eot) differentiates a view of the model, not the model
     device = next(model.parameters()).device
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -274,17 +378,15 @@ def evaluate_cell(
     )
     index = data.index
     params = sum(p.numel() for p in model.parameters())
-    frames: list[tuple[int, pd.DataFrame]] = []
-    shown: list[tuple[int, dict[str, np.ndarray]]] = []
-    kept: list[tuple[int, list[np.ndarray]]] = []
+    frames: list[tuple[int, list[pd.DataFrame]]] = []  # per batch, one frame per eps
+    shown: list[tuple[int, list[dict[str, np.ndarray]]]] = []
+    kept: list[tuple[int, list[list[np.ndarray]]]] = []  # per batch, per eps, per loss
+    steps: list[tuple[int, list[BatchTrace]]] = []  # per batch, per eps: (slices, loss traces)
     for batch_number, batch in zip(mine, loader, strict=True):
         x = batch["image"].to(device, non_blocking=True)
         y = batch["mask"].to(device, non_blocking=True).float()
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        generators = [
-            torch.Generator(device=device).manual_seed(draw_seed(a, batch_number)) for a in attacks
-        ]
         if not frames:
             _check_fit(model, x, y, model_name, classes)
         target = y
@@ -293,38 +395,85 @@ def evaluate_cell(
         if erased:
             target = y.clone()
             target[:, erased] = 0  # (B, K, H, W): the chosen organs vanish
-        if crafted is None:
-            out = attack_batch(model, attacks, x, target, generators)
-        else:
+        if crafted is not None:
             start = batch_number * batch_size
-            out = score_batch(model, x, crafted(x, target, np.arange(start, start + len(x))))
+            outs = [score_batch(model, x, crafted(x, target, np.arange(start, start + len(x))))]
+        elif shared:
+            outs = sweep_batch(model, sweep, x, target)
+        else:
+            outs = [attack_batch(model, attacks, x, target, _generators(attacks, batch_number))
+                    for attacks in sweep]  # fmt: skip
+        if traced:
+            steps.append((batch_number, [(len(x), [a.trace for a in atk]) for atk in sweep]))
         if keep_adversarial:
-            kept.append((batch_number, [images.float().cpu().numpy() for images in out.x_adv]))
+            kept.append(
+                (batch_number, [[im.float().cpu().numpy() for im in o.x_adv] for o in outs])
+            )
         meta = index.iloc[batch["row"].tolist()]
-        records = _batch_records(out, names, x, y, meta, classes, activation)
-        frames.append((batch_number, records))
+        parts = [
+            _batch_records(o, n, x, y, meta, classes, activation)
+            for o, n in zip(outs, names, strict=True)
+        ]
+        frames.append((batch_number, parts))
         start = batch_number * batch_size
         if start < examples:
-            shown.append((batch_number, _examples(out, x, y, meta, activation, examples - start)))
+            count = examples - start
+            shown.append(
+                (batch_number, [_examples(o, x, y, meta, activation, count) for o in outs])
+            )
         if on_batch is not None:
             on_batch(len(frames), len(mine))
 
     frames = [item for part in distributed.gather_objects(frames) for item in part]
     shown = [item for part in distributed.gather_objects(shown) for item in part]
-    adversarial = {}
+    frames.sort(key=_first)
+    shown.sort(key=_first)
+    steps = [item for part in distributed.gather_objects(steps) for item in part]
+    steps.sort(key=_first)
     if keep_adversarial:
         kept = sorted((i for part in distributed.gather_objects(kept) for i in part), key=_first)
-        adversarial = {n: np.concatenate([k[i] for _, k in kept]) for i, n in enumerate(names)}
-    records = pd.concat([f for _, f in sorted(frames, key=lambda t: t[0])], ignore_index=True)
-    order = records["loss"].map({name: i for i, name in enumerate(names)})
-    records = records.iloc[np.argsort(order.to_numpy(), kind="stable")].reset_index(drop=True)
-    records.insert(0, "eps", float(eps))
-    records.insert(0, "attack", label)
-    records.insert(0, "params", params)
-    records.insert(0, "arch", arch)
-    records.insert(0, "source", source or model_name)
-    records.insert(0, "model", model_name)
-    return CellResult(check_records(records), _merge_examples(shown, names), adversarial)
+    results = []
+    for i, eps in enumerate(cells):
+        records = pd.concat([parts[i] for _, parts in frames], ignore_index=True)
+        order = records["loss"].map({name: j for j, name in enumerate(names[i])})
+        records = records.iloc[np.argsort(order.to_numpy(), kind="stable")].reset_index(drop=True)
+        records.insert(0, "eps", float(eps))
+        records.insert(0, "attack", label)
+        records.insert(0, "params", params)
+        records.insert(0, "arch", arch)
+        records.insert(0, "source", source or model_name)
+        records.insert(0, "model", model_name)
+        examples_i = _merge_examples([(b, parts[i]) for b, parts in shown], names[i])
+        adversarial = {}
+        if keep_adversarial:
+            adversarial = {
+                n: np.concatenate([k[i][j] for _, k in kept]) for j, n in enumerate(names[i])
+            }
+        cell_steps = None
+        if traced:
+            batches = [parts[i] for _, parts in steps]
+            cell_steps = cell_trace(batches, names[i], model=model_name, attack=label, eps=eps)
+        results.append(CellResult(check_records(records), examples_i, adversarial, cell_steps))
+    return results
+
+
+def _check_losses(losses: Sequence[str], activation: str, model_name: str) -> None:
+    if not losses:
+        raise UserError(f"{model_name}: no attack loss given")
+    if len(set(losses)) != len(losses):
+        raise UserError(f"losses: each loss once, got {', '.join(losses)}")
+    softmax_only = [loss for loss in losses if loss in SOFTMAX_LOSSES]
+    if activation == "sigmoid" and softmax_only:
+        raise UserError(
+            f"loss {softmax_only[0]!r} is for softmax models (one class per pixel); these masks "
+            "are multi-label sigmoid outputs: use bce, focal, dice or dicefocal"
+        )
+
+
+def _generators(attacks: Sequence[Attack], batch_number: int) -> list[torch.Generator]:
+    """One generator per loss for a batch's random starts (see :func:`_draw_seed`)."""
+    device = next(attacks[0].model.parameters()).device
+    return [torch.Generator(device=device).manual_seed(draw_seed(a, batch_number)) for a in attacks]
 
 
 def _first(item: tuple) -> Any:
@@ -503,6 +652,10 @@ class EvaluateConfig:
         examples: slices per cell saved as ``examples/<cell>.npz`` for figures.
         erase: classes the attacks try to make vanish (targeted; see :func:`evaluate_cell`).
         compat: ``none`` or ``notebook`` (the paper's notebook reproduced, :mod:`advseg.compat`).
+        defences: input defences each checkpoint is evaluated behind (``none``, ``median:3``,
+            ...; :mod:`advseg.defences.transforms`); the records name the model
+            ``<checkpoint>+<defence>``.
+        trace: keep iterative attacks' convergence traces as ``traces/<cell>.csv``.
     """
 
     checkpoints: list[Path]
@@ -519,6 +672,8 @@ class EvaluateConfig:
     examples: int = 0
     erase: list[str] = field(default_factory=list)
     compat: str = "none"
+    defences: list[str] = field(default_factory=lambda: ["none"])
+    trace: bool = False
 
 
 @dataclass
@@ -530,6 +685,20 @@ class EvaluateResult:
     record_files: list[Path]
     summary_path: Path
     slices: dict[str, int]
+
+
+def sweep_groups(attack: str, eps_values: Sequence[float]) -> list[list[float]]:
+    """The eps values one :func:`evaluate_sweep` call should take together, in order.
+
+    A single-step attack's cells share one gradient, so all its eps values form one group; an
+    iterative attack gains nothing from grouping, so each eps is its own cell (its own progress,
+    its own file as soon as it is done).
+    """
+    from advseg.attacks import ATTACKS, parse_attack_name
+
+    values = list(dict.fromkeys(float(e) for e in eps_values))
+    base, modes = parse_attack_name(attack)
+    return [values] if ATTACKS.get(base).single_step and not modes else [[e] for e in values]
 
 
 def cell_name(model_name: str, attack: str, eps: float) -> str:
@@ -580,15 +749,18 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
         UserError: no checkpoint, an unknown attack, loss, option or protocol, a bad eps, a
             checkpoint that does not fit the data, or an empty split.
     """
-    from advseg.atomic import atomic_path
-    from advseg.attacks import ATTACKS, attack_options
+    from advseg.atomic import atomic_path, check_output_dir
+    from advseg.attacks import attack_options
     from advseg.bootstrap import with_intervals
     from advseg.config import from_dict
     from advseg.data import PreprocessConfig, load_data, split_cases
+    from advseg.defences import create_defence, defend, defended_name
     from advseg.models.checkpoint import check_compatible, load_checkpoint
     from advseg.records import write_records
     from advseg.report.examples import save_examples
+    from advseg.report.tables import file_stem
     from advseg.summary import PROTOCOLS, summarize_cells
+    from advseg.traces import write_trace
     from advseg.train import resolve_device
 
     if not config.checkpoints:
@@ -604,26 +776,35 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
     if config.split not in ("test", "all"):
         raise UserError(f"split: {config.split!r} is not 'test' or 'all'")
     for name in config.attacks:
-        ATTACKS.get(name)  # unknown names fail before any model or data is loaded
+        attack_options(name)  # unknown names fail before any model or data is loaded
+    for spec in config.defences:
+        create_defence(spec)
+    if len({defended_name("", spec) for spec in config.defences}) != len(config.defences):
+        raise UserError(f"defences: each defence once, got {', '.join(config.defences)}")
     accepted = {name: set(attack_options(name)) for name in config.attacks}
     unused = sorted(set(config.attack_options) - set().union(*accepted.values()))
     if unused:
         raise UserError(f"attack options {', '.join(unused)}: no attack of the sweep takes them")
 
+    if config.examples < 0:
+        raise UserError(f"--examples: {config.examples} must be 0 or more")
+    if config.batch_size < 1:
+        raise UserError(f"--batch-size: {config.batch_size} must be at least 1")
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
+    check_output_dir(out, "--out directory")  # under a file, or not writable: before any work
     distributed.init()
     console = Console(stderr=True, quiet=not (progress and distributed.is_main()))
     device = resolve_device(config.device)
     loaded: dict[tuple, Any] = {}
     frames, files, slices = [], [], {}
     for checkpoint in config.checkpoints:
-        model, meta = load_checkpoint(checkpoint, device)
-        model_name = checkpoint_label(checkpoint)
-        if model_name in slices:
+        bare, meta = load_checkpoint(checkpoint, device)
+        checkpoint_name = checkpoint_label(checkpoint)
+        if checkpoint_name in slices:
             raise UserError(
-                f"{checkpoint}: another checkpoint is also named {model_name!r}; the records "
+                f"{checkpoint}: another checkpoint is also named {checkpoint_name!r}; the records "
                 "of one model would overwrite the other's (rename or copy one of them)"
             )
         preprocess = from_dict(
@@ -651,29 +832,35 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
             _, rows = split_cases(data.index, meta.data["test_fraction"], meta.data["split_seed"])
         if len(rows) == 0:
             raise UserError(f"{checkpoint}: the {config.split} split has no slices")
-        slices[model_name] = len(rows)
-        for attack in config.attacks:
+        slices[checkpoint_name] = len(rows)
+        for spec, attack in itertools.product(config.defences, config.attacks):
+            model, model_name = defend(bare, spec), defended_name(checkpoint_name, spec)
             options = {k: v for k, v in config.attack_options.items() if k in accepted[attack]}
-            for eps in config.eps:
-                what = f"{model_name}, {attack} eps {eps:g} on {len(rows)} slices"
-                with cell_progress(console, what) as on_batch:
-                    result = evaluate_cell(
-                        model, data, rows, attack, config.losses, eps, model_name=model_name,
+            for group in sweep_groups(attack, config.eps):
+                what = f"{model_name}, {attack} eps {','.join(f'{e:g}' for e in group)}"
+                with cell_progress(console, f"{what} on {len(rows)} slices") as on_batch:
+                    results = evaluate_sweep(
+                        model, data, rows, attack, dict.fromkeys(group, config.losses),
+                        model_name=model_name,
                         arch=meta.model, attack_kwargs=options, batch_size=config.batch_size,
                         examples=config.examples, erase=config.erase, on_batch=on_batch,
-                        compat=config.compat,
+                        trace=config.trace, compat=config.compat,
                     )  # fmt: skip
-                records = result.records.assign(seed=int(meta.train.get("seed", 0)))
-                frames.append(records)
-                if distributed.is_main():
+                for eps, result in zip(group, results, strict=True):
+                    records = result.records.assign(seed=int(meta.train.get("seed", 0)))
+                    frames.append(records)
+                    if not distributed.is_main():
+                        continue
                     label = f"{attack}-erase-{'+'.join(config.erase)}" if config.erase else attack
                     if config.compat != "none":  # records say fgsm:notebook, files fgsm-notebook
                         label = compat_label(attack, config.compat)
-                    name = cell_name(model_name, label.replace(":", "-"), eps)
+                    name = cell_name(file_stem(model_name), label.replace(":", "-"), eps)
                     files.append(write_records(records, out / "records" / f"{name}.parquet"))
                     if result.examples:
                         npz = out / "examples" / f"{name}.npz"
                         save_examples(result.examples, npz, model=model_name, attack=label, eps=eps)
+                    if result.trace is not None:
+                        write_trace(result.trace, out / "traces" / f"{name}.csv")
     records = pd.concat(frames, ignore_index=True)
     table = with_intervals(records, config.protocol)  # Table II with case-bootstrap intervals
     summary_path = out / "summary.csv"

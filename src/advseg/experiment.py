@@ -17,6 +17,7 @@ again skips the finished cells and redoes only the unfinished one. The run direc
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -36,11 +37,10 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from advseg import distributed
-from advseg.atomic import write_text_atomic
+from advseg.atomic import remove_debris, write_text_atomic
 from advseg.attacks import ATTACKS, attack_options, check_eps
+from advseg.augment import Augment
 from advseg.bootstrap import with_intervals
-from advseg.compat import NOTEBOOK_ATTACKS, check_compat, compat_label
 from advseg.config import from_dict, load_yaml, save_yaml, to_dict
 from advseg.cross_model import (
     ENSEMBLE_PREFIX,
@@ -49,17 +49,22 @@ from advseg.cross_model import (
     transfer_cells,
 )
 from advseg.data import DataConfig, SliceData, load_data, split_train_val_test
+from advseg.defences import defend, defended_name
+from advseg.defences.adversarial_training import AdversarialConfig
 from advseg.errors import UserError
-from advseg.evaluate import cell_progress, evaluate_cell
+from advseg.evaluate import cell_progress, evaluate_sweep
 from advseg.losses import LOSSES, SOFTMAX_LOSSES
 from advseg.models import load_checkpoint, read_checkpoint
+from advseg.models.checkpoint import checkpoint_exists
 from advseg.models.zoo import resolve as resolve_model
+from advseg.preflight import check_experiment, data_fingerprint
 from advseg.records import read_records, white_box, write_records
 from advseg.report import Report, write_report
 from advseg.report.examples import save_examples
 from advseg.report.tables import file_stem, headline_eps
 from advseg.summary import summarize_cells
-from advseg.train import TrainConfig, resolve_device, train_on_data
+from advseg.traces import write_trace
+from advseg.train import TrainConfig, data_metadata, new_model, resolve_device, train
 from advseg.transfer import source_stem
 
 PAPER_LOSSES = ["bce", "focal", "dicefocal"]
@@ -74,14 +79,23 @@ class ModelSpec:
         name: the model's label in the run (records, tables, checkpoint file); defaults to ``arch``
             with every character outside ``[A-Za-z0-9._-]`` replaced by ``-``.
         checkpoint: load this checkpoint (path without suffix) instead of training.
-        encoder_weights: a local safetensors file of this model's pretrained encoder (each
-            encoder needs its own; default: ``train.encoder_weights``). Nothing is downloaded.
+        train: this model's changes to the experiment's ``train`` settings, e.g.
+            ``{noise_sigma: 0.25}`` (Gaussian-noise training) or ``{epochs: 5}``.
+        defences: input defences (``median:3``, ``jpeg:75``, ``noise:0.1``, ...;
+            :mod:`advseg.defences.transforms`): the grid also evaluates the model behind each
+            one, as the model ``<name>+<defence>`` (trained once, attacked naively and, with
+            ``pgd+bpda`` / ``pgd+eot`` attacks, adaptively).
+        adversarial: this model's adversarial training, in place of ``train.adversarial``
+            (:class:`advseg.defences.AdversarialConfig`), so that one grid holds defended and
+            undefended models side by side.
     """
 
     arch: str = "unet"
     name: str = ""
     checkpoint: Path | None = None
-    encoder_weights: Path | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+    defences: list[str] = field(default_factory=list)
+    adversarial: AdversarialConfig | None = None
 
     def __post_init__(self) -> None:
         self.name = self.name or file_stem(self.arch)
@@ -96,9 +110,6 @@ class AttackSpec:
         losses: loss registry names the attack maximises, one records set each.
         eps: L-inf budgets in image units ([0, 1] range).
         kwargs: further attack arguments (steps, step size, ...), passed as they are.
-        compat: ``none`` (the attack as named; for FGSM the paper's equation 5) or ``notebook``
-            (the paper's notebook code reproduced, :mod:`advseg.compat`; records label the
-            attack ``fgsm:notebook``). Empty: the experiment's ``compat``.
         transfer: also score every model's adversarial images on every other model of the grid
             (transfer cells, :mod:`advseg.transfer`).
         sources: models whose adversarial images are scored on every model of the grid; an
@@ -110,7 +121,6 @@ class AttackSpec:
     losses: list[str] = field(default_factory=lambda: list(PAPER_LOSSES))
     eps: list[float] = field(default_factory=lambda: [0.009])
     kwargs: dict[str, Any] = field(default_factory=dict)
-    compat: str = ""
     transfer: bool = False
     sources: list[str] = field(default_factory=list)
 
@@ -141,6 +151,8 @@ class EvaluationSpec:
         batch_size: slices per attack batch.
         examples: slices per cell whose images and predictions are kept for the report's panels.
         protocol: the Dice protocol of the summary (``paper``, ``per-class``, ``global``).
+        trace: keep iterative attacks' convergence traces (``traces/<cell>.csv``) for the
+            report's "Did the attacks converge?".
     """
 
     slices: Literal["with_mask", "all"] = "with_mask"
@@ -148,6 +160,7 @@ class EvaluationSpec:
     batch_size: int = 16
     examples: int = 2
     protocol: Literal["paper", "per-class", "global"] = "per-class"
+    trace: bool = False
 
 
 @dataclass
@@ -165,11 +178,6 @@ class ExperimentConfig:
         models, attacks: the grid.
         evaluation: slices, batch size, examples and the Dice protocol.
         report: write the report when the grid is done.
-        compat: ``none``, or ``notebook`` for every attack that does not name its own compat
-            (:mod:`advseg.compat`; a reproduction of the paper's code, not a recommended attack).
-        seeds: training seeds: each model is trained once per seed (``models/<model>/seed<k>/``)
-            and its records carry the seed, so that Table II shows the mean and the spread over
-            seeds. Empty: one training per model, seeded by ``train.seed``.
     """
 
     name: str = "experiment"
@@ -181,8 +189,6 @@ class ExperimentConfig:
     attacks: list[AttackSpec] = field(default_factory=lambda: [AttackSpec()])
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     report: bool = True
-    compat: str = "none"
-    seeds: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -198,21 +204,12 @@ class Cell:
     eps: float
     losses: tuple[str, ...]
     kwargs: tuple[tuple[str, Any], ...] = ()
-    compat: str = "none"
-    seed: int | None = None  # the training seed, when the grid names seeds
     source: str = ""
 
     @property
-    def label(self) -> str:
-        """The records' attack label: the name, or e.g. ``fgsm:notebook``."""
-        return compat_label(self.attack, self.compat)
-
-    @property
     def slug(self) -> str:
-        """The cell's file name stem, e.g. ``unet__fgsm__eps0.009`` (``unet__seed1__...`` with
-        seeds, ``...__from-<source>`` for a transfer cell)."""
-        seed = "" if self.seed is None else f"__seed{self.seed}"
-        slug = f"{file_stem(self.model)}{seed}__{file_stem(self.label)}__eps{self.eps:g}"
+        """The cell's file name stem, e.g. ``unet__fgsm__eps0.009`` (``...__from-<source>``)."""
+        slug = f"{file_stem(self.model)}__{file_stem(self.attack)}__eps{self.eps:g}"
         return f"{slug}__from-{source_stem(self.source)}" if self.source else slug
 
 
@@ -231,22 +228,33 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
                 resolve_model(model.arch)
             except UserError as err:
                 raise UserError(f"models[{i}].arch: {err}") from None
+        trained_here = model.checkpoint is None and not model.arch.startswith(ENSEMBLE_PREFIX)
+        if model.adversarial is not None and not trained_here:
+            raise UserError(
+                f"models[{i}].adversarial: only a model trained here takes a training defence "
+                "(not a checkpoint or an ensemble)"
+            )
         if model.name in seen:
             raise UserError(
                 f"models[{i}].name: {model.name!r} is also models[{seen[model.name]}]; "
                 "give one of them another name"
             )
         seen[model.name] = i
-    check_compat(config.compat, "compat")
+        try:
+            if trained_here:
+                model_train_config(config, model)
+        except UserError as err:
+            raise UserError(f"models[{i}].train: {err}") from None
+        for j, spec in enumerate(model.defences):
+            try:
+                label = defended_name(model.name, spec)
+            except UserError as err:
+                raise UserError(f"models[{i}].defences[{j}]: {err}") from None
+            if label == model.name or label in seen:
+                raise UserError(f"models[{i}].defences[{j}]: {spec!r} is listed twice (or none)")
+            seen[label] = i
     kwargs_of: dict[str, tuple[int, dict[str, Any]]] = {}
     for i, attack in enumerate(config.attacks):
-        mode = attack_compat(attack, config)
-        check_compat(mode, f"attacks[{i}].compat")
-        if mode != "none" and attack.name not in NOTEBOOK_ATTACKS:
-            raise UserError(
-                f"attacks[{i}].compat: {mode!r} reproduces the paper's notebook, which attacked "
-                f"with {', '.join(NOTEBOOK_ATTACKS)} only, not {attack.name!r}"
-            )
         if not attack.losses:
             raise UserError(f"attacks[{i}].losses: at least one loss is needed")
         for j, loss in enumerate(attack.losses):
@@ -257,8 +265,10 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
                     f"attacks[{i}].losses[{j}]: {loss!r} is for softmax models; the masks here "
                     "are multi-label sigmoid outputs"
                 )
-        if attack.name not in ATTACKS:
-            raise UserError(f"attacks[{i}].name: {ATTACKS.unknown_message(attack.name)}")
+        try:
+            attack_options(attack.name)  # a registry name, maybe with +bpda / +eot
+        except UserError as err:
+            raise UserError(f"attacks[{i}].name: {err}") from None
         unknown = sorted(set(attack.kwargs) - set(attack_options(attack.name)))
         if unknown:
             raise UserError(
@@ -272,7 +282,7 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
                 check_eps(eps, attack.kwargs.get("norm", "linf"), 1.0, attack.name)
             except UserError as err:
                 raise UserError(f"attacks[{i}].eps[{j}]: {err}") from None
-        first = kwargs_of.setdefault(compat_label(attack.name, mode), (i, attack.kwargs))
+        first = kwargs_of.setdefault(attack.name, (i, attack.kwargs))
         if first[1] != attack.kwargs:
             raise UserError(
                 f"attacks[{i}].kwargs: attack {attack.name!r} appears in attacks[{first[0]}] with "
@@ -282,8 +292,6 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
         value = getattr(config.split, key)
         if not 0 < value < 1:
             raise UserError(f"split.{key}: {value} is not between 0 and 1")
-    if len(set(config.seeds)) != len(config.seeds):
-        raise UserError(f"seeds: each seed once, got {config.seeds}")
     if config.train.model != TrainConfig.model:
         raise UserError("train.model: name the models under models: (each one's arch)")
     ev = config.evaluation
@@ -295,6 +303,29 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
         raise UserError(f"evaluation.examples: {ev.examples} must be 0 or more")
     check_cross_model(config)
     return config
+
+
+def model_variants(model: ModelSpec) -> list[str]:
+    """The grid's names of one model: as trained, then behind each of its input defences."""
+    return [model.name, *(defended_name(model.name, spec) for spec in model.defences)]
+
+
+def model_train_config(config: ExperimentConfig, model: ModelSpec) -> TrainConfig:
+    """The experiment's training settings with this model's arch and its own ``train`` changes."""
+    if "model" in model.train:
+        raise UserError("model: a model's arch is its train.model; do not set it here")
+    values = _merged(to_dict(config.train), model.train)
+    return from_dict(TrainConfig, {**values, "model": model.arch}, where="train")
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` applied key by key, nested mappings merged, not replaced."""
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = _merged(out[key], value)
+        out[key] = value
+    return out
 
 
 def packaged_config(name: str) -> Path | None:
@@ -329,37 +360,22 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         raise UserError(f"{path}: {err}") from None
 
 
-def attack_compat(attack: AttackSpec, config: ExperimentConfig) -> str:
-    """The compatibility mode of one attack: its own, else the experiment's."""
-    return attack.compat or config.compat
-
-
 def plan_cells(config: ExperimentConfig) -> list[Cell]:
     """The grid in run order (model by model), with the losses of repeated (attack, eps) united."""
-    cells: dict[tuple[str, int | None, str, str, float], list[str]] = {}
-    kwargs: dict[tuple[str, str], tuple[tuple[str, Any], ...]] = {}
-    for model in config.models:
-        for seed in _training_seeds(config, model):
-            for attack in config.attacks:
-                mode = attack_compat(attack, config)
-                kwargs[attack.name, mode] = tuple(sorted(attack.kwargs.items()))
-                for eps in attack.eps:
-                    key = (model.name, seed, attack.name, mode, float(eps))
-                    losses = cells.setdefault(key, [])
-                    losses += [loss for loss in attack.losses if loss not in losses]
+    cells: dict[tuple[str, str, float], list[str]] = {}
+    kwargs: dict[str, tuple[tuple[str, Any], ...]] = {}
+    names = [name for model in config.models for name in model_variants(model)]
+    for name in names:
+        for attack in config.attacks:
+            kwargs[attack.name] = tuple(sorted(attack.kwargs.items()))
+            for eps in attack.eps:
+                losses = cells.setdefault((name, attack.name, float(eps)), [])
+                losses += [loss for loss in attack.losses if loss not in losses]
     planned = [
-        Cell(model, attack, eps, tuple(losses), kwargs[attack, mode], mode, seed)
-        for (model, seed, attack, mode, eps), losses in cells.items()
+        Cell(model, attack, eps, tuple(losses), kwargs[attack])
+        for (model, attack, eps), losses in cells.items()
     ]
     return planned + transfer_cells(config, planned)
-
-
-def _training_seeds(config: ExperimentConfig, model: ModelSpec) -> list[int | None]:
-    """The seeds a model is trained with: None (one run, ``train.seed``) unless seeds are named
-    (a loaded checkpoint is one model, whatever the seeds)."""
-    if not config.seeds or model.checkpoint is not None:
-        return [None]
-    return list(config.seeds)
 
 
 @dataclass
@@ -368,6 +384,7 @@ class CellOutput:
 
     records: pd.DataFrame
     examples: dict[str, Any] | None = None
+    trace: pd.DataFrame | None = None
 
 
 @dataclass
@@ -378,38 +395,64 @@ class GridResult:
     skipped: list[str] = field(default_factory=list)
 
 
+def sweep_key(cell: Cell) -> tuple | None:
+    """Cells with one key can share one gradient (a single-step attack's eps sweep); None: alone.
+
+    A single-step attack's images at every eps come from the same input gradient, so the cells of
+    one (model, attack, options) are computed together by ``run_cells``' ``sweep``.
+    """
+    if cell.source or "+" in cell.attack or not ATTACKS.get(cell.attack).single_step:
+        return None  # a transfer cell scores images crafted elsewhere; +bpda/+eot attack a view
+    return (cell.model, cell.attack, cell.kwargs)
+
+
 def run_cells(
     cells: Sequence[Cell],
     run_dir: str | Path,
     compute: Callable[[Cell], CellOutput],
     on_cell: Callable[[Cell, bool], None] | None = None,
+    sweep: Callable[[list[Cell]], list[CellOutput]] | None = None,
 ) -> GridResult:
     """Compute every cell whose records file is missing; a present file means the cell is done.
 
     The examples file is written before the records file, and each atomically, so a records file
     on disk always belongs to a finished cell and an interrupted cell leaves nothing behind.
+    Cells computed together by ``sweep`` are still written (and so resumed) one by one.
 
     Args:
         cells: the grid, in run order.
         run_dir: the run directory (``records/`` and ``examples/`` are made inside it).
         compute: evaluates one cell.
         on_cell: called after each cell with the cell and whether it was skipped (for progress).
+        sweep: evaluates several unfinished cells of one :func:`sweep_key` at once (their
+            outputs in the same order); without it every cell goes through ``compute``.
     """
     run_dir = Path(run_dir)
     result = GridResult()
+
+    def records_path(cell: Cell) -> Path:
+        return run_dir / "records" / f"{cell.slug}.parquet"
+
+    pending = [cell for cell in cells if not records_path(cell).exists()]
+    ready: dict[Cell, CellOutput] = {}
     for cell in cells:
-        records_path = run_dir / "records" / f"{cell.slug}.parquet"
-        if distributed.broadcast_object(records_path.exists()):  # every rank skips alike
+        if cell not in pending:
             result.skipped.append(cell.slug)
         else:
-            output = compute(cell)
-            if distributed.is_main():  # under torchrun every rank computes, rank 0 writes
-                if output.examples:
-                    path = run_dir / "examples" / f"{cell.slug}.npz"
-                    save_examples(
-                        output.examples, path, model=cell.model, attack=cell.label, eps=cell.eps
-                    )
-                write_records(output.records, records_path)
+            if cell not in ready:
+                key = sweep_key(cell) if sweep is not None else None
+                group = [c for c in pending if c == cell or (key and sweep_key(c) == key)]
+                outputs = sweep(group) if sweep and len(group) > 1 else [compute(cell)]
+                ready.update(zip(group, outputs, strict=True))
+            output = ready.pop(cell)
+            if output.examples:
+                path = run_dir / "examples" / f"{cell.slug}.npz"
+                save_examples(
+                    output.examples, path, model=cell.model, attack=cell.attack, eps=cell.eps
+                )
+            if output.trace is not None:
+                write_trace(output.trace, run_dir / "traces" / f"{cell.slug}.csv")
+            write_records(output.records, records_path(cell))
             result.computed.append(cell.slug)
         if on_cell is not None:
             on_cell(cell, cell.slug in result.skipped)
@@ -417,7 +460,7 @@ def run_cells(
 
 
 RESUMABLE_KEYS = frozenset(
-    {"train.num_workers", "train.tensorboard", "evaluation.protocol", "report"}
+    {"train.num_workers", "train.tensorboard", "evaluation.protocol", "evaluation.trace", "report"}
 )
 """Config keys a resume may change: they decide how the work is done or shown, not its records
 (the summary and the report are recomputed from the records at every run)."""
@@ -438,17 +481,32 @@ def prepare_run_dir(config: ExperimentConfig, run_dir: str | Path) -> Path:
     if saved_path.exists():
         differences = _differences(load_yaml(saved_path), resolved)
         refused = [key for key in differences if key not in RESUMABLE_KEYS]
-        if refused:
+        if refused and holds_work(run_dir):
             raise UserError(
                 f"{saved_path}: this run directory holds another experiment ({refused[0]} "
                 "differs); use a new run directory"
             )
-        if differences:
+        if differences:  # resumable keys, or a directory with nothing finished in it
             save_yaml(resolved, saved_path)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(resolved, saved_path)
     return run_dir
+
+
+def holds_work(run_dir: str | Path) -> bool:
+    """True when ``run_dir`` holds finished work: a cell's records or a model's checkpoint.
+
+    A directory holding only ``config.yaml`` (an experiment refused or stopped before its first
+    save) holds none: it may be reused with a corrected experiment.
+    """
+    run_dir = Path(run_dir)
+    if any((run_dir / "records").glob("*.parquet")):
+        return True
+    return any(
+        checkpoint_exists(path.with_name(path.name.removesuffix(".json")))
+        for path in (run_dir / "models").glob("*/checkpoints/*.json")
+    )
 
 
 def _differences(old: Any, new: Any, where: str = "") -> list[str]:
@@ -461,6 +519,8 @@ def _differences(old: Any, new: Any, where: str = "") -> list[str]:
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         return [d for i, (a, b) in enumerate(zip(old, new, strict=True))
                 for d in _differences(a, b, f"{where}[{i}]")]  # fmt: skip
+    if old is None and isinstance(new, (dict, list)) and not new:
+        return []  # a key added to the config since the run began, at its empty default
     return [] if old == new else [where or "the whole config"]
 
 
@@ -498,20 +558,19 @@ def run_experiment(
         config: the experiment (checked by :func:`check_config`).
         run_dir: the run directory; an existing one must hold this same experiment.
         progress: show rich progress (data, training epochs, cells) on the terminal.
-
-    Under ``torchrun`` every rank calls this: training runs as DistributedDataParallel
-    (:func:`advseg.train.train_on_data`), each cell's slices are sharded over the ranks
-    (:func:`advseg.evaluate.evaluate_cell`), and rank 0 alone writes files.
     """
     start = time.perf_counter()
     check_config(config)
-    distributed.init()
-    main = distributed.is_main()
-    if main:
-        run_dir = prepare_run_dir(config, run_dir)
-    distributed.barrier()
-    run_dir = Path(run_dir)
-    console = Console(stderr=True, quiet=not (progress and main))
+    check_experiment(config, run_dir)  # everything the grid needs, before anything is written
+    run_dir = prepare_run_dir(config, run_dir)
+    console = Console(stderr=True, quiet=not progress)
+    removed = remove_debris(run_dir)
+    if removed:
+        console.print(
+            f"removed {len(removed)} temporary file(s) left in {run_dir} by a killed run",
+            highlight=False,
+            soft_wrap=True,
+        )
     columns = (SpinnerColumn(), TextColumn("{task.description}"), MofNCompleteColumn())
     hidden = not console.is_terminal
     with Progress(
@@ -520,11 +579,8 @@ def run_experiment(
         task = bar.add_task(
             "loading data (the phantom is written on first use), slices", total=None
         )
-        if not main:
-            distributed.barrier()  # rank 0 fills the preprocessing cache first
         data = load_data(config.data, progress=lambda n: bar.update(task, completed=n))
-        if main:
-            distributed.barrier()
+    check_data_fingerprint(run_dir, data)
     train_rows, val_rows, test_rows = split_train_val_test(
         data.index, config.split.test_fraction, config.split.val_fraction, config.split.seed
     )
@@ -539,60 +595,66 @@ def run_experiment(
     for line in data.exclusions.lines():
         console.print(f"data: {line}", highlight=False, soft_wrap=True)
     cells = plan_cells(config)
-    models: dict[tuple[str, int | None], tuple[torch.nn.Module, str]] = {}
-    seeds: dict[tuple[str, int | None], int] = {}  # (model, grid seed) -> its training seed
+    models: dict[str, tuple[torch.nn.Module, str]] = {}
     trained = []
     device = resolve_device(config.train.device)
 
-    def model_for(name: str, seed: int | None = None) -> tuple[torch.nn.Module, str]:
-        """The model ``name`` trained with ``seed`` (cross-model cells: the first seed's)."""
-        spec = next(m for m in config.models if m.name == name)
-        if seed is None:
-            seed = _training_seeds(config, spec)[0]
-        if (name, seed) not in models:
+    variants = {
+        name: (spec, defence)
+        for spec in config.models
+        for name, defence in zip(model_variants(spec), ["none", *spec.defences], strict=True)
+    }
+
+    def model_for(name: str) -> tuple[torch.nn.Module, str]:
+        spec, defence = variants[name]
+        if spec.name not in models:
             if spec.arch.startswith(ENSEMBLE_PREFIX):
-                net, arch, trained_seed = cross.ensemble(spec.arch, model_for), spec.arch, 0
+                net, arch = cross.ensemble(spec.arch, model_for), spec.arch
             else:
-                net, arch, fresh, trained_seed = _get_model(
-                    spec, config, data.classes, run_dir, progress, seed
+                net, arch, fresh = _get_model(
+                    spec, config, data, train_rows, val_rows, run_dir, progress
                 )
                 if fresh:
-                    trained.append(name if seed is None else f"{name} (seed {seed})")
+                    trained.append(spec.name)
             models.clear()  # one model in memory at a time
-            models[name, seed] = (net.to(device).eval(), arch)
-            seeds[name, seed] = trained_seed
-        return models[name, seed]
+            models[spec.name] = (net.to(device).eval(), arch)
+        net, arch = models[spec.name]
+        return defend(net, defence), arch  # a fresh defence per cell: its own noise draws
 
     cross = CrossModel(config, data, eval_rows, train_rows, run_dir, model_for, console)
     cross.check_io()
 
-    def compute(cell: Cell) -> CellOutput:
-        if cross.handles(cell):
-            return CellOutput(cross.compute(cell))
-        net, arch = model_for(cell.model, cell.seed)
-        what = (
-            f"evaluating {cell.model}, {cell.label} eps {cell.eps:g} "
-            f"({', '.join(cell.losses)}) on {len(eval_rows)} slices"
-        )
+    def compute_cells(group: list[Cell]) -> list[CellOutput]:
+        first = group[0]  # the group shares model, attack and options (sweep_key)
+        net, arch = model_for(first.model)
+        eps = ", ".join(f"{c.eps:g}" for c in group)
+        losses = ", ".join(dict.fromkeys(loss for c in group for loss in c.losses))
+        what = f"evaluating {first.model}, {first.attack} eps {eps} ({losses})"
+        what += f" on {len(eval_rows)} slices"
         with cell_progress(console, what) as on_batch:
-            result = evaluate_cell(
+            results = evaluate_sweep(
                 net,
                 data,
                 eval_rows,
-                cell.attack,
-                list(cell.losses),
-                cell.eps,
-                model_name=cell.model,
+                first.attack,
+                {c.eps: list(c.losses) for c in group},
+                model_name=first.model,
                 arch=arch,
-                attack_kwargs={"seed": config.seed, **dict(cell.kwargs)},
+                attack_kwargs={"seed": config.seed, **dict(first.kwargs)},
                 batch_size=config.evaluation.batch_size,
                 examples=config.evaluation.examples,
                 on_batch=on_batch,
-                compat=cell.compat,
-                keep_adversarial=cross.is_source(cell),
+                keep_adversarial=any(cross.is_source(c) for c in group),
+                trace=config.evaluation.trace,
             )
-        cross.keep(cell, result.adversarial)
-        return CellOutput(result.records.assign(seed=seeds[cell.model, cell.seed]), result.examples)
+        for cell, result in zip(group, results, strict=True):
+            cross.keep(cell, result.adversarial)
+        return [CellOutput(r.records, r.examples, r.trace) for r in results]
+
+    def compute(cell: Cell) -> CellOutput:
+        if cross.handles(cell):
+            return CellOutput(cross.compute(cell))
+        return compute_cells([cell])[0]
 
     total = len(cells)
 
@@ -601,22 +663,46 @@ def run_experiment(
         state = "already done" if skipped else "done"
         console.print(f"cell {index}/{total} {cell.slug}: {state}", highlight=False)
 
-    grid = run_cells(cells, run_dir, compute, on_cell)
-    distributed.barrier()  # rank 0 has written every cell
+    grid = run_cells(cells, run_dir, compute, on_cell, sweep=compute_cells)
     records = white_box(read_records(run_dir))
     eps = headline_eps(records)
     protocol = config.evaluation.protocol
     headline = records[records["eps"] == eps]
-    summary = with_intervals(headline, protocol, seed=config.seed)  # + case-bootstrap 95% CIs
+    summary = with_intervals(headline, protocol)  # Table II with case-bootstrap intervals
     headline_cells = summarize_cells(headline, protocol)
+    write_text_atomic(run_dir / "summary.csv", summary.to_csv(index=False, na_rep="n/a"))
     report = None
-    if main:
-        write_text_atomic(run_dir / "summary.csv", summary.to_csv(index=False, na_rep="n/a"))
-    if config.report and main:
+    if config.report:
         with console.status("writing the report"):
             report = write_report(run_dir, protocol=protocol, eps=eps)
     seconds = time.perf_counter() - start
     return RunResult(run_dir, grid, trained, summary, headline_cells, protocol, report, seconds)
+
+
+def check_data_fingerprint(run_dir: Path, data: SliceData) -> None:
+    """Record the data's fingerprint in ``run_dir/data.json``; refuse a resume on other data.
+
+    Raises:
+        UserError: the run holds finished work computed on data with another fingerprint (the
+            data at the path was replaced, edited or copied anew since).
+    """
+    path = run_dir / "data.json"
+    now = {"fingerprint": data_fingerprint(data), "slices": len(data)}
+    if path.is_file() and holds_work(run_dir):
+        try:
+            saved = json.loads(path.read_text())["fingerprint"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(
+                f"{path}: damaged (no data fingerprint); use a new run directory"
+            ) from None
+        if saved != now["fingerprint"]:
+            raise UserError(
+                f"{path}: the data changed since this run computed on it (fingerprint {saved}, "
+                f"now {now['fingerprint']}: files replaced, edited or copied anew); restore the "
+                "data or use a new run directory"
+            )
+        return
+    write_text_atomic(path, json.dumps(now, indent=1) + "\n")
 
 
 def _evaluation_rows(
@@ -639,53 +725,59 @@ def _evaluation_rows(
 def _get_model(
     spec: ModelSpec,
     config: ExperimentConfig,
-    classes: list[str],
+    data: SliceData,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
     run_dir: Path,
     progress: bool,
-    seed: int | None = None,
-) -> tuple[torch.nn.Module, str, bool, int]:
+) -> tuple[torch.nn.Module, str, bool]:
     """The model of ``spec``: loaded from its checkpoint, or trained (resumed) in the run dir.
 
-    Training is :func:`advseg.train.train_on_data`, the one training path (``advseg train``
-    takes it too): the same split, augmentation, encoder weights and checkpoint metadata.
-
-    Args:
-        seed: the training seed (``train.seed`` when None); with seeds named the run trains in
-            ``models/<name>/seed<k>/``.
-
     Returns:
-        ``(model, zoo name, trained_now, training seed)``.
+        ``(model, zoo name, trained_now)``.
     """
     if spec.checkpoint is not None:
-        net, meta = load_checkpoint(spec.checkpoint, classes=classes)
+        net, meta = load_checkpoint(spec.checkpoint, classes=data.classes)
         check_held_out(meta.data, spec.checkpoint, config)
-        return net, meta.model, False, int(meta.train.get("seed", 0))
+        return net, meta.model, False
     out = run_dir / "models" / spec.name
-    if seed is not None:
-        out = out / f"seed{seed}"
     best = out / "checkpoints" / "best"
     last = out / "checkpoints" / "last"
-    weights = spec.encoder_weights or config.train.encoder_weights
-    train_config = replace(
-        config.train,
-        model=spec.arch,
-        seed=config.train.seed if seed is None else seed,
-        encoder_weights=None if weights is None else str(weights),
+    train_config = model_train_config(config, spec)
+    if spec.adversarial is not None:
+        train_config = replace(train_config, adversarial=spec.adversarial)
+    if checkpoint_exists(best) and _finished(last, train_config):
+        net, meta = load_checkpoint(best, classes=data.classes)
+        return net, meta.model, False
+    net = new_model(
+        train_config,
+        in_channels=data.preprocess.channels,
+        classes=len(data.classes),
+        encoder_weights=train_config.encoder_weights,
     )
-    fresh = not (best.with_suffix(".json").exists() and _finished(last, train_config))
-    if fresh:
-        train_on_data(
+    augment = train_config.augment
+    transform = Augment(augment, data.preprocess.size) if augment.enabled else None
+    train(
+        net,
+        data.dataset(train_rows, transform=transform),
+        data.dataset(val_rows),
+        train_config,
+        out,
+        classes=data.classes,
+        preprocessing=to_dict(data.preprocess),
+        data=data_metadata(
             config.data,
-            train_config,
-            out,
+            data,
             test_fraction=config.split.test_fraction,
             val_fraction=config.split.val_fraction,
             split_seed=config.split.seed,
-            resume=last.with_suffix(".json").exists(),
-            progress=progress,
-        )
-    net, meta = load_checkpoint(best, classes=classes)
-    return net, meta.model, fresh, train_config.seed
+            rows={"train": len(train_rows), "val": len(val_rows)},
+        ),
+        resume=checkpoint_exists(last),
+        progress=progress,
+    )
+    net, meta = load_checkpoint(best, classes=data.classes)
+    return net, meta.model, True
 
 
 def check_held_out(metadata: dict[str, Any], checkpoint: Path, config: ExperimentConfig) -> None:
@@ -715,7 +807,7 @@ def check_held_out(metadata: dict[str, Any], checkpoint: Path, config: Experimen
 
 def _finished(last: Path, train_config: TrainConfig) -> bool:
     """True when the training run at ``last`` ran all its epochs or stopped early."""
-    if not last.with_suffix(".json").exists():
+    if not checkpoint_exists(last):
         return False
     _, _, state = read_checkpoint(last)
     return state is not None and (state["stopped_early"] or state["epoch"] >= train_config.epochs)

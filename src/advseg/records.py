@@ -52,7 +52,12 @@ RECORD_COLUMNS: dict[str, str] = {
     "psnr": "float64",
     "ssim": "float64",
     "luminosity": "float64",
+    "abstained": "float64",  # share of the pixels left undecided (randomized smoothing), else 0
 }
+
+DEFAULTS: dict[str, object] = {"abstained": 0.0}
+"""Columns a producer may leave out (and older files lack): filled with these values. An
+ordinary prediction decides every pixel, so only certification (``advseg certify``) abstains."""
 
 
 def check_records(frame: pd.DataFrame, source: str = "records") -> pd.DataFrame:
@@ -61,7 +66,8 @@ def check_records(frame: pd.DataFrame, source: str = "records") -> pd.DataFrame:
     ``seed`` may be missing (an evaluation of one checkpoint, records from before seeds existed):
     it is then 0. A frame without ``source`` (records from before transfer attacks) is white-box:
     its ``source`` is its ``model``. A frame without ``member`` (records from before the ``sea``
-    attack) had no ensemble attack: its ``member`` is ``""``.
+    attack) had no ensemble attack: its ``member`` is ``""``. Columns of :data:`DEFAULTS` that
+    are missing are filled with their default.
     """
     if "seed" not in frame.columns:
         frame = frame.assign(seed=0)
@@ -69,6 +75,7 @@ def check_records(frame: pd.DataFrame, source: str = "records") -> pd.DataFrame:
         frame = frame.assign(source=frame["model"])
     if "member" not in frame.columns:
         frame = frame.assign(member="")
+    frame = frame.assign(**{c: v for c, v in DEFAULTS.items() if c not in frame.columns})
     missing = [c for c in RECORD_COLUMNS if c not in frame.columns]
     if missing:
         raise UserError(f"{source}: missing record columns: {', '.join(missing)}")
@@ -115,4 +122,27 @@ def read_records(path: str | Path) -> pd.DataFrame:
         except Exception as err:  # pyarrow raises several types for truncated files
             raise UserError(f"{file}: not a complete Parquet records file ({err})") from None
         frames.append(check_records(frame, str(file)))
-    return pd.concat(frames, ignore_index=True)
+    records = pd.concat(frames, ignore_index=True)
+    _refuse_repeats(records, [f for f, frame in zip(files, frames, strict=True)
+                              for _ in range(len(frame))])  # fmt: skip
+    return records
+
+
+KEY_COLUMNS = ("model", "seed", "source", "attack", "loss", "eps", "slice_id", "class")
+"""What identifies a record: no two rows of a set of records may share these."""
+
+
+def _refuse_repeats(records: pd.DataFrame, files: list[Path]) -> None:
+    """Refuse records whose key repeats (a records file copied or written twice)."""
+    repeated = records.duplicated(list(KEY_COLUMNS), keep=False).to_numpy()
+    if not repeated.any():
+        return
+    first = int(repeated.argmax())
+    key = records.iloc[first][list(KEY_COLUMNS)]
+    same = (records[list(KEY_COLUMNS)] == key).all(axis=1).to_numpy() & repeated
+    where = sorted({str(files[i]) for i in same.nonzero()[0]})
+    text = ", ".join(f"{k}={key[k]}" for k in KEY_COLUMNS)
+    raise UserError(
+        f"{where[0]}: records repeat ({text}) in {' and '.join(where)}; a records file copied or "
+        "written twice would be counted twice: remove the copy"
+    )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -33,14 +34,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from advseg import distributed
-from advseg.atomic import write_text_atomic
+from advseg.atomic import remove_debris, write_text_atomic
+from advseg.attacks import Attack
 from advseg.augment import Augment, AugmentConfig
 from advseg.config import to_dict
 from advseg.data import DataConfig, SliceData
+from advseg.defences.adversarial_training import AdversarialConfig, AdversarialTraining
 from advseg.errors import UserError
 from advseg.losses import LOSSES, create_loss
 from advseg.models.checkpoint import (
     check_compatible,
+    checkpoint_exists,
     load_weights,
     metadata_for,
     read_checkpoint,
@@ -76,7 +80,12 @@ class TrainConfig:
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
         threshold: probability above which a pixel counts as predicted, for validation Dice.
         augment: the augmentation settings (applied by the dataset's transform).
+        noise_sigma: Gaussian noise of this standard deviation added to every training image
+            (not clipped): the "augmentation" defence, and the training that randomized
+            smoothing (``advseg certify --sigma``) expects. 0 adds none.
         tensorboard: also write TensorBoard events (needs the ``tensorboard`` package).
+        adversarial: adversarial training (FGSM-RS, PGD, TRADES) and robust checkpoint selection
+            (:mod:`advseg.defences.adversarial_training`); off by default.
     """
 
     model: str = "unet"
@@ -97,6 +106,8 @@ class TrainConfig:
     threshold: float = 0.5
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     tensorboard: bool = False
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    noise_sigma: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum"):
@@ -105,12 +116,19 @@ class TrainConfig:
         for name in ("patience", "num_workers"):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name}: {getattr(self, name)} must be >= 0")
-        if self.lr <= 0 or self.eta_min < 0 or self.weight_decay < 0:
-            raise UserError("train.lr must be > 0, train.eta_min and train.weight_decay >= 0")
+        if not self.lr > 0:  # also refuses nan (a finite check is config.from_dict's)
+            raise UserError(f"train.lr: {self.lr} must be > 0")
+        for name in ("eta_min", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"train.{name}: {getattr(self, name)} must be >= 0")
+        if not 0 < self.threshold < 1:
+            raise UserError(f"train.threshold: {self.threshold} must lie in (0, 1)")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise UserError(f"train.precision: {self.precision!r} is not auto, fp32, bf16, fp16")
         if self.loss not in LOSSES:
             raise UserError(f"train.loss: {LOSSES.unknown_message(self.loss)}")
+        if not 0 <= self.noise_sigma <= 10:
+            raise UserError(f"train.noise_sigma: {self.noise_sigma} must be in [0, 10]")
         resolve(self.model)  # an unknown model name fails here, before any data is read
 
 
@@ -125,6 +143,7 @@ class EpochStats:
     lr: float
     images_per_s: float
     seconds: float
+    val_robust_dice: float | None = None  # with train.adversarial.select_by robust
 
 
 @dataclass
@@ -132,7 +151,8 @@ class TrainResult:
     """What a training run achieved, and where it left its files.
 
     Attributes:
-        best_dice, best_epoch: the best validation Dice and its epoch (1-based).
+        best_dice, best_epoch: the best validation Dice and its epoch (1-based); with
+            ``train.adversarial.select_by: robust``, the best robust validation Dice.
         epochs_run: epochs completed, counting those before a resume.
         stopped_early: True when early stopping ended the run before ``epochs``.
         history: one :class:`EpochStats` per completed epoch.
@@ -237,9 +257,12 @@ def train(
     )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     run = _RunState()
+    if distributed.is_main():  # temporary files of an earlier, killed run in this directory
+        remove_debris(out_dir, recursive=False)
+        remove_debris(out_dir / "checkpoints", recursive=False)
     if resume:
-        run = _restore(last_path, model, optimizer, scheduler, scaler, config, classes)
-    elif (last_path.with_suffix(".json")).exists():
+        run = _restore(last_path, model, optimizer, scheduler, scaler, config, classes, data)
+    elif checkpoint_exists(last_path):
         raise UserError(f"{out_dir}: already holds a run; resume it or choose another directory")
     distributed.barrier()  # no rank starts before every rank has read the checkpoint
 
@@ -250,6 +273,10 @@ def train(
         )
     loss_fn = create_loss(config.loss)
     val_loss_fn = create_loss(config.loss, reduction="sum")
+    defence = AdversarialTraining(
+        config.adversarial, model, loss_fn, train_loss=config.loss, seed=config.seed,
+        rank=distributed.rank(),
+    )  # fmt: skip
     meta_fields = {"preprocessing": preprocessing or {}, "data": data or {}}
     writer = _tensorboard(out_dir) if config.tensorboard and distributed.is_main() else None
     show = progress and distributed.is_main()
@@ -261,13 +288,25 @@ def train(
             torch.manual_seed(config.seed + 10_000 * epoch + distributed.rank())
             lr = optimizer.param_groups[0]["lr"]
             train_loss, images, train_seconds = _train_epoch(
-                net, train_set, config, epoch, optimizer, scaler, loss_fn, device, dtype,
+                net, train_set, config, epoch, optimizer, scaler, defence, device, dtype,
                 memory_format, bar,
             )  # fmt: skip
             scheduler.step()
             val_loss, val_dice = _validate(
                 net, val_set, config, val_loss_fn, device, dtype, memory_format, bar, epoch
             )
+            if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+                raise UserError(  # before this epoch's checkpoints: the last saved ones stay good
+                    f"epoch {epoch}: the loss is no longer a finite number (train {train_loss}, "
+                    f"validation {val_loss}); training stopped. Lower train.lr, or check the "
+                    "data for NaN or inf values"
+                )
+            robust_dice = None
+            if defence.validation_attack is not None:  # Rice et al. 2020: select on robust Dice
+                _, robust_dice = _validate(
+                    net, val_set, config, val_loss_fn, device, dtype, memory_format, bar, epoch,
+                    attack=defence.validation_attack,
+                )  # fmt: skip
             stats = EpochStats(
                 epoch=epoch,
                 train_loss=train_loss,
@@ -276,20 +315,28 @@ def train(
                 lr=lr,
                 images_per_s=images / max(train_seconds, 1e-9),
                 seconds=train_seconds,
+                val_robust_dice=robust_dice,
             )
             run.history.append(stats)
             bar.epoch_done(
                 f"epoch {epoch}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
-                f"val Dice {val_dice:.4f}  lr {lr:.2e}  {stats.images_per_s:.1f} img/s"
+                f"val Dice {val_dice:.4f}  "
+                + ("" if robust_dice is None else f"robust val Dice {robust_dice:.4f}  ")
+                + f"lr {lr:.2e}  {stats.images_per_s:.1f} img/s"
             )
             run.epoch = epoch
-            improved = val_dice > run.best_dice
+            score = val_dice if robust_dice is None else robust_dice  # what "best" means
+            improved = score > run.best_dice
             if improved:
-                run.best_dice, run.best_epoch = val_dice, epoch
+                run.best_dice, run.best_epoch = score, epoch
             if config.patience and epoch - run.best_epoch >= config.patience:
                 run.stopped_early = epoch < config.epochs
             if distributed.is_main():
-                metrics = {"best": _best_metrics(run), "last": asdict(stats)}
+                metrics = {
+                    "best": _best_metrics(run),
+                    "last": asdict(stats),
+                    "train_seconds": sum(s.seconds for s in run.history),  # all epochs
+                }
                 meta = metadata_for(
                     model, classes, **meta_fields, train=to_dict(config), metrics=metrics
                 )
@@ -344,6 +391,7 @@ def data_metadata(
     """
     return {
         "config": to_dict(data_config),
+        "fingerprint": data.cache_path.name,  # advseg.preflight.data_fingerprint
         "excluded": data.exclusions.lines(),
         "test_fraction": test_fraction,
         "val_fraction": val_fraction,
@@ -372,8 +420,16 @@ def train_on_data(
 
     Under torchrun, rank 0 fills the preprocessing cache before the other ranks read it.
     """
+    from advseg.atomic import check_output_dir
     from advseg.data import load_data, split_train_val_test
 
+    for name, value in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
+        if not 0 < value < 1:  # also nan
+            raise UserError(f"{name}: {value} must lie in (0, 1)")
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int):
+        raise UserError(f"split_seed: expected an integer, got {split_seed!r}")
+    resolve_device(config.device)  # an unknown device fails before any data is read
+    check_output_dir(out_dir, "training output directory")
     distributed.init()
     if not distributed.is_main():
         distributed.barrier()  # rank 0 fills the cache first
@@ -452,14 +508,18 @@ def _restore(
     scaler: torch.amp.GradScaler,
     config: TrainConfig,
     classes: list[str],
+    data: dict[str, Any] | None,
 ) -> _RunState:
-    if not last_path.with_suffix(".json").exists():
+    if not checkpoint_exists(last_path):
         raise UserError(f"{last_path}.json: nothing to resume (no last checkpoint)")
     weights, meta, state = read_checkpoint(last_path)
     spec = model_spec(model)
     check_compatible(meta, last_path, spec.name, spec.in_channels, classes)
     saved, now = meta.train, to_dict(config)
-    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
+    defaults = to_dict(TrainConfig())  # a key newer than the checkpoint had its default value
+    changed = sorted(
+        k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k, defaults[k]) != now[k]
+    )
     if changed:
         first = changed[0]
         raise UserError(
@@ -468,17 +528,29 @@ def _restore(
         )
     if state is None:
         raise UserError(f"{last_path}: holds no training state to resume from")
+    saved_data, data_now = meta.data.get("fingerprint"), (data or {}).get("fingerprint")
+    if saved_data and data_now and saved_data != data_now:
+        raise UserError(
+            f"{last_path}.json: the data changed since this run trained on it (fingerprint "
+            f"{saved_data}, now {data_now}: files replaced, edited or copied anew); restore the "
+            "data or train in a new directory"
+        )
     load_weights(model, weights, last_path)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    return _RunState(
-        epoch=state["epoch"],
-        best_dice=state["best_dice"],
-        best_epoch=state["best_epoch"],
-        stopped_early=state["stopped_early"],
-        history=[EpochStats(**row) for row in state["history"]],
-    )
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        return _RunState(
+            epoch=int(state["epoch"]),
+            best_dice=float(state["best_dice"]),
+            best_epoch=int(state["best_epoch"]),
+            stopped_early=bool(state["stopped_early"]),
+            history=[EpochStats(**row) for row in state["history"]],
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(
+            f"{last_path}.json: training_state is damaged ({type(err).__name__}: {err})"
+        ) from None
 
 
 def _loader(
@@ -515,7 +587,7 @@ def _train_epoch(
     epoch: int,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
-    loss_fn: nn.Module,
+    defence: AdversarialTraining,
     device: torch.device,
     dtype: torch.dtype,
     memory_format: torch.memory_format,
@@ -531,14 +603,16 @@ def _train_epoch(
     optimizer.zero_grad(set_to_none=True)
     for step, batch in enumerate(loader):
         image, mask = _to_device(batch, device, memory_format)
+        if config.noise_sigma > 0:  # Gaussian augmentation; draws follow the epoch's seed
+            image = image + config.noise_sigma * torch.randn_like(image)
         boundary = (step + 1) % config.grad_accum == 0 or step + 1 == steps
         sync = (
             contextlib.nullcontext() if boundary or not hasattr(net, "no_sync") else net.no_sync()
         )
         with sync:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                logits = net(image)  # (B, K, S, S)
-                loss = loss_fn(logits.float(), mask)
+                # loss(net(image), mask), or with the adversarial training's attack step
+                loss = defence.loss(net, image, mask, epoch=epoch, step=step, steps=steps)
             scaler.scale(loss / config.grad_accum).backward()
         if boundary:
             scaler.step(optimizer)
@@ -559,7 +633,6 @@ def _train_epoch(
     return (counts[0] / counts[1].clamp(min=1)).item(), int(counts[1].item()), seconds
 
 
-@torch.inference_mode()
 def _validate(
     net: nn.Module,
     dataset: Dataset,
@@ -570,16 +643,42 @@ def _validate(
     memory_format: torch.memory_format,
     bar: _Bar,
     epoch: int,
+    attack: Attack | None = None,
 ) -> tuple[float, float]:
-    """Mean loss and global Dice over the whole validation set (every rank's share summed)."""
+    """Mean loss and global Dice over the whole validation set (every rank's share summed).
+
+    With ``attack``, of the validation images attacked (robust validation Dice).
+    """
+    with torch.inference_mode() if attack is None else torch.no_grad():
+        return _validate_pass(
+            net, dataset, config, loss_fn, device, dtype, memory_format, bar, epoch, attack
+        )
+
+
+def _validate_pass(
+    net: nn.Module,
+    dataset: Dataset,
+    config: TrainConfig,
+    loss_fn: nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    memory_format: torch.memory_format,
+    bar: _Bar,
+    epoch: int,
+    attack: Attack | None,
+) -> tuple[float, float]:
     net.eval()
     rows = distributed.shard(list(range(len(dataset))))
     loader = _loader(Subset(dataset, rows), config, epoch, shuffle=False, device=device)
-    bar.start(f"epoch {epoch}/{config.epochs} val", len(loader))
+    what = "val" if attack is None else "robust val"
+    bar.start(f"epoch {epoch}/{config.epochs} {what}", len(loader))
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     counts = None  # (3, K): TP, FP, FN per class
     for batch in loader:
         image, mask = _to_device(batch, device, memory_format)
+        if attack is not None:  # the attack runs on the unwrapped model, in eval mode
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                image = attack(image, mask)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             logits = net(image).float()  # (B, K, S, S)
         loss_sum += loss_fn(logits, mask).double()
@@ -630,8 +729,8 @@ def _write_log(path: Path, history: list[EpochStats]) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
-def _round(value: float | int) -> float | int:
-    return value if isinstance(value, int) else float(f"{value:.6g}")
+def _round(value: float | int | None) -> float | int | None:
+    return value if value is None or isinstance(value, int) else float(f"{value:.6g}")
 
 
 def _tensorboard(out_dir: Path):

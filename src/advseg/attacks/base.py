@@ -22,10 +22,12 @@ from contextlib import contextmanager
 from typing import ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advseg.errors import UserError
 from advseg.losses import LOSSES, Loss, PerSampleLoss, create_loss, loss_activation
+from advseg.metrics import dice_score, hard_prediction
 from advseg.registry import Registry
 
 Norm = Literal["linf", "l2"]
@@ -84,6 +86,8 @@ class Attack:
             ``masked-spherical``), which get it unless ``loss_kwargs`` names another.
         seed: seeds the attack's own random generator (random starts).
         loss_kwargs: keyword arguments of the named loss (e.g. ``{"gamma": 2.0}``).
+        record_trace: keep, after each call, :attr:`trace`: per step the mean loss and the mean
+            Dice over the batch (did the attack converge?).
     """
 
     name: ClassVar[str] = "attack"
@@ -104,6 +108,7 @@ class Attack:
         activation: Activation | None = None,
         seed: int = 0,
         loss_kwargs: dict | None = None,
+        record_trace: bool = False,
     ) -> None:
         if norm not in self.norms:
             raise UserError(f"{self.name}: norm {norm!r} is not one of {', '.join(self.norms)}")
@@ -127,6 +132,14 @@ class Attack:
         self.targeted = bool(targeted)
         self.activation: Activation = activation
         self.seed = int(seed)
+        self.record_trace = bool(record_trace)
+        self.trace: list[tuple[float, float]] = []
+        """With ``record_trace``: ``(mean loss, mean Dice)`` of the batch after each step of the
+        last call, one entry per step (per gradient; restarts one after another), the last one
+        the returned images'. The loss is the attack's loss to ``y`` (to the target, when
+        targeted), the Dice the mean over (sample, class) of the hard prediction's Dice to ``y``
+        (1 where both are empty)."""
+        self._states: list[tuple[float, float]] = []
 
     def __call__(self, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """Adversarial images ``(B, C, H, W)`` for images ``x`` and masks (or targets) ``y``.
@@ -146,8 +159,13 @@ class Attack:
             return x.clone()
         if generator is None:
             generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        self._states = []
         with frozen(self.model), torch.enable_grad():  # works inside torch.no_grad() too
             x_adv = self.perturb(x, y, generator)
+            if self.record_trace:  # states were taken before each step: shift by one
+                with torch.no_grad():
+                    self.note(self.logits(x_adv), y)
+                self.trace = self._states[1:]
         return x_adv.detach()
 
     def perturb(self, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
@@ -171,9 +189,27 @@ class Attack:
         """
         x = x.detach().requires_grad_(True)
         logits = self.logits(x)
+        self.note(logits, y)
         values = self.objective(self.weigh(logits, y, t), y)
         (grad,) = torch.autograd.grad(values.sum(), x)
         return grad, values.detach(), logits.detach()
+
+    def note(self, logits: Tensor, y: Tensor) -> None:
+        """Keep the batch's mean loss and mean Dice at ``logits`` for the trace (when asked).
+
+        The iterative attacks call it on each step's forward (:meth:`gradient` does), so a trace
+        costs no model call but the one on the returned images.
+        """
+        if not self.record_trace:
+            return
+        with torch.no_grad():
+            logits = logits.detach().float()
+            loss = self.loss(logits, y).mean().item()
+            pred = hard_prediction(logits, self.activation)  # (B, K, H, W) bool
+            if y.dim() != logits.dim():  # (B, H, W) class indices
+                y = F.one_hot(y.long(), logits.shape[1]).permute(0, 3, 1, 2)
+            dice = float(dice_score(pred, y > 0.5).mean())
+        self._states.append((loss, dice))
 
     def weigh(self, logits: Tensor, y: Tensor, t: int) -> Tensor:
         """Hook for pixel-weighted attacks (SegPGD, CosPGD) at step ``t``; plain ones: identity."""

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from advseg.atomic import check_output_dir
 from advseg.cli.console import console
 from advseg.data.index import summarize_index
 from advseg.data.load import DataConfig, build_index, load_data
@@ -34,6 +35,7 @@ def synth(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
     """Write a synthetic data set: the MRI phantom, or abdominal CT volumes (--kind nifti)."""
+    check_output_dir(out, "--out directory")
     if kind == "nifti":
         from advseg.data.synth_nifti import write_synthetic_nifti
 

@@ -11,6 +11,7 @@ from advseg import distributed
 from advseg.attacks import ATTACKS, attack_options
 from advseg.cli.console import console
 from advseg.cli.table_ii import table_ii
+from advseg.defences import DEFENCES
 from advseg.evaluate import EvaluateConfig, evaluate
 from advseg.losses import LOSSES
 from advseg.summary import UNITS
@@ -48,6 +49,18 @@ def evaluate_command(
         help="none, or notebook: reproduce the paper's notebook code (blended FGSM, swapped "
         "loss arguments, soft masks); not a recommended attack.",
     ),
+    defence: list[str] = typer.Option(
+        ["none"],
+        "--defence",
+        help="Input defence in front of each checkpoint (repeatable): none, median:3, blur:1, "
+        "bitdepth:4, jpeg:75, noise:0.1. Attack it adaptively with e.g. --attack pgd+bpda.",
+    ),
+    eot_samples: int | None = typer.Option(
+        None, "--eot-samples", help="Draws averaged by +eot attacks (default 8)."
+    ),
+    trace: bool = typer.Option(
+        False, "--trace", help="Keep iterative attacks' loss and Dice per step (traces/)."
+    ),
 ) -> None:
     """Attack checkpoints on a data split; write records and print the paper's Table II.
 
@@ -56,6 +69,7 @@ def evaluate_command(
     """
     options = {"steps": steps, "alpha": alpha, "norm": norm, "restarts": restarts}
     options["update"] = update
+    options["eot_samples"] = eot_samples
     config = EvaluateConfig(
         checkpoints=list(checkpoints),
         out=out,
@@ -71,6 +85,8 @@ def evaluate_command(
         examples=examples,
         erase=list(erase),
         compat=compat,
+        defences=list(defence),
+        trace=trace,
     )
     result = evaluate(config, progress=True)
     if not distributed.is_main():
@@ -88,7 +104,7 @@ def evaluate_command(
 
 
 def attacks_command() -> None:
-    """List the attacks (with their options) and the losses they can use."""
+    """List the attacks (with their options), the losses they can use and the input defences."""
     table = Table(title="attacks")
     table.add_column("name")
     table.add_column("what")
@@ -100,6 +116,13 @@ def attacks_command() -> None:
     losses.add_column("what")
     for name in LOSSES.names():
         losses.add_row(name, LOSSES.help(name))
+    defences = Table(title="input defences (--defence NAME:VALUE; attack them with +bpda, +eot)")
+    for column in ("name", "value", "what"):
+        defences.add_column(column)
+    for name in DEFENCES.names():
+        cls = DEFENCES.get(name)
+        defences.add_row(name, f"{cls.parameter} (default {cls.default:g})", DEFENCES.help(name))
     out = console()
     out.print(table)
     out.print(losses)
+    out.print(defences)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -12,13 +11,7 @@ from advseg.cli.console import console
 from advseg.cli.report import print_report
 from advseg.cli.table_ii import table_ii
 from advseg.demo import run_demo
-from advseg.experiment import (
-    RunResult,
-    check_config,
-    find_experiment,
-    load_experiment,
-    run_experiment,
-)
+from advseg.experiment import RunResult, find_experiment, load_experiment, run_experiment
 
 app = typer.Typer()
 
@@ -45,18 +38,9 @@ def run(
         ..., help="An experiment YAML file, or a shipped one by name (demo, paper)."
     ),
     out: Path | None = typer.Option(None, help="Run directory [default: runs/<name>]."),
-    compat: str | None = typer.Option(
-        None,
-        "--compat",
-        help="Override the experiment's compat: none, or notebook (reproduce the paper's "
-        "notebook code: blended FGSM, swapped loss arguments, soft masks; not a recommended "
-        "attack).",
-    ),
 ) -> None:
     """Run an experiment grid (train or load models, attack, record, report); resumable."""
     config = load_experiment(find_experiment(experiment))
-    if compat is not None:
-        config = check_config(replace(config, compat=compat))
     run_dir = out if out is not None else Path("runs") / config.name
     _print_result(run_experiment(config, run_dir, progress=True), console())
 

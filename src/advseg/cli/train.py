@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -11,7 +14,31 @@ from advseg import distributed
 from advseg.cli.console import console
 from advseg.config import from_dict, load_yaml, to_dict
 from advseg.data import DataConfig, PreprocessConfig
+from advseg.defences import describe
+from advseg.errors import UserError
 from advseg.train import TrainConfig, train_on_data
+
+_FLAGS = {"num_workers": "--workers"}
+
+
+@contextmanager
+def options_named(options: dict[str, object], file: Path | None) -> Iterator[None]:
+    """Say ``--lr`` (the option typed) where a library error names the key ``train.lr``.
+
+    Keys not given on the command line came from the ``--config`` file, whose name is put first.
+    """
+    try:
+        yield
+    except UserError as err:
+        message = str(err)
+        match = re.match(r"^(?:train\.|preprocess\.|data\.)?([a-z_]+)(?=[:. ])", message)
+        key = match.group(1) if match else None
+        if key in options:
+            flag = _FLAGS.get(key, "--" + key.replace("_", "-"))
+            raise UserError(flag + message[match.end() :]) from None
+        if key is not None and file is not None and not message.startswith(str(file)):
+            raise UserError(f"{file}: {message}") from None
+        raise
 
 
 def train(
@@ -44,6 +71,9 @@ def train(
     seed: int | None = typer.Option(None, "--seed", help="Training seed."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
     no_augment: bool = typer.Option(False, "--no-augment", help="Turn augmentation off."),
+    noise_sigma: float | None = typer.Option(
+        None, "--noise-sigma", help="Gaussian noise added to training images (default 0)."
+    ),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard logs."),
     size: int = typer.Option(224, "--size", help="Image side S after resizing."),
     channels: int = typer.Option(3, "--channels", help="Input channels C (grey copies)."),
@@ -51,8 +81,38 @@ def train(
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Cases for validation."),
     split_seed: int = typer.Option(0, "--split-seed", help="Seed of the case split."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    adv_train: str | None = typer.Option(
+        None, "--adv-train", help="Adversarial training: none, fgsm-rs, pgd or trades."
+    ),
+    adv_eps: float | None = typer.Option(None, "--adv-eps", help="Its L-inf eps (default 0.009)."),
+    adv_steps: int | None = typer.Option(None, "--adv-steps", help="PGD/TRADES steps (10)."),
+    adv_alpha: float | None = typer.Option(None, "--adv-alpha", help="Attack step size."),
+    adv_beta: float | None = typer.Option(None, "--adv-beta", help="TRADES beta (default 6)."),
+    adv_warmup: int | None = typer.Option(None, "--adv-warmup", help="Epochs of eps warm-up."),
+    adv_fraction: float | None = typer.Option(
+        None, "--adv-fraction", help="Share of each batch attacked (default 1)."
+    ),
+    adv_loss: str | None = typer.Option(
+        None, "--adv-loss", help="Attack loss (default: the training loss; TRADES: its KL)."
+    ),
+    adv_attack_mode: str | None = typer.Option(
+        None, "--adv-attack-mode", help="Model mode during the attack: eval (default) or train."
+    ),
+    select_by: str | None = typer.Option(
+        None, "--select-by", help="Best checkpoint and early stopping by clean or robust Dice."
+    ),
+    select_attack: str | None = typer.Option(
+        None, "--select-attack", help="Robust validation's attack: pgd (default) or fgsm."
+    ),
+    select_steps: int | None = typer.Option(
+        None, "--select-steps", help="Robust validation's PGD steps (default 5)."
+    ),
 ) -> None:
     """Train a model (AdamW, cosine schedule, early stopping on validation Dice, Dice+Focal).
+
+    With --adv-train, adversarially: FGSM-RS (Wong et al. 2020), PGD (Madry et al. 2018) or
+    TRADES (Zhang et al. 2019) at --adv-eps; --select-by robust keeps the checkpoint with the best
+    validation Dice under a cheap attack (Rice et al. 2020).
 
     Run it under torchrun (`torchrun --nproc-per-node N -m advseg train ...`) for
     DistributedDataParallel on several GPUs or machines.
@@ -73,29 +133,59 @@ def train(
         "num_workers": workers,
         "seed": seed,
         "device": device,
+        "noise_sigma": noise_sigma,
     }
-    values = {**settings, **{k: v for k, v in options.items() if v is not None}}
+    given = {k: v for k, v in options.items() if v is not None}
+    values = {**settings, **given}
+    adversarial = {
+        "method": adv_train,
+        "eps": adv_eps,
+        "steps": adv_steps,
+        "alpha": adv_alpha,
+        "beta": adv_beta,
+        "warmup": adv_warmup,
+        "fraction": adv_fraction,
+        "loss": adv_loss,
+        "attack_mode": adv_attack_mode,
+        "select_by": select_by,
+        "select_attack": select_attack,
+        "select_steps": select_steps,
+    }
+    adversarial = {k: v for k, v in adversarial.items() if v is not None}
+    if adversarial:
+        saved = values.get("adversarial") or {}
+        if not isinstance(saved, dict):
+            raise UserError(f"{config}: adversarial: expected a mapping")
+        values["adversarial"] = {**saved, **adversarial}
     if tensorboard:
         values["tensorboard"] = True
-    train_config = from_dict(TrainConfig, values, where=str(config) if config else "")
-    if no_augment:
-        train_config.augment.enabled = False
-    data_config = DataConfig(path=data, preprocess=PreprocessConfig(size=size, channels=channels))
-    result = train_on_data(
-        data_config,
-        train_config,
-        out,
-        test_fraction=test_fraction,
-        val_fraction=val_fraction,
-        split_seed=split_seed,
-        resume=resume,
-        progress=True,
-    )
+    typed = {**given, "test_fraction": test_fraction, "val_fraction": val_fraction}
+    typed.update(size=size, channels=channels)
+    with options_named(typed, file=config):
+        train_config = from_dict(TrainConfig, values)
+        if no_augment:
+            train_config.augment.enabled = False
+        data_config = DataConfig(
+            path=data, preprocess=PreprocessConfig(size=size, channels=channels)
+        )
+        result = train_on_data(
+            data_config,
+            train_config,
+            out,
+            test_fraction=test_fraction,
+            val_fraction=val_fraction,
+            split_seed=split_seed,
+            resume=resume,
+            progress=True,
+        )
     if not distributed.is_main():
         return
     rows = result.data.get("rows", {})
     table = Table(title=f"advseg train: {train_config.model}", show_header=False)
-    table.add_row("best validation Dice", f"{result.best_dice:.4f} (epoch {result.best_epoch})")
+    robust = train_config.adversarial.select_by == "robust"
+    what = "best robust validation Dice" if robust else "best validation Dice"
+    table.add_row(what, f"{result.best_dice:.4f} (epoch {result.best_epoch})")
+    table.add_row("adversarial training", describe(train_config.adversarial))
     stop = " (stopped early)" if result.stopped_early else ""
     table.add_row("epochs", f"{result.epochs_run} of {train_config.epochs}{stop}")
     table.add_row("slices", ", ".join(f"{k} {v}" for k, v in rows.items()))

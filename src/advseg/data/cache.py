@@ -16,11 +16,13 @@ entry behind, and it is read with ``np.load(mmap_mode="r")``: a second run decod
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,12 +31,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from advseg.atomic import fault_point, remove_debris, write_error
 from advseg.data.index import index_classes
 from advseg.data.nifti import read_volume
 from advseg.data.preprocess import PreprocessConfig, preprocess_slice
 from advseg.data.rle import rle_decode
 from advseg.data.uwmgi import read_png
-from advseg.errors import UserError
+from advseg.errors import AdvsegWarning, UserError
 
 #: Bump when the cached arrays' meaning changes, so that old entries are not reused.
 CACHE_VERSION = 1
@@ -110,23 +113,37 @@ def cached_arrays(
     """
     key = cache_key(index, config)
     entry = Path(cache_dir) / key
-    if (entry / "meta.json").is_file():
-        arrays = _open(entry, decoded=0)
-        if arrays.skipped and not skip_unreadable:  # cached with skipping; now asked to stop
-            raise UserError(next(iter(arrays.skipped.values())))
-        return arrays
+    if entry.exists():
+        try:
+            arrays = _open(entry, decoded=0, expected=(len(index), len(index_classes(index))))
+        except _Damaged as err:
+            warnings.warn(
+                f"{entry}: damaged cache entry ({err}); rebuilding it", AdvsegWarning, stacklevel=2
+            )
+            _remove_entry(entry)
+        else:
+            if arrays.skipped and not skip_unreadable:  # cached with skipping; now asked to stop
+                raise UserError(next(iter(arrays.skipped.values())))
+            return arrays
+    remove_debris(entry.parent, recursive=False)  # builds of killed processes
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{key}.", suffix=".tmp"))
+        tmp = Path(
+            tempfile.mkdtemp(dir=entry.parent, prefix=f".{key}.{os.getpid()}.", suffix=".tmp")
+        )
     except OSError as err:
         raise UserError(
             f"{entry.parent}: cannot write the cache ({err.strerror or err}); set cache_dir"
         ) from None
     try:
-        decoded = _build(tmp, index, config, skip_unreadable, workers, progress)
+        try:
+            decoded = _build(tmp, index, config, skip_unreadable, workers, progress)
+        except OSError as err:
+            raise (write_error(entry, err, "cannot write the cache") or err) from None
         meta = json.loads((tmp / "meta.json").read_text())
         meta["key"] = key
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        fault_point("rename", entry.name)
         try:
             os.replace(tmp, entry)
         except OSError:
@@ -138,16 +155,54 @@ def cached_arrays(
             shutil.rmtree(tmp)
 
 
-def _open(entry: Path, decoded: int) -> CachedArrays:
-    meta = json.loads((entry / "meta.json").read_text())
+class _Damaged(Exception):
+    """A cache entry that cannot be what its key promises (truncated, garbled, incomplete)."""
+
+
+def _open(entry: Path, decoded: int, expected: tuple[int, int] | None = None) -> CachedArrays:
+    """Open an entry's arrays as memory maps, checking what can be checked without reading them.
+
+    Args:
+        expected: ``(index rows, classes)``; the arrays' shapes and types must agree with them.
+
+    Raises:
+        _Damaged: a file is missing, truncated, garbled or of the wrong shape or type.
+    """
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        images = np.load(entry / "images.npy", mmap_mode="r")
+        masks = np.load(entry / "masks.npy", mmap_mode="r")
+        kept = np.load(entry / "kept.npy")
+        skipped = meta["skipped"]
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
+        reason = str(err).splitlines()[0] if str(err) else ""
+        raise _Damaged(f"{type(err).__name__}: {reason}") from None
+    n = len(kept)
+    if images.dtype != np.float32 or images.ndim != 3 or images.shape[0] != n:
+        raise _Damaged(f"images.npy is {images.dtype} {images.shape}, expected ({n}, S, S) float32")
+    if masks.dtype != np.uint8 or masks.ndim != 4 or masks.shape[0] != n:
+        raise _Damaged(f"masks.npy is {masks.dtype} {masks.shape}, expected ({n}, K, S, S) uint8")
+    if masks.shape[2:] != images.shape[1:] or not isinstance(skipped, dict):
+        raise _Damaged("images.npy, masks.npy and meta.json disagree")
+    if expected is not None:
+        rows, classes = expected
+        if masks.shape[1] != classes or n + len(skipped) != rows or (n and kept.max() >= rows):
+            raise _Damaged(f"{n} slices of {masks.shape[1]} classes, expected {rows} of {classes}")
     return CachedArrays(
-        images=np.load(entry / "images.npy", mmap_mode="r"),
-        masks=np.load(entry / "masks.npy", mmap_mode="r"),
-        kept=np.load(entry / "kept.npy"),
-        skipped=meta["skipped"],
+        images=images,
+        masks=masks,
+        kept=kept,
+        skipped=skipped,
         decoded=decoded,
         path=entry,
     )
+
+
+def _remove_entry(entry: Path) -> None:
+    """Move a damaged entry aside (an atomic rename) and delete it."""
+    aside = entry.with_name(f".{entry.name}.{os.getpid()}.damaged.tmp")
+    os.replace(entry, aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _build(
@@ -164,6 +219,8 @@ def _build(
     fmt = np.lib.format
     images = fmt.open_memmap(out / "images.npy", mode="w+", dtype=np.float32, shape=(n, s, s))
     masks = fmt.open_memmap(out / "masks.npy", mode="w+", dtype=np.uint8, shape=(n, k, s, s))
+    for name in ("images.npy", "masks.npy"):  # a full disk fails here, not as SIGBUS later
+        _reserve(out / name)
     ok = np.zeros(n, bool)
     skipped: dict[str, str] = {}
     done = 0
@@ -201,6 +258,24 @@ def _build(
     meta = {"n": int(kept.size), "classes": classes, "preprocess": config.array_key()}
     (out / "meta.json").write_text(json.dumps({**meta, "skipped": skipped}))
     return n
+
+
+def _reserve(path: Path) -> None:
+    """Allocate a memory-mapped file's blocks now (it is sparse until written).
+
+    Writing through a memory map into a sparse file on a full disk kills the process with SIGBUS
+    and no message; reserved blocks turn that into an OSError (ENOSPC) before any work.
+    """
+    if not hasattr(os, "posix_fallocate"):  # pragma: no cover - not Linux
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it
+            raise
+    finally:
+        os.close(fd)
 
 
 def _units(index: pd.DataFrame) -> list[list[int]]:

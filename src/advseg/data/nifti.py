@@ -115,6 +115,12 @@ def read_volume(path: str | Path) -> np.ndarray:
         raise UserError(f"{path}: cannot read NIfTI volume ({type(err).__name__}: {err})") from None
     if data.ndim != 3:
         raise UserError(f"{path}: expected a 3D volume, got shape {data.shape}")
+    if np.issubdtype(data.dtype, np.floating):
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise UserError(
+                f"{path}: {bad} of {data.size} voxels are not finite numbers (NaN or inf)"
+            )
     return data.transpose(1, 0, 2)
 
 
@@ -176,6 +182,13 @@ def read_nifti(
         except Exception as err:
             raise UserError(f"{image_path}: cannot read NIfTI header ({err})") from None
         label = read_volume(label_path)  # (H, W, Z)
+        if np.issubdtype(label.dtype, np.floating):
+            fractional = label != np.round(label)
+            if fractional.any():
+                raise UserError(
+                    f"{label_path}: {int(fractional.sum())} voxels hold non-integer labels "
+                    f"(e.g. {label[fractional].flat[0]:g}); labels must be whole numbers"
+                )
         shape = image.shape[1], image.shape[0], *image.shape[2:]
         if label.shape != shape:
             raise UserError(

@@ -49,7 +49,7 @@ def rle_decode(rle: str | float | None, height: int, width: int, where: str = "R
     """
     size = height * width
     out = np.zeros(size, dtype=np.uint8)
-    starts, lengths = _parse(rle, where)
+    starts, lengths = _parse(rle, where, size)
     if starts.size:
         last = int(starts[-1] + lengths[-1] - 1)  # 1-indexed last pixel of the last run
         if last > size:
@@ -64,8 +64,18 @@ def rle_decode(rle: str | float | None, height: int, width: int, where: str = "R
     return out.reshape(height, width)
 
 
-def _parse(rle: str | float | None, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """Starts and lengths of a RLE string, checked; empty arrays for an empty mask."""
+_INT64_DIGITS = 18  # every number of up to 18 digits fits an int64 (and a sum of two, too)
+
+
+def _parse(
+    rle: str | float | None, where: str, size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and lengths of a RLE string, checked; empty arrays for an empty mask.
+
+    Args:
+        size: the image's pixel count; a start or a length beyond it is refused before any sum
+            could overflow, with the number as written.
+    """
     if rle is None or (isinstance(rle, float) and np.isnan(rle)):
         rle = ""
     if not isinstance(rle, str):
@@ -73,6 +83,10 @@ def _parse(rle: str | float | None, where: str) -> tuple[np.ndarray, np.ndarray]
     fields = rle.split()
     if len(fields) % 2:
         raise UserError(f"{where}: RLE has an odd number of fields ({len(fields)})")
+    huge = next((f for f in fields if len(f.lstrip("-+0")) > _INT64_DIGITS), None)
+    if huge is not None and huge.lstrip("-+").isdigit():
+        limit = f"the image has {size} pixels" if size is not None else "too large"
+        raise UserError(f"{where}: RLE value {huge} is out of range ({limit})")
     if _DIGITS_AND_SPACES.fullmatch(rle):
         # Fast path, about 10x faster than converting the split strings: only digits and
         # whitespace, so every field is a non-negative integer and none is lost.
@@ -89,6 +103,11 @@ def _parse(rle: str | float | None, where: str) -> tuple[np.ndarray, np.ndarray]
             raise UserError(f"{where}: RLE start {starts.min()} is below 1 (starts are 1-indexed)")
         if lengths.min() < 1:
             raise UserError(f"{where}: RLE run length {lengths.min()} is below 1")
+        if size is not None and max(starts.max(), lengths.max()) > size:
+            i = int(np.argmax((starts > size) | (lengths > size)))
+            raise UserError(
+                f"{where}: RLE run {starts[i]} {lengths[i]} lies past the image end ({size} pixels)"
+            )
         gaps = starts[1:] - (starts[:-1] + lengths[:-1])
         if gaps.size and gaps.min() < 0:
             i = int(np.argmax(gaps < 0))

@@ -39,6 +39,8 @@ def split_cases(
     """
     if not 0 < test_fraction < 1:
         raise UserError(f"test_fraction: must lie in (0, 1), got {test_fraction}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise UserError(f"split_seed: expected an integer, got {seed!r}")
     cases, inverse = _cases(index)
     if len(cases) < 2:
         raise UserError(f"split: need at least 2 cases to split by case, found {len(cases)}")

@@ -11,6 +11,7 @@ without loss (16-bit) and checked against the size their file name states.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from advseg.data.index import ID_PATTERN, SCAN_PATTERN, Exclusions, make_index
+from advseg.data.index import ID_PATTERN, SCAN_PATTERN, UWMGI_CLASSES, Exclusions, make_index
 from advseg.errors import UserError
 
 #: Scans with faulty masks that are commonly dropped (FACTS.md section 3).
@@ -49,6 +50,9 @@ EXCLUDE_LISTS: dict[str, tuple[str, ...]] = {
 # OpenCV would print libpng's complaint about a broken file on stderr; read_png's UserError says
 # it in one line instead.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_IEND = b"IEND"
 
 FILE_PATTERN = re.compile(r"^slice_(\d+)_(\d+)_(\d+)_(\d+(?:\.\d+)?)_(\d+(?:\.\d+)?)\.png$")
 REQUIRED_COLUMNS = ("id", "class", "segmentation")
@@ -112,13 +116,23 @@ def read_uwmgi(
             f"class {table['class'].iloc[i]!r}"
         )
     classes = sorted(table["class"].unique())
+    _check_class_names(table, classes, csv)
 
     slices = table.drop_duplicates("id")[["id", "case", "day", "slice", "line"]].copy()
+    rows_per_class = table["class"].value_counts()
+    if rows_per_class.min() < len(slices):  # a class some slices lack: name its first row
+        rare = str(rows_per_class.idxmin())
+        line = int(table.loc[table["class"] == rare, "line"].iloc[0])
+        raise UserError(
+            f"{csv} line {line}: class {rare!r} has rows for {rows_per_class.min()} of "
+            f"{len(slices)} slices; every slice needs one row per class"
+        )
     masks = table.pivot(index="id", columns="class", values="segmentation")
     missing = masks.isna()
     if missing.to_numpy().any():
         sid, cls = missing.stack().loc[lambda s: s].index[0]
-        raise UserError(f"{csv}: id {sid!r} has no row for class {cls!r}")
+        line = int(slices.loc[slices["id"] == sid, "line"].iloc[0])
+        raise UserError(f"{csv} line {line}: id {sid!r} has no row for class {cls!r}")
     slices = slices.join(masks, on="id")
     slices["scan"] = "case" + slices["case"].astype(str) + "_day" + slices["day"].astype(str)
 
@@ -153,6 +167,24 @@ def read_uwmgi(
     index = make_index(merged, classes)
     index.attrs["label_source"] = str(csv)
     return index, exclusions
+
+
+def _check_class_names(table: pd.DataFrame, classes: list[str], csv: Path) -> None:
+    """Refuse a class name that is a misspelling of a UW-Madison class (``stomack``).
+
+    Any other class name is a data set's own; one within a letter or two of ``stomach`` would
+    silently become a fourth class with its own, mostly empty, masks.
+    """
+    for name in classes:
+        if name in UWMGI_CLASSES:
+            continue
+        close = difflib.get_close_matches(name, UWMGI_CLASSES, n=1, cutoff=0.75)
+        if close:
+            i = int(np.argmax((table["class"] == name).to_numpy()))
+            raise UserError(
+                f"{csv} line {i + 2}: class {name!r} is not one of {', '.join(UWMGI_CLASSES)} "
+                f"(did you mean {close[0]!r}?)"
+            )
 
 
 def _read_csv(csv: Path) -> pd.DataFrame:
@@ -216,6 +248,13 @@ def read_png(path: str | Path, width: int, height: int) -> np.ndarray:
     data = np.fromfile(path, dtype=np.uint8) if Path(path).is_file() else None
     if data is None:
         raise UserError(f"{path}: image file missing")
+    if (
+        data.size >= 8
+        and data[:8].tobytes() == _PNG_SIGNATURE
+        and _IEND not in data[-12:].tobytes()
+    ):
+        # libpng would print its own complaint on stderr before failing: say it once, here
+        raise UserError(f"{path}: cannot decode image (truncated or not a PNG)")
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
         raise UserError(f"{path}: cannot decode image (truncated or not a PNG)")

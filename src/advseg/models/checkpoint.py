@@ -8,18 +8,27 @@ A checkpoint ``PATH`` is two files written by :func:`save_checkpoint`:
   source and split, training config, metrics, package versions) and the non-tensor part of the
   training state, with ``{"__tensor__": key}`` where a tensor was.
 
-Each file is written atomically, the JSON last; both carry the same random ``save_id``, so a pair
-torn apart by a crash between the two writes is detected instead of loaded. A pickle file (``.pt``,
-``.pth``, ``.ckpt``) handed in as a checkpoint is refused with a one-line error and never opened
-by an unpickler: a pickle can run arbitrary code when loaded.
+The pair is saved atomically as a pair. Both files carry the same random ``save_id``; the new pair
+is written completely under temporary names, the previous complete pair is kept (hard-linked) as
+``PATH.prev.safetensors`` + ``PATH.prev.json`` while the two new files are renamed into place, and
+only then removed. A process killed at any instant therefore leaves a complete pair under ``PATH``
+or under ``PATH.prev``, and :func:`read_checkpoint` reads the newest complete pair: a kill loses at
+most the work since the last complete save. A pair torn apart some other way is detected (their
+save ids differ) instead of loaded.
+
+A pickle file (``.pt``, ``.pth``, ``.ckpt``) handed in as a checkpoint is refused with a one-line
+error and never opened by an unpickler: a pickle can run arbitrary code when loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
+import shutil
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -30,9 +39,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from advseg.atomic import atomic_path, write_text_atomic
+from advseg.atomic import atomic_path, fault_point
 from advseg.config import from_dict, to_dict
-from advseg.errors import UserError
+from advseg.errors import AdvsegWarning, UserError
 from advseg.models.zoo import count_parameters, create_model, model_spec
 
 FORMAT = "advseg-checkpoint/1"
@@ -76,6 +85,17 @@ def checkpoint_files(path: str | Path) -> tuple[Path, Path]:
     return base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
 
 
+def previous_files(path: str | Path) -> tuple[Path, Path]:
+    """``(PATH.prev.safetensors, PATH.prev.json)``: the pair kept while a new one is renamed in."""
+    weights_file, _ = checkpoint_files(path)
+    return checkpoint_files(weights_file.with_name(weights_file.stem + ".prev"))
+
+
+def checkpoint_exists(path: str | Path) -> bool:
+    """True when ``PATH`` names a saved checkpoint (its JSON, or the previous pair's, exists)."""
+    return checkpoint_files(path)[1].exists() or previous_files(path)[1].exists()
+
+
 def package_versions() -> dict[str, str]:
     """Versions of python and the packages a checkpoint's numbers depend on."""
     versions = {"python": platform.python_version()}
@@ -117,16 +137,68 @@ def save_checkpoint(
         state_json = _encode(training_state, state_tensors)
         tensors.update(state_tensors)
     save_id = uuid.uuid4().hex
-    with atomic_path(weights_file) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "save_id": save_id})
     document = {
         "format": FORMAT,
         "save_id": save_id,
         "meta": to_dict(metadata),
         "training_state": state_json,
     }
-    write_text_atomic(meta_file, json.dumps(document, indent=1) + "\n")
+    prev_weights, prev_meta = previous_files(path)
+    with atomic_path(meta_file, fsync=True) as tmp_meta:
+        tmp_meta.write_text(json.dumps(document, indent=1) + "\n")
+        with atomic_path(weights_file, fsync=True) as tmp_weights:
+            save_file(tensors, str(tmp_weights), metadata={"format": FORMAT, "save_id": save_id})
+            # Both new files are complete. Keep the current pair as PATH.prev until the new pair
+            # is in place: at every instant one complete pair exists under PATH or PATH.prev.
+            if _pair_id(weights_file, meta_file) is not None:
+                _keep(weights_file, prev_weights)
+                _keep(meta_file, prev_meta)
+        # the weights are renamed into place (above), the JSON last (below)
+        fault_point("checkpoint-between", meta_file.name)
+    for stale in (prev_weights, prev_meta):
+        stale.unlink(missing_ok=True)
     return weights_file, meta_file
+
+
+def _keep(current: Path, previous: Path) -> None:
+    """Make ``previous`` a second name of ``current`` (a hard link; a copy where links fail)."""
+    with atomic_path(previous) as tmp:
+        tmp.unlink()
+        try:
+            os.link(current, tmp)
+        except OSError:
+            shutil.copyfile(current, tmp)
+
+
+def _pair_id(weights_file: Path, meta_file: Path) -> str | None:
+    """The ``save_id`` both files share, or None when either is missing, unreadable or torn."""
+    try:
+        with safe_open(str(weights_file), framework="pt") as handle:
+            header = handle.metadata() or {}
+        document = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (SafetensorError, OSError, ValueError):
+        return None
+    save_id = header.get("save_id")
+    if isinstance(document, dict) and save_id and document.get("save_id") == save_id:
+        return save_id
+    return None
+
+
+def newest_complete(path: str | Path) -> Path:
+    """The checkpoint path (``PATH`` or ``PATH.prev``) holding the newest complete pair.
+
+    ``PATH`` when its pair is complete (it is then the newest), else ``PATH.prev`` when that pair
+    is (a save was interrupted after the previous pair was kept), else ``PATH`` (whose reading
+    then says what is wrong with it).
+    """
+    weights_file, meta_file = checkpoint_files(path)
+    base = weights_file.with_suffix("")
+    if _pair_id(weights_file, meta_file) is not None:
+        return base
+    prev = previous_files(path)
+    if _pair_id(*prev) is not None:
+        return prev[0].with_suffix("")
+    return base
 
 
 def read_checkpoint(
@@ -145,6 +217,15 @@ def read_checkpoint(
             f"{given}: not an advseg checkpoint (expected {weights_file.name} + {meta_file.name}); "
             "pickle files (.pt/.pth/.ckpt) are refused: advseg never unpickles"
         )
+    chosen = newest_complete(path)
+    if chosen != weights_file.with_suffix(""):
+        warnings.warn(
+            f"{meta_file}: the last save was interrupted; reading the previous complete "
+            f"checkpoint {chosen.name}",
+            AdvsegWarning,
+            stacklevel=2,
+        )
+        weights_file, meta_file = checkpoint_files(chosen)
     for file in (weights_file, meta_file):
         if not file.is_file():
             raise UserError(f"{file}: checkpoint file not found")
@@ -161,10 +242,33 @@ def read_checkpoint(
             "(a write was interrupted); use another checkpoint"
         )
     meta = from_dict(CheckpointMeta, document["meta"], where=f"{meta_file}: meta")
+    _check_split(meta.data, meta_file)
     weights = {k: v for k, v in tensors.items() if not k.startswith(_STATE_PREFIX)}
     state = document.get("training_state")
     training_state = None if state is None else _decode(state, tensors, meta_file)
     return weights, meta, training_state
+
+
+def _check_split(data: dict[str, Any], meta_file: Path) -> None:
+    """The split fields an evaluation relies on must be what they say (a hand edit, a bad tool)."""
+    seed = data.get("split_seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"{meta_file}: meta.data.split_seed: expected an integer, got {seed!r}")
+    for key in ("test_fraction", "val_fraction"):
+        value = data.get(key, 0.5)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise UserError(
+                f"{meta_file}: meta.data.{key}: expected a number in (0, 1), got {value!r}"
+            )
+
+
+def read_metadata(path: str | Path) -> CheckpointMeta:
+    """A checkpoint's metadata alone, from its JSON file: no weights are read (for reports)."""
+    _, meta_file = checkpoint_files(path)
+    if not meta_file.is_file():
+        raise UserError(f"{meta_file}: checkpoint file not found")
+    document = _read_json(meta_file)
+    return from_dict(CheckpointMeta, document["meta"], where=f"{meta_file}: meta")
 
 
 def _read_json(meta_file: Path) -> dict[str, Any]:

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from advseg.atomic import write_bytes_atomic, write_text_atomic
+from advseg.atomic import check_output_dir, write_bytes_atomic, write_text_atomic
 from advseg.bootstrap import with_intervals
 from advseg.config import load_yaml
+from advseg.defences.smoothing import certified_summary, read_certified
 from advseg.errors import UserError
 from advseg.records import read_records, white_box
-from advseg.report import cross_model, figures, tables
+from advseg.report import convergence, cross_model, defences, figures, tables, training
 from advseg.report.claims import claim_sections
 from advseg.report.examples import load_examples
 from advseg.report.html import Block, Section, format_table, render_html, render_markdown
@@ -82,6 +83,7 @@ def write_report(
         raise UserError(f"--eps: {eps:g} is not in the records of {run_dir} (they have {listed})")
     eps = next(e for e in available if abs(eps - e) < 1e-12)
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    check_output_dir(out, "report directory")
     writer = _Writer(out)
 
     table_ii = tables.table_ii(records, protocol, eps)
@@ -99,7 +101,10 @@ def write_report(
         _class_section(writer, records, protocol, eps),
         *claim_sections(writer, records, protocol, eps),
         *cross_model.sections(writer, run_dir, every_record, protocol, eps),
+        *training.sections(writer, run_dir, every_record, protocol, eps),
+        *convergence.sections(writer, run_dir, eps),
     ]
+    sections += _defence_sections(writer, run_dir, records, protocol, eps)
     cell_files = len(list((run_dir / "records").glob("*.parquet")))
     intro = (
         f"Run {run_dir.resolve()}: {len(records)} records from {cell_files} cell "
@@ -326,6 +331,40 @@ def _luminosity_section(
         )
     )
     return section
+
+
+def _defence_sections(
+    writer: _Writer, run_dir: Path, records: pd.DataFrame, protocol: str, eps: float
+) -> list[Section]:
+    """The defence table and the certified-Dice curve, when the run has defences to show."""
+    certified = read_certified(run_dir)
+    defended = records["model"].str.contains("+", regex=False).any()
+    adaptive = records["attack"].str.contains("+", regex=False).any()
+    if certified is None and not defended and not adaptive:
+        return []
+    table = defences.defence_table(records, certified, run_dir, protocol, eps)
+    caption = (
+        f"Defences at eps {eps:g} ('{protocol}' DSC): clean; the strongest attack as given and "
+        "the strongest adaptive one (+bpda: gradient straight through a non-differentiable "
+        "input defence, +eot: logits averaged over its random draws); certified DSC at L2 "
+        "radii (randomized smoothing, abstentions count as wrong); the defence trained in and "
+        "the training time (s)."
+    )
+    sections = [Section("Defences", [writer.table("defences", table, caption)])]
+    if certified is not None:
+        summary = certified_summary(certified, protocol)
+        figure = defences.certified_curve(summary)
+        caption = "Certified DSC and abstained pixels against the L2 radius (certified/)."
+        sections.append(
+            Section(
+                "Certified Dice against radius",
+                [
+                    writer.figure("certified_dice", figure, caption),
+                    writer.table("certified", summary, "Per (model, sigma, radius)."),
+                ],
+            )
+        )
+    return sections
 
 
 def _class_section(writer: _Writer, records: pd.DataFrame, protocol: str, eps: float) -> Section:

@@ -1,0 +1,88 @@
+"""Checks made before any work: a week of GPU time must not end on a typo found at hour three.
+
+:func:`check_experiment` looks at everything an experiment will need, before its run directory is
+written: the output location, the device, the data (indexed, not decoded: a mistyped path, a bad
+exclusion list or label mapping fails here), every checkpoint it loads (readable, fitting the
+data's classes, holding out the experiment's test cases) and every attack of the grid (built, with
+each of its losses and budgets, on a one-layer stand-in model, so that ``steps: -1`` or
+``norm: l3`` is refused now rather than when its cell starts).
+
+:func:`advseg.atomic.check_output_dir` is the output check every command makes before its work.
+:func:`data_fingerprint` names the data a run computed on, so that a resume on other data is
+refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from advseg.atomic import check_output_dir
+from advseg.attacks import create_attack
+from advseg.errors import UserError
+
+if TYPE_CHECKING:
+    from advseg.data import SliceData
+    from advseg.experiment import ExperimentConfig
+
+
+def check_experiment(config: ExperimentConfig, run_dir: str | Path) -> None:
+    """Refuse, before anything is written, an experiment that would fail part-way.
+
+    Raises:
+        UserError: one line naming the key (``attacks[1].kwargs``, ``train.device``,
+            ``models[0].checkpoint``, ``data.path``) or the file at fault.
+    """
+    from advseg.data.load import build_index
+    from advseg.experiment import check_held_out
+    from advseg.models.checkpoint import check_compatible, read_checkpoint
+    from advseg.train import resolve_device
+
+    check_output_dir(run_dir, "run directory")
+    resolve_device(config.train.device)
+    try:
+        index, _ = build_index(config.data)
+    except UserError as err:
+        raise UserError(f"data: {err}") from None
+    classes = list(index.attrs.get("classes", []))
+    for i, model in enumerate(config.models):
+        if model.checkpoint is None:
+            continue
+        where = f"models[{i}].checkpoint"
+        try:
+            _, meta, _ = read_checkpoint(model.checkpoint)
+            check_compatible(meta, model.checkpoint, classes=classes)
+            check_held_out(meta.data, model.checkpoint, config)
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from None
+    check_attacks(config, in_channels=config.data.preprocess.channels, classes=len(classes) or 1)
+
+
+def check_attacks(config: ExperimentConfig, in_channels: int, classes: int) -> None:
+    """Build every (attack, loss, eps) of the grid on a 1x1-convolution stand-in model.
+
+    An attack's constructor checks its own options (steps, norm, restarts, update rule, valid
+    range, ...): building each one here is the same check its cell would make, made first.
+    """
+    stand_in = nn.Conv2d(in_channels, classes, 1)
+    for i, attack in enumerate(config.attacks):
+        for loss in attack.losses:
+            for eps in attack.eps:
+                try:
+                    create_attack(
+                        attack.name, stand_in, loss, eps, **{"seed": config.seed, **attack.kwargs}
+                    )
+                except (UserError, TypeError, ValueError) as err:
+                    raise UserError(f"attacks[{i}] ({attack.name}): {err}") from None
+
+
+def data_fingerprint(data: SliceData) -> str:
+    """A name for the data a run computes on: the cache key of its index.
+
+    The key hashes the index (ids, image paths, masks, classes), the image files' sizes and
+    modification times, and the preprocessing: replaced, edited or re-copied data gives another
+    fingerprint.
+    """
+    return data.cache_path.name

@@ -1,0 +1,126 @@
+"""The report's defence comparison: one row per model, and certified Dice against the radius.
+
+Built from records only: the attack records (``records/``), the certification records
+(``certified/``, :mod:`advseg.defences.smoothing`) and, for the training time and the training
+defence, the run's own ``models/<model>/log.csv`` and ``checkpoints/best.json`` when they exist.
+Every DSC is :func:`advseg.summary.summarize_cells`' under the report's protocol.
+
+Per model (a defended variant ``unet+median:3`` is its own row):
+
+- ``dsc_clean``: its DSC without attack (from the cell of the strongest attack: a random defence
+  gives each cell its own draw);
+- ``dsc_strongest`` and ``strongest``: the lowest DSC under the attacks as given, over every
+  attack and loss at the headline eps, and which one it was (``sea`` when the run has it);
+- ``dsc_adaptive`` and ``adaptive``: the same over the adaptive attacks (``+bpda``, ``+eot``);
+  for an input defence the honest number, for other models equal in law to the naive one;
+- ``certified@R``: the certified DSC at the two smallest positive radii in the certification
+  records (abstentions counted wrong), with the noise ``sigma`` it was certified under;
+- ``train_s``: the training time in seconds (the sum of ``log.csv``'s epoch times), and
+  ``training``: the defence trained in (Gaussian noise, adversarial training), from the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from advseg.summary import summarize_cells
+
+
+def _is_adaptive(attack: str) -> bool:
+    return "+" in str(attack)
+
+
+def _base_model(model: str) -> str:
+    """The trained model behind a defended variant: ``unet+median:3`` -> ``unet``."""
+    return str(model).split("+", 1)[0]
+
+
+def defence_table(
+    records: pd.DataFrame,
+    certified: pd.DataFrame | None,
+    run_dir: Path,
+    protocol: str,
+    eps: float,
+) -> pd.DataFrame:
+    """One row per model (see the module doc); NaN where a number does not exist."""
+    cells = summarize_cells(records[np.isclose(records["eps"], eps)], protocol)
+    radii: list[float] = []
+    if certified is not None:
+        radii = sorted(r for r in certified["eps"].unique() if r > 0)[:2]
+        certified_cells = summarize_cells(certified, protocol)
+    rows = []
+    for model, frame in cells.groupby("model", sort=False):
+        row: dict[str, object] = {"model": model}
+        naive = frame[~frame["attack"].map(_is_adaptive)]
+        adaptive = frame[frame["attack"].map(_is_adaptive)]
+        worst = naive.loc[naive["dsc_adv"].idxmin()] if len(naive) else None
+        row["dsc_clean"] = worst["dsc_clean"] if worst is not None else frame["dsc_clean"].mean()
+        row["dsc_strongest"] = np.nan if worst is None else worst["dsc_adv"]
+        row["strongest"] = "" if worst is None else f"{worst['attack']} / {worst['loss']}"
+        best = adaptive.loc[adaptive["dsc_adv"].idxmin()] if len(adaptive) else None
+        row["dsc_adaptive"] = np.nan if best is None else best["dsc_adv"]
+        row["adaptive"] = "" if best is None else f"{best['attack']} / {best['loss']}"
+        for radius in radii:
+            mine = certified_cells[
+                (certified_cells["model"] == model) & np.isclose(certified_cells["eps"], radius)
+            ]
+            row[f"certified@{radius:g}"] = mine["dsc_adv"].min() if len(mine) else np.nan
+        if certified is not None:
+            sigmas = certified.loc[certified["model"] == model, "loss"].unique()
+            row["sigma"] = ", ".join(s.removeprefix("sigma=") for s in sigmas)
+        row["training"], row["train_s"] = _training(run_dir, _base_model(model))
+        rows.append(row)
+    rows.sort(key=lambda r: (_base_model(r["model"]), r["model"]))  # variants after their model
+    return pd.DataFrame(rows)
+
+
+def _training(run_dir: Path, model: str) -> tuple[str, float]:
+    """The defence trained in and the training seconds, from the run's files (or '', NaN)."""
+    folder = run_dir / "models" / model
+    seconds = np.nan
+    log = folder / "log.csv"
+    if log.exists():
+        frame = pd.read_csv(log)
+        if "seconds" in frame.columns and len(frame):
+            seconds = float(frame["seconds"].sum())
+    trained = []
+    meta = folder / "checkpoints" / "best.json"
+    if meta.exists():
+        document = json.loads(meta.read_text())
+        train = (document.get("meta") or {}).get("train") or {}
+        if train.get("noise_sigma"):
+            trained.append(f"noise {train['noise_sigma']:g}")
+        adversarial = train.get("adversarial")
+        if isinstance(adversarial, dict) and adversarial.get("method") not in (None, "", "none"):
+            trained.append(f"{adversarial['method']} eps {adversarial.get('eps', '?')}")
+    return (", ".join(trained) or "none") if meta.exists() else "", seconds
+
+
+def certified_curve(summary: pd.DataFrame) -> Figure:
+    """Certified DSC against the L2 radius, one line per (model, sigma), with the abstention.
+
+    Args:
+        summary: :func:`advseg.defences.smoothing.certified_summary`'s table.
+    """
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.0))
+    for (model, sigma), rows in summary.groupby(["model", "sigma"], sort=True):
+        rows = rows.sort_values("radius")
+        label = f"{model} (sigma {sigma:g})"
+        left.plot(rows["radius"], rows["dsc_certified"], marker="o", label=label)
+        right.plot(rows["radius"], 100 * rows["abstained"], marker="o", label=label)
+    left.set_xlabel("L2 radius R (image range [0, 1])")
+    left.set_ylabel("certified DSC (abstentions count as wrong)")
+    left.set_ylim(0, 1)
+    right.set_xlabel("L2 radius R (image range [0, 1])")
+    right.set_ylabel("pixels abstained (%)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    left.legend(title="model", fontsize="small")
+    figure.tight_layout()
+    return figure

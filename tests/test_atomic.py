@@ -1,0 +1,69 @@
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+
+from advseg.atomic import atomic_path, fault_point, remove_debris, write_text_atomic
+from advseg.errors import UserError
+
+
+def test_debris_of_a_dead_writer_is_removed_and_nothing_else(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    pid = int(dead.stdout)
+    debris = tmp_path / "records" / f".cell.parquet.{pid}.abc123_x.tmp"
+    debris.parent.mkdir()
+    debris.write_text("half")
+    live = tmp_path / f".cell.parquet.{os.getpid()}.abcdefgh.tmp"  # this process is writing it
+    live.write_text("busy")
+    users = [tmp_path / "notes.tmp", tmp_path / ".hidden.tmp", tmp_path / "records" / "a.parquet"]
+    for path in users:
+        path.write_text("the user's")
+    assert remove_debris(tmp_path) == [debris]
+    assert not debris.exists() and live.exists() and all(p.exists() for p in users)
+
+
+@pytest.mark.parametrize(
+    ("code", "said"),
+    [
+        (errno.ENOSPC, "no space left on the device"),
+        (errno.EROFS, "the file system is read-only"),
+        (errno.EACCES, "permission denied"),
+    ],
+)
+def test_a_failing_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, code, said):
+    target = tmp_path / "summary.csv"
+    target.write_text("previous\n")
+
+    def broken_write(self, *args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr("pathlib.Path.write_text", broken_write)
+    with pytest.raises(UserError) as err:
+        write_text_atomic(target, "new\n")
+    monkeypatch.undo()
+    assert str(err.value) == f"{target}: cannot write ({said})"
+    assert target.read_text() == "previous\n"  # untouched, and no temporary file left
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.csv"]
+
+
+def test_an_output_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "out").write_text("a file")
+    target = tmp_path / "out" / "records" / "x.parquet"
+    expected = r"out/records/x.parquet: cannot write \(a parent"
+    with pytest.raises(UserError, match=expected), atomic_path(target) as tmp:
+        tmp.write_text("never")
+
+
+def test_fault_point_fires_only_where_and_when_asked(monkeypatch):
+    exits = []
+    monkeypatch.setattr("advseg.atomic.os._exit", exits.append)
+    monkeypatch.setenv("ADVSEG_FAULT", "rename:last.json@2")
+    fault_point("rename", "best.json")
+    fault_point("checkpoint-between", "last.json")
+    fault_point("rename", "last.json")
+    assert exits == []
+    fault_point("rename", "last.json")
+    assert exits == [137]
