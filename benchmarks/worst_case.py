@@ -1,0 +1,121 @@
+"""The worst case each attack finds at the same budget of steps: PGD-10, PGD-100, SegPGD-100,
+CosPGD-100, APGD-100 and SEA (100 steps over its four members), on a small model trained on the
+synthetic phantom (Kaggle layout) and on synthetic abdominal CT volumes (NIfTI).
+
+Prints the mean DSC (the paper's protocol) on held-out slices that have a mask, at eps 0.009 and
+0.03 (L-inf), the gap SEA finds below PGD-100, and which SEA member won how many slices. Sized for
+a shared CPU: ``unet-tiny`` trained for ``--train-steps`` Adam steps on the training cases'
+arrays, ``--slices`` test slices, ``--size`` px. The numbers are for this script's small models.
+
+    python benchmarks/worst_case.py [--out /tmp/worst-case] [--size 64] [--slices 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from advseg.allocator import keep_freed_memory
+from advseg.data import DataConfig, PreprocessConfig, load_data, split_cases
+from advseg.data.synth import write_synthetic
+from advseg.data.synth_nifti import write_synthetic_nifti
+from advseg.evaluate import evaluate_cell
+from advseg.losses import create_loss
+from advseg.models.zoo import create_model
+from advseg.summary import summarize_cells
+
+ATTACKS = [  # (label, attack, loss, steps)
+    ("PGD-10", "pgd", "bce", 10),
+    ("PGD-100", "pgd", "bce", 100),
+    ("SegPGD-100", "segpgd", "bce", 100),
+    ("CosPGD-100", "cospgd", "bce", 100),
+    ("APGD-100", "apgd", "bce", 100),
+    ("SEA-100", "sea", "bce", 100),
+]
+EPS = [0.009, 0.03]
+TEST_FRACTION = 0.25
+
+
+def make_data(kind: str, root: Path) -> Path:
+    path = root / kind
+    if not path.exists():
+        if kind == "phantom":
+            write_synthetic(path, cases=8, scans=1, slices=32, seed=0)
+        else:
+            write_synthetic_nifti(path, cases=8, slices=32, size=(96, 80), seed=0)
+    return path
+
+
+def train_tiny(images: torch.Tensor, masks: torch.Tensor, steps: int) -> torch.nn.Module:
+    """``unet-tiny`` trained with Adam on Dice + BCE, batches of 16 drawn with a fixed seed."""
+    torch.manual_seed(0)
+    model = create_model("unet-tiny", in_channels=3, classes=masks.shape[1])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    dice, bce = create_loss("dice"), create_loss("bce")
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        pick = torch.randint(0, len(images), (16,), generator=g)
+        x, y = images[pick], masks[pick]
+        optimizer.zero_grad()
+        logits = model(x)
+        (dice(logits, y) + bce(logits, y)).backward()
+        optimizer.step()
+    return model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/worst-case"))
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--slices", type=int, default=16)
+    parser.add_argument("--train-steps", type=int, default=150)
+    parser.add_argument("--kinds", default="phantom,nifti")
+    parser.add_argument("--eps", default=",".join(map(str, EPS)))
+    args = parser.parse_args()
+    keep_freed_memory()
+    for kind in args.kinds.split(","):
+        path = make_data(kind, args.out)
+        config = DataConfig(
+            path=path,
+            preprocess=PreprocessConfig(size=args.size),
+            cache_dir=args.out / "cache" / kind,
+        )
+        data = load_data(config)
+        train_rows, test_rows = split_cases(data.index, TEST_FRACTION, 0)
+        images = torch.from_numpy(data.images[train_rows]).unsqueeze(1).repeat(1, 3, 1, 1)
+        masks = torch.from_numpy(data.masks[train_rows]).float()
+        start = time.perf_counter()
+        model = train_tiny(images, masks, args.train_steps)
+        with_mask = [int(r) for r in test_rows if data.masks[r].any()][: args.slices]
+        print(f"{kind}: {len(data.index)} slices, classes {list(data.classes)}; trained on "
+              f"{len(train_rows)} in {time.perf_counter() - start:.0f} s; {len(with_mask)} test "
+              "slices with a mask", flush=True)  # fmt: skip
+        for eps in [float(e) for e in args.eps.split(",")]:
+            dsc, winners = {}, ""
+            for label, attack, loss, steps in ATTACKS:
+                start = time.perf_counter()
+                result = evaluate_cell(
+                    model, data, with_mask, attack, [loss], eps, model_name=kind,
+                    arch="unet-tiny", attack_kwargs={"steps": steps}, batch_size=16,
+                )  # fmt: skip
+                cells = summarize_cells(result.records, "paper")
+                clean, dsc[label] = (float(cells[c].iloc[0]) for c in ("dsc_clean", "dsc_adv"))
+                if attack == "sea":
+                    won = result.records.drop_duplicates("slice_id")["member"].value_counts()
+                    winners = ", ".join(f"{name} {count}" for name, count in won.items())
+                seconds = time.perf_counter() - start
+                print(f"  {kind} eps {eps:g} {label:11s} DSC {dsc[label]:.3f}  ({seconds:.0f} s)",
+                      flush=True)  # fmt: skip
+            best_single = min(v for k, v in dsc.items() if k != "SEA-100")
+            gap, single_gap = dsc["PGD-100"] - dsc["SEA-100"], best_single - dsc["SEA-100"]
+            print(f"  {kind} eps {eps:g}: clean {clean:.3f}; SEA below PGD-100 by {gap:.3f}, "
+                  f"below the best single attack by {single_gap:.3f}; SEA winners: {winners}",
+                  flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
