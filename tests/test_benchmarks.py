@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -39,3 +41,11 @@ def test_bench_data_prints_its_throughputs(tmp_path):
     args = ["--cases", "2", "--scans", "1", "--slices", "4", "--size", "32", "--workers", "0"]
     out = _run("bench_data.py", *args, "--dir", str(tmp_path))
     assert "slices/s" in out
+
+
+@pytest.mark.slow
+def test_bench_transfer_prints_attack_runs_and_the_ratio():
+    toy = ["--size", "32", "--slices", "2", "--steps", "1", "--repeats", "1"]
+    out = _run("bench_transfer.py", *toy, "--models", "unet-tiny,unet")
+    assert "naive: 4 attack runs" in out and "(crafted once): 2 attack runs" in out
+    assert "a/b = " in out
