@@ -49,3 +49,11 @@ def test_bench_transfer_prints_attack_runs_and_the_ratio():
     out = _run("bench_transfer.py", *toy, "--models", "unet-tiny,unet")
     assert "naive: 4 attack runs" in out and "(crafted once): 2 attack runs" in out
     assert "a/b = " in out
+
+
+@pytest.mark.slow  # minutes on a shared 2-core machine: two attacks and two SEA runs
+def test_bench_apgd_prints_its_ratio_and_what_sea_skipping_saves():
+    args = ["--model", "unet-tiny", "--size", "32", "--batch", "2", "--steps", "4"]
+    out = _run("bench_apgd.py", *args, "--repeats", "1", "--train-steps", "1")
+    assert "apgd/pgd step" in out and "target <= 1.1x" in out
+    assert "skipping saves" in out

@@ -9,10 +9,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from advseg.attacks import create_attack
+from advseg.attacks.sea import slice_dice
 from advseg.errors import UserError
-from advseg.evaluate import cell_progress, evaluate_cell
+from advseg.evaluate import cell_progress, draw_seed, evaluate_cell
 from advseg.metrics import confusion_counts, hd95
-from advseg.records import RECORD_COLUMNS
+from advseg.records import RECORD_COLUMNS, check_records
 from advseg.summary import summarize
 
 CLASSES = ["large_bowel", "small_bowel", "stomach"]
@@ -227,3 +228,33 @@ def test_progress_reports_each_batch_and_a_quiet_console_shows_nothing(model):
     with cell_progress(quiet, "tiny, fgsm") as on_batch:
         _cell(model, data, range(10), on_batch=on_batch)
     assert quiet.file.getvalue() == ""
+
+
+def test_sea_cell_has_one_worst_case_loss_and_names_each_slices_winner(model):
+    data = MemoryData()
+    rows = [0, 1, 2, 3, 4, 5]
+    result = _cell(model, data, rows, "sea", attack_kwargs={"steps": 4})
+    records = result.records
+    assert list(records.columns) == list(RECORD_COLUMNS)
+    assert set(records["loss"]) == {"worst-case"}  # not once per loss of the sweep
+    assert len(records) == len(rows) * 3
+    winners = records.groupby("slice_id", sort=False)["member"].agg(set)
+    assert all(len(w) == 1 for w in winners)  # one winner per slice, on each class's row
+    members = {"masked-bce", "js", "masked-spherical", "balanced-bce", "none"}
+    assert set(records["member"]) <= members and set(records["member"]) != {"none"}
+    # the records' adversarial Dice is the attack's own choice, batch by batch
+    x, y = data.images[rows[:4]], data.masks[rows[:4]]
+    sea = create_attack("sea", model, eps=0.05, steps=4)
+    x_adv = sea(x, y, generator=torch.Generator().manual_seed(draw_seed(sea, 0)))
+    with torch.no_grad():
+        best = slice_dice(model(x_adv), y, "sigmoid").numpy()
+    got = records.groupby("slice_id", sort=False)["dice_adv"].mean().to_numpy()[:4]
+    np.testing.assert_allclose(best, got)
+    assert records["member"].tolist()[: 4 * 3 : 3] == sea.winners
+
+
+def test_other_attacks_have_an_empty_member_and_old_records_read(model):
+    records = _cell(model, MemoryData(), [0, 1], "fgsm").records
+    assert set(records["member"]) == {""} and set(records["loss"]) == set(LOSSES)
+    old = pd.DataFrame(records).drop(columns=["member"])  # written before the column existed
+    assert (check_records(old)["member"] == "").all()

@@ -61,7 +61,8 @@ def test_custom_callable_and_bad_names():
     loss = create_loss(lambda logits, target: (logits - target).abs().flatten(1).mean(1))
     assert loss(torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)).item() == 1.0
     with pytest.raises(
-        UserError, match=r"unknown loss 'bse'.*valid: bce, ce, dice, dicefocal, focal"
+        UserError,
+        match=r"unknown loss 'bse'.*valid: balanced-bce, balanced-ce, bce, ce, dice, dicefocal",
     ):
         create_loss("bse")
     with pytest.raises(UserError, match="loss 'bce'"):

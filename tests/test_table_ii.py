@@ -47,3 +47,21 @@ def test_a_loss_missing_for_one_model_is_shown_as_n_a():
     text = _text(table_ii(cells, "paper")[0])
     vgg = next(line.split() for line in text.splitlines() if line.strip().startswith("vgg"))
     assert vgg == ["vgg", "18.44M", "0.9100", "n/a", "n/a", "n/a", "n/a"]
+
+
+def test_sea_is_a_column_beside_each_attacks_losses_at_its_eps():
+    cells = _cells()
+    sea = cells[(cells["attack"] == "fgsm") & (cells["loss"] == "bce")].assign(
+        attack="sea", loss="worst-case", dsc_adv=0.5
+    )
+    alone = sea.assign(eps=0.1)  # an eps no other attack ran: a table of its own
+    tables = table_ii(pd.concat([cells, sea, alone], ignore_index=True), "paper")
+    assert [t.title.split(" (")[0] for t in tables] == [
+        "Table II: fgsm", "Table II: pgd, eps 0.03", "Table II: sea, eps 0.1",
+    ]  # fmt: skip
+    assert tables[0].title.startswith("Table II: fgsm (+ sea), eps 0.009")
+    text = _text(tables[0])
+    assert "sea" in text and "worst-case" not in text
+    unet = next(line.split() for line in text.splitlines() if line.strip().startswith("unet"))
+    assert unet[:6] == ["unet", "1.95M", "0.9396", "0.9001", "n/a", "0.5000"]
+    assert "sea" in _text(tables[2]) and len(tables[1].columns) == 7  # pgd's table unchanged

@@ -176,7 +176,10 @@ def test_train_config_round_trips_through_yaml_dicts():
 
 
 def test_unknown_loss_and_model_names_list_the_valid_ones():
-    with pytest.raises(UserError, match=r"train\.loss: unknown loss 'dicefocl'.*valid: bce"):
+    with pytest.raises(
+        UserError,
+        match=r"train\.loss: unknown loss 'dicefocl'.*valid: balanced-bce, balanced-ce, bce",
+    ):
         tiny_config(loss="dicefocl")
     with pytest.raises(UserError, match=r"unknown model 'unet-tiney'.*valid:"):
         tiny_config(model="unet-tiney")

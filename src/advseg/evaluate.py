@@ -45,8 +45,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from advseg import distributed
-from advseg.attacks import Attack, create_attack, frozen, model_logits
+from advseg.attacks import ATTACKS, Attack, create_attack, frozen, model_logits
+from advseg.attacks.sea import WORST_CASE_LOSS
 from advseg.errors import UserError
+from advseg.losses import SOFTMAX_LOSSES
 from advseg.metrics import (
     confusion_counts,
     dice_from_counts,
@@ -111,6 +113,8 @@ class BatchOutput:
     clean_logits: Tensor  # (B, K, H, W)
     x_adv: list[Tensor]  # L x (B, C, H, W)
     adv_logits: list[Tensor]  # L x (B, K, H, W)
+    members: list[list[str] | None] = field(default_factory=list)
+    """Per loss, an ensemble attack's winning member per slice (``sea``); None otherwise."""
 
 
 def attack_batch(
@@ -149,7 +153,8 @@ def attack_batch(
             x_adv = [a(x, y, generator=g) for a, g in zip(attacks, draws, strict=True)]
         with torch.inference_mode():
             adv_logits = [model_logits(model, images).float() for images in x_adv]
-    return BatchOutput(clean_logits, x_adv, adv_logits)
+    members = [list(a.winners) if getattr(a, "loss_ensemble", False) else None for a in attacks]
+    return BatchOutput(clean_logits, x_adv, adv_logits, members)
 
 
 def draw_seed(attack: Attack, batch_number: int) -> int:
@@ -225,12 +230,17 @@ def evaluate_cell(
     label, erased = _target_spec(attack, kwargs, erase, classes)
     if len(set(losses)) != len(losses):
         raise UserError(f"losses: each loss once, got {', '.join(losses)}")
-    if activation == "sigmoid" and "ce" in losses:
+    softmax_only = [loss for loss in losses if loss in SOFTMAX_LOSSES]
+    if activation == "sigmoid" and softmax_only:
         raise UserError(
-            "loss 'ce' is for softmax models (one class per pixel); these masks are multi-label "
-            "sigmoid outputs: use bce, focal, dice or dicefocal"
+            f"loss {softmax_only[0]!r} is for softmax models (one class per pixel); these masks "
+            "are multi-label sigmoid outputs: use bce, focal, dice or dicefocal"
         )
-    if crafted is None:
+    if crafted is None and getattr(ATTACKS.get(attack), "loss_ensemble", False):
+        # sea: one attack whose members carry their own losses; one set of records
+        attacks = [create_attack(attack, model, eps=eps, **kwargs)]
+        names = [WORST_CASE_LOSS]
+    elif crafted is None:
         attacks = [create_attack(attack, model, loss, eps, **kwargs) for loss in losses]
         names = [a.loss.name for a in attacks]
     else:
@@ -376,13 +386,17 @@ def _batch_records(
     hd_clean = hd95(pred_clean, target).numpy().ravel()
     lum = np.repeat(luminosity(x).cpu().numpy(), k)  # (B*K,)
     frames = []
-    for attack_loss, x_adv, adv_logits in zip(losses, out.x_adv, out.adv_logits, strict=True):
+    members = out.members or [None] * len(losses)
+    for attack_loss, x_adv, adv_logits, winners in zip(
+        losses, out.x_adv, out.adv_logits, members, strict=True
+    ):
         pred_adv = hard_prediction(adv_logits, activation)
         tp_a, fp_a, fn_a = (t.cpu().numpy().ravel() for t in confusion_counts(pred_adv, target))
         linf, l2 = (np.repeat(v.cpu().numpy(), k) for v in perturbation_norms(x, x_adv))
         frame = pd.DataFrame(
             {
                 "loss": attack_loss,
+                "member": np.repeat(np.asarray(winners, dtype=str), k) if winners else "",
                 "slice_id": np.repeat(meta["id"].to_numpy(), k),
                 "case": np.repeat(meta["case"].to_numpy(), k),
                 "scan": np.repeat(meta["scan"].to_numpy(), k),

@@ -49,7 +49,7 @@ from advseg.cross_model import (
 from advseg.data import DataConfig, SliceData, load_data, split_train_val_test
 from advseg.errors import UserError
 from advseg.evaluate import cell_progress, evaluate_cell
-from advseg.losses import LOSSES
+from advseg.losses import LOSSES, SOFTMAX_LOSSES
 from advseg.models import load_checkpoint, read_checkpoint
 from advseg.models.zoo import resolve as resolve_model
 from advseg.records import read_records, white_box, write_records
@@ -219,10 +219,10 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
         for j, loss in enumerate(attack.losses):
             if loss not in LOSSES:
                 raise UserError(f"attacks[{i}].losses[{j}]: {LOSSES.unknown_message(loss)}")
-            if loss == "ce":
+            if loss in SOFTMAX_LOSSES:
                 raise UserError(
-                    f"attacks[{i}].losses[{j}]: 'ce' is for softmax models; the masks here are "
-                    "multi-label sigmoid outputs"
+                    f"attacks[{i}].losses[{j}]: {loss!r} is for softmax models; the masks here "
+                    "are multi-label sigmoid outputs"
                 )
         if attack.name not in ATTACKS:
             raise UserError(f"attacks[{i}].name: {ATTACKS.unknown_message(attack.name)}")

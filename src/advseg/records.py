@@ -26,6 +26,7 @@ RECORD_COLUMNS: dict[str, str] = {
     "params": "int64",
     "attack": "string",
     "loss": "string",
+    "member": "string",  # sea: the member (loss) whose image won the slice; "" for other attacks
     "eps": "float64",
     "slice_id": "string",
     "case": "int64",
@@ -57,10 +58,13 @@ def check_records(frame: pd.DataFrame, source: str = "records") -> pd.DataFrame:
     """Return ``frame`` with the record columns in order and typed; a missing column is an error.
 
     A frame without ``source`` (records from before transfer attacks) is white-box: its
-    ``source`` is its ``model``.
+    ``source`` is its ``model``. A frame without ``member`` (records from before the ``sea``
+    attack) had no ensemble attack: its ``member`` is ``""``.
     """
     if "source" not in frame.columns and "model" in frame.columns:
         frame = frame.assign(source=frame["model"])
+    if "member" not in frame.columns:
+        frame = frame.assign(member="")
     missing = [c for c in RECORD_COLUMNS if c not in frame.columns]
     if missing:
         raise UserError(f"{source}: missing record columns: {', '.join(missing)}")

@@ -10,18 +10,21 @@ import inspect
 
 from torch import nn
 
+from advseg.attacks.apgd import APGD
 from advseg.attacks.base import ATTACKS, Attack, check_eps, frozen, model_logits
 from advseg.attacks.bim import BIM
 from advseg.attacks.cospgd import CosPGD
 from advseg.attacks.fgsm import FGSM
 from advseg.attacks.mifgsm import MIFGSM
 from advseg.attacks.pgd import PGD
+from advseg.attacks.sea import SEA
 from advseg.attacks.segpgd import SegPGD
 from advseg.attacks.universal import Universal
 from advseg.errors import UserError
 from advseg.losses import PerSampleLoss
 
-__all__ = ["ATTACKS", "BIM", "FGSM", "MIFGSM", "PGD", "Attack", "CosPGD", "SegPGD", "Universal",
+__all__ = ["APGD", "ATTACKS", "BIM", "FGSM", "MIFGSM", "PGD", "SEA", "Attack", "CosPGD", "SegPGD",
+           "Universal",
            "attack_options", "check_eps", "create_attack", "frozen", "model_logits"]  # fmt: skip
 
 
@@ -31,8 +34,8 @@ def create_attack(
     """An attack by registry name.
 
     Args:
-        name: ``fgsm``, ``bim``, ``pgd``, ``mifgsm``, ``segpgd``, ``cospgd`` or ``universal``
-            (which must be fitted on training slices before it is called).
+        name: ``fgsm``, ``bim``, ``pgd``, ``mifgsm``, ``segpgd``, ``cospgd``, ``apgd``, ``sea``
+            or ``universal`` (which must be fitted on training slices before it is called).
         model: the segmentation model (logits ``(B, K, H, W)``).
         loss: a loss name from :data:`advseg.losses.LOSSES` or a callable ``(logits, y) -> (B,)``.
         eps: the budget (the paper's notebook used 0.009 under L-inf).

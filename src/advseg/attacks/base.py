@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from advseg.errors import UserError
-from advseg.losses import Loss, PerSampleLoss, create_loss
+from advseg.losses import LOSSES, Loss, PerSampleLoss, create_loss, loss_activation
 from advseg.registry import Registry
 
 Norm = Literal["linf", "l2"]
@@ -78,8 +78,10 @@ class Attack:
         valid_range: the ``(low, high)`` pixel range the adversarial images are clipped to.
         targeted: if true, the attack's ``y`` is a target mask and the loss toward it is lowered.
         activation: ``sigmoid`` (multi-label, one decision per class) or ``softmax`` (one class
-            per pixel); by default ``softmax`` for the ``ce`` loss and ``sigmoid`` otherwise.
-            Only the attacks that look at the prediction (SegPGD, CosPGD) use it.
+            per pixel); by default ``softmax`` for the softmax losses (``ce``, ``masked-ce``,
+            ``balanced-ce``) and ``sigmoid`` otherwise. The attacks that look at the prediction
+            (SegPGD, CosPGD, SEA) use it, and so do the losses made for both kinds (``js``,
+            ``masked-spherical``), which get it unless ``loss_kwargs`` names another.
         seed: seeds the attack's own random generator (random starts).
         loss_kwargs: keyword arguments of the named loss (e.g. ``{"gamma": 2.0}``).
     """
@@ -112,11 +114,14 @@ class Attack:
             )
         self.eps = check_eps(eps, norm, high - low, self.name)
         if activation is None:
-            activation = "softmax" if loss == "ce" else "sigmoid"
+            activation = (loss_activation(loss) if isinstance(loss, str) else None) or "sigmoid"
         if activation not in ("sigmoid", "softmax"):
             raise UserError(f"{self.name}: activation {activation!r} is not sigmoid or softmax")
+        loss_kwargs = dict(loss_kwargs or {})
+        if isinstance(loss, str) and loss in LOSSES and loss_activation(loss) is None:
+            loss_kwargs.setdefault("activation", activation)  # js, masked-spherical: both kinds
         self.model = model
-        self.loss: Loss = create_loss(loss, reduction="none", **(loss_kwargs or {}))
+        self.loss: Loss = create_loss(loss, reduction="none", **loss_kwargs)
         self.norm: Norm = norm
         self.valid_range = (low, high)
         self.targeted = bool(targeted)

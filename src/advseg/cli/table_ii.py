@@ -6,32 +6,52 @@ import pandas as pd
 from rich import box
 from rich.table import Table
 
+from advseg.attacks.sea import WORST_CASE_LOSS
+
 
 def table_ii(cells: pd.DataFrame, protocol: str) -> list[Table]:
     """One table per (attack, eps) in the paper's layout: model, params, clean DSC, the
     adversarial DSC under each loss, then the Attack Success under each loss.
+
+    An ensemble attack's worst case (``sea``, loss ``worst-case``) is shown as one more column,
+    named after the attack, beside each other attack's losses at the same eps (the paper's FGSM
+    columns with the reliable worst case beside them); at an eps no other attack ran, it has a
+    table of its own.
 
     Args:
         cells: rows of :func:`advseg.summary.summarize_cells` (``dsc_clean``, ``dsc_adv``, ``as``
             per (model, attack, loss, eps)); the numbers are shown, never recomputed.
         protocol: the Dice protocol they were computed with (for the title).
     """
+    worst = cells["loss"] == WORST_CASE_LOSS
+    beside, plain = cells[worst].assign(loss=cells.loc[worst, "attack"]), cells[~worst]
+    groups = list(plain.groupby(["attack", "eps"], sort=False))
+    alone = beside[~beside["eps"].isin(plain["eps"])]
+    groups += list(alone.groupby(["attack", "eps"], sort=False))
     tables = []
-    for (attack, eps), cell in cells.groupby(["attack", "eps"], sort=False):
-        losses = list(dict.fromkeys(cell["loss"]))
-        title = f"Table II: {attack}, eps {eps:g} ({protocol} Dice; AS = attack success)"
-        table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0))
-        headers = ["model", "params", "DSC\nclean", *[f"DSC\n{x}" for x in losses]]
-        for column in [*headers, *[f"AS\n{x}" for x in losses]]:
-            table.add_column(column, justify="left" if column == "model" else "right", min_width=6)
-        for (model, params), rows in cell.groupby(["model", "params"], sort=False):
-            by_loss = rows.set_index("loss")
-            clean = _number(rows["dsc_clean"].iloc[0])
-            dsc = [_number(by_loss["dsc_adv"].get(x)) for x in losses]
-            success = [_number(by_loss["as"].get(x)) for x in losses]
-            table.add_row(str(model), f"{params / 1e6:.2f}M", clean, *dsc, *success)
-        tables.append(table)
+    for (attack, eps), cell in groups:
+        extra = beside[(beside["eps"] == eps) & (beside["attack"] != attack)]
+        if not extra.empty:
+            attack = f"{attack} (+ {', '.join(dict.fromkeys(extra['attack']))})"
+            cell = pd.concat([cell, extra], ignore_index=True)
+        tables.append(_table(cell, attack, eps, protocol))
     return tables
+
+
+def _table(cell: pd.DataFrame, attack: str, eps: float, protocol: str) -> Table:
+    losses = list(dict.fromkeys(cell["loss"]))
+    title = f"Table II: {attack}, eps {eps:g} ({protocol} Dice; AS = attack success)"
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0))
+    headers = ["model", "params", "DSC\nclean", *[f"DSC\n{x}" for x in losses]]
+    for column in [*headers, *[f"AS\n{x}" for x in losses]]:
+        table.add_column(column, justify="left" if column == "model" else "right", min_width=6)
+    for (model, params), rows in cell.groupby(["model", "params"], sort=False):
+        by_loss = rows.set_index("loss")
+        clean = _number(rows["dsc_clean"].iloc[0])
+        dsc = [_number(by_loss["dsc_adv"].get(x)) for x in losses]
+        success = [_number(by_loss["as"].get(x)) for x in losses]
+        table.add_row(str(model), f"{params / 1e6:.2f}M", clean, *dsc, *success)
+    return table
 
 
 def _number(value: float | None) -> str:

@@ -1,9 +1,10 @@
-"""Segmentation losses by name, shared by training and by the attacks.
+"""The loss registry, the :class:`Loss` wrapper and :func:`create_loss`.
 
 Every loss is called input first, target second, as MONAI and torch do: ``loss(logits, target)``
-with ``logits`` and ``target`` of shape ``(B, K, H, W)`` (target in {0, 1}, one channel per class).
-The paper's notebook swapped the two, which put the sigmoid on the mask (FACTS.md §4); here the
-order is fixed by the :class:`Loss` wrapper, and a test checks it against MONAI.
+with ``logits`` and ``target`` of shape ``(B, K, H, W)`` (target in {0, 1}, one channel per class;
+softmax losses also take class indices ``(B, H, W)``). The paper's notebook swapped the two, which
+put the sigmoid on the mask (FACTS.md §4); here the order is fixed by the :class:`Loss` wrapper,
+and a test checks it against MONAI.
 
 ``reduction="none"`` gives one value per sample, shape ``(B,)``: the mean of the loss over that
 sample's classes and pixels. Averaged over the batch it equals ``reduction="mean"``. Attacks use
@@ -12,11 +13,10 @@ it to keep the worst case per sample.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Literal
 
-import torch.nn.functional as F
-from monai.losses import DiceLoss, FocalLoss
 from torch import Tensor, nn
 
 from advseg.errors import UserError
@@ -29,68 +29,23 @@ Reduction = Literal["mean", "sum", "none"]
 
 LOSSES: Registry[Callable[..., PerSampleLoss]] = Registry("loss")
 
+SOFTMAX_LOSSES: frozenset[str] = frozenset({"ce", "masked-ce", "balanced-ce"})
+"""Losses for softmax models only (one class per pixel); the others are sigmoid multi-label
+losses, or take an ``activation`` keyword and serve both (``js``, ``masked-spherical``)."""
 
-def _per_sample(values: Tensor) -> Tensor:
+
+def per_sample(values: Tensor) -> Tensor:
     """Mean over every dimension but the first: ``(B, ...) -> (B,)``."""
     return values.flatten(1).mean(1)
 
 
-@LOSSES.register("bce")
-def bce() -> PerSampleLoss:
-    """Binary cross-entropy on per-class sigmoids (multi-label)."""
-
-    def loss(logits: Tensor, target: Tensor) -> Tensor:
-        return _per_sample(F.binary_cross_entropy_with_logits(logits, target, reduction="none"))
-
-    return loss
-
-
-@LOSSES.register("focal")
-def focal(gamma: float = 2.0) -> PerSampleLoss:
-    """Sigmoid focal loss (Lin et al. 2017, MONAI FocalLoss), gamma 2 as in the paper."""
-    monai_focal = FocalLoss(gamma=gamma, use_softmax=False, reduction="none")
-
-    def loss(logits: Tensor, target: Tensor) -> Tensor:
-        return _per_sample(monai_focal(logits, target))
-
-    return loss
-
-
-@LOSSES.register("dice")
-def dice(smooth: float = 1e-5) -> PerSampleLoss:
-    """Soft Dice loss on sigmoids, per sample and class, averaged (MONAI DiceLoss)."""
-    monai_dice = DiceLoss(sigmoid=True, smooth_nr=smooth, smooth_dr=smooth, reduction="none")
-
-    def loss(logits: Tensor, target: Tensor) -> Tensor:
-        return _per_sample(monai_dice(logits, target))
-
-    return loss
-
-
-@LOSSES.register("dicefocal")
-def dicefocal(
-    gamma: float = 2.0, lambda_dice: float = 1.0, lambda_focal: float = 1.0
-) -> PerSampleLoss:
-    """Dice + Focal, the paper's training loss (MONAI DiceFocalLoss, sigmoid, gamma 2)."""
-    dice_term = dice()
-    focal_term = focal(gamma)
-
-    def loss(logits: Tensor, target: Tensor) -> Tensor:
-        return lambda_dice * dice_term(logits, target) + lambda_focal * focal_term(logits, target)
-
-    return loss
-
-
-@LOSSES.register("ce")
-def ce() -> PerSampleLoss:
-    """Cross-entropy over classes, for softmax models; the target is one-hot or indices."""
-
-    def loss(logits: Tensor, target: Tensor) -> Tensor:
-        if target.dim() == logits.dim():
-            target = target.argmax(1)  # (B, K, H, W) one-hot -> (B, H, W) indices
-        return _per_sample(F.cross_entropy(logits, target.long(), reduction="none"))
-
-    return loss
+def loss_activation(name: str) -> str | None:
+    """``softmax`` or ``sigmoid`` for a loss made for one kind of output; None for both."""
+    if name in SOFTMAX_LOSSES:
+        return "softmax"
+    if name in LOSSES and "activation" in inspect.signature(LOSSES.get(name)).parameters:
+        return None
+    return "sigmoid"
 
 
 class Loss(nn.Module):
@@ -125,7 +80,7 @@ class Loss(nn.Module):
 
 
 def create_loss(name: str | PerSampleLoss, reduction: Reduction = "mean", **kwargs) -> Loss:
-    """A loss by registry name (``bce``, ``focal``, ``dice``, ``dicefocal``, ``ce``) or callable.
+    """A loss by registry name (``advseg.losses.LOSSES.names()``) or a callable.
 
     A callable must map ``(logits, target)`` to per-sample values ``(B,)``.
 
@@ -137,7 +92,7 @@ def create_loss(name: str | PerSampleLoss, reduction: Reduction = "mean", **kwar
     if callable(name):
         return Loss(getattr(name, "__name__", "custom"), name, reduction)
     try:
-        per_sample = LOSSES.get(name)(**kwargs)
+        per_sample_loss = LOSSES.get(name)(**kwargs)
     except TypeError as err:
         raise UserError(f"loss {name!r}: {err}") from None
-    return Loss(name, per_sample, reduction)
+    return Loss(name, per_sample_loss, reduction)
