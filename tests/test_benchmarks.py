@@ -69,6 +69,14 @@ def test_bench_adversarial_training_prints_its_ratios():
     assert "1.00x plain" in out and "fgsm-rs" in out and "pgd-2" in out and "trades-4" in out
 
 
+@pytest.mark.slow
+def test_bench_transfer_prints_attack_runs_and_the_ratio():
+    toy = ["--size", "32", "--slices", "2", "--steps", "1", "--repeats", "1"]
+    out = _run("bench_transfer.py", *toy, "--models", "unet-tiny,unet")
+    assert "naive: 4 attack runs" in out and "(crafted once): 2 attack runs" in out
+    assert "a/b = " in out
+
+
 @pytest.mark.slow  # minutes on a shared 2-core machine: two attacks and two SEA runs
 def test_bench_apgd_prints_its_ratio_and_what_sea_skipping_saves():
     args = ["--model", "unet-tiny", "--size", "32", "--batch", "2", "--steps", "4"]
