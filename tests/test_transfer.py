@@ -303,3 +303,21 @@ def test_bad_ensembles_are_refused(grid):
         check_config(
             replace(alone, attacks=[replace(config.attacks[0], sources=[], transfer=True)])
         )
+
+
+def test_ensemble_verdict_is_undefined_when_attack_success_is():
+    from advseg.report.cross_model import ensemble_verdicts
+
+    def cell(model, arch, success):
+        return {"model": model, "arch": arch, "attack": "fgsm", "loss": "bce", "eps": 0.03,
+                "as": success, "dsc_adv": 0.0}  # fmt: skip
+
+    cells = pd.DataFrame([
+        cell("a", "unet", 0.2), cell("b", "fpn", float("nan")),
+        cell("e", "ensemble:a+b", float("nan")),
+    ])  # fmt: skip
+    verdict = ensemble_verdicts(cells)["verdict"].tolist()
+    assert len(verdict) == 1 and verdict[0].startswith("undefined")
+    cells.loc[2, "as"] = 0.1
+    verdict = ensemble_verdicts(cells)
+    assert verdict["verdict"][0].startswith("helped") and verdict["best_member"][0] == "a"

@@ -118,8 +118,18 @@ def ensemble_verdicts(cells: pd.DataFrame) -> pd.DataFrame:
         ]
         if members.empty:
             continue
-        best = members.loc[members["success"].idxmin()]
-        mean = float(members["success"].mean())
+        defined = members[members["success"].notna()]
+        if pd.isna(ens.success) or defined.empty:
+            # Attack Success is undefined where the clean Dice is 0 (the model predicts nothing)
+            verdict = "undefined: Attack Success has no value (clean Dice 0) for the ensemble or"
+            verdict += " every member"
+            best = (defined if not defined.empty else members).iloc[0]
+            rows.append([ens.model, ens.attack, ens.loss, ens.eps, ens.success, best["model"]])
+            rows[-1] += [best["success"], float(defined["success"].mean()) if not defined.empty
+                         else float("nan"), ens.dsc_adv, best["dsc_adv"], verdict]  # fmt: skip
+            continue
+        best = defined.loc[defined["success"].idxmin()]
+        mean = float(defined["success"].mean())
         if ens.success < best["success"]:
             verdict = "helped: lower Attack Success than every member"
         elif ens.success < mean:
