@@ -93,3 +93,110 @@ def test_cli_info_reads_a_json_label_mapping(volumes, tmp_path, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "kidney, tumour" in out and "20x14: 10" in out
+
+
+def _pair(root, name, image, label, image_affine, label_affine=None):
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    label_affine = image_affine if label_affine is None else label_affine
+    nib.save(nib.Nifti1Image(image, image_affine), root / "imagesTr" / f"{name}.nii.gz")
+    nib.save(nib.Nifti1Image(label, label_affine), root / "labelsTr" / f"{name}.nii.gz")
+
+
+def _asymmetric_volume():
+    rng = np.random.default_rng(3)
+    image = rng.normal(100, 20, (20, 14, 4)).astype(np.float32)
+    image[:4, :3] += 300  # a bright corner: a 180-degree turn would move it
+    label = np.zeros((20, 14, 4), np.uint8)
+    label[1:6, 2:5, 1:3] = 1
+    label[12:18, 8:12, 2] = 2
+    return image, label
+
+
+def test_an_lps_volume_gives_the_same_slices_as_the_ras_one(tmp_path):
+    image, label = _asymmetric_volume()
+    ras = np.diag([0.8, 0.9, 3.0, 1.0])
+    ras[:3, 3] = (-7.6, -5.85, 0.0)
+    lps = np.diag([-0.8, -0.9, 3.0, 1.0])  # x and y run the other way: the arrays are flipped
+    lps[:3, 3] = (7.6, 5.85, 0.0)  # same world position of every voxel
+    _pair(tmp_path / "ras", "vol_001", image, label, ras)
+    _pair(tmp_path / "lps", "vol_001", image[::-1, ::-1].copy(), label[::-1, ::-1].copy(), lps)
+    loaded = {}
+    for name in ("ras", "lps"):
+        config = DataConfig(
+            path=tmp_path / name,
+            nifti_labels={"1": "liver", "2": "spleen"},
+            cache_dir=tmp_path / f"cache-{name}",
+            preprocess=PreprocessConfig(size=16),
+        )
+        loaded[name] = load_data(config)
+    ras_data, lps_data = loaded["ras"], loaded["lps"]
+    columns = ["id", "width", "height", "spacing_w", "spacing_h", "liver", "spleen"]
+    assert ras_data.index[columns].equals(lps_data.index[columns])
+    np.testing.assert_array_equal(ras_data.images, lps_data.images)
+    np.testing.assert_array_equal(ras_data.masks, lps_data.masks)
+    # and the stored-as-RAS arrays were not flipped: the bright corner is at the top left
+    assert ras_data.images[0, :2, :3].mean() > ras_data.images[0, -3:, -3:].mean()
+
+
+def test_canonical_geometry_from_the_header_equals_nibabels_reorientation(tmp_path):
+    from advseg.data.nifti import canonical_geometry
+
+    affine = np.array([[0, -0.9, 0, 10], [0, 0, 3.0, 5], [-0.8, 0, 0, 2], [0, 0, 0, 1.0]])
+    path = tmp_path / "oblique.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((5, 4, 3), np.int16), affine), path)
+    shape, canonical_affine = canonical_geometry(path)
+    reoriented = nib.as_closest_canonical(nib.load(path))
+    assert shape == reoriented.shape == (4, 3, 5)
+    np.testing.assert_allclose(canonical_affine, reoriented.affine)
+
+
+def test_an_image_and_label_with_other_affines_are_refused_naming_both(tmp_path):
+    image, label = _asymmetric_volume()
+    shifted = np.diag([0.8, 0.9, 3.0, 1.0])
+    shifted[0, 3] = 2.0  # the label sits 2 mm to the side
+    _pair(tmp_path, "vol_001", image, label, np.diag([0.8, 0.9, 3.0, 1.0]), shifted)
+    with pytest.raises(UserError) as err:
+        read_nifti(tmp_path, {1: "liver", 2: "spleen"})
+    message = str(err.value)
+    assert "labelsTr/vol_001.nii.gz" in message and "imagesTr/vol_001.nii.gz" in message
+    assert "affine differs" in message and "\n" not in message
+    # within the tolerance (float rounding of a real header) is accepted
+    nudged = np.diag([0.8, 0.9, 3.0, 1.0])
+    nudged[0, 3] = 1e-5
+    _pair(tmp_path, "vol_001", image, label, np.diag([0.8, 0.9, 3.0, 1.0]), nudged)
+    assert len(read_nifti(tmp_path, {1: "liver", 2: "spleen"})[0]) == 4
+
+
+def test_unmapped_label_values_are_counted_warned_and_refused_when_strict(tmp_path):
+    from advseg.errors import AdvsegWarning
+
+    image, label = _asymmetric_volume()
+    label[0, 0, 0] = 7
+    label[0, 1, 0:2] = 9
+    affine = np.diag([0.8, 0.9, 3.0, 1.0])
+    _pair(tmp_path, "vol_001", image, label, affine)
+    _pair(tmp_path, "vol_002", image, np.where(label == 9, 0, label).astype(np.uint8), affine)
+    counts = r"2 \(48 voxels\), 7 \(2 voxels\), 9 \(2 voxels\), in 2 volumes"
+    with pytest.warns(AdvsegWarning, match=counts):
+        _, exclusions = read_nifti(tmp_path, {1: "liver"})
+    assert exclusions.unmapped == {2: 48, 7: 2, 9: 2}  # label 2 (spleen) is unmapped here too
+    assert exclusions.unmapped_volumes == ["vol_001", "vol_002"]
+    assert any("made background" in line for line in exclusions.lines())
+    with pytest.raises(UserError) as err:
+        read_nifti(tmp_path, {1: "liver", 2: "spleen"}, strict=True)
+    message = str(err.value)
+    assert message.startswith(str(tmp_path / "labelsTr" / "vol_001.nii.gz"))
+    assert "7 (1 voxel), 9 (2 voxels)" in message and "--strict-labels" in message
+    assert "\n" not in message
+    _, clean = read_nifti(tmp_path, {1: "liver", 2: "spleen", 7: "a", 9: "b"}, strict=True)
+    assert clean.unmapped == {}
+
+
+def test_labels_are_refused_for_kaggle_data(tmp_path):
+    from advseg.data import build_index, write_synthetic
+
+    write_synthetic(tmp_path / "mri", cases=1, scans=1, slices=2)
+    config = DataConfig(path=tmp_path / "mri", nifti_labels={"1": "liver"})
+    with pytest.raises(UserError, match="NIfTI data only"):
+        build_index(config)

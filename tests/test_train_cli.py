@@ -59,3 +59,30 @@ def test_train_command_bad_input_exits_2(tmp_path, capsys, extra, message):
     assert cli([*args, *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_train_on_nifti_with_labels_and_strict_labels(tmp_path, capsys):
+    from advseg.data import write_synthetic_nifti
+
+    data = tmp_path / "ct"
+    write_synthetic_nifti(data, cases=3, slices=6, size=(40, 32), seed=0)
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), "--out", str(out), "--model", "unet-tiny"]
+    args += ["--size", "32", "--epochs", "1", "--batch-size", "4", "--test-fraction", "0.34"]
+    args += ["--val-fraction", "0.5", "--workers", "0"]
+    # the liver and spleen only: the kidneys (3, 4) are background, counted and kept in the
+    # checkpoint; --strict-labels refuses them before any training
+    assert cli([*args, "--labels", "1=liver,2=spleen", "--strict-labels"]) == 2
+    err = capsys.readouterr().err
+    assert "abct_001.nii.gz: label values not in the label mapping" in err and "3 (" in err
+    assert not (out / "checkpoints").exists()
+    assert cli([*args, "--labels", "1=liver,2=spleen"]) == 0
+    captured = capsys.readouterr()
+    assert "made background: 3 (" in captured.out + captured.err
+    _, meta = load_checkpoint(out / "checkpoints" / "best", classes=["liver", "spleen"])
+    assert meta.data["config"]["nifti_labels"] == {"1": "liver", "2": "spleen"}
+    assert any("made background" in line for line in meta.data["excluded"])
+    # without --labels the dataset.json's four organs are used
+    assert cli([*args, "--out", str(tmp_path / "run2")]) == 0
+    _, meta = load_checkpoint(tmp_path / "run2" / "checkpoints" / "best")
+    assert meta.classes == ["liver", "spleen", "kidney_left", "kidney_right"]

@@ -21,6 +21,26 @@ app = typer.Typer(
 )
 
 
+LABELS_HELP = (
+    "NIfTI label mapping: a JSON file or 1=liver,2=tumour (default: the data set's "
+    "dataset.json labels)."
+)
+STRICT_HELP = "Refuse NIfTI label values the mapping lacks (default: count them as background)."
+
+
+def label_settings(labels: str | None, strict: bool) -> dict[str, object]:
+    """The :class:`DataConfig` fields of ``--labels`` (a JSON file or ``1=liver,...``) and
+    ``--strict-labels``."""
+    from advseg.data.nifti import parse_label_map
+
+    settings: dict[str, object] = {"strict_labels": strict}
+    if labels and Path(labels).is_file():
+        settings["nifti_labels_file"] = Path(labels)
+    elif labels:
+        settings["nifti_labels"] = dict(parse_label_map(labels))
+    return settings
+
+
 @app.command()
 def synth(
     out: Path = typer.Option(..., "--out", help="Directory to create."),
@@ -72,9 +92,8 @@ def info(
     exclude: str = typer.Option(
         "default", help="Scans to leave out: default, host, none, or case7_day0,case81_day30."
     ),
-    labels: str | None = typer.Option(
-        None, help="NIfTI label mapping: a JSON file or 1=liver,2=tumour."
-    ),
+    labels: str | None = typer.Option(None, help=LABELS_HELP),
+    strict_labels: bool = typer.Option(False, "--strict-labels", help=STRICT_HELP),
     check: bool = typer.Option(
         False,
         "--check",
@@ -90,8 +109,7 @@ def info(
         path=path,
         exclude=_exclude(exclude),
         skip_unreadable=skip_unreadable,
-        nifti_labels_file=Path(labels) if labels and Path(labels).is_file() else None,
-        nifti_labels={} if not labels or Path(labels).is_file() else _label_text(labels),
+        **label_settings(labels, strict_labels),
         preprocess=PreprocessConfig(size=size),
     )
     if check:
@@ -116,9 +134,3 @@ def info(
     if check:
         table.add_row("cache", f"{data.cache_path} ({data.decoded} slices decoded now)")
     console().print(table)
-
-
-def _label_text(text: str) -> dict[int | str, str]:
-    from advseg.data.nifti import parse_label_map
-
-    return dict(parse_label_map(text))

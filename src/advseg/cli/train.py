@@ -12,6 +12,7 @@ from rich.table import Table
 
 from advseg import distributed
 from advseg.cli.console import console
+from advseg.cli.data import LABELS_HELP, STRICT_HELP, label_settings
 from advseg.config import from_dict, load_yaml, to_dict
 from advseg.data import DataConfig, PreprocessConfig
 from advseg.defences import describe
@@ -46,6 +47,8 @@ def train(
     data: Path | None = typer.Option(
         None, "--data", help="Data directory (Kaggle layout or NIfTI); default: synthetic phantom."
     ),
+    labels: str | None = typer.Option(None, "--labels", help=LABELS_HELP),
+    strict_labels: bool = typer.Option(False, "--strict-labels", help=STRICT_HELP),
     config: Path | None = typer.Option(
         None, "--config", help="YAML file of training settings (TrainConfig keys)."
     ),
@@ -166,7 +169,9 @@ def train(
         if no_augment:
             train_config.augment.enabled = False
         data_config = DataConfig(
-            path=data, preprocess=PreprocessConfig(size=size, channels=channels)
+            path=data,
+            **label_settings(labels, strict_labels),
+            preprocess=PreprocessConfig(size=size, channels=channels),
         )
         result = train_on_data(
             data_config,

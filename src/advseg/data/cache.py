@@ -77,6 +77,8 @@ def cache_key(index: pd.DataFrame, config: PreprocessConfig) -> str:
     digest.update(row_hashes.tobytes())
     digest.update(file_hashes.tobytes())
     meta = {"version": CACHE_VERSION, "classes": classes, "preprocess": config.array_key()}
+    if (index["image_z"] >= 0).any():  # NIfTI volumes are read in canonical orientation
+        meta["orientation"] = "canonical"
     digest.update(json.dumps(meta, sort_keys=True).encode())
     return digest.hexdigest()[:24]
 

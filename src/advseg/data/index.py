@@ -108,16 +108,32 @@ class Exclusions:
         skipped: slice id -> reason, for slices skipped as unreadable (only with
             ``skip_unreadable``).
         unlabelled: image files with no row in the label table (not indexed).
+        unmapped: NIfTI label value -> voxels holding it, for values the label mapping lacks
+            (made background).
+        unmapped_volumes: the names of the label volumes holding such values.
     """
 
     listed: tuple[str, ...] = ()
     scans: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     unlabelled: int = 0
+    unmapped: dict[int, int] = field(default_factory=dict)
+    unmapped_volumes: list[str] = field(default_factory=list)
 
     @property
     def excluded_slices(self) -> int:
         return sum(self.scans.values())
+
+    def unmapped_line(self) -> str:
+        """The label values the mapping lacks, with their voxel counts, in one line."""
+        values = ", ".join(f"{v} ({voxels(n)})" for v, n in sorted(self.unmapped.items()))
+        names = self.unmapped_volumes
+        shown = ", ".join(names[:5]) + (f", ... {len(names) - 5} more" if len(names) > 5 else "")
+        return (
+            f"label values not in the label mapping, made background: {values}, in "
+            f"{len(names)} volume{'s' * (len(names) != 1)} ({shown}); name them in --labels, "
+            "or refuse such data with --strict-labels"
+        )
 
     def lines(self) -> list[str]:
         """Human-readable summary lines (the CLI prints them)."""
@@ -137,7 +153,14 @@ class Exclusions:
                 out.append(f"  ... and {len(self.skipped) - 10} more")
         if self.unlabelled:
             out.append(f"image files without labels (not indexed): {self.unlabelled}")
+        if self.unmapped:
+            out.append(self.unmapped_line())
         return out
+
+
+def voxels(count: int) -> str:
+    """``1 voxel``, ``2 voxels``."""
+    return f"{count} voxel{'s' * (count != 1)}"
 
 
 @dataclass

@@ -38,6 +38,8 @@ class DataConfig:
         nifti_labels: NIfTI label value -> class name (e.g. ``{"1": "liver"}``), or the path of a
             JSON file holding that mapping as ``nifti_labels_file``.
         nifti_labels_file: a JSON file with the NIfTI label mapping.
+        strict_labels: refuse NIfTI label values the mapping lacks (else they are background,
+            counted in the exclusions and warned about).
         preprocess: resizing, intensity and channel settings.
         cache_dir: where preprocessed arrays are cached; default ``<path>/.advseg-cache``
             (``~/.cache/advseg`` for the synthetic default).
@@ -50,6 +52,7 @@ class DataConfig:
     skip_unreadable: bool = False
     nifti_labels: dict[int | str, str] = field(default_factory=dict)
     nifti_labels_file: Path | None = None
+    strict_labels: bool = False
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     cache_dir: Path | None = None
     workers: int = 2
@@ -119,6 +122,11 @@ def build_index(config: DataConfig) -> tuple[pd.DataFrame, Exclusions]:
     path = resolve_path(config)
     source = detect_source(path) if config.source == "auto" else config.source
     if source == "uwmgi":
+        if config.nifti_labels or config.nifti_labels_file:
+            raise UserError(
+                f"{path}: Kaggle layout (train.csv), whose classes are fixed; a NIfTI label "
+                "mapping (--labels, nifti_labels) applies to NIfTI data only"
+            )
         return read_uwmgi(path, config.exclude, config.skip_unreadable)
     labels = config.nifti_labels_file or config.nifti_labels or dataset_json_labels(path)
     if not labels:
@@ -126,7 +134,7 @@ def build_index(config: DataConfig) -> tuple[pd.DataFrame, Exclusions]:
             f"{path}: NIfTI data needs a label mapping (a dataset.json with 'labels', "
             "nifti_labels, or --labels 1=liver,...)"
         )
-    return read_nifti(path, labels)
+    return read_nifti(path, labels, strict=config.strict_labels)
 
 
 def load_data(config: DataConfig, progress: Callable[[int], None] | None = None) -> SliceData:

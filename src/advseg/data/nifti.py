@@ -5,11 +5,18 @@ Layout::
     imagesTr/NAME.nii.gz (MSD) or imagesTr/NAME_0000.nii.gz (nnU-Net, first channel only)
     labelsTr/NAME.nii.gz          integer label volume, the same shape as its image
 
-Each volume becomes one scan (``case{N}_day0``) whose axial slices (the third array axis) are the
-rows of the SliceIndex. A slice is the array ``volume[:, :, z]`` transposed, so that its height is
-the second voxel axis and its width the first. Label values are mapped to class names by a small
-user mapping (``{1: "liver", 2: "tumour"}``; several values may map to one class); values not in
-the mapping, and 0, are background. The case number is the trailing number of the volume's name
+Every volume, image and label alike, is first reoriented to the closest canonical (RAS+)
+orientation with nibabel's ``as_closest_canonical``, so that an LPS-stored volume gives the same
+slices as an RAS one. An image and its label must then share the affine (within
+:data:`AFFINE_TOLERANCE`): a pair that does not is refused, naming both files.
+
+Each volume becomes one scan (``case{N}_day0``) whose axial slices (the third canonical axis) are
+the rows of the SliceIndex. A slice is the array ``volume[:, :, z]`` transposed, so that its height
+is the second (posterior-anterior) axis and its width the first (left-right). Label values are
+mapped to class names by a small user mapping (``{1: "liver", 2: "tumour"}``; several values may
+map to one class). Values not in the mapping are background; they are counted per value
+(:attr:`Exclusions.unmapped`, warned about with an ``AdvsegWarning``), or refused with
+``strict=True`` (``--strict-labels``). The case number is the trailing number of the volume's name
 when every name has a distinct one, else the volume's position in name order (from 1).
 """
 
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,11 +33,14 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from advseg.data.index import Exclusions, make_index, slice_id
+from advseg.data.index import Exclusions, make_index, slice_id, voxels
 from advseg.data.rle import rle_encode
-from advseg.errors import UserError
+from advseg.errors import AdvsegWarning, UserError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+#: Largest difference (mm, per affine entry) between an image's and its label's canonical affine.
+AFFINE_TOLERANCE = 1e-3
 
 
 def parse_label_map(spec: str | Path | Mapping[Any, str]) -> dict[int, str]:
@@ -107,11 +118,38 @@ def dataset_json_labels(root: str | Path) -> dict[int, str] | None:
     return parse_label_map(mapping)
 
 
-def read_volume(path: str | Path) -> np.ndarray:
-    """A 3D NIfTI volume as an ``(H, W, Z)`` array (voxel axes 1, 0, 2), native dtype."""
+def load_canonical(path: str | Path) -> nib.Nifti1Image:
+    """A NIfTI image reoriented to the closest canonical orientation (RAS+); data not read yet
+    when it is already canonical."""
     try:
-        data = np.asanyarray(nib.load(str(path)).dataobj)
+        return nib.as_closest_canonical(nib.load(str(path)))
     except Exception as err:  # nibabel raises many types for a broken file
+        raise UserError(f"{path}: cannot read NIfTI volume ({type(err).__name__}: {err})") from None
+
+
+def canonical_geometry(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """The shape and affine ``as_closest_canonical`` gives ``path``, from its header alone."""
+    try:
+        image = nib.load(str(path))
+    except Exception as err:
+        raise UserError(f"{path}: cannot read NIfTI header ({err})") from None
+    shape = tuple(int(n) for n in image.shape)
+    if len(shape) < 3:
+        raise UserError(f"{path}: expected a 3D volume, got shape {shape}")
+    ornt = nib.orientations.io_orientation(image.affine)
+    affine = image.affine @ nib.orientations.inv_ornt_aff(ornt, shape[:3])
+    dummy = np.broadcast_to(np.zeros((), bool), shape[:3])  # no memory: only its shape is used
+    return nib.orientations.apply_orientation(dummy, ornt).shape + shape[3:], affine
+
+
+def read_volume(path: str | Path) -> np.ndarray:
+    """A 3D NIfTI volume in canonical orientation as an ``(H, W, Z)`` array (canonical voxel axes
+    1, 0, 2), native dtype."""
+    try:
+        data = np.asanyarray(load_canonical(path).dataobj)
+    except UserError:
+        raise
+    except Exception as err:  # a truncated file fails when its data is read
         raise UserError(f"{path}: cannot read NIfTI volume ({type(err).__name__}: {err})") from None
     if data.ndim != 3:
         raise UserError(f"{path}: expected a 3D volume, got shape {data.shape}")
@@ -122,6 +160,16 @@ def read_volume(path: str | Path) -> np.ndarray:
                 f"{path}: {bad} of {data.size} voxels are not finite numbers (NaN or inf)"
             )
     return data.transpose(1, 0, 2)
+
+
+def label_counts(label: np.ndarray) -> dict[int, int]:
+    """Voxels per label value of an integer-valued volume (zero counts left out)."""
+    values = label.astype(np.int64, copy=False).ravel()
+    if values.size and values.min() >= 0 and values.max() < 1 << 16:
+        counts = np.bincount(values)
+        return {int(v): int(counts[v]) for v in np.flatnonzero(counts)}
+    found, counts = np.unique(values, return_counts=True)
+    return {int(v): int(n) for v, n in zip(found, counts, strict=True)}
 
 
 def _stem(path: Path) -> str:
@@ -139,16 +187,24 @@ def _volumes(folder: Path) -> dict[str, Path]:
 
 
 def read_nifti(
-    root: str | Path, labels: str | Path | Mapping[Any, str]
+    root: str | Path, labels: str | Path | Mapping[Any, str], strict: bool = False
 ) -> tuple[pd.DataFrame, Exclusions]:
     """Index a NIfTI data set: one row per axial slice of every labelled volume.
 
     Args:
         root: directory holding ``imagesTr/`` and ``labelsTr/``.
         labels: label value -> class name (see :func:`parse_label_map`).
+        strict: refuse a label volume holding a value the mapping lacks (else it is background,
+            counted in the exclusions and warned about).
 
     Returns:
-        The SliceIndex (masks as RLE) and what was left out (image volumes without labels).
+        The SliceIndex (masks as RLE) and what was left out (image volumes without labels, label
+        values not in the mapping).
+
+    Raises:
+        UserError: a missing folder, an unreadable volume, an image and label whose shapes or
+            canonical affines differ (naming both files), non-integer labels, or (``strict``)
+            unmapped label values.
     """
     root = Path(root)
     mapping = parse_label_map(labels)
@@ -177,11 +233,9 @@ def read_nifti(
     frames = []
     for name, case in zip(names, cases, strict=True):
         image_path, label_path = images[name], label_files[name]
-        try:
-            image = nib.load(str(image_path))
-        except Exception as err:
-            raise UserError(f"{image_path}: cannot read NIfTI header ({err})") from None
-        label = read_volume(label_path)  # (H, W, Z)
+        image_shape, image_affine = canonical_geometry(image_path)
+        label_image = load_canonical(label_path)
+        label = read_volume(label_path)  # (H, W, Z), canonical
         if np.issubdtype(label.dtype, np.floating):
             fractional = label != np.round(label)
             if fractional.any():
@@ -189,13 +243,30 @@ def read_nifti(
                     f"{label_path}: {int(fractional.sum())} voxels hold non-integer labels "
                     f"(e.g. {label[fractional].flat[0]:g}); labels must be whole numbers"
                 )
-        shape = image.shape[1], image.shape[0], *image.shape[2:]
+        shape = image_shape[1], image_shape[0], *image_shape[2:]
         if label.shape != shape:
             raise UserError(
                 f"{label_path}: shape {label.shape[1::-1] + label.shape[2:]} differs from its "
-                f"image {image_path} {tuple(image.shape)}"
+                f"image {image_path} {image_shape} (both in canonical orientation)"
             )
-        zooms = image.header.get_zooms()
+        difference = float(np.abs(label_image.affine - image_affine).max())
+        if difference > AFFINE_TOLERANCE:
+            raise UserError(
+                f"{label_path}: its affine differs from its image {image_path}'s by up to "
+                f"{difference:.3g} mm (tolerance {AFFINE_TOLERANCE:g}): the label does not lie "
+                "on the image's voxels"
+            )
+        unmapped = {v: n for v, n in label_counts(label).items() if v != 0 and v not in mapping}
+        if unmapped and strict:
+            raise UserError(
+                f"{label_path}: label values not in the label mapping (--strict-labels): "
+                + ", ".join(f"{v} ({voxels(n)})" for v, n in unmapped.items())
+            )
+        for value, count in unmapped.items():
+            exclusions.unmapped[value] = exclusions.unmapped.get(value, 0) + count
+        if unmapped:
+            exclusions.unmapped_volumes.append(name)
+        zooms = np.sqrt((image_affine[:3, :3] ** 2).sum(axis=0))  # canonical voxel sizes
         h, w, depth = label.shape
         rows = {
             "id": [slice_id(case, 0, z + 1) for z in range(depth)],
@@ -215,6 +286,10 @@ def read_nifti(
             mask = np.isin(label, values)  # (H, W, Z)
             rows[cls] = [rle_encode(mask[:, :, z]) for z in range(depth)]
         frames.append(pd.DataFrame(rows))
+    if exclusions.unmapped:
+        warnings.warn(
+            f"{root / 'labelsTr'}: {exclusions.unmapped_line()}", AdvsegWarning, stacklevel=2
+        )
     index = make_index(pd.concat(frames, ignore_index=True), classes)
     index.attrs["label_source"] = str(root / "labelsTr")
     index.attrs["case_names"] = dict(zip(cases, names, strict=True))
