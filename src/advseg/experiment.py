@@ -39,7 +39,6 @@ from rich.progress import (
 
 from advseg.atomic import remove_debris, write_text_atomic
 from advseg.attacks import ATTACKS, attack_options, check_eps
-from advseg.augment import Augment
 from advseg.bootstrap import with_intervals
 from advseg.config import from_dict, load_yaml, save_yaml, to_dict
 from advseg.cross_model import (
@@ -64,7 +63,7 @@ from advseg.report.examples import save_examples
 from advseg.report.tables import file_stem, headline_eps
 from advseg.summary import summarize_cells
 from advseg.traces import write_trace
-from advseg.train import TrainConfig, data_metadata, new_model, resolve_device, train
+from advseg.train import TrainConfig, resolve_device, train_on_data
 from advseg.transfer import source_stem
 
 PAPER_LOSSES = ["bce", "focal", "dicefocal"]
@@ -611,9 +610,7 @@ def run_experiment(
             if spec.arch.startswith(ENSEMBLE_PREFIX):
                 net, arch = cross.ensemble(spec.arch, model_for), spec.arch
             else:
-                net, arch, fresh = _get_model(
-                    spec, config, data, train_rows, val_rows, run_dir, progress
-                )
+                net, arch, fresh = _get_model(spec, config, data, run_dir, progress)
                 if fresh:
                     trained.append(spec.name)
             models.clear()  # one model in memory at a time
@@ -723,15 +720,12 @@ def _evaluation_rows(
 
 
 def _get_model(
-    spec: ModelSpec,
-    config: ExperimentConfig,
-    data: SliceData,
-    train_rows: np.ndarray,
-    val_rows: np.ndarray,
-    run_dir: Path,
-    progress: bool,
+    spec: ModelSpec, config: ExperimentConfig, data: SliceData, run_dir: Path, progress: bool
 ) -> tuple[torch.nn.Module, str, bool]:
     """The model of ``spec``: loaded from its checkpoint, or trained (resumed) in the run dir.
+
+    Training is :func:`advseg.train.train_on_data`, the one training path (``advseg train``
+    takes it too): the same split, augmentation, encoder weights and checkpoint metadata.
 
     Returns:
         ``(model, zoo name, trained_now)``.
@@ -746,38 +740,21 @@ def _get_model(
     train_config = model_train_config(config, spec)
     if spec.adversarial is not None:
         train_config = replace(train_config, adversarial=spec.adversarial)
-    if checkpoint_exists(best) and _finished(last, train_config):
-        net, meta = load_checkpoint(best, classes=data.classes)
-        return net, meta.model, False
-    net = new_model(
-        train_config,
-        in_channels=data.preprocess.channels,
-        classes=len(data.classes),
-        encoder_weights=train_config.encoder_weights,
-    )
-    augment = train_config.augment
-    transform = Augment(augment, data.preprocess.size) if augment.enabled else None
-    train(
-        net,
-        data.dataset(train_rows, transform=transform),
-        data.dataset(val_rows),
-        train_config,
-        out,
-        classes=data.classes,
-        preprocessing=to_dict(data.preprocess),
-        data=data_metadata(
+    fresh = not (checkpoint_exists(best) and _finished(last, train_config))
+    if fresh:
+        train_on_data(
             config.data,
-            data,
+            train_config,
+            out,
             test_fraction=config.split.test_fraction,
             val_fraction=config.split.val_fraction,
             split_seed=config.split.seed,
-            rows={"train": len(train_rows), "val": len(val_rows)},
-        ),
-        resume=checkpoint_exists(last),
-        progress=progress,
-    )
+            resume=checkpoint_exists(last),
+            progress=progress,
+            data=data,
+        )
     net, meta = load_checkpoint(best, classes=data.classes)
-    return net, meta.model, True
+    return net, meta.model, fresh
 
 
 def check_held_out(metadata: dict[str, Any], checkpoint: Path, config: ExperimentConfig) -> None:

@@ -410,8 +410,13 @@ def train_on_data(
     split_seed: int = 0,
     resume: bool = False,
     progress: bool = False,
+    data: SliceData | None = None,
 ) -> TrainResult:
     """Load a data set, split it by case, build ``config.model`` and :func:`train` it.
+
+    The one way a model is trained from a data set: ``advseg train`` and the experiment runner
+    (``advseg run``) both come here, so a grid's model is the model ``advseg train`` makes with
+    the same settings, weight for weight.
 
     The split is the paper's: ``test_fraction`` of the cases held out for evaluation (the same
     ``split_cases(index, test_fraction, split_seed)`` an evaluation calls), then ``val_fraction``
@@ -419,6 +424,9 @@ def train_on_data(
     source, exclusions, split and row counts are stored in the checkpoints.
 
     Under torchrun, rank 0 fills the preprocessing cache before the other ranks read it.
+
+    Args:
+        data: ``data_config`` already loaded (the experiment runner's); loaded here when None.
     """
     from advseg.atomic import check_output_dir
     from advseg.data import load_data, split_train_val_test
@@ -431,11 +439,12 @@ def train_on_data(
     resolve_device(config.device)  # an unknown device fails before any data is read
     check_output_dir(out_dir, "training output directory")
     distributed.init()
-    if not distributed.is_main():
-        distributed.barrier()  # rank 0 fills the cache first
-    data = load_data(data_config)
-    if distributed.is_main():
-        distributed.barrier()
+    if data is None:
+        if not distributed.is_main():
+            distributed.barrier()  # rank 0 fills the cache first
+        data = load_data(data_config)
+        if distributed.is_main():
+            distributed.barrier()
     train_rows, val_rows, test_rows = split_train_val_test(
         data.index, test_fraction, val_fraction, split_seed
     )
