@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
+import pandas as pd
+import pytest
 import torch
+from rich.console import Console
 from safetensors.torch import load_file
 
 from advseg.augment import AugmentConfig
-from advseg.experiment import AttackSpec, model_train_config, run_experiment
+from advseg.cli.table_ii import table_ii
+from advseg.experiment import AttackSpec, model_train_config, plan_cells, run_experiment
 from advseg.models import read_checkpoint
+from advseg.records import read_records
+from advseg.summary import summarize_cells
 from advseg.train import train_on_data
 from test_experiment_run import _config, phantom  # noqa: F401 (phantom: the module's fixture)
 
@@ -44,3 +51,57 @@ def test_a_grid_trains_its_model_through_train_on_data(phantom, tmp_path):  # no
     _, meta_alone, _ = read_checkpoint(alone / "checkpoints" / "best")
     assert meta.data == meta_alone.data and set(meta.data["rows"]) == {"train", "val", "test"}
     assert meta.train == meta_alone.train
+
+
+def test_seeds_train_each_model_per_seed_and_table_ii_shows_their_spread(phantom, tmp_path):  # noqa: F811
+    config = replace(_one_cell(_config(phantom, tmp_path)), seeds=[0, 1])
+    assert [c.slug for c in plan_cells(config)] == [
+        "unet-tiny__seed0__fgsm__eps0.01",
+        "unet-tiny__seed1__fgsm__eps0.01",
+    ]
+    run_dir = tmp_path / "run"
+    result = run_experiment(config, run_dir)
+    assert result.trained == ["unet-tiny (seed 0)", "unet-tiny (seed 1)"]
+    models = run_dir / "models" / "unet-tiny"
+    weights = [load_file(models / f"seed{k}" / "checkpoints" / "best.safetensors") for k in (0, 1)]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert read_checkpoint(models / "seed1" / "checkpoints" / "best")[1].train["seed"] == 1
+    records = read_records(run_dir)
+    assert sorted(records["seed"].unique()) == [0, 1]
+
+    # Table II: the mean over seeds, its sd and the case-bootstrap interval, in the three places.
+    per_seed = [summarize_cells(records[records["seed"] == k], "per-class").iloc[0] for k in (0, 1)]
+    row = result.cells.iloc[0]
+    for column in ("dsc_clean", "dsc_adv", "as"):
+        values = [s[column] for s in per_seed]
+        assert row[column] == pytest.approx(np.mean(values))
+        assert row[f"{column}_sd"] == pytest.approx(np.std(values, ddof=1))
+    assert row["seeds"] == 2
+    summary = pd.read_csv(run_dir / "summary.csv")
+    label = "DSC fgsm bce eps=0.01"
+    assert summary["seeds"].tolist() == [2]
+    assert summary[label].iloc[0] == pytest.approx(row["dsc_adv"])
+    assert summary[f"{label} seed sd"].iloc[0] == pytest.approx(row["dsc_adv_sd"])
+    assert summary[f"{label} low"].iloc[0] <= summary[f"{label} high"].iloc[0]
+    console = Console(record=True, width=200)
+    for table in table_ii(result.cells, "per-class"):
+        console.print(table)
+    shown = console.export_text()
+    assert "mean ± sd over 2 training seeds" in shown
+    assert f"{row['dsc_adv']:.4f}±{row['dsc_adv_sd']:.4f}" in shown
+
+    # Resumed per cell: a missing cell is redone from its seed's model, nothing retrained.
+    (run_dir / "records" / "unet-tiny__seed1__fgsm__eps0.01.parquet").unlink()
+    again = run_experiment(config, run_dir)
+    assert again.trained == [] and again.grid.computed == ["unet-tiny__seed1__fgsm__eps0.01"]
+    pd.testing.assert_frame_equal(read_records(run_dir), records)
+
+
+def test_a_grid_without_seeds_keeps_its_names_and_fills_the_training_seed(phantom, tmp_path):  # noqa: F811
+    config = _one_cell(_config(phantom, tmp_path))
+    config.train = replace(config.train, seed=3)
+    assert [c.slug for c in plan_cells(config)] == ["unet-tiny__fgsm__eps0.01"]
+    result = run_experiment(config, tmp_path / "run")
+    assert result.trained == ["unet-tiny"] and "seeds" not in result.cells.columns
+    assert (tmp_path / "run" / "models" / "unet-tiny" / "checkpoints" / "best.json").exists()
+    assert read_records(tmp_path / "run")["seed"].unique().tolist() == [3]

@@ -45,7 +45,7 @@ from advseg.transfer import (
     transfer_pairs,
 )
 
-__all__ = ["ENSEMBLE_PREFIX", "CrossModel", "check_cross_model", "transfer_cells"]
+__all__ = ["ENSEMBLE_PREFIX", "CrossModel", "check_cross_model", "model_seeds", "transfer_cells"]
 
 UNIVERSAL = "universal"
 RANDOM_SIGN = "random-sign"
@@ -91,24 +91,43 @@ def check_cross_model(config: Any) -> None:
                 raise UserError(f"attacks[{i}].sources[{j}]: {source!r} names a model twice")
 
 
+def model_seeds(config: Any, name: str) -> list[int | None]:
+    """The training seeds of the grid model ``name``: the grid's ``seeds`` for a model trained
+    here (or an ensemble with such a member), ``[None]`` for one trained once (no ``seeds:``)
+    or loaded from a checkpoint (one model, whatever the seeds)."""
+    if not config.seeds:
+        return [None]
+    spec = next(m for m in config.models if m.name == name)
+    if spec.arch.startswith(ENSEMBLE_PREFIX):
+        seeded = any(model_seeds(config, m) != [None] for m in ensemble_members(spec.arch))
+    else:
+        seeded = spec.checkpoint is None
+    return list(config.seeds) if seeded else [None]
+
+
 def transfer_cells(config: Any, planned: Sequence[Any]) -> list[Any]:
     """The transfer cells of the grid, target by target, after the white-box ``planned`` ones.
 
-    Each is its target's white-box cell (same attack, eps, losses, options) with ``source`` set.
+    Each is its target's white-box cell (same attack, eps, losses, options, training seed) with
+    ``source`` set; the source is taken at the same seed. A target trained once (a checkpoint)
+    attacked from a source trained per seed gets one transfer cell per seed of the source.
     """
     names = [m.name for m in config.models]
     cells: list[Any] = []
     for attack in config.attacks:
         for source, target in transfer_pairs(names, attack.sources, attack.transfer):
+            seeds = sorted(
+                {k for m in source_members(source) for k in model_seeds(config, m)} - {None}
+            )
             for eps in attack.eps:
-                base = next(
-                    c
-                    for c in planned
-                    if (c.model, c.attack, c.eps) == (target, attack.name, float(eps))
-                )
-                cell = replace(base, source=source)
-                if cell not in cells:
-                    cells.append(cell)
+                for base in planned:
+                    if (base.model, base.attack, base.eps) != (target, attack.name, float(eps)):
+                        continue
+                    at = [base.seed] if base.seed is not None or not seeds else seeds
+                    for seed in at:
+                        cell = replace(base, source=source, seed=seed)
+                        if cell not in cells:
+                            cells.append(cell)
     return sorted(cells, key=lambda c: names.index(c.model))
 
 
@@ -118,7 +137,8 @@ class CrossModel:
     Args:
         config: the experiment; data, rows: the data and the evaluated test rows;
         train_rows: the training rows (universal perturbations are fitted on them);
-        run_dir: the run directory; model_for: ``name -> (model, arch)``, the runner's loader;
+        run_dir: the run directory; model_for: ``(name, seed) -> (model, arch)``, the runner's
+        loader (``seed``: a cell's training seed, None for a grid without seeds);
         console: where progress goes.
     """
 
@@ -129,7 +149,7 @@ class CrossModel:
         rows: np.ndarray,
         train_rows: np.ndarray,
         run_dir: Path,
-        model_for: Callable[[str], tuple[nn.Module, str]],
+        model_for: Callable[[str, int | None], tuple[nn.Module, str]],
         console: Console,
     ) -> None:
         self.config, self.data, self.rows, self.train_rows = config, data, rows, train_rows
@@ -203,7 +223,7 @@ class CrossModel:
     def keep(self, cell: Any, adversarial: dict[str, np.ndarray]) -> None:
         """Save a source's white-box images for its transfer cells (before its records)."""
         if self.is_source(cell):
-            folder = crafted_dir(self.run_dir, cell.model, cell.attack, cell.eps)
+            folder = crafted_dir(self.run_dir, _seeded(cell.model, cell), cell.attack, cell.eps)
             save_crafted(folder, self.slice_ids, adversarial)
 
     def handles(self, cell: Any) -> bool:
@@ -218,10 +238,10 @@ class CrossModel:
         return {"seed": self.config.seed, **dict(cell.kwargs)}
 
     def _transfer(self, cell: Any) -> pd.DataFrame:
-        folder = crafted_dir(self.run_dir, cell.source, cell.attack, cell.eps)
+        folder = crafted_dir(self.run_dir, _seeded(cell.source, cell), cell.attack, cell.eps)
         images = load_crafted(folder, cell.losses, self.slice_ids)
         if images is None:  # an ensemble source, or a source whose images were removed
-            nets = [self.model_for(name)[0] for name in source_members(cell.source)]
+            nets = [self.model_for(name, cell.seed)[0] for name in source_members(cell.source)]
             source = nets[0] if len(nets) == 1 else LossEnsemble(nets)
             with self.console.status(f"crafting on {cell.source}, {cell.attack} eps {cell.eps:g}"):
                 crafted = craft(
@@ -232,7 +252,7 @@ class CrossModel:
             self.crafted_now += 1
             save_crafted(folder, self.slice_ids, crafted)
             images = load_crafted(folder, cell.losses, self.slice_ids)
-        net, arch = self.model_for(cell.model)
+        net, arch = self.model_for(cell.model, cell.seed)
         what = f"scoring {cell.source}'s {cell.attack} eps {cell.eps:g} images on {cell.model}"
         with cell_progress(self.console, what) as on_batch:
             result = evaluate_cell(
@@ -249,14 +269,14 @@ class CrossModel:
         from advseg.attacks import create_attack
         from advseg.attacks.universal import save_perturbation
 
-        net, arch = self.model_for(cell.model)
+        net, arch = self.model_for(cell.model, cell.seed)
         kwargs = self._kwargs(cell)
         fitted = []
         for loss in cell.losses:
             attack = create_attack(UNIVERSAL, net, loss, cell.eps, **kwargs)
             with self.console.status(f"fitting a universal perturbation on {cell.model} ({loss})"):
                 attack.fit(self.data.dataset(self.train_rows))
-            stem = f"{cell.model}__eps{cell.eps:g}__{loss}"
+            stem = f"{_seeded(cell.model, cell)}__eps{cell.eps:g}__{loss}"
             save_perturbation(attack.perturbation, self.run_dir / "universal" / stem)
             fitted.append(attack)
         frames = []
@@ -276,3 +296,8 @@ class CrossModel:
             )  # fmt: skip
             frames.append(result.records)
         return pd.concat(frames, ignore_index=True)
+
+
+def _seeded(name: str, cell: Any) -> str:
+    """``name`` in file names of a cell: ``<name>__seed<k>`` in a grid with seeds."""
+    return name if cell.seed is None else f"{name}__seed{cell.seed}"

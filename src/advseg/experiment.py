@@ -45,6 +45,7 @@ from advseg.cross_model import (
     ENSEMBLE_PREFIX,
     CrossModel,
     check_cross_model,
+    model_seeds,
     transfer_cells,
 )
 from advseg.data import DataConfig, SliceData, load_data, split_train_val_test
@@ -55,6 +56,7 @@ from advseg.evaluate import cell_progress, evaluate_sweep
 from advseg.losses import LOSSES, SOFTMAX_LOSSES
 from advseg.models import load_checkpoint, read_checkpoint
 from advseg.models.checkpoint import checkpoint_exists
+from advseg.models.ensemble import ensemble_members
 from advseg.models.zoo import resolve as resolve_model
 from advseg.preflight import check_experiment, data_fingerprint
 from advseg.records import read_records, white_box, write_records
@@ -177,6 +179,11 @@ class ExperimentConfig:
         models, attacks: the grid.
         evaluation: slices, batch size, examples and the Dice protocol.
         report: write the report when the grid is done.
+        seeds: training seeds: each model trained here is trained once per seed (in
+            ``models/<model>/seed<k>/``, seeded by ``k`` in place of ``train.seed``), its cells
+            are named ``<model>__seed<k>__...`` and its records carry the seed, so that Table II
+            shows the mean over seeds and their spread beside the case-bootstrap interval.
+            Empty (the default): one training per model, seeded by ``train.seed``.
     """
 
     name: str = "experiment"
@@ -188,6 +195,7 @@ class ExperimentConfig:
     attacks: list[AttackSpec] = field(default_factory=lambda: [AttackSpec()])
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     report: bool = True
+    seeds: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -195,7 +203,8 @@ class Cell:
     """One unit of work and of resumption: one model, one attack, one eps, several losses.
 
     ``source`` is set for a transfer cell: the model (or ensemble ``a+b``) whose adversarial
-    images the cell scores on ``model``.
+    images the cell scores on ``model``. ``seed`` is the training seed of the models, in a grid
+    with ``seeds:`` (None otherwise).
     """
 
     model: str
@@ -204,11 +213,14 @@ class Cell:
     losses: tuple[str, ...]
     kwargs: tuple[tuple[str, Any], ...] = ()
     source: str = ""
+    seed: int | None = None
 
     @property
     def slug(self) -> str:
-        """The cell's file name stem, e.g. ``unet__fgsm__eps0.009`` (``...__from-<source>``)."""
-        slug = f"{file_stem(self.model)}__{file_stem(self.attack)}__eps{self.eps:g}"
+        """The cell's file name stem, e.g. ``unet__fgsm__eps0.009`` (``...__from-<source>``),
+        ``unet__seed1__fgsm__eps0.009`` in a grid with seeds."""
+        seed = "" if self.seed is None else f"__seed{self.seed}"
+        slug = f"{file_stem(self.model)}{seed}__{file_stem(self.attack)}__eps{self.eps:g}"
         return f"{slug}__from-{source_stem(self.source)}" if self.source else slug
 
 
@@ -291,6 +303,11 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
         value = getattr(config.split, key)
         if not 0 < value < 1:
             raise UserError(f"split.{key}: {value} is not between 0 and 1")
+    if len(set(config.seeds)) != len(config.seeds):
+        raise UserError(f"seeds: each seed once, got {config.seeds}")
+    for i, model in enumerate(config.models):
+        if config.seeds and "seed" in model.train:
+            raise UserError(f"models[{i}].train.seed: the grid's seeds: decide the training seed")
     if config.train.model != TrainConfig.model:
         raise UserError("train.model: name the models under models: (each one's arch)")
     ev = config.evaluation
@@ -361,18 +378,23 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
 
 def plan_cells(config: ExperimentConfig) -> list[Cell]:
     """The grid in run order (model by model), with the losses of repeated (attack, eps) united."""
-    cells: dict[tuple[str, str, float], list[str]] = {}
+    cells: dict[tuple[str, int | None, str, float], list[str]] = {}
     kwargs: dict[str, tuple[tuple[str, Any], ...]] = {}
-    names = [name for model in config.models for name in model_variants(model)]
-    for name in names:
+    names = [
+        (name, seed)
+        for model in config.models
+        for seed in model_seeds(config, model.name)  # seed by seed: each trained once
+        for name in model_variants(model)
+    ]
+    for name, seed in names:
         for attack in config.attacks:
             kwargs[attack.name] = tuple(sorted(attack.kwargs.items()))
             for eps in attack.eps:
-                losses = cells.setdefault((name, attack.name, float(eps)), [])
+                losses = cells.setdefault((name, seed, attack.name, float(eps)), [])
                 losses += [loss for loss in attack.losses if loss not in losses]
     planned = [
-        Cell(model, attack, eps, tuple(losses), kwargs[attack])
-        for (model, attack, eps), losses in cells.items()
+        Cell(model, attack, eps, tuple(losses), kwargs[attack], seed=seed)
+        for (model, seed, attack, eps), losses in cells.items()
     ]
     return planned + transfer_cells(config, planned)
 
@@ -402,7 +424,7 @@ def sweep_key(cell: Cell) -> tuple | None:
     """
     if cell.source or "+" in cell.attack or not ATTACKS.get(cell.attack).single_step:
         return None  # a transfer cell scores images crafted elsewhere; +bpda/+eot attack a view
-    return (cell.model, cell.attack, cell.kwargs)
+    return (cell.model, cell.seed, cell.attack, cell.kwargs)
 
 
 def run_cells(
@@ -502,10 +524,9 @@ def holds_work(run_dir: str | Path) -> bool:
     run_dir = Path(run_dir)
     if any((run_dir / "records").glob("*.parquet")):
         return True
-    return any(
-        checkpoint_exists(path.with_name(path.name.removesuffix(".json")))
-        for path in (run_dir / "models").glob("*/checkpoints/*.json")
-    )
+    found = [*(run_dir / "models").glob("*/checkpoints/*.json")]
+    found += (run_dir / "models").glob("*/seed*/checkpoints/*.json")  # a grid with seeds
+    return any(checkpoint_exists(path.with_name(path.name.removesuffix(".json"))) for path in found)
 
 
 def _differences(old: Any, new: Any, where: str = "") -> list[str]:
@@ -594,7 +615,8 @@ def run_experiment(
     for line in data.exclusions.lines():
         console.print(f"data: {line}", highlight=False, soft_wrap=True)
     cells = plan_cells(config)
-    models: dict[str, tuple[torch.nn.Module, str]] = {}
+    models: dict[tuple[str, int | None], tuple[torch.nn.Module, str]] = {}
+    seed_of: dict[tuple[str, int | None], int] = {}  # the training seed of each model loaded
     trained = []
     device = resolve_device(config.train.device)
 
@@ -604,26 +626,41 @@ def run_experiment(
         for name, defence in zip(model_variants(spec), ["none", *spec.defences], strict=True)
     }
 
-    def model_for(name: str) -> tuple[torch.nn.Module, str]:
+    def key_of(name: str, seed: int | None) -> tuple[str, int | None]:
+        spec = variants[name][0]  # a checkpoint is one model, whatever the cell's seed
+        return spec.name, seed if model_seeds(config, spec.name) != [None] else None
+
+    def model_for(name: str, seed: int | None = None) -> tuple[torch.nn.Module, str]:
         spec, defence = variants[name]
-        if spec.name not in models:
+        key = key_of(name, seed)
+        if key not in models:
             if spec.arch.startswith(ENSEMBLE_PREFIX):
-                net, arch = cross.ensemble(spec.arch, model_for), spec.arch
+                net = cross.ensemble(spec.arch, lambda member: model_for(member, key[1]))
+                arch, members = spec.arch, ensemble_members(spec.arch)
+                seed_of[key] = seed_of[key_of(members[0], key[1])]
             else:
-                net, arch, fresh = _get_model(spec, config, data, run_dir, progress)
+                net, arch, fresh, seed_of[key] = _get_model(
+                    spec, config, data, run_dir, progress, key[1]
+                )
                 if fresh:
-                    trained.append(spec.name)
+                    trained.append(spec.name if key[1] is None else f"{spec.name} (seed {key[1]})")
             models.clear()  # one model in memory at a time
-            models[spec.name] = (net.to(device).eval(), arch)
-        net, arch = models[spec.name]
+            models[key] = (net.to(device).eval(), arch)
+        net, arch = models[key]
         return defend(net, defence), arch  # a fresh defence per cell: its own noise draws
+
+    def seeded(cell: Cell, output: CellOutput) -> CellOutput:
+        """The cell's records with the training seed of its model (``seed`` column)."""
+        seed = seed_of[key_of(cell.model, cell.seed)] if cell.seed is None else cell.seed
+        output.records = output.records.assign(seed=seed)
+        return output
 
     cross = CrossModel(config, data, eval_rows, train_rows, run_dir, model_for, console)
     cross.check_io()
 
     def compute_cells(group: list[Cell]) -> list[CellOutput]:
-        first = group[0]  # the group shares model, attack and options (sweep_key)
-        net, arch = model_for(first.model)
+        first = group[0]  # the group shares model, seed, attack and options (sweep_key)
+        net, arch = model_for(first.model, first.seed)
         eps = ", ".join(f"{c.eps:g}" for c in group)
         losses = ", ".join(dict.fromkeys(loss for c in group for loss in c.losses))
         what = f"evaluating {first.model}, {first.attack} eps {eps} ({losses})"
@@ -646,11 +683,14 @@ def run_experiment(
             )
         for cell, result in zip(group, results, strict=True):
             cross.keep(cell, result.adversarial)
-        return [CellOutput(r.records, r.examples, r.trace) for r in results]
+        return [
+            seeded(c, CellOutput(r.records, r.examples, r.trace))
+            for c, r in zip(group, results, strict=True)
+        ]
 
     def compute(cell: Cell) -> CellOutput:
         if cross.handles(cell):
-            return CellOutput(cross.compute(cell))
+            return seeded(cell, CellOutput(cross.compute(cell)))
         return compute_cells([cell])[0]
 
     total = len(cells)
@@ -720,26 +760,37 @@ def _evaluation_rows(
 
 
 def _get_model(
-    spec: ModelSpec, config: ExperimentConfig, data: SliceData, run_dir: Path, progress: bool
-) -> tuple[torch.nn.Module, str, bool]:
+    spec: ModelSpec,
+    config: ExperimentConfig,
+    data: SliceData,
+    run_dir: Path,
+    progress: bool,
+    seed: int | None = None,
+) -> tuple[torch.nn.Module, str, bool, int]:
     """The model of ``spec``: loaded from its checkpoint, or trained (resumed) in the run dir.
 
     Training is :func:`advseg.train.train_on_data`, the one training path (``advseg train``
     takes it too): the same split, augmentation, encoder weights and checkpoint metadata.
 
+    Args:
+        seed: a training seed of the grid's ``seeds`` (in place of ``train.seed``; the run in
+            ``models/<name>/seed<k>/``), or None.
+
     Returns:
-        ``(model, zoo name, trained_now)``.
+        ``(model, zoo name, trained_now, training seed)``.
     """
     if spec.checkpoint is not None:
         net, meta = load_checkpoint(spec.checkpoint, classes=data.classes)
         check_held_out(meta.data, spec.checkpoint, config)
-        return net, meta.model, False
-    out = run_dir / "models" / spec.name
+        return net, meta.model, False, int(meta.train.get("seed", 0))
+    out = model_dir(run_dir, spec.name, seed)
     best = out / "checkpoints" / "best"
     last = out / "checkpoints" / "last"
     train_config = model_train_config(config, spec)
     if spec.adversarial is not None:
         train_config = replace(train_config, adversarial=spec.adversarial)
+    if seed is not None:
+        train_config = replace(train_config, seed=seed)
     fresh = not (checkpoint_exists(best) and _finished(last, train_config))
     if fresh:
         train_on_data(
@@ -754,7 +805,13 @@ def _get_model(
             data=data,
         )
     net, meta = load_checkpoint(best, classes=data.classes)
-    return net, meta.model, fresh
+    return net, meta.model, fresh, train_config.seed
+
+
+def model_dir(run_dir: str | Path, name: str, seed: int | None = None) -> Path:
+    """Where a grid model trains: ``models/<name>/``, or ``models/<name>/seed<k>/`` with seeds."""
+    out = Path(run_dir) / "models" / name
+    return out if seed is None else out / f"seed{seed}"
 
 
 def check_held_out(metadata: dict[str, Any], checkpoint: Path, config: ExperimentConfig) -> None:

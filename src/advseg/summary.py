@@ -109,7 +109,10 @@ def summarize_cells(records: pd.DataFrame, protocol: Protocol = "per-class") -> 
     Returns:
         Columns ``model, arch, params, attack, loss, eps, units, excluded, dsc_clean, dsc_adv,
         as``; ``units`` / ``excluded`` count what the protocol averaged and left out. Then
-        ``hd95_clean, hd95_adv, hd95_pairs, hd95_excluded`` from :func:`hd95_means`.
+        ``hd95_clean, hd95_adv, hd95_pairs, hd95_excluded`` from :func:`hd95_means`. When the
+        records hold several training seeds (a grid's ``seeds:``), every number is the mean over
+        the seeds of that seed's number, and :data:`SEED_COLUMNS` follow: ``seeds`` and the
+        standard deviations over seeds ``dsc_clean_sd``, ``dsc_adv_sd``, ``as_sd``.
 
     Raises:
         UserError: unknown protocol or no records.
@@ -117,6 +120,8 @@ def summarize_cells(records: pd.DataFrame, protocol: Protocol = "per-class") -> 
     _check_protocol(protocol)
     if records.empty:
         raise UserError("records: nothing to summarize (no rows)")
+    if training_seeds(records) > 1:
+        return _over_seeds(records, protocol)
     rows = []
     for keys, group in records.groupby([*MODEL_KEYS, *CELL_KEYS], sort=False):
         clean, units, excluded = protocol_dice(group, protocol, "clean")
@@ -124,6 +129,34 @@ def summarize_cells(records: pd.DataFrame, protocol: Protocol = "per-class") -> 
         success = float(attack_success(clean, adv))
         rows.append([*keys, units, excluded, clean, adv, success, *hd95_means(group)])
     return pd.DataFrame(rows, columns=CELL_COLUMNS + HD95_COLUMNS)
+
+
+def training_seeds(records: pd.DataFrame) -> int:
+    """How many training seeds the records hold (their ``seed`` column; 1 without one)."""
+    return int(records["seed"].nunique()) if "seed" in records.columns else 1
+
+
+SEED_COLUMNS = ["seeds", "dsc_clean_sd", "dsc_adv_sd", "as_sd"]
+"""Columns :func:`summarize_cells` adds when the records hold several training seeds."""
+
+
+def _over_seeds(records: pd.DataFrame, protocol: Protocol) -> pd.DataFrame:
+    """Each cell's numbers as the mean over training seeds of the per-seed numbers, with the
+    standard deviation over seeds (``*_sd``, NaN for a model of one seed) and ``seeds``."""
+    per_seed = pd.concat(
+        [summarize_cells(g, protocol).assign(seed=k) for k, g in records.groupby("seed")],
+        ignore_index=True,
+    )
+    keys = [*MODEL_KEYS, *CELL_KEYS]
+    order = records[keys].drop_duplicates().set_index(keys).index
+    grouped = per_seed.groupby(keys, sort=False)
+    numbers = ["dsc_clean", "dsc_adv", "as", "hd95_clean", "hd95_adv"]
+    table = grouped[numbers].mean()
+    counts = grouped[["units", "excluded", "hd95_pairs", "hd95_excluded"]].first()
+    sds = grouped[["dsc_clean", "dsc_adv", "as"]].std().add_suffix("_sd")
+    table = pd.concat([table, counts, sds, grouped["seed"].nunique().rename("seeds")], axis=1)
+    table = table.reindex(order).reset_index()
+    return table[CELL_COLUMNS + HD95_COLUMNS + SEED_COLUMNS]
 
 
 def hd95_means(group: pd.DataFrame) -> tuple[float, float, int, int]:
@@ -167,9 +200,15 @@ def summarize(records: pd.DataFrame, protocol: Protocol = "per-class") -> pd.Dat
     """
     cells = summarize_cells(records, protocol)
     models = []
+    seeded = training_seeds(records) > 1
     for keys, group in records.groupby(MODEL_KEYS, sort=False):
-        distinct = group.drop_duplicates(["slice_id", "class"])
-        clean, units, excluded = protocol_dice(distinct, protocol, "clean")
+        parts = [g for _, g in group.groupby("seed")] if seeded else [group]
+        per_seed = [
+            protocol_dice(g.drop_duplicates(["slice_id", "class"]), protocol, "clean")
+            for g in parts
+        ]  # with seeds: the mean over seeds of each seed's clean DSC
+        clean = float(np.mean([value for value, _, _ in per_seed]))
+        _, units, excluded = per_seed[0]
         models.append([*keys, units, excluded, clean])
     table = pd.DataFrame(models, columns=[*MODEL_KEYS, "units", "excluded", "DSC clean"])
     for (attack, loss, eps), cell in cells.groupby(CELL_KEYS, sort=False):

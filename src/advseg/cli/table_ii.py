@@ -41,18 +41,25 @@ def table_ii(cells: pd.DataFrame, protocol: str) -> list[Table]:
 def _table(cell: pd.DataFrame, attack: str, eps: float, protocol: str) -> Table:
     losses = list(dict.fromkeys(cell["loss"]))
     title = f"Table II: {attack}, eps {eps:g} ({protocol} Dice; AS = attack success)"
+    if "seeds" in cell.columns:  # a grid with seeds: the mean over training seeds, and its sd
+        title += f"; mean ± sd over {int(cell['seeds'].max())} training seeds"
     table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0))
     headers = ["model", "params", "DSC\nclean", *[f"DSC\n{x}" for x in losses]]
     for column in [*headers, *[f"AS\n{x}" for x in losses]]:
         table.add_column(column, justify="left" if column == "model" else "right", min_width=6)
     for (model, params), rows in cell.groupby(["model", "params"], sort=False):
         by_loss = rows.set_index("loss")
-        clean = _number(rows["dsc_clean"].iloc[0])
-        dsc = [_number(by_loss["dsc_adv"].get(x)) for x in losses]
-        success = [_number(by_loss["as"].get(x)) for x in losses]
+        clean = _number(by_loss, "dsc_clean", by_loss.index[0])
+        dsc = [_number(by_loss, "dsc_adv", x) for x in losses]
+        success = [_number(by_loss, "as", x) for x in losses]
         table.add_row(str(model), f"{params / 1e6:.2f}M", clean, *dsc, *success)
     return table
 
 
-def _number(value: float | None) -> str:
-    return "n/a" if value is None or pd.isna(value) else f"{value:.4f}"
+def _number(rows: pd.DataFrame, column: str, loss: str) -> str:
+    """``rows[column]`` at ``loss`` to 4 places, ``± sd`` beside it when seeds were run."""
+    value = rows[column].get(loss)
+    if value is None or pd.isna(value):
+        return "n/a"
+    sd = rows[f"{column}_sd"].get(loss) if f"{column}_sd" in rows.columns else None
+    return f"{value:.4f}" if sd is None or pd.isna(sd) else f"{value:.4f}±{sd:.4f}"

@@ -169,6 +169,12 @@ def _table_section(writer: _Writer, records: pd.DataFrame, protocol: str, eps: f
         f"confidence interval from a bootstrap over cases ({table.attrs['draws']} draws, seed "
         f"{table.attrs['seed']}; the slices of one case are resampled together)."
     )
+    if table.attrs["seeds"] > 1:
+        caption += (
+            f" Models trained with {table.attrs['seeds']} training seeds: each number is the "
+            "mean over seeds, '<number> seed sd' its standard deviation over seeds, and each "
+            "bootstrap draw resamples the same cases for every seed."
+        )
     blocks = [writer.table("table2", table, caption)]
     if table.isna().to_numpy().any():
         blocks.append(writer.note("n/a: no unit left to average (or a clean DSC of 0 for AS)."))

@@ -46,10 +46,19 @@ def training_table(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
         return pd.DataFrame(columns=COLUMNS), notes
     config = load_yaml(config_file) or {}
     rows = []
+    seeds = config.get("seeds") or [None]  # a grid with seeds trains each model once per seed
+    runs = []
     for spec in config.get("models") or []:
         name = str(spec.get("name") or spec.get("arch"))
         given = spec.get("checkpoint")
-        path = Path(given) if given else run_dir / "models" / name / "checkpoints" / "best"
+        if given:
+            runs.append((name, Path(given)))
+            continue
+        for seed in seeds:
+            folder = run_dir / "models" / name / ("" if seed is None else f"seed{seed}")
+            label = name if seed is None else f"{name} (seed {seed})"
+            runs.append((label, folder / "checkpoints" / "best"))
+    for name, path in runs:
         try:
             meta = read_metadata(path)
             last = path.parent / "last"  # the whole run's time: "best" was written mid-run
