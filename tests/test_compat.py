@@ -95,7 +95,10 @@ def notebook_loop(model, data, rows, loss_name, eps):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tiny_synthetic(tmp_path_factory.mktemp("compat"), cases=2, scans=1, slices=10)
-    data = load_data(DataConfig(path=root, preprocess=PreprocessConfig(size=SIZE)))
+    # the notebook stretched every slice to the square
+    data = load_data(
+        DataConfig(path=root, preprocess=PreprocessConfig(size=SIZE, resize="stretch"))
+    )
     torch.manual_seed(0)
     model = create_model("unet-tiny").eval()
     with torch.no_grad():  # a model whose predictions are not all one class

@@ -53,6 +53,7 @@ def test_key_changes_with_preprocessing_and_data_but_not_channels(synth, tmp_pat
     assert cache_key(index, PreprocessConfig(size=32, channels=5, stack="neighbours")) == base
     assert cache_key(index, PreprocessConfig(size=48)) != base
     assert cache_key(index, PreprocessConfig(size=32, mask_resize="area")) != base
+    assert cache_key(index, PreprocessConfig(size=32, resize="stretch")) != base
     edited = index.copy()
     edited.loc[0, "stomach"] = "1 5"
     assert cache_key(edited, PreprocessConfig(size=32)) != base

@@ -45,7 +45,7 @@ def test_preprocess_slice_shapes_and_ranges_non_square():
     image = (np.random.default_rng(0).uniform(0, 16000, (310, 360))).astype(np.uint16)
     masks = np.zeros((3, 310, 360), np.uint8)
     masks[1, 100:200, 50:300] = 1
-    x, m = preprocess_slice(image, masks, PreprocessConfig(size=64))
+    x, m = preprocess_slice(image, masks, PreprocessConfig(size=64, resize="stretch"))
     assert x.shape == (64, 64) and x.dtype == np.float32 and x.min() >= 0 and x.max() <= 1
     assert m.shape == (3, 64, 64) and m.dtype == np.uint8 and set(np.unique(m)) <= {0, 1}
     assert m[0].sum() == 0 and m[1].sum() > 0
@@ -92,3 +92,65 @@ def test_config_round_trips_and_is_checked():
         PreprocessConfig(channels=4, stack="neighbours")
     with pytest.raises(UserError, match="mask_resize"):
         from_dict(PreprocessConfig, {"mask_resize": "cubic"})
+
+
+def test_pad_keeps_the_aspect_ratio_and_records_the_padding():
+    import pandas as pd
+
+    from advseg.data.preprocess import restore_slice, slice_geometry
+
+    image = np.full((310, 360), 1000, np.uint16)  # the Kaggle 360x310 scans (W x H)
+    masks = np.zeros((1, 310, 360), np.uint8)
+    masks[0, 100:200, 50:300] = 1
+    x, m = preprocess_slice(image, masks, PreprocessConfig(size=64))  # pad is the default
+    fitted = round(310 * 64 / 360)  # 55 rows of image, 4 padding rows above, 5 below
+    top = (64 - fitted) // 2
+    assert (x[:top] == 0).all() and (x[top + fitted :] == 0).all()
+    assert (x[top : top + fitted] == 1).all()  # the whole width is image
+    rows = np.flatnonzero(m[0].any(axis=1))
+    cols = np.flatnonzero(m[0].any(axis=0))
+    scale = 64 / 360  # one factor for both axes: a circle stays a circle
+    assert abs(rows[0] - (top + 100 * scale)) <= 1 and abs(rows[-1] - (top + 200 * scale)) <= 1
+    assert abs(cols[0] - 50 * scale) <= 1 and abs(cols[-1] - 300 * scale) <= 1
+    index = pd.DataFrame(
+        {
+            "width": [360, 266],
+            "height": [310, 266],
+            "spacing_w": [1.5, 1.5],
+            "spacing_h": [1.5, 1.5],
+        }
+    )
+    geometry = slice_geometry(index, PreprocessConfig(size=64))
+    assert geometry.iloc[0][["top", "left", "fitted_h", "fitted_w"]].tolist() == [4, 0, 55, 64]
+    assert geometry.iloc[1][["top", "left", "fitted_h", "fitted_w"]].tolist() == [0, 0, 64, 64]
+    assert geometry["mm_w"].tolist() == pytest.approx([1.5 * 360 / 64, 1.5 * 266 / 64])
+    assert geometry["mm_h"].tolist() == pytest.approx([1.5 * 310 / 55, 1.5 * 266 / 64])
+    stretched = slice_geometry(index, PreprocessConfig(size=64, resize="stretch"))
+    assert stretched["mm_h"].tolist() == pytest.approx([1.5 * 310 / 64, 1.5 * 266 / 64])
+    assert stretched[["top", "left"]].to_numpy().sum() == 0
+    # un-padding gives the source slice back (to the resize's rounding)
+    back = restore_slice(m, geometry.iloc[0], 310, 360)
+    assert back.shape == (1, 310, 360) and back.dtype == np.uint8
+    overlap = (back & masks).sum() / (back | masks).sum()
+    assert overlap > 0.93  # 5.6 source pixels per model pixel: the border moves by a few
+
+
+def test_restore_slice_is_exact_where_the_resize_is():
+    import pandas as pd
+
+    from advseg.data.preprocess import restore_slice, slice_geometry
+
+    masks = np.zeros((2, 16, 32), bool)
+    masks[0, 4:10, 6:20] = True
+    masks[1, 0:2, 30:32] = True
+    config = PreprocessConfig(size=32, mask_resize="nearest")
+    _, m = preprocess_slice(np.ones((16, 32)), masks.astype(np.uint8), config)
+    index = pd.DataFrame({"width": [32], "height": [16], "spacing_w": [1.0], "spacing_h": [1.0]})
+    geometry = slice_geometry(index, config).iloc[0]
+    assert (m[:, :8] == 0).all() and (m[:, 24:] == 0).all()  # 8 padding rows above and below
+    np.testing.assert_array_equal(restore_slice(m.astype(bool), geometry, 16, 32), masks)
+
+
+def test_resize_is_checked():
+    with pytest.raises(UserError, match=r"preprocess\.resize: 'crop' is not one of pad, stretch"):
+        PreprocessConfig(resize="crop")

@@ -102,3 +102,29 @@ def test_cli_writes_the_nifti_kind(tmp_path, capsys):
         main(["data", "synth", "--kind", "xray", "--out", str(tmp_path / "w")])
     assert done.value.code == 2 and "--kind: 'xray'" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_non_square_ct_is_padded_by_default_and_hd95_spacing_is_recorded(ct, tmp_path):
+    from advseg.data import saved_preprocess
+
+    pad = load_data(
+        DataConfig(path=ct, cache_dir=tmp_path / "cache", preprocess=PreprocessConfig(size=32))
+    )
+    # 48 x 40 (W x H) at 0.8 mm: 32 x 27 in the array, 2 rows of padding above, 3 below
+    assert pad.geometry.iloc[0][["top", "left", "fitted_h", "fitted_w"]].tolist() == [2, 0, 27, 32]
+    assert (pad.masks[:, :, :2] == 0).all() and (pad.masks[:, :, 29:] == 0).all()
+    pad_rows = np.flatnonzero(pad.images.max(axis=(0, 2)) > 0)  # rows the body reaches
+    assert pad_rows.min() >= 2 and pad_rows.max() < 29
+    assert pad.geometry["mm_w"].iloc[0] == pytest.approx(0.8 * 48 / 32)
+    assert pad.geometry["mm_h"].iloc[0] == pytest.approx(0.8 * 40 / 27)
+    stretch_config = PreprocessConfig(size=32, resize="stretch")
+    stretch = load_data(
+        DataConfig(path=ct, cache_dir=tmp_path / "cache", preprocess=stretch_config)
+    )
+    assert stretch.cache_path != pad.cache_path  # the setting is part of the cache key
+    stretch_rows = np.flatnonzero(stretch.images.max(axis=(0, 2)) > 0)
+    assert len(stretch_rows) > len(pad_rows) + 2  # stretched: the body is taller
+    assert stretch.geometry["mm_h"].iloc[0] == pytest.approx(0.8 * 40 / 32)
+    # a checkpoint saved before the setting existed was trained on stretched slices
+    assert saved_preprocess({"size": 32}, "old").resize == "stretch"
+    assert saved_preprocess({"size": 32, "resize": "pad"}, "new").resize == "pad"

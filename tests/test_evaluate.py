@@ -43,6 +43,8 @@ class MemoryData:
             }
         )
         self.classes = CLASSES
+        # anisotropic model pixels: 0.5 mm down, 2 mm across (as SliceData.geometry gives them)
+        self.geometry = pd.DataFrame({"mm_h": np.full(n, 0.5), "mm_w": np.full(n, 2.0)})
 
     def dataset(self, rows):
         return _Items(self, list(rows))
@@ -92,7 +94,14 @@ def test_records_are_complete_and_match_direct_computation(model):
     records = result.records
     assert list(records.columns) == list(RECORD_COLUMNS)
     assert len(records) == len(rows) * 3 * len(LOSSES)
-    assert not records.drop(columns=["hd95_clean", "hd95_adv"]).isna().to_numpy().any()
+    hd95_columns = ["hd95_clean", "hd95_adv", "hd95_mm_clean", "hd95_mm_adv"]
+    assert not records.drop(columns=hd95_columns).isna().to_numpy().any()
+    # the mm distance is defined exactly where the pixel one is, and lies between 0.5x and 2x it
+    assert records["hd95_mm_adv"].isna().equals(records["hd95_adv"].isna())
+    defined = records.dropna(subset=["hd95_adv"])
+    assert (defined["hd95_mm_adv"] >= 0.5 * defined["hd95_adv"] - 1e-9).all()
+    assert (defined["hd95_mm_adv"] <= 2.0 * defined["hd95_adv"] + 1e-9).all()
+    assert (defined["hd95_mm_adv"] != defined["hd95_adv"]).any()
     first = records[records["loss"] == "bce"]
     assert first["slice_id"].iloc[::3].tolist() == data.index["id"].iloc[rows].tolist()
     assert first["class"].tolist()[:3] == CLASSES
@@ -103,7 +112,9 @@ def test_records_are_complete_and_match_direct_computation(model):
         with torch.no_grad():
             tp, fp, fn = confusion_counts(model(x_adv) > 0, y > 0.5)
             hd_adv = hd95(model(x_adv) > 0, y > 0.5)
+            hd_mm = hd95(model(x_adv) > 0, y > 0.5, np.tile([0.5, 2.0], (len(rows), 1)))
         got = records[records["loss"] == loss]
+        np.testing.assert_allclose(got["hd95_mm_adv"], hd_mm.flatten().numpy())
         assert got["tp_adv"].tolist() == tp.flatten().tolist()
         assert got["fp_adv"].tolist() == fp.flatten().tolist()
         assert got["fn_adv"].tolist() == fn.flatten().tolist()

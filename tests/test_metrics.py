@@ -117,3 +117,18 @@ def test_perturbation_norms_psnr_ssim_luminosity():
     assert (ssim(x, noisy) < 0.99).all()
     assert ssim(x[:, :, :5, :5], noisy[:, :, :5, :5]).shape == (2,)  # smaller than the window
     assert luminosity(x).tolist() == pytest.approx(x.flatten(1).mean(1).tolist())
+
+
+def test_hd95_in_millimetres_scales_each_axis_by_its_pixel_size():
+    pred = torch.zeros(2, 1, 20, 20, dtype=torch.bool)
+    target = torch.zeros(2, 1, 20, 20, dtype=torch.bool)
+    pred[0, 0, 5, 5], target[0, 0, 5, 9] = True, True  # 4 pixels across
+    pred[1, 0, 2, 5], target[1, 0, 9, 5] = True, True  # 7 pixels down
+    pixels = hd95(pred, target)
+    assert pixels.flatten().tolist() == pytest.approx([4.0, 7.0])
+    spacing = np.array([[0.5, 2.0], [3.0, 0.1]])  # (mm down, mm across) per slice
+    assert hd95(pred, target, spacing).flatten().tolist() == pytest.approx([8.0, 21.0])
+    pred[0, 0] = False  # one empty mask: NaN in mm too; both empty: 0
+    target[1, 0] = pred[1, 0] = False
+    result = hd95(pred, target, spacing).flatten()
+    assert np.isnan(result[0].item()) and result[1].item() == 0

@@ -51,3 +51,10 @@ def test_a_copied_records_file_is_refused_naming_both(tmp_path):
     message = str(err.value)
     assert "a-copy.parquet and" in message and "a.parquet;" in message and "\n" not in message
     assert "slice_id=case1_day0_slice_0002" in message
+
+
+def test_records_without_hd95_in_millimetres_read_as_nan(tmp_path):
+    old = _frame(2).drop(columns=["hd95_mm_clean", "hd95_mm_adv"])
+    old.to_parquet(tmp_path / "old.parquet", index=False)
+    frame = read_records(tmp_path / "old.parquet")
+    assert frame["hd95_mm_clean"].isna().all() and frame["hd95_mm_adv"].isna().all()

@@ -134,3 +134,10 @@ def test_hd95_means_over_present_organs_count_vanished_predictions():
     assert row["hd95_pairs"] == 2 and row["hd95_excluded"] == 1  # row 6: the organ vanished
     assert row["hd95_clean"] == pytest.approx((1.0 + 4.0) / 2)
     assert row["hd95_adv"] == pytest.approx((3.0 + 6.0) / 2)
+    older = records.drop(columns=["hd95_mm_clean", "hd95_mm_adv"])  # before HD95 in mm
+    assert np.isnan(summarize_cells(older, "per-class").iloc[0]["hd95_mm_clean"])
+    records["hd95_mm_clean"] = records["hd95_clean"] * 1.5  # 1.5 mm pixels
+    records["hd95_mm_adv"] = records["hd95_adv"] * 0.5
+    row = summarize_cells(records, "per-class").iloc[0]
+    assert row["hd95_mm_clean"] == pytest.approx(1.5 * (1.0 + 4.0) / 2)  # the same pairs
+    assert row["hd95_mm_adv"] == pytest.approx(0.5 * (3.0 + 6.0) / 2)

@@ -82,7 +82,9 @@ def test_train_on_nifti_with_labels_and_strict_labels(tmp_path, capsys):
     _, meta = load_checkpoint(out / "checkpoints" / "best", classes=["liver", "spleen"])
     assert meta.data["config"]["nifti_labels"] == {"1": "liver", "2": "spleen"}
     assert any("made background" in line for line in meta.data["excluded"])
+    assert meta.preprocessing["resize"] == "pad"  # the default for non-square slices
     # without --labels the dataset.json's four organs are used
-    assert cli([*args, "--out", str(tmp_path / "run2")]) == 0
+    assert cli([*args, "--out", str(tmp_path / "run2"), "--resize", "stretch"]) == 0
     _, meta = load_checkpoint(tmp_path / "run2" / "checkpoints" / "best")
     assert meta.classes == ["liver", "spleen", "kidney_left", "kidney_right"]
+    assert meta.preprocessing["resize"] == "stretch"

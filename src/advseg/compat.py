@@ -52,6 +52,7 @@ from monai.losses import DiceFocalLoss, FocalLoss
 from torch import Tensor, nn
 
 from advseg.attacks import Attack, create_attack
+from advseg.data.preprocess import fit_square
 from advseg.data.rle import rle_decode
 from advseg.errors import UserError
 from advseg.losses import PerSampleLoss
@@ -151,11 +152,18 @@ def create_compat_attack(
     return create_attack(name, model, notebook_loss(loss), eps, update="notebook", **kwargs)
 
 
-def soft_masks(index: pd.DataFrame, rows: Sequence[int], classes: Sequence[str], size: int):
+def soft_masks(
+    index: pd.DataFrame,
+    rows: Sequence[int],
+    classes: Sequence[str],
+    size: int,
+    resize: str = "stretch",
+):
     """The notebook's masks: full-resolution masks area-resized to ``size``, not thresholded.
 
     As ``cv2.resize(mask, (size, size), interpolation=cv2.INTER_AREA).astype("float32")`` on the
-    ``(H, W, K)`` float64 mask the notebook built from the RLE.
+    ``(H, W, K)`` float64 mask the notebook built from the RLE (the notebook stretched); with
+    ``resize="pad"`` the aspect is kept and the masks padded as the data's images are.
 
     Args:
         index: a SliceIndex (``width``, ``height`` and one RLE column per class).
@@ -182,6 +190,6 @@ def soft_masks(index: pd.DataFrame, rows: Sequence[int], classes: Sequence[str],
         full = np.zeros((h, w, len(classes)), np.float64)  # the notebook's blank_mask
         for k, name in enumerate(classes):
             full[:, :, k] = rle_decode(meta[name], h, w, where=f"{meta['id']}, {name}")
-        resized = cv2.resize(full, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
+        resized = fit_square(full, size, resize, cv2.INTER_AREA).astype(np.float32)
         out[i] = resized.reshape(size, size, -1).transpose(2, 0, 1)
     return torch.from_numpy(out)

@@ -80,7 +80,9 @@ class SliceSource(Protocol):
     """What :func:`evaluate_cell` needs of the data (``advseg.data.SliceData`` has it).
 
     ``index`` has one row per slice with the columns ``id``, ``case``, ``scan``, ``slice``;
-    ``dataset(rows)`` yields dicts ``{"image": (C, H, W), "mask": (K, H, W), "row": int}``.
+    ``dataset(rows)`` yields dicts ``{"image": (C, H, W), "mask": (K, H, W), "row": int}``. A
+    ``geometry`` table (``mm_h``, ``mm_w`` per index row, as ``SliceData.geometry``) gives HD95 in
+    millimetres; without it the records' ``hd95_mm_*`` are NaN.
     """
 
     index: pd.DataFrame
@@ -391,7 +393,9 @@ def evaluate_sweep(
             _check_fit(model, x, y, model_name, classes)
         target = y
         if compat == "notebook":  # the notebook's area-resized masks, never thresholded
-            target = soft_masks(index, batch["row"].tolist(), classes, y.shape[-1]).to(device)
+            resize = getattr(getattr(data, "preprocess", None), "resize", "stretch")
+            target = soft_masks(index, batch["row"].tolist(), classes, y.shape[-1], resize)
+            target = target.to(device)
         if erased:
             target = y.clone()
             target[:, erased] = 0  # (B, K, H, W): the chosen organs vanish
@@ -410,8 +414,9 @@ def evaluate_sweep(
                 (batch_number, [[im.float().cpu().numpy() for im in o.x_adv] for o in outs])
             )
         meta = index.iloc[batch["row"].tolist()]
+        spacing = pixel_mm(data, batch["row"].tolist())
         parts = [
-            _batch_records(o, n, x, y, meta, classes, activation)
+            _batch_records(o, n, x, y, meta, classes, activation, spacing)
             for o, n in zip(outs, names, strict=True)
         ]
         frames.append((batch_number, parts))
@@ -537,6 +542,20 @@ def _check_fit(model: nn.Module, x: Tensor, y: Tensor, model_name: str, classes:
         )
 
 
+def pixel_mm(data: SliceSource, rows: Sequence[int]) -> np.ndarray | None:
+    """``(B, 2)`` mm per model pixel (down, across) of ``rows``, or None without a geometry."""
+    geometry = getattr(data, "geometry", None)
+    if geometry is None:
+        return None
+    return geometry[["mm_h", "mm_w"]].to_numpy(np.float64)[np.asarray(rows, dtype=np.int64)]
+
+
+def _hd95_mm(pred: Tensor, target: Tensor, spacing: np.ndarray | None) -> np.ndarray:
+    if spacing is None:
+        return np.full(pred.shape[0] * pred.shape[1], np.nan)
+    return hd95(pred, target, spacing).numpy().ravel()
+
+
 def _batch_records(
     out: BatchOutput,
     losses: Sequence[str],
@@ -545,13 +564,18 @@ def _batch_records(
     meta: pd.DataFrame,
     classes: list[str],
     activation: str,
+    spacing: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """Records of one batch: one row per (loss, slice, class); model/attack columns added later."""
+    """Records of one batch: one row per (loss, slice, class); model/attack columns added later.
+
+    ``spacing``: ``(B, 2)`` mm per model pixel, for HD95 in mm (:func:`pixel_mm`).
+    """
     b, k = y.shape[:2]
     target = y > 0.5
     pred_clean = hard_prediction(out.clean_logits, activation)
     tp_c, fp_c, fn_c = (t.cpu().numpy().ravel() for t in confusion_counts(pred_clean, target))
     hd_clean = hd95(pred_clean, target).numpy().ravel()
+    hd_mm_clean = _hd95_mm(pred_clean, target, spacing)
     lum = np.repeat(luminosity(x).cpu().numpy(), k)  # (B*K,)
     frames = []
     members = out.members or [None] * len(losses)
@@ -583,6 +607,8 @@ def _batch_records(
                 "iou_adv": _empty_is_one(iou_from_counts(tp_a, fp_a, fn_a)),
                 "hd95_clean": hd_clean,
                 "hd95_adv": hd95(pred_adv, target).numpy().ravel(),
+                "hd95_mm_clean": hd_mm_clean,
+                "hd95_mm_adv": _hd95_mm(pred_adv, target, spacing),
                 "linf": linf,
                 "l2": l2,
                 "psnr": np.repeat(psnr(x, x_adv).cpu().numpy(), k),
@@ -752,8 +778,7 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
     from advseg.atomic import atomic_path, check_output_dir
     from advseg.attacks import attack_options
     from advseg.bootstrap import with_intervals
-    from advseg.config import from_dict
-    from advseg.data import PreprocessConfig, load_data, split_cases
+    from advseg.data import load_data, saved_preprocess, split_cases
     from advseg.defences import create_defence, defend, defended_name
     from advseg.models.checkpoint import check_compatible, load_checkpoint
     from advseg.records import write_records
@@ -807,9 +832,7 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
                 f"{checkpoint}: another checkpoint is also named {checkpoint_name!r}; the records "
                 "of one model would overwrite the other's (rename or copy one of them)"
             )
-        preprocess = from_dict(
-            PreprocessConfig, meta.preprocessing, where=f"{checkpoint} preprocessing"
-        )
+        preprocess = saved_preprocess(meta.preprocessing, f"{checkpoint} preprocessing")
         data_config = trained_data_config(meta.data, checkpoint, preprocess, config.data)
         key = (repr(data_config),)
         if key not in loaded:  # rank 0 fills the preprocessing cache before the others read it

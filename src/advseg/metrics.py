@@ -90,11 +90,14 @@ def _empty_is_one(values: np.ndarray) -> Tensor:
     return torch.from_numpy(np.nan_to_num(values, nan=1.0))
 
 
-def hd95(pred: Tensor, target: Tensor) -> Tensor:
-    """95th-percentile Hausdorff distance per (slice, class), ``(B, K)`` float64, in pixels.
+def hd95(pred: Tensor, target: Tensor, spacing: np.ndarray | None = None) -> Tensor:
+    """95th-percentile Hausdorff distance per (slice, class), ``(B, K)`` float64.
 
     Computed by MONAI (``compute_hausdorff_distance``, Euclidean, symmetric, percentile 95) at the
-    model's resolution. Empty masks, which MONAI leaves undefined, follow this convention:
+    model's resolution: in pixels, or in millimetres when ``spacing`` gives each slice's pixel
+    size, ``(B, 2)`` mm down and across (:func:`advseg.data.slice_geometry`'s ``mm_h``,
+    ``mm_w``: the source pixel spacing times the resize factor). Empty masks, which MONAI leaves
+    undefined, follow this convention:
 
     - both masks empty: 0 (the prediction is exactly right);
     - exactly one empty: NaN (no distance exists). Records keep the NaN; every summary excludes
@@ -107,6 +110,10 @@ def hd95(pred: Tensor, target: Tensor) -> Tensor:
     values[pred_empty ^ target_empty] = float("nan")
     both = ~pred_empty & ~target_empty
     if both.any():  # only the defined pairs go to MONAI, one per row: (N, 1, H, W)
+        kwargs = {}
+        if spacing is not None:
+            pairs = np.asarray(spacing, dtype=np.float64)[both.nonzero()[:, 0].numpy()]  # (N, 2)
+            kwargs["spacing"] = pairs.tolist()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # MONAI warns about its deprecated arguments
             distances = compute_hausdorff_distance(
@@ -114,6 +121,7 @@ def hd95(pred: Tensor, target: Tensor) -> Tensor:
                 target.cpu()[both].unsqueeze(1).float(),
                 include_background=True,
                 percentile=95,
+                **kwargs,
             )
         values[both] = distances.flatten().double()
     return values

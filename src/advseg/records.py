@@ -47,6 +47,8 @@ RECORD_COLUMNS: dict[str, str] = {
     "iou_adv": "float64",
     "hd95_clean": "float64",
     "hd95_adv": "float64",
+    "hd95_mm_clean": "float64",  # the same distances in mm (pixel spacing x resize factor)
+    "hd95_mm_adv": "float64",
     "linf": "float64",
     "l2": "float64",
     "psnr": "float64",
@@ -55,9 +57,14 @@ RECORD_COLUMNS: dict[str, str] = {
     "abstained": "float64",  # share of the pixels left undecided (randomized smoothing), else 0
 }
 
-DEFAULTS: dict[str, object] = {"abstained": 0.0}
+DEFAULTS: dict[str, object] = {
+    "abstained": 0.0,
+    "hd95_mm_clean": float("nan"),
+    "hd95_mm_adv": float("nan"),
+}
 """Columns a producer may leave out (and older files lack): filled with these values. An
-ordinary prediction decides every pixel, so only certification (``advseg certify``) abstains."""
+ordinary prediction decides every pixel, so only certification (``advseg certify``) abstains;
+records written before HD95 in millimetres have none (NaN)."""
 
 
 def check_records(frame: pd.DataFrame, source: str = "records") -> pd.DataFrame:

@@ -49,7 +49,14 @@ UNITS: dict[str, tuple[str, str]] = {
 MODEL_KEYS = ["model", "arch", "params"]
 CELL_KEYS = ["attack", "loss", "eps"]
 CELL_COLUMNS = [*MODEL_KEYS, *CELL_KEYS, "units", "excluded", "dsc_clean", "dsc_adv", "as"]
-HD95_COLUMNS = ["hd95_clean", "hd95_adv", "hd95_pairs", "hd95_excluded"]
+HD95_COLUMNS = [
+    "hd95_clean",
+    "hd95_adv",
+    "hd95_pairs",
+    "hd95_excluded",
+    "hd95_mm_clean",
+    "hd95_mm_adv",
+]
 
 
 def _check_protocol(protocol: str) -> None:
@@ -109,10 +116,11 @@ def summarize_cells(records: pd.DataFrame, protocol: Protocol = "per-class") -> 
     Returns:
         Columns ``model, arch, params, attack, loss, eps, units, excluded, dsc_clean, dsc_adv,
         as``; ``units`` / ``excluded`` count what the protocol averaged and left out. Then
-        ``hd95_clean, hd95_adv, hd95_pairs, hd95_excluded`` from :func:`hd95_means`. When the
-        records hold several training seeds (a grid's ``seeds:``), every number is the mean over
-        the seeds of that seed's number, and :data:`SEED_COLUMNS` follow: ``seeds`` and the
-        standard deviations over seeds ``dsc_clean_sd``, ``dsc_adv_sd``, ``as_sd``.
+        ``hd95_clean, hd95_adv, hd95_pairs, hd95_excluded, hd95_mm_clean, hd95_mm_adv`` from
+        :func:`hd95_means`. When the records hold several training seeds (a grid's ``seeds:``),
+        every number is the mean over the seeds of that seed's number, and :data:`SEED_COLUMNS`
+        follow: ``seeds`` and the standard deviations over seeds ``dsc_clean_sd``,
+        ``dsc_adv_sd``, ``as_sd``.
 
     Raises:
         UserError: unknown protocol or no records.
@@ -151,6 +159,7 @@ def _over_seeds(records: pd.DataFrame, protocol: Protocol) -> pd.DataFrame:
     order = records[keys].drop_duplicates().set_index(keys).index
     grouped = per_seed.groupby(keys, sort=False)
     numbers = ["dsc_clean", "dsc_adv", "as", "hd95_clean", "hd95_adv"]
+    numbers += ["hd95_mm_clean", "hd95_mm_adv"]
     table = grouped[numbers].mean()
     counts = grouped[["units", "excluded", "hd95_pairs", "hd95_excluded"]].first()
     sds = grouped[["dsc_clean", "dsc_adv", "as"]].std().add_suffix("_sd")
@@ -159,22 +168,29 @@ def _over_seeds(records: pd.DataFrame, protocol: Protocol) -> pd.DataFrame:
     return table[CELL_COLUMNS + HD95_COLUMNS + SEED_COLUMNS]
 
 
-def hd95_means(group: pd.DataFrame) -> tuple[float, float, int, int]:
-    """Mean clean and adversarial HD95 (pixels) over the organs present, where both are defined.
+def hd95_means(group: pd.DataFrame) -> tuple[float, float, int, int, float, float]:
+    """Mean clean and adversarial HD95 over the organs present, where both are defined: in
+    pixels (at the model's resolution) and in millimetres.
 
     Only (slice, class) pairs with a ground-truth mask enter: a pair empty in the ground truth
     has no boundary to miss (a hallucinated organ there shows in Dice instead), and its 0 for an
     empty prediction would dilute the mean. Among them, a pair whose clean or adversarial
     prediction vanished has no HD95 (NaN in the records, :func:`advseg.metrics.hd95`): it is
-    excluded and counted, so ``excluded`` is how often the organ disappeared.
+    excluded and counted, so ``excluded`` is how often the organ disappeared. The mm means take
+    the same pairs (NaN for records written before HD95 in mm existed).
 
     Returns:
-        ``(hd95_clean, hd95_adv, pairs, excluded)``; the means are NaN when no pair is left.
+        ``(hd95_clean, hd95_adv, pairs, excluded, hd95_mm_clean, hd95_mm_adv)``; the means are
+        NaN when no pair is left.
     """
     present = group[group["gt_pixels"] > 0]
     clean, adv = present["hd95_clean"].to_numpy(), present["hd95_adv"].to_numpy()
     keep = np.isfinite(clean) & np.isfinite(adv)
-    return _mean(clean[keep]), _mean(adv[keep]), int(keep.sum()), int((~keep).sum())
+    mm = [
+        _mean(present[c].to_numpy()[keep]) if c in present.columns else float("nan")
+        for c in ("hd95_mm_clean", "hd95_mm_adv")
+    ]
+    return _mean(clean[keep]), _mean(adv[keep]), int(keep.sum()), int((~keep).sum()), *mm
 
 
 def cell_label(attack: str, loss: str, eps: float) -> str:

@@ -26,6 +26,9 @@ LABELS_HELP = (
     "dataset.json labels)."
 )
 STRICT_HELP = "Refuse NIfTI label values the mapping lacks (default: count them as background)."
+RESIZE_HELP = (
+    "Non-square slices: pad (keep the aspect ratio, pad to the square) or stretch (the paper's)."
+)
 
 
 def label_settings(labels: str | None, strict: bool) -> dict[str, object]:
@@ -100,6 +103,7 @@ def info(
         help="Decode every slice too (fills the cache, so later runs decode nothing).",
     ),
     size: int = typer.Option(224, help="Preprocessed size for --check."),
+    resize: str = typer.Option("pad", "--resize", help=RESIZE_HELP),
     skip_unreadable: bool = typer.Option(
         False, "--skip-unreadable", help="Skip and count unreadable slices instead of stopping."
     ),
@@ -110,7 +114,7 @@ def info(
         exclude=_exclude(exclude),
         skip_unreadable=skip_unreadable,
         **label_settings(labels, strict_labels),
-        preprocess=PreprocessConfig(size=size),
+        preprocess=PreprocessConfig(size=size, resize=resize),
     )
     if check:
         data = load_data(config)

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from advseg import distributed
 from advseg.cli.console import console
-from advseg.cli.data import LABELS_HELP, STRICT_HELP, label_settings
+from advseg.cli.data import LABELS_HELP, RESIZE_HELP, STRICT_HELP, label_settings
 from advseg.config import from_dict, load_yaml, to_dict
 from advseg.data import DataConfig, PreprocessConfig
 from advseg.defences import describe
@@ -79,6 +79,7 @@ def train(
     ),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard logs."),
     size: int = typer.Option(224, "--size", help="Image side S after resizing."),
+    resize: str = typer.Option("pad", "--resize", help=RESIZE_HELP),
     channels: int = typer.Option(3, "--channels", help="Input channels C (grey copies)."),
     test_fraction: float = typer.Option(0.1, "--test-fraction", help="Cases held out for test."),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Cases for validation."),
@@ -163,7 +164,7 @@ def train(
     if tensorboard:
         values["tensorboard"] = True
     typed = {**given, "test_fraction": test_fraction, "val_fraction": val_fraction}
-    typed.update(size=size, channels=channels)
+    typed.update(size=size, channels=channels, resize=resize)
     with options_named(typed, file=config):
         train_config = from_dict(TrainConfig, values)
         if no_augment:
@@ -171,7 +172,7 @@ def train(
         data_config = DataConfig(
             path=data,
             **label_settings(labels, strict_labels),
-            preprocess=PreprocessConfig(size=size, channels=channels),
+            preprocess=PreprocessConfig(size=size, channels=channels, resize=resize),
         )
         result = train_on_data(
             data_config,

@@ -26,11 +26,15 @@ from advseg.data.load import DataConfig, SliceData, build_index, load_data
 from advseg.data.nifti import dataset_json_labels, parse_label_map, read_nifti
 from advseg.data.preprocess import (
     PreprocessConfig,
+    fitted_size,
     neighbour_rows,
     normalize_intensity,
     preprocess_slice,
     resize_image,
     resize_masks,
+    restore_slice,
+    saved_preprocess,
+    slice_geometry,
 )
 from advseg.data.rle import rle_decode, rle_encode
 from advseg.data.split import kfold_cases, split_cases, split_train_val_test
@@ -55,6 +59,7 @@ __all__ = [
     "cache_key",
     "cached_arrays",
     "dataset_json_labels",
+    "fitted_size",
     "index_classes",
     "kfold_cases",
     "load_data",
@@ -67,8 +72,11 @@ __all__ = [
     "read_uwmgi",
     "resize_image",
     "resize_masks",
+    "restore_slice",
     "rle_decode",
     "rle_encode",
+    "saved_preprocess",
+    "slice_geometry",
     "split_cases",
     "split_train_val_test",
     "summarize_index",

@@ -19,7 +19,7 @@ from advseg.data.cache import cached_arrays
 from advseg.data.dataset import Item, SliceDataset
 from advseg.data.index import Exclusions, Source, detect_source, index_classes
 from advseg.data.nifti import dataset_json_labels, read_nifti
-from advseg.data.preprocess import PreprocessConfig, neighbour_rows
+from advseg.data.preprocess import PreprocessConfig, neighbour_rows, slice_geometry
 from advseg.data.uwmgi import read_uwmgi
 from advseg.errors import UserError
 
@@ -71,6 +71,9 @@ class SliceData:
         classes: class names, the order of the mask channels.
         images: ``(N, S, S)`` float32 in [0, 1], memory-mapped.
         masks: ``(N, K, S, S)`` uint8 in {0, 1}, memory-mapped.
+        geometry: (set on creation) :func:`~advseg.data.preprocess.slice_geometry` of the index:
+            per row the padding (``top``, ``left``, ``fitted_h``, ``fitted_w``) and the mm per
+            model pixel (``mm_h``, ``mm_w``).
         preprocess: the preprocessing used.
         exclusions: what was left out, and why.
         cache_path: the cache entry directory.
@@ -90,6 +93,8 @@ class SliceData:
         self.channels = neighbour_rows(
             self.index["scan"].to_numpy(), self.index["slice"].to_numpy(), self.preprocess
         )  # (N, C)
+        #: per row: the padding around the slice in its array and the mm per model pixel
+        self.geometry = slice_geometry(self.index, self.preprocess)
 
     def __len__(self) -> int:
         return len(self.index)

@@ -1,17 +1,23 @@
 """Slice preprocessing: intensity to [0, 1], resize, grey to channels, 2.5D neighbour stacks.
 
 Pure functions on numpy arrays, so that the cache, the dataset and the tests share one definition.
-The defaults follow the paper (FACTS.md section 1): resize to 224 x 224, divide each slice by its
-maximum, copy the grey channel three times for ImageNet encoders.
+The defaults follow the paper (FACTS.md section 1): a 224 x 224 input, each slice divided by its
+maximum, the grey channel copied three times for ImageNet encoders. A non-square slice is by
+default resized with its aspect kept and padded to the square (``resize: pad``; the paper
+stretched it, ``resize: stretch``). :func:`slice_geometry` records, per slice, where the slice lies
+in the square and the millimetres per model pixel, so that predictions can be un-padded
+(:func:`restore_slice`) and distances measured in mm.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
+import pandas as pd
 
 from advseg.errors import UserError
 
@@ -21,8 +27,11 @@ class PreprocessConfig:
     """How a slice becomes a model input.
 
     Attributes:
-        size: output side S; every slice is resized to S x S (non-square slices are stretched,
-            as in the paper).
+        size: output side S; every slice becomes S x S.
+        resize: ``pad``: resize with the aspect ratio kept (the longer side to S) and pad the
+            shorter side with zeros, centred (the padding per slice is :func:`slice_geometry`);
+            ``stretch``: resize each side to S (the paper's choice; square slices are the same
+            either way).
         intensity: ``max``: divide by the slice maximum (the paper); ``percentile``: map the
             ``percentiles`` (low, high) of the slice to 0 and 1 and clip, which is robust to a few
             hot pixels. Negative values are clipped to 0 in both modes; a blank slice gives zeros.
@@ -37,6 +46,7 @@ class PreprocessConfig:
     """
 
     size: int = 224
+    resize: Literal["pad", "stretch"] = "pad"
     intensity: Literal["max", "percentile"] = "max"
     percentiles: tuple[float, float] = (0.5, 99.5)
     mask_resize: Literal["nearest", "area"] = "nearest"
@@ -47,6 +57,8 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         if self.size < 8:
             raise UserError(f"preprocess.size: must be at least 8, got {self.size}")
+        if self.resize not in ("pad", "stretch"):
+            raise UserError(f"preprocess.resize: {self.resize!r} is not one of pad, stretch")
         low, high = self.percentiles
         if not 0 <= low < high <= 100:
             raise UserError(
@@ -65,10 +77,22 @@ class PreprocessConfig:
         """The fields that change the cached arrays (channels and stacking do not)."""
         return {
             "size": self.size,
+            "resize": self.resize,
             "intensity": self.intensity,
             "percentiles": list(self.percentiles) if self.intensity == "percentile" else None,
             "mask_resize": self.mask_resize,
         }
+
+
+def saved_preprocess(saved: Mapping[str, Any], where: str) -> PreprocessConfig:
+    """The :class:`PreprocessConfig` a checkpoint stored (``where`` names it in errors).
+
+    A checkpoint saved before ``resize`` existed was trained on stretched slices: it is read as
+    ``resize: stretch``, so that its evaluation sees the geometry it was trained on.
+    """
+    from advseg.config import from_dict
+
+    return from_dict(PreprocessConfig, {"resize": "stretch", **saved}, where=where)
 
 
 def normalize_intensity(image: np.ndarray, config: PreprocessConfig) -> np.ndarray:
@@ -87,27 +111,51 @@ def normalize_intensity(image: np.ndarray, config: PreprocessConfig) -> np.ndarr
     return np.clip((x - low) / (high - low), 0, 1)
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """``(H, W)`` -> ``(size, size)``: area averaging when shrinking, bilinear when enlarging."""
+def fitted_size(height: int, width: int, size: int, resize: str = "stretch") -> tuple[int, int]:
+    """The ``(h, w)`` a slice is resized to before padding: ``(size, size)`` when stretched, else
+    the aspect-kept size whose longer side is ``size``."""
+    if resize == "stretch":
+        return size, size
+    scale = size / max(height, width)
+    return max(1, min(size, round(height * scale))), max(1, min(size, round(width * scale)))
+
+
+def fit_square(array: np.ndarray, size: int, resize: str, interpolation: int) -> np.ndarray:
+    """``(H, W)`` or ``(H, W, K)`` -> ``(size, size[, K])``: resized to :func:`fitted_size` with
+    OpenCV's ``interpolation``, then zero-padded around it (centred)."""
+    h, w = array.shape[:2]
+    fh, fw = fitted_size(h, w, size, resize)
+    fitted = cv2.resize(array, (fw, fh), interpolation=interpolation).reshape(fh, fw, -1)
+    out = np.zeros((size, size, fitted.shape[2]), fitted.dtype)
+    top, left = (size - fh) // 2, (size - fw) // 2
+    out[top : top + fh, left : left + fw] = fitted
+    return out if array.ndim == 3 else out[:, :, 0]
+
+
+def resize_image(image: np.ndarray, size: int, resize: str = "stretch") -> np.ndarray:
+    """``(H, W)`` -> ``(size, size)``: area averaging when shrinking, bilinear when enlarging;
+    ``resize="pad"`` keeps the aspect ratio and pads with zeros."""
     h, w = image.shape
-    shrink = size * size < h * w
-    interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-    return cv2.resize(image, (size, size), interpolation=interp)
+    fh, fw = fitted_size(h, w, size, resize)
+    shrink = fh * fw < h * w
+    return fit_square(image, size, resize, cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-def resize_masks(masks: np.ndarray, size: int, method: str = "nearest") -> np.ndarray:
+def resize_masks(
+    masks: np.ndarray, size: int, method: str = "nearest", resize: str = "stretch"
+) -> np.ndarray:
     """``(K, H, W)`` binary masks -> ``(K, size, size)`` uint8 in {0, 1}.
 
     ``nearest`` picks the nearest source pixel; ``area`` averages the covered source pixels and
-    keeps those at least half covered.
+    keeps those at least half covered. ``resize="pad"`` keeps the aspect ratio (padding is 0).
     """
     if masks.shape[0] == 0:
         return np.zeros((0, size, size), np.uint8)
     stack = np.ascontiguousarray(masks.transpose(1, 2, 0))  # (H, W, K): OpenCV's channel order
     if method == "nearest":
-        out = cv2.resize(stack.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+        out = fit_square(stack.astype(np.uint8), size, resize, cv2.INTER_NEAREST)
     elif method == "area":
-        frac = cv2.resize(stack.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+        frac = fit_square(stack.astype(np.float32), size, resize, cv2.INTER_AREA)
         out = (frac >= 0.5).astype(np.uint8)
     else:
         raise UserError(f"preprocess.mask_resize: unknown method {method!r}; valid: nearest, area")
@@ -126,8 +174,52 @@ def preprocess_slice(
     Returns:
         ``(S, S)`` float32 in [0, 1] and ``(K, S, S)`` uint8 in {0, 1}.
     """
-    x = resize_image(normalize_intensity(image, config), config.size)
-    return np.clip(x, 0, 1), resize_masks(masks, config.size, config.mask_resize)
+    x = resize_image(normalize_intensity(image, config), config.size, config.resize)
+    masks = resize_masks(masks, config.size, config.mask_resize, config.resize)
+    return np.clip(x, 0, 1), masks
+
+
+GEOMETRY_COLUMNS = ("top", "left", "fitted_h", "fitted_w", "mm_h", "mm_w")
+
+
+def slice_geometry(index: pd.DataFrame, config: PreprocessConfig) -> pd.DataFrame:
+    """Where each slice lies in its ``S x S`` array, and its model pixels' size in mm.
+
+    Args:
+        index: a SliceIndex (``width``, ``height``, ``spacing_w``, ``spacing_h``).
+        config: the preprocessing the arrays were made with.
+
+    Returns:
+        One row per index row: ``top``, ``left`` (padding before the slice, in model pixels),
+        ``fitted_h``, ``fitted_w`` (the slice's size in the array; the padding after it is
+        ``S - top - fitted_h`` and ``S - left - fitted_w``), ``mm_h``, ``mm_w`` (millimetres per
+        model pixel down and across: the pixel spacing times the resize factor).
+    """
+    rows = []
+    for h, w in zip(index["height"].to_numpy(), index["width"].to_numpy(), strict=True):
+        fh, fw = fitted_size(int(h), int(w), config.size, config.resize)
+        rows.append(((config.size - fh) // 2, (config.size - fw) // 2, fh, fw))
+    table = pd.DataFrame(rows, columns=list(GEOMETRY_COLUMNS[:4]), dtype="int64")
+    table["mm_h"] = index["spacing_h"].to_numpy() * index["height"].to_numpy() / table["fitted_h"]
+    table["mm_w"] = index["spacing_w"].to_numpy() * index["width"].to_numpy() / table["fitted_w"]
+    return table
+
+
+def restore_slice(array: np.ndarray, geometry: pd.Series, height: int, width: int) -> np.ndarray:
+    """A model-sized ``(..., S, S)`` mask or prediction back on the source slice, ``(..., H, W)``.
+
+    The padding recorded in ``geometry`` (a row of :func:`slice_geometry`) is cut off, then the
+    slice is resized to ``height x width`` by nearest neighbour (labels stay labels).
+    """
+    top, left = int(geometry["top"]), int(geometry["left"])
+    bottom, right = top + int(geometry["fitted_h"]), left + int(geometry["fitted_w"])
+    crop = array[..., top:bottom, left:right]
+    lead, dtype = crop.shape[:-2], crop.dtype
+    stack = crop.reshape(-1, *crop.shape[-2:]).transpose(1, 2, 0)  # (h, w, N)
+    stack = np.ascontiguousarray(stack, np.uint8 if dtype == np.bool_ else None)
+    out = cv2.resize(stack, (width, height), interpolation=cv2.INTER_NEAREST)
+    out = out.reshape(height, width, -1).transpose(2, 0, 1).reshape(*lead, height, width)
+    return out.astype(dtype, copy=False)
 
 
 def neighbour_rows(scans: np.ndarray, slices: np.ndarray, config: PreprocessConfig) -> np.ndarray:

@@ -251,6 +251,8 @@ def certify_cell(
         Records (:data:`advseg.records.RECORD_COLUMNS`), ordered by radius, slice, class;
         under torch.distributed every rank gets all of them.
     """
+    from advseg.evaluate import pixel_mm
+
     rows = [int(r) for r in rows]
     if not rows:
         raise UserError(f"{model_name}: the split has no slices to certify")
@@ -270,7 +272,10 @@ def certify_cell(
             plain = hard_prediction(model_logits(model, x).float(), config.activation)
         certificate = certify_batch(model, x, config, generator)
         meta = data.index.iloc[batch["row"].tolist()]
-        frames.append((batch_number, _records(x, y, plain, certificate, config, meta, classes)))
+        spacing = pixel_mm(data, batch["row"].tolist())
+        frames.append(
+            (batch_number, _records(x, y, plain, certificate, config, meta, classes, spacing))
+        )
         if on_batch is not None:
             on_batch(done, len(mine))
     frames = [item for part in distributed.gather_objects(frames) for item in part]
@@ -291,12 +296,15 @@ def _records(
     config: SmoothingConfig,
     meta: pd.DataFrame,
     classes: list[str],
+    spacing: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """One row per (radius, slice, class) of one batch."""
+    """One row per (radius, slice, class) of one batch (``spacing``: HD95 in mm, ``(B, 2)``)."""
     b, k = y.shape[:2]
     pixels = int(np.prod(y.shape[2:]))
     tp_c, fp_c, fn_c = (t.cpu().numpy().ravel() for t in confusion_counts(plain, y))
     hd_clean = hd95(plain, y).numpy().ravel()
+    nan = np.full(b * k, np.nan)
+    hd_mm_clean = nan if spacing is None else hd95(plain, y, spacing).numpy().ravel()
     decision = certificate.decision.cpu().numpy()
     target = y.cpu().numpy()
     frames = []
@@ -330,6 +338,10 @@ def _records(
                     "iou_adv": np.nan_to_num(iou_from_counts(tp, fp, fn), nan=1.0),
                     "hd95_clean": hd_clean,
                     "hd95_adv": hd95(found, y.cpu()).numpy().ravel(),
+                    "hd95_mm_clean": hd_mm_clean,
+                    "hd95_mm_adv": nan
+                    if spacing is None
+                    else hd95(found, y.cpu(), spacing).numpy().ravel(),
                     "linf": np.nan,  # an L2 certificate says nothing of the L-inf norm
                     "l2": float(radius),
                     "psnr": np.nan,
@@ -358,8 +370,7 @@ def certify_checkpoint(
     The data and split are rebuilt from the checkpoint's metadata as ``advseg evaluate`` does.
     Slices with a mask only (the paper's protocol), the first ``max_slices`` of them.
     """
-    from advseg.config import from_dict
-    from advseg.data import PreprocessConfig, load_data, split_cases
+    from advseg.data import load_data, saved_preprocess, split_cases
     from advseg.evaluate import checkpoint_label, trained_data_config
     from advseg.models.checkpoint import check_compatible, load_checkpoint
     from advseg.train import resolve_device
@@ -367,9 +378,7 @@ def certify_checkpoint(
     if split not in ("test", "all"):
         raise UserError(f"split: {split!r} is not 'test' or 'all'")
     model, meta = load_checkpoint(checkpoint, resolve_device(device))
-    preprocess = from_dict(
-        PreprocessConfig, meta.preprocessing, where=f"{checkpoint} preprocessing"
-    )
+    preprocess = saved_preprocess(meta.preprocessing, f"{checkpoint} preprocessing")
     if not distributed.is_main():
         distributed.barrier()  # rank 0 fills the preprocessing cache before the others read it
     data = load_data(trained_data_config(meta.data, Path(checkpoint), preprocess, data_path))
