@@ -136,7 +136,9 @@ def test_an_lps_volume_gives_the_same_slices_as_the_ras_one(tmp_path):
     np.testing.assert_array_equal(ras_data.images, lps_data.images)
     np.testing.assert_array_equal(ras_data.masks, lps_data.masks)
     # and the stored-as-RAS arrays were not flipped: the bright corner is at the top left
-    assert ras_data.images[0, :2, :3].mean() > ras_data.images[0, -3:, -3:].mean()
+    top, height = ras_data.geometry.loc[0, ["top", "fitted_h"]]  # rows of padding above
+    first, last = ras_data.images[0, top : top + 2, :3], ras_data.images[0, top + height - 3, -3:]
+    assert first.mean() > 2 * last.mean()
 
 
 def test_canonical_geometry_from_the_header_equals_nibabels_reorientation(tmp_path):
