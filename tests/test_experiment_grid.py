@@ -12,13 +12,33 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from advseg.augment import AugmentConfig
+from advseg.cli import main
 from advseg.cli.table_ii import table_ii
-from advseg.experiment import AttackSpec, model_train_config, plan_cells, run_experiment
+from advseg.config import save_yaml
+from advseg.errors import UserError
+from advseg.evaluate import EvaluateConfig, evaluate
+from advseg.experiment import (
+    AttackSpec,
+    ExperimentConfig,
+    ModelSpec,
+    check_config,
+    load_experiment,
+    model_train_config,
+    plan_cells,
+    run_experiment,
+)
 from advseg.models import read_checkpoint
 from advseg.records import read_records
 from advseg.summary import summarize_cells
 from advseg.train import train_on_data
 from test_experiment_run import _config, phantom  # noqa: F401 (phantom: the module's fixture)
+
+
+def _advseg(*args: str) -> int:
+    """``advseg ARGS`` in this process; its exit code."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    return exit_info.value.code
 
 
 def _one_cell(config):
@@ -105,3 +125,65 @@ def test_a_grid_without_seeds_keeps_its_names_and_fills_the_training_seed(phanto
     assert result.trained == ["unet-tiny"] and "seeds" not in result.cells.columns
     assert (tmp_path / "run" / "models" / "unet-tiny" / "checkpoints" / "best.json").exists()
     assert read_records(tmp_path / "run")["seed"].unique().tolist() == [3]
+
+
+def test_compat_notebook_in_yaml_and_on_the_command_line(phantom, tmp_path, capsys):  # noqa: F811
+    config = _one_cell(_config(phantom, tmp_path))
+    config.evaluation.slices = "all"  # the slices `advseg evaluate --split test` takes
+    config.attacks += [AttackSpec(name="fgsm", losses=["bce"], eps=[0.01], compat="notebook")]
+    path = tmp_path / "grid.yaml"
+    save_yaml(config, path)
+    run_dir = tmp_path / "run"
+    assert _advseg("run", str(path), "--out", str(run_dir)) == 0
+    assert sorted(p.stem for p in (run_dir / "records").iterdir()) == [
+        "unet-tiny__fgsm-notebook__eps0.01",
+        "unet-tiny__fgsm__eps0.01",
+    ]
+    records = read_records(run_dir)
+    assert set(records["attack"]) == {"fgsm", "fgsm:notebook"}  # the mode, in the attack label
+
+    # The grid's notebook cell is what `advseg evaluate --compat notebook` gives its checkpoint.
+    best = run_dir / "models" / "unet-tiny" / "checkpoints" / "best"
+    evaluate(
+        EvaluateConfig(
+            checkpoints=[best],
+            out=tmp_path / "eval",
+            losses=["bce"],
+            eps=[0.01],
+            device="cpu",
+            compat="notebook",
+            protocol="per-class",
+        )
+    )
+    theirs = read_records(tmp_path / "eval")
+    keys = ["slice_id", "class"]
+    ours = records[records["attack"] == "fgsm:notebook"].sort_values(keys).reset_index(drop=True)
+    theirs = theirs.sort_values(keys).reset_index(drop=True)
+    assert len(ours) == len(theirs) > 0 and (theirs["attack"] == "fgsm:notebook").all()
+    counts = ["tp_clean", "fp_clean", "fn_clean", "tp_adv", "fp_adv", "fn_adv", "linf"]
+    pd.testing.assert_frame_equal(ours[keys + counts], theirs[keys + counts])
+
+    # `advseg run --compat notebook`: the grid's FGSM attacks become the notebook's.
+    loaded = replace(config, models=[ModelSpec(name="loaded", checkpoint=best)])
+    loaded.attacks = loaded.attacks[:1]
+    save_yaml(loaded, path)
+    assert _advseg("run", str(path), "--out", str(tmp_path / "loaded"), "--compat", "notebook") == 0
+    again = read_records(tmp_path / "loaded")
+    assert set(again["attack"]) == {"fgsm:notebook"}
+    assert load_experiment(tmp_path / "loaded" / "config.yaml").compat == "notebook"
+    capsys.readouterr()
+    assert _advseg("run", str(path), "--out", str(tmp_path / "bad"), "--compat", "paper") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --compat: compat: 'paper' is not one of none, notebook"
+    assert "\n" not in err
+
+
+def test_compat_is_refused_where_the_notebook_had_no_such_attack():
+    pgd = AttackSpec(name="pgd", losses=["bce"], eps=[0.01], compat="notebook")
+    with pytest.raises(UserError, match=r"attacks\[0\]\.compat: 'notebook' .* not 'pgd'"):
+        check_config(ExperimentConfig(attacks=[pgd]))
+    grid = ExperimentConfig(compat="notebook", attacks=[replace(pgd, compat=None)])
+    assert [c.label for c in plan_cells(check_config(grid))] == ["pgd"]  # left as it is
+    spread = AttackSpec(name="fgsm", compat="notebook", transfer=True)
+    with pytest.raises(UserError, match=r"attacks\[0\]\.compat: .*white-box only"):
+        check_config(ExperimentConfig(models=[ModelSpec(), ModelSpec(name="b")], attacks=[spread]))

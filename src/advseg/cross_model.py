@@ -121,7 +121,8 @@ def transfer_cells(config: Any, planned: Sequence[Any]) -> list[Any]:
             )
             for eps in attack.eps:
                 for base in planned:
-                    if (base.model, base.attack, base.eps) != (target, attack.name, float(eps)):
+                    same = (base.model, base.attack, base.eps) == (target, attack.name, eps)
+                    if not same or base.compat != "none":  # notebook cells: white-box only
                         continue
                     at = [base.seed] if base.seed is not None or not seeds else seeds
                     for seed in at:
@@ -218,7 +219,8 @@ class CrossModel:
 
     def is_source(self, cell: Any) -> bool:
         """Whether a white-box cell's adversarial images are scored on other models."""
-        return not cell.source and (cell.model, cell.attack) in self.sources
+        plain = cell.compat == "none"  # notebook cells are white-box only (check_config)
+        return plain and not cell.source and (cell.model, cell.attack) in self.sources
 
     def keep(self, cell: Any, adversarial: dict[str, np.ndarray]) -> None:
         """Save a source's white-box images for its transfer cells (before its records)."""

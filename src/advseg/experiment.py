@@ -40,6 +40,7 @@ from rich.progress import (
 from advseg.atomic import remove_debris, write_text_atomic
 from advseg.attacks import ATTACKS, attack_options, check_eps
 from advseg.bootstrap import with_intervals
+from advseg.compat import NOTEBOOK_ATTACKS, check_compat, compat_label
 from advseg.config import from_dict, load_yaml, save_yaml, to_dict
 from advseg.cross_model import (
     ENSEMBLE_PREFIX,
@@ -116,6 +117,11 @@ class AttackSpec:
         sources: models whose adversarial images are scored on every model of the grid; an
             entry ``a+b`` is one attack on the mean loss of models ``a`` and ``b`` (an ensemble
             attack).
+        compat: ``notebook`` reproduces the paper's notebook code for this attack (FGSM only;
+            :mod:`advseg.compat`: blended update, swapped loss arguments, soft masks; a
+            reproduction, not a recommended attack), ``none`` the attack as named; absent: the
+            experiment's ``compat``. Its records and cells are labelled ``fgsm:notebook``, so one
+            grid holds both modes side by side.
     """
 
     name: str = "fgsm"
@@ -124,6 +130,7 @@ class AttackSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     transfer: bool = False
     sources: list[str] = field(default_factory=list)
+    compat: str | None = None
 
 
 @dataclass
@@ -184,6 +191,9 @@ class ExperimentConfig:
             are named ``<model>__seed<k>__...`` and its records carry the seed, so that Table II
             shows the mean over seeds and their spread beside the case-bootstrap interval.
             Empty (the default): one training per model, seeded by ``train.seed``.
+        compat: ``notebook`` for every attack that does not name its own ``compat`` (the
+            paper's notebook reproduced, :mod:`advseg.compat`; ``advseg run --compat``);
+            ``none`` (the default): each attack as named.
     """
 
     name: str = "experiment"
@@ -196,6 +206,7 @@ class ExperimentConfig:
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     report: bool = True
     seeds: list[int] = field(default_factory=list)
+    compat: str = "none"
 
 
 @dataclass(frozen=True)
@@ -204,7 +215,8 @@ class Cell:
 
     ``source`` is set for a transfer cell: the model (or ensemble ``a+b``) whose adversarial
     images the cell scores on ``model``. ``seed`` is the training seed of the models, in a grid
-    with ``seeds:`` (None otherwise).
+    with ``seeds:`` (None otherwise). ``compat`` is the attack's compatibility mode
+    (:mod:`advseg.compat`); the records and the file name carry :attr:`label`.
     """
 
     model: str
@@ -214,13 +226,19 @@ class Cell:
     kwargs: tuple[tuple[str, Any], ...] = ()
     source: str = ""
     seed: int | None = None
+    compat: str = "none"
+
+    @property
+    def label(self) -> str:
+        """The records' attack label: ``fgsm``, or ``fgsm:notebook`` under ``compat: notebook``."""
+        return compat_label(self.attack, self.compat)
 
     @property
     def slug(self) -> str:
         """The cell's file name stem, e.g. ``unet__fgsm__eps0.009`` (``...__from-<source>``),
         ``unet__seed1__fgsm__eps0.009`` in a grid with seeds."""
         seed = "" if self.seed is None else f"__seed{self.seed}"
-        slug = f"{file_stem(self.model)}{seed}__{file_stem(self.attack)}__eps{self.eps:g}"
+        slug = f"{file_stem(self.model)}{seed}__{file_stem(self.label)}__eps{self.eps:g}"
         return f"{slug}__from-{source_stem(self.source)}" if self.source else slug
 
 
@@ -265,7 +283,20 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
                 raise UserError(f"models[{i}].defences[{j}]: {spec!r} is listed twice (or none)")
             seen[label] = i
     kwargs_of: dict[str, tuple[int, dict[str, Any]]] = {}
+    check_compat(config.compat, "compat")
     for i, attack in enumerate(config.attacks):
+        mode = attack_compat(attack, config)
+        check_compat(mode, f"attacks[{i}].compat")
+        if mode != "none" and attack.name not in NOTEBOOK_ATTACKS:  # named on the attack
+            raise UserError(
+                f"attacks[{i}].compat: {mode!r} reproduces the paper's notebook, which "
+                f"attacked with {', '.join(NOTEBOOK_ATTACKS)} only, not {attack.name!r}"
+            )
+        if mode != "none" and (attack.transfer or attack.sources):
+            raise UserError(
+                f"attacks[{i}].compat: the notebook's attack is white-box only (no transfer "
+                "or sources); list a plain attack for transfer"
+            )  # its losses and options are checked by preflight.check_attacks
         if not attack.losses:
             raise UserError(f"attacks[{i}].losses: at least one loss is needed")
         for j, loss in enumerate(attack.losses):
@@ -293,7 +324,7 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
                 check_eps(eps, attack.kwargs.get("norm", "linf"), 1.0, attack.name)
             except UserError as err:
                 raise UserError(f"attacks[{i}].eps[{j}]: {err}") from None
-        first = kwargs_of.setdefault(attack.name, (i, attack.kwargs))
+        first = kwargs_of.setdefault(compat_label(attack.name, mode), (i, attack.kwargs))
         if first[1] != attack.kwargs:
             raise UserError(
                 f"attacks[{i}].kwargs: attack {attack.name!r} appears in attacks[{first[0]}] with "
@@ -376,10 +407,18 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         raise UserError(f"{path}: {err}") from None
 
 
+def attack_compat(attack: AttackSpec, config: ExperimentConfig) -> str:
+    """The compatibility mode of one attack: its own ``compat``, else the experiment's (which
+    reaches only the attacks the notebook had: a grid-wide ``notebook`` leaves PGD as it is)."""
+    if attack.compat is not None:
+        return attack.compat
+    return config.compat if attack.name in NOTEBOOK_ATTACKS else "none"
+
+
 def plan_cells(config: ExperimentConfig) -> list[Cell]:
     """The grid in run order (model by model), with the losses of repeated (attack, eps) united."""
-    cells: dict[tuple[str, int | None, str, float], list[str]] = {}
-    kwargs: dict[str, tuple[tuple[str, Any], ...]] = {}
+    cells: dict[tuple[str, int | None, str, str, float], list[str]] = {}
+    kwargs: dict[tuple[str, str], tuple[tuple[str, Any], ...]] = {}
     names = [
         (name, seed)
         for model in config.models
@@ -388,13 +427,14 @@ def plan_cells(config: ExperimentConfig) -> list[Cell]:
     ]
     for name, seed in names:
         for attack in config.attacks:
-            kwargs[attack.name] = tuple(sorted(attack.kwargs.items()))
+            mode = attack_compat(attack, config)
+            kwargs[attack.name, mode] = tuple(sorted(attack.kwargs.items()))
             for eps in attack.eps:
-                losses = cells.setdefault((name, seed, attack.name, float(eps)), [])
+                losses = cells.setdefault((name, seed, attack.name, mode, float(eps)), [])
                 losses += [loss for loss in attack.losses if loss not in losses]
     planned = [
-        Cell(model, attack, eps, tuple(losses), kwargs[attack], seed=seed)
-        for (model, seed, attack, eps), losses in cells.items()
+        Cell(model, attack, eps, tuple(losses), kwargs[attack, mode], seed=seed, compat=mode)
+        for (model, seed, attack, mode, eps), losses in cells.items()
     ]
     return planned + transfer_cells(config, planned)
 
@@ -424,7 +464,7 @@ def sweep_key(cell: Cell) -> tuple | None:
     """
     if cell.source or "+" in cell.attack or not ATTACKS.get(cell.attack).single_step:
         return None  # a transfer cell scores images crafted elsewhere; +bpda/+eot attack a view
-    return (cell.model, cell.seed, cell.attack, cell.kwargs)
+    return (cell.model, cell.seed, cell.attack, cell.compat, cell.kwargs)
 
 
 def run_cells(
@@ -469,7 +509,7 @@ def run_cells(
             if output.examples:
                 path = run_dir / "examples" / f"{cell.slug}.npz"
                 save_examples(
-                    output.examples, path, model=cell.model, attack=cell.attack, eps=cell.eps
+                    output.examples, path, model=cell.model, attack=cell.label, eps=cell.eps
                 )
             if output.trace is not None:
                 write_trace(output.trace, run_dir / "traces" / f"{cell.slug}.csv")
@@ -663,7 +703,7 @@ def run_experiment(
         net, arch = model_for(first.model, first.seed)
         eps = ", ".join(f"{c.eps:g}" for c in group)
         losses = ", ".join(dict.fromkeys(loss for c in group for loss in c.losses))
-        what = f"evaluating {first.model}, {first.attack} eps {eps} ({losses})"
+        what = f"evaluating {first.model}, {first.label} eps {eps} ({losses})"
         what += f" on {len(eval_rows)} slices"
         with cell_progress(console, what) as on_batch:
             results = evaluate_sweep(
@@ -680,6 +720,7 @@ def run_experiment(
                 on_batch=on_batch,
                 keep_adversarial=any(cross.is_source(c) for c in group),
                 trace=config.evaluation.trace,
+                compat=first.compat,
             )
         for cell, result in zip(group, results, strict=True):
             cross.keep(cell, result.adversarial)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from advseg.atomic import check_output_dir
-from advseg.attacks import create_attack
+from advseg.compat import create_compat_attack
 from advseg.errors import UserError
 
 if TYPE_CHECKING:
@@ -66,14 +66,18 @@ def check_attacks(config: ExperimentConfig, in_channels: int, classes: int) -> N
     An attack's constructor checks its own options (steps, norm, restarts, update rule, valid
     range, ...): building each one here is the same check its cell would make, made first.
     """
+    from advseg.experiment import attack_compat
+
     stand_in = nn.Conv2d(in_channels, classes, 1)
     for i, attack in enumerate(config.attacks):
+        mode = attack_compat(attack, config)  # the notebook's losses and options, or the attack's
         for loss in attack.losses:
             for eps in attack.eps:
                 try:
-                    create_attack(
-                        attack.name, stand_in, loss, eps, **{"seed": config.seed, **attack.kwargs}
-                    )
+                    create_compat_attack(
+                        attack.name, stand_in, loss, eps, mode,
+                        **{"seed": config.seed, **attack.kwargs},
+                    )  # fmt: skip
                 except (UserError, TypeError, ValueError) as err:
                     raise UserError(f"attacks[{i}] ({attack.name}): {err}") from None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -11,7 +12,14 @@ from advseg.cli.console import console
 from advseg.cli.report import print_report
 from advseg.cli.table_ii import table_ii
 from advseg.demo import run_demo
-from advseg.experiment import RunResult, find_experiment, load_experiment, run_experiment
+from advseg.errors import UserError
+from advseg.experiment import (
+    RunResult,
+    check_config,
+    find_experiment,
+    load_experiment,
+    run_experiment,
+)
 
 app = typer.Typer()
 
@@ -38,9 +46,22 @@ def run(
         ..., help="An experiment YAML file, or a shipped one by name (demo, paper)."
     ),
     out: Path | None = typer.Option(None, help="Run directory [default: runs/<name>]."),
+    compat: str | None = typer.Option(
+        None,
+        "--compat",
+        help="The experiment's compat (YAML compat:): none, or notebook: reproduce the paper's "
+        "notebook code for its FGSM attacks (blended update, swapped loss arguments, soft "
+        "masks; not a recommended attack). Attacks naming their own compat keep it.",
+    ),
 ) -> None:
     """Run an experiment grid (train or load models, attack, record, report); resumable."""
-    config = load_experiment(find_experiment(experiment))
+    path = find_experiment(experiment)
+    config = load_experiment(path)
+    if compat is not None:
+        try:
+            config = check_config(replace(config, compat=compat))
+        except UserError as err:
+            raise UserError(f"--compat: {err}") from None
     run_dir = out if out is not None else Path("runs") / config.name
     _print_result(run_experiment(config, run_dir, progress=True), console())
 
