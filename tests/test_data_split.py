@@ -56,3 +56,24 @@ def test_kfold_partitions_cases_and_balances_slices():
 def test_kfold_rejects_more_folds_than_cases():
     with pytest.raises(UserError, match="k: need"):
         kfold_cases(_index(3), k=4)
+
+
+def test_spread_rows_are_seeded_and_spread_over_cases():
+    import pandas as pd
+
+    from advseg.data import spread_positions, spread_rows
+
+    index = pd.DataFrame({"case": np.repeat([5, 1, 9, 3], [40, 30, 20, 10])})  # 100 slices
+    rows = np.arange(100)
+    picked = spread_rows(index, rows, 10, seed=0)
+    assert len(picked) == 10 and (np.diff(picked) > 0).all()
+    counts = index["case"].iloc[picked].value_counts()
+    assert sorted(counts.index) == [1, 3, 5, 9] and counts.max() - counts.min() <= 1
+    assert not np.array_equal(picked, np.arange(10))  # not the first ten (one case)
+    np.testing.assert_array_equal(spread_rows(index, rows, 10, seed=0), picked)
+    assert not np.array_equal(spread_rows(index, rows, 10, seed=1), picked)
+    # a case with few slices gives all it has; the rest come from the others
+    few = spread_positions(np.array([1] * 2 + [2] * 20), 8, seed=0)
+    assert set(few[:2]) == {0, 1} and len(few) == 8
+    assert spread_rows(index, rows[::-1], 200).tolist() == rows[::-1].tolist()
+    assert len(spread_rows(index, rows, 0)) == 0

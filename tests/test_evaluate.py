@@ -164,17 +164,24 @@ def test_a_loss_gives_the_same_records_whatever_losses_share_its_cell(model):
     pd.testing.assert_frame_equal(alone, shared)  # random starts drawn per (batch, loss)
 
 
-def test_examples_hold_the_first_slices_per_loss(model):
-    data = MemoryData()
-    result = _cell(model, data, [4, 5, 6, 7, 8, 0], examples=5)
+def test_examples_are_seeded_and_spread_over_cases(model):
+    data = MemoryData()  # cases 1 (rows 0-3), 2 (rows 4-7), 3 (rows 8-9)
+    rows = [4, 5, 6, 7, 8, 0]
+    result = _cell(model, data, rows, examples=3)
     ex = result.examples
-    assert ex["slice_ids"].tolist() == data.index["id"].iloc[[4, 5, 6, 7, 8]].tolist()
+    ids = ex["slice_ids"].tolist()
+    assert {int(i.split("_")[0][4:]) for i in ids} == {1, 2, 3}  # one slice of each case
+    picked = [rows[[data.index["id"].iat[r] for r in rows].index(i)] for i in ids]
+    assert picked == sorted(picked, key=rows.index)  # in the order of the rows evaluated
+    assert _cell(model, data, rows, examples=3).examples["slice_ids"].tolist() == ids  # seeded
     assert ex["losses"].tolist() == LOSSES
-    assert ex["image"].shape == (5, 3, 16, 16) and ex["mask"].dtype == np.uint8
-    assert ex["x_adv"].shape == (3, 5, 3, 16, 16) and ex["pred_adv"].shape == (3, 5, 3, 16, 16)
+    assert ex["image"].shape == (3, 3, 16, 16) and ex["mask"].dtype == np.uint8
+    assert ex["x_adv"].shape == (3, 3, 3, 16, 16) and ex["pred_adv"].shape == (3, 3, 3, 16, 16)
     fgsm = create_attack("fgsm", model, "focal", 0.05)
-    expected = fgsm(data.images[[4, 5, 6, 7, 8]], data.masks[[4, 5, 6, 7, 8]])
+    expected = fgsm(data.images[picked], data.masks[picked])
     np.testing.assert_allclose(ex["x_adv"][1], expected.numpy(), atol=1e-6)
+    everything = _cell(model, data, rows, examples=10).examples["slice_ids"].tolist()
+    assert everything == data.index["id"].iloc[rows].tolist()  # all of them, in order
     assert _cell(model, data, [0, 1]).examples == {}
 
 

@@ -57,6 +57,7 @@ from advseg.compat import (
     create_compat_attack,
     soft_masks,
 )
+from advseg.data.split import spread_positions
 from advseg.errors import UserError
 from advseg.losses import SOFTMAX_LOSSES
 from advseg.metrics import (
@@ -257,7 +258,8 @@ def evaluate_cell(
         attack_kwargs: options of the attack (``steps``, ``norm``, ``activation``, ...).
             ``activation`` (``sigmoid`` unless given) also decides the hard predictions.
         batch_size: slices per batch.
-        examples: how many of the first slices to return as arrays for figures.
+        examples: how many slices to return as arrays for figures: a seeded draw spread over
+            the cases (:func:`advseg.data.spread_rows`, seed 0), in the order of ``rows``.
         workers: DataLoader worker processes.
         erase: class names to make vanish: the attack becomes targeted, its target the true
             mask with these classes emptied. The records still score against the true mask,
@@ -379,6 +381,8 @@ def evaluate_sweep(
         Subset(data.dataset(rows), positions), batch_size=batch_size, num_workers=workers
     )
     index = data.index
+    # the example slices: seeded, spread over the cases (never the first ones of one case)
+    chosen = set(spread_positions(index["case"].to_numpy()[rows], examples).tolist())
     params = sum(p.numel() for p in model.parameters())
     frames: list[tuple[int, list[pd.DataFrame]]] = []  # per batch, one frame per eps
     shown: list[tuple[int, list[dict[str, np.ndarray]]]] = []
@@ -421,10 +425,10 @@ def evaluate_sweep(
         ]
         frames.append((batch_number, parts))
         start = batch_number * batch_size
-        if start < examples:
-            count = examples - start
+        picks = [i for i in range(len(x)) if start + i in chosen]
+        if picks:
             shown.append(
-                (batch_number, [_examples(o, x, y, meta, activation, count) for o in outs])
+                (batch_number, [_examples(o, x, y, meta, activation, picks) for o in outs])
             )
         if on_batch is not None:
             on_batch(len(frames), len(mine))
@@ -625,18 +629,19 @@ def _empty_is_one(values: np.ndarray) -> np.ndarray:
     return np.nan_to_num(values, nan=1.0)
 
 
-def _examples(out, x, y, meta, activation, count) -> dict[str, np.ndarray]:
-    count = min(count, x.shape[0])
+def _examples(out, x, y, meta, activation, picks: list[int]) -> dict[str, np.ndarray]:
+    """The arrays of the batch positions ``picks`` (see :attr:`CellResult.examples`)."""
+    at = torch.as_tensor(picks, device=x.device)
     return {
-        "slice_ids": meta["id"].to_numpy()[:count].astype(str),
-        "image": x[:count].float().cpu().numpy(),
-        "mask": (y[:count] > 0.5).to(torch.uint8).cpu().numpy(),
-        "pred_clean": hard_prediction(out.clean_logits[:count], activation)
+        "slice_ids": meta["id"].to_numpy()[picks].astype(str),
+        "image": x[at].float().cpu().numpy(),
+        "mask": (y[at] > 0.5).to(torch.uint8).cpu().numpy(),
+        "pred_clean": hard_prediction(out.clean_logits[at], activation)
         .to(torch.uint8)
         .cpu()
         .numpy(),
-        "x_adv": torch.stack([a[:count] for a in out.x_adv]).float().cpu().numpy(),
-        "pred_adv": torch.stack([hard_prediction(a[:count], activation) for a in out.adv_logits])
+        "x_adv": torch.stack([a[at] for a in out.x_adv]).float().cpu().numpy(),
+        "pred_adv": torch.stack([hard_prediction(a[at], activation) for a in out.adv_logits])
         .to(torch.uint8)
         .cpu()
         .numpy(),

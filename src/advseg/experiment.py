@@ -49,7 +49,7 @@ from advseg.cross_model import (
     model_seeds,
     transfer_cells,
 )
-from advseg.data import DataConfig, SliceData, load_data, split_train_val_test
+from advseg.data import DataConfig, SliceData, load_data, split_train_val_test, spread_rows
 from advseg.defences import defend, defended_name
 from advseg.defences.adversarial_training import AdversarialConfig
 from advseg.errors import UserError
@@ -155,7 +155,8 @@ class EvaluationSpec:
     Attributes:
         slices: ``with_mask`` evaluates the test slices that have a mask (the paper's protocol);
             ``all`` evaluates every test slice.
-        max_slices: evaluate at most this many test slices (the first ones in index order).
+        max_slices: evaluate at most this many test slices: a draw seeded by the experiment's
+            ``seed`` and spread over the test cases (:func:`advseg.data.spread_rows`).
         batch_size: slices per attack batch.
         examples: slices per cell whose images and predictions are kept for the report's panels.
         protocol: the Dice protocol of the summary (``paper``, ``per-class``, ``global``).
@@ -644,7 +645,7 @@ def run_experiment(
     train_rows, val_rows, test_rows = split_train_val_test(
         data.index, config.split.test_fraction, config.split.val_fraction, config.split.seed
     )
-    eval_rows = _evaluation_rows(data, test_rows, config.evaluation)
+    eval_rows = _evaluation_rows(data, test_rows, config.evaluation, config.seed)
     console.print(
         f"data: {len(data)} slices; cases split into train {len(train_rows)}, validation "
         f"{len(val_rows)}, test {len(test_rows)} slices; evaluated {len(eval_rows)} test slices "
@@ -784,14 +785,14 @@ def check_data_fingerprint(run_dir: Path, data: SliceData) -> None:
 
 
 def _evaluation_rows(
-    data: SliceData, test_rows: np.ndarray, evaluation: EvaluationSpec
+    data: SliceData, test_rows: np.ndarray, evaluation: EvaluationSpec, seed: int = 0
 ) -> np.ndarray:
     rows = test_rows
     if evaluation.slices == "with_mask":
         has_mask = data.masks[rows].reshape(len(rows), -1).any(axis=1)
         rows = rows[has_mask]
-    if evaluation.max_slices is not None:
-        rows = rows[: evaluation.max_slices]
+    if evaluation.max_slices is not None:  # seeded, spread over the cases, not the first N
+        rows = spread_rows(data.index, rows, evaluation.max_slices, seed)
     if len(rows) == 0:
         raise UserError(
             f"evaluation.slices: no test slice left to evaluate ({evaluation.slices}, "

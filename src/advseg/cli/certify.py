@@ -34,7 +34,9 @@ def certify_command(
     ),
     data: Path | None = typer.Option(None, "--data", help="Data directory [default: trained on]."),
     split: str = typer.Option("test", "--split", help="'test' (held-out cases) or 'all'."),
-    max_slices: int | None = typer.Option(None, "--max-slices", help="Certify at most N slices."),
+    max_slices: int | None = typer.Option(
+        None, "--max-slices", help="Certify at most N slices (seeded, spread over cases)."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Slices per batch."),
     samples_per_forward: int = typer.Option(32, "--samples-per-forward", help="Noisy copies."),
     seed: int = typer.Option(0, "--seed", help="Seed of the noise."),

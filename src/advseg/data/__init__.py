@@ -8,7 +8,8 @@ See docs/architecture.md ("Data") for the contract. The public API:
   Kaggle layout) and :func:`write_synthetic_nifti` (abdominal CT, Decathlon layout);
 - :func:`rle_encode`, :func:`rle_decode`;
 - :class:`PreprocessConfig` and its pure functions;
-- :func:`split_cases`, :func:`split_train_val_test`, :func:`kfold_cases`;
+- :func:`split_cases`, :func:`split_train_val_test`, :func:`kfold_cases`, and
+  :func:`spread_rows` (a seeded sample of slices spread over cases);
 - :func:`summarize_index` (what ``advseg data info`` prints).
 """
 
@@ -37,7 +38,13 @@ from advseg.data.preprocess import (
     slice_geometry,
 )
 from advseg.data.rle import rle_decode, rle_encode
-from advseg.data.split import kfold_cases, split_cases, split_train_val_test
+from advseg.data.split import (
+    kfold_cases,
+    split_cases,
+    split_train_val_test,
+    spread_positions,
+    spread_rows,
+)
 from advseg.data.synth import SynthSummary, write_synthetic
 from advseg.data.synth_nifti import NIFTI_LABELS, NiftiSynthSummary, write_synthetic_nifti
 from advseg.data.uwmgi import EXCLUDE_LISTS, read_png, read_uwmgi
@@ -79,6 +86,8 @@ __all__ = [
     "slice_geometry",
     "split_cases",
     "split_train_val_test",
+    "spread_positions",
+    "spread_rows",
     "summarize_index",
     "write_synthetic",
     "write_synthetic_nifti",

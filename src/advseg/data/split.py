@@ -99,3 +99,45 @@ def kfold_cases(
         load[f] += sizes[c]
     fold = fold_of_case[inverse]
     return [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(k)]
+
+
+def spread_positions(groups: np.ndarray | list, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` positions into ``groups`` drawn at random (seeded) and spread over the groups.
+
+    The groups (cases) are visited in a seeded random order, round after round, each giving one
+    of its positions (a seeded random one not yet taken) per round, until ``count`` are taken: N
+    positions from G groups take ``N // G`` or one more from each group, never the first N in
+    order (one case, the bottom of a volume).
+
+    Args:
+        groups: ``(N,)`` the group (case) of each position.
+        count: how many positions; all of them (in order) when ``count >= N``.
+        seed: the random draw.
+
+    Returns:
+        The chosen positions, sorted ascending.
+    """
+    groups = np.asarray(groups)
+    if count >= len(groups):
+        return np.arange(len(groups))
+    if count <= 0:
+        return np.zeros(0, np.int64)
+    rng = np.random.default_rng(seed)
+    names, inverse = np.unique(groups, return_inverse=True)
+    members = [rng.permutation(np.flatnonzero(inverse == g)) for g in range(len(names))]
+    order = rng.permutation(len(names))
+    taken: list[int] = []
+    depth = 0
+    while len(taken) < count:
+        for g in order:
+            if depth < len(members[g]) and len(taken) < count:
+                taken.append(int(members[g][depth]))
+        depth += 1
+    return np.sort(np.asarray(taken, np.int64))
+
+
+def spread_rows(index: pd.DataFrame, rows: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """At most ``count`` of ``rows`` (positions in ``index``), seeded and spread over cases
+    (:func:`spread_positions` on their ``case``), in the order of ``rows``."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return rows[spread_positions(index["case"].to_numpy()[rows], count, seed)]

@@ -368,9 +368,10 @@ def certify_checkpoint(
     """Certify a checkpoint on its held-out cases (or ``split="all"``); the records.
 
     The data and split are rebuilt from the checkpoint's metadata as ``advseg evaluate`` does.
-    Slices with a mask only (the paper's protocol), the first ``max_slices`` of them.
+    Slices with a mask only (the paper's protocol); with ``max_slices``, that many of them drawn
+    (seeded by the checkpoint's split seed) spread over the cases (:func:`advseg.data.spread_rows`).
     """
-    from advseg.data import load_data, saved_preprocess, split_cases
+    from advseg.data import load_data, saved_preprocess, split_cases, spread_rows
     from advseg.evaluate import checkpoint_label, trained_data_config
     from advseg.models.checkpoint import check_compatible, load_checkpoint
     from advseg.train import resolve_device
@@ -393,8 +394,8 @@ def certify_checkpoint(
             )
         _, rows = split_cases(data.index, meta.data["test_fraction"], meta.data["split_seed"])
     rows = rows[data.masks[rows].reshape(len(rows), -1).any(axis=1)]
-    if max_slices is not None:
-        rows = rows[:max_slices]
+    if max_slices is not None:  # seeded by the split's seed, spread over the cases
+        rows = spread_rows(data.index, rows, max_slices, int(meta.data.get("split_seed", 0)))
     if len(rows) == 0:
         raise UserError(f"{checkpoint}: the {split} split has no slice with a mask to certify")
     return certify_cell(

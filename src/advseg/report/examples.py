@@ -7,6 +7,10 @@ The evaluation engine returns, for a few slices of each cell, numpy arrays
 file per cell with the cell's identity beside them (``cell/model``, ``cell/attack``,
 ``cell/eps``), so that the report finds a model's panels by reading the files rather than by
 knowing how the runner names them. Nothing is pickled, and loading refuses pickles.
+
+Which slices: the engine keeps a seeded draw spread over the cases
+(:func:`advseg.data.spread_positions`), and the report's panels show :func:`panel_rows` of them,
+again spread over cases, so that neither is the first slices of one case.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from advseg.atomic import atomic_path
+from advseg.data.index import ID_PATTERN
+from advseg.data.split import spread_positions
 from advseg.errors import UserError
 
 CELL_KEYS = ("model", "attack", "eps")
@@ -66,3 +72,13 @@ def load_examples(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: not an examples file (no cell/{', cell/'.join(missing)})")
     arrays["cell"] = {key: arrays.pop(f"cell/{key}").item() for key in CELL_KEYS}
     return arrays
+
+
+def panel_rows(slice_ids: np.ndarray | list[str], count: int, seed: int = 0) -> np.ndarray:
+    """Positions of ``count`` saved example slices for a panel: seeded, spread over the cases
+    named in their ids (``case{N}_day{M}_slice_{XXXX}``; an id of another form is its own case)."""
+    cases = []
+    for slice_id in map(str, slice_ids):
+        match = ID_PATTERN.match(slice_id)
+        cases.append(f"case{match.group(1)}" if match else slice_id)
+    return spread_positions(np.asarray(cases), count, seed)

@@ -21,6 +21,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from advseg.report.examples import panel_rows
 from advseg.report.stats import Correlation
 
 # Colours for pixel outcomes in prediction panels (RGB in [0, 1]).
@@ -180,9 +181,10 @@ def example_panel(
     """
     ids = examples["slice_ids"]
     which = list(examples["losses"]).index(loss)
-    rows = min(len(ids), max_rows)
+    picked = panel_rows(ids, max_rows)  # seeded, spread over the cases
+    rows = len(picked)
     figure, axes = plt.subplots(rows, 6, figsize=(16.5, 3.0 * rows + 0.9), squeeze=False)
-    for r in range(rows):
+    for line, r in enumerate(picked):
         image = examples["image"][r]  # (C, H, W)
         x_adv = examples["x_adv"][which, r]  # (C, H, W)
         centre = image.shape[0] // 2
@@ -200,7 +202,7 @@ def example_panel(
             (delta, f"perturbation (x_adv - x, ±{scale:.3g})", "coolwarm"),
             (_outcome_overlay(grey_adv, mask, pred_adv), "adversarial prediction", None),
         ]
-        for ax, (picture, name, cmap) in zip(axes[r], cells, strict=True):
+        for ax, (picture, name, cmap) in zip(axes[line], cells, strict=True):
             if cmap == "coolwarm":
                 shown = ax.imshow(picture, cmap=cmap, vmin=-scale, vmax=scale)
                 figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label="intensity change")
