@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.multiprocessing as mp
 from rich.console import Console
 from safetensors.torch import load_file
 
+from advseg import distributed
 from advseg.augment import AugmentConfig
 from advseg.cli import main
 from advseg.cli.table_ii import table_ii
@@ -31,6 +34,7 @@ from advseg.models import read_checkpoint
 from advseg.records import read_records
 from advseg.summary import summarize_cells
 from advseg.train import train_on_data
+from test_distributed import _free_port
 from test_experiment_run import _config, phantom  # noqa: F401 (phantom: the module's fixture)
 
 
@@ -39,6 +43,24 @@ def _advseg(*args: str) -> int:
     with pytest.raises(SystemExit) as exit_info:
         main(list(args))
     return exit_info.value.code
+
+
+def _evaluated_alone(checkpoint, out, **options) -> pd.DataFrame:
+    """The records of ``advseg evaluate CHECKPOINT`` (its test cases) with the grid's cell."""
+    config = EvaluateConfig(
+        checkpoints=[checkpoint], out=out, losses=["bce"], eps=[0.01], device="cpu", **options
+    )
+    evaluate(config)
+    return read_records(out)
+
+
+def _assert_same_counts(ours: pd.DataFrame, theirs: pd.DataFrame) -> None:
+    """The same slices and classes with the same pixel counts and L-inf norms."""
+    keys = ["slice_id", "class"]
+    columns = [*keys, "tp_clean", "fp_clean", "fn_clean", "tp_adv", "fp_adv", "fn_adv", "linf"]
+    ours, theirs = (r.sort_values(keys).reset_index(drop=True)[columns] for r in (ours, theirs))
+    assert len(ours) > 0
+    pd.testing.assert_frame_equal(ours, theirs)
 
 
 def _one_cell(config):
@@ -144,24 +166,9 @@ def test_compat_notebook_in_yaml_and_on_the_command_line(phantom, tmp_path, caps
 
     # The grid's notebook cell is what `advseg evaluate --compat notebook` gives its checkpoint.
     best = run_dir / "models" / "unet-tiny" / "checkpoints" / "best"
-    evaluate(
-        EvaluateConfig(
-            checkpoints=[best],
-            out=tmp_path / "eval",
-            losses=["bce"],
-            eps=[0.01],
-            device="cpu",
-            compat="notebook",
-            protocol="per-class",
-        )
-    )
-    theirs = read_records(tmp_path / "eval")
-    keys = ["slice_id", "class"]
-    ours = records[records["attack"] == "fgsm:notebook"].sort_values(keys).reset_index(drop=True)
-    theirs = theirs.sort_values(keys).reset_index(drop=True)
-    assert len(ours) == len(theirs) > 0 and (theirs["attack"] == "fgsm:notebook").all()
-    counts = ["tp_clean", "fp_clean", "fn_clean", "tp_adv", "fp_adv", "fn_adv", "linf"]
-    pd.testing.assert_frame_equal(ours[keys + counts], theirs[keys + counts])
+    theirs = _evaluated_alone(best, tmp_path / "eval", compat="notebook")
+    assert (theirs["attack"] == "fgsm:notebook").all()
+    _assert_same_counts(records[records["attack"] == "fgsm:notebook"], theirs)
 
     # `advseg run --compat notebook`: the grid's FGSM attacks become the notebook's.
     loaded = replace(config, models=[ModelSpec(name="loaded", checkpoint=best)])
@@ -187,3 +194,35 @@ def test_compat_is_refused_where_the_notebook_had_no_such_attack():
     spread = AttackSpec(name="fgsm", compat="notebook", transfer=True)
     with pytest.raises(UserError, match=r"attacks\[0\]\.compat: .*white-box only"):
         check_config(ExperimentConfig(models=[ModelSpec(), ModelSpec(name="b")], attacks=[spread]))
+
+
+def _ddp_worker(rank: int, world: int, port: int, config, run_dir: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    assert distributed.init(backend="gloo")
+    try:
+        result = run_experiment(config, run_dir)
+        result.cells.to_csv(f"{out}/rank{rank}.csv", index=False)
+    finally:
+        distributed.shutdown()
+
+
+def test_run_under_torchrun_trains_with_ddp_and_shards_the_cells(phantom, tmp_path):  # noqa: F811
+    config = _one_cell(_config(phantom, tmp_path))
+    config.evaluation.slices = "all"  # the slices `advseg evaluate --split test` takes
+    config.evaluation.batch_size = 2  # several batches, dealt out over the two ranks
+    run_dir = tmp_path / "run"
+    args = (2, _free_port(), config, str(run_dir), str(tmp_path))
+    mp.start_processes(_ddp_worker, args=args, nprocs=2, join=True, start_method="fork")
+
+    ranks = [pd.read_csv(tmp_path / f"rank{r}.csv") for r in (0, 1)]
+    pd.testing.assert_frame_equal(ranks[0], ranks[1])  # every rank holds the merged results
+    log = (run_dir / "models" / "unet-tiny" / "log.csv").read_text().strip().splitlines()
+    assert len(log) == 1 + 1  # one training (DDP), written once
+    assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
+    assert (run_dir / "summary.csv").exists()
+
+    # The sharded cell holds every test slice once: the records of one process evaluating it.
+    best = run_dir / "models" / "unet-tiny" / "checkpoints" / "best"
+    _assert_same_counts(read_records(run_dir), _evaluated_alone(best, tmp_path / "eval"))

@@ -29,6 +29,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from advseg import distributed
 from advseg.errors import UserError
 from advseg.evaluate import cell_progress, evaluate_cell
 from advseg.models.ensemble import ENSEMBLE_PREFIX, build_ensemble, ensemble_members
@@ -224,7 +225,7 @@ class CrossModel:
 
     def keep(self, cell: Any, adversarial: dict[str, np.ndarray]) -> None:
         """Save a source's white-box images for its transfer cells (before its records)."""
-        if self.is_source(cell):
+        if self.is_source(cell) and distributed.is_main():  # rank 0 writes
             folder = crafted_dir(self.run_dir, _seeded(cell.model, cell), cell.attack, cell.eps)
             save_crafted(folder, self.slice_ids, adversarial)
 
@@ -252,7 +253,9 @@ class CrossModel:
                     batch_size=self.config.evaluation.batch_size,
                 )  # fmt: skip
             self.crafted_now += 1
-            save_crafted(folder, self.slice_ids, crafted)
+            if distributed.is_main():  # every rank crafted the same images; rank 0 writes them
+                save_crafted(folder, self.slice_ids, crafted)
+            distributed.barrier()
             images = load_crafted(folder, cell.losses, self.slice_ids)
         net, arch = self.model_for(cell.model, cell.seed)
         what = f"scoring {cell.source}'s {cell.attack} eps {cell.eps:g} images on {cell.model}"
@@ -279,7 +282,8 @@ class CrossModel:
             with self.console.status(f"fitting a universal perturbation on {cell.model} ({loss})"):
                 attack.fit(self.data.dataset(self.train_rows))
             stem = f"{_seeded(cell.model, cell)}__eps{cell.eps:g}__{loss}"
-            save_perturbation(attack.perturbation, self.run_dir / "universal" / stem)
+            if distributed.is_main():
+                save_perturbation(attack.perturbation, self.run_dir / "universal" / stem)
             fitted.append(attack)
         frames = []
         for label in (UNIVERSAL, RANDOM_SIGN):

@@ -12,12 +12,14 @@ rows over ranks with :func:`shard` and merges the per-rank results with :func:`g
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from advseg.errors import UserError
 
 T = TypeVar("T")
 
@@ -123,3 +125,21 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def main_first(action: Callable[[], T]) -> T | None:
+    """Run ``action`` on rank 0 alone (writing files, filling a cache) while the others wait.
+
+    Returns its result on rank 0 and None elsewhere. A :class:`UserError` on rank 0 is raised on
+    every rank, with the same line, so that no rank waits for one that stopped.
+    """
+    result, error = None, None
+    if is_main():
+        try:
+            result = action()
+        except UserError as err:
+            error = str(err)
+    error = broadcast_object(error)
+    if error is not None:
+        raise UserError(error)
+    return result

@@ -37,6 +37,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from advseg import distributed
 from advseg.atomic import remove_debris, write_text_atomic
 from advseg.attacks import ATTACKS, attack_options, check_eps
 from advseg.bootstrap import with_intervals
@@ -495,7 +496,10 @@ def run_cells(
     def records_path(cell: Cell) -> Path:
         return run_dir / "records" / f"{cell.slug}.parquet"
 
-    pending = [cell for cell in cells if not records_path(cell).exists()]
+    done = {cell.slug for cell in cells if records_path(cell).exists()}
+    done = distributed.broadcast_object(done)  # under torchrun every rank skips alike
+    pending = [cell for cell in cells if cell.slug not in done]
+    main = distributed.is_main()
     ready: dict[Cell, CellOutput] = {}
     for cell in cells:
         if cell not in pending:
@@ -507,14 +511,16 @@ def run_cells(
                 outputs = sweep(group) if sweep and len(group) > 1 else [compute(cell)]
                 ready.update(zip(group, outputs, strict=True))
             output = ready.pop(cell)
-            if output.examples:
+            if main and output.examples:  # every rank computed the cell; rank 0 writes it
                 path = run_dir / "examples" / f"{cell.slug}.npz"
                 save_examples(
                     output.examples, path, model=cell.model, attack=cell.label, eps=cell.eps
                 )
-            if output.trace is not None:
+            if main and output.trace is not None:
                 write_trace(output.trace, run_dir / "traces" / f"{cell.slug}.csv")
-            write_records(output.records, records_path(cell))
+            if main:
+                write_records(output.records, records_path(cell))
+            distributed.barrier()  # the files are whole before any rank reads them
             result.computed.append(cell.slug)
         if on_cell is not None:
             on_cell(cell, cell.slug in result.skipped)
@@ -619,13 +625,22 @@ def run_experiment(
         config: the experiment (checked by :func:`check_config`).
         run_dir: the run directory; an existing one must hold this same experiment.
         progress: show rich progress (data, training epochs, cells) on the terminal.
+
+    Under ``torchrun`` every rank calls this with the same arguments: training runs as
+    DistributedDataParallel (:func:`advseg.train.train_on_data`), each cell's batches are
+    sharded over the ranks and merged (:func:`advseg.evaluate.evaluate_sweep`), and rank 0
+    alone writes the run's files (every rank returns the same result; the report is rank 0's).
     """
     start = time.perf_counter()
     check_config(config)
-    check_experiment(config, run_dir)  # everything the grid needs, before anything is written
-    run_dir = prepare_run_dir(config, run_dir)
-    console = Console(stderr=True, quiet=not progress)
-    removed = remove_debris(run_dir)
+    distributed.init()
+    main = distributed.is_main()
+    # everything the grid needs, before anything is written; rank 0 alone writes run files
+    distributed.main_first(lambda: check_experiment(config, run_dir))
+    run_dir = Path(run_dir)
+    distributed.main_first(lambda: prepare_run_dir(config, run_dir))
+    console = Console(stderr=True, quiet=not (progress and main))
+    removed = remove_debris(run_dir) if main else []
     if removed:
         console.print(
             f"removed {len(removed)} temporary file(s) left in {run_dir} by a killed run",
@@ -640,8 +655,11 @@ def run_experiment(
         task = bar.add_task(
             "loading data (the phantom is written on first use), slices", total=None
         )
-        data = load_data(config.data, progress=lambda n: bar.update(task, completed=n))
-    check_data_fingerprint(run_dir, data)
+        data = distributed.main_first(  # rank 0 fills the preprocessing cache first
+            lambda: load_data(config.data, progress=lambda n: bar.update(task, completed=n))
+        )
+    data = data if main else load_data(config.data)
+    distributed.main_first(lambda: check_data_fingerprint(run_dir, data))
     train_rows, val_rows, test_rows = split_train_val_test(
         data.index, config.split.test_fraction, config.split.val_fraction, config.split.seed
     )
@@ -743,15 +761,16 @@ def run_experiment(
         console.print(f"cell {index}/{total} {cell.slug}: {state}", highlight=False)
 
     grid = run_cells(cells, run_dir, compute, on_cell, sweep=compute_cells)
-    records = white_box(read_records(run_dir))
+    records = white_box(read_records(run_dir))  # every cell written: run_cells' last barrier
     eps = headline_eps(records)
     protocol = config.evaluation.protocol
     headline = records[records["eps"] == eps]
     summary = with_intervals(headline, protocol)  # Table II with case-bootstrap intervals
     headline_cells = summarize_cells(headline, protocol)
-    write_text_atomic(run_dir / "summary.csv", summary.to_csv(index=False, na_rep="n/a"))
+    if main:
+        write_text_atomic(run_dir / "summary.csv", summary.to_csv(index=False, na_rep="n/a"))
     report = None
-    if config.report:
+    if config.report and main:
         with console.status("writing the report"):
             report = write_report(run_dir, protocol=protocol, eps=eps)
     seconds = time.perf_counter() - start

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from advseg import distributed
 from advseg.cli.console import console
 from advseg.cli.report import print_report
 from advseg.cli.table_ii import table_ii
@@ -54,7 +55,11 @@ def run(
         "masks; not a recommended attack). Attacks naming their own compat keep it.",
     ),
 ) -> None:
-    """Run an experiment grid (train or load models, attack, record, report); resumable."""
+    """Run an experiment grid (train or load models, attack, record, report); resumable.
+
+    Under torchrun (`torchrun --nproc-per-node N -m advseg run ...`) training uses
+    DistributedDataParallel and each cell's slices are sharded over the ranks; rank 0 writes.
+    """
     path = find_experiment(experiment)
     config = load_experiment(path)
     if compat is not None:
@@ -63,7 +68,9 @@ def run(
         except UserError as err:
             raise UserError(f"--compat: {err}") from None
     run_dir = out if out is not None else Path("runs") / config.name
-    _print_result(run_experiment(config, run_dir, progress=True), console())
+    result = run_experiment(config, run_dir, progress=True)
+    if distributed.is_main():  # under torchrun every rank ran the grid; rank 0 prints
+        _print_result(result, console())
 
 
 @app.command()
