@@ -27,7 +27,7 @@ import torch
 
 from advseg.allocator import keep_freed_memory
 from advseg.compat import create_compat_attack, soft_masks
-from advseg.data import DataConfig, PreprocessConfig, load_data, split_train_val_test
+from advseg.data import DataConfig, PreprocessConfig, load_data, split_train_val_test, spread_rows
 from advseg.data.synth import write_synthetic
 from advseg.data.synth_nifti import write_synthetic_nifti
 from advseg.evaluate import evaluate_cell
@@ -53,7 +53,7 @@ def sign_agreement(model, data, rows, eps: float, loss: str) -> float:
     batch = [data.dataset(rows)[i] for i in range(len(rows))]
     x = torch.stack([b["image"] for b in batch])
     y = torch.stack([b["mask"] for b in batch])
-    soft = soft_masks(data.index, rows, data.classes, x.shape[-1])
+    soft = soft_masks(data.index, rows, data.classes, x.shape[-1], data.preprocess.resize)
     ours = create_compat_attack("fgsm", model, loss, eps, "none")
     theirs = create_compat_attack("fgsm", model, loss, eps, "notebook")
     with torch.enable_grad():
@@ -104,7 +104,9 @@ def main() -> None:
                                                compat=compat)  # fmt: skip
                         frames.append(result.records.assign(seed=seed, data=kind))
                 for loss in LOSSES:
-                    share = sign_agreement(model, data, rows[:16], args.eps[0], loss)
+                    share = sign_agreement(
+                        model, data, spread_rows(data.index, rows, 16), args.eps[0], loss
+                    )
                     signs.append({"data": kind, "model": arch, "seed": seed, "loss": loss,
                                   "sign_agreement": share})  # fmt: skip
                 print(

@@ -168,3 +168,17 @@ def test_compat_refuses_what_the_notebook_did_not_have():
         create_compat_attack("fgsm", model, "bce", 0.03, "notebook", norm="l2")
     with pytest.raises(UserError, match="not one of"):
         create_compat_attack("fgsm", model, "bce", 0.03, "paper")
+
+
+def test_soft_masks_follow_the_datas_padding(tmp_path):
+    from advseg.data import write_synthetic_nifti
+
+    write_synthetic_nifti(tmp_path / "ct", cases=1, slices=8, size=(48, 40), seed=0)
+    config = PreprocessConfig(size=SIZE, mask_resize="area")  # pad (the default)
+    data = load_data(DataConfig(path=tmp_path / "ct", cache_dir=tmp_path / "c", preprocess=config))
+    rows = [r for r in range(len(data)) if data.masks[r].any()]
+    soft = soft_masks(data.index, rows, data.classes, SIZE, "pad")
+    # the same area resize into the same padded square as the data's masks, before thresholding
+    assert np.array_equal((soft >= 0.5).numpy().astype(np.uint8), data.masks[rows])
+    stretched = soft_masks(data.index, rows, data.classes, SIZE, "stretch")
+    assert not np.array_equal((stretched >= 0.5).numpy().astype(np.uint8), data.masks[rows])
