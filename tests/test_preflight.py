@@ -117,3 +117,29 @@ def test_only_finished_work_locks_a_run_directory(phantom, tmp_path):
     (run_dir / "models" / "unet-tiny" / "checkpoints").mkdir(parents=True)
     (run_dir / "models" / "unet-tiny" / "checkpoints" / "last.json").write_text(json.dumps({}))
     assert holds_work(run_dir)
+
+
+def test_a_checkpoint_trained_stretched_is_refused_on_padded_non_square_data(phantom, tmp_path):
+    import torch
+
+    from advseg.data import UWMGI_CLASSES, PreprocessConfig, build_index
+    from advseg.models import create_model
+    from advseg.models.checkpoint import CheckpointMeta, save_checkpoint
+    from advseg.preflight import check_geometry
+
+    config = _config(phantom, tmp_path)
+    index, _ = build_index(config.data)
+    assert (index["width"] != index["height"]).any()  # the phantom has 360x310 scans
+    torch.manual_seed(0)
+    data = {"test_fraction": 0.34, "split_seed": 0, "config": {"path": str(phantom)}}
+    old = CheckpointMeta("unet-tiny", 3, list(UWMGI_CLASSES), preprocessing={"size": 16}, data=data)
+    save_checkpoint(tmp_path / "old", create_model("unet-tiny"), old)
+    config = _config(phantom, tmp_path, **{"models.checkpoint": str(tmp_path / "old")})
+    with pytest.raises(UserError, match=r"models\[0\]\.checkpoint: .*old: trained on non-square "
+                       "slices resized with 'stretch'.*resize is 'pad'"):  # fmt: skip
+        check_experiment(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    config.data.preprocess.resize = "stretch"
+    check_experiment(config, tmp_path / "run")  # the same geometry: accepted
+    square = index[index["width"] == index["height"]]
+    check_geometry({"size": 16}, tmp_path / "old", PreprocessConfig(resize="pad"), square)

@@ -3,9 +3,10 @@
 :func:`check_experiment` looks at everything an experiment will need, before its run directory is
 written: the output location, the device, the data (indexed, not decoded: a mistyped path, a bad
 exclusion list or label mapping fails here), every checkpoint it loads (readable, fitting the
-data's classes, holding out the experiment's test cases) and every attack of the grid (built, with
-each of its losses and budgets, on a one-layer stand-in model, so that ``steps: -1`` or
-``norm: l3`` is refused now rather than when its cell starts).
+data's classes, holding out the experiment's test cases, trained on slices of the same geometry:
+padded or stretched) and every attack of the grid (built, with each of its losses and budgets, on
+a one-layer stand-in model, so that ``steps: -1`` or ``norm: l3`` is refused now rather than when
+its cell starts).
 
 :func:`advseg.atomic.check_output_dir` is the output check every command makes before its work.
 :func:`data_fingerprint` names the data a run computed on, so that a resume on other data is
@@ -17,10 +18,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pandas as pd
 from torch import nn
 
 from advseg.atomic import check_output_dir
 from advseg.compat import create_compat_attack
+from advseg.data.preprocess import PreprocessConfig, saved_preprocess
 from advseg.errors import UserError
 
 if TYPE_CHECKING:
@@ -55,9 +58,29 @@ def check_experiment(config: ExperimentConfig, run_dir: str | Path) -> None:
             _, meta, _ = read_checkpoint(model.checkpoint)
             check_compatible(meta, model.checkpoint, classes=classes)
             check_held_out(meta.data, model.checkpoint, config)
+            check_geometry(meta.preprocessing, model.checkpoint, config.data.preprocess, index)
         except UserError as err:
             raise UserError(f"{where}: {err}") from None
     check_attacks(config, in_channels=config.data.preprocess.channels, classes=len(classes) or 1)
+
+
+def check_geometry(
+    saved: dict, checkpoint: Path, preprocess: PreprocessConfig, index: pd.DataFrame
+) -> None:
+    """Refuse a checkpoint trained on non-square slices resized otherwise than the experiment's
+    data (``pad`` against ``stretch``): its inputs would have another geometry.
+
+    A checkpoint saved before ``resize`` existed was trained stretched
+    (:func:`advseg.data.saved_preprocess`); square slices are the same either way.
+    """
+    trained = saved_preprocess(saved, f"{checkpoint} preprocessing").resize
+    non_square = bool((index["width"] != index["height"]).any())
+    if non_square and trained != preprocess.resize:
+        raise UserError(
+            f"{checkpoint}: trained on non-square slices resized with '{trained}', the "
+            f"experiment's data.preprocess.resize is '{preprocess.resize}'; set it to '{trained}' "
+            "(or retrain)"
+        )
 
 
 def check_attacks(config: ExperimentConfig, in_channels: int, classes: int) -> None:
