@@ -142,13 +142,12 @@ def canonical_geometry(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
     return nib.orientations.apply_orientation(dummy, ornt).shape + shape[3:], affine
 
 
-def read_volume(path: str | Path) -> np.ndarray:
+def read_volume(path: str | Path, image: nib.Nifti1Image | None = None) -> np.ndarray:
     """A 3D NIfTI volume in canonical orientation as an ``(H, W, Z)`` array (canonical voxel axes
-    1, 0, 2), native dtype."""
+    1, 0, 2), native dtype. ``image``: ``path`` already opened with :func:`load_canonical`."""
+    image = load_canonical(path) if image is None else image
     try:
-        data = np.asanyarray(load_canonical(path).dataobj)
-    except UserError:
-        raise
+        data = np.asanyarray(image.dataobj)
     except Exception as err:  # a truncated file fails when its data is read
         raise UserError(f"{path}: cannot read NIfTI volume ({type(err).__name__}: {err})") from None
     if data.ndim != 3:
@@ -235,7 +234,7 @@ def read_nifti(
         image_path, label_path = images[name], label_files[name]
         image_shape, image_affine = canonical_geometry(image_path)
         label_image = load_canonical(label_path)
-        label = read_volume(label_path)  # (H, W, Z), canonical
+        label = read_volume(label_path, label_image)  # (H, W, Z), canonical
         if np.issubdtype(label.dtype, np.floating):
             fractional = label != np.round(label)
             if fractional.any():
