@@ -204,3 +204,35 @@ def test_max_slices_and_report_panels_sample_over_cases_not_the_first_slices():
     ids = [f"case1_day0_slice_{s:04d}" for s in range(1, 5)] + ["case5_day0_slice_0001"]
     picked = panel_rows(ids, 2)
     assert {ids[i][:5] for i in picked} == {"case1", "case5"}  # not the first two (case 1)
+
+
+def test_a_run_begun_before_resize_existed_resumes_stretched_and_says_so_otherwise(tmp_path):
+    import yaml
+
+    prepare_run_dir(_config(), tmp_path)
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["data"]["preprocess"]["resize"], saved["data"]["strict_labels"]  # an older run
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    _finished_cell(tmp_path)
+    hint = r"resize differs; it began before data\.preprocess\.resize existed, with 'stretch'"
+    with pytest.raises(UserError, match=hint):
+        prepare_run_dir(_config(), tmp_path)  # pad, the new default
+    stretched = _config()
+    stretched.data.preprocess.resize = "stretch"
+    prepare_run_dir(stretched, tmp_path)  # what the run had: it resumes
+
+
+def test_cache_key_holds_the_resize_only_where_slices_are_not_square():
+    import pandas as pd
+
+    from advseg.data import PreprocessConfig, cache_key
+
+    def index(width):
+        frame = pd.DataFrame({"id": ["case1_day0_slice_0001"], "image_path": ["/nowhere.png"],
+                              "image_z": [-1], "width": [width], "height": [266]})  # fmt: skip
+        frame.attrs["classes"] = []
+        return frame
+
+    pad, stretch = PreprocessConfig(size=32), PreprocessConfig(size=32, resize="stretch")
+    assert cache_key(index(266), pad) == cache_key(index(266), stretch)  # the same arrays
+    assert cache_key(index(310), pad) != cache_key(index(310), stretch)

@@ -88,3 +88,6 @@ def test_train_on_nifti_with_labels_and_strict_labels(tmp_path, capsys):
     _, meta = load_checkpoint(tmp_path / "run2" / "checkpoints" / "best")
     assert meta.classes == ["liver", "spleen", "kidney_left", "kidney_right"]
     assert meta.preprocessing["resize"] == "stretch"
+    # resumed with the other resize (the default pad): one line saying what to pass
+    assert cli([*args, "--out", str(tmp_path / "run2"), "--resume"]) == 2
+    assert "resume with --resize stretch" in capsys.readouterr().err

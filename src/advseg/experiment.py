@@ -534,6 +534,14 @@ RESUMABLE_KEYS = frozenset(
 (the summary and the report are recomputed from the records at every run)."""
 
 
+LEGACY_VALUES: dict[str, object] = {
+    "data.strict_labels": False,
+    "data.preprocess.resize": "stretch",
+}
+"""Settings added since runs began, with the value a saved config that lacks them meant (a run
+begun before aspect-preserving resize stretched its slices)."""
+
+
 def prepare_run_dir(config: ExperimentConfig, run_dir: str | Path) -> Path:
     """Create ``run_dir`` with the resolved config, or check that it holds this same experiment.
 
@@ -550,9 +558,15 @@ def prepare_run_dir(config: ExperimentConfig, run_dir: str | Path) -> Path:
         differences = _differences(load_yaml(saved_path), resolved)
         refused = [key for key in differences if key not in RESUMABLE_KEYS]
         if refused and holds_work(run_dir):
+            legacy = (
+                f"; it began before {refused[0]} existed, with {LEGACY_VALUES[refused[0]]!r}: "
+                "set that to resume it"
+                if refused[0] in LEGACY_VALUES
+                else ""
+            )
             raise UserError(
                 f"{saved_path}: this run directory holds another experiment ({refused[0]} "
-                "differs); use a new run directory"
+                f"differs{legacy}); use a new run directory"
             )
         if differences:  # resumable keys, or a directory with nothing finished in it
             save_yaml(resolved, saved_path)
@@ -588,6 +602,8 @@ def _differences(old: Any, new: Any, where: str = "") -> list[str]:
                 for d in _differences(a, b, f"{where}[{i}]")]  # fmt: skip
     if old is None and isinstance(new, (dict, list)) and not new:
         return []  # a key added to the config since the run began, at its empty default
+    if old is None and where in LEGACY_VALUES and new == LEGACY_VALUES[where]:
+        return []  # a key added since the run began, at the value the run had
     return [] if old == new else [where or "the whole config"]
 
 

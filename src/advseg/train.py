@@ -261,7 +261,9 @@ def train(
         remove_debris(out_dir, recursive=False)
         remove_debris(out_dir / "checkpoints", recursive=False)
     if resume:
-        run = _restore(last_path, model, optimizer, scheduler, scaler, config, classes, data)
+        run = _restore(
+            last_path, model, optimizer, scheduler, scaler, config, classes, data, preprocessing
+        )
     elif checkpoint_exists(last_path):
         raise UserError(f"{out_dir}: already holds a run; resume it or choose another directory")
     distributed.barrier()  # no rank starts before every rank has read the checkpoint
@@ -518,10 +520,14 @@ def _restore(
     config: TrainConfig,
     classes: list[str],
     data: dict[str, Any] | None,
+    preprocessing: dict[str, Any] | None = None,
 ) -> _RunState:
+    from advseg.data.preprocess import saved_preprocess
+
     if not checkpoint_exists(last_path):
         raise UserError(f"{last_path}.json: nothing to resume (no last checkpoint)")
     weights, meta, state = read_checkpoint(last_path)
+
     spec = model_spec(model)
     check_compatible(meta, last_path, spec.name, spec.in_channels, classes)
     saved, now = meta.train, to_dict(config)
@@ -539,6 +545,13 @@ def _restore(
         raise UserError(f"{last_path}: holds no training state to resume from")
     saved_data, data_now = meta.data.get("fingerprint"), (data or {}).get("fingerprint")
     if saved_data and data_now and saved_data != data_now:
+        was = saved_preprocess(meta.preprocessing, f"{last_path}.json preprocessing").resize
+        now_resize = (preprocessing or {}).get("resize", was)
+        if was != now_resize:  # non-square slices (square ones give one fingerprint)
+            raise UserError(
+                f"{last_path}.json: this run trained on slices resized with '{was}', not "
+                f"'{now_resize}'; resume with --resize {was} (data.preprocess.resize)"
+            )
         raise UserError(
             f"{last_path}.json: the data changed since this run trained on it (fingerprint "
             f"{saved_data}, now {data_now}: files replaced, edited or copied anew); restore the "

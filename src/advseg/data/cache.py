@@ -76,7 +76,10 @@ def cache_key(index: pd.DataFrame, config: PreprocessConfig) -> str:
     digest = hashlib.sha256()
     digest.update(row_hashes.tobytes())
     digest.update(file_hashes.tobytes())
-    meta = {"version": CACHE_VERSION, "classes": classes, "preprocess": config.array_key()}
+    preprocess = config.array_key()
+    if (index["width"] == index["height"]).all():  # square slices: pad and stretch agree
+        preprocess.pop("resize", None)
+    meta = {"version": CACHE_VERSION, "classes": classes, "preprocess": preprocess}
     if (index["image_z"] >= 0).any():  # NIfTI volumes are read in canonical orientation
         meta["orientation"] = "canonical"
     digest.update(json.dumps(meta, sort_keys=True).encode())

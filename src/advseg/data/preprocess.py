@@ -74,14 +74,21 @@ class PreprocessConfig:
             raise UserError(f"preprocess.stride: must be at least 1, got {self.stride}")
 
     def array_key(self) -> dict[str, object]:
-        """The fields that change the cached arrays (channels and stacking do not)."""
-        return {
+        """The fields that change the cached arrays (channels and stacking do not).
+
+        ``resize: stretch`` made the arrays every cache held before the setting existed, so it
+        adds nothing to the key: those caches (and the data fingerprints of runs on them) stay
+        valid; ``pad`` is in the key.
+        """
+        key: dict[str, object] = {
             "size": self.size,
-            "resize": self.resize,
             "intensity": self.intensity,
             "percentiles": list(self.percentiles) if self.intensity == "percentile" else None,
             "mask_resize": self.mask_resize,
         }
+        if self.resize != "stretch":
+            key["resize"] = self.resize
+        return key
 
 
 def saved_preprocess(saved: Mapping[str, Any], where: str) -> PreprocessConfig:
