@@ -122,7 +122,7 @@ def test_data_config_reads_from_yaml_dict(synth):
         from_dict(DataConfig, {"preprocess": {"size": "big"}}, where="data")
 
 
-def test_no_path_means_the_synthetic_phantom_written_once(tmp_path, monkeypatch):
+def test_synthetic_means_the_phantom_written_once(tmp_path, monkeypatch):
     import advseg.data.synth as synth_module
 
     calls = []
@@ -133,7 +133,8 @@ def test_no_path_means_the_synthetic_phantom_written_once(tmp_path, monkeypatch)
         return real(out, cases=1, scans=1, slices=3, overwrite=overwrite)
 
     monkeypatch.setattr(synth_module, "write_synthetic", small)
-    config = DataConfig(path=None, cache_dir=tmp_path, preprocess=PreprocessConfig(size=16))
+    config = DataConfig(path="synthetic", cache_dir=tmp_path, preprocess=PreprocessConfig(size=16))
     data = load_data(config)
     assert len(data) == 3 and calls == [tmp_path / "synthetic"]
+    assert data.location == "synthetic" and data.synthetic
     assert load_data(config).decoded == 0 and len(calls) == 1

@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
@@ -128,3 +131,52 @@ def test_evaluate_compat_notebook_labels_its_records(setup, capsys):
     assert set(read_records(out)["attack"]) == {"fgsm:notebook"}
     assert cli([*args, "--attack", "pgd"]) == 2
     assert "the notebook had fgsm only" in capsys.readouterr().err
+
+
+def _checkpoint_on(setup, name: str, config: dict) -> Path:
+    """A copy of ``tiny`` whose metadata names other data (``config`` is its data.config)."""
+    torch.manual_seed(0)
+    model = create_model("unet-tiny")
+    source = {"config": config, "test_fraction": 0.34, "split_seed": 0}
+    preprocessing = to_dict(PreprocessConfig(size=32))
+    meta = metadata_for(model, list(UWMGI_CLASSES), preprocessing=preprocessing, data=source)
+    save_checkpoint(setup / name, model, meta)
+    return setup / name
+
+
+def test_a_data_set_no_longer_there_is_one_line_and_data_overrides(setup, tmp_path, capsys):
+    gone = setup / "moved-away"
+    moved = _checkpoint_on(setup, "moved", {"path": str(gone)})
+    args = ["evaluate", str(moved), "--loss", "bce", "--device", "cpu", "--batch-size", "4"]
+    assert cli([*args, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert f"{gone}, is not there" in err and "pass --data PATH" in err
+    assert len(err.strip().splitlines()) == 1 and not (setup / "cache" / "synthetic").exists()
+    cache = tmp_path / "own-cache"
+    extra = ["--data", str(setup / "data"), "--cache-dir", str(cache)]
+    assert cli([*args, "--out", str(tmp_path / "b"), *extra]) == 0
+    assert len(list(cache.iterdir())) == 1  # --cache-dir is where the arrays went
+    saved = json.loads((tmp_path / "b" / "data.json").read_text())
+    assert saved["locations"] == [str((setup / "data").resolve())]
+
+
+@pytest.mark.parametrize("stored", ["synthetic", None])  # None: saved before --data was required
+def test_the_phantom_is_named_in_table_two_data_json_and_the_report(
+    setup, tmp_path, capsys, stored
+):
+    phantom_cache = setup / "phantom-cache"
+    if not (phantom_cache / "synthetic").exists():  # a small phantom where the checkpoint says
+        write_synthetic(phantom_cache / "synthetic", cases=3, scans=1, slices=4)
+    config = {"cache_dir": str(phantom_cache)} | ({"path": stored} if stored else {})
+    phantom = _checkpoint_on(setup, f"phantom-{stored}", config)
+    out = tmp_path / "run"
+    args = ["evaluate", str(phantom), "--out", str(out), "--loss", "bce", "--device", "cpu"]
+    assert cli(args) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("data: the synthetic phantom (generated images")
+    assert "attack success); data: synthetic phantom" in captured.out  # Table II's title
+    assert json.loads((out / "data.json").read_text())["locations"] == ["synthetic"]
+    assert cli(["report", str(out)]) == 0
+    report = (out / "report" / "report.md").read_text()
+    assert "Data: the synthetic phantom (generated images, not patient data)" in report
+    assert "Data: synthetic phantom. Table II at eps" in report

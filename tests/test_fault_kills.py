@@ -99,10 +99,10 @@ def test_a_kill_before_the_cache_entry_is_renamed_leaves_debris_the_next_load_re
         "import sys; from advseg.data import DataConfig, PreprocessConfig, load_data; "
         "load_data(DataConfig(path=sys.argv[1], preprocess=PreprocessConfig(size=16)))"
     )
-    env = {**os.environ, "PYTHONPATH": str(SRC), FAULT_ENV: "rename"}
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(SRC), FAULT_ENV: "rename", "ADVSEG_CACHE": str(cache)}
     killed = subprocess.run([sys.executable, "-c", code, str(data)], env=env, capture_output=True)
     assert killed.returncode == 137
-    cache = data / ".advseg-cache"
     assert [p.name.endswith(".tmp") for p in cache.iterdir()] == [True]  # the partial build
-    loaded = load_data(DataConfig(path=data, preprocess=PreprocessConfig(size=16)))
+    loaded = load_data(DataConfig(path=data, cache_dir=cache, preprocess=PreprocessConfig(size=16)))
     assert [p.name for p in cache.iterdir()] == [loaded.cache_path.name]

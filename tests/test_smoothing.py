@@ -146,12 +146,20 @@ def test_certify_cli_writes_certified_records_and_a_table(tmp_path, capsys):
     save_checkpoint(tmp_path / "tiny", net, meta)
     out = tmp_path / "run"
     args = ["certify", str(tmp_path / "tiny"), "--out", str(out), "--sigma", "0.1", "--n0", "4"]
+    args += ["--cache-dir", str(tmp_path / "c2")]
     assert cli([*args, "--n", "16", "--radius", "0", "--radius", "0.05", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
+    assert printed.splitlines()[0] == f"data: {tmp_path / 'data'}"
     assert "certified Dice" in printed and "abstained" in printed
+    assert len(list((tmp_path / "c2").iterdir())) == 1  # --cache-dir took the arrays
     records = read_certified(out)
     assert (out / "certified" / "tiny__sigma0.1.parquet").exists()
     assert set(records["eps"]) == {0.0, 0.05} and set(records["model"]) == {"tiny"}
     assert records["gt_pixels"].gt(0).groupby(records["slice_id"]).any().all()  # masked slices
     assert cli([*args, "--n", "0"]) == 2
     assert "n: must be an integer >= 1" in capsys.readouterr().err
+    (tmp_path / "data").rename(tmp_path / "elsewhere")  # moved: one line, no phantom instead
+    assert cli([*args, "--n", "16"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'data'}, is not there" in err and "pass --data PATH" in err
+    assert cli([*args, "--n", "16", "--data", str(tmp_path / "elsewhere")]) == 0

@@ -22,25 +22,60 @@ def test_models_lists_names_and_paper_counts(capsys):
     assert "VGG13" in out
 
 
-def test_train_command_on_a_small_synthetic_set(tmp_path, capsys):
+def test_train_command_on_a_small_synthetic_set(tmp_path, capsys, monkeypatch):
     data = tmp_path / "data"
     write_synthetic(data, cases=3, scans=1, slices=6)
     out = tmp_path / "run"
-    args = ["train", "--data", str(data), "--out", str(out), "--model", "unet-tiny"]
-    args += ["--size", "32", "--epochs", "2", "--batch-size", "4", "--test-fraction", "0.34"]
-    args += ["--val-fraction", "0.5", "--workers", "0"]
+    monkeypatch.chdir(tmp_path)  # --data as typed, relative: the checkpoint stores it resolved
+    common = ["train", "--out", str(out), "--model", "unet-tiny", "--size", "32"]
+    args = [*common, "--data", "data", "--epochs", "2", "--batch-size", "4"]
+    args += ["--test-fraction", "0.34", "--val-fraction", "0.5", "--workers", "0"]
     assert cli(args) == 0
     printed = capsys.readouterr().out
+    assert printed.splitlines()[0] == f"data: {data.resolve()}"
     assert "best validation Dice" in printed
     _, meta = load_checkpoint(out / "checkpoints" / "best", classes=list(UWMGI_CLASSES))
     assert meta.model == "unet-tiny" and meta.preprocessing["size"] == 32
     assert meta.data["rows"] == {"train": 6, "val": 6, "test": 6}
     assert meta.data["split_seed"] == 0 and meta.train["epochs"] == 2
+    assert meta.data["config"]["path"] == str(data.resolve())
     with open(out / "log.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
 
     assert cli([*args, "--resume"]) == 0  # a finished run resumes to nothing more
     assert "epochs" in capsys.readouterr().out
+    assert cli([*common, "--resume"]) == 2  # no --data: the line names the run's data set
+    err = capsys.readouterr().err
+    assert f"trained on {data.resolve()}: pass --data {data.resolve()}" in err
+
+
+def test_train_without_data_is_refused_naming_both_choices(tmp_path, capsys):
+    assert cli(["train", "--out", str(tmp_path / "run"), "--model", "unet-tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "--data PATH" in err and "--data synthetic" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_on_the_phantom_says_so_first_and_stores_it(tmp_path, capsys, monkeypatch):
+    import advseg.data.synth as synth_module
+
+    real = synth_module.write_synthetic
+
+    def small(out, overwrite=False):
+        return real(out, cases=3, scans=1, slices=4, overwrite=overwrite)
+
+    monkeypatch.setattr(synth_module, "write_synthetic", small)
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    args = ["train", "--data", "synthetic", "--cache-dir", str(cache), "--out", str(out)]
+    args += ["--model", "unet-tiny", "--size", "32", "--epochs", "1", "--batch-size", "4"]
+    args += ["--test-fraction", "0.34", "--val-fraction", "0.5", "--workers", "0"]
+    assert cli(args) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("data: the synthetic phantom (generated images, not patient data)")
+    assert (cache / "synthetic" / "train.csv").is_file()
+    _, meta = load_checkpoint(out / "checkpoints" / "best")
+    assert meta.data["config"]["path"] == "synthetic"
+    assert meta.data["config"]["cache_dir"] == str(cache)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from advseg.data import SYNTHETIC
 from advseg.experiment import RunResult, load_experiment, packaged_config, run_experiment
 
 
@@ -31,8 +32,8 @@ def run_demo(
     """
     config = load_experiment(packaged_config("demo"))
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(data)
-    if data is None:
-        config.data = replace(config.data, path=None, cache_dir=run_dir / "data")
+    if data is None:  # the phantom, named: written into the run directory with its cache
+        config.data = replace(config.data, path=Path(SYNTHETIC), cache_dir=run_dir / "data")
     else:
         config.data = replace(config.data, path=Path(data))
     return run_experiment(config, run_dir, progress=progress)

@@ -25,6 +25,7 @@ returns exactly the records of a one-process run.
 from __future__ import annotations
 
 import itertools
+import json
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -670,8 +671,10 @@ class EvaluateConfig:
     Attributes:
         checkpoints: checkpoint paths (``PATH``, ``PATH.safetensors`` or ``PATH.json``).
         out: the run directory: ``records/*.parquet`` (one file per cell), ``summary.csv``.
-        data: the data directory; by default the one each checkpoint was trained on (or the
-            synthetic phantom).
+        data: the data directory (or ``synthetic``); by default the one each checkpoint was
+            trained on (its resolved location, or ``synthetic``).
+        cache_dir: the preprocessing cache; default: the checkpoint's where it exists, else
+            :func:`advseg.data.cache_root`.
         split: ``test`` (the cases the checkpoint held out, its own ``test_fraction`` and
             ``split_seed``) or ``all``.
         attacks, losses, eps: the sweep.
@@ -692,6 +695,7 @@ class EvaluateConfig:
     checkpoints: list[Path]
     out: Path
     data: Path | None = None
+    cache_dir: Path | None = None
     split: str = "test"
     attacks: list[str] = field(default_factory=lambda: ["fgsm"])
     losses: list[str] = field(default_factory=lambda: ["bce", "focal", "dicefocal"])
@@ -709,13 +713,15 @@ class EvaluateConfig:
 
 @dataclass
 class EvaluateResult:
-    """What a sweep produced: Table II, per-cell summaries, the record files, the slices used."""
+    """What a sweep produced: Table II, per-cell summaries, the record files, the slices used
+    and the data sets (``synthetic`` or absolute paths, as in ``data.json``)."""
 
     table: pd.DataFrame
     cells: pd.DataFrame
     record_files: list[Path]
     summary_path: Path
     slices: dict[str, int]
+    locations: list[str] = field(default_factory=list)
 
 
 def sweep_groups(attack: str, eps_values: Sequence[float]) -> list[list[float]]:
@@ -748,15 +754,31 @@ def checkpoint_label(checkpoint: str | Path) -> str:
 
 
 def trained_data_config(
-    metadata: dict[str, Any], checkpoint: Path, preprocess: Any, path: Path | None = None
+    metadata: dict[str, Any],
+    checkpoint: Path,
+    preprocess: Any,
+    path: Path | None = None,
+    cache_dir: Path | None = None,
 ) -> Any:
     """The :class:`~advseg.data.DataConfig` a checkpoint was trained on (``path`` replaced).
 
     Its source, exclusions and label mapping decide which cases exist, and so which cases the
     checkpoint's split holds out: an evaluation must rebuild all of them, not only the path.
+
+    The data: ``path`` (``--data``) when given, else the location the checkpoint stored
+    (resolved when it was trained; ``synthetic`` for the phantom, and an empty one, from before
+    the phantom had to be named, meant the phantom too). A stored data set that is not there is
+    refused in one line: the phantom is never built in place of data that was not found. The
+    cache: ``cache_dir`` (``--cache-dir``) when given, else the stored one where it exists, else
+    the default (:func:`advseg.data.cache_root`).
+
+    Raises:
+        UserError: the stored data set is missing, or the metadata names no data and no ``path``
+            is given.
     """
     from advseg.config import from_dict
-    from advseg.data import DataConfig
+    from advseg.data import SYNTHETIC, DataConfig
+    from advseg.data.location import is_synthetic
 
     if "config" not in metadata:
         if path is None:
@@ -764,10 +786,23 @@ def trained_data_config(
                 f"{checkpoint}: its metadata does not say which data it was trained on "
                 "(no data.config); give the data with --data"
             )
-        return DataConfig(path=Path(path), preprocess=preprocess)
+        return DataConfig(path=Path(path), preprocess=preprocess, cache_dir=cache_dir)
     data_config = from_dict(DataConfig, metadata["config"], where=f"{checkpoint} data.config")
-    data_config = replace(data_config, preprocess=preprocess)
-    return data_config if path is None else replace(data_config, path=Path(path))
+    stored_cache = data_config.cache_dir
+    if cache_dir is None and stored_cache is not None and Path(stored_cache).is_dir():
+        cache_dir = stored_cache
+    data_config = replace(data_config, preprocess=preprocess, cache_dir=cache_dir)
+    if path is not None:
+        return replace(data_config, path=Path(path))
+    stored = data_config.path
+    if stored is None:  # trained before the phantom had to be named: the phantom
+        return replace(data_config, path=Path(SYNTHETIC))
+    if not is_synthetic(stored) and not Path(stored).exists():
+        raise UserError(
+            f"{checkpoint}: the data set it was trained on, {stored}, is not there (moved, or "
+            "another machine); pass --data PATH with its location"
+        )
+    return data_config
 
 
 def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResult:
@@ -780,10 +815,11 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
         UserError: no checkpoint, an unknown attack, loss, option or protocol, a bad eps, a
             checkpoint that does not fit the data, or an empty split.
     """
-    from advseg.atomic import atomic_path, check_output_dir
+    from advseg.atomic import atomic_path, check_output_dir, write_text_atomic
     from advseg.attacks import attack_options
     from advseg.bootstrap import with_intervals
     from advseg.data import load_data, saved_preprocess, split_cases
+    from advseg.data.location import data_note, first_line
     from advseg.defences import create_defence, defend, defended_name
     from advseg.models.checkpoint import check_compatible, load_checkpoint
     from advseg.records import write_records
@@ -838,9 +874,12 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
                 "of one model would overwrite the other's (rename or copy one of them)"
             )
         preprocess = saved_preprocess(meta.preprocessing, f"{checkpoint} preprocessing")
-        data_config = trained_data_config(meta.data, checkpoint, preprocess, config.data)
+        data_config = trained_data_config(
+            meta.data, checkpoint, preprocess, config.data, config.cache_dir
+        )
         key = (repr(data_config),)
         if key not in loaded:  # rank 0 fills the preprocessing cache before the others read it
+            console.print(first_line(data_config), highlight=False, soft_wrap=True)
             if not distributed.is_main():
                 distributed.barrier()
             loaded[key] = load_data(data_config)
@@ -892,8 +931,10 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
     records = pd.concat(frames, ignore_index=True)
     table = with_intervals(records, config.protocol)  # Table II with case-bootstrap intervals
     summary_path = out / "summary.csv"
+    locations = list(dict.fromkeys(data.location for data in loaded.values()))
     if distributed.is_main():
         with atomic_path(summary_path) as tmp:
             table.to_csv(tmp, index=False)
+        write_text_atomic(out / "data.json", json.dumps(data_note(list(loaded.values()))))
     cells = summarize_cells(records, config.protocol)
-    return EvaluateResult(table, cells, files, summary_path, slices)
+    return EvaluateResult(table, cells, files, summary_path, slices, locations)

@@ -388,11 +388,14 @@ def data_metadata(
 ) -> dict[str, Any]:
     """What a checkpoint records of its data, so that an evaluation finds the same test cases.
 
-    ``config`` is the whole :class:`DataConfig` (source, exclusions, label mapping, cache), the
-    split is ``split_train_val_test(index, test_fraction, val_fraction, split_seed)``.
+    ``config`` is the whole :class:`DataConfig` (source, exclusions, label mapping, cache) with
+    its paths resolved (absolute; ``synthetic`` for the phantom), the split is
+    ``split_train_val_test(index, test_fraction, val_fraction, split_seed)``.
     """
+    from advseg.data import resolved_config
+
     return {
-        "config": to_dict(data_config),
+        "config": to_dict(resolved_config(data_config)),
         "fingerprint": data.cache_path.name,  # advseg.preflight.data_fingerprint
         "excluded": data.exclusions.lines(),
         "test_fraction": test_fraction,

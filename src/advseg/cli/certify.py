@@ -9,6 +9,9 @@ from rich.table import Table
 
 from advseg import distributed
 from advseg.cli.console import console
+from advseg.cli.data import CACHE_HELP
+from advseg.data import DataConfig
+from advseg.data.location import PHANTOM_LABEL, data_argument, first_line, is_synthetic
 from advseg.defences.smoothing import (
     SmoothingConfig,
     certified_path,
@@ -32,7 +35,10 @@ def certify_command(
     radius: list[float] = typer.Option(
         [0.0, 0.1, 0.2], "--radius", help="L2 radius at which certified Dice is kept (repeatable)."
     ),
-    data: Path | None = typer.Option(None, "--data", help="Data directory [default: trained on]."),
+    data: str | None = typer.Option(
+        None, "--data", help="Data directory, or 'synthetic' [default: the one trained on]."
+    ),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     split: str = typer.Option("test", "--split", help="'test' (held-out cases) or 'all'."),
     max_slices: int | None = typer.Option(
         None, "--max-slices", help="Certify at most N slices (seeded, spread over cases)."
@@ -54,15 +60,26 @@ def certify_command(
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
     distributed.init()
+    terminal = console()
+    used: list[DataConfig] = []
+
+    def on_data(data_config: DataConfig) -> None:  # the first line: which data
+        used.append(data_config)
+        if distributed.is_main():
+            terminal.print(first_line(data_config), highlight=False, soft_wrap=True)
+
     records = certify_checkpoint(
-        checkpoint, config, data_path=data, split=split, max_slices=max_slices,
-        batch_size=batch_size, device=device,
+        checkpoint, config, data_path=data_argument(data), cache_dir=cache_dir, split=split,
+        max_slices=max_slices, batch_size=batch_size, device=device, on_data=on_data,
     )  # fmt: skip
     if not distributed.is_main():
         return
     path = write_records(records, certified_path(out, checkpoint_label(checkpoint), config))
     summary = certified_summary(records)
-    table = Table(title=f"certified Dice (per-class), sigma {sigma:g}, n {n}, alpha {alpha:g}")
+    title = f"certified Dice (per-class), sigma {sigma:g}, n {n}, alpha {alpha:g}"
+    if used and is_synthetic(used[0].path):
+        title += f"; data: {PHANTOM_LABEL}"
+    table = Table(title=title)
     for column in ("model", "L2 radius", "pairs", "DSC plain", "DSC certified", "abstained"):
         table.add_column(column)
     for row in summary.itertuples(index=False):
@@ -70,6 +87,5 @@ def certify_command(
             row.model, f"{row.radius:g}", str(row.units), f"{row.dsc_plain:.4f}",
             f"{row.dsc_certified:.4f}", f"{row.abstained:.1%}",
         )  # fmt: skip
-    terminal = console()
     terminal.print(table)
     terminal.print(f"records: {path}")

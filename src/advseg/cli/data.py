@@ -29,6 +29,30 @@ STRICT_HELP = "Refuse NIfTI label values the mapping lacks (default: count them 
 RESIZE_HELP = (
     "Non-square slices: pad (keep the aspect ratio, pad to the square) or stretch (the paper's)."
 )
+DATA_HELP = (
+    "Data directory (Kaggle layout or NIfTI), or 'synthetic' for the synthetic phantom "
+    "(generated images); required."
+)
+CACHE_HELP = (
+    "Cache of preprocessed slices, outside the data directory [default: $ADVSEG_CACHE, else "
+    "$XDG_CACHE_HOME/advseg, else ~/.cache/advseg]."
+)
+
+
+def no_data(last: Path | None = None) -> UserError:
+    """The refusal of a command given no ``--data``: what to pass, and for ``train --resume``
+    (``last``: the run's last checkpoint) the data set that run trained on."""
+    from advseg.data.location import DATA_CHOICES, SYNTHETIC
+
+    if last is not None:
+        from advseg.models.checkpoint import checkpoint_exists, read_metadata
+
+        if checkpoint_exists(last):
+            config = read_metadata(last).data.get("config")
+            if isinstance(config, dict):  # an empty path: trained before --data was required
+                path = config.get("path") or SYNTHETIC
+                return UserError(f"--data: not given; {last} trained on {path}: pass --data {path}")
+    return UserError(f"no data set given: {DATA_CHOICES}")
 
 
 def label_settings(labels: str | None, strict: bool) -> dict[str, object]:
@@ -107,10 +131,12 @@ def info(
     skip_unreadable: bool = typer.Option(
         False, "--skip-unreadable", help="Skip and count unreadable slices instead of stopping."
     ),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help=CACHE_HELP),
 ) -> None:
     """Describe a data set: slices, scans, cases, classes, masks, sizes, exclusions."""
     config = DataConfig(
         path=path,
+        cache_dir=cache_dir,
         exclude=_exclude(exclude),
         skip_unreadable=skip_unreadable,
         **label_settings(labels, strict_labels),

@@ -10,7 +10,9 @@ from rich.table import Table
 from advseg import distributed
 from advseg.attacks import ATTACKS, attack_options
 from advseg.cli.console import console
+from advseg.cli.data import CACHE_HELP
 from advseg.cli.table_ii import table_ii
+from advseg.data.location import data_argument
 from advseg.defences import DEFENCES
 from advseg.evaluate import EvaluateConfig, evaluate
 from advseg.losses import LOSSES
@@ -20,9 +22,13 @@ from advseg.summary import UNITS
 def evaluate_command(
     checkpoints: list[Path] = typer.Argument(..., help="Checkpoints (PATH or PATH.safetensors)."),
     out: Path = typer.Option(..., "--out", help="Run directory (records/, summary.csv)."),
-    data: Path | None = typer.Option(
-        None, "--data", help="Data directory; default: the one each checkpoint was trained on."
+    data: str | None = typer.Option(
+        None,
+        "--data",
+        help="Data directory, or 'synthetic' (the phantom) [default: the one each checkpoint was "
+        "trained on].",
     ),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     split: str = typer.Option("test", "--split", help="'test' (held-out cases) or 'all'."),
     attack: list[str] = typer.Option(["fgsm"], "--attack", help="Attack name (repeatable)."),
     loss: list[str] = typer.Option(
@@ -73,7 +79,8 @@ def evaluate_command(
     config = EvaluateConfig(
         checkpoints=list(checkpoints),
         out=out,
-        data=data,
+        data=data_argument(data),
+        cache_dir=cache_dir,
         split=split,
         attacks=list(attack),
         losses=list(loss),
@@ -92,7 +99,7 @@ def evaluate_command(
     if not distributed.is_main():
         return
     terminal = console()
-    for table in table_ii(result.cells, config.protocol):
+    for table in table_ii(result.cells, config.protocol, result.locations):
         terminal.print(table)
     kept, left = UNITS[config.protocol]
     for row in result.table.itertuples(index=False):

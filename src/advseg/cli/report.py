@@ -16,7 +16,7 @@ app = typer.Typer()
 
 def print_report(report: Report, console: Console) -> None:
     """Table II, what the report could not show, and where it is."""
-    for table in table_ii(report.cells, report.protocol):
+    for table in table_ii(report.cells, report.protocol, report.locations):
         console.print(table)
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)

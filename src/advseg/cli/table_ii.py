@@ -7,9 +7,10 @@ from rich import box
 from rich.table import Table
 
 from advseg.attacks.sea import WORST_CASE_LOSS
+from advseg.data.location import phantom_note
 
 
-def table_ii(cells: pd.DataFrame, protocol: str) -> list[Table]:
+def table_ii(cells: pd.DataFrame, protocol: str, locations: list[str] | None = None) -> list[Table]:
     """One table per (attack, eps) in the paper's layout: model, params, clean DSC, the
     adversarial DSC under each loss, then the Attack Success under each loss.
 
@@ -22,6 +23,8 @@ def table_ii(cells: pd.DataFrame, protocol: str) -> list[Table]:
         cells: rows of :func:`advseg.summary.summarize_cells` (``dsc_clean``, ``dsc_adv``, ``as``
             per (model, attack, loss, eps)); the numbers are shown, never recomputed.
         protocol: the Dice protocol they were computed with (for the title).
+        locations: the data sets they were computed on (``synthetic`` or paths); the title says
+            ``data: synthetic phantom`` where the phantom is among them.
     """
     worst = cells["loss"] == WORST_CASE_LOSS
     beside, plain = cells[worst].assign(loss=cells.loc[worst, "attack"]), cells[~worst]
@@ -34,15 +37,17 @@ def table_ii(cells: pd.DataFrame, protocol: str) -> list[Table]:
         if not extra.empty:
             attack = f"{attack} (+ {', '.join(dict.fromkeys(extra['attack']))})"
             cell = pd.concat([cell, extra], ignore_index=True)
-        tables.append(_table(cell, attack, eps, protocol))
+        tables.append(_table(cell, attack, eps, protocol, phantom_note(locations or [])))
     return tables
 
 
-def _table(cell: pd.DataFrame, attack: str, eps: float, protocol: str) -> Table:
+def _table(cell: pd.DataFrame, attack: str, eps: float, protocol: str, note: str | None) -> Table:
     losses = list(dict.fromkeys(cell["loss"]))
     title = f"Table II: {attack}, eps {eps:g} ({protocol} Dice; AS = attack success)"
     if "seeds" in cell.columns:  # a grid with seeds: the mean over training seeds, and its sd
         title += f"; mean ± sd over {int(cell['seeds'].max())} training seeds"
+    if note is not None:
+        title += f"; {note}"
     table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0))
     headers = ["model", "params", "DSC\nclean", *[f"DSC\n{x}" for x in losses]]
     for column in [*headers, *[f"AS\n{x}" for x in losses]]:

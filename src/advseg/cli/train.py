@@ -12,9 +12,18 @@ from rich.table import Table
 
 from advseg import distributed
 from advseg.cli.console import console
-from advseg.cli.data import LABELS_HELP, RESIZE_HELP, STRICT_HELP, label_settings
+from advseg.cli.data import (
+    CACHE_HELP,
+    DATA_HELP,
+    LABELS_HELP,
+    RESIZE_HELP,
+    STRICT_HELP,
+    label_settings,
+    no_data,
+)
 from advseg.config import from_dict, load_yaml, to_dict
 from advseg.data import DataConfig, PreprocessConfig
+from advseg.data.location import data_argument, first_line
 from advseg.defences import describe
 from advseg.errors import UserError
 from advseg.train import TrainConfig, train_on_data
@@ -44,9 +53,8 @@ def options_named(options: dict[str, object], file: Path | None) -> Iterator[Non
 
 def train(
     out: Path = typer.Option(..., "--out", help="Run directory (checkpoints, log.csv)."),
-    data: Path | None = typer.Option(
-        None, "--data", help="Data directory (Kaggle layout or NIfTI); default: synthetic phantom."
-    ),
+    data: str | None = typer.Option(None, "--data", help=DATA_HELP),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     labels: str | None = typer.Option(None, "--labels", help=LABELS_HELP),
     strict_labels: bool = typer.Option(False, "--strict-labels", help=STRICT_HELP),
     config: Path | None = typer.Option(
@@ -121,6 +129,8 @@ def train(
     Run it under torchrun (`torchrun --nproc-per-node N -m advseg train ...`) for
     DistributedDataParallel on several GPUs or machines.
     """
+    if data is None:
+        raise no_data(out / "checkpoints" / "last" if resume else None)
     settings = {} if config is None else load_yaml(config) or {}
     options = {
         "model": model,
@@ -170,10 +180,14 @@ def train(
         if no_augment:
             train_config.augment.enabled = False
         data_config = DataConfig(
-            path=data,
+            path=data_argument(data),
             **label_settings(labels, strict_labels),
             preprocess=PreprocessConfig(size=size, channels=channels, resize=resize),
+            cache_dir=cache_dir,
         )
+        distributed.init()
+        if distributed.is_main():  # first: which data (the phantom said plainly)
+            console().print(first_line(data_config), highlight=False, soft_wrap=True)
         result = train_on_data(
             data_config,
             train_config,

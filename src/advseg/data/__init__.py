@@ -3,6 +3,8 @@
 See docs/architecture.md ("Data") for the contract. The public API:
 
 - :func:`load_data` (``DataConfig`` -> :class:`SliceData`), :func:`build_index`;
+- where data and cache are (:mod:`advseg.data.location`): :data:`SYNTHETIC` (the data path that
+  names the phantom), :func:`cache_root`, :func:`resolved_config`;
 - readers :func:`read_uwmgi`, :func:`read_nifti` (labels from ``dataset.json`` via
   :func:`dataset_json_labels`), and the synthetic writers :func:`write_synthetic` (MRI phantom,
   Kaggle layout) and :func:`write_synthetic_nifti` (abdominal CT, Decathlon layout);
@@ -24,6 +26,7 @@ from advseg.data.index import (
     summarize_index,
 )
 from advseg.data.load import DataConfig, SliceData, build_index, load_data
+from advseg.data.location import SYNTHETIC, cache_root, resolved_config
 from advseg.data.nifti import dataset_json_labels, parse_label_map, read_nifti
 from advseg.data.preprocess import (
     PreprocessConfig,
@@ -53,6 +56,7 @@ __all__ = [
     "BASE_COLUMNS",
     "EXCLUDE_LISTS",
     "NIFTI_LABELS",
+    "SYNTHETIC",
     "UWMGI_CLASSES",
     "DataConfig",
     "Exclusions",
@@ -64,6 +68,7 @@ __all__ = [
     "SynthSummary",
     "build_index",
     "cache_key",
+    "cache_root",
     "cached_arrays",
     "dataset_json_labels",
     "fitted_size",
@@ -79,6 +84,7 @@ __all__ = [
     "read_uwmgi",
     "resize_image",
     "resize_masks",
+    "resolved_config",
     "restore_slice",
     "rle_decode",
     "rle_encode",

@@ -3,7 +3,10 @@
 Decoding 16-bit PNGs (or NIfTI volumes) and RLE masks is done once per (index, preprocessing)
 pair. The key is a hash of the index contents (ids, image paths and axial positions, image file
 sizes and modification times, the RLE of every mask, the classes) and of the preprocessing fields
-that change the arrays. A cache entry is a directory::
+that change the arrays. :func:`advseg.data.load_data` indexes the data under its resolved path, so
+the image paths are absolute: however the data path was spelt, one data set has one key. The
+cache directory is outside the data directory (:func:`advseg.data.location.cache_root`), so a
+read-only data set works. A cache entry is a directory::
 
     <cache_dir>/<key>/images.npy   (N, S, S) float32 in [0, 1]
                       masks.npy    (N, K, S, S) uint8 in {0, 1}
@@ -33,6 +36,7 @@ import pandas as pd
 
 from advseg.atomic import fault_point, remove_debris, write_error
 from advseg.data.index import index_classes
+from advseg.data.location import CACHE_ENV
 from advseg.data.nifti import read_volume
 from advseg.data.preprocess import PreprocessConfig, preprocess_slice
 from advseg.data.rle import rle_decode
@@ -138,7 +142,8 @@ def cached_arrays(
         )
     except OSError as err:
         raise UserError(
-            f"{entry.parent}: cannot write the cache ({err.strerror or err}); set cache_dir"
+            f"{entry.parent}: cannot write the cache ({err.strerror or err}); pass --cache-dir "
+            f"DIR or set ${CACHE_ENV} (data.cache_dir)"
         ) from None
     try:
         try:

@@ -1,9 +1,10 @@
 """One entry point from a data config to arrays: :func:`load_data`.
 
 ``DataConfig`` is the ``data:`` section of an experiment YAML; :func:`load_data` indexes the data
-set (Kaggle layout or NIfTI, detected from the directory), applies the exclusions, fills or opens
-the preprocessed cache and returns a :class:`SliceData` whose ``.dataset(rows)`` feeds a
-DataLoader.
+set (Kaggle layout or NIfTI, detected from the directory, or the synthetic phantom when the path
+is ``synthetic``), applies the exclusions, fills or opens the preprocessed cache (outside the
+data directory: :mod:`advseg.data.location`) and returns a :class:`SliceData` whose
+``.dataset(rows)`` feeds a DataLoader.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pandas as pd
 from advseg.data.cache import cached_arrays
 from advseg.data.dataset import Item, SliceDataset
 from advseg.data.index import Exclusions, Source, detect_source, index_classes
+from advseg.data.location import NO_DATA, cache_root, is_synthetic, location, phantom_dir
 from advseg.data.nifti import dataset_json_labels, read_nifti
 from advseg.data.preprocess import PreprocessConfig, neighbour_rows, slice_geometry
 from advseg.data.uwmgi import read_uwmgi
@@ -29,8 +31,9 @@ class DataConfig:
     """Where the data is and how it becomes arrays.
 
     Attributes:
-        path: the data directory (``train.csv`` + ``train/``, or ``imagesTr/`` + ``labelsTr/``).
-            None means the synthetic phantom, written once to ``cache_dir/synthetic``.
+        path: the data directory (``train.csv`` + ``train/``, or ``imagesTr/`` + ``labelsTr/``),
+            or ``synthetic``: the synthetic phantom, written once to ``<cache root>/synthetic``.
+            None (no data named) is refused when the data is used.
         source: ``auto`` (detect from the directory), ``uwmgi`` or ``nifti``.
         exclude: scans to leave out: a named list (``default``: case7_day0 and case81_day30;
             ``host``: the competition host's 12; ``none``) or a list of scan ids.
@@ -41,8 +44,9 @@ class DataConfig:
         strict_labels: refuse NIfTI label values the mapping lacks (else they are background,
             counted in the exclusions and warned about).
         preprocess: resizing, intensity and channel settings.
-        cache_dir: where preprocessed arrays are cached; default ``<path>/.advseg-cache``
-            (``~/.cache/advseg`` for the synthetic default).
+        cache_dir: where preprocessed arrays are cached, outside the data directory; default
+            ``$ADVSEG_CACHE``, else ``$XDG_CACHE_HOME/advseg``, else ``~/.cache/advseg``
+            (:func:`advseg.data.location.cache_root`).
         workers: decoding threads when the cache is filled.
     """
 
@@ -78,6 +82,7 @@ class SliceData:
         exclusions: what was left out, and why.
         cache_path: the cache entry directory.
         decoded: slices decoded by this load (0 when the cache held them).
+        location: the data set: ``synthetic`` (the phantom) or its absolute path.
     """
 
     index: pd.DataFrame
@@ -88,6 +93,7 @@ class SliceData:
     exclusions: Exclusions
     cache_path: Path
     decoded: int
+    location: str = ""
 
     def __post_init__(self) -> None:
         self.channels = neighbour_rows(
@@ -98,6 +104,11 @@ class SliceData:
 
     def __len__(self) -> int:
         return len(self.index)
+
+    @property
+    def synthetic(self) -> bool:
+        """Whether this is the synthetic phantom (generated images, not patient data)."""
+        return is_synthetic(self.location)
 
     def dataset(
         self,
@@ -110,13 +121,18 @@ class SliceData:
 
 
 def resolve_path(config: DataConfig) -> Path:
-    """The data directory; the synthetic default is written on first use."""
-    if config.path is not None:
-        return Path(config.path)
+    """The data directory, absolute; the phantom (``synthetic``) is written on first use.
+
+    Raises:
+        UserError: no data named (``path`` None), saying what to pass.
+    """
+    if config.path is None:
+        raise UserError(NO_DATA)
+    if not is_synthetic(config.path):
+        return Path(config.path).expanduser().resolve()
     from advseg.data.synth import write_synthetic
 
-    base = Path(config.cache_dir) if config.cache_dir else Path.home() / ".cache" / "advseg"
-    path = base / "synthetic"
+    path = phantom_dir(config.cache_dir)
     if not (path / "train.csv").is_file():
         write_synthetic(path, overwrite=True)
     return path
@@ -150,12 +166,10 @@ def load_data(config: DataConfig, progress: Callable[[int], None] | None = None)
         progress: called with the number of slices decoded so far while the cache fills.
     """
     index, exclusions = build_index(config)
-    path = resolve_path(config)
-    cache_dir = Path(config.cache_dir) if config.cache_dir else path / ".advseg-cache"
     arrays = cached_arrays(
         index,
         config.preprocess,
-        cache_dir,
+        cache_root(config.cache_dir),
         skip_unreadable=config.skip_unreadable,
         workers=config.workers,
         progress=progress,
@@ -173,4 +187,5 @@ def load_data(config: DataConfig, progress: Callable[[int], None] | None = None)
         exclusions=exclusions,
         cache_path=arrays.path,
         decoded=arrays.decoded,
+        location=location(config.path),
     )

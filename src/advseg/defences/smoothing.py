@@ -359,17 +359,25 @@ def certify_checkpoint(
     config: SmoothingConfig,
     *,
     data_path: Path | None = None,
+    cache_dir: Path | None = None,
     split: str = "test",
     max_slices: int | None = None,
     batch_size: int = 8,
     device: str = "auto",
     on_batch: Callable[[int, int], None] | None = None,
+    on_data: Callable[[Any], None] | None = None,
 ) -> pd.DataFrame:
     """Certify a checkpoint on its held-out cases (or ``split="all"``); the records.
 
     The data and split are rebuilt from the checkpoint's metadata as ``advseg evaluate`` does.
     Slices with a mask only (the paper's protocol); with ``max_slices``, that many of them drawn
     (seeded by the checkpoint's split seed) spread over the cases (:func:`advseg.data.spread_rows`).
+
+    Args:
+        data_path, cache_dir: ``--data`` and ``--cache-dir``
+            (:func:`advseg.evaluate.trained_data_config`).
+        on_data: called with the :class:`~advseg.data.DataConfig` before it is loaded (the CLI
+            prints :func:`advseg.data.location.first_line`).
     """
     from advseg.data import load_data, saved_preprocess, split_cases, spread_rows
     from advseg.evaluate import checkpoint_label, trained_data_config
@@ -382,7 +390,10 @@ def certify_checkpoint(
     preprocess = saved_preprocess(meta.preprocessing, f"{checkpoint} preprocessing")
     if not distributed.is_main():
         distributed.barrier()  # rank 0 fills the preprocessing cache before the others read it
-    data = load_data(trained_data_config(meta.data, Path(checkpoint), preprocess, data_path))
+    data_config = trained_data_config(meta.data, Path(checkpoint), preprocess, data_path, cache_dir)
+    if on_data is not None:
+        on_data(data_config)
+    data = load_data(data_config)
     if distributed.is_main():
         distributed.barrier()
     check_compatible(meta, checkpoint, in_channels=preprocess.channels, classes=list(data.classes))

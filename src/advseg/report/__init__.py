@@ -16,6 +16,7 @@ import pandas as pd
 from advseg.atomic import check_output_dir, write_bytes_atomic, write_text_atomic
 from advseg.bootstrap import with_intervals
 from advseg.config import load_yaml
+from advseg.data.location import PHANTOM_LABEL, describe, is_synthetic, phantom_note, run_locations
 from advseg.defences.smoothing import certified_summary, read_certified
 from advseg.errors import UserError
 from advseg.records import read_records, white_box
@@ -39,6 +40,9 @@ class Report:
             :func:`advseg.summary.summarize_cells` returns them.
         protocol: the Dice protocol used; eps: the headline eps.
         notes: what could not be drawn, and why (also stated in the report).
+        locations: the data sets the records were computed on (``synthetic`` for the phantom,
+            or paths; :func:`advseg.data.location.run_locations`), empty when the run does not
+            say.
     """
 
     html: Path
@@ -49,6 +53,7 @@ class Report:
     eps: float
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    locations: list[str] = field(default_factory=list)
 
 
 def write_report(
@@ -91,8 +96,9 @@ def write_report(
     at_eps = cells[cells["eps"] == eps]
     headline_cells = at_eps.rename(columns={"attack_success": "as"})
     classes = list(records["class"].drop_duplicates())
+    locations = run_locations(run_dir)
     sections = [
-        _table_section(writer, records[records["eps"] == eps], protocol, eps),
+        _table_section(writer, records[records["eps"] == eps], protocol, eps, locations),
         _eps_section(writer, cells),
         _panel_section(writer, run_dir, at_eps, classes, eps),
         _loss_section(writer, at_eps, eps),
@@ -114,12 +120,14 @@ def write_report(
         "these records (advseg.summary); the CSV file named beside each table or figure holds "
         "its numbers."
     )
+    intro = f"{data_sentence(locations)} {intro}" if locations else intro
     title = "advseg robustness report"
     html_path = writer.text("report.html", render_html(title, intro, sections))
     md_path = writer.text("report.md", render_markdown(title, intro, sections))
     return Report(
-        html_path, md_path, table_ii, headline_cells, protocol, eps, writer.files, writer.notes
-    )
+        html_path, md_path, table_ii, headline_cells, protocol, eps, writer.files, writer.notes,
+        locations,
+    )  # fmt: skip
 
 
 def _run_protocol(run_dir: Path) -> str:
@@ -160,9 +168,23 @@ class _Writer:
         return Block("text", text)
 
 
-def _table_section(writer: _Writer, records: pd.DataFrame, protocol: str, eps: float) -> Section:
+def data_sentence(locations: list[str]) -> str:
+    """The report's sentence on its data: the phantom said plainly, else the data sets."""
+    if all(is_synthetic(x) for x in locations):
+        return (
+            f"Data: the {PHANTOM_LABEL} (generated images, not patient data); these numbers say "
+            "how the pipeline behaves, not how the models would do on patients."
+        )
+    return f"Data: {', '.join(describe(x) for x in locations)}."
+
+
+def _table_section(
+    writer: _Writer, records: pd.DataFrame, protocol: str, eps: float, locations: list[str]
+) -> Section:
     table = with_intervals(records, protocol)
-    caption = (
+    note = phantom_note(locations)
+    caption = "" if note is None else f"{note.capitalize()}. "
+    caption += (
         f"Table II at eps {eps:g}: DSC clean and under each (attack, loss, eps), Attack Success "
         f"AS = (DSC_clean - DSC_adv) / DSC_clean. 'units': {UNITS[protocol][0]} (averaged); "
         f"'excluded': {UNITS[protocol][1]} (left out). '<number> low' / 'high': its 95% "
