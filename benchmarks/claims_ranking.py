@@ -82,7 +82,9 @@ def main() -> None:
     start = time.perf_counter()
     for kind in args.data:
         path = make_data(kind, args.out, args.cases, args.slices)
-        data_config = DataConfig(path=path, preprocess=PreprocessConfig(size=args.size))
+        data_config = DataConfig(
+            path=path, cache_dir=args.out / "cache", preprocess=PreprocessConfig(size=args.size)
+        )
         data = load_data(data_config)
         _, _, test_rows = split_train_val_test(data.index, 0.25, 0.2, 0)
         rows = [int(r) for r in test_rows if data.masks[r].any()]

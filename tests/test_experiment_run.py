@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -50,8 +52,9 @@ def _no_augment():
     return AugmentConfig(enabled=False)
 
 
-def test_run_writes_everything_and_resumes_without_retraining(phantom, tmp_path):
+def test_run_writes_everything_and_resumes_without_retraining(phantom, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
     config = _config(phantom, tmp_path)
     first = run_experiment(config, run_dir)
     assert first.trained == ["unet-tiny"]
@@ -66,6 +69,15 @@ def test_run_writes_everything_and_resumes_without_retraining(phantom, tmp_path)
     assert summary["model"].tolist() == ["unet-tiny"]
     assert first.report is not None and first.report.html.exists()
     assert load_experiment(run_dir / "config.yaml") == config  # the resolved config round-trips
+
+    # `advseg run --cache-dir`: another cache is no other experiment; the run resumes, using it.
+    from advseg.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(run_dir / "config.yaml"), "--out", str(run_dir), "--cache-dir", "c2"])
+    assert exit_info.value.code == 0
+    assert len(list(Path("c2").iterdir())) == 1  # the arrays, decoded into the new cache
+    assert load_experiment(run_dir / "config.yaml").data.cache_dir == Path("c2").absolute()
 
     # Its checkpoint, evaluated on its own, finds the experiment's data and held-out cases.
     best = run_dir / "models" / "unet-tiny" / "checkpoints" / "best"

@@ -528,7 +528,14 @@ def run_cells(
 
 
 RESUMABLE_KEYS = frozenset(
-    {"train.num_workers", "train.tensorboard", "evaluation.protocol", "evaluation.trace", "report"}
+    {
+        "train.num_workers",
+        "train.tensorboard",
+        "evaluation.protocol",
+        "evaluation.trace",
+        "report",
+        "data.cache_dir",  # where the arrays are cached: the data fingerprint checks the data
+    }
 )
 """Config keys a resume may change: they decide how the work is done or shown, not its records
 (the summary and the report are recomputed from the records at every run)."""

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from advseg import distributed
 from advseg.cli.console import console
+from advseg.cli.data import CACHE_HELP
 from advseg.cli.report import print_report
 from advseg.cli.table_ii import table_ii
 from advseg.demo import run_demo
@@ -54,6 +55,7 @@ def run(
         "notebook code for its FGSM attacks (blended update, swapped loss arguments, soft "
         "masks; not a recommended attack). Attacks naming their own compat keep it.",
     ),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help=CACHE_HELP),
 ) -> None:
     """Run an experiment grid (train or load models, attack, record, report); resumable.
 
@@ -67,6 +69,8 @@ def run(
             config = check_config(replace(config, compat=compat))
         except UserError as err:
             raise UserError(f"--compat: {err}") from None
+    if cache_dir is not None:  # where the cache is, not what is computed: a resume may change it
+        config = replace(config, data=replace(config.data, cache_dir=cache_dir.absolute()))
     run_dir = out if out is not None else Path("runs") / config.name
     result = run_experiment(config, run_dir, progress=True)
     if distributed.is_main():  # under torchrun every rank ran the grid; rank 0 prints
