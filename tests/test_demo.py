@@ -10,7 +10,7 @@ from advseg.demo import default_run_dir, run_demo
 
 
 def test_demo_run_dir_names_the_data():
-    assert default_run_dir(None) == Path("runs/demo")
+    assert default_run_dir(None) == Path("runs/demo") == default_run_dir("synthetic")
     assert default_run_dir("/data/uw-madison-gi-tract/") == Path("runs/demo-uw-madison-gi-tract")
 
 
@@ -24,5 +24,7 @@ def test_demo_trains_attacks_and_reports(tmp_path):
         assert table[f"DSC fgsm {loss} eps=0.009"].iloc[0] < table["DSC clean"].iloc[0]
     assert (tmp_path / "demo" / "data" / "synthetic" / "train.csv").exists()  # not in the repo
     assert result.report is not None and result.report.notes == []
+    assert result.report.locations == ["synthetic"]  # the report says it: the synthetic phantom
+    assert "Data: the synthetic phantom" in result.report.markdown.read_text()
     again = run_demo(run_dir=tmp_path / "demo")  # a second run only rewrites the report
     assert again.trained == [] and again.grid.computed == []

@@ -14,6 +14,7 @@ import sys
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -163,7 +164,10 @@ def test_a_resume_on_other_data_is_refused(tmp_path):
 
 class _Sized:
     def __init__(self, inner, n):
+        from advseg.data import BASE_COLUMNS, PreprocessConfig
+
         self.cache_path, self.n = inner.cache_path, n
+        self.index, self.preprocess = pd.DataFrame(columns=BASE_COLUMNS), PreprocessConfig()
 
     def __len__(self):
         return self.n

@@ -1,9 +1,11 @@
 import csv
+import json
+from pathlib import Path
 
 import pytest
 
 from advseg.cli import main
-from advseg.data import UWMGI_CLASSES, write_synthetic
+from advseg.data import UWMGI_CLASSES, PreprocessConfig, cache_key, read_uwmgi, write_synthetic
 from advseg.models import load_checkpoint
 
 
@@ -47,6 +49,17 @@ def test_train_command_on_a_small_synthetic_set(tmp_path, capsys, monkeypatch):
     assert cli([*common, "--resume"]) == 2  # no --data: the line names the run's data set
     err = capsys.readouterr().err
     assert f"trained on {data.resolve()}: pass --data {data.resolve()}" in err
+
+    # A run begun before paths were resolved saved the key of its relative image paths: it
+    # resumes; a fingerprint of other data is refused.
+    spelt = cache_key(read_uwmgi(Path("data"))[0], PreprocessConfig(size=32))
+    for fingerprint, code in ((spelt, 0), ("0" * 24, 2)):
+        last = out / "checkpoints" / "last.json"
+        document = json.loads(last.read_text())
+        document["meta"]["data"]["fingerprint"] = fingerprint
+        last.write_text(json.dumps(document))
+        assert cli([*args, "--resume"]) == code
+    assert "the data changed since this run trained on it" in capsys.readouterr().err
 
 
 def test_train_without_data_is_refused_naming_both_choices(tmp_path, capsys):

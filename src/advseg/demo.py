@@ -12,12 +12,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from advseg.data import SYNTHETIC
+from advseg.data.location import is_synthetic
 from advseg.experiment import RunResult, load_experiment, packaged_config, run_experiment
 
 
 def default_run_dir(data: str | Path | None) -> Path:
     """``runs/demo`` for the phantom, ``runs/demo-<data folder name>`` for a real data set."""
-    return Path("runs") / ("demo" if data is None else f"demo-{Path(data).resolve().name}")
+    phantom = data is None or is_synthetic(data)
+    return Path("runs") / ("demo" if phantom else f"demo-{Path(data).resolve().name}")
 
 
 def run_demo(
@@ -26,13 +28,14 @@ def run_demo(
     """Run (or resume) the demo experiment.
 
     Args:
-        data: a data directory (Kaggle layout or NIfTI); None writes and uses the phantom.
+        data: a data directory (Kaggle layout or NIfTI); None (or ``synthetic``) writes the
+            phantom into the run directory and uses it.
         run_dir: where to run; default :func:`default_run_dir`.
         progress: show progress on the terminal.
     """
     config = load_experiment(packaged_config("demo"))
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(data)
-    if data is None:  # the phantom, named: written into the run directory with its cache
+    if data is None or is_synthetic(data):  # the phantom, written into the run directory
         config.data = replace(config.data, path=Path(SYNTHETIC), cache_dir=run_dir / "data")
     else:
         config.data = replace(config.data, path=Path(data))

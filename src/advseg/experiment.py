@@ -60,7 +60,7 @@ from advseg.models import load_checkpoint, read_checkpoint
 from advseg.models.checkpoint import checkpoint_exists
 from advseg.models.ensemble import ensemble_members
 from advseg.models.zoo import resolve as resolve_model
-from advseg.preflight import check_experiment, data_fingerprint
+from advseg.preflight import check_experiment, data_fingerprint, same_data
 from advseg.records import read_records, white_box, write_records
 from advseg.report import Report, write_report
 from advseg.report.examples import save_examples
@@ -544,6 +544,7 @@ RESUMABLE_KEYS = frozenset(
 LEGACY_VALUES: dict[str, object] = {
     "data.strict_labels": False,
     "data.preprocess.resize": "stretch",
+    "data.path": "synthetic",  # an empty path meant the phantom before it had to be named
 }
 """Settings added since runs began, with the value a saved config that lacks them meant (a run
 begun before aspect-preserving resize stretched its slices)."""
@@ -816,7 +817,7 @@ def check_data_fingerprint(run_dir: Path, data: SliceData) -> None:
             raise UserError(
                 f"{path}: damaged (no data fingerprint); use a new run directory"
             ) from None
-        if saved != now["fingerprint"]:
+        if not same_data(saved, data):
             raise UserError(
                 f"{path}: the data changed since this run computed on it (fingerprint {saved}, "
                 f"now {now['fingerprint']}: files replaced, edited or copied anew); restore the "

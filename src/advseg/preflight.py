@@ -15,6 +15,7 @@ refused.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -113,3 +114,16 @@ def data_fingerprint(data: SliceData) -> str:
     fingerprint.
     """
     return data.cache_path.name
+
+
+def same_data(saved: str, data: SliceData) -> bool:
+    """Whether a saved fingerprint names ``data``: its fingerprint now, or the one it had before
+    data locations were resolved (image paths as spelt relative to the working directory, what a
+    run begun with a relative data path, ``advseg demo``'s included, saved)."""
+    if saved == data_fingerprint(data):
+        return True
+    from advseg.data.cache import cache_key
+
+    index = data.index.copy()
+    index["image_path"] = [os.path.relpath(p) for p in index["image_path"]]
+    return saved == cache_key(index, data.preprocess)

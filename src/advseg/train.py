@@ -470,6 +470,8 @@ def train_on_data(
         split_seed=split_seed,
         rows={"train": len(train_rows), "val": len(val_rows), "test": len(test_rows)},
     )
+    if resume:  # a run begun before data paths were resolved keeps the fingerprint it saved
+        source["fingerprint"] = _resumed_fingerprint(Path(out_dir), data, source["fingerprint"])
     result = train(
         model,
         train_set,
@@ -484,6 +486,20 @@ def train_on_data(
     )
     result.data = source
     return result
+
+
+def _resumed_fingerprint(out_dir: Path, data: SliceData, now: str) -> str:
+    """The data fingerprint a resumed run goes on with: the one its last checkpoint saved when
+    that names the same data (:func:`advseg.preflight.same_data`), else ``now`` (which
+    :func:`_restore` then refuses, if the checkpoint saved another)."""
+    from advseg.models.checkpoint import read_metadata
+    from advseg.preflight import same_data
+
+    last = out_dir / "checkpoints" / "last"
+    if not checkpoint_exists(last):
+        return now
+    saved = read_metadata(last).data.get("fingerprint")
+    return saved if isinstance(saved, str) and saved != now and same_data(saved, data) else now
 
 
 @dataclass
