@@ -127,7 +127,10 @@ def test_compat_notebook_equals_the_transcribed_notebook(setup, loss, batch_size
         mine = records[records["slice_id"] == data.index["id"].iat[r]]
         counts = (mine[c].to_numpy() for c in ("tp_adv", "fp_adv", "fn_adv"))
         mean = dice_from_counts(*counts, smooth=PAPER_SMOOTH).mean()
-        assert mean == pytest.approx(dice, abs=1e-6)
+        # The images are equal exactly (above); the Dice comes from a forward of a batch of
+        # ``batch_size``, the reference's of one image: on some CPUs the two take other conv
+        # kernels, and a logit within an ulp of 0 flips a pixel (seen: a Dice 3.7e-5 apart).
+        assert mean == pytest.approx(dice, abs=1e-6 if batch_size == 1 else 1e-3)
 
 
 def test_soft_masks_are_the_notebooks_area_resized_masks(setup):
