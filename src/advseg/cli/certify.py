@@ -36,7 +36,7 @@ def certify_command(
         [0.0, 0.1, 0.2], "--radius", help="L2 radius at which certified Dice is kept (repeatable)."
     ),
     data: str | None = typer.Option(
-        None, "--data", help="Data directory, or 'synthetic' [default: the one trained on]."
+        None, "--data", help="Data directory, or 'synthetic' (default: the one trained on)."
     ),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     split: str = typer.Option("test", "--split", help="'test' (held-out cases) or 'all'."),

@@ -34,8 +34,8 @@ DATA_HELP = (
     "(generated images); required."
 )
 CACHE_HELP = (
-    "Cache of preprocessed slices, outside the data directory [default: $ADVSEG_CACHE, else "
-    "$XDG_CACHE_HOME/advseg, else ~/.cache/advseg]."
+    "Cache of preprocessed slices, outside the data directory (default: $ADVSEG_CACHE, else "
+    "$XDG_CACHE_HOME/advseg, else ~/.cache/advseg)."
 )
 
 

@@ -25,8 +25,8 @@ def evaluate_command(
     data: str | None = typer.Option(
         None,
         "--data",
-        help="Data directory, or 'synthetic' (the phantom) [default: the one each checkpoint was "
-        "trained on].",
+        help="Data directory, or 'synthetic' (the phantom; default: the one each checkpoint was "
+        "trained on).",
     ),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     split: str = typer.Option("test", "--split", help="'test' (held-out cases) or 'all'."),
