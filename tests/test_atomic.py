@@ -67,3 +67,17 @@ def test_fault_point_fires_only_where_and_when_asked(monkeypatch):
     assert exits == []
     fault_point("rename", "last.json")
     assert exits == [137]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_respect_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        write_text_atomic(tmp_path / "report.md", "x")
+        with atomic_path(tmp_path / "cache") as tmp:
+            tmp.unlink()
+            tmp.mkdir()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o777 & ~umask

@@ -107,12 +107,32 @@ def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
         if fsync:
             with tmp.open("rb+") as handle:
                 os.fsync(handle.fileno())
+        _respect_umask(tmp)
         fault_point("rename", path.name)
         os.replace(tmp, path)
     except OSError as err:
         raise (write_error(path, err) or err) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _current_umask() -> int:
+    """The process umask (read by setting and restoring it: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _respect_umask(tmp: Path) -> None:
+    """Give ``tmp`` the mode a plain ``open``/``mkdir`` would: 0o666 (dirs 0o777) less the umask.
+
+    ``mkstemp`` creates its file mode 0600, which would keep reports and records from colleagues
+    and web servers; the final file gets the permissions the user's umask asks for.
+    """
+    if tmp.is_symlink() or not tmp.exists():
+        return
+    base = 0o777 if tmp.is_dir() else 0o666
+    tmp.chmod(base & ~_current_umask())
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
