@@ -73,6 +73,7 @@ from advseg.metrics import (
     ssim,
 )
 from advseg.records import check_records
+from advseg.summary import DEFAULT_PROTOCOL
 from advseg.traces import BatchTrace, cell_trace
 
 DEFAULT_BATCH_SIZE = 16
@@ -701,7 +702,7 @@ class EvaluateConfig:
     losses: list[str] = field(default_factory=lambda: ["bce", "focal", "dicefocal"])
     eps: list[float] = field(default_factory=lambda: [0.009])
     attack_options: dict[str, Any] = field(default_factory=dict)
-    protocol: str = "paper"
+    protocol: str = DEFAULT_PROTOCOL
     batch_size: int = DEFAULT_BATCH_SIZE
     device: str = "auto"
     examples: int = 0
@@ -934,7 +935,7 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
     locations = list(dict.fromkeys(data.location for data in loaded.values()))
     if distributed.is_main():
         with atomic_path(summary_path) as tmp:
-            table.to_csv(tmp, index=False)
+            table.assign(protocol=config.protocol).to_csv(tmp, index=False)
         write_text_atomic(out / "data.json", json.dumps(data_note(list(loaded.values()))))
     cells = summarize_cells(records, config.protocol)
     return EvaluateResult(table, cells, files, summary_path, slices, locations)

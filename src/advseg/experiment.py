@@ -65,7 +65,7 @@ from advseg.records import read_records, white_box, write_records
 from advseg.report import Report, write_report
 from advseg.report.examples import save_examples
 from advseg.report.tables import file_stem, headline_eps
-from advseg.summary import summarize_cells
+from advseg.summary import DEFAULT_PROTOCOL, summarize_cells
 from advseg.traces import write_trace
 from advseg.train import TrainConfig, resolve_device, train_on_data
 from advseg.transfer import source_stem
@@ -169,7 +169,7 @@ class EvaluationSpec:
     max_slices: int | None = None
     batch_size: int = 16
     examples: int = 2
-    protocol: Literal["paper", "per-class", "global"] = "per-class"
+    protocol: Literal["paper", "per-class", "global"] = DEFAULT_PROTOCOL
     trace: bool = False
 
 
@@ -792,7 +792,8 @@ def run_experiment(
     summary = with_intervals(headline, protocol)  # Table II with case-bootstrap intervals
     headline_cells = summarize_cells(headline, protocol)
     if main:
-        write_text_atomic(run_dir / "summary.csv", summary.to_csv(index=False, na_rep="n/a"))
+        written = summary.assign(protocol=protocol)  # the file names its Dice protocol
+        write_text_atomic(run_dir / "summary.csv", written.to_csv(index=False, na_rep="n/a"))
     report = None
     if config.report and main:
         with console.status("writing the report"):

@@ -16,7 +16,7 @@ from advseg.data.location import data_argument
 from advseg.defences import DEFENCES
 from advseg.evaluate import EvaluateConfig, evaluate
 from advseg.losses import LOSSES
-from advseg.summary import UNITS
+from advseg.summary import DEFAULT_PROTOCOL, UNITS
 
 
 def evaluate_command(
@@ -42,7 +42,9 @@ def evaluate_command(
     update: str | None = typer.Option(
         None, "--update", help="FGSM update: sign (eq. 5) or notebook (the paper's blend)."
     ),
-    protocol: str = typer.Option("paper", "--protocol", help="Dice: paper, per-class, global."),
+    protocol: str = typer.Option(
+        DEFAULT_PROTOCOL, "--protocol", help="Dice protocol: paper, per-class or global."
+    ),
     batch_size: int = typer.Option(16, "--batch-size", help="Slices per batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     examples: int = typer.Option(0, "--examples", help="Slices per cell saved for figures."),
@@ -103,7 +105,10 @@ def evaluate_command(
         terminal.print(table)
     kept, left = UNITS[config.protocol]
     for row in result.table.itertuples(index=False):
-        terminal.print(f"{row.model}: clean DSC over {row.units} {kept} ({row.excluded} {left})")
+        terminal.print(
+            f"{row.model}: clean DSC ({config.protocol} Dice) over {row.units} {kept} "
+            f"({row.excluded} {left})"
+        )
     slices = ", ".join(f"{k}: {v}" for k, v in result.slices.items())
     terminal.print(f"slices evaluated ({config.split} split): {slices}")
     terminal.print(f"records: {len(result.record_files)} files in {out / 'records'}")

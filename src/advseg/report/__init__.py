@@ -25,7 +25,7 @@ from advseg.report.claims import claim_sections
 from advseg.report.examples import load_examples
 from advseg.report.html import Block, Section, format_table, render_html, render_markdown
 from advseg.report.stats import correlate
-from advseg.summary import PROTOCOLS, UNITS
+from advseg.summary import DEFAULT_PROTOCOL, PROTOCOLS, UNITS
 
 
 @dataclass
@@ -137,7 +137,7 @@ def _run_protocol(run_dir: Path) -> str:
         protocol = (data.get("evaluation") or {}).get("protocol")
         if protocol:
             return str(protocol)
-    return "per-class"
+    return DEFAULT_PROTOCOL
 
 
 class _Writer:
