@@ -7,54 +7,132 @@ options, call one library function and print its result; they hold no logic. A
 
 from __future__ import annotations
 
+import importlib
 import sys
 import warnings
 
 import typer
 from rich.console import Console
+from typer import _click as click  # typer's own click: its commands raise its exceptions
+from typer.core import TyperGroup
 
 from advseg import __version__
 from advseg.allocator import keep_freed_memory
-from advseg.cli import data
-from advseg.cli import experiment as experiment_cli
-from advseg.cli import report as report_cli
 from advseg.errors import AdvsegWarning, UserError
 
-app = typer.Typer(
-    name="advseg",
-    help="Adversarial robustness of medical image segmentation models.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+HELP = "Adversarial robustness of medical image segmentation models."
+
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "version": ("advseg.cli", "version", "Print the advseg version."),
+    "models": ("advseg.cli.models", "models", "List the models with their parameter counts."),
+    "train": (
+        "advseg.cli.train",
+        "train",
+        "Train a model (AdamW, cosine schedule, early stopping).",
+    ),
+    "evaluate": (
+        "advseg.cli.evaluate",
+        "evaluate_command",
+        "Attack checkpoints on a data split; write records, print Table II.",
+    ),
+    "attacks": (
+        "advseg.cli.evaluate",
+        "attacks_command",
+        "List the attacks (with their options), losses and input defences.",
+    ),
+    "certify": ("advseg.cli.certify", "certify_command", "Certify a model (randomized smoothing)."),
+    "data": ("advseg.cli.data", "app", "Data sets: write the phantom, describe or check one."),
+    "report": ("advseg.cli.report", "app", "Write a run's report from its records (no model)."),
+    "run": ("advseg.cli.experiment", "app", "Run an experiment grid; resumable."),
+    "demo": (
+        "advseg.cli.experiment",
+        "app",
+        "Train a U-Net, attack it with FGSM, write the report.",
+    ),
+}
+"""Command name -> (module, attribute, one-line help). A module is imported only when its command
+runs or shows its own help: ``advseg --help``, ``--version``, ``version`` and a mistyped command
+answer without importing torch, MONAI or matplotlib."""
 
 
-app.add_typer(data.app, name="data")
-
-
-@app.callback()
-def _root() -> None:
-    """Adversarial robustness of medical image segmentation models."""
-
-
-@app.command()
 def version() -> None:
     """Print the advseg version."""
     print(__version__)
 
 
-from advseg.cli import certify as _certify  # noqa: E402
-from advseg.cli import evaluate as _evaluate  # noqa: E402
-from advseg.cli import models as _models  # noqa: E402
-from advseg.cli import train as _train  # noqa: E402
+def _plain_help(command: click.Command) -> click.Command:
+    """Help as plain text: rich markup would take ``[default: ...]`` in help strings for a tag."""
+    if hasattr(command, "rich_markup_mode"):
+        command.rich_markup_mode = None  # type: ignore[attr-defined]
+    command.params = [p for p in command.params if p.name not in _COMPLETION]
+    for sub in getattr(command, "commands", {}).values():
+        _plain_help(sub)
+    return command
 
-app.command("models")(_models.models)
-app.command("train")(_train.train)
-app.command("evaluate")(_evaluate.evaluate_command)
-app.command("attacks")(_evaluate.attacks_command)
-app.command("certify")(_certify.certify_command)
-app.add_typer(report_cli.app)  # advseg report
-app.add_typer(experiment_cli.app)  # advseg run, advseg demo
+
+_COMPLETION = ("install_completion", "show_completion")
+
+
+def load_command(name: str) -> click.Command:
+    """Import the module of command ``name`` and return it as a click command."""
+    module_name, attribute, _ = COMMANDS[name]
+    target = getattr(importlib.import_module(module_name), attribute)
+    if isinstance(target, typer.Typer):
+        command = typer.main.get_command(target)
+        if isinstance(command, TyperGroup) and name in command.commands:  # report, run, demo
+            command = command.commands[name]
+    else:
+        single = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
+        single.command(name)(target)
+        command = typer.main.get_command(single)
+    command.name = name
+    return _plain_help(command)
+
+
+class LazyGroup(TyperGroup):
+    """The ``advseg`` group: lists its commands from :data:`COMMANDS`, imports one when used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return load_command(cmd_name) if cmd_name in COMMANDS else None
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, text) for name, (_, _, text) in COMMANDS.items()])
+
+
+app = typer.Typer(
+    name="advseg",
+    cls=LazyGroup,
+    help=HELP,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(
+        False,
+        "--version",
+        "-V",
+        help="Print the version and exit.",
+        is_eager=True,
+        callback=_print_version,
+    ),
+) -> None:
+    """Adversarial robustness of medical image segmentation models."""
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
