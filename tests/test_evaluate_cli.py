@@ -182,3 +182,16 @@ def test_the_phantom_is_named_in_table_two_data_json_and_the_report(
     report = (out / "report" / "report.md").read_text()
     assert "Data: the synthetic phantom (generated images, not patient data)" in report
     assert "Data: synthetic phantom. Table II at eps" in report
+
+
+def test_evaluate_refuses_an_out_that_holds_a_run(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "records").mkdir(parents=True)
+    (out / "records" / "old__fgsm__eps0.01.parquet").write_bytes(b"old")
+    args = ["evaluate", str(setup / "tiny"), "--out", str(out), "--loss", "bce", "--device", "cpu"]
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.rglob("*")) == ["old__fgsm__eps0.01.parquet", "records"]
+    (out / "records" / "old__fgsm__eps0.01.parquet").unlink()  # an empty records/ is no run
+    assert cli(args) == 0

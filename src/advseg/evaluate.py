@@ -744,6 +744,20 @@ def cell_name(model_name: str, attack: str, eps: float) -> str:
     return f"{model_name}__{attack}__eps{eps:g}"
 
 
+def _refuse_existing_run(out: Path) -> None:
+    """Refuse an ``--out`` that already holds a run: its records would mix with the new summary.
+
+    Raises:
+        UserError: one line naming the directory and what to do instead.
+    """
+    held = [name for name in ("records/*.parquet", "summary.csv") if any(out.glob(name))]
+    if held:
+        raise UserError(
+            f"--out {out}: already holds a run ({', '.join(held)}); give a new directory, or "
+            f"delete this one (advseg run resumes a grid; advseg report rereads its records)"
+        )
+
+
 def checkpoint_label(checkpoint: str | Path) -> str:
     """The model's name in records: the file stem, or the training run's folder for the
     ``<run>/checkpoints/best`` and ``last`` files that ``advseg train`` writes."""
@@ -861,6 +875,7 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
     check_output_dir(out, "--out directory")  # under a file, or not writable: before any work
+    _refuse_existing_run(out)
     distributed.init()
     console = Console(stderr=True, quiet=not (progress and distributed.is_main()))
     device = resolve_device(config.device)
