@@ -195,3 +195,18 @@ def test_evaluate_refuses_an_out_that_holds_a_run(setup, tmp_path, capsys):
     assert sorted(p.name for p in out.rglob("*")) == ["old__fgsm__eps0.01.parquet", "records"]
     (out / "records" / "old__fgsm__eps0.01.parquet").unlink()  # an empty records/ is no run
     assert cli(args) == 0
+
+
+def test_attack_option_and_activation_reach_the_attack(setup, tmp_path, capsys):
+    base = ["evaluate", str(setup / "tiny"), "--loss", "bce", "--device", "cpu"]
+    bad = [*base, "--out", str(tmp_path / "bad"), "--attack-option", "stepz=3"]
+    assert cli(bad) == 2
+    err = capsys.readouterr().err
+    assert "stepz" in err and "fgsm: " in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()  # refused before any work
+    assert cli([*base, "--out", str(tmp_path / "x"), "--attack-option", "pair"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    good = [*base, "--out", str(tmp_path / "ok"), "--attack", "pgd", "--steps", "1"]
+    good += ["--attack-option", "random_start=false", "--activation", "softmax"]
+    assert cli(good) == 0
+    assert len(read_records(tmp_path / "ok")) > 0

@@ -865,7 +865,10 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
     accepted = {name: set(attack_options(name)) for name in config.attacks}
     unused = sorted(set(config.attack_options) - set().union(*accepted.values()))
     if unused:
-        raise UserError(f"attack options {', '.join(unused)}: no attack of the sweep takes them")
+        takes = "; ".join(f"{name}: {', '.join(sorted(keys))}" for name, keys in accepted.items())
+        raise UserError(
+            f"attack options {', '.join(unused)}: no attack of the sweep takes them ({takes})"
+        )
 
     if config.examples < 0:
         raise UserError(f"--examples: {config.examples} must be 0 or more")

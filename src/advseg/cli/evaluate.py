@@ -14,6 +14,7 @@ from advseg.cli.data import CACHE_HELP
 from advseg.cli.table_ii import table_ii
 from advseg.data.location import data_argument
 from advseg.defences import DEFENCES
+from advseg.errors import UserError
 from advseg.evaluate import EvaluateConfig, evaluate
 from advseg.losses import LOSSES
 from advseg.summary import DEFAULT_PROTOCOL, UNITS
@@ -69,6 +70,18 @@ def evaluate_command(
     trace: bool = typer.Option(
         False, "--trace", help="Keep iterative attacks' loss and Dice per step (traces/)."
     ),
+    activation: str | None = typer.Option(
+        None,
+        "--activation",
+        help="sigmoid or softmax: how logits become probabilities (default: sigmoid; softmax "
+        "for models trained with ce, and for the ce loss).",
+    ),
+    attack_option: list[str] = typer.Option(
+        [],
+        "--attack-option",
+        help="Any attack option as KEY=VALUE (repeatable; VALUE read as YAML), e.g. "
+        "random_start=false; `advseg attacks` lists each attack's options.",
+    ),
 ) -> None:
     """Attack checkpoints on a data split; write records and print the paper's Table II.
 
@@ -78,6 +91,14 @@ def evaluate_command(
     options = {"steps": steps, "alpha": alpha, "norm": norm, "restarts": restarts}
     options["update"] = update
     options["eot_samples"] = eot_samples
+    options["activation"] = activation
+    options = {k: v for k, v in options.items() if v is not None}
+    for key, value in parse_options(attack_option).items():
+        if key in options:
+            raise UserError(
+                f"--attack-option {key}: given twice (also as --{key.replace('_', '-')})"
+            )
+        options[key] = value
     config = EvaluateConfig(
         checkpoints=list(checkpoints),
         out=out,
@@ -87,7 +108,7 @@ def evaluate_command(
         attacks=list(attack),
         losses=list(loss),
         eps=list(eps),
-        attack_options={k: v for k, v in options.items() if v is not None},
+        attack_options=options,
         protocol=protocol,
         batch_size=batch_size,
         device=device,
@@ -113,6 +134,29 @@ def evaluate_command(
     terminal.print(f"slices evaluated ({config.split} split): {slices}")
     terminal.print(f"records: {len(result.record_files)} files in {out / 'records'}")
     terminal.print(f"summary: {result.summary_path}")
+
+
+def parse_options(pairs: list[str]) -> dict[str, object]:
+    """``["steps=10", "random_start=false"]`` -> ``{"steps": 10, "random_start": False}``.
+
+    Raises:
+        UserError: a pair without ``=``, or a key given twice: one line naming it.
+    """
+    import yaml
+
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UserError(f"--attack-option {pair!r}: expected KEY=VALUE, e.g. steps=10")
+        if key in options:
+            raise UserError(f"--attack-option {key}: given twice")
+        try:
+            options[key] = yaml.safe_load(text) if text.strip() else text
+        except yaml.YAMLError:
+            options[key] = text
+    return options
 
 
 def attacks_command() -> None:
