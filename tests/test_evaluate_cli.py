@@ -197,7 +197,8 @@ def test_evaluate_refuses_an_out_that_holds_a_run(setup, tmp_path, capsys):
     assert cli(args) == 0
 
 
-def test_attack_option_and_activation_reach_the_attack(setup, tmp_path, capsys):
+def test_attack_option_and_activation_reach_the_attack(setup, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ADVSEG_PROGRESS_SECONDS", "0")
     base = ["evaluate", str(setup / "tiny"), "--loss", "bce", "--device", "cpu"]
     bad = [*base, "--out", str(tmp_path / "bad"), "--attack-option", "stepz=3"]
     assert cli(bad) == 2
@@ -210,3 +211,4 @@ def test_attack_option_and_activation_reach_the_attack(setup, tmp_path, capsys):
     good += ["--attack-option", "random_start=false", "--activation", "softmax"]
     assert cli(good) == 0
     assert len(read_records(tmp_path / "ok")) > 0
+    assert "batches (100%)" in capsys.readouterr().err  # piped: progress lines, not silence

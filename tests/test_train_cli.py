@@ -29,6 +29,7 @@ def test_train_command_on_a_small_synthetic_set(tmp_path, capsys, monkeypatch):
     write_synthetic(data, cases=3, scans=1, slices=6)
     out = tmp_path / "run"
     monkeypatch.chdir(tmp_path)  # --data as typed, relative: the checkpoint stores it resolved
+    monkeypatch.setenv("ADVSEG_PROGRESS_SECONDS", "0")  # captured output is no terminal
     common = ["train", "--out", str(out), "--model", "unet-tiny", "--size", "32"]
     args = [*common, "--data", "data", "--epochs", "2", "--batch-size", "4"]
     args += ["--test-fraction", "0.34", "--val-fraction", "0.5", "--workers", "0"]
@@ -36,6 +37,8 @@ def test_train_command_on_a_small_synthetic_set(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert printed.splitlines()[0] == f"data: {data.resolve()}"
     assert "best validation Dice" in printed
+    assert "epoch 1/2 train: 1/2 batches (50%)" in printed and "ETA 0:00:" in printed  # piped
+    assert "(1 epochs left at most)" in printed  # the whole training's ETA after epoch 1
     _, meta = load_checkpoint(out / "checkpoints" / "best", classes=list(UWMGI_CLASSES))
     assert meta.model == "unet-tiny" and meta.preprocessing["size"] == 32
     assert meta.data["rows"] == {"train": 6, "val": 6, "test": 6}

@@ -72,6 +72,7 @@ from advseg.metrics import (
     psnr,
     ssim,
 )
+from advseg.progress import IntervalLines
 from advseg.records import check_records
 from advseg.summary import DEFAULT_PROTOCOL
 from advseg.traces import BatchTrace, cell_trace
@@ -504,13 +505,18 @@ def score_batch(model: nn.Module, x: Tensor, x_adv: Sequence[Tensor]) -> BatchOu
 def cell_progress(console: Console, description: str) -> Iterator[Callable[[int, int], None]]:
     """A progress bar of one cell's batches on ``console``, removed when the cell ends.
 
-    Yields the ``on_batch`` callback of :func:`evaluate_cell`. A quiet console, or one that is
-    not a terminal (a log file), shows nothing.
+    Yields the ``on_batch`` callback of :func:`evaluate_cell`. A quiet console shows nothing;
+    one that is not a terminal (a log file, a pipe) gets a plain line at intervals, with an ETA
+    (:class:`advseg.progress.IntervalLines`).
     """
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     columns += (TimeElapsedColumn(), TimeRemainingColumn())
     hidden = not console.is_terminal
-    with Progress(*columns, console=console, transient=True, disable=hidden) as bar:
+    if hidden:
+        lines = IntervalLines(lambda text: console.print(text, highlight=False), description, None)
+        yield lambda done, total: lines.update(done, total)
+        return
+    with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task(f"{description}, batches", total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
 

@@ -51,6 +51,7 @@ from advseg.models.checkpoint import (
     save_checkpoint,
 )
 from advseg.models.zoo import create_model, model_spec, resolve
+from advseg.progress import IntervalLines, clock_text
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -283,6 +284,7 @@ def train(
     writer = _tensorboard(out_dir) if config.tensorboard and distributed.is_main() else None
     show = progress and distributed.is_main()
 
+    started, first_epoch = time.monotonic(), run.epoch + 1
     with _progress(show) as bar:
         for epoch in range(run.epoch + 1, config.epochs + 1):
             if run.stopped_early:
@@ -325,6 +327,7 @@ def train(
                 f"val Dice {val_dice:.4f}  "
                 + ("" if robust_dice is None else f"robust val Dice {robust_dice:.4f}  ")
                 + f"lr {lr:.2e}  {stats.images_per_s:.1f} img/s"
+                + _eta_text(time.monotonic() - started, epoch - first_epoch + 1, epoch, config)
             )
             run.epoch = epoch
             score = val_dice if robust_dice is None else robust_dice  # what "best" means
@@ -784,6 +787,14 @@ def _tensorboard(out_dir: Path):
     return SummaryWriter(str(out_dir / "tensorboard"))
 
 
+def _eta_text(elapsed: float, epochs_done: int, epoch: int, config: TrainConfig) -> str:
+    """``  ETA 0:12:30`` for the epochs left at this run's pace (an upper bound: early stopping)."""
+    left = config.epochs - epoch
+    if left <= 0:
+        return ""
+    return f"  ETA {clock_text(elapsed / epochs_done * left)} ({left} epochs left at most)"
+
+
 class _Bar:
     """A rich progress bar with loss, learning rate and images/s, or nothing at all."""
 
@@ -791,6 +802,8 @@ class _Bar:
         self.progress = progress
         self.task = None
         self.fields: dict[str, str] = {}
+        self.done = 0
+        self.lines: IntervalLines | None = None  # output that is no terminal: a line at intervals
 
     def start(self, description: str, total: int) -> None:
         if self.progress is None:
@@ -799,6 +812,9 @@ class _Bar:
             self.progress.update(self.task, visible=False)
         self.fields = {"stats": ""}
         self.task = self.progress.add_task(description, total=total, stats="")
+        self.done = 0
+        if not self.progress.console.is_terminal:
+            self.lines = IntervalLines(self.epoch_done, description, total)
 
     def advance(self, loss: float | None = None, **values: float) -> None:
         if self.progress is None:
@@ -809,6 +825,9 @@ class _Bar:
         if parts:
             self.fields["stats"] = "  ".join(parts)
         self.progress.update(self.task, advance=1, stats=self.fields["stats"])
+        self.done += 1
+        if self.lines is not None:
+            self.lines.update(self.done, extra=self.fields["stats"])
 
     def epoch_done(self, text: str) -> None:
         if self.progress is not None:
@@ -820,13 +839,21 @@ def _progress(show: bool) -> Iterator[_Bar]:
     if not show:
         yield _Bar()
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         TextColumn("{task.fields[stats]}"),
     )
     with Progress(*columns) as progress:
