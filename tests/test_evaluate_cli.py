@@ -212,3 +212,15 @@ def test_attack_option_and_activation_reach_the_attack(setup, tmp_path, capsys, 
     assert cli(good) == 0
     assert len(read_records(tmp_path / "ok")) > 0
     assert "batches (100%)" in capsys.readouterr().err  # piped: progress lines, not silence
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [(["--loss", "dicefocl"], "did you mean 'dicefocal'"), (["--erase", "stomac"], "'stomac'")],
+)
+def test_a_typo_is_refused_before_any_data_is_built(setup, tmp_path, capsys, extra, said):
+    args = ["evaluate", str(setup / "tiny"), "--out", str(tmp_path / "run"), "--device", "cpu"]
+    assert cli([*args, "--cache-dir", str(tmp_path / "cache"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert said in err and len(err.strip().splitlines()) == 1  # no "data: ..." line before it
+    assert not (tmp_path / "cache").exists()

@@ -60,7 +60,7 @@ from advseg.compat import (
 )
 from advseg.data.split import spread_positions
 from advseg.errors import UserError
-from advseg.losses import SOFTMAX_LOSSES
+from advseg.losses import LOSSES, SOFTMAX_LOSSES
 from advseg.metrics import (
     confusion_counts,
     dice_from_counts,
@@ -864,6 +864,9 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
         raise UserError(f"split: {config.split!r} is not 'test' or 'all'")
     for name in config.attacks:
         attack_options(name)  # unknown names fail before any model or data is loaded
+    for name in config.losses:
+        if name not in LOSSES:
+            raise UserError(f"--loss: {LOSSES.unknown_message(name)}")
     for spec in config.defences:
         create_defence(spec)
     if len({defended_name("", spec) for spec in config.defences}) != len(config.defences):
@@ -892,6 +895,12 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
     frames, files, slices = [], [], {}
     for checkpoint in config.checkpoints:
         bare, meta = load_checkpoint(checkpoint, device)
+        unknown = [name for name in config.erase if name not in meta.classes]
+        if unknown:  # before its data set is built
+            raise UserError(
+                f"--erase: unknown class {unknown[0]!r}; valid: {', '.join(meta.classes)} "
+                f"(the classes of {checkpoint})"
+            )
         checkpoint_name = checkpoint_label(checkpoint)
         if checkpoint_name in slices:
             raise UserError(

@@ -64,8 +64,9 @@ def train(
     encoder_weights: str | None = typer.Option(
         None,
         "--encoder-weights",
-        help="'imagenet' (needs internet) or a local safetensors file of encoder weights "
-        "(e.g. model.safetensors of the smp-hub/<encoder>.imagenet repository).",
+        help="'imagenet' (downloaded, needs internet) or a local safetensors file of encoder "
+        "weights (e.g. model.safetensors of the smp-hub/<encoder>.imagenet repository; nothing "
+        "is downloaded). Default: none, random initialisation.",
     ),
     loss: str | None = typer.Option(None, "--loss", help="Training loss (default dicefocal)."),
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default 15)."),
