@@ -144,6 +144,12 @@ def test_correlation_is_n_a_below_three_points_or_when_constant():
     assert correlate([1, 2, 3], [5, 5, 5], names=("p", "AS")).reason == "AS is constant"
     stat = correlate([1, 2, 3, 4], [1, 3, 2, 4])
     assert stat.spearman_rho == pytest.approx(0.8) and 0 < stat.pearson_p < 1
+    reverse = correlate([1e6, 5e6, 2e7], [0.3, 0.2, 0.1])  # 3 models: 2 of 3! pairings as extreme
+    assert reverse.spearman_p == pytest.approx(1 / 3) and reverse.method == "exact"
+    assert "exact p = 0.333" in reverse.describe()
+    many = correlate(np.arange(30.0), np.arange(30.0) ** 2)
+    assert many.method == "permutation" and many.spearman_p == pytest.approx(2 / 10000)
+    assert correlate(np.arange(200.0), np.arange(200.0)).method == "asymptotic"
 
 
 def test_cli_report_prints_table_ii_and_bad_input_is_one_line(tmp_path, capsys):

@@ -33,6 +33,7 @@ from scipy import stats
 from advseg.bootstrap import case_weights
 from advseg.metrics import PAPER_SMOOTH, attack_success, dice_from_counts
 from advseg.report.html import Block, Section
+from advseg.report.stats import RESAMPLES, SEED, smallest_p, spearman_test
 
 ALPHA = 0.05
 ROW_KEYS = ["model", "attack", "eps"]
@@ -75,11 +76,21 @@ def _p(p: float) -> str:
 
 
 def _wilcoxon(d: np.ndarray) -> float:
-    """Two-sided paired Wilcoxon signed-rank p of differences ``d``; 1 when all are zero."""
+    """Two-sided paired Wilcoxon signed-rank p of differences ``d``; 1 when all are zero.
+
+    Zeros are dropped (``wilcox``). scipy's p is exact up to 50 differences without ties (and up
+    to 13 with ties); for 14 to 50 differences with ties it would be asymptotic, so there the p
+    comes from ``RESAMPLES`` seeded sign flips instead. Above 50: the normal approximation.
+    """
     d = d[np.isfinite(d)]
-    if d.size == 0 or not np.any(d != 0):
+    d = d[d != 0]
+    if d.size == 0:
         return 1.0
-    return float(stats.wilcoxon(d, zero_method="wilcox").pvalue)
+    tied = len(np.unique(np.abs(d))) < d.size
+    method = "auto"
+    if tied and 13 < d.size <= 50:
+        method = stats.PermutationMethod(n_resamples=RESAMPLES, rng=np.random.default_rng(SEED))
+    return float(stats.wilcoxon(d, zero_method="wilcox", method=method).pvalue)
 
 
 def _holm(pvalues: list[float]) -> list[float]:
@@ -180,7 +191,8 @@ def ranking_verdict(ranking: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
 
 
 def exact_spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """Spearman's rho with its exact two-sided permutation p-value over all pairings.
+    """Spearman's rho with its two-sided p over pairings (:func:`advseg.report.stats.spearman_test`:
+    every pairing for n <= 8, seeded resampled pairings up to 100 points).
 
     Returns:
         ``(rho, p, smallest attainable p)``; NaNs below three points or for a constant variable.
@@ -189,17 +201,8 @@ def exact_spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     n = len(x)
     if n < 3 or np.all(x == x[0]) or np.all(y == y[0]):
         return float("nan"), float("nan"), float("nan")
-    rho = float(stats.spearmanr(x, y).statistic)
-    result = stats.permutation_test(
-        (x, y),
-        lambda a, b: stats.spearmanr(a, b).statistic,
-        permutation_type="pairings",
-        n_resamples=math.inf if n <= 8 else 20000,
-        alternative="two-sided",
-        random_state=0,
-    )
-    floor = 2 / math.factorial(n) if n <= 8 else 1 / 20000
-    return rho, float(result.pvalue), floor
+    rho, p, _ = spearman_test(x, y)
+    return rho, p, smallest_p(n)
 
 
 def parameters_claim(cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -260,7 +263,8 @@ def luminosity_band(
 
     Returns:
         ``grid`` (luminosity values), ``fit``, ``low``, ``high`` (the band), ``slope`` with
-        ``slope_low`` / ``slope_high``, Spearman ``rho`` and ``p`` (slices as independent), ``n``.
+        ``slope_low`` / ``slope_high``, Spearman ``rho`` and ``p`` (slices as independent; exact
+        or permutation up to 100 slices, ``p_method`` says which), ``n``.
     """
     data = slices[np.isfinite(slices["attack_success"])]
     x, y = data["luminosity"].to_numpy(float), data["attack_success"].to_numpy(float)
@@ -270,7 +274,8 @@ def luminosity_band(
     if len(x) < 3 or np.all(x == x[0]):
         return out
     slope, intercept = np.polyfit(x, y, 1)
-    spearman = stats.spearmanr(x, y)
+    if not np.all(y == y[0]):
+        out["rho"], out["p"], out["p_method"] = spearman_test(x, y)
     cases, owner = np.unique(data["case"].to_numpy(), return_inverse=True)
     weights = case_weights(len(cases), draws, seed)[:, owner].astype(float)  # (D, N) per slice
     sw = weights.sum(1)
@@ -283,8 +288,7 @@ def luminosity_band(
     low, high = np.nanpercentile(lines, [2.5, 97.5], axis=0)
     slope_low, slope_high = np.nanpercentile(slopes, [2.5, 97.5])
     out.update(fit=intercept + slope * grid, low=low, high=high, slope=float(slope),
-               slope_low=float(slope_low), slope_high=float(slope_high),
-               rho=float(spearman.statistic), p=float(spearman.pvalue))  # fmt: skip
+               slope_low=float(slope_low), slope_high=float(slope_high))  # fmt: skip
     return out
 
 
@@ -319,7 +323,8 @@ def luminosity_table(slices: pd.DataFrame) -> pd.DataFrame:
                      "n": band["n"], "slope": band["slope"],
                      "slope_low": band.get("slope_low", float("nan")),
                      "slope_high": band.get("slope_high", float("nan")),
-                     "spearman_rho": band["rho"], "p": band["p"]})  # fmt: skip
+                     "spearman_rho": band["rho"], "p": band["p"],
+                     "p_method": band.get("p_method", "n/a")})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -361,7 +366,8 @@ def claim_sections(writer, records: pd.DataFrame, protocol: str, eps: float) -> 
         Block("text", parameters_words(tests)),
         writer.table("claim_params_tests", tests, (
             f"eps {eps:g}: Spearman rho of parameters and Attack Success over models (mean over "
-            "seeds), exact permutation p over every pairing; smallest_p: the smallest p-value "
+            "seeds), exact permutation p over every pairing (up to 8 models; seeded "
+            "permutations beyond); smallest_p: the smallest p-value "
             "that many models can give; rho_seed_min/max: the range of rho seed by seed.")),
         writer.table("claim_params_spread", spread, (
             "Attack Success per model over training seeds: mean, standard deviation, range.")),
@@ -375,7 +381,8 @@ def claim_sections(writer, records: pd.DataFrame, protocol: str, eps: float) -> 
         section.blocks.append(writer.figure(name, luminosity_figure(part, title), title))
     caption = (
         "Least-squares slope of per-slice Attack Success on luminosity with its 95% interval "
-        "from a bootstrap over cases, and Spearman's rho (p treats slices as independent)."
+        "from a bootstrap over cases, and Spearman's rho (p treats slices as independent; "
+        "p_method: exact over every pairing, seeded permutations, or asymptotic above 100)."
     )
     section.blocks.append(writer.table("claim_luminosity", luminosity_table(at_eps), caption))
     sections.append(section)
