@@ -52,6 +52,35 @@ def test_dice_agrees_with_monai_dice_metric(seed):
     assert dice_score(pred, target)[1, 1] == 0.0  # false positives only
 
 
+def test_dice_on_empty_pairs_follows_the_documented_convention():
+    pred = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    target = pred.clone()
+    target[1, 0, 2:4, 2:4] = True  # slice 1: organ there, nothing predicted
+    assert dice_score(pred, target).flatten().tolist() == [1.0, 0.0]  # empty-empty: 1
+    left_out = dice_score(pred, target, empty=float("nan")).flatten()
+    assert torch.isnan(left_out[0]) and left_out[1] == 0.0
+    assert torch.isnan(iou_score(pred, target, empty=float("nan"))[0, 0])
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (torch.full((1, 1, 4, 4), 0.3), r"values in \[0.3, 0.3\], not a hard mask"),
+        (torch.linspace(-2, 3, 16).reshape(1, 1, 4, 4), r"values in \[-2, 3\]"),
+        (torch.full((1, 1, 4, 4), float("nan")), "holds NaN or inf"),
+    ],
+)
+def test_dice_refuses_probabilities_logits_and_images(bad, match):
+    hard = torch.ones(1, 1, 4, 4)  # 0/1 floats are masks
+    assert dice_score(hard, hard.bool()).item() == 1.0
+    with pytest.raises(ValueError, match=f"dice_score pred: {match}"):
+        dice_score(bad, hard)
+    with pytest.raises(ValueError, match="iou_score target: "):
+        iou_score(hard, bad)
+    with pytest.raises(ValueError, match=r"pred \(1, 1, 4, 4\) and target \(1, 2, 4, 4\)"):
+        dice_score(hard, torch.ones(1, 2, 4, 4))
+
+
 def test_iou_is_dice_over_two_minus_dice():
     pred, target = random_masks(4)
     d, j = dice_score(pred, target), iou_score(pred, target)

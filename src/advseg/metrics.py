@@ -5,8 +5,11 @@ Dice and IoU come from per-(slice, class) pixel counts (``tp``, ``fp``, ``fn``),
 that every Dice protocol of :mod:`advseg.summary` can be recomputed from the records.
 
 Conventions for empty masks (per slice and class): Dice and IoU are 1 when the prediction and
-the ground truth are both empty (MONAI ``ignore_empty=False``); HD95 is 0 when both are empty and
+the ground truth are both empty (MONAI ``ignore_empty=False``; ``dice_score(..., empty=nan)``
+leaves such pairs to be dropped); HD95 is 0 when both are empty and
 NaN when exactly one is (see :func:`hd95`). Which pairs enter a mean is the summary's protocol.
+:func:`dice_score` and :func:`iou_score` take hard masks only (bool or 0/1): probabilities,
+logits or images are refused rather than read as ``!= 0``.
 """
 
 from __future__ import annotations
@@ -71,23 +74,65 @@ def hard_prediction(logits: Tensor, activation: str = "sigmoid") -> Tensor:
     return F.one_hot(logits.argmax(1), logits.shape[1]).permute(0, 3, 1, 2).bool()
 
 
-def dice_score(pred: Tensor, target: Tensor) -> Tensor:
-    """Dice per (slice, class), ``(B, K)`` float64; 1 where both masks are empty.
+def check_binary(name: str, mask: Tensor) -> None:
+    """Refuse a mask that is not hard: ``mask`` must be bool or hold only 0 and 1.
+
+    Probabilities, logits or images would otherwise become masks by ``mask != 0`` (a probability
+    of 0.01 a foreground pixel), a Dice that looks plausible and is wrong.
+
+    Raises:
+        ValueError: naming ``name``, the shape mismatch or the values found, and how to threshold.
+    """
+    if mask.dtype == torch.bool:
+        return
+    if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
+        raise ValueError(f"{name}: holds NaN or inf; pass a hard mask (bool or 0/1)")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        low, high = float(mask.min()), float(mask.max())
+        raise ValueError(
+            f"{name}: values in [{low:g}, {high:g}], not a hard mask (bool or 0/1); threshold "
+            "it first (logits: advseg.metrics.hard_prediction(logits); probabilities: p > 0.5)"
+        )
+
+
+def _checked_counts(pred: Tensor, target: Tensor, who: str) -> tuple[Tensor, Tensor, Tensor]:
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"{who}: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape"
+        )
+    check_binary(f"{who} pred", pred)
+    check_binary(f"{who} target", target)
+    return confusion_counts(pred, target)
+
+
+def dice_score(pred: Tensor, target: Tensor, empty: float = 1.0) -> Tensor:
+    """Dice per (slice, class), ``(B, K)`` float64, of two hard masks.
 
     Equals MONAI ``DiceMetric(include_background=True, reduction="none", ignore_empty=False)``.
+
+    Args:
+        pred, target: masks ``(B, K, H, W)``, bool or holding only 0 and 1 (a ``ValueError``
+            otherwise: threshold logits with :func:`hard_prediction`, probabilities with
+            ``p > 0.5``; images are no masks).
+        empty: the value where both masks of a (slice, class) are empty, where Dice is 0 / 0.
+            The default 1 says "nothing there, nothing predicted: right" (MONAI's
+            ``ignore_empty=False``), so a mean over many empty slices approaches 1 whatever the
+            model does on the organs; pass ``float("nan")`` to leave such pairs out of a
+            ``nanmean`` (what the report's ``per-class`` protocol does: only pairs with a
+            ground-truth mask enter, see :mod:`advseg.summary`). Exactly one empty mask of the
+            two gives 0.
     """
-    tp, fp, fn = confusion_counts(pred, target)
-    return _empty_is_one(dice_from_counts(tp.cpu().numpy(), fp.cpu().numpy(), fn.cpu().numpy()))
+    tp, fp, fn = _checked_counts(pred, target, "dice_score")
+    values = dice_from_counts(tp.cpu().numpy(), fp.cpu().numpy(), fn.cpu().numpy())
+    return torch.from_numpy(np.nan_to_num(values, nan=empty))
 
 
-def iou_score(pred: Tensor, target: Tensor) -> Tensor:
-    """IoU per (slice, class), ``(B, K)`` float64; 1 where both masks are empty."""
-    tp, fp, fn = confusion_counts(pred, target)
-    return _empty_is_one(iou_from_counts(tp.cpu().numpy(), fp.cpu().numpy(), fn.cpu().numpy()))
-
-
-def _empty_is_one(values: np.ndarray) -> Tensor:
-    return torch.from_numpy(np.nan_to_num(values, nan=1.0))
+def iou_score(pred: Tensor, target: Tensor, empty: float = 1.0) -> Tensor:
+    """IoU per (slice, class), ``(B, K)`` float64, of two hard masks; ``empty`` where both
+    masks are empty (the same inputs and convention as :func:`dice_score`)."""
+    tp, fp, fn = _checked_counts(pred, target, "iou_score")
+    values = iou_from_counts(tp.cpu().numpy(), fp.cpu().numpy(), fn.cpu().numpy())
+    return torch.from_numpy(np.nan_to_num(values, nan=empty))
 
 
 def hd95(pred: Tensor, target: Tensor, spacing: np.ndarray | None = None) -> Tensor:
