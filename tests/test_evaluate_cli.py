@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
+import advseg
 from advseg.cli import main
 from advseg.config import to_dict
 from advseg.data import UWMGI_CLASSES, PreprocessConfig, write_synthetic
@@ -182,6 +183,11 @@ def test_the_phantom_is_named_in_table_two_data_json_and_the_report(
     report = (out / "report" / "report.md").read_text()
     assert "Data: the synthetic phantom (generated images, not patient data)" in report
     assert "Data: synthetic phantom. Table II at eps" in report
+    sessions = json.loads((out / "provenance.json").read_text())["sessions"]
+    assert [(s["command"], s["device"]) for s in sessions] == [("advseg evaluate", "cpu")]
+    assert report.index("## Provenance") < report.index("## Table II")
+    assert "| data | SYNTHETIC: the generated phantom, not patient data |" in report
+    assert f"by advseg {advseg.__version__} on cpu" in report and "advseg evaluate " in report
 
 
 def test_evaluate_refuses_an_out_that_holds_a_run(setup, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -78,6 +79,10 @@ def test_run_writes_everything_and_resumes_without_retraining(phantom, tmp_path,
     assert exit_info.value.code == 0
     assert len(list(Path("c2").iterdir())) == 1  # the arrays, decoded into the new cache
     assert load_experiment(run_dir / "config.yaml").data.cache_dir == Path("c2").absolute()
+    sessions = json.loads((run_dir / "provenance.json").read_text())["sessions"]
+    assert [s["command"] for s in sessions] == ["advseg run", "advseg run"]  # run, resumed
+    assert sessions[0]["argv"].startswith("(Python API) ") and sessions[0]["device"] == "cpu"
+    assert sessions[1]["argv"].endswith(f"--out {run_dir} --cache-dir c2")
 
     # Its checkpoint, evaluated on its own, finds the experiment's data and held-out cases.
     best = run_dir / "models" / "unet-tiny" / "checkpoints" / "best"

@@ -167,3 +167,45 @@ def test_cli_report_prints_table_ii_and_bad_input_is_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "missing: no such file or directory" in err
+
+
+def test_provenance_opens_the_report_and_a_broken_model_is_warned_about(tmp_path, monkeypatch):
+    import json
+
+    import advseg
+    from advseg.provenance import read_sessions, record_session
+    from advseg.report.provenance import BROKEN_DICE
+
+    records = _records()
+    broken = records["model"] == "small"  # a model that segments next to nothing
+    records.loc[broken, "tp_clean"] = 0
+    records.loc[broken, "dice_clean"] = 0.0
+    _write_run(tmp_path, records, examples=False)
+    (tmp_path / "config.yaml").write_text("data:\n  path: synthetic\nseed: 7\n")
+    (tmp_path / "data.json").write_text(json.dumps({"fingerprint": "f", "slices": 123}))
+    monkeypatch.setattr("sys.argv", ["advseg", "run", "x.yaml", "--out", "r"])
+    record_session(tmp_path, "advseg run", "cpu")
+    record_session(tmp_path, "advseg run", "cpu")  # a resume: a second session
+    assert len(read_sessions(tmp_path)) == 2
+
+    report = write_report(tmp_path)
+    assert len(report.warnings) == 1 and report.warnings[0].startswith("model small has a clean")
+    assert f"below {BROKEN_DICE:g}" in report.warnings[0]
+    markdown = report.markdown.read_text()
+    assert markdown.index("## Provenance") < markdown.index("## Table II")
+    assert markdown.index("**Warning: model small") < markdown.index("## Table II")
+    assert "SYNTHETIC: the generated phantom, not patient data" in markdown
+    assert "| data set size | 123 slices |" in markdown and "6 slices of 1 cases" in markdown
+    assert "| session 2 command | advseg run x.yaml --out r |" in markdown
+    assert f"by advseg {advseg.__version__} on cpu" in markdown
+    assert "```\ndata:\n  path: synthetic\nseed: 7\n```" in markdown  # the config, verbatim
+    assert 'class="warning"' in report.html.read_text()
+
+
+def test_a_run_without_provenance_says_so(tmp_path):
+    _write_run(tmp_path, _records(), examples=False)
+    report = write_report(tmp_path)
+    assert report.warnings == []
+    markdown = report.markdown.read_text()
+    assert "not recorded (run from before provenance.json was written)" in markdown
+    assert "not recorded (no data.json or config.yaml data.path in the run)" in markdown

@@ -843,6 +843,7 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
     from advseg.data.location import data_note, first_line
     from advseg.defences import create_defence, defend, defended_name
     from advseg.models.checkpoint import check_compatible, load_checkpoint
+    from advseg.provenance import record_session
     from advseg.records import write_records
     from advseg.report.examples import save_examples
     from advseg.report.tables import file_stem
@@ -970,5 +971,6 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
         with atomic_path(summary_path) as tmp:
             table.assign(protocol=config.protocol).to_csv(tmp, index=False)
         write_text_atomic(out / "data.json", json.dumps(data_note(list(loaded.values()))))
+        record_session(out, "advseg evaluate", device)
     cells = summarize_cells(records, config.protocol)
     return EvaluateResult(table, cells, files, summary_path, slices, locations)

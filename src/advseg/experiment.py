@@ -61,6 +61,7 @@ from advseg.models.checkpoint import checkpoint_exists
 from advseg.models.ensemble import ensemble_members
 from advseg.models.zoo import resolve as resolve_model
 from advseg.preflight import check_experiment, data_fingerprint, same_data
+from advseg.provenance import record_session
 from advseg.records import read_records, white_box, write_records
 from advseg.report import Report, write_report
 from advseg.report.examples import save_examples
@@ -702,6 +703,8 @@ def run_experiment(
     seed_of: dict[tuple[str, int | None], int] = {}  # the training seed of each model loaded
     trained = []
     device = resolve_device(config.train.device)
+    if main:
+        record_session(run_dir, "advseg run", device)  # version, device, date for the report
 
     variants = {
         name: (spec, defence)

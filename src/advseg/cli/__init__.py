@@ -19,6 +19,7 @@ from typer.core import TyperGroup
 from advseg import __version__
 from advseg.allocator import keep_freed_memory
 from advseg.errors import AdvsegWarning, UserError
+from advseg.provenance import set_arguments
 
 HELP = "Adversarial robustness of medical image segmentation models."
 
@@ -151,9 +152,12 @@ _python_show_warning = warnings.showwarning
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point; ``argv`` defaults to ``sys.argv[1:]``."""
     keep_freed_memory()
+    set_arguments(sys.argv[1:] if argv is None else argv)  # what provenance.json records
     warnings.showwarning = _show_warning
     try:
         app(args=argv, prog_name="advseg")
     except UserError as err:
         Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    finally:
+        set_arguments(None)

@@ -18,6 +18,8 @@ def print_report(report: Report, console: Console) -> None:
     """Table II, what the report could not show, and where it is."""
     for table in table_ii(report.cells, report.protocol, report.locations):
         console.print(table)
+    for line in report.warnings:
+        console.print(f"[bold red]warning:[/] {line}", highlight=False)
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     console.print(f"report: [bold]{report.html}[/] (also {report.markdown.name}, CSV and PNG)")

@@ -1,5 +1,8 @@
 """The report of a run: tables, figures and one self-contained HTML page, from records only.
 
+It opens with its provenance (:mod:`advseg.report.provenance`: advseg version, data and whether
+it is the synthetic phantom, config, device, dates, a warning per broken model).
+
 :func:`write_report` reads a run directory's ``records/*.parquet`` (and, for the example panels,
 ``examples/*.npz``), never a model, so it can be re-run at any time. It writes into
 ``RUN_DIR/report/``: ``report.html`` (figures embedded), ``report.md``, one CSV per table with the
@@ -17,10 +20,17 @@ from advseg.atomic import check_output_dir, write_bytes_atomic, write_text_atomi
 from advseg.bootstrap import with_intervals
 from advseg.config import load_yaml
 from advseg.data.location import PHANTOM_LABEL, describe, is_synthetic, phantom_note, run_locations
-from advseg.defences.smoothing import certified_summary, read_certified
 from advseg.errors import UserError
 from advseg.records import read_records, white_box
-from advseg.report import convergence, cross_model, defences, figures, tables, training
+from advseg.report import (
+    convergence,
+    cross_model,
+    defences,
+    figures,
+    provenance,
+    tables,
+    training,
+)
 from advseg.report.claims import claim_sections
 from advseg.report.examples import load_examples
 from advseg.report.html import Block, Section, format_table, render_html, render_markdown
@@ -43,6 +53,8 @@ class Report:
         locations: the data sets the records were computed on (``synthetic`` for the phantom,
             or paths; :func:`advseg.data.location.run_locations`), empty when the run does not
             say.
+        warnings: one line per model whose clean DSC is below
+            :data:`advseg.report.provenance.BROKEN_DICE` (also at the top of the report).
     """
 
     html: Path
@@ -54,6 +66,7 @@ class Report:
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     locations: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def write_report(
@@ -98,6 +111,7 @@ def write_report(
     classes = list(records["class"].drop_duplicates())
     locations = run_locations(run_dir)
     sections = [
+        provenance.section(writer, run_dir, records, table_ii, protocol, locations),
         _table_section(writer, records[records["eps"] == eps], protocol, eps, locations),
         _eps_section(writer, cells),
         _panel_section(writer, run_dir, at_eps, classes, eps),
@@ -110,7 +124,7 @@ def write_report(
         *training.sections(writer, run_dir, every_record, protocol, eps),
         *convergence.sections(writer, run_dir, eps),
     ]
-    sections += _defence_sections(writer, run_dir, records, protocol, eps)
+    sections += defences.sections(writer, run_dir, records, protocol, eps)
     cell_files = len(list((run_dir / "records").glob("*.parquet")))
     intro = (
         f"Run {run_dir.resolve()}: {len(records)} records from {cell_files} cell "
@@ -126,7 +140,7 @@ def write_report(
     md_path = writer.text("report.md", render_markdown(title, intro, sections))
     return Report(
         html_path, md_path, table_ii, headline_cells, protocol, eps, writer.files, writer.notes,
-        locations,
+        locations, provenance.warnings_for(table_ii, protocol),
     )  # fmt: skip
 
 
@@ -359,40 +373,6 @@ def _luminosity_section(
         )
     )
     return section
-
-
-def _defence_sections(
-    writer: _Writer, run_dir: Path, records: pd.DataFrame, protocol: str, eps: float
-) -> list[Section]:
-    """The defence table and the certified-Dice curve, when the run has defences to show."""
-    certified = read_certified(run_dir)
-    defended = records["model"].str.contains("+", regex=False).any()
-    adaptive = records["attack"].str.contains("+", regex=False).any()
-    if certified is None and not defended and not adaptive:
-        return []
-    table = defences.defence_table(records, certified, run_dir, protocol, eps)
-    caption = (
-        f"Defences at eps {eps:g} ('{protocol}' DSC): clean; the strongest attack as given and "
-        "the strongest adaptive one (+bpda: gradient straight through a non-differentiable "
-        "input defence, +eot: logits averaged over its random draws); certified DSC at L2 "
-        "radii (randomized smoothing, abstentions count as wrong); the defence trained in and "
-        "the training time (s)."
-    )
-    sections = [Section("Defences", [writer.table("defences", table, caption)])]
-    if certified is not None:
-        summary = certified_summary(certified, protocol)
-        figure = defences.certified_curve(summary)
-        caption = "Certified DSC and abstained pixels against the L2 radius (certified/)."
-        sections.append(
-            Section(
-                "Certified Dice against radius",
-                [
-                    writer.figure("certified_dice", figure, caption),
-                    writer.table("certified", summary, "Per (model, sigma, radius)."),
-                ],
-            )
-        )
-    return sections
 
 
 def _class_section(writer: _Writer, records: pd.DataFrame, protocol: str, eps: float) -> Section:

@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from advseg.defences.smoothing import certified_summary, read_certified
+from advseg.report.html import Section
 from advseg.summary import summarize_cells
 
 
@@ -124,3 +127,37 @@ def certified_curve(summary: pd.DataFrame) -> Figure:
     left.legend(title="model", fontsize="small")
     figure.tight_layout()
     return figure
+
+
+def sections(
+    writer: Any, run_dir: Path, records: pd.DataFrame, protocol: str, eps: float
+) -> list[Section]:
+    """The defence table and the certified-Dice curve, when the run has defences to show."""
+    certified = read_certified(run_dir)
+    defended = records["model"].str.contains("+", regex=False).any()
+    adaptive = records["attack"].str.contains("+", regex=False).any()
+    if certified is None and not defended and not adaptive:
+        return []
+    table = defence_table(records, certified, run_dir, protocol, eps)
+    caption = (
+        f"Defences at eps {eps:g} ('{protocol}' DSC): clean; the strongest attack as given and "
+        "the strongest adaptive one (+bpda: gradient straight through a non-differentiable "
+        "input defence, +eot: logits averaged over its random draws); certified DSC at L2 "
+        "radii (randomized smoothing, abstentions count as wrong); the defence trained in and "
+        "the training time (s)."
+    )
+    sections = [Section("Defences", [writer.table("defences", table, caption)])]
+    if certified is not None:
+        summary = certified_summary(certified, protocol)
+        figure = certified_curve(summary)
+        caption = "Certified DSC and abstained pixels against the L2 radius (certified/)."
+        sections.append(
+            Section(
+                "Certified Dice against radius",
+                [
+                    writer.figure("certified_dice", figure, caption),
+                    writer.table("certified", summary, "Per (model, sigma, radius)."),
+                ],
+            )
+        )
+    return sections

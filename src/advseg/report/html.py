@@ -26,15 +26,20 @@ tr:nth-child(even) td { background: #fafafa; }
 img { max-width: 100%; border: 1px solid #e2e2e2; margin: .5rem 0; }
 .wide { overflow-x: auto; } figure { margin: 1rem 0; }
 .note { color: #555; font-size: .9rem; } .file { color: #777; font-size: .8rem; }
+.warning { color: #8a1c1c; background: #fdecec; border-left: 4px solid #c62828;
+           padding: .4rem .7rem; font-weight: 600; }
+pre { background: #f6f8fa; padding: .6rem; overflow-x: auto; font-size: .82rem; }
 """
 
 
 @dataclass
 class Block:
-    """One piece of a section: ``kind`` is ``text``, ``table`` or ``figure``.
+    """One piece of a section: ``kind`` is ``text``, ``warning``, ``code``, ``table`` or
+    ``figure``.
 
     Attributes:
-        text: the paragraph (text), or the caption (table, figure).
+        text: the paragraph (text, warning), or the caption (code, table, figure).
+        code: verbatim text, e.g. a YAML config (code).
         table: the table as display strings (table).
         png: the figure's PNG bytes (figure).
         file: the CSV or PNG file written beside the report for this block.
@@ -45,6 +50,7 @@ class Block:
     table: pd.DataFrame | None = None
     png: bytes | None = None
     file: str = ""
+    code: str = ""
 
 
 @dataclass
@@ -95,6 +101,13 @@ def _html_block(block: Block) -> str:
     file = f' <span class="file">({html.escape(block.file)})</span>' if block.file else ""
     if block.kind == "text":
         return f"<p>{html.escape(block.text)}</p>"
+    if block.kind == "warning":
+        return f'<p class="warning">Warning: {html.escape(block.text)}</p>'
+    if block.kind == "code":
+        return (
+            f"<details><summary>{html.escape(block.text)}{file}</summary>"
+            f"<pre>{html.escape(block.code)}</pre></details>"
+        )
     if block.kind == "table":
         table = block.table.to_html(index=False, border=0, escape=True)
         return f'<p class="note">{html.escape(block.text)}{file}</p><div class="wide">{table}</div>'
@@ -113,6 +126,11 @@ def render_markdown(title: str, intro: str, sections: list[Section]) -> str:
         for block in section.blocks:
             if block.kind == "text":
                 lines += [block.text, ""]
+            elif block.kind == "warning":
+                lines += [f"**Warning: {block.text}**", ""]
+            elif block.kind == "code":
+                lines += [f"{block.text} ({block.file})" if block.file else block.text, ""]
+                lines += ["```", block.code.rstrip("\n"), "```", ""]
             elif block.kind == "table":
                 lines += [f"{block.text} ({block.file})", "", _markdown_table(block.table), ""]
             else:

@@ -1,0 +1,126 @@
+"""The report's first section: where its numbers came from, and whether a model is usable.
+
+What advseg wrote (version, command line, device, dates: :mod:`advseg.provenance`), the data
+(the synthetic phantom said plainly, else the path; slices in the data set and evaluated; cases),
+the run's ``config.yaml`` verbatim, the report's own version and date, and a warning for each
+model whose clean DSC is below :data:`BROKEN_DICE` (its Attack Success measures noise).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+import advseg
+from advseg.data.location import describe, is_synthetic
+from advseg.provenance import now, read_sessions
+from advseg.report.html import Block, Section
+
+BROKEN_DICE = 0.1
+"""A clean DSC below this (on the report's protocol) marks a model as broken: it segments next to
+nothing, so the Dice an attack removes is noise, not robustness."""
+
+
+def broken_models(table: pd.DataFrame) -> list[tuple[str, float]]:
+    """``(model, clean DSC)`` of Table II's rows whose clean DSC is below :data:`BROKEN_DICE`."""
+    found = []
+    for model, dsc in zip(table["model"], table["DSC clean"], strict=True):
+        if pd.notna(dsc) and float(dsc) < BROKEN_DICE:
+            found.append((str(model), float(dsc)))
+    return found
+
+
+def warnings_for(table: pd.DataFrame, protocol: str) -> list[str]:
+    """One line per broken model, naming the threshold."""
+    return [
+        f"model {model} has a clean DSC of {dsc:.3f} ('{protocol}'), below {BROKEN_DICE:g}, the "
+        "least a usable model reaches: it segments next to nothing, so its Attack Success and "
+        "DSC under attack say nothing about robustness (train it longer or check its data)."
+        for model, dsc in broken_models(table)
+    ]
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _data_rows(run_dir: Path, records: pd.DataFrame, locations: list[str]) -> list[tuple]:
+    if not locations:
+        source = "not recorded (no data.json or config.yaml data.path in the run)"
+    elif all(is_synthetic(x) for x in locations):
+        source = "SYNTHETIC: the generated phantom, not patient data"
+    else:
+        source = ", ".join(
+            describe(x) + (" (synthetic phantom)" if is_synthetic(x) else "") for x in locations
+        )
+    saved = _json(run_dir / "data.json")
+    rows = [("data", source)]
+    if "slices" in saved:
+        rows.append(("data set size", f"{saved['slices']} slices"))
+    slices = records["slice_id"].nunique()
+    rows.append(("evaluated", f"{slices} slices of {records['case'].nunique()} cases"))
+    return rows
+
+
+def _session_rows(run_dir: Path) -> list[tuple]:
+    sessions = read_sessions(run_dir)
+    if not sessions:
+        return [("computed", "not recorded (run from before provenance.json was written)")]
+    rows = []
+    for i, s in enumerate(sessions, 1):
+        label = "computed" if len(sessions) == 1 else f"session {i}"
+        what = (
+            f"{s.get('started', '?')} by advseg {s.get('advseg', '?')} on "
+            f"{s.get('device', '?')} (torch {s.get('torch', '?')}, python {s.get('python', '?')})"
+        )
+        rows += [(label, what), (f"{label} command", str(s.get("argv", s.get("command", "?"))))]
+    return rows
+
+
+def _checkpoint_versions(run_dir: Path) -> list[tuple]:
+    """The advseg version each model of a run was trained with (models/<m>/checkpoints)."""
+    rows = []
+    for meta in sorted((run_dir / "models").glob("**/checkpoints/best.json")):
+        versions = (_json(meta).get("meta") or {}).get("versions") or {}
+        if "advseg" in versions:
+            name = meta.parent.parent.relative_to(run_dir / "models").as_posix()
+            rows.append((f"trained: {name}", f"advseg {versions['advseg']}"))
+    return rows
+
+
+def section(
+    writer: Any,
+    run_dir: Path,
+    records: pd.DataFrame,
+    table: pd.DataFrame,
+    protocol: str,
+    locations: list[str],
+) -> Section:
+    """The provenance section (``writer`` is the report's file writer)."""
+    blocks = [Block("warning", line) for line in warnings_for(table, protocol)]
+    rows = [
+        ("run", str(run_dir.resolve())),
+        *_data_rows(run_dir, records, locations),
+        *_session_rows(run_dir),
+        *_checkpoint_versions(run_dir),
+        ("report", f"{now()} by advseg {advseg.__version__}"),
+        ("Dice protocol", protocol),
+        ("broken-model threshold", f"clean DSC < {BROKEN_DICE:g}"),
+    ]
+    frame = pd.DataFrame(rows, columns=["what", "value"])
+    caption = "Where these numbers came from (dates in UTC)."
+    blocks.append(writer.table("provenance", frame, caption))
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        code = config.read_text()
+        blocks.append(Block("code", f"The run's configuration ({config.resolve()})", code=code))
+    else:
+        blocks.append(Block("text", "No config.yaml: the command line above is the settings."))
+    return Section("Provenance", blocks)
