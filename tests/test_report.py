@@ -173,7 +173,7 @@ def test_provenance_opens_the_report_and_a_broken_model_is_warned_about(tmp_path
     import json
 
     import advseg
-    from advseg.provenance import read_sessions, record_session
+    from advseg.provenance import read_sessions, record_session, set_arguments
     from advseg.report.provenance import BROKEN_DICE
 
     records = _records()
@@ -183,9 +183,13 @@ def test_provenance_opens_the_report_and_a_broken_model_is_warned_about(tmp_path
     _write_run(tmp_path, records, examples=False)
     (tmp_path / "config.yaml").write_text("data:\n  path: synthetic\nseed: 7\n")
     (tmp_path / "data.json").write_text(json.dumps({"fingerprint": "f", "slices": 123}))
-    monkeypatch.setattr("sys.argv", ["advseg", "run", "x.yaml", "--out", "r"])
-    record_session(tmp_path, "advseg run", "cpu")
-    record_session(tmp_path, "advseg run", "cpu")  # a resume: a second session
+    monkeypatch.setattr("sys.argv", ["script.py", "--flag"])
+    record_session(tmp_path, "advseg run", "cpu")  # from Python: marked so
+    set_arguments(["run", "x.yaml", "--out", "r"])  # what advseg.cli.main does
+    try:
+        record_session(tmp_path, "advseg run", "cpu")  # a resume: a second session
+    finally:
+        set_arguments(None)
     assert len(read_sessions(tmp_path)) == 2
 
     report = write_report(tmp_path)
@@ -196,6 +200,7 @@ def test_provenance_opens_the_report_and_a_broken_model_is_warned_about(tmp_path
     assert markdown.index("**Warning: model small") < markdown.index("## Table II")
     assert "SYNTHETIC: the generated phantom, not patient data" in markdown
     assert "| data set size | 123 slices |" in markdown and "6 slices of 1 cases" in markdown
+    assert "| session 1 command | (Python API) script.py --flag |" in markdown
     assert "| session 2 command | advseg run x.yaml --out r |" in markdown
     assert f"by advseg {advseg.__version__} on cpu" in markdown
     assert "```\ndata:\n  path: synthetic\nseed: 7\n```" in markdown  # the config, verbatim
