@@ -87,6 +87,14 @@ def test_report_renders_summarize_and_writes_every_file(tmp_path):
     assert {"dsc_vs_eps.png", "loss_comparison.png", "params_vs_attack_success.png"} <= names
     assert {f"panel_{m}_fgsm.png" for m in MODELS} <= names
     assert report.notes == []
+    pngs = {n for n in names if n.endswith(".png")}
+    assert {n[:-4] + ".svg" for n in pngs} <= names  # every figure also as vector graphics
+    svg = (tmp_path / "report" / "dsc_vs_eps.svg").read_text()
+    assert svg.startswith("<?xml") and "<svg" in svg
+    cells_header = (tmp_path / "report" / "cells.csv").read_text().splitlines()[0].split(",")
+    assert {"HD95 clean (px)", "HD95 adv (px)", "HD95 clean (mm)", "HD95 adv (mm)"} <= set(
+        cells_header
+    )
 
     html = report.html.read_text()
     assert html.count("data:image/png;base64,") == sum(n.endswith(".png") for n in names)
@@ -120,6 +128,11 @@ def test_report_without_examples_says_so_and_small_samples_say_n_a(tmp_path):
     assert "panels need a run with evaluation.examples" in report.html.read_text()
     table = pd.read_csv(tmp_path / "report" / "params_correlation.csv")
     assert set(table["pearson_r"]) == {"n/a (n < 3)"}
+    names = {p.name for p in report.files}
+    assert "params_vs_attack_success.png" not in names  # two models: a table, not a plot
+    points = pd.read_csv(tmp_path / "report" / "params_vs_attack_success.csv")
+    assert points["model"].tolist() == ["mid", "small"] and "fgsm / bce" in points.columns
+    assert "so a table rather than a plot" in report.markdown.read_text()
 
 
 def test_bad_run_directories_get_one_line_naming_the_file(tmp_path):
@@ -214,3 +227,33 @@ def test_a_run_without_provenance_says_so(tmp_path):
     markdown = report.markdown.read_text()
     assert "not recorded (run from before provenance.json was written)" in markdown
     assert "not recorded (no data.json or config.yaml data.path in the run)" in markdown
+
+
+def test_figures_are_grids_with_legends_off_the_values():
+    from advseg.report import figures
+
+    cells = (
+        pd.DataFrame(
+            [
+                {"model": m, "attack": "fgsm", "loss": loss, "eps": e, "dsc_clean": 0.8,
+                 "dsc_adv": 0.8 - 5 * e, "attack_success": 5 * e / 0.8, "params": 1e6}
+                for m in ("a", "b", "c", "d")
+                for loss in ("bce", "dice", "focal", "dicefocal", "ce")
+                for e in (0.01, 0.03)
+            ]
+        )
+    )  # fmt: skip
+    figure = figures.dsc_vs_eps(cells)
+    shown = [ax for ax in figure.axes if ax.axison]
+    assert len(shown) == 5 and len({round(ax.get_position().x0, 3) for ax in shown}) == 3
+    assert len(figure.legends) == 1 and all(ax.get_legend() is None for ax in shown)
+    figure.canvas.draw()
+    legend = figure.legends[0].get_window_extent()
+    assert all(legend.y1 <= ax.get_window_extent().y0 for ax in shown)  # below every panel
+    figures.to_png(figure)
+
+    bars = figures.loss_comparison(cells[cells["eps"] == 0.03])
+    bars.canvas.draw()
+    ax = bars.axes[0]
+    assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1  # beside
+    figures.to_png(bars)

@@ -6,7 +6,8 @@ it is the synthetic phantom, config, device, dates, a warning per broken model).
 :func:`write_report` reads a run directory's ``records/*.parquet`` (and, for the example panels,
 ``examples/*.npz``), never a model, so it can be re-run at any time. It writes into
 ``RUN_DIR/report/``: ``report.html`` (figures embedded), ``report.md``, one CSV per table with the
-raw numbers, one PNG per figure. Every DSC and Attack Success comes from :mod:`advseg.summary`.
+raw numbers, each figure as PNG and as SVG (vector, for papers). Every DSC and Attack Success
+comes from :mod:`advseg.summary`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from advseg.report import (
 from advseg.report.claims import claim_sections
 from advseg.report.examples import load_examples
 from advseg.report.html import Block, Section, format_table, render_html, render_markdown
-from advseg.report.stats import correlate
+from advseg.report.stats import MIN_POINTS, correlate
 from advseg.summary import DEFAULT_PROTOCOL, PROTOCOLS, UNITS
 
 
@@ -172,10 +173,12 @@ class _Writer:
         return Block("table", caption, table=format_table(frame), file=f"{name}.csv")
 
     def figure(self, name: str, figure: object, caption: str) -> Block:
-        png = figures.to_png(figure)
-        write_bytes_atomic(self.out / f"{name}.png", png)
-        self.files.append(self.out / f"{name}.png")
-        return Block("figure", caption, png=png, file=f"{name}.png")
+        """The figure as ``name.png`` (embedded in the HTML) and ``name.svg`` beside it."""
+        rendered = figures.render(figure, ("png", "svg"))
+        for kind, data in rendered.items():
+            write_bytes_atomic(self.out / f"{name}.{kind}", data)
+            self.files.append(self.out / f"{name}.{kind}")
+        return Block("figure", caption, png=rendered["png"], file=f"{name}.png")
 
     def note(self, text: str) -> Block:
         self.notes.append(text)
@@ -232,9 +235,13 @@ def _eps_section(writer: _Writer, cells: pd.DataFrame) -> Section:
         section.blocks.append(
             writer.note("No (attack, loss) was evaluated at two or more eps values: no curve.")
         )
-    section.blocks.append(
-        writer.table("cells", cells, "Every (model, attack, loss, eps) cell of the run.")
+    caption = (
+        "Every (model, attack, loss, eps) cell of the run. HD95: the 95th-percentile Hausdorff "
+        "distance, mean over the (slice, class) pairs where both masks are non-empty (HD95 "
+        "pairs; HD95 excluded: left out), in model pixels (px) and, where the data gives pixel "
+        "spacings, millimetres (mm: spacing x resize factor)."
     )
+    section.blocks.append(writer.table("cells", tables.with_units(cells), caption))
     return section
 
 
@@ -298,6 +305,24 @@ def _params_section(writer: _Writer, at_eps: pd.DataFrame, eps: float) -> Sectio
         name: correlate(f["params_m"], f["attack_success"], names=("parameters", "AS"))
         for name, f in points.groupby("series")
     }
+    caption = (
+        "Pearson and Spearman correlation of parameters and Attack Success over models; "
+        "p_method: exact (every pairing of the models), permutation or asymptotic."
+    )
+    correlation = writer.table("params_correlation", stats, caption)
+    models = points["model"].nunique()
+    if models < MIN_POINTS:  # two points make a line, not evidence: show the numbers
+        table = points.pivot_table(
+            index=["model", "params_m"], columns="series", values="attack_success"
+        ).reset_index()
+        table.columns = [str(c) for c in table.columns]
+        caption = (
+            f"Attack Success per model and attack / loss at eps {eps:g}, with the parameter "
+            f"count in millions: {models} model(s), fewer than {MIN_POINTS}, so a table rather "
+            "than a plot; no correlation can be tested."
+        )
+        blocks = [writer.table("params_vs_attack_success", table, caption), correlation]
+        return Section("Parameter count against Attack Success", blocks)
     figure = figures.scatter_with_stats(
         points,
         "params_m",
@@ -309,21 +334,13 @@ def _params_section(writer: _Writer, at_eps: pd.DataFrame, eps: float) -> Sectio
         title=f"Parameter count against Attack Success (eps {eps:g}), one point per model",
     )
     writer.text("params_vs_attack_success.csv", points.to_csv(index=False, na_rep="n/a"))
+    caption = (
+        "The paper claims a negligible correlation; tested per attack / loss "
+        "(points: params_vs_attack_success.csv)."
+    )
     return Section(
         "Parameter count against Attack Success",
-        [
-            writer.figure(
-                "params_vs_attack_success",
-                figure,
-                "The paper claims a negligible correlation; tested per attack / loss "
-                "(points: params_vs_attack_success.csv).",
-            ),
-            writer.table(
-                "params_correlation",
-                stats,
-                "Pearson and Spearman correlation of parameters and Attack Success over models.",
-            ),
-        ],
+        [writer.figure("params_vs_attack_success", figure, caption), correlation],
     )
 
 

@@ -293,11 +293,13 @@ def luminosity_band(
 
 
 def luminosity_figure(slices: pd.DataFrame, title: str) -> Figure:
-    """Per-slice Attack Success against luminosity, one panel per model, with the band."""
+    """Per-slice Attack Success against luminosity, one panel per model (a grid of at most
+    three columns), with the band; one legend below the panels."""
+    from advseg.report.figures import panel_grid
+
     models = list(slices["model"].drop_duplicates())
-    figure = Figure(figsize=(4.2 * len(models), 3.6))
-    for i, model in enumerate(models):
-        ax = figure.add_subplot(1, len(models), i + 1)
+    figure, axes = panel_grid(len(models), width=4.4, height=3.5)
+    for ax, model in zip(axes, models, strict=True):
         part = slices[slices["model"] == model]
         ax.scatter(part["luminosity"], part["attack_success"], s=8, alpha=0.5, label="slices")
         band = luminosity_band(part)
@@ -309,7 +311,14 @@ def luminosity_figure(slices: pd.DataFrame, title: str) -> Figure:
         ax.set_title(heading, fontsize=9)
         ax.set_xlabel("slice luminosity (mean intensity, [0, 1])")
         ax.set_ylabel("Attack Success of the slice")
-        ax.legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes[1:]:  # a panel without a band adds nothing new; one with it, the band
+        more = ax.get_legend_handles_labels()
+        for handle, label in zip(*more, strict=True):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    figure.legend(handles, labels, loc="outside lower center", ncol=3, fontsize="small")
     figure.suptitle(title, fontsize=10)
     return figure
 

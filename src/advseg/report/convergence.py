@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
+from advseg.report.figures import legend_beside
 from advseg.report.html import Section
 from advseg.report.tables import file_stem
 from advseg.traces import read_traces
@@ -58,7 +59,7 @@ def dice_vs_step(traces: pd.DataFrame, title: str) -> Figure:
     axis.set_ylim(0, 1.02)
     axis.set_title(title)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize="small")
+    legend_beside(axis, fontsize="small")
     figure.tight_layout()
     return figure
 

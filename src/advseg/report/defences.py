@@ -124,7 +124,10 @@ def certified_curve(summary: pd.DataFrame) -> Figure:
     right.set_ylabel("pixels abstained (%)")
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    left.legend(title="model", fontsize="small")
+    right.legend(
+        *left.get_legend_handles_labels(), title="model", fontsize="small",
+        loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+    )  # fmt: skip
     figure.tight_layout()
     return figure
 

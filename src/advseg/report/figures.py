@@ -36,18 +36,61 @@ ALPHA = 0.55
 
 def to_png(figure: Figure, dpi: int = 110) -> bytes:
     """Render ``figure`` to PNG bytes and close it."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return render(figure, ("png",), dpi)["png"]
+
+
+def render(figure: Figure, formats: tuple[str, ...] = ("png", "svg"), dpi: int = 110) -> dict:
+    """Render ``figure`` once per format (``png``, ``svg``, ``pdf``: matplotlib's writers) and
+    close it; SVG and PDF keep lines and text as vectors (images inside stay raster).
+
+    Returns:
+        ``{format: bytes}``.
+    """
+    out = {}
+    for name in formats:
+        buffer = io.BytesIO()
+        metadata = {"Date": None} if name == "svg" else None  # same figure, same bytes
+        figure.savefig(buffer, format=name, dpi=dpi, bbox_inches="tight", metadata=metadata)
+        out[name] = buffer.getvalue()
     plt.close(figure)
-    return buffer.getvalue()
+    return out
 
 
 def _label(attack: str, loss: str) -> str:
     return f"{attack.upper()} / {loss}"
 
 
+MAX_COLUMNS = 3
+"""Panels per row in a grid of panels (a reviewer reads 3 across, not 8 in a strip)."""
+
+
+def panel_grid(count: int, width: float = 4.6, height: float = 3.5) -> tuple[Figure, list]:
+    """A figure with ``count`` panels in rows of at most :data:`MAX_COLUMNS`, the unused ones
+    hidden; constrained layout, so a legend placed ``outside`` gets its own room.
+
+    Returns:
+        ``(figure, axes)``, ``axes`` the ``count`` panels in reading order.
+    """
+    columns = min(MAX_COLUMNS, max(count, 1))
+    rows = -(-count // columns)
+    figure, grid = plt.subplots(
+        rows, columns, figsize=(width * columns, height * rows + 0.9), squeeze=False,
+        layout="constrained",
+    )  # fmt: skip
+    axes = list(grid.flat)
+    for ax in axes[count:]:
+        ax.set_axis_off()
+    return figure, axes[:count]
+
+
+def legend_beside(ax: plt.Axes, **kwargs: object) -> None:
+    """The axes' legend to its right, outside the plotted area, so it covers no value."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kwargs)
+
+
 def dsc_vs_eps(cells: pd.DataFrame) -> Figure:
-    """DSC against eps, one line per model, one panel per (attack, loss); eps 0 is the clean DSC.
+    """DSC against eps, one line per model, one panel per (attack, loss) in a grid of at most
+    :data:`MAX_COLUMNS` columns; eps 0 is the clean DSC. One legend below the grid.
 
     The paper's Figure 5 shows images at a few eps values; this is the same question as a curve.
     Only (attack, loss) pairs evaluated at two or more eps values are drawn.
@@ -59,22 +102,30 @@ def dsc_vs_eps(cells: pd.DataFrame) -> Figure:
     ]
     if not groups:
         raise ValueError("no (attack, loss) pair was evaluated at two or more eps values")
-    figure, axes = plt.subplots(
-        1, len(groups), figsize=(5.2 * len(groups), 4.0), squeeze=False, sharey=True
-    )
-    for ax, ((attack, loss), frame) in zip(axes[0], groups, strict=True):
+    models = sorted(cells["model"].astype(str).unique())
+    colours = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    markers = {m: "osD^vP*Xh<>"[i // 10 % 11] for i, m in enumerate(models)}
+    figure, axes = panel_grid(len(groups))
+    columns = min(MAX_COLUMNS, len(groups))
+    for i, (ax, ((attack, loss), frame)) in enumerate(zip(axes, groups, strict=True)):
         for model, rows in frame.groupby("model", sort=True):
             rows = rows.sort_values("eps")
             eps = np.concatenate([[0.0], rows["eps"].to_numpy()])
             dsc = np.concatenate([[rows["dsc_clean"].iloc[0]], rows["dsc_adv"].to_numpy()])
-            ax.plot(eps, dsc, marker="o", label=str(model))
+            name = str(model)
+            ax.plot(eps, dsc, marker=markers[name], color=colours[name], label=name)
         ax.set_title(_label(attack, loss))
-        ax.set_xlabel("eps (L-inf perturbation budget, image range [0, 1])")
+        if i >= len(groups) - columns:  # the bottom panel of each column
+            ax.set_xlabel("eps (L-inf budget, image range [0, 1])")
+        if i % columns == 0:
+            ax.set_ylabel("DSC under attack\n(eps 0 = clean)")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("DSC under attack (eps 0 = clean)")
-    axes[0][-1].legend(title="model", fontsize="small")
-    figure.tight_layout()
+    handles = [plt.Line2D([], [], color=colours[m], marker=markers[m], label=m) for m in models]
+    figure.legend(
+        handles=handles, title="model", loc="outside lower center",
+        ncol=min(len(models), 5), fontsize="small",
+    )  # fmt: skip
     return figure
 
 
@@ -101,7 +152,7 @@ def loss_comparison(cells: pd.DataFrame) -> Figure:
     top = float(np.nanmax(values)) if np.isfinite(values).any() else 1.0
     bottom = float(np.nanmin(values)) if np.isfinite(values).any() else 0.0
     ax.set_ylim(min(0.0, bottom * 1.3), max(0.05, top * 1.3))
-    ax.legend(title="attack / loss", fontsize="small")
+    legend_beside(ax, title="attack / loss", fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     return figure
@@ -167,8 +218,9 @@ def example_panel(
     title: str,
     max_rows: int = 2,
 ) -> Figure:
-    """One row per example slice: image, ground truth, clean prediction, adversarial image,
-    perturbation (magnified) and adversarial prediction.
+    """Two rows of three large panels per example slice: image, ground truth, clean
+    prediction; adversarial image, perturbation (magnified, with its scale) and adversarial
+    prediction (pixels drawn as pixels, no smoothing); one legend below.
 
     Args:
         examples: arrays saved by the experiment runner (:mod:`advseg.report.examples`):
@@ -182,8 +234,10 @@ def example_panel(
     ids = examples["slice_ids"]
     which = list(examples["losses"]).index(loss)
     picked = panel_rows(ids, max_rows)  # seeded, spread over the cases
-    rows = len(picked)
-    figure, axes = plt.subplots(rows, 6, figsize=(16.5, 3.0 * rows + 0.9), squeeze=False)
+    rows = 2 * len(picked)  # per slice: clean row, adversarial row; 3 panels each, large
+    figure, axes = plt.subplots(
+        rows, 3, figsize=(11.0, 3.7 * rows + 1.0), squeeze=False, layout="constrained"
+    )
     for line, r in enumerate(picked):
         image = examples["image"][r]  # (C, H, W)
         x_adv = examples["x_adv"][which, r]  # (C, H, W)
@@ -195,29 +249,32 @@ def example_panel(
         delta = grey_adv - grey
         scale = float(np.abs(delta).max()) or 1.0
         cells = [
-            (grey, f"{ids[r]}\nimage", "gray"),
+            (grey, f"{ids[r]}: image", "gray"),
             (_class_overlay(grey, mask), "ground truth", None),
             (_outcome_overlay(grey, mask, pred), "clean prediction", None),
             (grey_adv, f"adversarial image ({loss})", "gray"),
-            (delta, f"perturbation (x_adv - x, ±{scale:.3g})", "coolwarm"),
+            (delta, f"perturbation x_adv - x (±{scale:.3g})", "coolwarm"),
             (_outcome_overlay(grey_adv, mask, pred_adv), "adversarial prediction", None),
         ]
-        for ax, (picture, name, cmap) in zip(axes[line], cells, strict=True):
+        for ax, (picture, name, cmap) in zip(
+            axes[2 * line : 2 * line + 2].flat, cells, strict=True
+        ):
             if cmap == "coolwarm":
-                shown = ax.imshow(picture, cmap=cmap, vmin=-scale, vmax=scale)
+                shown = ax.imshow(
+                    picture, cmap=cmap, vmin=-scale, vmax=scale, interpolation="nearest"
+                )
                 figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label="intensity change")
             elif cmap:
-                ax.imshow(picture, cmap=cmap, vmin=0, vmax=1)
+                ax.imshow(picture, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
             else:
-                ax.imshow(np.clip(picture, 0, 1))
-            ax.set_title(name, fontsize="small")
+                ax.imshow(np.clip(picture, 0, 1), interpolation="nearest")
+            ax.set_title(name, fontsize="medium")
             ax.set_axis_off()
     handles = [Patch(color=c, label=n) for n, c in OUTCOME_COLOURS.items()]
     handles += [
         Patch(color=CLASS_COLOURS[k % len(CLASS_COLOURS)], label=f"ground truth: {name}")
         for k, name in enumerate(classes)
     ]
-    figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize="small")
+    figure.legend(handles=handles, loc="outside lower center", ncol=3, fontsize="medium")
     figure.suptitle(title)
-    figure.tight_layout(rect=(0, 0.06, 1, 1))
     return figure

@@ -2,7 +2,8 @@
 
 A report is a list of :class:`Section`, each a list of blocks: a paragraph, a table (shown as
 formatted strings, with the raw numbers in a CSV file beside it) or a figure (PNG bytes, embedded
-in the HTML as a base64 data URI and referenced by file name from the Markdown).
+in the HTML as a base64 data URI and referenced by file name from the Markdown; the SVG file
+beside it is named in both).
 """
 
 from __future__ import annotations
@@ -112,10 +113,16 @@ def _html_block(block: Block) -> str:
         table = block.table.to_html(index=False, border=0, escape=True)
         return f'<p class="note">{html.escape(block.text)}{file}</p><div class="wide">{table}</div>'
     data = base64.b64encode(block.png).decode("ascii")
+    if block.file.endswith(".png"):  # the report writes each figure as SVG beside its PNG
+        file = f' <span class="file">({html.escape(block.file)}, {_svg(block.file)})</span>'
     return (
         f'<figure><img alt="{html.escape(block.text)}" src="data:image/png;base64,{data}">'
         f'<figcaption class="note">{html.escape(block.text)}{file}</figcaption></figure>'
     )
+
+
+def _svg(png: str) -> str:
+    return png[: -len(".png")] + ".svg"
 
 
 def render_markdown(title: str, intro: str, sections: list[Section]) -> str:
@@ -134,7 +141,8 @@ def render_markdown(title: str, intro: str, sections: list[Section]) -> str:
             elif block.kind == "table":
                 lines += [f"{block.text} ({block.file})", "", _markdown_table(block.table), ""]
             else:
-                lines += [f"![{block.text}]({block.file})", "", f"*{block.text}*", ""]
+                vector = f" ([SVG]({_svg(block.file)}))" if block.file.endswith(".png") else ""
+                lines += [f"![{block.text}]({block.file})", "", f"*{block.text}*{vector}", ""]
     return "\n".join(lines)
 
 

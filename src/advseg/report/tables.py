@@ -46,6 +46,26 @@ def cells_table(records: pd.DataFrame, protocol: str) -> pd.DataFrame:
     return summarize_cells(records, protocol).rename(columns={"as": "attack_success"})
 
 
+HD95_HEADERS = {
+    "hd95_clean": "HD95 clean (px)",
+    "hd95_adv": "HD95 adv (px)",
+    "hd95_mm_clean": "HD95 clean (mm)",
+    "hd95_mm_adv": "HD95 adv (mm)",
+    "hd95_pairs": "HD95 pairs",
+    "hd95_excluded": "HD95 excluded",
+}
+"""Display headers of the HD95 columns, with their units: model pixels, and millimetres."""
+
+
+def with_units(cells: pd.DataFrame) -> pd.DataFrame:
+    """``cells`` with HD95 headers naming their units (:data:`HD95_HEADERS`); the mm columns
+    are dropped where no record has a millimetre value (records from before pixel spacings)."""
+    mm = [c for c in ("hd95_mm_clean", "hd95_mm_adv") if c in cells.columns]
+    if mm and cells[mm].isna().all().all():
+        cells = cells.drop(columns=mm)
+    return cells.rename(columns=HD95_HEADERS)
+
+
 def per_class_table(records: pd.DataFrame, protocol: str, eps: float) -> pd.DataFrame:
     """Table II for each class on its own (large bowel, small bowel, stomach), at one eps."""
     frames = []
