@@ -44,6 +44,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "certify": ("advseg.cli.certify", "certify_command", "Certify a model (randomized smoothing)."),
     "data": ("advseg.cli.data", "app", "Data sets: write the phantom, describe or check one."),
     "report": ("advseg.cli.report", "app", "Write a run's report from its records (no model)."),
+    "export": (
+        "advseg.cli.export",
+        "export_command",
+        "Write a cell's adversarial images and predictions (PNG, NIfTI).",
+    ),
     "run": ("advseg.cli.experiment", "app", "Run an experiment grid; resumable."),
     "demo": (
         "advseg.cli.experiment",

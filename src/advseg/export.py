@@ -1,0 +1,391 @@
+"""Export one cell's adversarial images and predictions for chosen slices (``advseg export``).
+
+Where the images come from. A run keeps numbers, not images: ``records/`` holds counts per
+(slice, class), ``examples/`` a few slices per cell for the report, ``adversarial/`` only the
+images of transfer sources. So the export recomputes them, the one honest way that covers any
+slice: it loads the cell's checkpoint and the data that checkpoint was trained on (as
+``advseg evaluate`` does), and runs the evaluation engine itself
+(:func:`advseg.evaluate.evaluate_cell` with the cell's attack, loss, eps and the run's attack
+options) on the chosen slices. Then it checks the result against the run: each slice's clean
+and adversarial pixel counts are compared with its records, and the comparison is written
+(``export.json``) and summed up in one line. A deterministic attack (FGSM) on the same kind of
+device reproduces the evaluated images; an attack with random starts (PGD, APGD, ...) draws its
+seeded start for these batches, so its images are a draw of the same attack rather than the
+very images evaluated, and the comparison says how far their Dice lies from the records'.
+
+What is written, under ``OUT`` (default ``RUN_DIR/export/<cell>__<loss>/``):
+
+- ``png/<slice id>/``: ``image.png``, ``adversarial.png`` (the model's input, grey, [0, 1] as
+  0-255, centre channel), ``perturbation.png`` (x_adv - x mapped from [-eps, eps] to 0-255,
+  128 = unchanged), and per class ``truth_<class>.png``, ``clean_<class>.png``,
+  ``adversarial_<class>.png`` (0 / 255), all at the model's resolution.
+- for slices read from NIfTI volumes, ``nifti/<scan>_{image,adversarial}.nii.gz`` (float32, the
+  model-input intensities in [0, 1], not the source's units) and
+  ``nifti/<scan>_{truth,clean,adversarial}_mask.nii.gz`` (uint8, one volume per class along a
+  fourth axis): the source volume's canonical (RAS+) grid and affine, each exported slice put
+  back at its place (padding cut, resized to the source slice by nearest neighbour), every
+  other slice 0.
+- ``export.json``: the cell, the slices, where each file is, and the check against the records.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from advseg.atomic import check_output_dir, write_bytes_atomic, write_text_atomic
+from advseg.errors import UserError
+from advseg.records import read_records
+
+COUNTS = ["tp_clean", "fp_clean", "fn_clean", "tp_adv", "fp_adv", "fn_adv"]
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_cell` wrote.
+
+    Attributes:
+        out: the export folder; files: every file written.
+        cell: model, attack, eps, loss (and the training seed in a grid with seeds).
+        slices: the exported slice ids.
+        check: per slice, the recorded and recomputed clean / adversarial Dice (mean over its
+            classes) and ``same_counts`` (every pixel count equal to the records').
+    """
+
+    out: Path
+    cell: dict[str, Any]
+    slices: list[str]
+    check: pd.DataFrame
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def reproduced(self) -> int:
+        """How many slices give exactly the records' pixel counts."""
+        return int(self.check["same_counts"].sum())
+
+
+def _pick(frame: pd.DataFrame, column: str, value: Any, option: str) -> pd.DataFrame:
+    values = list(dict.fromkeys(frame[column].tolist()))
+    if value is None:
+        if len(values) == 1:
+            return frame
+        listed = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+        raise UserError(f"{option}: the run has several ({listed}); choose one")
+    if column == "eps":
+        match = frame[np.isclose(frame["eps"].astype(float), float(value), rtol=0, atol=1e-12)]
+    else:
+        match = frame[frame[column].astype(str) == str(value)]
+    if match.empty:
+        listed = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+        raise UserError(f"{option} {value}: not in the run's records (it has {listed})")
+    return match
+
+
+def choose_cell(
+    records: pd.DataFrame,
+    model: str | None = None,
+    attack: str | None = None,
+    eps: float | None = None,
+    loss: str | None = None,
+    train_seed: int | None = None,
+) -> pd.DataFrame:
+    """The white-box records of one (model, attack, eps, loss[, seed]); a choice left None must
+    be the only one the run has.
+
+    Raises:
+        UserError: a value not in the records (naming those there), or an open choice.
+    """
+    frame = records[records["source"] == records["model"]] if "source" in records else records
+    frame = _pick(frame, "model", model, "--model")
+    frame = _pick(frame, "attack", attack, "--attack")
+    frame = _pick(frame, "eps", eps, "--eps")
+    frame = _pick(frame, "loss", loss, "--loss")
+    if "seed" in frame.columns:
+        frame = _pick(frame, "seed", train_seed, "--train-seed")
+    return frame
+
+
+def choose_slices(
+    cell: pd.DataFrame, slice_ids: list[str] | None, count: int, seed: int
+) -> list[str]:
+    """The slices to export: ``slice_ids`` as given (each must be in the cell), else ``count``
+    of the cell's slices, a seeded draw spread over the cases, in the records' order."""
+    from advseg.data.split import spread_positions
+
+    evaluated = cell.drop_duplicates("slice_id")
+    if slice_ids:
+        known = set(evaluated["slice_id"])
+        missing = [s for s in slice_ids if s not in known]
+        if missing:
+            raise UserError(
+                f"--slices: {', '.join(missing)} not evaluated in this cell "
+                f"(it has {len(known)} slices, e.g. {evaluated['slice_id'].iloc[0]})"
+            )
+        return list(dict.fromkeys(slice_ids))
+    if count < 1:
+        raise UserError(f"--count: {count} must be at least 1")
+    picked = spread_positions(evaluated["case"].to_numpy(), count, seed)
+    return evaluated["slice_id"].iloc[picked].tolist()
+
+
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    from advseg.config import load_yaml
+
+    path = run_dir / "config.yaml"
+    return (load_yaml(path) or {}) if path.is_file() else {}
+
+
+def locate_checkpoint(run_dir: Path, model: str, seed: int | None, config: dict) -> Path:
+    """The checkpoint of a run's model: its ``checkpoint`` in ``config.yaml``, else the one
+    trained in ``models/<model>/[seed<k>/]checkpoints/best``.
+
+    Raises:
+        UserError: none is found (an ``advseg evaluate`` output: pass ``--checkpoint``).
+    """
+    from advseg.models.checkpoint import checkpoint_exists
+
+    for spec in config.get("models") or []:
+        name = spec.get("name") or spec.get("arch")
+        if name == model and spec.get("checkpoint"):
+            return Path(spec["checkpoint"])
+    seeded = bool(config.get("seeds")) and seed is not None
+    folder = run_dir / "models" / model / (f"seed{seed}" if seeded else "")
+    best = folder / "checkpoints" / "best"
+    if not checkpoint_exists(best):
+        raise UserError(
+            f"{run_dir}: no checkpoint of model {model} in the run (looked for {best}); pass "
+            "--checkpoint PATH (an advseg evaluate output does not keep its checkpoints)"
+        )
+    return best
+
+
+def attack_settings(label: str, config: dict, eps: float, loss: str) -> dict[str, Any]:
+    """How the cell's attack was built: ``attack`` (registry name), ``compat`` and ``kwargs``
+    (the run's ``attacks`` entry that lists this eps and loss; none outside a run).
+
+    Raises:
+        UserError: a targeted (``:erase=``) or adaptive (``+bpda``) label export cannot rebuild.
+    """
+    name, compat = label, "none"
+    if label.endswith(":notebook"):
+        name, compat = label[: -len(":notebook")], "notebook"
+    if ":" in name or "+" in name:
+        raise UserError(
+            f"--attack {label}: export rebuilds plain and notebook attacks only (not targeted "
+            "or adaptive ones)"
+        )
+    kwargs: dict[str, Any] = {}
+    for spec in config.get("attacks") or []:
+        listed = [float(e) for e in spec.get("eps") or []]
+        at_eps = not listed or any(abs(e - eps) < 1e-12 for e in listed)
+        if spec.get("name") == name and loss in (spec.get("losses") or [loss]) and at_eps:
+            kwargs = dict(spec.get("kwargs") or {})
+            break
+    return {"attack": name, "compat": compat, "kwargs": kwargs}
+
+
+def _grey_png(array: np.ndarray) -> bytes:
+    """An ``(H, W)`` array in [0, 1] as an 8-bit grey PNG."""
+    image = np.clip(np.rint(np.asarray(array, np.float64) * 255), 0, 255).astype(np.uint8)
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:  # pragma: no cover - cv2 encodes any uint8 image
+        raise RuntimeError("PNG encoding failed")
+    return encoded.tobytes()
+
+
+def _nifti_bytes(volume: np.ndarray, affine: np.ndarray) -> bytes:
+    """A gzip-compressed NIfTI-1 file of ``volume`` on ``affine``."""
+    import nibabel as nib
+
+    image = nib.Nifti1Image(volume, affine)
+    image.header.set_xyzt_units("mm")
+    return gzip.compress(image.to_bytes(), mtime=0)
+
+
+def _check(cell: pd.DataFrame, again: pd.DataFrame, slices: list[str]) -> pd.DataFrame:
+    """Per slice: recorded and recomputed mean Dice (clean, adversarial), counts identical."""
+    keys = ["slice_id", "class"]
+    old = cell.set_index(keys)[[*COUNTS, "dice_clean", "dice_adv"]]
+    new = again.set_index(keys)[[*COUNTS, "dice_clean", "dice_adv"]].reindex(old.index)
+    rows = []
+    for slice_id in slices:
+        a, b = old.loc[slice_id], new.loc[slice_id]
+        rows.append({
+            "slice_id": slice_id,
+            "dice_clean_recorded": float(a["dice_clean"].mean()),
+            "dice_clean_export": float(b["dice_clean"].mean()),
+            "dice_adv_recorded": float(a["dice_adv"].mean()),
+            "dice_adv_export": float(b["dice_adv"].mean()),
+            "same_counts": bool((a[COUNTS].to_numpy() == b[COUNTS].to_numpy()).all()),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def export_cell(
+    run_dir: str | Path,
+    *,
+    model: str | None = None,
+    attack: str | None = None,
+    eps: float | None = None,
+    loss: str | None = None,
+    train_seed: int | None = None,
+    slices: list[str] | None = None,
+    count: int = 4,
+    seed: int = 0,
+    out: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    data: Path | None = None,
+    cache_dir: Path | None = None,
+    device: str = "auto",
+) -> ExportResult:
+    """Recompute and write one cell's adversarial images and predictions (see the module).
+
+    Args:
+        run_dir: a run directory (``advseg run``, or an ``advseg evaluate`` output with
+            ``checkpoint``).
+        model, attack, eps, loss, train_seed: the cell; each may be left out when the run has
+            one value.
+        slices: slice ids to export; else ``count`` slices drawn with ``seed`` (spread over
+            cases).
+        out: the export folder (default ``run_dir/export/<cell>__<loss>``).
+        checkpoint: the model's checkpoint (default: the run's).
+        data, cache_dir: as ``advseg evaluate --data / --cache-dir`` (default: the data the
+            checkpoint was trained on).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+
+    Raises:
+        UserError: an unknown or open cell choice, a slice not in the cell, no checkpoint, a
+            model or attack export cannot rebuild, data that no longer holds a slice.
+    """
+    from advseg.data import load_data, restore_slice, saved_preprocess
+    from advseg.data.nifti import canonical_geometry
+    from advseg.evaluate import evaluate_cell, trained_data_config
+    from advseg.models.checkpoint import check_compatible, load_checkpoint
+    from advseg.report.tables import file_stem
+    from advseg.train import resolve_device
+
+    run_dir = Path(run_dir)
+    cell = choose_cell(read_records(run_dir), model, attack, eps, loss, train_seed)
+    first = cell.iloc[0]
+    name, label, loss, eps = (
+        str(first["model"]),
+        str(first["attack"]),
+        str(first["loss"]),
+        float(first["eps"]),
+    )
+    trained_seed = int(first["seed"]) if "seed" in cell.columns else None
+    if "+" in name:
+        raise UserError(f"--model {name}: a defended variant; export the model itself")
+    chosen = choose_slices(cell, slices, count, seed)
+    config = _run_config(run_dir)
+    settings = attack_settings(label, config, eps, loss)
+    path = (
+        Path(checkpoint) if checkpoint else locate_checkpoint(run_dir, name, trained_seed, config)
+    )
+    net, meta = load_checkpoint(path, resolve_device(device))
+    preprocess = saved_preprocess(meta.preprocessing, f"{path} preprocessing")
+    loaded = load_data(trained_data_config(meta.data, path, preprocess, data, cache_dir))
+    check_compatible(meta, path, in_channels=preprocess.channels, classes=list(loaded.classes))
+    row_of = pd.Series(np.arange(len(loaded.index)), index=loaded.index["id"].to_numpy())
+    absent = [s for s in chosen if s not in row_of.index]
+    if absent:
+        raise UserError(f"{', '.join(absent)}: not in the data set {loaded.location} (changed?)")
+    rows = row_of.loc[chosen].to_numpy()
+    result = evaluate_cell(
+        net, loaded, rows, settings["attack"], [loss], eps, model_name=name, arch=meta.model,
+        attack_kwargs=settings["kwargs"], examples=len(rows), compat=settings["compat"],
+    )  # fmt: skip
+    shown = result.examples  # every chosen slice: images, masks, predictions
+    order = [list(shown["slice_ids"]).index(s) for s in chosen]
+    cell_info = {"model": name, "attack": label, "eps": eps, "loss": loss}
+    if trained_seed is not None:
+        cell_info["train_seed"] = trained_seed
+    stem = f"{file_stem(name)}__{file_stem(label)}__eps{eps:g}__{file_stem(loss)}"
+    target = Path(out) if out is not None else run_dir / "export" / stem
+    check_output_dir(target, "export folder")
+    files: list[Path] = []
+
+    def put(relative: str, payload: bytes) -> str:
+        write_bytes_atomic(target / relative, payload)
+        files.append(target / relative)
+        return relative
+
+    classes = list(loaded.classes)
+    listing: dict[str, dict[str, Any]] = {}
+    volumes: dict[str, dict[str, Any]] = {}
+    geometry = loaded.geometry
+    for slice_id, i in zip(chosen, order, strict=True):
+        image = shown["image"][i]  # (C, S, S)
+        centre = image.shape[0] // 2
+        grey, adv = image[centre], shown["x_adv"][0, i][centre]
+        masks = {
+            "truth": shown["mask"][i] > 0,
+            "clean": shown["pred_clean"][i] > 0,
+            "adversarial": shown["pred_adv"][0, i] > 0,
+        }
+        folder = f"png/{file_stem(slice_id)}"
+        entry = {
+            "image": put(f"{folder}/image.png", _grey_png(grey)),
+            "adversarial": put(f"{folder}/adversarial.png", _grey_png(adv)),
+            "perturbation": put(
+                f"{folder}/perturbation.png", _grey_png(0.5 + (adv - grey) / (2 * eps or 1))
+            ),
+        }
+        for kind, mask in masks.items():
+            for k, cls in enumerate(classes):
+                entry[f"{kind}_{cls}"] = put(f"{folder}/{kind}_{file_stem(cls)}.png",
+                                              _grey_png(mask[k].astype(np.float32)))  # fmt: skip
+        listing[slice_id] = entry
+        meta_row = loaded.index.iloc[int(row_of[slice_id])]
+        source = str(meta_row["image_path"])
+        if int(meta_row["image_z"]) >= 0 and source.endswith((".nii", ".nii.gz")):
+            volume = volumes.setdefault(str(meta_row["scan"]), {"path": source, "slices": []})
+            volume["slices"].append(
+                (int(meta_row["image_z"]), int(row_of[slice_id]), grey, adv, masks)
+            )
+    nifti = {}
+    for scan, volume in volumes.items():
+        shape, affine = canonical_geometry(volume["path"])
+        width, height, depth = shape[:3]  # canonical x (left-right) = slice width
+        arrays = {
+            "image": np.zeros((width, height, depth), np.float32),
+            "adversarial": np.zeros((width, height, depth), np.float32),
+            **{f"{k}_mask": np.zeros((width, height, depth, len(classes)), np.uint8)
+               for k in ("truth", "clean", "adversarial")},
+        }  # fmt: skip
+        for z, row, grey, adv, masks in volume["slices"]:
+            place = geometry.iloc[row]
+            arrays["image"][:, :, z] = restore_slice(grey, place, height, width).T
+            arrays["adversarial"][:, :, z] = restore_slice(adv, place, height, width).T
+            for kind, mask in masks.items():
+                back = restore_slice(mask, place, height, width)  # (K, H, W)
+                arrays[f"{kind}_mask"][:, :, z, :] = back.transpose(2, 1, 0)
+        nifti[scan] = {
+            "source": volume["path"],
+            "z": sorted(z for z, *_ in volume["slices"]),
+            **{kind: put(f"nifti/{file_stem(scan)}_{kind}.nii.gz", _nifti_bytes(a, affine))
+               for kind, a in arrays.items()},
+        }  # fmt: skip
+    check = _check(cell, result.records, chosen)
+    document = {
+        "cell": cell_info,
+        "checkpoint": str(path.resolve()),
+        "data": str(loaded.location),
+        "attack": settings,
+        "classes": classes,
+        "how": "recomputed with advseg.evaluate.evaluate_cell on these slices; 'check' compares "
+        "each slice's pixel counts with the run's records",
+        "slices": listing,
+        "nifti": nifti,
+        "check": check.to_dict(orient="records"),
+    }
+    write_text_atomic(target / "export.json", json.dumps(document, indent=1) + "\n")
+    files.append(target / "export.json")
+    return ExportResult(target, cell_info, chosen, check, files)
