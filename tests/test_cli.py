@@ -34,3 +34,24 @@ def test_subcommand_help_shows_defaults_literally():
     )
     assert runner_out.returncode == 0
     assert "[default: the" in runner_out.stdout  # rich markup used to swallow it
+
+
+def test_run_paper_without_data_refuses_naming_data(tmp_path, capsys):
+    from advseg.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "paper", "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and "synthetic" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "records").exists()  # nothing computed
+
+
+def test_run_data_overrides_the_yaml_path(tmp_path, capsys):
+    from advseg.cli import main
+
+    missing = tmp_path / "no-such-data"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "paper", "--out", str(tmp_path / "run"), "--data", str(missing)])
+    assert exit_info.value.code == 2
+    assert str(missing) in capsys.readouterr().err  # the given path, not the YAML's null

@@ -14,6 +14,7 @@ from advseg.cli.data import CACHE_HELP
 from advseg.cli.report import print_report
 from advseg.cli.table_ii import table_ii
 from advseg.demo import run_demo
+from advseg.data.location import data_argument
 from advseg.errors import UserError
 from advseg.experiment import (
     RunResult,
@@ -55,6 +56,10 @@ def run(
         "notebook code for its FGSM attacks (blended update, swapped loss arguments, soft "
         "masks; not a recommended attack). Attacks naming their own compat keep it.",
     ),
+    data: str | None = typer.Option(
+        None, "--data", help="Data directory, or 'synthetic' for the synthetic phantom; overrides the YAML's "
+        "data.path (required where the YAML names none, as paper's)."
+    ),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help=CACHE_HELP),
 ) -> None:
     """Run an experiment grid (train or load models, attack, record, report); resumable.
@@ -69,6 +74,8 @@ def run(
             config = check_config(replace(config, compat=compat))
         except UserError as err:
             raise UserError(f"--compat: {err}") from None
+    if data is not None:
+        config = replace(config, data=replace(config.data, path=data_argument(data)))
     if cache_dir is not None:  # where the cache is, not what is computed: a resume may change it
         config = replace(config, data=replace(config.data, cache_dir=cache_dir.absolute()))
     run_dir = out if out is not None else Path("runs") / config.name
