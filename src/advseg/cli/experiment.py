@@ -13,8 +13,8 @@ from advseg.cli.console import console
 from advseg.cli.data import CACHE_HELP
 from advseg.cli.report import print_report
 from advseg.cli.table_ii import table_ii
-from advseg.demo import run_demo
 from advseg.data.location import data_argument
+from advseg.demo import run_demo
 from advseg.errors import UserError
 from advseg.experiment import (
     RunResult,
@@ -57,8 +57,10 @@ def run(
         "masks; not a recommended attack). Attacks naming their own compat keep it.",
     ),
     data: str | None = typer.Option(
-        None, "--data", help="Data directory, or 'synthetic' for the synthetic phantom; overrides the YAML's "
-        "data.path (required where the YAML names none, as paper's)."
+        None,
+        "--data",
+        help="Data directory, or 'synthetic' for the synthetic phantom; overrides the YAML's "
+        "data.path (required where the YAML names none, as paper's).",
     ),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help=CACHE_HELP),
 ) -> None:
