@@ -22,7 +22,7 @@ def print_report(report: Report, console: Console) -> None:
         console.print(f"[bold red]warning:[/] {line}", highlight=False)
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
-    console.print(f"report: [bold]{report.html}[/] (also {report.markdown.name}, CSV and PNG)")
+    console.print(f"report: [bold]{report.html}[/] (also {report.markdown.name}, CSV, PNG and SVG)")
 
 
 @app.command()

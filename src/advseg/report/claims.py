@@ -235,7 +235,9 @@ def parameters_claim(cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
                     "seed"
                 )
             ]
-            row.update(rho_seed_min=np.nanmin(per_seed), rho_seed_max=np.nanmax(per_seed))
+            finite = [r for r in per_seed if math.isfinite(r)]  # none: too few models per seed
+            low, high = (min(finite), max(finite)) if finite else (math.nan, math.nan)
+            row.update(rho_seed_min=low, rho_seed_max=high)
         rows.append(row)
     return spread, pd.DataFrame(rows)
 
