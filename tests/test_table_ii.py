@@ -65,3 +65,25 @@ def test_sea_is_a_column_beside_each_attacks_losses_at_its_eps():
     unet = next(line.split() for line in text.splitlines() if line.strip().startswith("unet"))
     assert unet[:6] == ["unet", "1.95M", "0.9396", "0.9001", "n/a", "0.5000"]
     assert "sea" in _text(tables[2]) and len(tables[1].columns) == 7  # pgd's table unchanged
+
+
+def test_run_without_report_names_the_phantom_in_table_ii(tmp_path):
+    """``advseg run`` with ``report: false`` prints Table II itself: its title says the data
+    was the synthetic phantom, as the report's caption does."""
+    from advseg.cli.experiment import _print_result
+    from advseg.experiment import GridResult, RunResult
+
+    (tmp_path / "data.json").write_text('{"locations": ["synthetic"]}')
+    result = RunResult(
+        run_dir=tmp_path, grid=GridResult(), trained=[], summary=pd.DataFrame(),
+        cells=_cells(), protocol="per-class", report=None, seconds=1.0,
+    )  # fmt: skip
+    console = Console(record=True, width=300)
+    _print_result(result, console)
+    words = " ".join(console.export_text().split())  # titles wrap to the table's width
+    assert words.count("Table II") == 2 and words.count("data: synthetic phantom") == 2
+
+    (tmp_path / "data.json").write_text('{"locations": ["/data/mri"]}')
+    console = Console(record=True, width=300)
+    _print_result(result, console)
+    assert "phantom" not in console.export_text()

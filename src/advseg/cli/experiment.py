@@ -13,7 +13,7 @@ from advseg.cli.console import console
 from advseg.cli.data import CACHE_HELP
 from advseg.cli.report import print_report
 from advseg.cli.table_ii import table_ii
-from advseg.data.location import data_argument
+from advseg.data.location import data_argument, run_locations
 from advseg.demo import run_demo
 from advseg.errors import UserError
 from advseg.experiment import (
@@ -38,7 +38,8 @@ def _print_result(result: RunResult, console: Console) -> None:
     if result.report is not None:
         print_report(result.report, console)
     else:
-        for table in table_ii(result.cells, result.protocol):
+        locations = run_locations(result.run_dir)  # as the report would say: data.json, YAML
+        for table in table_ii(result.cells, result.protocol, locations):
             console.print(table)
         console.print(f"summary: {result.run_dir / 'summary.csv'}")
 
