@@ -197,6 +197,13 @@ class ExperimentConfig:
         compat: ``notebook`` for every attack that does not name its own ``compat`` (the
             paper's notebook reproduced, :mod:`advseg.compat`; ``advseg run --compat``);
             ``none`` (the default): each attack as named.
+        encoder_weights: pretrained encoders, one per model: a model's name (``models[i].name``,
+            its arch by default) -> a local safetensors file of that encoder's weights (or
+            ``imagenet``, downloaded by segmentation_models_pytorch); ``advseg run
+            --encoder-weights NAME=PATH``. A model trained here and absent from it trains from
+            random init (or from ``train.encoder_weights``, one file for every model); the run
+            says which in one line, and a missing or unfitting file is refused before any
+            training (:func:`advseg.preflight.check_experiment`).
     """
 
     name: str = "experiment"
@@ -210,6 +217,7 @@ class ExperimentConfig:
     report: bool = True
     seeds: list[int] = field(default_factory=list)
     compat: str = "none"
+    encoder_weights: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -260,8 +268,7 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
                 resolve_model(model.arch)
             except UserError as err:
                 raise UserError(f"models[{i}].arch: {err}") from None
-        trained_here = model.checkpoint is None and not model.arch.startswith(ENSEMBLE_PREFIX)
-        if model.adversarial is not None and not trained_here:
+        if model.adversarial is not None and not trained_here(model):
             raise UserError(
                 f"models[{i}].adversarial: only a model trained here takes a training defence "
                 "(not a checkpoint or an ensemble)"
@@ -272,8 +279,13 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
                 "give one of them another name"
             )
         seen[model.name] = i
+        if "encoder_weights" in model.train and model.name in config.encoder_weights:
+            raise UserError(
+                f"models[{i}].train.encoder_weights: encoder_weights.{model.name} names "
+                "this model's weights too; keep one of them"
+            )
         try:
-            if trained_here:
+            if trained_here(model):
                 model_train_config(config, model)
         except UserError as err:
             raise UserError(f"models[{i}].train: {err}") from None
@@ -285,6 +297,7 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
             if label == model.name or label in seen:
                 raise UserError(f"models[{i}].defences[{j}]: {spec!r} is listed twice (or none)")
             seen[label] = i
+    check_encoder_mapping(config)
     kwargs_of: dict[str, tuple[int, dict[str, Any]]] = {}
     check_compat(config.compat, "compat")
     for i, attack in enumerate(config.attacks):
@@ -355,6 +368,49 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
     return config
 
 
+def trained_here(model: ModelSpec) -> bool:
+    """Whether the grid trains ``model`` (not a checkpoint, not an ensemble of other models)."""
+    return model.checkpoint is None and not model.arch.startswith(ENSEMBLE_PREFIX)
+
+
+def check_encoder_mapping(config: ExperimentConfig) -> None:
+    """Refuse an ``encoder_weights`` entry naming no model trained here, or an empty file name;
+    and the mapping beside ``train.encoder_weights`` (one file for every model): keep one."""
+    if not config.encoder_weights:
+        return
+    if config.train.encoder_weights is not None:
+        raise UserError(
+            "train.encoder_weights: one file for every model, beside encoder_weights (one per "
+            "model); keep one of them"
+        )
+    names = [m.name for m in config.models if trained_here(m)]
+    for name, path in config.encoder_weights.items():
+        if name not in names:
+            raise UserError(
+                f"encoder_weights.{name}: no model trained here is named {name!r} (models "
+                f"trained here: {', '.join(names) or 'none'})"
+            )
+        if not str(path).strip():
+            raise UserError(f"encoder_weights.{name}: empty file name")
+
+
+def encoder_line(config: ExperimentConfig) -> str | None:
+    """One line saying how each model trained here starts: from which encoder weights, or
+    from random init; None when the grid trains no model."""
+    pretrained, random = [], []
+    for model in config.models:
+        if trained_here(model):
+            weights = model_train_config(config, model).encoder_weights
+            if weights is None:
+                random.append(model.name)
+            else:
+                pretrained.append(f"{model.name} from {weights}")
+    if not pretrained and not random:
+        return None
+    parts = [*pretrained, *(["random init: " + ", ".join(random)] if random else [])]
+    return "encoders: " + "; ".join(parts)
+
+
 def model_variants(model: ModelSpec) -> list[str]:
     """The grid's names of one model: as trained, then behind each of its input defences."""
     return [model.name, *(defended_name(model.name, spec) for spec in model.defences)]
@@ -365,6 +421,8 @@ def model_train_config(config: ExperimentConfig, model: ModelSpec) -> TrainConfi
     if "model" in model.train:
         raise UserError("model: a model's arch is its train.model; do not set it here")
     values = _merged(to_dict(config.train), model.train)
+    if model.name in config.encoder_weights:  # the grid's per-model mapping
+        values["encoder_weights"] = config.encoder_weights[model.name]
     return from_dict(TrainConfig, {**values, "model": model.arch}, where="train")
 
 
@@ -698,6 +756,9 @@ def run_experiment(
     )
     for line in data.exclusions.lines():
         console.print(f"data: {line}", highlight=False, soft_wrap=True)
+    encoders = encoder_line(config)
+    if encoders is not None:
+        console.print(encoders, highlight=False, soft_wrap=True)
     cells = plan_cells(config)
     models: dict[tuple[str, int | None], tuple[torch.nn.Module, str]] = {}
     seed_of: dict[tuple[str, int | None], int] = {}  # the training seed of each model loaded

@@ -1,8 +1,9 @@
 """Checks made before any work: a week of GPU time must not end on a typo found at hour three.
 
 :func:`check_experiment` looks at everything an experiment will need, before its run directory is
-written: the output location, the device, the data (indexed, not decoded: a mistyped path, a bad
-exclusion list or label mapping fails here), every checkpoint it loads (readable, fitting the
+written: the output location, the device, the encoder weights of each model trained here (file
+headers: keys and shapes), the data (indexed, not decoded: a mistyped path, a bad exclusion list
+or label mapping fails here), every checkpoint it loads (readable, fitting the
 data's classes, holding out the experiment's test cases, trained on slices of the same geometry:
 padded or stretched) and every attack of the grid (built, with each of its losses and budgets, on
 a one-layer stand-in model, so that ``steps: -1`` or ``norm: l3`` is refused now rather than when
@@ -46,6 +47,7 @@ def check_experiment(config: ExperimentConfig, run_dir: str | Path) -> None:
 
     check_output_dir(run_dir, "run directory")
     resolve_device(config.train.device)
+    check_encoders(config)
     try:
         index, _ = build_index(config.data)
     except UserError as err:
@@ -63,6 +65,22 @@ def check_experiment(config: ExperimentConfig, run_dir: str | Path) -> None:
         except UserError as err:
             raise UserError(f"{where}: {err}") from None
     check_attacks(config, in_channels=config.data.preprocess.channels, classes=len(classes) or 1)
+
+
+def check_encoders(config: ExperimentConfig) -> None:
+    """Refuse encoder weights a model trained here could not start from (a missing file, no
+    safetensors file, another encoder's keys or shapes, a model without an encoder), naming the
+    model and the file; only the files' headers are read."""
+    from advseg.experiment import model_train_config, trained_here
+    from advseg.models.zoo import check_encoder_weights
+
+    for i, model in enumerate(config.models):
+        if trained_here(model):
+            weights = model_train_config(config, model).encoder_weights
+            try:
+                check_encoder_weights(model.arch, weights)
+            except UserError as err:
+                raise UserError(f"models[{i}] ({model.name}): encoder weights: {err}") from None
 
 
 def check_geometry(

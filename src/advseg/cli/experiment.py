@@ -17,6 +17,7 @@ from advseg.data.location import data_argument, run_locations
 from advseg.demo import run_demo
 from advseg.errors import UserError
 from advseg.experiment import (
+    ExperimentConfig,
     RunResult,
     check_config,
     find_experiment,
@@ -64,6 +65,14 @@ def run(
         "data.path (required where the YAML names none, as paper's).",
     ),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help=CACHE_HELP),
+    encoder_weights: list[str] = typer.Option(
+        [],
+        "--encoder-weights",
+        help="NAME=PATH: model NAME (as the YAML's models list names it) starts from the "
+        "encoder weights in the local safetensors file PATH (or NAME=imagenet, downloaded); "
+        "repeatable, one per model; adds to the YAML's encoder_weights mapping. A model not "
+        "named trains from random init.",
+    ),
 ) -> None:
     """Run an experiment grid (train or load models, attack, record, report); resumable.
 
@@ -77,6 +86,8 @@ def run(
             config = check_config(replace(config, compat=compat))
         except UserError as err:
             raise UserError(f"--compat: {err}") from None
+    if encoder_weights:
+        config = _with_encoder_weights(config, encoder_weights)
     if data is not None:
         config = replace(config, data=replace(config.data, path=data_argument(data)))
     if cache_dir is not None:  # where the cache is, not what is computed: a resume may change it
@@ -85,6 +96,21 @@ def run(
     result = run_experiment(config, run_dir, progress=True)
     if distributed.is_main():  # under torchrun every rank ran the grid; rank 0 prints
         _print_result(result, console())
+
+
+def _with_encoder_weights(config: ExperimentConfig, given: list[str]) -> ExperimentConfig:
+    """``config`` with ``--encoder-weights NAME=PATH`` values added to its mapping (paths made
+    absolute, so the run's config.yaml names the files from any directory)."""
+    mapping = dict(config.encoder_weights)
+    for text in given:
+        name, sep, path = text.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--encoder-weights: {text!r} is not NAME=PATH")
+        mapping[name] = path if path == "imagenet" else str(Path(path).expanduser().absolute())
+    try:
+        return check_config(replace(config, encoder_weights=mapping))
+    except UserError as err:
+        raise UserError(f"--encoder-weights: {err}") from None
 
 
 @app.command()

@@ -213,34 +213,84 @@ def load_encoder_weights(model: nn.Module, path: str | Path) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    path = _weights_file(path)
+    try:
+        state = _encoder_keys(load_file(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{path}: not a safetensors file of encoder weights ({err})") from None
+    expected = model.encoder.state_dict()
+    _check_encoder_state(
+        path,
+        {k: tuple(v.shape) for k, v in state.items()},
+        {k: tuple(v.shape) for k, v in expected.items()},
+        type(model.encoder).__name__,
+    )
+    model.encoder.load_state_dict(state)
+
+
+def check_encoder_weights(name: str, weights: str | Path | None) -> None:
+    """Refuse what ``create_model(name, encoder_weights=weights)`` would refuse, reading no tensor.
+
+    A model without an encoder given weights, a missing file, a file that is no safetensors file
+    or that does not fit the encoder (keys and shapes, from the file's header; the model is built
+    on the meta device) are each one :class:`UserError`; ``imagenet`` and None pass. What a
+    preflight check calls before any training starts.
+    """
+    if weights is None:
+        return
+    entry = resolve(name)
+    if entry.arch == "BasicUNet":
+        raise UserError(f"model {name!r} has no pretrained encoder; drop encoder_weights")
+    if str(weights) == "imagenet":
+        return
+    from safetensors import SafetensorError, safe_open
+
+    path = _weights_file(weights)
+    try:
+        with safe_open(path, framework="pt") as file:
+            shapes = {k: tuple(file.get_slice(k).get_shape()) for k in file.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{path}: not a safetensors file of encoder weights ({err})") from None
+    with torch.device("meta"):
+        model = _create_smp(name, entry, 3, 1, None)
+    expected = {k: tuple(v.shape) for k, v in model.encoder.state_dict().items()}
+    _check_encoder_state(path, _encoder_keys(shapes), expected, type(model.encoder).__name__)
+
+
+def _weights_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: encoder weights file not found")
-    try:
-        state = load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"{path}: not a safetensors file of encoder weights ({err})") from None
+    return path
+
+
+def _encoder_keys(state: dict) -> dict:
+    """The encoder's entries of a state dict: ``encoder.`` prefixes cut, classifier heads left."""
     if any(key.startswith("encoder.") for key in state):
         state = {
             k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")
         }
-    state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
-    expected = model.encoder.state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
+    return {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
+
+
+def _check_encoder_state(
+    path: Path,
+    shapes: dict[str, tuple[int, ...]],
+    expected: dict[str, tuple[int, ...]],
+    encoder: str,
+) -> None:
+    """Refuse a file whose keys or shapes differ from the encoder's, naming a few of them."""
+    missing = sorted(set(expected) - set(shapes))
+    extra = sorted(set(shapes) - set(expected))
     if missing or extra:
         raise UserError(
-            f"{path}: does not match the {type(model.encoder).__name__} encoder "
+            f"{path}: does not match the {encoder} encoder "
             f"({len(missing)} missing keys, e.g. {missing[:2]}; {len(extra)} unexpected, "
             f"e.g. {extra[:2]})"
         )
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise UserError(
-                f"{path}: {key} has shape {tuple(value.shape)}, the encoder expects "
-                f"{tuple(expected[key].shape)}"
-            )
-    model.encoder.load_state_dict(state)
+    for key, shape in shapes.items():
+        if shape != expected[key]:
+            raise UserError(f"{path}: {key} has shape {shape}, the encoder expects {expected[key]}")
 
 
 def model_spec(model: nn.Module) -> ModelSpec:

@@ -1,0 +1,136 @@
+"""The paper's grid as users run it: encoder weights per model, named batch sizes, the split."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from advseg.cli import main
+from advseg.config import save_yaml
+from advseg.errors import UserError
+from advseg.experiment import (
+    ExperimentConfig,
+    ModelSpec,
+    check_config,
+    encoder_line,
+    load_experiment,
+    model_train_config,
+    run_experiment,
+)
+from advseg.models import read_checkpoint
+from advseg.models.zoo import check_encoder_weights, create_model
+from test_experiment_run import _config, phantom  # noqa: F401 (phantom: the module's fixture)
+
+SMALL = "smp:Unet:mobilenet_v2"  # a small encoder model (2.2M encoder parameters)
+SMALL_NAME = "smp-Unet-mobilenet_v2"
+
+
+@pytest.fixture(scope="module")
+def encoder_file(tmp_path_factory):
+    """A safetensors file of the small model's encoder weights, as smp-hub files hold them."""
+    torch.manual_seed(0)
+    source = create_model(SMALL)
+    path = tmp_path_factory.mktemp("weights") / "mobilenet_v2.safetensors"
+    save_file({k: v.contiguous() for k, v in source.encoder.state_dict().items()}, str(path))
+    return path
+
+
+def _grid(phantom, tmp_path, **changes) -> ExperimentConfig:  # noqa: F811
+    config = _config(phantom, tmp_path)
+    models = [ModelSpec(arch="unet-tiny"), ModelSpec(arch=SMALL)]
+    return replace(config, models=models, **changes)
+
+
+def test_encoder_weights_map_each_model_to_its_file(phantom, tmp_path, encoder_file):  # noqa: F811
+    config = check_config(_grid(phantom, tmp_path, encoder_weights={SMALL_NAME: str(encoder_file)}))
+    small, tiny = model_train_config(config, config.models[1]), config.models[0]
+    assert small.encoder_weights == str(encoder_file) and small.model == SMALL
+    assert model_train_config(config, tiny).encoder_weights is None  # absent: random init
+    assert encoder_line(config) == (
+        f"encoders: {SMALL_NAME} from {encoder_file}; random init: unet-tiny"
+    )
+    # The same file named in the model's own train changes works alike.
+    per_model = replace(
+        _grid(phantom, tmp_path),
+        models=[ModelSpec(arch=SMALL, train={"encoder_weights": str(encoder_file)})],
+    )
+    assert model_train_config(per_model, per_model.models[0]).encoder_weights == str(encoder_file)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"encoder_weights": {"unet-vgg13": "w.safetensors"}}, "unet-vgg13: no model"),
+        ({"encoder_weights": {SMALL_NAME: " "}}, "empty file name"),
+    ],
+)
+def test_an_encoder_mapping_naming_no_model_is_refused(phantom, tmp_path, changes, message):  # noqa: F811
+    with pytest.raises(UserError, match=message):
+        check_config(_grid(phantom, tmp_path, **changes))
+
+
+def test_two_ways_of_naming_one_models_weights_are_refused(phantom, tmp_path):  # noqa: F811
+    mapping = {SMALL_NAME: "a.safetensors"}
+    config = _grid(phantom, tmp_path, encoder_weights=mapping)
+    shared = replace(config, train=replace(config.train, encoder_weights="b.safetensors"))
+    with pytest.raises(UserError, match=r"train.encoder_weights: .* keep one"):
+        check_config(shared)
+    both = replace(
+        config, models=[ModelSpec(arch=SMALL, train={"encoder_weights": "b.safetensors"})]
+    )
+    with pytest.raises(UserError, match=r"models\[0\].train.encoder_weights: .* keep one"):
+        check_config(both)
+
+
+def test_check_encoder_weights_reads_headers_only(tmp_path, encoder_file):
+    check_encoder_weights(SMALL, encoder_file)  # fits
+    check_encoder_weights(SMALL, "imagenet")
+    check_encoder_weights("unet-tiny", None)
+    with pytest.raises(UserError, match="no pretrained encoder"):
+        check_encoder_weights("unet-tiny", encoder_file)
+    with pytest.raises(UserError, match="does not match"):
+        check_encoder_weights("smp:Unet:resnet18", encoder_file)  # another encoder's file
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not safetensors")
+    with pytest.raises(UserError, match="not a safetensors file"):
+        check_encoder_weights(SMALL, junk)
+
+
+def test_a_missing_weights_file_is_one_line_before_any_training(phantom, tmp_path, capsys):  # noqa: F811
+    missing = tmp_path / "nowhere" / "mobilenet_v2.safetensors"
+    config = _grid(phantom, tmp_path, encoder_weights={SMALL_NAME: str(missing)})
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError) as caught:
+        run_experiment(config, run_dir)
+    assert str(caught.value) == (
+        f"models[1] ({SMALL_NAME}): encoder weights: {missing}: encoder weights file not found"
+    )
+    assert not run_dir.exists()  # nothing written, nothing trained
+
+    # the CLI: the packaged grid's way (--encoder-weights NAME=PATH), one line, exit 2
+    path = tmp_path / "grid.yaml"
+    save_yaml(_grid(phantom, tmp_path), path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(path), "--out", str(run_dir), "--encoder-weights", f"unet-tiny={missing}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "models[0] (unet-tiny)" in err
+    assert "has no pretrained encoder" in err and not run_dir.exists()
+    with pytest.raises(SystemExit):
+        main(["run", str(path), "--out", str(run_dir), "--encoder-weights", "vgg=w"])
+    err = capsys.readouterr().err
+    assert "--encoder-weights: encoder_weights.vgg: no model trained here" in err
+
+
+def test_a_grid_trains_from_the_mapped_encoder_file(phantom, tmp_path, encoder_file):  # noqa: F811
+    config = _grid(phantom, tmp_path, encoder_weights={SMALL_NAME: str(encoder_file)})
+    config = replace(config, models=config.models[1:], report=False)
+    path = tmp_path / "grid.yaml"
+    save_yaml(config, path)
+    assert load_experiment(path).encoder_weights == {SMALL_NAME: str(encoder_file)}
+    run_experiment(config, tmp_path / "run")
+    best = tmp_path / "run" / "models" / SMALL_NAME / "checkpoints" / "best"
+    assert read_checkpoint(best)[1].train["encoder_weights"] == str(encoder_file)
