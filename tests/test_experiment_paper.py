@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from advseg.cli import main
-from advseg.config import save_yaml
+from advseg.config import load_yaml, save_yaml
 from advseg.errors import UserError
 from advseg.experiment import (
     ExperimentConfig,
@@ -18,6 +18,8 @@ from advseg.experiment import (
     encoder_line,
     load_experiment,
     model_train_config,
+    packaged_config,
+    prepare_run_dir,
     run_experiment,
 )
 from advseg.models import read_checkpoint
@@ -134,3 +136,33 @@ def test_a_grid_trains_from_the_mapped_encoder_file(phantom, tmp_path, encoder_f
     run_experiment(config, tmp_path / "run")
     best = tmp_path / "run" / "models" / SMALL_NAME / "checkpoints" / "best"
     assert read_checkpoint(best)[1].train["encoder_weights"] == str(encoder_file)
+
+
+@pytest.mark.parametrize(("name", "number"), [("text", 64), ("notebook", 16), (8, 8)])
+def test_batch_size_by_name_is_recorded_as_its_number(tmp_path, name, number):
+    path = tmp_path / "grid.yaml"
+    path.write_text(f"train:\n  batch_size: {name}\n")
+    config = load_experiment(path)
+    assert config.train.batch_size == number
+    assert model_train_config(config, config.models[0]).batch_size == number
+    prepare_run_dir(config, tmp_path / "run")
+    saved = load_yaml(tmp_path / "run" / "config.yaml")
+    assert saved["train"]["batch_size"] == number  # the resolved number, where the run records
+    assert load_experiment(packaged_config("paper")).train.batch_size == 16  # paper.yaml: notebook
+    assert "batch_size: notebook" in packaged_config("paper").read_text()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("txt", "train.batch_size: 'txt' is no number and no name: text (64), notebook (16)"),
+        (0, "train.batch_size: 0 must be >= 1"),
+        (2.5, "train.batch_size: expected an integer, got 2.5"),
+    ],
+)
+def test_a_batch_size_neither_number_nor_name_is_one_line(tmp_path, value, message):
+    path = tmp_path / "grid.yaml"
+    path.write_text(f"train:\n  batch_size: {value}\n")
+    with pytest.raises(UserError) as caught:
+        load_experiment(path)
+    assert str(caught.value) == f"{path}: {message}"

@@ -55,6 +55,9 @@ from advseg.progress import IntervalLines, clock_text
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
+#: The paper's batch sizes by name (FACTS.md section 1): its text says 64, its notebook used 16.
+PAPER_BATCH_SIZES = {"text": 64, "notebook": 16}
+
 # Settings that may change when a run is resumed: they change speed, not the numbers.
 _RESUMABLE_CHANGES = {"num_workers", "device", "tensorboard"}
 
@@ -68,7 +71,9 @@ class TrainConfig:
         encoder_weights: None, ``"imagenet"`` or a local safetensors file (see the zoo).
         loss: loss name (``advseg.losses``); the paper trained with ``dicefocal``.
         epochs: number of epochs (the paper: 15); the cosine schedule spans them.
-        batch_size: images per optimiser step on each process, before accumulation.
+        batch_size: images per optimiser step on each process, before accumulation: an integer,
+            or a name of :data:`PAPER_BATCH_SIZES` (``text``: 64, the paper's text; ``notebook``:
+            16, its notebook), resolved to the number on construction (what configs record).
         lr, weight_decay: AdamW settings (the paper: lr 3e-4).
         eta_min: the cosine schedule's final learning rate (the paper: 5e-6).
         patience: stop after this many epochs without a better validation Dice; 0 never stops.
@@ -93,7 +98,7 @@ class TrainConfig:
     encoder_weights: str | None = None
     loss: str = "dicefocal"
     epochs: int = 15
-    batch_size: int = 16
+    batch_size: int | str = 16
     lr: float = 3e-4
     weight_decay: float = 1e-2
     eta_min: float = 5e-6
@@ -111,6 +116,13 @@ class TrainConfig:
     noise_sigma: float = 0.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.batch_size, str):
+            if self.batch_size not in PAPER_BATCH_SIZES:
+                names = ", ".join(f"{k} ({v})" for k, v in PAPER_BATCH_SIZES.items())
+                raise UserError(
+                    f"train.batch_size: {self.batch_size!r} is no number and no name: {names}"
+                )
+            self.batch_size = PAPER_BATCH_SIZES[self.batch_size]
         for name in ("epochs", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise UserError(f"train.{name}: {getattr(self, name)} must be >= 1")
