@@ -201,7 +201,7 @@ def test_summary_of_a_cell_has_table_two_layout(model):
         ({"losses": ["bce", "bec"]}, "unknown loss 'bec'.*valid"),
         ({"eps": -1.0}, "eps must be"),
         ({"eps": 3.0}, "exceeds"),
-        ({"model": tiny_net(classes=2)}, "predicts 2 classes.*data has 3 classes"),
+        ({"model": tiny_net(classes=2)}, "predicts 2 channels.*data has 3 classes"),
         ({"model": tiny_net(in_channels=1)}, "does not fit the data: images have 3 channels"),
         ({"losses": []}, "no attack loss"),
         ({"losses": ["ce"]}, "'ce' is for softmax models"),

@@ -214,7 +214,7 @@ def test_attack_option_and_activation_reach_the_attack(setup, tmp_path, capsys, 
     assert cli([*base, "--out", str(tmp_path / "x"), "--attack-option", "pair"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
     good = [*base, "--out", str(tmp_path / "ok"), "--attack", "pgd", "--steps", "1"]
-    good += ["--attack-option", "random_start=false", "--activation", "softmax"]
+    good += ["--attack-option", "random_start=false", "--activation", "sigmoid"]  # its own
     assert cli(good) == 0
     assert len(read_records(tmp_path / "ok")) > 0
     assert "batches (100%)" in capsys.readouterr().err  # piped: progress lines, not silence

@@ -62,10 +62,27 @@ def test_custom_callable_and_bad_names():
     assert loss(torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)).item() == 1.0
     with pytest.raises(
         UserError,
-        match=r"unknown loss 'bse'.*valid: balanced-bce, balanced-ce, bce, ce, dice, dicefocal",
+        match=r"unknown loss 'bse'.*valid: balanced-bce, balanced-ce, bce, ce, dice, dicece, "
+        "dicefocal",
     ):
         create_loss("bse")
     with pytest.raises(UserError, match="loss 'bce'"):
         create_loss("bce", gamma=2.0)
     with pytest.raises(UserError, match="reduction"):
         create_loss("bce", reduction="max")
+
+
+def test_dicece_is_monai_dicece_on_a_softmax_partition():
+    from monai.losses import DiceCELoss
+
+    from advseg.labels import softmax_target
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 4, 8, 8, generator=gen)  # background + 3 classes
+    masks = (torch.rand(4, 3, 8, 8, generator=gen) > 0.6).float()
+    target = softmax_target(masks)
+    monai_loss = DiceCELoss(softmax=True, include_background=False, smooth_nr=1e-5, smooth_dr=1e-5)
+    reference = monai_loss(logits, target)
+    torch.testing.assert_close(create_loss("dicece")(logits, target), reference)
+    indices = create_loss("dicece")(logits, target.argmax(1))  # indices give the same loss
+    torch.testing.assert_close(indices, reference)

@@ -60,11 +60,11 @@ from advseg.compat import (
 )
 from advseg.data.split import spread_positions
 from advseg.errors import UserError
-from advseg.losses import LOSSES, SOFTMAX_LOSSES
+from advseg.labels import class_prediction, model_target, output_channels
+from advseg.losses import LOSSES, SOFTMAX_LOSSES, loss_activation
 from advseg.metrics import (
     confusion_counts,
     dice_from_counts,
-    hard_prediction,
     hd95,
     iou_from_counts,
     luminosity,
@@ -259,7 +259,10 @@ def evaluate_cell(
         model_name: the model's label in the records (a checkpoint name).
         arch: the zoo name the model was built from.
         attack_kwargs: options of the attack (``steps``, ``norm``, ``activation``, ...).
-            ``activation`` (``sigmoid`` unless given) also decides the hard predictions.
+            ``activation`` (``sigmoid`` unless given) also decides the hard predictions and
+            the attack's target (:mod:`advseg.labels`: softmax models have a background
+            channel first and are attacked toward the masks' one-hot partition); records
+            always score against the multi-label masks.
         batch_size: slices per batch.
         examples: how many slices to return as arrays for figures: a seeded draw spread over
             the cases (:func:`advseg.data.spread_rows`, seed 0), in the order of ``rows``.
@@ -350,6 +353,8 @@ def evaluate_sweep(
     classes = list(data.classes)
     label, erased = _target_spec(attack, kwargs, erase, classes)
     check_compat(compat)
+    if compat != "none" and activation != "sigmoid":
+        raise UserError(f"compat {compat}: the notebook's models were sigmoid, not {activation}")
     if compat != "none" and erase:
         raise UserError(f"compat {compat}: the notebook's attack was untargeted (no erase)")
     label = compat_label(label, compat)
@@ -397,7 +402,7 @@ def evaluate_sweep(
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         if not frames:
-            _check_fit(model, x, y, model_name, classes)
+            _check_fit(model, x, y, model_name, classes, activation)
         target = y
         if compat == "notebook":  # the notebook's area-resized masks, never thresholded
             resize = getattr(getattr(data, "preprocess", None), "resize", "stretch")
@@ -406,6 +411,7 @@ def evaluate_sweep(
         if erased:
             target = y.clone()
             target[:, erased] = 0  # (B, K, H, W): the chosen organs vanish
+        target = model_target(target, activation)  # softmax: one-hot, background first
         if crafted is not None:
             start = batch_number * batch_size
             outs = [score_batch(model, x, crafted(x, target, np.arange(start, start + len(x))))]
@@ -480,6 +486,12 @@ def _check_losses(losses: Sequence[str], activation: str, model_name: str) -> No
             f"loss {softmax_only[0]!r} is for softmax models (one class per pixel); these masks "
             "are multi-label sigmoid outputs: use bce, focal, dice or dicefocal"
         )
+    sigmoid_only = [loss for loss in losses if loss_activation(loss) == "sigmoid"]
+    if activation == "softmax" and sigmoid_only:
+        raise UserError(
+            f"loss {sigmoid_only[0]!r} is for sigmoid models; {model_name} has softmax outputs: "
+            "use ce, dicece, masked-ce, balanced-ce, js or masked-spherical"
+        )
 
 
 def _generators(attacks: Sequence[Attack], batch_number: int) -> list[torch.Generator]:
@@ -536,7 +548,9 @@ def _target_spec(
     return f"{attack}:erase={'+'.join(erase)}", [classes.index(name) for name in erase]
 
 
-def _check_fit(model: nn.Module, x: Tensor, y: Tensor, model_name: str, classes: list[str]):
+def _check_fit(
+    model: nn.Module, x: Tensor, y: Tensor, model_name: str, classes: list[str], activation: str
+):
     """One slice through the model: a model that does not fit the data is a UserError."""
     try:
         with frozen(model), torch.inference_mode():
@@ -546,11 +560,12 @@ def _check_fit(model: nn.Module, x: Tensor, y: Tensor, model_name: str, classes:
             f"model {model_name!r} does not fit the data: images have {x.shape[1]} channels "
             f"({str(err).splitlines()[0]})"
         ) from None
-    if logits.shape[1] != len(classes) or logits.shape[2:] != y.shape[2:]:
+    expected = output_channels(len(classes), activation)
+    if logits.shape[1] != expected or logits.shape[2:] != y.shape[2:]:
         raise UserError(
-            f"model {model_name!r} predicts {logits.shape[1]} classes at "
+            f"model {model_name!r} predicts {logits.shape[1]} channels at "
             f"{tuple(logits.shape[2:])}; the data has {len(classes)} classes "
-            f"({', '.join(classes)}) at {tuple(y.shape[2:])}"
+            f"({', '.join(classes)}) at {tuple(y.shape[2:])}, {activation} needs {expected}"
         )
 
 
@@ -584,7 +599,7 @@ def _batch_records(
     """
     b, k = y.shape[:2]
     target = y > 0.5
-    pred_clean = hard_prediction(out.clean_logits, activation)
+    pred_clean = class_prediction(out.clean_logits, activation)
     tp_c, fp_c, fn_c = (t.cpu().numpy().ravel() for t in confusion_counts(pred_clean, target))
     hd_clean = hd95(pred_clean, target).numpy().ravel()
     hd_mm_clean = _hd95_mm(pred_clean, target, spacing)
@@ -594,7 +609,7 @@ def _batch_records(
     for attack_loss, x_adv, adv_logits, winners in zip(
         losses, out.x_adv, out.adv_logits, members, strict=True
     ):
-        pred_adv = hard_prediction(adv_logits, activation)
+        pred_adv = class_prediction(adv_logits, activation)
         tp_a, fp_a, fn_a = (t.cpu().numpy().ravel() for t in confusion_counts(pred_adv, target))
         linf, l2 = (np.repeat(v.cpu().numpy(), k) for v in perturbation_norms(x, x_adv))
         frame = pd.DataFrame(
@@ -644,12 +659,12 @@ def _examples(out, x, y, meta, activation, picks: list[int]) -> dict[str, np.nda
         "slice_ids": meta["id"].to_numpy()[picks].astype(str),
         "image": x[at].float().cpu().numpy(),
         "mask": (y[at] > 0.5).to(torch.uint8).cpu().numpy(),
-        "pred_clean": hard_prediction(out.clean_logits[at], activation)
+        "pred_clean": class_prediction(out.clean_logits[at], activation)
         .to(torch.uint8)
         .cpu()
         .numpy(),
         "x_adv": torch.stack([a[at] for a in out.x_adv]).float().cpu().numpy(),
-        "pred_adv": torch.stack([hard_prediction(a[at], activation) for a in out.adv_logits])
+        "pred_adv": torch.stack([class_prediction(a[at], activation) for a in out.adv_logits])
         .to(torch.uint8)
         .cpu()
         .numpy(),
@@ -842,7 +857,13 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
     from advseg.data import load_data, saved_preprocess, split_cases
     from advseg.data.location import data_note, first_line
     from advseg.defences import create_defence, defend, defended_name
-    from advseg.models.checkpoint import check_compatible, load_checkpoint
+    from advseg.labels import checkpoint_activation
+    from advseg.models.checkpoint import (
+        check_compatible,
+        load_checkpoint,
+        newest_complete,
+        read_metadata,
+    )
     from advseg.provenance import record_session
     from advseg.records import write_records
     from advseg.report.examples import save_examples
@@ -889,6 +910,14 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
         raise UserError(f"--out {out}: exists and is not a directory")
     check_output_dir(out, "--out directory")  # under a file, or not writable: before any work
     _refuse_existing_run(out)
+    for checkpoint in config.checkpoints:  # each one's outputs against the losses, before work
+        try:
+            own = read_metadata(newest_complete(checkpoint)).activation
+        except UserError:
+            continue  # not readable: load_checkpoint says why, in its own words, below
+        given = config.attack_options.get("activation")
+        where = str(checkpoint)
+        _check_losses(config.losses, checkpoint_activation(own, given, where), where)
     distributed.init()
     console = Console(stderr=True, quiet=not (progress and distributed.is_main()))
     device = resolve_device(config.device)
@@ -902,6 +931,9 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
                 f"--erase: unknown class {unknown[0]!r}; valid: {', '.join(meta.classes)} "
                 f"(the classes of {checkpoint})"
             )
+        activation = checkpoint_activation(
+            meta.activation, config.attack_options.get("activation"), str(checkpoint)
+        )
         checkpoint_name = checkpoint_label(checkpoint)
         if checkpoint_name in slices:
             raise UserError(
@@ -938,6 +970,7 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
         for spec, attack in itertools.product(config.defences, config.attacks):
             model, model_name = defend(bare, spec), defended_name(checkpoint_name, spec)
             options = {k: v for k, v in config.attack_options.items() if k in accepted[attack]}
+            options["activation"] = activation  # the checkpoint's; --activation may repeat it
             for group in sweep_groups(attack, config.eps):
                 what = f"{model_name}, {attack} eps {','.join(f'{e:g}' for e in group)}"
                 with cell_progress(console, f"{what} on {len(rows)} slices") as on_batch:

@@ -55,7 +55,8 @@ from advseg.defences import defend, defended_name
 from advseg.defences.adversarial_training import AdversarialConfig
 from advseg.errors import UserError
 from advseg.evaluate import cell_progress, evaluate_sweep
-from advseg.losses import LOSSES, SOFTMAX_LOSSES
+from advseg.labels import DEFAULT_LOSS, checkpoint_activation
+from advseg.losses import LOSSES, loss_activation
 from advseg.models import load_checkpoint, read_checkpoint
 from advseg.models.checkpoint import checkpoint_exists
 from advseg.models.ensemble import ensemble_members
@@ -298,6 +299,7 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
                 raise UserError(f"models[{i}].defences[{j}]: {spec!r} is listed twice (or none)")
             seen[label] = i
     check_encoder_mapping(config)
+    activations = trained_activations(config)
     kwargs_of: dict[str, tuple[int, dict[str, Any]]] = {}
     check_compat(config.compat, "compat")
     for i, attack in enumerate(config.attacks):
@@ -318,10 +320,12 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
         for j, loss in enumerate(attack.losses):
             if loss not in LOSSES:
                 raise UserError(f"attacks[{i}].losses[{j}]: {LOSSES.unknown_message(loss)}")
-            if loss in SOFTMAX_LOSSES:
+            kind = loss_activation(loss)
+            other = [(name, a) for name, a in activations.items() if kind not in (None, a)]
+            if other:
                 raise UserError(
-                    f"attacks[{i}].losses[{j}]: {loss!r} is for softmax models; the masks here "
-                    "are multi-label sigmoid outputs"
+                    f"attacks[{i}].losses[{j}]: {loss!r} is for {kind} models; model "
+                    f"{other[0][0]!r} has {other[0][1]} outputs (train.activation)"
                 )
         try:
             attack_options(attack.name)  # a registry name, maybe with +bpda / +eot
@@ -411,6 +415,26 @@ def encoder_line(config: ExperimentConfig) -> str | None:
     return "encoders: " + "; ".join(parts)
 
 
+def trained_activations(config: ExperimentConfig) -> dict[str, str]:
+    """Each model trained here -> its ``train.activation``; a softmax model is refused in a
+    cross-model study (transfer, sources, ensembles), which reads sigmoid outputs only."""
+    found = {
+        model.name: model_train_config(config, model).activation
+        for model in config.models
+        if trained_here(model)
+    }
+    crossing = any(a.transfer or a.sources for a in config.attacks) or any(
+        m.arch.startswith(ENSEMBLE_PREFIX) for m in config.models
+    )
+    softmax = [name for name, activation in found.items() if activation == "softmax"]
+    if crossing and softmax:
+        raise UserError(
+            f"models: {softmax[0]!r} is a softmax model; transfer, sources and ensembles take "
+            "sigmoid models only"
+        )
+    return found
+
+
 def model_variants(model: ModelSpec) -> list[str]:
     """The grid's names of one model: as trained, then behind each of its input defences."""
     return [model.name, *(defended_name(model.name, spec) for spec in model.defences)]
@@ -423,6 +447,8 @@ def model_train_config(config: ExperimentConfig, model: ModelSpec) -> TrainConfi
     values = _merged(to_dict(config.train), model.train)
     if model.name in config.encoder_weights:  # the grid's per-model mapping
         values["encoder_weights"] = config.encoder_weights[model.name]
+    if "loss" not in model.train and config.train.loss == DEFAULT_LOSS[config.train.activation]:
+        values["loss"] = None  # the default loss of this model's activation
     return from_dict(TrainConfig, {**values, "model": model.arch}, where="train")
 
 
@@ -604,6 +630,7 @@ LEGACY_VALUES: dict[str, object] = {
     "data.strict_labels": False,
     "data.preprocess.resize": "stretch",
     "data.path": "synthetic",  # an empty path meant the phantom before it had to be named
+    "train.activation": "sigmoid",  # every model was sigmoid before softmax training
 }
 """Settings added since runs began, with the value a saved config that lacks them meant (a run
 begun before aspect-preserving resize stretched its slices)."""
@@ -762,6 +789,7 @@ def run_experiment(
     cells = plan_cells(config)
     models: dict[tuple[str, int | None], tuple[torch.nn.Module, str]] = {}
     seed_of: dict[tuple[str, int | None], int] = {}  # the training seed of each model loaded
+    activation_of: dict[tuple[str, int | None], str] = {}  # how each model's logits are read
     trained = []
     device = resolve_device(config.train.device)
     if main:
@@ -785,8 +813,9 @@ def run_experiment(
                 net = cross.ensemble(spec.arch, lambda member: model_for(member, key[1]))
                 arch, members = spec.arch, ensemble_members(spec.arch)
                 seed_of[key] = seed_of[key_of(members[0], key[1])]
+                activation_of[key] = "sigmoid"  # members are sigmoid (trained_activations)
             else:
-                net, arch, fresh, seed_of[key] = _get_model(
+                net, arch, fresh, seed_of[key], activation_of[key] = _get_model(
                     spec, config, data, run_dir, progress, key[1]
                 )
                 if fresh:
@@ -808,6 +837,11 @@ def run_experiment(
     def compute_cells(group: list[Cell]) -> list[CellOutput]:
         first = group[0]  # the group shares model, seed, attack and options (sweep_key)
         net, arch = model_for(first.model, first.seed)
+        activation = checkpoint_activation(  # an attack's own activation must agree
+            activation_of[key_of(first.model, first.seed)],
+            dict(first.kwargs).get("activation"),
+            f"model {first.model!r}",
+        )
         eps = ", ".join(f"{c.eps:g}" for c in group)
         losses = ", ".join(dict.fromkeys(loss for c in group for loss in c.losses))
         what = f"evaluating {first.model}, {first.label} eps {eps} ({losses})"
@@ -821,7 +855,7 @@ def run_experiment(
                 {c.eps: list(c.losses) for c in group},
                 model_name=first.model,
                 arch=arch,
-                attack_kwargs={"seed": config.seed, **dict(first.kwargs)},
+                attack_kwargs={"seed": config.seed, **dict(first.kwargs), "activation": activation},
                 batch_size=config.evaluation.batch_size,
                 examples=config.evaluation.examples,
                 on_batch=on_batch,
@@ -916,7 +950,7 @@ def _get_model(
     run_dir: Path,
     progress: bool,
     seed: int | None = None,
-) -> tuple[torch.nn.Module, str, bool, int]:
+) -> tuple[torch.nn.Module, str, bool, int, str]:
     """The model of ``spec``: loaded from its checkpoint, or trained (resumed) in the run dir.
 
     Training is :func:`advseg.train.train_on_data`, the one training path (``advseg train``
@@ -927,12 +961,12 @@ def _get_model(
             ``models/<name>/seed<k>/``), or None.
 
     Returns:
-        ``(model, zoo name, trained_now, training seed)``.
+        ``(model, zoo name, trained_now, training seed, activation)``.
     """
     if spec.checkpoint is not None:
         net, meta = load_checkpoint(spec.checkpoint, classes=data.classes)
         check_held_out(meta.data, spec.checkpoint, config)
-        return net, meta.model, False, int(meta.train.get("seed", 0))
+        return net, meta.model, False, int(meta.train.get("seed", 0)), meta.activation
     out = model_dir(run_dir, spec.name, seed)
     best = out / "checkpoints" / "best"
     last = out / "checkpoints" / "last"
@@ -955,7 +989,7 @@ def _get_model(
             data=data,
         )
     net, meta = load_checkpoint(best, classes=data.classes)
-    return net, meta.model, fresh, train_config.seed
+    return net, meta.model, fresh, train_config.seed, meta.activation
 
 
 def model_dir(run_dir: str | Path, name: str, seed: int | None = None) -> Path:

@@ -267,6 +267,7 @@ def export_cell(
     from advseg.data import load_data, restore_slice, saved_preprocess
     from advseg.data.nifti import canonical_geometry
     from advseg.evaluate import evaluate_cell, trained_data_config
+    from advseg.labels import checkpoint_activation
     from advseg.models.checkpoint import check_compatible, load_checkpoint
     from advseg.report.tables import file_stem
     from advseg.train import resolve_device
@@ -298,9 +299,13 @@ def export_cell(
     if absent:
         raise UserError(f"{', '.join(absent)}: not in the data set {loaded.location} (changed?)")
     rows = row_of.loc[chosen].to_numpy()
+    kwargs = settings["kwargs"]
+    kwargs["activation"] = checkpoint_activation(
+        meta.activation, kwargs.get("activation"), str(path)
+    )
     result = evaluate_cell(
         net, loaded, rows, settings["attack"], [loss], eps, model_name=name, arch=meta.model,
-        attack_kwargs=settings["kwargs"], examples=len(rows), compat=settings["compat"],
+        attack_kwargs=kwargs, examples=len(rows), compat=settings["compat"],
     )  # fmt: skip
     shown = result.examples  # every chosen slice: images, masks, predictions
     order = [list(shown["slice_ids"]).index(s) for s in chosen]

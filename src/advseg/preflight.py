@@ -62,6 +62,7 @@ def check_experiment(config: ExperimentConfig, run_dir: str | Path) -> None:
             check_compatible(meta, model.checkpoint, classes=classes)
             check_held_out(meta.data, model.checkpoint, config)
             check_geometry(meta.preprocessing, model.checkpoint, config.data.preprocess, index)
+            check_losses_fit(config, meta.activation)
         except UserError as err:
             raise UserError(f"{where}: {err}") from None
     check_attacks(config, in_channels=config.data.preprocess.channels, classes=len(classes) or 1)
@@ -81,6 +82,20 @@ def check_encoders(config: ExperimentConfig) -> None:
                 check_encoder_weights(model.arch, weights)
             except UserError as err:
                 raise UserError(f"models[{i}] ({model.name}): encoder weights: {err}") from None
+
+
+def check_losses_fit(config: ExperimentConfig, activation: str) -> None:
+    """Refuse an attack loss made for the other activation than a checkpoint's outputs."""
+    from advseg.losses import loss_activation
+
+    for i, attack in enumerate(config.attacks):
+        for j, loss in enumerate(attack.losses):
+            kind = loss_activation(loss)
+            if kind not in (None, activation):
+                raise UserError(
+                    f"its outputs are {activation}; attacks[{i}].losses[{j}] {loss!r} is for "
+                    f"{kind} models"
+                )
 
 
 def check_geometry(

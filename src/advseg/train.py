@@ -12,8 +12,14 @@ optimiser, scheduler and scaler states for ``resume``), ``log.csv`` (one row per
 optionally, TensorBoard events. Only rank 0 writes.
 
 Validation Dice is the "global" protocol: per class, ``2 TP / (2 TP + FP + FN)`` with TP, FP, FN
-summed over every validation pixel (sigmoid > threshold), then the mean over classes present in
-the labels or the predictions. It needs no per-slice convention for empty masks and never is NaN.
+summed over every validation pixel, then the mean over classes present in the labels or the
+predictions. It needs no per-slice convention for empty masks and never is NaN. The prediction is
+evaluation's (:func:`advseg.labels.class_prediction`: sigmoid > threshold, or the softmax argmax
+without its background channel), scored against the multi-label masks.
+
+``train.activation: softmax`` trains a model of K + 1 outputs (background first) on the masks
+made a partition (:func:`advseg.labels.softmax_target`: an overlapping pixel takes the first of
+its classes), with a softmax loss (``dicece`` by default, or ``ce``).
 """
 
 from __future__ import annotations
@@ -41,7 +47,15 @@ from advseg.config import to_dict
 from advseg.data import DataConfig, SliceData
 from advseg.defences.adversarial_training import AdversarialConfig, AdversarialTraining
 from advseg.errors import UserError
-from advseg.losses import LOSSES, create_loss
+from advseg.labels import (
+    DEFAULT_LOSS,
+    check_activation,
+    class_prediction,
+    model_target,
+    output_channels,
+    overlap_pixels,
+)
+from advseg.losses import LOSSES, create_loss, loss_activation
 from advseg.models.checkpoint import (
     check_compatible,
     checkpoint_exists,
@@ -69,7 +83,10 @@ class TrainConfig:
     Attributes:
         model: zoo name of the model (``advseg models``).
         encoder_weights: None, ``"imagenet"`` or a local safetensors file (see the zoo).
-        loss: loss name (``advseg.losses``); the paper trained with ``dicefocal``.
+        activation: ``sigmoid`` (the paper's: K outputs, multi-label) or ``softmax`` (K + 1
+            outputs, background first, one class per pixel; :mod:`advseg.labels`).
+        loss: loss name (``advseg.losses``); None (the default) is ``dicefocal`` for sigmoid
+            (the paper's) and ``dicece`` for softmax. It must fit the activation.
         epochs: number of epochs (the paper: 15); the cosine schedule spans them.
         batch_size: images per optimiser step on each process, before accumulation: an integer,
             or a name of :data:`PAPER_BATCH_SIZES` (``text``: 64, the paper's text; ``notebook``:
@@ -84,7 +101,8 @@ class TrainConfig:
         num_workers: DataLoader worker processes.
         seed: seeds shuffling, augmentation and dropout, per epoch.
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
-        threshold: probability above which a pixel counts as predicted, for validation Dice.
+        threshold: probability above which a pixel counts as predicted, for validation Dice
+            (sigmoid; a softmax prediction is the argmax).
         augment: the augmentation settings (applied by the dataset's transform).
         noise_sigma: Gaussian noise of this standard deviation added to every training image
             (not clipped): the "augmentation" defence, and the training that randomized
@@ -96,7 +114,8 @@ class TrainConfig:
 
     model: str = "unet"
     encoder_weights: str | None = None
-    loss: str = "dicefocal"
+    activation: str = "sigmoid"
+    loss: str | None = None
     epochs: int = 15
     batch_size: int | str = 16
     lr: float = 3e-4
@@ -138,11 +157,25 @@ class TrainConfig:
             raise UserError(f"train.threshold: {self.threshold} must lie in (0, 1)")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise UserError(f"train.precision: {self.precision!r} is not auto, fp32, bf16, fp16")
+        check_activation(self.activation, "train.activation")
+        if self.loss is None:
+            self.loss = DEFAULT_LOSS[self.activation]
         if self.loss not in LOSSES:
             raise UserError(f"train.loss: {LOSSES.unknown_message(self.loss)}")
+        kind = loss_activation(self.loss)
+        if kind is not None and kind != self.activation:
+            raise UserError(
+                f"train.loss: {self.loss!r} is a {kind} loss; train.activation is "
+                f"{self.activation} (its losses: {_losses_for(self.activation)})"
+            )
         if not 0 <= self.noise_sigma <= 10:
             raise UserError(f"train.noise_sigma: {self.noise_sigma} must be in [0, 10]")
         resolve(self.model)  # an unknown model name fails here, before any data is read
+
+
+def _losses_for(activation: str) -> str:
+    names = [n for n in LOSSES.names() if loss_activation(n) in (activation, None)]
+    return ", ".join(names)
 
 
 @dataclass
@@ -250,6 +283,12 @@ def train(
     spec = model_spec(model)
     if spec.name != config.model:
         raise UserError(f"train.model is {config.model!r} but the model given is {spec.name!r}")
+    if spec.classes != output_channels(len(classes), config.activation):
+        raise UserError(
+            f"train.activation {config.activation}: {len(classes)} classes need "
+            f"{output_channels(len(classes), config.activation)} outputs, the model has "
+            f"{spec.classes}"
+        )
     if len(train_set) == 0:
         raise UserError("training split is empty: no slices to train on")
     if len(val_set) == 0:
@@ -286,11 +325,12 @@ def train(
         net = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    loss_fn = create_loss(config.loss)
-    val_loss_fn = create_loss(config.loss, reduction="sum")
+    both = {"activation": config.activation} if loss_activation(config.loss) is None else {}
+    loss_fn = create_loss(config.loss, **both)
+    val_loss_fn = create_loss(config.loss, reduction="sum", **both)
     defence = AdversarialTraining(
         config.adversarial, model, loss_fn, train_loss=config.loss, seed=config.seed,
-        rank=distributed.rank(),
+        rank=distributed.rank(), activation=config.activation,
     )  # fmt: skip
     meta_fields = {"preprocessing": preprocessing or {}, "data": data or {}}
     writer = _tensorboard(out_dir) if config.tensorboard and distributed.is_main() else None
@@ -355,8 +395,9 @@ def train(
                     "train_seconds": sum(s.seconds for s in run.history),  # all epochs
                 }
                 meta = metadata_for(
-                    model, classes, **meta_fields, train=to_dict(config), metrics=metrics
-                )
+                    model, classes, config.activation, **meta_fields, train=to_dict(config),
+                    metrics=metrics,
+                )  # fmt: skip
                 meta.epoch = epoch
                 if improved:  # best before last: a crash in between is redone on resume
                     save_checkpoint(best_path, model, meta)
@@ -385,10 +426,14 @@ def train(
 def new_model(
     config: TrainConfig, in_channels: int, classes: int, encoder_weights: str | None = None
 ) -> nn.Module:
-    """``config.model`` initialised from ``config.seed``: the same config, the same start."""
+    """``config.model`` initialised from ``config.seed``: the same config, the same start.
+
+    ``classes`` is the data's class count; a softmax model gets one output more (background).
+    """
     torch.manual_seed(config.seed)
+    outputs = output_channels(classes, config.activation)  # softmax: a background channel first
     return create_model(
-        config.model, in_channels=in_channels, classes=classes, encoder_weights=encoder_weights
+        config.model, in_channels=in_channels, classes=outputs, encoder_weights=encoder_weights
     )
 
 
@@ -485,6 +530,11 @@ def train_on_data(
         split_seed=split_seed,
         rows={"train": len(train_rows), "val": len(val_rows), "test": len(test_rows)},
     )
+    if config.activation == "softmax":  # said, not silently relabelled
+        source["overlap"] = {
+            "pixels": overlapping_pixels(data.masks, train_rows),
+            "labelled": "the first of its classes in the class order",
+        }
     if resume:  # a run begun before data paths were resolved keeps the fingerprint it saved
         source["fingerprint"] = _resumed_fingerprint(Path(out_dir), data, source["fingerprint"])
     result = train(
@@ -501,6 +551,16 @@ def train_on_data(
     )
     result.data = source
     return result
+
+
+def overlapping_pixels(masks: Any, rows: Any, chunk: int = 256) -> int:
+    """Pixels of ``masks[rows]`` (``(N, K, S, S)``, memory-mapped) in more than one class, read
+    ``chunk`` slices at a time: what a softmax training labels with one class of several."""
+    rows = list(rows)
+    return sum(
+        overlap_pixels(torch.from_numpy(masks[rows[i : i + chunk]]))
+        for i in range(0, len(rows), chunk)
+    )
 
 
 def _resumed_fingerprint(out_dir: Path, data: SliceData, now: str) -> str:
@@ -659,6 +719,7 @@ def _train_epoch(
     optimizer.zero_grad(set_to_none=True)
     for step, batch in enumerate(loader):
         image, mask = _to_device(batch, device, memory_format)
+        mask = model_target(mask, config.activation)  # softmax: one-hot with background
         if config.noise_sigma > 0:  # Gaussian augmentation; draws follow the epoch's seed
             image = image + config.noise_sigma * torch.randn_like(image)
         boundary = (step + 1) % config.grad_accum == 0 or step + 1 == steps
@@ -732,13 +793,14 @@ def _validate_pass(
     counts = None  # (3, K): TP, FP, FN per class
     for batch in loader:
         image, mask = _to_device(batch, device, memory_format)
+        target = model_target(mask, config.activation)  # what the loss and the attack take
         if attack is not None:  # the attack runs on the unwrapped model, in eval mode
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                image = attack(image, mask)
+                image = attack(image, target)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = net(image).float()  # (B, K, S, S)
-        loss_sum += loss_fn(logits, mask).double()
-        predicted = logits.sigmoid() > config.threshold
+            logits = net(image).float()  # (B, K, S, S); softmax (B, K + 1, S, S)
+        loss_sum += loss_fn(logits, target).double()
+        predicted = class_prediction(logits, config.activation, config.threshold)  # (B, K, ...)
         truth = mask > 0.5
         batch_counts = torch.stack(
             [
@@ -750,15 +812,11 @@ def _validate_pass(
         counts = batch_counts if counts is None else counts + batch_counts
         bar.advance()
     if counts is None:  # this rank's shard is empty (fewer validation slices than ranks)
-        classes = _output_channels(net)
+        classes = model_spec(net).classes - (config.activation == "softmax")  # no background
         counts = torch.zeros(3, classes, device=device, dtype=torch.float64)
     totals = distributed.all_reduce_sum(torch.cat([loss_sum.view(1), counts.flatten()]))
     loss = (totals[0] / len(dataset)).item()
     return loss, global_dice(totals[1:].view(3, -1))
-
-
-def _output_channels(net: nn.Module) -> int:
-    return model_spec(net).classes
 
 
 def global_dice(counts: Tensor) -> float:

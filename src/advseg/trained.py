@@ -40,6 +40,12 @@ class Trained:
     test_rows: np.ndarray
 
     @property
+    def activation(self) -> str:
+        """How its logits are read: ``sigmoid`` (K outputs) or ``softmax`` (K + 1, background
+        first), as trained (:mod:`advseg.labels`); pass it to attacks as ``activation=``."""
+        return self.meta.activation
+
+    @property
     def device(self) -> torch.device:
         """Where the model's parameters are."""
         return next(self.model.parameters()).device

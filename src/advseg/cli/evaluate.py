@@ -73,8 +73,8 @@ def evaluate_command(
     activation: str | None = typer.Option(
         None,
         "--activation",
-        help="sigmoid or softmax: how logits become probabilities (default: sigmoid; softmax "
-        "for models trained with ce, and for the ce loss).",
+        help="sigmoid or softmax: how logits become probabilities. Default: what each "
+        "checkpoint was trained with (sigmoid where it says nothing); another is refused.",
     ),
     attack_option: list[str] = typer.Option(
         [],

@@ -68,7 +68,16 @@ def train(
         "weights (e.g. model.safetensors of the smp-hub/<encoder>.imagenet repository; nothing "
         "is downloaded). Default: none, random initialisation.",
     ),
-    loss: str | None = typer.Option(None, "--loss", help="Training loss (default dicefocal)."),
+    activation: str | None = typer.Option(
+        None,
+        "--activation",
+        help="sigmoid (the paper's: one output per class, multi-label) or softmax (a background "
+        "output first, one class per pixel; overlapping pixels take the first of their classes). "
+        "Default: sigmoid.",
+    ),
+    loss: str | None = typer.Option(
+        None, "--loss", help="Training loss (default: dicefocal for sigmoid, dicece for softmax)."
+    ),
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default 15)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step per rank."),
     lr: float | None = typer.Option(None, "--lr", help="AdamW learning rate (default 3e-4)."),
@@ -136,6 +145,7 @@ def train(
     options = {
         "model": model,
         "encoder_weights": encoder_weights,
+        "activation": activation,
         "loss": loss,
         "epochs": epochs,
         "batch_size": batch_size,
@@ -206,6 +216,13 @@ def train(
     robust = train_config.adversarial.select_by == "robust"
     what = "best robust validation Dice" if robust else "best validation Dice"
     table.add_row(what, f"{result.best_dice:.4f} (epoch {result.best_epoch})")
+    table.add_row("activation", f"{train_config.activation} (loss {train_config.loss})")
+    overlap = result.data.get("overlap")
+    if overlap:
+        table.add_row(
+            "overlapping pixels",
+            f"{overlap['pixels']} in training, each labelled {overlap['labelled']}",
+        )
     table.add_row("adversarial training", describe(train_config.adversarial))
     stop = " (stopped early)" if result.stopped_early else ""
     table.add_row("epochs", f"{result.epochs_run} of {train_config.epochs}{stop}")

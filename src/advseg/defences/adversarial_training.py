@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from advseg.attacks import FGSM, PGD, Attack, check_eps, frozen, model_logits
 from advseg.errors import UserError
-from advseg.losses import LOSSES, Loss
+from advseg.losses import LOSSES, SOFTMAX_LOSSES, Loss
 from advseg.registry import Registry
 
 ADVERSARIAL_TRAINING: Registry[str] = Registry("adversarial training method")
@@ -226,6 +226,7 @@ class AdversarialTraining:
         train_loss: the training loss's registry name (the attack's default objective).
         seed: the training seed; each step's random start is drawn from (seed, epoch, step, rank).
         rank: this process's rank under torchrun.
+        activation: the model's (``train.activation``); default: softmax for a softmax loss.
     """
 
     def __init__(
@@ -237,12 +238,15 @@ class AdversarialTraining:
         train_loss: str,
         seed: int = 0,
         rank: int = 0,
+        activation: Activation | None = None,
     ) -> None:
         self.config = config
         self.model = model
         self.loss_fn = loss_fn
         self.seed, self.rank = seed, rank
-        self.activation: Activation = "softmax" if train_loss == "ce" else "sigmoid"
+        if activation is None:
+            activation = "softmax" if train_loss in SOFTMAX_LOSSES else "sigmoid"
+        self.activation: Activation = activation
         self.attack: PGD | None = None
         if config.enabled:
             objective = config.loss or train_loss
@@ -261,11 +265,14 @@ class AdversarialTraining:
         if config.select_by == "robust":
             loss = config.loss or train_loss
             if config.select_attack == "fgsm":
-                self.validation_attack = FGSM(model, loss, config.eps, seed=seed)
+                self.validation_attack = FGSM(
+                    model, loss, config.eps, seed=seed, activation=activation
+                )
             else:
                 self.validation_attack = PGD(
-                    model, loss, config.eps, steps=config.select_steps, seed=seed
-                )
+                    model, loss, config.eps, steps=config.select_steps, seed=seed,
+                    activation=activation,
+                )  # fmt: skip
 
     def _divergence(self, logits: Tensor, clean_logits: Tensor) -> Tensor:
         """The TRADES attack objective: ``y`` holds the clean logits, not a mask."""

@@ -387,6 +387,11 @@ def certify_checkpoint(
     if split not in ("test", "all"):
         raise UserError(f"split: {split!r} is not 'test' or 'all'")
     model, meta = load_checkpoint(checkpoint, resolve_device(device))
+    if meta.activation != config.activation:  # the checkpoint's outputs decide
+        raise UserError(
+            f"{checkpoint}: a {meta.activation} model; certification takes sigmoid checkpoints "
+            "only (a softmax one's background channel is not certified yet)"
+        )
     preprocess = saved_preprocess(meta.preprocessing, f"{checkpoint} preprocessing")
     if not distributed.is_main():
         distributed.barrier()  # rank 0 fills the preprocessing cache before the others read it

@@ -3,8 +3,8 @@
 ``create_loss(name, reduction="mean", **kw)`` gives a callable ``(logits, target) -> loss`` with
 input first, target second; :data:`LOSSES` lists the names:
 
-- :mod:`~advseg.losses.classic`: ``bce``, ``focal``, ``dice``, ``dicefocal`` (sigmoid) and ``ce``
-  (softmax), the paper's and the first wave's losses;
+- :mod:`~advseg.losses.classic`: ``bce``, ``focal``, ``dice``, ``dicefocal`` (sigmoid), ``ce`` and
+  ``dicece`` (softmax), the paper's and the first wave's losses;
 - :mod:`~advseg.losses.segmentation`: the attack losses of SEA (Croce, Singh & Hein, ECCV 2024),
   each for sigmoid multi-label and for softmax outputs: ``masked-bce`` / ``masked-ce``,
   ``balanced-bce`` / ``balanced-ce``, ``js`` and ``masked-spherical``.

@@ -29,7 +29,7 @@ Reduction = Literal["mean", "sum", "none"]
 
 LOSSES: Registry[Callable[..., PerSampleLoss]] = Registry("loss")
 
-SOFTMAX_LOSSES: frozenset[str] = frozenset({"ce", "masked-ce", "balanced-ce"})
+SOFTMAX_LOSSES: frozenset[str] = frozenset({"ce", "dicece", "masked-ce", "balanced-ce"})
 """Losses for softmax models only (one class per pixel); the others are sigmoid multi-label
 losses, or take an ``activation`` keyword and serve both (``js``, ``masked-spherical``)."""
 

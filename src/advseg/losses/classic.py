@@ -1,4 +1,5 @@
-"""The first wave's losses: bce, focal, dice, dicefocal (sigmoid, multi-label) and ce (softmax).
+"""The first wave's losses: bce, focal, dice, dicefocal (sigmoid, multi-label), ce and dicece
+(softmax).
 
 MONAI's implementations where they exist; every one per sample, ``(logits, target) -> (B,)``.
 """
@@ -67,5 +68,25 @@ def ce() -> PerSampleLoss:
         if target.dim() == logits.dim():
             target = target.argmax(1)  # (B, K, H, W) one-hot -> (B, H, W) indices
         return _per_sample(F.cross_entropy(logits, target.long(), reduction="none"))
+
+    return loss
+
+
+@LOSSES.register("dicece")
+def dicece(smooth: float = 1e-5, lambda_dice: float = 1.0, lambda_ce: float = 1.0) -> PerSampleLoss:
+    """Dice + cross-entropy for softmax models (MONAI DiceLoss on the softmax, background
+    channel 0 left out of the Dice; torch cross-entropy over every channel): the softmax
+    training loss. The target is one-hot over the K + 1 channels, or indices."""
+    monai_dice = DiceLoss(
+        softmax=True, include_background=False, smooth_nr=smooth, smooth_dr=smooth,
+        reduction="none",
+    )  # fmt: skip
+    ce_term = ce()
+
+    def loss(logits: Tensor, target: Tensor) -> Tensor:
+        if target.dim() != logits.dim():  # (B, H, W) indices -> one-hot
+            target = F.one_hot(target.long(), logits.shape[1]).permute(0, 3, 1, 2).to(logits)
+        dice_term = _per_sample(monai_dice(logits, target))
+        return lambda_dice * dice_term + lambda_ce * ce_term(logits, target)
 
     return loss

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from advseg.atomic import atomic_path, fault_point
 from advseg.config import from_dict, to_dict
 from advseg.errors import AdvsegWarning, UserError
+from advseg.labels import check_activation, output_channels
 from advseg.models.zoo import count_parameters, create_model, model_spec
 
 FORMAT = "advseg-checkpoint/1"
@@ -57,6 +58,8 @@ class CheckpointMeta:
         model: zoo name (``advseg.models.create_model``).
         in_channels: image channels C the model takes.
         classes: class names, in output-channel order (K = ``len(classes)``).
+        activation: ``sigmoid`` (K output channels) or ``softmax`` (K + 1: background first;
+            :mod:`advseg.labels`). A checkpoint saved before the field was sigmoid.
         params: parameter count (filled in by :func:`save_checkpoint`).
         preprocessing: the data layer's preprocessing config (image size, channels, ...).
         data: data source and split (e.g. ``{"source": ..., "split_seed": 0}``).
@@ -69,6 +72,7 @@ class CheckpointMeta:
     model: str
     in_channels: int
     classes: list[str]
+    activation: str = "sigmoid"
     params: int = 0
     preprocessing: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
@@ -242,6 +246,7 @@ def read_checkpoint(
             "(a write was interrupted); use another checkpoint"
         )
     meta = from_dict(CheckpointMeta, document["meta"], where=f"{meta_file}: meta")
+    check_activation(meta.activation, f"{meta_file}: meta.activation")
     _check_split(meta.data, meta_file)
     weights = {k: v for k, v in tensors.items() if not k.startswith(_STATE_PREFIX)}
     state = document.get("training_state")
@@ -326,7 +331,8 @@ def load_checkpoint(
             (see :func:`check_compatible`).
 
     Returns:
-        ``(model, metadata)``: ``metadata.classes`` names the output channels,
+        ``(model, metadata)``: ``metadata.classes`` names the classes (the output channels,
+        after a background channel for ``metadata.activation`` softmax),
         ``metadata.in_channels`` the input channels, ``metadata.preprocessing`` how to prepare
         images for it.
 
@@ -336,7 +342,8 @@ def load_checkpoint(
     """
     weights, meta, _ = read_checkpoint(path)
     check_compatible(meta, path, model, in_channels, classes)
-    net = create_model(meta.model, in_channels=meta.in_channels, classes=len(meta.classes))
+    outputs = output_channels(len(meta.classes), meta.activation)
+    net = create_model(meta.model, in_channels=meta.in_channels, classes=outputs)
     load_weights(net, weights, path)
     return net.to(device).eval(), meta
 
@@ -359,12 +366,19 @@ def load_weights(model: nn.Module, weights: dict[str, Tensor], where: str | Path
     model.load_state_dict(weights)
 
 
-def metadata_for(model: nn.Module, classes: list[str], **fields: Any) -> CheckpointMeta:
+def metadata_for(
+    model: nn.Module, classes: list[str], activation: str = "sigmoid", **fields: Any
+) -> CheckpointMeta:
     """A :class:`CheckpointMeta` for a zoo model, with its name and channel count filled in."""
     spec = model_spec(model)
-    if len(classes) != spec.classes:
-        raise UserError(f"classes: {len(classes)} names for a model with {spec.classes} outputs")
-    return CheckpointMeta(model=spec.name, in_channels=spec.in_channels, classes=classes, **fields)
+    if output_channels(len(classes), activation) != spec.classes:
+        raise UserError(
+            f"classes: {len(classes)} names for a model with {spec.classes} outputs ({activation})"
+        )
+    return CheckpointMeta(
+        model=spec.name, in_channels=spec.in_channels, classes=classes, activation=activation,
+        **fields,
+    )  # fmt: skip
 
 
 # Nested training state <-> (JSON, tensors). JSON objects need string keys and have no tuples,
