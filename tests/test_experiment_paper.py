@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from advseg.cli import main
 from advseg.config import load_yaml, save_yaml
+from advseg.data import DataConfig, split_cases, split_train_val_test, write_synthetic
+from advseg.data.load import build_index
 from advseg.errors import UserError
 from advseg.experiment import (
     ExperimentConfig,
@@ -135,7 +138,14 @@ def test_a_grid_trains_from_the_mapped_encoder_file(phantom, tmp_path, encoder_f
     assert load_experiment(path).encoder_weights == {SMALL_NAME: str(encoder_file)}
     run_experiment(config, tmp_path / "run")
     best = tmp_path / "run" / "models" / SMALL_NAME / "checkpoints" / "best"
-    assert read_checkpoint(best)[1].train["encoder_weights"] == str(encoder_file)
+    meta = read_checkpoint(best)[1]
+    assert meta.train["encoder_weights"] == str(encoder_file)
+    index, _ = build_index(config.data)  # the grid trained on the split advseg train makes
+    split = config.split
+    rows = split_train_val_test(index, split.test_fraction, split.val_fraction, split.seed)
+    assert meta.data["rows"] == {
+        k: len(r) for k, r in zip(["train", "val", "test"], rows, strict=True)
+    }
 
 
 @pytest.mark.parametrize(("name", "number"), [("text", 64), ("notebook", 16), (8, 8)])
@@ -166,3 +176,25 @@ def test_a_batch_size_neither_number_nor_name_is_one_line(tmp_path, value, messa
     with pytest.raises(UserError) as caught:
         load_experiment(path)
     assert str(caught.value) == f"{path}: {message}"
+
+
+def test_the_split_is_by_case_with_validation_drawn_from_the_training_cases(tmp_path):
+    path = tmp_path / "data"
+    write_synthetic(path, cases=20, scans=2, slices=3, seed=0)
+    index, _ = build_index(DataConfig(path=path))
+    case = index["case"].to_numpy()
+    assert len(set(case)) == 20 and index["scan"].nunique() == 40  # two days per case
+    split = load_experiment(packaged_config("paper")).split
+    assert (split.test_fraction, split.val_fraction) == (0.1, 0.1)
+    for seed in range(25):
+        train, val, test = split_train_val_test(
+            index, split.test_fraction, split.val_fraction, seed
+        )
+        learn, held_out = split_cases(index, split.test_fraction, seed)
+        assert np.array_equal(test, held_out)  # the test cases an evaluation recomputes
+        assert set(val) <= set(learn) and set(train) <= set(learn)  # never from the test cases
+        cases = [set(case[rows]) for rows in (train, val, test)]
+        assert cases[0].isdisjoint(cases[1]) and cases[0].isdisjoint(cases[2])
+        assert cases[1].isdisjoint(cases[2])  # no case (nor any of its days) in two parts
+        assert np.array_equal(np.sort(np.r_[train, val, test]), np.arange(len(index)))
+        assert [len(c) for c in cases] == [16, 2, 2]  # 10% of 20 cases; 10% of the other 18
