@@ -31,8 +31,9 @@ from torch import nn
 
 from advseg import distributed
 from advseg.errors import UserError
-from advseg.evaluate import cell_progress, evaluate_cell
+from advseg.evaluate.cells import evaluate_cell
 from advseg.models.ensemble import ENSEMBLE_PREFIX, build_ensemble, ensemble_members
+from advseg.progress import cell_progress
 from advseg.transfer import (
     LossEnsemble,
     ModelIO,

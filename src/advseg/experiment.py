@@ -54,7 +54,7 @@ from advseg.data import DataConfig, SliceData, load_data, split_train_val_test, 
 from advseg.defences import defend, defended_name
 from advseg.defences.adversarial_training import AdversarialConfig
 from advseg.errors import UserError
-from advseg.evaluate import cell_progress, evaluate_sweep
+from advseg.evaluate.cells import evaluate_sweep
 from advseg.labels import DEFAULT_LOSS, checkpoint_activation
 from advseg.losses import LOSSES, loss_activation
 from advseg.models import load_checkpoint, read_checkpoint
@@ -62,6 +62,7 @@ from advseg.models.checkpoint import checkpoint_exists
 from advseg.models.ensemble import ensemble_members
 from advseg.models.zoo import resolve as resolve_model
 from advseg.preflight import check_experiment, data_fingerprint, same_data
+from advseg.progress import cell_progress
 from advseg.provenance import record_session
 from advseg.records import read_records, white_box, write_records
 from advseg.report import Report, write_report

@@ -266,11 +266,12 @@ def export_cell(
     """
     from advseg.data import load_data, restore_slice, saved_preprocess
     from advseg.data.nifti import canonical_geometry
-    from advseg.evaluate import evaluate_cell, trained_data_config
+    from advseg.evaluate.cells import evaluate_cell
     from advseg.labels import checkpoint_activation
     from advseg.models.checkpoint import check_compatible, load_checkpoint
     from advseg.report.tables import file_stem
     from advseg.train import resolve_device
+    from advseg.trained import trained_data_config
 
     run_dir = Path(run_dir)
     cell = choose_cell(read_records(run_dir), model, attack, eps, loss, train_seed)

@@ -4,13 +4,19 @@ A rich progress bar draws nothing when the output is a log file or a pipe (batch
 so a long training or evaluation would be silent for minutes. :class:`IntervalLines` writes one
 line such as ``epoch 3/40 train: 120/480 batches (25%), 0:01:10 elapsed, ETA 0:03:30`` at most
 every :data:`INTERVAL_ENV` seconds (default 30), and always the first and the last step.
+:func:`cell_progress` is an evaluation cell's bar (or such lines where the output is no terminal).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 INTERVAL_ENV = "ADVSEG_PROGRESS_SECONDS"
 """Seconds between two progress lines when the output is no terminal (default 30)."""
@@ -79,3 +85,32 @@ class IntervalLines:
         line = f"{self.what}: {count} {self.unit}{share}, {clock_text(elapsed)} elapsed"
         line += "" if eta is None or last_step else f", ETA {clock_text(eta)}"
         self.write(line + (f"  {extra}" if extra else ""))
+
+
+@contextmanager
+def cell_progress(console: Console, description: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar of one cell's batches on ``console``, removed when the cell ends.
+
+    Yields the ``on_batch`` callback of :func:`advseg.evaluate.evaluate_cell`. A quiet console
+    shows nothing; one that is not a terminal (a log file, a pipe) gets a plain line at
+    intervals, with an ETA (:class:`IntervalLines`).
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    columns += (TimeElapsedColumn(), TimeRemainingColumn())
+    hidden = not console.is_terminal
+    if hidden:
+        lines = IntervalLines(lambda text: console.print(text, highlight=False), description, None)
+        yield lambda done, total: lines.update(done, total)
+        return
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(f"{description}, batches", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)

@@ -2,21 +2,23 @@
 
 :func:`load_trained` does what ``advseg evaluate`` and ``advseg certify`` do before they attack:
 load the checkpoint (no unpickling), rebuild the data set it was trained on with its own
-preprocessing (:func:`advseg.evaluate.trained_data_config`: ``data`` overrides the stored
-location), check that the model fits it, and recompute the held-out (test) cases from the split
-seed in its metadata. See ``docs/api.md``.
+preprocessing (:func:`trained_data_config`: ``data`` overrides the stored location), check that
+the model fits it, and recompute the held-out (test) cases from the split seed in its metadata.
+See ``docs/api.md``. :func:`checkpoint_label` is a checkpoint's name in records.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from advseg.data import SliceData, load_data, saved_preprocess, split_cases
+from advseg.config import from_dict
+from advseg.data import SYNTHETIC, DataConfig, SliceData, load_data, saved_preprocess, split_cases
+from advseg.data.location import data_argument, is_synthetic
 from advseg.errors import UserError
 from advseg.models.checkpoint import CheckpointMeta, check_compatible, load_checkpoint
 
@@ -82,9 +84,6 @@ def load_trained(
         UserError: an unreadable checkpoint, a data set no longer there, a model that does not
             fit the data, metadata without its split.
     """
-    from advseg.data.location import data_argument
-    from advseg.evaluate import trained_data_config
-
     path = Path(checkpoint)
     path = path.with_suffix("") if path.suffix == ".safetensors" else path
     model, meta = load_checkpoint(path, torch.device(device))
@@ -97,3 +96,61 @@ def load_trained(
         raise UserError(f"{path}: its metadata does not say which cases it held out")
     _, test_rows = split_cases(loaded.index, meta.data["test_fraction"], meta.data["split_seed"])
     return Trained(model, meta, loaded, np.asarray(test_rows))
+
+
+def checkpoint_label(checkpoint: str | Path) -> str:
+    """The model's name in records: the file stem, or the training run's folder for the
+    ``<run>/checkpoints/best`` and ``last`` files that ``advseg train`` writes."""
+    path = Path(checkpoint)
+    stem = path.name.removesuffix(".safetensors").removesuffix(".json")
+    if stem in ("best", "last") and path.parent.name == "checkpoints" and path.parent.parent.name:
+        return path.parent.parent.name if stem == "best" else f"{path.parent.parent.name}-last"
+    return stem
+
+
+def trained_data_config(
+    metadata: dict[str, Any],
+    checkpoint: Path,
+    preprocess: Any,
+    path: Path | None = None,
+    cache_dir: Path | None = None,
+) -> Any:
+    """The :class:`~advseg.data.DataConfig` a checkpoint was trained on (``path`` replaced).
+
+    Its source, exclusions and label mapping decide which cases exist, and so which cases the
+    checkpoint's split holds out: an evaluation must rebuild all of them, not only the path.
+
+    The data: ``path`` (``--data``) when given, else the location the checkpoint stored
+    (resolved when it was trained; ``synthetic`` for the phantom, and an empty one, from before
+    the phantom had to be named, meant the phantom too). A stored data set that is not there is
+    refused in one line: the phantom is never built in place of data that was not found. The
+    cache: ``cache_dir`` (``--cache-dir``) when given, else the stored one where it exists, else
+    the default (:func:`advseg.data.cache_root`).
+
+    Raises:
+        UserError: the stored data set is missing, or the metadata names no data and no ``path``
+            is given.
+    """
+    if "config" not in metadata:
+        if path is None:
+            raise UserError(
+                f"{checkpoint}: its metadata does not say which data it was trained on "
+                "(no data.config); give the data with --data"
+            )
+        return DataConfig(path=Path(path), preprocess=preprocess, cache_dir=cache_dir)
+    data_config = from_dict(DataConfig, metadata["config"], where=f"{checkpoint} data.config")
+    stored_cache = data_config.cache_dir
+    if cache_dir is None and stored_cache is not None and Path(stored_cache).is_dir():
+        cache_dir = stored_cache
+    data_config = replace(data_config, preprocess=preprocess, cache_dir=cache_dir)
+    if path is not None:
+        return replace(data_config, path=Path(path))
+    stored = data_config.path
+    if stored is None:  # trained before the phantom had to be named: the phantom
+        return replace(data_config, path=Path(SYNTHETIC))
+    if not is_synthetic(stored) and not Path(stored).exists():
+        raise UserError(
+            f"{checkpoint}: the data set it was trained on, {stored}, is not there (moved, or "
+            "another machine); pass --data PATH with its location"
+        )
+    return data_config

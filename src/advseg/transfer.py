@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader
 from advseg.atomic import atomic_path
 from advseg.attacks import create_attack, model_logits
 from advseg.errors import UserError
-from advseg.evaluate import Crafted, SliceSource, attack_batch, draw_seed
+from advseg.evaluate.cells import Crafted, SliceSource
+from advseg.evaluate.engine import attack_batch, draw_seed
 from advseg.metrics import attack_success
 from advseg.summary import protocol_dice
 

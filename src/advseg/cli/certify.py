@@ -19,8 +19,8 @@ from advseg.defences.smoothing import (
     certify_checkpoint,
 )
 from advseg.errors import UserError
-from advseg.evaluate import checkpoint_label
 from advseg.records import write_records
+from advseg.trained import checkpoint_label
 
 
 def certify_command(

@@ -251,7 +251,7 @@ def certify_cell(
         Records (:data:`advseg.records.RECORD_COLUMNS`), ordered by radius, slice, class;
         under torch.distributed every rank gets all of them.
     """
-    from advseg.evaluate import pixel_mm
+    from advseg.record_rows import pixel_mm
 
     rows = [int(r) for r in rows]
     if not rows:
@@ -375,14 +375,14 @@ def certify_checkpoint(
 
     Args:
         data_path, cache_dir: ``--data`` and ``--cache-dir``
-            (:func:`advseg.evaluate.trained_data_config`).
+            (:func:`advseg.trained.trained_data_config`).
         on_data: called with the :class:`~advseg.data.DataConfig` before it is loaded (the CLI
             prints :func:`advseg.data.location.first_line`).
     """
     from advseg.data import load_data, saved_preprocess, split_cases, spread_rows
-    from advseg.evaluate import checkpoint_label, trained_data_config
     from advseg.models.checkpoint import check_compatible, load_checkpoint
     from advseg.train import resolve_device
+    from advseg.trained import checkpoint_label, trained_data_config
 
     if split not in ("test", "all"):
         raise UserError(f"split: {split!r} is not 'test' or 'all'")

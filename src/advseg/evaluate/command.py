@@ -1,0 +1,291 @@
+"""``advseg evaluate``'s driver: checkpoints x defences x attacks x eps, records and Table II.
+
+:func:`evaluate` checks the whole sweep before any work (names, options, the output directory:
+one that already holds a run is refused), loads each checkpoint with the data it was trained on
+(:func:`advseg.trained.trained_data_config`) and its held-out cases, runs the cells
+(:func:`~advseg.evaluate.cells.evaluate_sweep`, the eps of a single-step attack together:
+:func:`sweep_groups`) and writes ``records/<cell>.parquet``, ``examples/``, ``traces/``,
+``summary.csv`` (Table II with case-bootstrap intervals), ``data.json`` and ``provenance.json``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+
+from advseg import distributed
+from advseg.attacks import ATTACKS, parse_attack_name
+from advseg.compat import NOTEBOOK_ATTACKS, check_compat, compat_label
+from advseg.errors import UserError
+from advseg.evaluate.cells import DEFAULT_BATCH_SIZE, check_losses, evaluate_sweep
+from advseg.losses import LOSSES
+from advseg.progress import cell_progress
+from advseg.summary import DEFAULT_PROTOCOL
+from advseg.trained import checkpoint_label, trained_data_config
+
+
+@dataclass
+class EvaluateConfig:
+    """An evaluation sweep: checkpoints x attacks x eps values, every loss in each cell.
+
+    Attributes:
+        checkpoints: checkpoint paths (``PATH``, ``PATH.safetensors`` or ``PATH.json``).
+        out: the run directory: ``records/*.parquet`` (one file per cell), ``summary.csv``.
+        data: the data directory (or ``synthetic``); by default the one each checkpoint was
+            trained on (its resolved location, or ``synthetic``).
+        cache_dir: the preprocessing cache; default: the checkpoint's where it exists, else
+            :func:`advseg.data.cache_root`.
+        split: ``test`` (the cases the checkpoint held out, its own ``test_fraction`` and
+            ``split_seed``) or ``all``.
+        attacks, losses, eps: the sweep.
+        attack_options: options for the attacks (``steps``, ``norm``, ...); each attack gets the
+            ones it accepts, and an option no attack of the sweep accepts is an error.
+        protocol: the Dice protocol of the summary (``paper``, ``per-class``, ``global``).
+        batch_size: slices per batch.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        examples: slices per cell saved as ``examples/<cell>.npz`` for figures.
+        erase: classes the attacks try to make vanish (targeted; see :func:`evaluate_cell`).
+        compat: ``none`` or ``notebook`` (the paper's notebook reproduced, :mod:`advseg.compat`).
+        defences: input defences each checkpoint is evaluated behind (``none``, ``median:3``,
+            ...; :mod:`advseg.defences.transforms`); the records name the model
+            ``<checkpoint>+<defence>``.
+        trace: keep iterative attacks' convergence traces as ``traces/<cell>.csv``.
+    """
+
+    checkpoints: list[Path]
+    out: Path
+    data: Path | None = None
+    cache_dir: Path | None = None
+    split: str = "test"
+    attacks: list[str] = field(default_factory=lambda: ["fgsm"])
+    losses: list[str] = field(default_factory=lambda: ["bce", "focal", "dicefocal"])
+    eps: list[float] = field(default_factory=lambda: [0.009])
+    attack_options: dict[str, Any] = field(default_factory=dict)
+    protocol: str = DEFAULT_PROTOCOL
+    batch_size: int = DEFAULT_BATCH_SIZE
+    device: str = "auto"
+    examples: int = 0
+    erase: list[str] = field(default_factory=list)
+    compat: str = "none"
+    defences: list[str] = field(default_factory=lambda: ["none"])
+    trace: bool = False
+
+
+@dataclass
+class EvaluateResult:
+    """What a sweep produced: Table II, per-cell summaries, the record files, the slices used
+    and the data sets (``synthetic`` or absolute paths, as in ``data.json``)."""
+
+    table: pd.DataFrame
+    cells: pd.DataFrame
+    record_files: list[Path]
+    summary_path: Path
+    slices: dict[str, int]
+    locations: list[str] = field(default_factory=list)
+
+
+def sweep_groups(attack: str, eps_values: Sequence[float]) -> list[list[float]]:
+    """The eps values one :func:`evaluate_sweep` call should take together, in order.
+
+    A single-step attack's cells share one gradient, so all its eps values form one group; an
+    iterative attack gains nothing from grouping, so each eps is its own cell (its own progress,
+    its own file as soon as it is done).
+    """
+    values = list(dict.fromkeys(float(e) for e in eps_values))
+    base, modes = parse_attack_name(attack)
+    return [values] if ATTACKS.get(base).single_step and not modes else [[e] for e in values]
+
+
+def cell_name(model_name: str, attack: str, eps: float) -> str:
+    """The file stem of one cell's records, e.g. ``best__fgsm__eps0.009``."""
+    return f"{model_name}__{attack}__eps{eps:g}"
+
+
+def _refuse_existing_run(out: Path) -> None:
+    """Refuse an ``--out`` that already holds a run: its records would mix with the new summary.
+
+    Raises:
+        UserError: one line naming the directory and what to do instead.
+    """
+    held = [name for name in ("records/*.parquet", "summary.csv") if any(out.glob(name))]
+    if held:
+        raise UserError(
+            f"--out {out}: already holds a run ({', '.join(held)}); give a new directory, or "
+            f"delete this one (advseg run resumes a grid; advseg report rereads its records)"
+        )
+
+
+def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResult:
+    """Run a sweep: every cell's records to ``out/records``, Table II to ``out/summary.csv``.
+
+    Under torchrun each cell is sharded over the ranks; rank 0 writes the files. ``progress``
+    shows each cell's batches on stderr (rank 0's).
+
+    Raises:
+        UserError: no checkpoint, an unknown attack, loss, option or protocol, a bad eps, a
+            checkpoint that does not fit the data, or an empty split.
+    """
+    from advseg.atomic import atomic_path, check_output_dir, write_text_atomic
+    from advseg.attacks import attack_options
+    from advseg.bootstrap import with_intervals
+    from advseg.data import load_data, saved_preprocess, split_cases
+    from advseg.data.location import data_note, first_line
+    from advseg.defences import create_defence, defend, defended_name
+    from advseg.labels import checkpoint_activation
+    from advseg.models.checkpoint import (
+        check_compatible,
+        load_checkpoint,
+        newest_complete,
+        read_metadata,
+    )
+    from advseg.provenance import record_session
+    from advseg.records import write_records
+    from advseg.report.examples import save_examples
+    from advseg.report.tables import file_stem
+    from advseg.summary import PROTOCOLS, summarize_cells
+    from advseg.traces import write_trace
+    from advseg.train import resolve_device
+
+    if not config.checkpoints:
+        raise UserError("evaluate: no checkpoint given")
+    if config.protocol not in PROTOCOLS:
+        raise UserError(f"protocol: {config.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    check_compat(config.compat, "--compat")
+    if config.compat != "none":
+        for name in config.attacks:
+            if name not in NOTEBOOK_ATTACKS:
+                raise UserError(f"--compat {config.compat}: the notebook had fgsm only, not "
+                                f"{name!r}")  # fmt: skip
+    if config.split not in ("test", "all"):
+        raise UserError(f"split: {config.split!r} is not 'test' or 'all'")
+    for name in config.attacks:
+        attack_options(name)  # unknown names fail before any model or data is loaded
+    for name in config.losses:
+        if name not in LOSSES:
+            raise UserError(f"--loss: {LOSSES.unknown_message(name)}")
+    for spec in config.defences:
+        create_defence(spec)
+    if len({defended_name("", spec) for spec in config.defences}) != len(config.defences):
+        raise UserError(f"defences: each defence once, got {', '.join(config.defences)}")
+    accepted = {name: set(attack_options(name)) for name in config.attacks}
+    unused = sorted(set(config.attack_options) - set().union(*accepted.values()))
+    if unused:
+        takes = "; ".join(f"{name}: {', '.join(sorted(keys))}" for name, keys in accepted.items())
+        raise UserError(
+            f"attack options {', '.join(unused)}: no attack of the sweep takes them ({takes})"
+        )
+
+    if config.examples < 0:
+        raise UserError(f"--examples: {config.examples} must be 0 or more")
+    if config.batch_size < 1:
+        raise UserError(f"--batch-size: {config.batch_size} must be at least 1")
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    check_output_dir(out, "--out directory")  # under a file, or not writable: before any work
+    _refuse_existing_run(out)
+    for checkpoint in config.checkpoints:  # each one's outputs against the losses, before work
+        try:
+            own = read_metadata(newest_complete(checkpoint)).activation
+        except UserError:
+            continue  # not readable: load_checkpoint says why, in its own words, below
+        given = config.attack_options.get("activation")
+        where = str(checkpoint)
+        check_losses(config.losses, checkpoint_activation(own, given, where), where)
+    distributed.init()
+    console = Console(stderr=True, quiet=not (progress and distributed.is_main()))
+    device = resolve_device(config.device)
+    loaded: dict[tuple, Any] = {}
+    frames, files, slices = [], [], {}
+    for checkpoint in config.checkpoints:
+        bare, meta = load_checkpoint(checkpoint, device)
+        unknown = [name for name in config.erase if name not in meta.classes]
+        if unknown:  # before its data set is built
+            raise UserError(
+                f"--erase: unknown class {unknown[0]!r}; valid: {', '.join(meta.classes)} "
+                f"(the classes of {checkpoint})"
+            )
+        activation = checkpoint_activation(
+            meta.activation, config.attack_options.get("activation"), str(checkpoint)
+        )
+        checkpoint_name = checkpoint_label(checkpoint)
+        if checkpoint_name in slices:
+            raise UserError(
+                f"{checkpoint}: another checkpoint is also named {checkpoint_name!r}; the records "
+                "of one model would overwrite the other's (rename or copy one of them)"
+            )
+        preprocess = saved_preprocess(meta.preprocessing, f"{checkpoint} preprocessing")
+        data_config = trained_data_config(
+            meta.data, checkpoint, preprocess, config.data, config.cache_dir
+        )
+        key = (repr(data_config),)
+        if key not in loaded:  # rank 0 fills the preprocessing cache before the others read it
+            console.print(first_line(data_config), highlight=False, soft_wrap=True)
+            if not distributed.is_main():
+                distributed.barrier()
+            loaded[key] = load_data(data_config)
+            if distributed.is_main():
+                distributed.barrier()
+        data = loaded[key]
+        check_compatible(
+            meta, checkpoint, in_channels=preprocess.channels, classes=list(data.classes)
+        )
+        rows = np.arange(len(data.index))
+        if config.split == "test":
+            if "test_fraction" not in meta.data or "split_seed" not in meta.data:
+                raise UserError(
+                    f"{checkpoint}: its metadata does not say which cases it held out "
+                    "(data.test_fraction, data.split_seed); use --split all"
+                )
+            _, rows = split_cases(data.index, meta.data["test_fraction"], meta.data["split_seed"])
+        if len(rows) == 0:
+            raise UserError(f"{checkpoint}: the {config.split} split has no slices")
+        slices[checkpoint_name] = len(rows)
+        for spec, attack in itertools.product(config.defences, config.attacks):
+            model, model_name = defend(bare, spec), defended_name(checkpoint_name, spec)
+            options = {k: v for k, v in config.attack_options.items() if k in accepted[attack]}
+            options["activation"] = activation  # the checkpoint's; --activation may repeat it
+            for group in sweep_groups(attack, config.eps):
+                what = f"{model_name}, {attack} eps {','.join(f'{e:g}' for e in group)}"
+                with cell_progress(console, f"{what} on {len(rows)} slices") as on_batch:
+                    results = evaluate_sweep(
+                        model, data, rows, attack, dict.fromkeys(group, config.losses),
+                        model_name=model_name,
+                        arch=meta.model, attack_kwargs=options, batch_size=config.batch_size,
+                        examples=config.examples, erase=config.erase, on_batch=on_batch,
+                        trace=config.trace, compat=config.compat,
+                    )  # fmt: skip
+                for eps, result in zip(group, results, strict=True):
+                    records = result.records.assign(seed=int(meta.train.get("seed", 0)))
+                    frames.append(records)
+                    if not distributed.is_main():
+                        continue
+                    label = f"{attack}-erase-{'+'.join(config.erase)}" if config.erase else attack
+                    if config.compat != "none":  # records say fgsm:notebook, files fgsm-notebook
+                        label = compat_label(attack, config.compat)
+                    name = cell_name(file_stem(model_name), label.replace(":", "-"), eps)
+                    files.append(write_records(records, out / "records" / f"{name}.parquet"))
+                    if result.examples:
+                        npz = out / "examples" / f"{name}.npz"
+                        save_examples(result.examples, npz, model=model_name, attack=label, eps=eps)
+                    if result.trace is not None:
+                        write_trace(result.trace, out / "traces" / f"{name}.csv")
+    records = pd.concat(frames, ignore_index=True)
+    table = with_intervals(records, config.protocol)  # Table II with case-bootstrap intervals
+    summary_path = out / "summary.csv"
+    locations = list(dict.fromkeys(data.location for data in loaded.values()))
+    if distributed.is_main():
+        with atomic_path(summary_path) as tmp:
+            table.assign(protocol=config.protocol).to_csv(tmp, index=False)
+        write_text_atomic(out / "data.json", json.dumps(data_note(list(loaded.values()))))
+        record_session(out, "advseg evaluate", device)
+    cells = summarize_cells(records, config.protocol)
+    return EvaluateResult(table, cells, files, summary_path, slices, locations)

@@ -1,0 +1,99 @@
+"""What a cell keeps of each attacked batch: its records and the arrays of its example slices.
+
+:func:`batch_records` turns a :class:`~advseg.evaluate.engine.BatchOutput` into records
+(through :func:`advseg.record_rows.slice_records`, the builder certification uses too);
+:func:`example_arrays` and :func:`merge_examples` keep the few slices the report draws
+(``CellResult.examples``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from advseg.evaluate.engine import BatchOutput
+from advseg.labels import class_prediction
+from advseg.metrics import luminosity, perturbation_norms, psnr, ssim
+from advseg.record_rows import score, slice_records
+
+
+def batch_records(
+    out: BatchOutput,
+    losses: Sequence[str],
+    x: Tensor,
+    y: Tensor,
+    meta: pd.DataFrame,
+    classes: list[str],
+    activation: str,
+    spacing: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Records of one batch: one row per (loss, slice, class); model/attack columns added later.
+
+    ``spacing``: ``(B, 2)`` mm per model pixel, for HD95 in mm
+    (:func:`advseg.record_rows.pixel_mm`).
+    """
+    target = y > 0.5
+    clean = score(class_prediction(out.clean_logits, activation), target, spacing)
+    lum = luminosity(x).cpu().numpy()  # (B,)
+    frames = []
+    members = out.members or [None] * len(losses)
+    for attack_loss, x_adv, adv_logits, winners in zip(
+        losses, out.x_adv, out.adv_logits, members, strict=True
+    ):
+        adv = score(class_prediction(adv_logits, activation), target, spacing)
+        linf, l2 = (v.cpu().numpy() for v in perturbation_norms(x, x_adv))
+        member = np.repeat(np.asarray(winners, dtype=str), len(classes)) if winners else ""
+        per_slice = {
+            "linf": linf,
+            "l2": l2,
+            "psnr": psnr(x, x_adv).cpu().numpy(),
+            "ssim": ssim(x, x_adv).cpu().numpy(),
+            "luminosity": lum,
+        }
+        frames.append(
+            slice_records(meta, classes, clean, adv, per_slice, loss=attack_loss, member=member)
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def example_arrays(
+    out: BatchOutput, x: Tensor, y: Tensor, meta: pd.DataFrame, activation: str, picks: list[int]
+) -> dict[str, np.ndarray]:
+    """The arrays of the batch positions ``picks`` (see :attr:`CellResult.examples`), one entry
+    per loss in ``x_adv`` and ``pred_adv``."""
+    at = torch.as_tensor(picks, device=x.device)
+    return {
+        "slice_ids": meta["id"].to_numpy()[picks].astype(str),
+        "image": x[at].float().cpu().numpy(),
+        "mask": (y[at] > 0.5).to(torch.uint8).cpu().numpy(),
+        "pred_clean": class_prediction(out.clean_logits[at], activation)
+        .to(torch.uint8)
+        .cpu()
+        .numpy(),
+        "x_adv": torch.stack([a[at] for a in out.x_adv]).float().cpu().numpy(),
+        "pred_adv": torch.stack([class_prediction(a[at], activation) for a in out.adv_logits])
+        .to(torch.uint8)
+        .cpu()
+        .numpy(),
+    }
+
+
+def merge_examples(
+    shown: list[tuple[int, dict[str, np.ndarray]]], losses: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """One cell's examples from its batches' (batch number, :func:`example_arrays`), in batch
+    order, with ``losses`` (:attr:`CellResult.examples`); empty when no slice was picked."""
+    if not shown:
+        return {}
+    parts = [part for _, part in sorted(shown, key=lambda t: t[0])]
+    merged = {key: np.concatenate([p[key] for p in parts]) for key in ("slice_ids", "image")}
+    for key in ("mask", "pred_clean"):
+        merged[key] = np.concatenate([p[key] for p in parts])
+    for key in ("x_adv", "pred_adv"):
+        merged[key] = np.concatenate([p[key] for p in parts], axis=1)
+    merged["losses"] = np.array(list(losses), dtype=str)
+    return merged
