@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -26,6 +27,49 @@ def test_help_version_and_typos_answer_without_torch(args):
     assert done.returncode == 0, done.stderr
     if args[0] in ("--version", "version"):
         assert done.stdout.strip() == __version__
+
+
+def _commands_help() -> list[list[str]]:
+    from advseg.cli import COMMANDS, load_command
+
+    calls = [[name, "--help"] for name in COMMANDS]
+    calls += [["data", sub, "-h"] for sub in load_command("data").commands]
+    return [*calls, ["models"], ["attacks"]]
+
+
+@pytest.mark.parametrize("args", _commands_help(), ids=" ".join)
+def test_every_command_help_and_the_listings_answer_without_torch(args):
+    """Each command's help, ``advseg models`` and ``advseg attacks`` import no torch, MONAI,
+    pandas or matplotlib (the listings read :mod:`advseg.catalogue`)."""
+    code = (
+        "import sys\nfrom advseg.cli import main\ntry:\n    main(sys.argv[1:])\n"
+        "except SystemExit as stop:\n    assert not stop.code, stop.code\n"
+        "heavy = {'torch', 'monai', 'pandas', 'matplotlib'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+    if args == ["models"]:
+        from advseg.catalogue import load
+
+        for model in load().models:
+            assert model.name in done.stdout
+        assert "smp:<Arch>:<encoder>" in done.stdout
+
+
+@pytest.mark.slow
+def test_models_at_other_sizes_counts_built_models():
+    from advseg.models import model_info
+
+    done = subprocess.run(
+        [sys.executable, "-m", "advseg", "models", "--classes", "4"],
+        capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"{model_info('unet', 3, 4).params / 1e6:.2f}M" in done.stdout
 
 
 def test_subcommand_help_shows_defaults_literally():

@@ -34,8 +34,7 @@ class Registry(Generic[T]):
             if name in self._builders:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._builders[name] = builder
-            doc = help or (getattr(builder, "__doc__", None) or "").strip().split("\n")[0]
-            self._help[name] = doc
+            self._help[name] = help or _summary(getattr(builder, "__doc__", None) or "")
             return builder
 
         return decorator
@@ -66,3 +65,8 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._builders)
+
+
+def _summary(doc: str) -> str:
+    """A docstring's first paragraph on one line: a builder's help when none is given."""
+    return " ".join(doc.strip().split("\n\n")[0].split())

@@ -34,13 +34,11 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from advseg.catalogue import DEFAULT_PROTOCOL, PROTOCOLS  # noqa: F401 (named here too)
 from advseg.errors import UserError
 from advseg.metrics import PAPER_SMOOTH, attack_success, dice_from_counts
 
 Protocol = Literal["paper", "per-class", "global"]
-PROTOCOLS: tuple[str, ...] = ("paper", "per-class", "global")
-DEFAULT_PROTOCOL = "per-class"
-"""The Dice protocol of every command unless told otherwise (evaluate, run, report, certify)."""
 UNITS: dict[str, tuple[str, str]] = {
     "paper": ("slices with a mask", "slices without"),
     "per-class": ("(slice, class) pairs with a mask", "pairs without"),

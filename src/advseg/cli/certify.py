@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
-from advseg import distributed
 from advseg.cli.console import console
 from advseg.cli.data import CACHE_HELP
-from advseg.data import DataConfig
-from advseg.data.location import PHANTOM_LABEL, data_argument, first_line, is_synthetic
-from advseg.defences.smoothing import (
-    SmoothingConfig,
-    certified_path,
-    certified_summary,
-    certify_checkpoint,
-)
 from advseg.errors import UserError
-from advseg.records import write_records
-from advseg.trained import checkpoint_label
+
+if TYPE_CHECKING:
+    from advseg.data import DataConfig
 
 
 def certify_command(
@@ -53,6 +46,17 @@ def certify_command(
 
     Slices with a mask only. Under torchrun the slices are sharded over the ranks.
     """
+    from advseg import distributed
+    from advseg.data.location import PHANTOM_LABEL, data_argument, first_line, is_synthetic
+    from advseg.defences.smoothing import (
+        SmoothingConfig,
+        certified_path,
+        certified_summary,
+        certify_checkpoint,
+    )
+    from advseg.records import write_records
+    from advseg.trained import checkpoint_label
+
     config = SmoothingConfig(
         sigma=sigma, n0=n0, n=n, alpha=alpha, radii=sorted(set(radius)),
         samples_per_forward=samples_per_forward, seed=seed,

@@ -9,10 +9,6 @@ from rich.table import Table
 
 from advseg.atomic import check_output_dir
 from advseg.cli.console import console
-from advseg.data.index import summarize_index
-from advseg.data.load import DataConfig, build_index, load_data
-from advseg.data.preprocess import PreprocessConfig
-from advseg.data.synth import write_synthetic
 from advseg.errors import UserError
 
 app = typer.Typer(
@@ -82,6 +78,8 @@ def synth(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
     """Write a synthetic data set: the MRI phantom, or abdominal CT volumes (--kind nifti)."""
+    from advseg.data.synth import write_synthetic
+
     check_output_dir(out, "--out directory")
     if kind == "nifti":
         from advseg.data.synth_nifti import write_synthetic_nifti
@@ -134,6 +132,10 @@ def info(
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help=CACHE_HELP),
 ) -> None:
     """Describe a data set: slices, scans, cases, classes, masks, sizes, exclusions."""
+    from advseg.data.index import summarize_index
+    from advseg.data.load import DataConfig, build_index, load_data
+    from advseg.data.preprocess import PreprocessConfig
+
     config = DataConfig(
         path=path,
         cache_dir=cache_dir,

@@ -7,17 +7,11 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from advseg import distributed
-from advseg.attacks import ATTACKS, attack_options
+from advseg import catalogue
+from advseg.catalogue import DEFAULT_PROTOCOL
 from advseg.cli.console import console
 from advseg.cli.data import CACHE_HELP
-from advseg.cli.table_ii import table_ii
-from advseg.data.location import data_argument
-from advseg.defences import DEFENCES
 from advseg.errors import UserError
-from advseg.evaluate import EvaluateConfig, evaluate
-from advseg.losses import LOSSES
-from advseg.summary import DEFAULT_PROTOCOL, UNITS
 
 
 def evaluate_command(
@@ -88,6 +82,12 @@ def evaluate_command(
     Run it under torchrun (`torchrun --nproc-per-node N -m advseg evaluate ...`) to shard the
     slices over several processes or GPUs.
     """
+    from advseg import distributed
+    from advseg.cli.table_ii import table_ii
+    from advseg.data.location import data_argument
+    from advseg.evaluate import EvaluateConfig, evaluate
+    from advseg.summary import UNITS
+
     options = {"steps": steps, "alpha": alpha, "norm": norm, "restarts": restarts}
     options["update"] = update
     options["eot_samples"] = eot_samples
@@ -161,23 +161,24 @@ def parse_options(pairs: list[str]) -> dict[str, object]:
 
 def attacks_command() -> None:
     """List the attacks (with their options), the losses they can use and the input defences."""
+    listed = catalogue.load()
     table = Table(title="attacks")
     table.add_column("name")
     table.add_column("what")
     table.add_column("options")
-    for name in ATTACKS.names():
-        table.add_row(name, ATTACKS.help(name), ", ".join(attack_options(name)))
+    for attack in listed.attacks:
+        table.add_row(attack.name, attack.help, ", ".join(attack.options))
     losses = Table(title="losses (--loss)")
     losses.add_column("name")
     losses.add_column("what")
-    for name in LOSSES.names():
-        losses.add_row(name, LOSSES.help(name))
+    for name, text in listed.losses:
+        losses.add_row(name, text)
     defences = Table(title="input defences (--defence NAME:VALUE; attack them with +bpda, +eot)")
     for column in ("name", "value", "what"):
         defences.add_column(column)
-    for name in DEFENCES.names():
-        cls = DEFENCES.get(name)
-        defences.add_row(name, f"{cls.parameter} (default {cls.default:g})", DEFENCES.help(name))
+    for defence in listed.defences:
+        value = f"{defence.parameter} (default {defence.default:g})"
+        defences.add_row(defence.name, value, defence.help)
     out = console()
     out.print(table)
     out.print(losses)

@@ -4,31 +4,27 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
 
-from advseg import distributed
 from advseg.cli.console import console
 from advseg.cli.data import CACHE_HELP
 from advseg.cli.report import print_report
-from advseg.cli.table_ii import table_ii
-from advseg.data.location import data_argument, run_locations
-from advseg.demo import run_demo
 from advseg.errors import UserError
-from advseg.experiment import (
-    ExperimentConfig,
-    RunResult,
-    check_config,
-    find_experiment,
-    load_experiment,
-    run_experiment,
-)
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from advseg.experiment import ExperimentConfig, RunResult
 
 app = typer.Typer()
 
 
 def _print_result(result: RunResult, console: Console) -> None:
+    from advseg.cli.table_ii import table_ii
+    from advseg.data.location import run_locations
+
     grid = result.grid
     console.print(
         f"{len(grid.computed)} cells computed, {len(grid.skipped)} already done; "
@@ -79,6 +75,10 @@ def run(
     Under torchrun (`torchrun --nproc-per-node N -m advseg run ...`) training uses
     DistributedDataParallel and each cell's slices are sharded over the ranks; rank 0 writes.
     """
+    from advseg import distributed
+    from advseg.data.location import data_argument
+    from advseg.experiment import check_config, find_experiment, load_experiment, run_experiment
+
     path = find_experiment(experiment)
     config = load_experiment(path)
     if compat is not None:
@@ -101,6 +101,8 @@ def run(
 def _with_encoder_weights(config: ExperimentConfig, given: list[str]) -> ExperimentConfig:
     """``config`` with ``--encoder-weights NAME=PATH`` values added to its mapping (paths made
     absolute, so the run's config.yaml names the files from any directory)."""
+    from advseg.experiment import check_config
+
     mapping = dict(config.encoder_weights)
     for text in given:
         name, sep, path = text.partition("=")
@@ -123,4 +125,6 @@ def demo(
     ),
 ) -> None:
     """Train the plain U-Net, attack it with FGSM under three losses, write the report."""
+    from advseg.demo import run_demo
+
     _print_result(run_demo(data, out, progress=True), console())

@@ -8,7 +8,6 @@ import typer
 
 from advseg.cli.console import console
 from advseg.cli.data import CACHE_HELP
-from advseg.data.location import data_argument
 
 
 def export_command(
@@ -47,6 +46,7 @@ def export_command(
     say how many slices reproduce the recorded pixel counts exactly (deterministic attacks do;
     attacks with random starts draw their own).
     """
+    from advseg.data.location import data_argument
     from advseg.export import export_cell
 
     ids = [s.strip() for s in slices.split(",") if s.strip()] if slices else None

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
 
 from advseg.cli.console import console
-from advseg.cli.table_ii import table_ii
-from advseg.report import Report, write_report
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from advseg.report import Report
 
 app = typer.Typer()
 
 
 def print_report(report: Report, console: Console) -> None:
     """Table II, what the report could not show, and where it is."""
+    from advseg.cli.table_ii import table_ii
+
     for table in table_ii(report.cells, report.protocol, report.locations):
         console.print(table)
     for line in report.warnings:
@@ -37,5 +42,7 @@ def report(
     out: Path | None = typer.Option(None, help="Output folder [default: RUN_DIR/report]."),
 ) -> None:
     """Write a run's report (HTML, Markdown, CSV, PNG) from its records; no model is needed."""
+    from advseg.report import write_report
+
     result = write_report(run_dir, protocol=protocol, eps=eps, out_dir=out)
     print_report(result, console())

@@ -10,7 +10,6 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from advseg import distributed
 from advseg.cli.console import console
 from advseg.cli.data import (
     CACHE_HELP,
@@ -22,11 +21,7 @@ from advseg.cli.data import (
     no_data,
 )
 from advseg.config import from_dict, load_yaml, to_dict
-from advseg.data import DataConfig, PreprocessConfig
-from advseg.data.location import data_argument, first_line
-from advseg.defences import describe
 from advseg.errors import UserError
-from advseg.train import TrainConfig, train_on_data
 
 _FLAGS = {"num_workers": "--workers"}
 
@@ -139,6 +134,12 @@ def train(
     Run it under torchrun (`torchrun --nproc-per-node N -m advseg train ...`) for
     DistributedDataParallel on several GPUs or machines.
     """
+    from advseg import distributed
+    from advseg.data import DataConfig, PreprocessConfig
+    from advseg.data.location import data_argument, first_line
+    from advseg.defences import describe
+    from advseg.train import TrainConfig, train_on_data
+
     if data is None:
         raise no_data(out / "checkpoints" / "last" if resume else None)
     settings = {} if config is None else load_yaml(config) or {}

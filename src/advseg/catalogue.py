@@ -1,0 +1,127 @@
+"""The names a user types, listed without importing torch: ``advseg models`` and ``advseg attacks``.
+
+The models, attacks, losses and input defences live in registries (:mod:`advseg.registry`) that
+are filled when the modules defining them are imported: torch, MONAI and
+segmentation_models_pytorch, several seconds. ``catalogue.json`` beside this module is a copy of
+what the two listings show (names, one-line help, attack options, defence parameters and the
+models' parameter counts at 3 channels in and 3 classes), made by :func:`collect` from the live
+registries and written by ``python -m advseg.catalogue``. ``tests/test_catalogue.py`` asserts
+that it equals them exactly, so it cannot drift; after adding or changing a model, attack, loss
+or defence, run that command. Only the listings read it: every name used for work is checked
+and built by its registry.
+
+The Dice protocols (:mod:`advseg.summary` computes them) are named here too, so that command
+options can show their default without importing pandas.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+
+PROTOCOLS: tuple[str, ...] = ("paper", "per-class", "global")
+DEFAULT_PROTOCOL = "per-class"
+"""The Dice protocol of every command unless told otherwise (evaluate, run, report, certify)."""
+
+PATH = Path(__file__).with_name("catalogue.json")
+IN_CHANNELS, CLASSES = 3, 3
+"""The sizes the parameter counts of :attr:`Catalogue.models` are for (``advseg models``'
+defaults; other sizes are counted on models built on the meta device)."""
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One row of ``advseg models`` (the fields of :class:`advseg.models.ModelInfo`)."""
+
+    name: str
+    arch: str
+    encoder: str | None
+    params: int
+    description: str
+
+
+@dataclass(frozen=True)
+class AttackRow:
+    """An attack: its help line and the keyword options it accepts."""
+
+    name: str
+    help: str
+    options: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DefenceRow:
+    """An input defence: the name and default of its ``NAME:VALUE`` parameter, its help line."""
+
+    name: str
+    parameter: str
+    default: float
+    help: str
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """What the listings show, each part sorted by name as its registry lists it."""
+
+    models: tuple[ModelRow, ...] = ()
+    attacks: tuple[AttackRow, ...] = ()
+    losses: tuple[tuple[str, str], ...] = ()  # (name, help)
+    defences: tuple[DefenceRow, ...] = ()
+    sizes: tuple[int, int] = field(default=(IN_CHANNELS, CLASSES))
+
+
+@cache
+def load() -> Catalogue:
+    """The catalogue as written in ``catalogue.json`` (no torch)."""
+    raw = json.loads(PATH.read_text())
+    return Catalogue(
+        models=tuple(ModelRow(**row) for row in raw["models"]),
+        attacks=tuple(
+            AttackRow(**{**row, "options": tuple(row["options"])}) for row in raw["attacks"]
+        ),
+        losses=tuple((row["name"], row["help"]) for row in raw["losses"]),
+        defences=tuple(DefenceRow(**row) for row in raw["defences"]),
+        sizes=tuple(raw["sizes"]),
+    )
+
+
+def collect() -> Catalogue:
+    """The catalogue from the live registries (imports torch and builds every zoo model on the
+    meta device)."""
+    from advseg.attacks import ATTACKS, attack_options
+    from advseg.defences import DEFENCES
+    from advseg.losses import LOSSES
+    from advseg.models import list_models
+
+    defences = []
+    for name in DEFENCES.names():
+        cls = DEFENCES.get(name)
+        defences.append(DefenceRow(name, cls.parameter, cls.default, DEFENCES.help(name)))
+    return Catalogue(
+        models=tuple(
+            ModelRow(m.name, m.arch, m.encoder, m.params, m.description)
+            for m in list_models(IN_CHANNELS, CLASSES)
+        ),
+        attacks=tuple(
+            AttackRow(name, ATTACKS.help(name), tuple(attack_options(name)))
+            for name in ATTACKS.names()
+        ),
+        losses=tuple((name, LOSSES.help(name)) for name in LOSSES.names()),
+        defences=tuple(defences),
+    )
+
+
+def write(catalogue: Catalogue, path: Path = PATH) -> None:
+    """Write ``catalogue`` as JSON (atomically), one entry per line group, for readable diffs."""
+    from advseg.atomic import write_text_atomic
+
+    raw = asdict(catalogue)
+    raw["losses"] = [{"name": name, "help": text} for name, text in catalogue.losses]
+    write_text_atomic(path, json.dumps(raw, indent=1, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":  # python -m advseg.catalogue: rewrite catalogue.json from the registries
+    write(collect())
+    print(f"wrote {PATH}")
