@@ -34,7 +34,9 @@ def certify_command(
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     split: str = typer.Option("test", "--split", help="'test' (held-out cases) or 'all'."),
     max_slices: int | None = typer.Option(
-        None, "--max-slices", help="Certify at most N slices (seeded, spread over cases)."
+        None,
+        "--max-slices",
+        help="Certify at most N slices (seeded, spread over cases; default: all).",
     ),
     batch_size: int = typer.Option(8, "--batch-size", help="Slices per batch."),
     samples_per_forward: int = typer.Option(32, "--samples-per-forward", help="Noisy copies."),

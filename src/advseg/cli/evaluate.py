@@ -30,12 +30,18 @@ def evaluate_command(
         ["bce", "focal", "dicefocal"], "--loss", help="Attack loss (repeatable)."
     ),
     eps: list[float] = typer.Option([0.009], "--eps", help="Budget (repeatable)."),
-    steps: int | None = typer.Option(None, "--steps", help="Iterations of iterative attacks."),
-    alpha: float | None = typer.Option(None, "--alpha", help="Step size of iterative attacks."),
+    steps: int | None = typer.Option(
+        None, "--steps", help="Iterations of iterative attacks (default: each attack's own)."
+    ),
+    alpha: float | None = typer.Option(
+        None, "--alpha", help="Step size of iterative attacks (default: each attack's own)."
+    ),
     norm: str | None = typer.Option(None, "--norm", help="linf (default) or l2."),
-    restarts: int | None = typer.Option(None, "--restarts", help="PGD-family restarts."),
+    restarts: int | None = typer.Option(
+        None, "--restarts", help="PGD-family restarts (default 1)."
+    ),
     update: str | None = typer.Option(
-        None, "--update", help="FGSM update: sign (eq. 5) or notebook (the paper's blend)."
+        None, "--update", help="FGSM update: sign (eq. 5; default) or notebook (the paper's blend)."
     ),
     protocol: str = typer.Option(
         DEFAULT_PROTOCOL, "--protocol", help="Dice protocol: paper, per-class or global."
@@ -44,7 +50,10 @@ def evaluate_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     examples: int = typer.Option(0, "--examples", help="Slices per cell saved for figures."),
     erase: list[str] = typer.Option(
-        [], "--erase", help="Targeted: make this class vanish (repeatable), e.g. stomach."
+        [],
+        "--erase",
+        help="Targeted: make this class vanish (repeatable), e.g. stomach (default: none, "
+        "untargeted).",
     ),
     compat: str = typer.Option(
         "none",
@@ -74,7 +83,7 @@ def evaluate_command(
         [],
         "--attack-option",
         help="Any attack option as KEY=VALUE (repeatable; VALUE read as YAML), e.g. "
-        "random_start=false; `advseg attacks` lists each attack's options.",
+        "random_start=false; `advseg attacks` lists each attack's options (default: none).",
     ),
 ) -> None:
     """Attack checkpoints on a data split; write records and print the paper's Table II.

@@ -52,13 +52,14 @@ def run(
         "--compat",
         help="The experiment's compat (YAML compat:): none, or notebook: reproduce the paper's "
         "notebook code for its FGSM attacks (blended update, swapped loss arguments, soft "
-        "masks; not a recommended attack). Attacks naming their own compat keep it.",
+        "masks; not a recommended attack). Attacks naming their own compat keep it. Default: "
+        "the YAML's.",
     ),
     data: str | None = typer.Option(
         None,
         "--data",
         help="Data directory, or 'synthetic' for the synthetic phantom; overrides the YAML's "
-        "data.path (required where the YAML names none, as paper's).",
+        "data.path (default: the YAML's; required where it names none, as paper's).",
     ),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     encoder_weights: list[str] = typer.Option(

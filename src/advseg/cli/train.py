@@ -53,9 +53,14 @@ def train(
     labels: str | None = typer.Option(None, "--labels", help=LABELS_HELP),
     strict_labels: bool = typer.Option(False, "--strict-labels", help=STRICT_HELP),
     config: Path | None = typer.Option(
-        None, "--config", help="YAML file of training settings (TrainConfig keys)."
+        None,
+        "--config",
+        help="YAML file of training settings (TrainConfig keys; default: none, the defaults "
+        "named here). Options given here override it.",
     ),
-    model: str | None = typer.Option(None, "--model", help="Zoo name (see `advseg models`)."),
+    model: str | None = typer.Option(
+        None, "--model", help="Zoo name (see `advseg models`; default unet)."
+    ),
     encoder_weights: str | None = typer.Option(
         None,
         "--encoder-weights",
@@ -74,18 +79,30 @@ def train(
         None, "--loss", help="Training loss (default: dicefocal for sigmoid, dicece for softmax)."
     ),
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default 15)."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step per rank."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Images per step per rank (default 16)."
+    ),
     lr: float | None = typer.Option(None, "--lr", help="AdamW learning rate (default 3e-4)."),
-    weight_decay: float | None = typer.Option(None, "--weight-decay", help="AdamW weight decay."),
-    patience: int | None = typer.Option(None, "--patience", help="Early stopping; 0 never stops."),
-    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Micro-batches per step."),
-    precision: str | None = typer.Option(None, "--precision", help="auto, fp32, bf16 or fp16."),
+    weight_decay: float | None = typer.Option(
+        None, "--weight-decay", help="AdamW weight decay (default 1e-2)."
+    ),
+    patience: int | None = typer.Option(
+        None, "--patience", help="Early stopping patience in epochs (default 5); 0 never stops."
+    ),
+    grad_accum: int | None = typer.Option(
+        None, "--grad-accum", help="Micro-batches per step (default 1)."
+    ),
+    precision: str | None = typer.Option(
+        None, "--precision", help="auto (default), fp32, bf16 or fp16."
+    ),
     channels_last: bool | None = typer.Option(
         None, "--channels-last/--no-channels-last", help="Memory format (default: on a GPU)."
     ),
-    workers: int | None = typer.Option(None, "--workers", help="DataLoader worker processes."),
-    seed: int | None = typer.Option(None, "--seed", help="Training seed."),
-    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
+    workers: int | None = typer.Option(
+        None, "--workers", help="DataLoader worker processes (default 0)."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Training seed (default 0)."),
+    device: str | None = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:N."),
     no_augment: bool = typer.Option(False, "--no-augment", help="Turn augmentation off."),
     noise_sigma: float | None = typer.Option(
         None, "--noise-sigma", help="Gaussian noise added to training images (default 0)."
@@ -99,13 +116,21 @@ def train(
     split_seed: int = typer.Option(0, "--split-seed", help="Seed of the case split."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
     adv_train: str | None = typer.Option(
-        None, "--adv-train", help="Adversarial training: none, fgsm-rs, pgd or trades."
+        None, "--adv-train", help="Adversarial training: none (default), fgsm-rs, pgd or trades."
     ),
     adv_eps: float | None = typer.Option(None, "--adv-eps", help="Its L-inf eps (default 0.009)."),
-    adv_steps: int | None = typer.Option(None, "--adv-steps", help="PGD/TRADES steps (10)."),
-    adv_alpha: float | None = typer.Option(None, "--adv-alpha", help="Attack step size."),
+    adv_steps: int | None = typer.Option(
+        None, "--adv-steps", help="PGD/TRADES steps (default 10)."
+    ),
+    adv_alpha: float | None = typer.Option(
+        None,
+        "--adv-alpha",
+        help="Attack step size (default: 1.25 eps for fgsm-rs, else 2.5 eps / steps).",
+    ),
     adv_beta: float | None = typer.Option(None, "--adv-beta", help="TRADES beta (default 6)."),
-    adv_warmup: int | None = typer.Option(None, "--adv-warmup", help="Epochs of eps warm-up."),
+    adv_warmup: int | None = typer.Option(
+        None, "--adv-warmup", help="Epochs of eps warm-up (default 0)."
+    ),
     adv_fraction: float | None = typer.Option(
         None, "--adv-fraction", help="Share of each batch attacked (default 1)."
     ),
@@ -116,7 +141,9 @@ def train(
         None, "--adv-attack-mode", help="Model mode during the attack: eval (default) or train."
     ),
     select_by: str | None = typer.Option(
-        None, "--select-by", help="Best checkpoint and early stopping by clean or robust Dice."
+        None,
+        "--select-by",
+        help="Best checkpoint and early stopping by clean (default) or robust Dice.",
     ),
     select_attack: str | None = typer.Option(
         None, "--select-attack", help="Robust validation's attack: pgd (default) or fgsm."
