@@ -67,8 +67,8 @@ def run(
         "--encoder-weights",
         help="NAME=PATH: model NAME (as the YAML's models list names it) starts from the "
         "encoder weights in the local safetensors file PATH (or NAME=imagenet, downloaded); "
-        "repeatable, one per model; adds to the YAML's encoder_weights mapping. A model not "
-        "named trains from random init.",
+        "repeatable, one per model; adds to the YAML's encoder_weights mapping (default: that "
+        "mapping alone). A model not named trains from random init.",
     ),
 ) -> None:
     """Run an experiment grid (train or load models, attack, record, report); resumable.
