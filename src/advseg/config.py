@@ -1,9 +1,10 @@
 """Typed configs, read from and written to YAML.
 
 Each part of advseg keeps its own config dataclass beside the code that uses it (the preprocessing
-config in ``data/preprocess.py``, the training config in ``train.py``, ...). This module holds the
-one strict conversion between those dataclasses and plain dicts / YAML: an unknown key or a value of
-the wrong type is a :class:`~advseg.errors.UserError` that names the key by its full dotted path.
+config in ``data/preprocess.py``, the training config in ``train/config.py``, ...). This module
+holds the one strict conversion between those dataclasses and plain dicts / YAML: an unknown key
+or a value of the wrong type is a :class:`~advseg.errors.UserError` that names the key by its full
+dotted path.
 """
 
 from __future__ import annotations

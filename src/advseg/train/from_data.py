@@ -1,0 +1,181 @@
+"""Training from a data set: the case split, the model built from the config's seed, and what a
+checkpoint records of its data (:func:`train_on_data`, the one way ``advseg train`` and
+``advseg run`` train a model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from advseg import distributed
+from advseg.augment import Augment
+from advseg.config import to_dict
+from advseg.data import DataConfig, SliceData
+from advseg.errors import UserError
+from advseg.labels import (
+    output_channels,
+    overlap_pixels,
+)
+from advseg.models.checkpoint import (
+    checkpoint_exists,
+)
+from advseg.models.zoo import create_model
+from advseg.train.config import TrainConfig, TrainResult, resolve_device
+from advseg.train.loop import train
+
+
+def new_model(
+    config: TrainConfig, in_channels: int, classes: int, encoder_weights: str | None = None
+) -> nn.Module:
+    """``config.model`` initialised from ``config.seed``: the same config, the same start.
+
+    ``classes`` is the data's class count; a softmax model gets one output more (background).
+    """
+    torch.manual_seed(config.seed)
+    outputs = output_channels(classes, config.activation)  # softmax: a background channel first
+    return create_model(
+        config.model, in_channels=in_channels, classes=outputs, encoder_weights=encoder_weights
+    )
+
+
+def data_metadata(
+    data_config: DataConfig,
+    data: SliceData,
+    *,
+    test_fraction: float,
+    val_fraction: float,
+    split_seed: int,
+    rows: dict[str, int],
+) -> dict[str, Any]:
+    """What a checkpoint records of its data, so that an evaluation finds the same test cases.
+
+    ``config`` is the whole :class:`DataConfig` (source, exclusions, label mapping, cache) with
+    its paths resolved (absolute; ``synthetic`` for the phantom), the split is
+    ``split_train_val_test(index, test_fraction, val_fraction, split_seed)``.
+    """
+    from advseg.data import resolved_config
+
+    return {
+        "config": to_dict(resolved_config(data_config)),
+        "fingerprint": data.cache_path.name,  # advseg.preflight.data_fingerprint
+        "excluded": data.exclusions.lines(),
+        "test_fraction": test_fraction,
+        "val_fraction": val_fraction,
+        "split_seed": split_seed,
+        "rows": rows,
+    }
+
+
+def train_on_data(
+    data_config: DataConfig,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    test_fraction: float = 0.1,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    resume: bool = False,
+    progress: bool = False,
+    data: SliceData | None = None,
+) -> TrainResult:
+    """Load a data set, split it by case, build ``config.model`` and :func:`train` it.
+
+    The one way a model is trained from a data set: ``advseg train`` and the experiment runner
+    (``advseg run``) both come here, so a grid's model is the model ``advseg train`` makes with
+    the same settings, weight for weight.
+
+    The split is the paper's: ``test_fraction`` of the cases held out for evaluation (the same
+    ``split_cases(index, test_fraction, split_seed)`` an evaluation calls), then ``val_fraction``
+    of the remaining cases for validation (early stopping); no case is on two sides. The data
+    source, exclusions, split and row counts are stored in the checkpoints.
+
+    Under torchrun, rank 0 fills the preprocessing cache before the other ranks read it.
+
+    Args:
+        data: ``data_config`` already loaded (the experiment runner's); loaded here when None.
+    """
+    from advseg.atomic import check_output_dir
+    from advseg.data import load_data, split_train_val_test
+
+    for name, value in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
+        if not 0 < value < 1:  # also nan
+            raise UserError(f"{name}: {value} must lie in (0, 1)")
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int):
+        raise UserError(f"split_seed: expected an integer, got {split_seed!r}")
+    resolve_device(config.device)  # an unknown device fails before any data is read
+    check_output_dir(out_dir, "training output directory")
+    distributed.init()
+    if data is None:
+        if not distributed.is_main():
+            distributed.barrier()  # rank 0 fills the cache first
+        data = load_data(data_config)
+        if distributed.is_main():
+            distributed.barrier()
+    train_rows, val_rows, test_rows = split_train_val_test(
+        data.index, test_fraction, val_fraction, split_seed
+    )
+    image_size = data_config.preprocess.size
+    train_set = data.dataset(train_rows, transform=Augment(config.augment, image_size))
+    val_set = data.dataset(val_rows)
+    model = new_model(
+        config,
+        in_channels=data_config.preprocess.channels,
+        classes=len(data.classes),
+        encoder_weights=None if resume else config.encoder_weights,
+    )
+    source = data_metadata(
+        data_config,
+        data,
+        test_fraction=test_fraction,
+        val_fraction=val_fraction,
+        split_seed=split_seed,
+        rows={"train": len(train_rows), "val": len(val_rows), "test": len(test_rows)},
+    )
+    if config.activation == "softmax":  # said, not silently relabelled
+        source["overlap"] = {
+            "pixels": overlapping_pixels(data.masks, train_rows),
+            "labelled": "the first of its classes in the class order",
+        }
+    if resume:  # a run begun before data paths were resolved keeps the fingerprint it saved
+        source["fingerprint"] = resumed_fingerprint(Path(out_dir), data, source["fingerprint"])
+    result = train(
+        model,
+        train_set,
+        val_set,
+        config,
+        out_dir,
+        classes=list(data.classes),
+        preprocessing=to_dict(data_config.preprocess),
+        data=source,
+        resume=resume,
+        progress=progress,
+    )
+    result.data = source
+    return result
+
+
+def overlapping_pixels(masks: Any, rows: Any, chunk: int = 256) -> int:
+    """Pixels of ``masks[rows]`` (``(N, K, S, S)``, memory-mapped) in more than one class, read
+    ``chunk`` slices at a time: what a softmax training labels with one class of several."""
+    rows = list(rows)
+    return sum(
+        overlap_pixels(torch.from_numpy(masks[rows[i : i + chunk]]))
+        for i in range(0, len(rows), chunk)
+    )
+
+
+def resumed_fingerprint(out_dir: Path, data: SliceData, now: str) -> str:
+    """The data fingerprint a resumed run goes on with: the one its last checkpoint saved when
+    that names the same data (:func:`advseg.preflight.same_data`), else ``now`` (which
+    :func:`restore_run` then refuses, if the checkpoint saved another)."""
+    from advseg.models.checkpoint import read_metadata
+    from advseg.preflight import same_data
+
+    last = out_dir / "checkpoints" / "last"
+    if not checkpoint_exists(last):
+        return now
+    saved = read_metadata(last).data.get("fingerprint")
+    return saved if isinstance(saved, str) and saved != now and same_data(saved, data) else now
