@@ -48,14 +48,8 @@ from torch.utils.data import DataLoader, Subset
 from advseg import distributed
 from advseg.attacks import frozen, model_logits
 from advseg.errors import UserError
-from advseg.metrics import (
-    confusion_counts,
-    dice_from_counts,
-    hard_prediction,
-    hd95,
-    iou_from_counts,
-    luminosity,
-)
+from advseg.metrics import hard_prediction, hd95, luminosity
+from advseg.record_rows import Scores, hd95_mm, pixel_mm, score, slice_records
 from advseg.records import check_records
 
 CERTIFY = "certify"
@@ -251,8 +245,6 @@ def certify_cell(
         Records (:data:`advseg.records.RECORD_COLUMNS`), ordered by radius, slice, class;
         under torch.distributed every rank gets all of them.
     """
-    from advseg.record_rows import pixel_mm
-
     rows = [int(r) for r in rows]
     if not rows:
         raise UserError(f"{model_name}: the split has no slices to certify")
@@ -298,59 +290,39 @@ def _records(
     classes: list[str],
     spacing: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """One row per (radius, slice, class) of one batch (``spacing``: HD95 in mm, ``(B, 2)``)."""
+    """One row per (radius, slice, class) of one batch (``spacing``: HD95 in mm, ``(B, 2)``).
+
+    The columns are :func:`advseg.record_rows.slice_records`', as for an attack: ``clean`` is
+    the plain prediction, ``adv`` the certified one, with every abstained pixel counted wrong.
+    """
     b, k = y.shape[:2]
     pixels = int(np.prod(y.shape[2:]))
-    tp_c, fp_c, fn_c = (t.cpu().numpy().ravel() for t in confusion_counts(plain, y))
-    hd_clean = hd95(plain, y).numpy().ravel()
-    nan = np.full(b * k, np.nan)
-    hd_mm_clean = nan if spacing is None else hd95(plain, y, spacing).numpy().ravel()
+    clean = score(plain, y, spacing)
     decision = certificate.decision.cpu().numpy()
     target = y.cpu().numpy()
+    lum = luminosity(x).cpu().numpy()  # (B,)
     frames = []
     for radius in config.radii:
         certified = certificate.certified(radius)  # (B, K, H, W)
         right = certified & (decision == target)  # certified and correct; the rest is wrong
-        tp = (right & target).reshape(b * k, -1).sum(1)
-        fn = (target & ~right).reshape(b * k, -1).sum(1)
-        fp = (~target & ~right).reshape(b * k, -1).sum(1)
         found = torch.from_numpy(certified & decision)  # the certified organ pixels
-        frames.append(
-            pd.DataFrame(
-                {
-                    "loss": config.label,
-                    "eps": float(radius),
-                    "slice_id": np.repeat(meta["id"].to_numpy(), k),
-                    "case": np.repeat(meta["case"].to_numpy(), k),
-                    "scan": np.repeat(meta["scan"].to_numpy(), k),
-                    "slice": np.repeat(meta["slice"].to_numpy(), k),
-                    "class": np.tile(classes, b),
-                    "gt_pixels": tp_c + fn_c,
-                    "tp_clean": tp_c,
-                    "fp_clean": fp_c,
-                    "fn_clean": fn_c,
-                    "tp_adv": tp,
-                    "fp_adv": fp,
-                    "fn_adv": fn,
-                    "dice_clean": np.nan_to_num(dice_from_counts(tp_c, fp_c, fn_c), nan=1.0),
-                    "dice_adv": np.nan_to_num(dice_from_counts(tp, fp, fn), nan=1.0),
-                    "iou_clean": np.nan_to_num(iou_from_counts(tp_c, fp_c, fn_c), nan=1.0),
-                    "iou_adv": np.nan_to_num(iou_from_counts(tp, fp, fn), nan=1.0),
-                    "hd95_clean": hd_clean,
-                    "hd95_adv": hd95(found, y.cpu()).numpy().ravel(),
-                    "hd95_mm_clean": hd_mm_clean,
-                    "hd95_mm_adv": nan
-                    if spacing is None
-                    else hd95(found, y.cpu(), spacing).numpy().ravel(),
-                    "linf": np.nan,  # an L2 certificate says nothing of the L-inf norm
-                    "l2": float(radius),
-                    "psnr": np.nan,
-                    "ssim": np.nan,
-                    "luminosity": np.repeat(luminosity(x).cpu().numpy(), k),
-                    "abstained": (~certified).reshape(b * k, -1).sum(1) / pixels,
-                }
-            )
+        adv = Scores(
+            tp=(right & target).reshape(b * k, -1).sum(1),
+            fp=(~target & ~right).reshape(b * k, -1).sum(1),
+            fn=(target & ~right).reshape(b * k, -1).sum(1),
+            hd95=hd95(found, y.cpu()).numpy().ravel(),
+            hd95_mm=hd95_mm(found, y.cpu(), spacing),
         )
+        columns = {
+            "loss": config.label,
+            "eps": float(radius),
+            "linf": np.nan,  # an L2 certificate says nothing of the L-inf norm
+            "l2": float(radius),
+            "psnr": np.nan,
+            "ssim": np.nan,
+            "abstained": (~certified).reshape(b * k, -1).sum(1) / pixels,
+        }
+        frames.append(slice_records(meta, classes, clean, adv, {"luminosity": lum}, **columns))
     return pd.concat(frames, ignore_index=True)
 
 
