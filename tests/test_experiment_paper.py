@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -15,6 +16,7 @@ from advseg.data import DataConfig, split_cases, split_train_val_test, write_syn
 from advseg.data.load import build_index
 from advseg.errors import UserError
 from advseg.experiment import (
+    AttackSpec,
     ExperimentConfig,
     ModelSpec,
     check_config,
@@ -27,6 +29,9 @@ from advseg.experiment import (
 )
 from advseg.models import read_checkpoint
 from advseg.models.zoo import check_encoder_weights, create_model
+from advseg.records import read_records
+from advseg.report.examples import load_examples
+from advseg.summary import summarize_cells
 from test_experiment_run import _config, phantom  # noqa: F401 (phantom: the module's fixture)
 
 SMALL = "smp:Unet:mobilenet_v2"  # a small encoder model (2.2M encoder parameters)
@@ -198,3 +203,50 @@ def test_the_split_is_by_case_with_validation_drawn_from_the_training_cases(tmp_
         assert cases[1].isdisjoint(cases[2])  # no case (nor any of its days) in two parts
         assert np.array_equal(np.sort(np.r_[train, val, test]), np.arange(len(index)))
         assert [len(c) for c in cases] == [16, 2, 2]  # 10% of 20 cases; 10% of the other 18
+
+
+def test_a_grid_with_seeds_reports_each_seed_and_names_the_seed_it_draws(phantom, tmp_path):  # noqa: F811
+    config = replace(
+        _config(phantom, tmp_path),
+        seeds=[0, 1],
+        attacks=[
+            AttackSpec(name="fgsm", losses=["bce"], eps=[0.01]),
+            AttackSpec(name="pgd", losses=["bce"], eps=[0.01], kwargs={"steps": 2}),
+        ],
+    )
+    config.evaluation = replace(config.evaluation, trace=True)
+    run_dir = tmp_path / "run"
+    run_experiment(config, run_dir)
+    records = read_records(run_dir)
+    assert (
+        load_examples(run_dir / "examples" / "unet-tiny__seed1__fgsm__eps0.01.npz")["cell"]["seed"]
+        == 1
+    )
+
+    # the training table: one row per (model, seed), its validation and clean DSC
+    table = pd.read_csv(run_dir / "report" / "training.csv")
+    assert table["model"].tolist() == ["unet-tiny", "unet-tiny"]
+    assert table["seed"].tolist() == [0, 1]
+    for seed in (0, 1):
+        row = table[table["seed"] == seed].iloc[0]
+        best = run_dir / "models" / "unet-tiny" / f"seed{seed}" / "checkpoints" / "best"
+        assert row["val_dice"] == pytest.approx(
+            read_checkpoint(best)[1].metrics["best"]["val_dice"]
+        )
+        cells = summarize_cells(records[records["seed"] == seed], "per-class")
+        assert row["dsc_clean"] == pytest.approx(cells["dsc_clean"].iloc[0])
+        assert row["dsc_worst"] == pytest.approx(cells["dsc_adv"].min())
+    assert table["dsc_clean"].nunique() == 2  # two trainings, two numbers
+    markdown = (run_dir / "report" / "report.md").read_text()
+    assert "## Training, per seed (eps 0.01)" in markdown
+    assert (
+        "Spread over training seeds (mean ± sd): unet-tiny over seeds 0, 1: validation" in markdown
+    )
+
+    # panels and convergence traces say which seed they show
+    assert "unet-tiny (training seed 0): FGSM eps 0.01, loss bce" in markdown
+    assert "(training seed 1)" not in markdown
+    assert "unet-tiny: seed 0 of 0, 1" in markdown
+    assert "unet-tiny, training seed 0: Dice against iteration, eps 0.01" in markdown
+    convergence = pd.read_csv(run_dir / "report" / "convergence.csv")
+    assert sorted(convergence["seed"]) == [0, 1]

@@ -600,7 +600,12 @@ def run_cells(
             if main and output.examples:  # every rank computed the cell; rank 0 writes it
                 path = run_dir / "examples" / f"{cell.slug}.npz"
                 save_examples(
-                    output.examples, path, model=cell.model, attack=cell.label, eps=cell.eps
+                    output.examples,
+                    path,
+                    model=cell.model,
+                    attack=cell.label,
+                    eps=cell.eps,
+                    seed=cell.seed,
                 )
             if main and output.trace is not None:
                 write_trace(output.trace, run_dir / "traces" / f"{cell.slug}.csv")
@@ -830,6 +835,8 @@ def run_experiment(
         """The cell's records with the training seed of its model (``seed`` column)."""
         seed = seed_of[key_of(cell.model, cell.seed)] if cell.seed is None else cell.seed
         output.records = output.records.assign(seed=seed)
+        if output.trace is not None:
+            output.trace = output.trace.assign(seed=seed)  # the report names each trace's seed
         return output
 
     cross = CrossModel(config, data, eval_rows, train_rows, run_dir, model_for, console)

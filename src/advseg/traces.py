@@ -63,7 +63,8 @@ def write_trace(trace: pd.DataFrame, path: str | Path) -> Path:
 
 
 def read_traces(run_dir: str | Path) -> pd.DataFrame | None:
-    """Every ``traces/*.csv`` of ``run_dir`` in one frame, or None when there is none.
+    """Every ``traces/*.csv`` of ``run_dir`` in one frame, or None when there is none; with
+    ``seed`` (the training seed; ``advseg run`` writes it) where the files have it.
 
     Raises:
         UserError: a trace file that cannot be read or lacks a column (naming the file).
@@ -80,5 +81,5 @@ def read_traces(run_dir: str | Path) -> pd.DataFrame | None:
         missing = [c for c in TRACE_COLUMNS if c not in frame.columns]
         if missing:
             raise UserError(f"{file}: trace file without column {missing[0]!r}")
-        frames.append(frame[list(TRACE_COLUMNS)])
+        frames.append(frame[[*TRACE_COLUMNS, *(["seed"] if "seed" in frame.columns else [])]])
     return pd.concat(frames, ignore_index=True)

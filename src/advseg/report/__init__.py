@@ -33,7 +33,7 @@ from advseg.report import (
     training,
 )
 from advseg.report.claims import claim_sections
-from advseg.report.examples import load_examples
+from advseg.report.examples import panel_section
 from advseg.report.html import Block, Section, format_table, render_html, render_markdown
 from advseg.report.stats import MIN_POINTS, correlate
 from advseg.summary import DEFAULT_PROTOCOL, PROTOCOLS, UNITS
@@ -115,7 +115,7 @@ def write_report(
         provenance.section(writer, run_dir, records, table_ii, protocol, locations),
         _table_section(writer, records[records["eps"] == eps], protocol, eps, locations),
         _eps_section(writer, cells),
-        _panel_section(writer, run_dir, at_eps, classes, eps),
+        panel_section(writer, run_dir, records[records["eps"] == eps], protocol, classes, eps),
         _loss_section(writer, at_eps, eps),
         _params_section(writer, at_eps, eps),
         _luminosity_section(writer, records, eps, protocol),
@@ -242,43 +242,6 @@ def _eps_section(writer: _Writer, cells: pd.DataFrame) -> Section:
         "spacings, millimetres (mm: spacing x resize factor)."
     )
     section.blocks.append(writer.table("cells", tables.with_units(cells), caption))
-    return section
-
-
-def _panel_section(
-    writer: _Writer, run_dir: Path, at_eps: pd.DataFrame, classes: list[str], eps: float
-) -> Section:
-    section = Section(f"Example slices (eps {eps:g})")
-    files = sorted((run_dir / "examples").glob("*.npz"))
-    saved = {}
-    for file in files:
-        examples = load_examples(file)
-        cell = examples["cell"]
-        if abs(cell["eps"] - eps) < 1e-12 and len(examples.get("slice_ids", [])):
-            saved.setdefault(cell["model"], []).append((cell["attack"], examples))
-    for model, rows in at_eps.groupby("model", sort=False):
-        if model not in saved:
-            continue
-        for attack, examples in saved[model]:
-            losses = rows[(rows["attack"] == attack) & rows["loss"].isin(examples["losses"])]
-            if losses.empty:
-                continue
-            strongest = losses.sort_values("attack_success", ascending=False).iloc[0]
-            title = (
-                f"{model}: {attack.upper()} eps {eps:g}, loss {strongest['loss']} "
-                f"(the strongest; AS {strongest['attack_success']:.3f})"
-            )
-            figure = figures.example_panel(examples, strongest["loss"], classes, title)
-            name = f"panel_{tables.file_stem(model)}_{tables.file_stem(attack)}"
-            section.blocks.append(writer.figure(name, figure, title))
-    missing = [m for m in at_eps["model"].unique() if m not in saved]
-    if missing:
-        section.blocks.append(
-            writer.note(
-                f"No saved example slices at eps {eps:g} for {', '.join(map(str, missing))} in "
-                f"{run_dir / 'examples'}: panels need a run with evaluation.examples > 0."
-            )
-        )
     return section
 
 

@@ -27,11 +27,12 @@ from advseg.traces import read_traces
 
 
 def convergence_table(traces: pd.DataFrame) -> pd.DataFrame:
-    """Per (model, attack, loss, eps): steps, Dice after the first and the last step, and how
-    much Dice still fell over the last fifth of the steps (``last_fifth_drop``)."""
+    """Per (model, training seed where the traces name it, attack, loss, eps): steps, Dice after
+    the first and the last step, and how much Dice still fell over the last fifth of the steps
+    (``last_fifth_drop``)."""
     rows = []
-    keys = ["model", "attack", "loss", "eps"]
-    for key, frame in traces.groupby(keys, sort=False):
+    keys = ["model", *(["seed"] if "seed" in traces.columns else []), "attack", "loss", "eps"]
+    for key, frame in traces.groupby(keys, sort=False, dropna=False):
         frame = frame.sort_values("step")
         dice = frame["mean_dice"].to_numpy()
         fifth = max(1, len(dice) // 5)
@@ -77,14 +78,28 @@ def sections(writer, run_dir: Path, eps: float) -> list[Section]:
             writer.note(f"No trace at eps {eps:g}; the traces of every eps are drawn.")
         )
         at_eps = traces
+    several = False  # some model traced at several training seeds
     for (model, e), frame in at_eps.groupby(["model", "eps"], sort=False):
-        title = f"{model}: Dice against iteration, eps {e:g}"
+        seeds = sorted(frame["seed"].dropna().unique()) if "seed" in frame.columns else []
+        who = str(model)
+        if seeds:  # one seed's lines: the lowest; the table below has every seed
+            frame = frame[frame["seed"] == seeds[0]]
+            who = f"{model}, training seed {int(seeds[0])}"
+            several = several or len(seeds) > 1
+        title = f"{who}: Dice against iteration, eps {e:g}"
         name = f"convergence_{file_stem(str(model))}_eps{e:g}"
         caption = (
             f"{title}, one line per attack / loss (mean over the cell's slices; the last point "
             "is the attack's result). A line still falling at its end: more steps would matter."
         )
         section.blocks.append(writer.figure(name, dice_vs_step(frame, title), caption))
+    if several:
+        section.blocks.append(
+            writer.note(
+                "Models trained at several seeds: each figure shows the lowest training seed "
+                "(named in its title); the table has a row per seed."
+            )
+        )
     section.blocks.append(
         writer.table(
             "convergence",

@@ -1,14 +1,16 @@
 """The report's training table: how each model of a run was trained, and what it cost.
 
-One row per model of the run's ``config.yaml``: its adversarial training (the defence and its
-settings, :func:`advseg.defences.describe`), what chose its "best" checkpoint, the epochs, and the
-training time with its ratio to the undefended models' (the cost of the defence). The training
-numbers come from each model's checkpoint metadata (JSON only: no weights are read), written by
-:func:`advseg.train.train`; a model whose checkpoint is missing is left out and noted. Beside them,
-from the records at the headline eps: the clean DSC and the lowest DSC under any white-box
-(attack, loss) of the grid, with the attack that reached it.
+One row per model of the run's ``config.yaml`` and training seed (a grid with ``seeds:`` trains
+each model once per seed): its adversarial training (the defence and its settings,
+:func:`advseg.defences.describe`), what chose its "best" checkpoint, its best validation Dice, the
+epochs, and the training time with its ratio to the undefended models' (the cost of the defence).
+The training numbers come from each model's checkpoint metadata (JSON only: no weights are read),
+written by :func:`advseg.train.train`; a model whose checkpoint is missing is left out and noted.
+Beside them, from that seed's records at the headline eps: the clean DSC and the lowest DSC under
+any white-box (attack, loss) of the grid, with the attack that reached it.
 
-The section appears only when some model of the run was adversarially trained.
+The section appears when some model of the run was adversarially trained, or was trained at
+several seeds (the spread between seeds is then in the table, seed by seed).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from advseg.records import white_box
 from advseg.report.html import Section
 from advseg.summary import summarize_cells
 
-COLUMNS = ["model", "arch", "adversarial_training", "selected_by", "best_epoch", "epochs",
-           "train_seconds", "time_ratio"]  # fmt: skip
+COLUMNS = ["model", "seed", "arch", "adversarial_training", "selected_by", "val_dice",
+           "best_epoch", "epochs", "train_seconds", "time_ratio"]  # fmt: skip
 
 
 def training_table(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
@@ -56,8 +58,7 @@ def training_table(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
             continue
         for seed in seeds:
             folder = run_dir / "models" / name / ("" if seed is None else f"seed{seed}")
-            label = name if seed is None else f"{name} (seed {seed})"
-            runs.append((label, folder / "checkpoints" / "best"))
+            runs.append((name, folder / "checkpoints" / "best"))
     for name, path in runs:
         try:
             meta = read_metadata(path)
@@ -92,6 +93,7 @@ def _row(
     history_seconds = metrics.get("train_seconds")
     return {
         "model": name,
+        "seed": int(train.get("seed", 0)),  # the training seed (a grid's seeds: k of seed<k>/)
         "arch": arch,
         "adversarial_training": label,
         "selected_by": (
@@ -99,6 +101,7 @@ def _row(
             if robust
             else "clean Dice"
         ),
+        "val_dice": best.get("val_robust_dice" if robust else "val_dice"),
         "best_epoch": best.get("epoch"),
         "epochs": (metrics.get("last") or {}).get("epoch", epoch),
         "train_seconds": history_seconds,
@@ -109,34 +112,65 @@ def _row(
 def sections(
     writer: Any, run_dir: Path, records: pd.DataFrame, protocol: str, eps: float
 ) -> list[Section]:
-    """The "Training and adversarial training" section, when a model of the run was defended."""
+    """The "Training" section, when a model of the run was defended or trained at several
+    seeds: one row per (model, seed), that seed's clean and worst white-box DSC beside it."""
     table, notes = training_table(run_dir)
-    if not (table["adversarial_training"] != "none").any():
+    defended = bool((table["adversarial_training"] != "none").any())
+    seeded = bool(table.groupby("model")["seed"].nunique().gt(1).any()) if len(table) else False
+    if not (defended or seeded):
         return []
     at_eps = white_box(records[records["eps"] == eps])
     if not at_eps.empty:
-        cells = summarize_cells(at_eps, protocol)
-        worst = cells.loc[cells.groupby("model", sort=False)["dsc_adv"].idxmin()]
-        robust = pd.DataFrame(
-            {
-                "model": worst["model"],
-                "dsc_clean": worst["dsc_clean"],
-                "dsc_worst": worst["dsc_adv"],
-                "worst_attack": worst["attack"] + " / " + worst["loss"],
-            }
-        )
-        table = table.merge(robust, on="model", how="left")
-    section = Section(f"Training and adversarial training (eps {eps:g})")
+        per_seed = []
+        for seed, frame in at_eps.groupby("seed", sort=True):
+            cells = summarize_cells(frame, protocol)
+            worst = cells.loc[cells.groupby("model", sort=False)["dsc_adv"].idxmin()]
+            per_seed.append(
+                pd.DataFrame(
+                    {
+                        "model": worst["model"],
+                        "seed": int(seed),
+                        "dsc_clean": worst["dsc_clean"],
+                        "dsc_worst": worst["dsc_adv"],
+                        "worst_attack": worst["attack"] + " / " + worst["loss"],
+                    }
+                )
+            )
+        table = table.merge(pd.concat(per_seed), on=["model", "seed"], how="left")
+    title = "Training and adversarial training" if defended else "Training, per seed"
+    section = Section(f"{title} (eps {eps:g})")
     section.blocks.append(
         writer.table(
             "training",
             table,
-            "How each model was trained: its adversarial training (the attack inside each "
-            "training step), what picked its best checkpoint, its training time and the ratio "
-            "to the undefended models' time; then its clean DSC and its lowest DSC under any "
-            "white-box attack and loss of this grid at this eps. A defence is only as good as "
-            "the strongest attack run against it: add PGD with many steps and restarts.",
+            "How each model was trained, one row per training seed: its adversarial training "
+            "(the attack inside each training step), what picked its best checkpoint and that "
+            "checkpoint's validation Dice (robust Dice where selected by it), its training time "
+            "and the ratio to the undefended models' time; then that seed's clean DSC and its "
+            "lowest DSC under any white-box attack and loss of this grid at this eps. A defence "
+            "is only as good as the strongest attack run against it: add PGD with many steps and "
+            "restarts.",
         )
     )
+    if seeded:
+        section.blocks.append(writer.note(_seed_spread(table)))
     section.blocks += [writer.note(text) for text in notes]
     return [section]
+
+
+def _seed_spread(table: pd.DataFrame) -> str:
+    """One sentence per model trained at several seeds: mean and sd of its validation and clean
+    DSC over the seeds."""
+    parts = []
+    for model, frame in table.groupby("model", sort=False):
+        if frame["seed"].nunique() < 2:
+            continue
+        spread = [
+            f"{label} {frame[column].mean():.3f} ± {frame[column].std(ddof=1):.3f}"
+            for column, label in (("val_dice", "validation Dice"), ("dsc_clean", "clean DSC"))
+            if column in frame and frame[column].notna().sum() > 1
+        ]
+        parts.append(
+            f"{model} over seeds {', '.join(map(str, frame['seed']))}: " + ", ".join(spread)
+        )
+    return "Spread over training seeds (mean ± sd): " + "; ".join(parts) + "."
