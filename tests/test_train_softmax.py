@@ -130,3 +130,17 @@ def test_a_yaml_grid_trains_and_attacks_a_softmax_model(tmp_path, monkeypatch):
     said = r"attacks\[0\]\.losses\[0\]: 'bce' is for sigmoid models; model 'unet-tiny' has softmax"
     with pytest.raises(UserError, match=said):
         check_config(mixed)
+
+
+def test_train_command_says_the_activation_and_the_overlapping_pixels(tmp_path, capsys):
+    write_synthetic(tmp_path / "data", cases=3, scans=1, slices=6)
+    args = ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
+    args += ["--model", "unet-tiny", "--size", "32", "--epochs", "1", "--batch-size", "4"]
+    args += ["--activation", "softmax", "--cache-dir", str(tmp_path / "cache")]
+    assert cli(*args, "--test-fraction", "0.34", "--val-fraction", "0.5") == 0
+    shown = " ".join(capsys.readouterr().out.replace("│", " ").split())  # the table's cells
+    assert "activation softmax (loss dicece)" in shown
+    assert "overlapping pixels" in shown and "each labelled the first of its classes" in shown
+    assert cli(*args, "--loss", "focal", "--out", str(tmp_path / "bad")) == 2
+    err = capsys.readouterr().err
+    assert "--loss: 'focal' is a sigmoid loss" in err and len(err.strip().splitlines()) == 1
