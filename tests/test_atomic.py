@@ -5,7 +5,14 @@ import sys
 
 import pytest
 
-from advseg.atomic import atomic_path, fault_point, remove_debris, write_text_atomic
+from advseg.atomic import (
+    atomic_dir,
+    atomic_path,
+    fault_point,
+    is_debris,
+    remove_debris,
+    write_text_atomic,
+)
 from advseg.errors import UserError
 
 
@@ -81,3 +88,25 @@ def test_written_files_respect_the_umask(tmp_path, umask):
         os.umask(old)
     assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_a_directory_appears_complete_or_not_at_all(tmp_path):
+    out = tmp_path / "data"
+    with pytest.raises(RuntimeError), atomic_dir(out) as tmp:
+        (tmp / "half.csv").write_text("a")
+        assert is_debris(tmp) is False and tmp.name.startswith(f".data.{os.getpid()}.")
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []  # no directory, no temporary one
+    out.mkdir()
+    (out / "old.csv").write_text("old")
+    with atomic_dir(out) as tmp:
+        (tmp / "new.csv").write_text("new")
+        assert [p.name for p in out.iterdir()] == ["old.csv"]  # replaced only at the end
+    assert [p.name for p in out.iterdir()] == ["new.csv"]
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+def test_a_directory_that_cannot_be_written_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("a file")
+    with pytest.raises(UserError, match="cannot write"), atomic_dir(tmp_path / "file" / "d"):
+        pass

@@ -116,6 +116,40 @@ def atomic_path(path: str | Path, fsync: bool = False) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a new empty directory beside ``path``; on success it replaces ``path``, else it is
+    removed. For a directory written as a whole (a synthetic data set): it appears complete or
+    not at all.
+
+    The temporary directory is named ``.NAME.PID.RANDOM.tmp`` (debris :func:`remove_debris`
+    knows) and keeps ``mkdtemp``'s mode (0700). An existing ``path`` is removed just before the
+    rename; whether it may be replaced is the caller's decision, taken before any work.
+
+    Raises:
+        UserError: the disk is full, the file system read-only, ...: one line naming ``path``.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(
+            tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+        )
+    except OSError as err:
+        raise (write_error(path, err) or err) from None
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        fault_point("rename", path.name)
+        tmp.rename(path)
+    except OSError as err:
+        raise (write_error(path, err) or err) from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def _current_umask() -> int:
     """The process umask (read by setting and restoring it: there is no getter)."""
     mask = os.umask(0o022)

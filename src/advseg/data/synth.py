@@ -22,8 +22,6 @@ files, byte for byte.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from advseg.atomic import atomic_dir
 from advseg.data.index import UWMGI_CLASSES, slice_id
 from advseg.data.rle import rle_encode
 from advseg.errors import UserError
@@ -81,19 +80,11 @@ def write_synthetic(
             raise UserError(f"--{name}: must be at least 1, got {value}")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out}: exists and is not empty (choose another --out or --overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(out) as tmp:
         rows, with_mask = _write_all(tmp, cases, scans, slices, seed, workers)
         pd.DataFrame(rows, columns=["id", "class", "segmentation"]).to_csv(
             tmp / "train.csv", index=False
         )
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return SynthSummary(out, cases, cases * scans, cases * scans * slices, with_mask)
 
 

@@ -22,8 +22,6 @@ same arrays.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from advseg.atomic import atomic_dir
 from advseg.errors import UserError
 
 #: Label value -> organ, as written to ``dataset.json``.
@@ -84,9 +83,7 @@ def write_synthetic_nifti(
             raise UserError(f"--{name}: must be at least {16 if name == 'size' else 1}")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out}: exists and is not empty (choose another --out or --overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / "imagesTr").mkdir()
         (tmp / "labelsTr").mkdir()
         affine = np.diag([*SPACING, 1.0])
@@ -108,12 +105,6 @@ def write_synthetic_nifti(
             "training": entries,
         }
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return NiftiSynthSummary(out, cases, cases * slices, with_mask)
 
 
