@@ -138,9 +138,10 @@ def main() -> None:
         print("\nverdict per (data, model, attack, eps):")
         print(verdict.to_string(index=False))
         print("\npairwise tests (p: Wilcoxon over slice pairs pooled over seeds; p_cases: over "
-              "per-case means):")  # fmt: skip
+              "per-case means; diff: DSC a - b with its 95% case-bootstrap interval):")  # fmt: skip
         cols = ["data", "model", "attack", "eps", "loss_a", "loss_b", "n", "dsc_a", "dsc_b",
-                "a_lower", "p", "p_holm", "cases", "p_cases", "seeds_a_lower"]  # fmt: skip
+                "a_lower", "diff", "diff_low", "diff_high", "p", "p_holm", "cases", "p_cases",
+                "p_cases_holm", "seeds_a_lower"]  # fmt: skip
         print(ranking[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
         print("\nsign agreement of the notebook's gradient with equation 5's (same loss):")
         print(sign.groupby(["data", "loss"])["sign_agreement"].agg(["mean", "min", "max"]))

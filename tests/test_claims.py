@@ -49,6 +49,39 @@ def test_a_clearly_stronger_loss_is_named_robustly_strongest():
     assert "bce in 1 of 1" in lines[0]
 
 
+def test_the_effect_interval_holds_the_true_difference():
+    ranking = loss_ranking(_slices({"bce": 0.2, "focal": 0.05}, seeds=3))
+    row = ranking.iloc[0]
+    assert row["diff"] == pytest.approx(row["dsc_a"] - row["dsc_b"])
+    assert row["diff_low"] < -0.15 < row["diff_high"] < 0  # true difference -0.15
+    again = loss_ranking(_slices({"bce": 0.2, "focal": 0.05}, seeds=3)).iloc[0]
+    assert (again["diff_low"], again["diff_high"]) == (row["diff_low"], row["diff_high"])
+
+
+def test_cases_that_disagree_make_a_slice_level_winner_unproven_by_cases():
+    # 10 cases x 20 slices: bce is lower by 0.06 on 6 cases and higher by 0.05 on 4. Slices
+    # pooled see a consistent effect; the patients do not agree.
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(200):
+        case = i // 20
+        shift = 0.06 if case < 6 else -0.05
+        base = rng.uniform(0.4, 0.8)
+        for loss, value in (("bce", base - shift), ("focal", base)):
+            rows.append({"model": "m", "attack": "fgsm", "eps": 0.009, "loss": loss,
+                         "slice_id": f"s{i}", "case": case,
+                         "dsc_adv": value + 0.002 * rng.standard_normal()})  # fmt: skip
+    ranking = loss_ranking(pd.DataFrame(rows))
+    row = ranking.iloc[0]
+    assert row["cases"] == 10 and row["p_holm"] < 1e-6 and row["p_cases_holm"] > 0.05
+    assert row["diff_low"] < 0 < row["diff_high"]
+    verdict, lines = ranking_verdict(ranking)
+    assert verdict["robustly_strongest"].tolist() == ["bce"]
+    assert verdict["robust_by_cases"].tolist() == ["none"]
+    assert "over slices: bce in 1 of 1" in lines[0]
+    assert "over per-case means: no loss in any, BCE in 0" in lines[0]
+
+
 def test_no_loss_is_robustly_strongest_when_they_are_equal():
     ranking = loss_ranking(_slices({"bce": 0.0, "focal": 0.0, "dicefocal": 0.0}))
     verdict, lines = ranking_verdict(ranking)
