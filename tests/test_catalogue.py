@@ -3,7 +3,10 @@ registries exactly (names, help lines, attack options, defence parameters, param
 
 from __future__ import annotations
 
+import pytest
+
 from advseg import catalogue
+from advseg.errors import UserError
 
 
 def test_catalogue_equals_the_registries():
@@ -35,3 +38,30 @@ def test_write_then_load_round_trips(tmp_path, monkeypatch):
         assert catalogue.load() == written
     finally:
         catalogue.load.cache_clear()
+
+
+def _registry_check(kind: str, name: str) -> None:
+    from advseg.attacks import attack_options
+    from advseg.losses import create_loss
+    from advseg.models.zoo import resolve
+
+    {"model": resolve, "attack": attack_options, "loss": create_loss}[kind](name)
+
+
+@pytest.mark.parametrize(
+    ("kind", "typo"), [("model", "unett"), ("attack", "pgdd"), ("loss", "bcee")]
+)
+def test_check_names_answers_as_the_registry_does(kind, typo):
+    with pytest.raises(UserError) as fast:
+        catalogue.check_names(kind, [None, typo], "--flag")
+    with pytest.raises(UserError) as slow:
+        _registry_check(kind, typo)
+    assert str(fast.value) == f"--flag: {slow.value}"
+    listed = catalogue.load()
+    valid = {"model": listed.models[0].name, "attack": listed.attacks[0].name}
+    catalogue.check_names(kind, [valid.get(kind, listed.losses[0][0])], "--flag")
+
+
+def test_check_names_leaves_open_names_to_the_library():
+    catalogue.check_names("model", ["smp:FPN:resnet34", "unet"], "--model")
+    catalogue.check_names("attack", ["pgd+bpda", "pgd+nonsense"], "--attack")  # suffix: attacks'

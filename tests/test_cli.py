@@ -60,6 +60,38 @@ def test_every_command_help_and_the_listings_answer_without_torch(args):
         assert "smp:<Arch>:<encoder>" in done.stdout
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (
+            ["evaluate", "ckpt", "--out", "{out}", "--attack", "pgdd"],
+            "--attack: unknown attack 'pgdd'",
+        ),
+        (["evaluate", "ckpt", "--out", "{out}", "--loss", "bcee"], "--loss: unknown loss 'bcee'"),
+        (
+            ["train", "--out", "{out}", "--data", "synthetic", "--model", "unett"],
+            "--model: unknown",
+        ),
+        (["train", "--out", "{out}", "--data", "synthetic", "--adv-loss", "foca"], "--adv-loss: "),
+    ],
+)
+def test_mistyped_names_are_refused_before_torch_loads(tmp_path, args, said):
+    """A typo in a model, attack or loss name is one line, answered from the catalogue: no torch,
+    no data, nothing written."""
+    code = (
+        "import sys\nfrom advseg.cli import main\ntry:\n    main(sys.argv[1:])\n"
+        "except SystemExit as stop:\n    assert stop.code == 2, stop.code\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    args = [a.format(out=tmp_path / "out") for a in args]
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith(f"error: {said}") and "did you mean" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_models_at_other_sizes_counts_built_models():
     from advseg.models import model_info

@@ -7,8 +7,9 @@ what the two listings show (names, one-line help, attack options, defence parame
 models' parameter counts at 3 channels in and 3 classes), made by :func:`collect` from the live
 registries and written by ``python -m advseg.catalogue``. ``tests/test_catalogue.py`` asserts
 that it equals them exactly, so it cannot drift; after adding or changing a model, attack, loss
-or defence, run that command. Only the listings read it: every name used for work is checked
-and built by its registry.
+or defence, run that command. The listings read it, and :func:`check_names` refuses a mistyped
+name on the command line with it in a fraction of a second; every name used for work is checked
+again and built by its registry.
 
 The Dice protocols (:mod:`advseg.summary` computes them) are named here too, so that command
 options can show their default without importing pandas.
@@ -17,9 +18,11 @@ options can show their default without importing pandas.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
 PROTOCOLS: tuple[str, ...] = ("paper", "per-class", "global")
 DEFAULT_PROTOCOL = "per-class"
@@ -85,6 +88,39 @@ def load() -> Catalogue:
         defences=tuple(DefenceRow(**row) for row in raw["defences"]),
         sizes=tuple(raw["sizes"]),
     )
+
+
+SMP_NAMES = "smp:<Arch>:<encoder>"
+"""The open-ended model names (:func:`advseg.models.zoo.resolve` checks them)."""
+
+
+def check_names(
+    kind: Literal["model", "attack", "loss"], names: Iterable[str | None], flag: str
+) -> None:
+    """Refuse a mistyped name before torch is imported: ``FLAG: unknown KIND ...``, worded as its
+    registry words it (:func:`advseg.registry.unknown_message`). None is skipped; ``smp:`` model
+    names and an attack's adaptive suffixes are left to the library, which checks every name
+    again.
+
+    Raises:
+        UserError: a name the catalogue (and so the registry) lacks.
+    """
+    from advseg.errors import UserError
+    from advseg.registry import unknown_message
+
+    listed = load()
+    valid = {
+        "model": [m.name for m in listed.models],
+        "attack": [a.name for a in listed.attacks],
+        "loss": [name for name, _ in listed.losses],
+    }[kind]
+    for name in names:
+        if name is None or (kind == "model" and name.startswith("smp:")):
+            continue
+        base = name.split("+")[0] if kind == "attack" else name
+        if base not in valid:
+            extra = f", or {SMP_NAMES}" if kind == "model" else ""
+            raise UserError(f"{flag}: {unknown_message(kind, base, valid)}{extra}")
 
 
 def collect() -> Catalogue:

@@ -47,9 +47,7 @@ class Registry(Generic[T]):
             raise UserError(self.unknown_message(name)) from None
 
     def unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(name, self._builders, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"unknown {self.kind} {name!r}{hint}; valid: {', '.join(self.names())}"
+        return unknown_message(self.kind, name, self.names())
 
     def names(self) -> list[str]:
         return sorted(self._builders)
@@ -65,6 +63,14 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._builders)
+
+
+def unknown_message(kind: str, name: str, valid: list[str]) -> str:
+    """``unknown loss 'bcee' (did you mean 'bce'?); valid: ...``: how a name not among ``valid``
+    (sorted) is answered, by a registry and by :func:`advseg.catalogue.check_names`."""
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown {kind} {name!r}{hint}; valid: {', '.join(valid)}"
 
 
 def _summary(doc: str) -> str:

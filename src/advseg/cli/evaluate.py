@@ -91,6 +91,8 @@ def evaluate_command(
     Run it under torchrun (`torchrun --nproc-per-node N -m advseg evaluate ...`) to shard the
     slices over several processes or GPUs.
     """
+    catalogue.check_names("attack", attack, "--attack")  # a typo answered before torch loads
+    catalogue.check_names("loss", loss, "--loss")
     from advseg import distributed
     from advseg.cli.table_ii import table_ii
     from advseg.data.location import data_argument

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from advseg import catalogue
 from advseg.cli.console import console
 from advseg.cli.data import (
     CACHE_HELP,
@@ -161,6 +162,9 @@ def train(
     Run it under torchrun (`torchrun --nproc-per-node N -m advseg train ...`) for
     DistributedDataParallel on several GPUs or machines.
     """
+    catalogue.check_names("model", [model], "--model")  # a typo answered before torch loads
+    catalogue.check_names("loss", [loss], "--loss")
+    catalogue.check_names("loss", [adv_loss], "--adv-loss")
     from advseg import distributed
     from advseg.data import DataConfig, PreprocessConfig
     from advseg.data.location import data_argument, first_line

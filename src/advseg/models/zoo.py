@@ -31,6 +31,7 @@ import torch
 from monai.networks.nets import BasicUNet
 from torch import nn
 
+from advseg.catalogue import SMP_NAMES
 from advseg.errors import UserError
 from advseg.registry import Registry
 
@@ -109,7 +110,7 @@ def resolve(name: str) -> ZooEntry:
     """The zoo entry for ``name``: a registered name or ``smp:<Arch>:<encoder>``."""
     if not name.startswith(SMP_PREFIX):
         if name not in MODELS:
-            raise UserError(MODELS.unknown_message(name) + ", or smp:<Arch>:<encoder>")
+            raise UserError(f"{MODELS.unknown_message(name)}, or {SMP_NAMES}")
         return MODELS.get(name)
     parts = name.split(":")
     if len(parts) != 3 or not parts[1] or not parts[2]:
