@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,6 +16,7 @@ from advseg.cli import main
 from advseg.config import load_yaml, save_yaml
 from advseg.data import DataConfig, split_cases, split_train_val_test, write_synthetic
 from advseg.data.load import build_index
+from advseg.data.location import run_data_record, run_locations
 from advseg.errors import UserError
 from advseg.experiment import (
     AttackSpec,
@@ -30,6 +33,7 @@ from advseg.experiment import (
 from advseg.models import read_checkpoint
 from advseg.models.zoo import check_encoder_weights, create_model
 from advseg.records import read_records
+from advseg.report import write_report
 from advseg.report.examples import load_examples
 from advseg.summary import summarize_cells
 from test_experiment_run import _config, phantom  # noqa: F401 (phantom: the module's fixture)
@@ -250,3 +254,58 @@ def test_a_grid_with_seeds_reports_each_seed_and_names_the_seed_it_draws(phantom
     assert "unet-tiny, training seed 0: Dice against iteration, eps 0.01" in markdown
     convergence = pd.read_csv(run_dir / "report" / "convergence.csv")
     assert sorted(convergence["seed"]) == [0, 1]
+
+
+def test_a_run_records_its_data_resolved_so_a_report_needs_no_config(
+    phantom,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    monkeypatch.chdir(phantom.parent)  # the data and the cache named relative to here
+    config = _config(phantom, tmp_path)
+    config.data = replace(config.data, path=Path(phantom.name), cache_dir=Path("cache"))
+    config = replace(config, attacks=[AttackSpec(name="fgsm", losses=["bce"], eps=[0.01])])
+    run_dir = tmp_path / "run"
+    run_experiment(config, run_dir)
+    saved = json.loads((run_dir / "data.json").read_text())
+    assert saved["locations"] == [str(phantom.resolve())]
+    assert saved["config"]["path"] == str(phantom.resolve())
+    assert saved["config"]["cache_dir"] == str(phantom.parent.absolute() / "cache")
+    assert saved["cache"].startswith(saved["config"]["cache_dir"] + "/")
+    assert saved["classes"] == ["large_bowel", "small_bowel", "stomach"]
+    assert saved["labels"] is None and saved["slices"] == 36 and saved["fingerprint"]
+    fingerprint = saved["fingerprint"]
+
+    (run_dir / "config.yaml").unlink()  # the report knows the data from data.json alone
+    monkeypatch.chdir(tmp_path)
+    assert run_locations(run_dir) == [str(phantom.resolve())]
+    markdown = write_report(run_dir).markdown.read_text()
+    assert f"| data | {phantom.resolve()} |" in markdown
+    assert "| classes | large_bowel, small_bowel, stomach |" in markdown
+
+    # a resume on the same data rewrites the record
+    save_yaml(config, run_dir / "config.yaml")
+    monkeypatch.chdir(phantom.parent)
+    run_experiment(config, run_dir)
+    assert json.loads((run_dir / "data.json").read_text())["fingerprint"] == fingerprint
+
+
+class _Loaded(list):
+    """Stand-in for a loaded data set: its length, classes and cache entry."""
+
+    classes = ("liver",)
+    cache_path = Path("cache/entry")
+
+
+def test_the_data_record_names_the_phantom_by_its_word_and_nifti_labels_by_their_file(tmp_path):
+    record = run_data_record(_Loaded([0, 0]), DataConfig(path="synthetic"))
+    assert record["locations"] == ["synthetic"] and record["config"]["path"] == "synthetic"
+    assert record["slices"] == 2 and record["labels"] is None
+    assert record["cache"] == str(Path("cache/entry").absolute())
+    (tmp_path / "dataset.json").write_text("{}")
+    assert run_data_record(_Loaded(), DataConfig(path=tmp_path))["labels"] == str(
+        tmp_path / "dataset.json"
+    )
+    labels = tmp_path / "labels.json"
+    record = run_data_record(_Loaded(), DataConfig(path=tmp_path, nifti_labels_file=labels))
+    assert record["labels"] == str(labels)

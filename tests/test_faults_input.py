@@ -153,20 +153,21 @@ def test_a_resume_on_other_data_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     first = SimpleNamespace(cache_path=tmp_path / "cache" / "aaaa")
-    check_data_fingerprint(run_dir, _Sized(first, 4))
+    config = DataConfig(path="synthetic")
+    check_data_fingerprint(run_dir, _Sized(first, 4), config)
     (run_dir / "records").mkdir()
     (run_dir / "records" / "cell.parquet").write_bytes(b"finished")
-    check_data_fingerprint(run_dir, _Sized(first, 4))  # the same data resumes
+    check_data_fingerprint(run_dir, _Sized(first, 4), config)  # the same data resumes
     other = SimpleNamespace(cache_path=tmp_path / "cache" / "bbbb")
     with pytest.raises(UserError, match=r"data.json: the data changed .*aaaa, now bbbb"):
-        check_data_fingerprint(run_dir, _Sized(other, 4))
+        check_data_fingerprint(run_dir, _Sized(other, 4), config)
 
 
 class _Sized:
     def __init__(self, inner, n):
         from advseg.data import BASE_COLUMNS, PreprocessConfig
 
-        self.cache_path, self.n = inner.cache_path, n
+        self.cache_path, self.n, self.classes = inner.cache_path, n, []
         self.index, self.preprocess = pd.DataFrame(columns=BASE_COLUMNS), PreprocessConfig()
 
     def __len__(self):

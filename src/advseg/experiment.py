@@ -51,6 +51,7 @@ from advseg.cross_model import (
     transfer_cells,
 )
 from advseg.data import DataConfig, SliceData, load_data, split_train_val_test, spread_rows
+from advseg.data.location import run_data_record
 from advseg.defences import defend, defended_name
 from advseg.defences.adversarial_training import AdversarialConfig
 from advseg.errors import UserError
@@ -61,7 +62,7 @@ from advseg.models import load_checkpoint, read_checkpoint
 from advseg.models.checkpoint import checkpoint_exists
 from advseg.models.ensemble import ensemble_members
 from advseg.models.zoo import resolve as resolve_model
-from advseg.preflight import check_experiment, data_fingerprint, same_data
+from advseg.preflight import check_experiment, same_data
 from advseg.progress import cell_progress
 from advseg.provenance import record_session
 from advseg.records import read_records, white_box, write_records
@@ -775,7 +776,7 @@ def run_experiment(
             lambda: load_data(config.data, progress=lambda n: bar.update(task, completed=n))
         )
     data = data if main else load_data(config.data)
-    distributed.main_first(lambda: check_data_fingerprint(run_dir, data))
+    distributed.main_first(lambda: check_data_fingerprint(run_dir, data, config.data))
     train_rows, val_rows, test_rows = split_train_val_test(
         data.index, config.split.test_fraction, config.split.val_fraction, config.split.seed
     )
@@ -908,15 +909,17 @@ def run_experiment(
     return RunResult(run_dir, grid, trained, summary, headline_cells, protocol, report, seconds)
 
 
-def check_data_fingerprint(run_dir: Path, data: SliceData) -> None:
-    """Record the data's fingerprint in ``run_dir/data.json``; refuse a resume on other data.
+def check_data_fingerprint(run_dir: Path, data: SliceData, config: DataConfig) -> None:
+    """Record the data in ``run_dir/data.json`` (resolved locations, fingerprint, size, classes,
+    label source, cache: :func:`advseg.data.location.run_data_record`); refuse a resume on other
+    data. A resume on the same data rewrites the record (the cache may have moved).
 
     Raises:
         UserError: the run holds finished work computed on data with another fingerprint (the
             data at the path was replaced, edited or copied anew since).
     """
     path = run_dir / "data.json"
-    now = {"fingerprint": data_fingerprint(data), "slices": len(data)}
+    now = run_data_record(data, config)
     if path.is_file() and holds_work(run_dir):
         try:
             saved = json.loads(path.read_text())["fingerprint"]
@@ -930,7 +933,6 @@ def check_data_fingerprint(run_dir: Path, data: SliceData) -> None:
                 f"now {now['fingerprint']}: files replaced, edited or copied anew); restore the "
                 "data or use a new run directory"
             )
-        return
     write_text_atomic(path, json.dumps(now, indent=1) + "\n")
 
 

@@ -132,6 +132,38 @@ def data_note(loaded: list[SliceData]) -> dict[str, Any]:
     return note
 
 
+def run_data_record(data: SliceData, config: DataConfig) -> dict[str, Any]:
+    """What ``advseg run`` writes to its ``data.json``: the data it computed on, resolved, so
+    that a report or a later reader needs no ``config.yaml`` (nor the working directory).
+
+    Keys: ``locations`` (``[synthetic]`` or ``[absolute path]``), ``fingerprint`` (the cache key,
+    :func:`advseg.preflight.data_fingerprint`), ``slices``, ``classes``, ``labels`` (where the
+    label mapping came from: the mapping file, ``data.nifti_labels``, the data set's
+    ``dataset.json``, or None for the Kaggle layout), ``cache`` (the cache entry's directory)
+    and ``config`` (the whole :class:`DataConfig` with its paths absolute,
+    :func:`resolved_config`, as checkpoints store it).
+    """
+    from advseg.config import to_dict
+
+    resolved = resolved_config(config)
+    labels: str | None = None
+    if resolved.nifti_labels_file is not None:
+        labels = str(resolved.nifti_labels_file)
+    elif resolved.nifti_labels:
+        labels = "data.nifti_labels"
+    elif not is_synthetic(resolved.path) and (Path(resolved.path) / "dataset.json").is_file():
+        labels = str(Path(resolved.path) / "dataset.json")
+    return {
+        "locations": [location(resolved.path)],
+        "fingerprint": data.cache_path.name,
+        "slices": len(data),
+        "classes": list(data.classes),
+        "labels": labels,
+        "cache": str(Path(data.cache_path).absolute()),
+        "config": to_dict(resolved),
+    }
+
+
 def run_locations(run_dir: str | Path) -> list[str]:
     """The data a run directory's results were computed on (``synthetic`` or paths).
 

@@ -64,6 +64,12 @@ def _data_rows(run_dir: Path, records: pd.DataFrame, locations: list[str]) -> li
     rows = [("data", source)]
     if "slices" in saved:
         rows.append(("data set size", f"{saved['slices']} slices"))
+    if saved.get("classes"):  # advseg run records these (data.location.run_data_record)
+        rows.append(("classes", ", ".join(map(str, saved["classes"]))))
+    if saved.get("labels"):
+        rows.append(("label mapping", str(saved["labels"])))
+    if saved.get("cache"):
+        rows.append(("cache", str(saved["cache"])))
     slices = records["slice_id"].nunique()
     rows.append(("evaluated", f"{slices} slices of {records['case'].nunique()} cases"))
     return rows
