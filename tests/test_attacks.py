@@ -9,49 +9,16 @@ from advseg.attacks.cospgd import cosine_to_label
 from advseg.attacks.segpgd import agrees, scale_gradient
 from advseg.errors import UserError
 from advseg.losses import create_loss
+from tiny_models import blobs, fit, tiny_net  # tests/ is on sys.path
 
 NAMES = ATTACKS.names()
 PAPER_LOSSES = ["bce", "focal", "dicefocal"]
 
 
-def tiny_net(classes: int = 3, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, classes, 1),
-    )
-
-
-def blobs(n: int, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images with bright squares and their masks; class k is a square in channel-k brightness."""
-    g = torch.Generator().manual_seed(seed)
-    x = 0.1 * torch.rand(n, 3, size, size, generator=g)
-    y = torch.zeros(n, 3, size, size)
-    for i in range(n):
-        for k in range(3):
-            if torch.rand(1, generator=g) < 0.7:
-                r, c = torch.randint(0, size - 6, (2,), generator=g).tolist()
-                x[i, k, r : r + 6, c : c + 6] += 0.6
-                y[i, k, r : r + 6, c : c + 6] = 1
-    return x.clamp(0, 1), y
-
-
 @pytest.fixture(scope="module")
 def trained():
     """A tiny net trained a few dozen steps on blobs (seconds), and a held-out batch."""
-    model = tiny_net()
-    x, y = blobs(64, seed=1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
-    loss = create_loss("dicefocal")
-    for _ in range(60):
-        optimizer.zero_grad()
-        loss(model(x), y).backward()
-        optimizer.step()
-    model.eval()
+    model = fit(tiny_net(), *blobs(64, seed=1), steps=60)
     xt, yt = blobs(8, seed=2)
     with torch.no_grad():
         assert ((model(xt) > 0) == (yt > 0.5)).float().mean() > 0.9  # it really learned

@@ -15,8 +15,7 @@ from torch import nn
 
 from advseg.attacks import create_attack
 from advseg.errors import UserError
-from advseg.losses import create_loss
-from test_attacks import blobs, tiny_net  # tests/ is on sys.path
+from tiny_models import blobs, fit, tiny_net  # tests/ is on sys.path
 
 WIDE = {"valid_range": (-100.0, 100.0)}  # with eps 50: no clipping, no projection
 
@@ -35,14 +34,7 @@ def images(n: int = 2, size: int = 5) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def trained():
     """A tiny net trained on blobs (as in test_attacks.py) and a held-out batch."""
-    model = tiny_net()
-    x, y = blobs(64, seed=1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
-    for _ in range(60):
-        optimizer.zero_grad()
-        create_loss("dicefocal")(model(x), y).backward()
-        optimizer.step()
-    return model.eval(), *blobs(8, seed=2)
+    return fit(tiny_net(), *blobs(64, seed=1), steps=60), *blobs(8, seed=2)
 
 
 # ------------------------------------------------------------------------------------- DAG

@@ -15,43 +15,13 @@ from advseg.attacks import attack_options, create_attack, parse_attack_name
 from advseg.defences import DEFENCES, AdaptiveView, DefendedModel, create_defence, defend
 from advseg.defences.transforms import defended_name
 from advseg.errors import UserError
-from advseg.losses import create_loss
 from advseg.metrics import dice_score, hard_prediction
-
-
-def tiny_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 3, 1),
-    )  # fmt: skip
-
-
-def blobs(n: int, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = 0.1 * torch.rand(n, 3, size, size, generator=g)
-    y = torch.zeros(n, 3, size, size)
-    for i in range(n):
-        for k in range(3):
-            if torch.rand(1, generator=g) < 0.7:
-                r, c = torch.randint(0, size - 6, (2,), generator=g).tolist()
-                x[i, k, r : r + 6, c : c + 6] += 0.6
-                y[i, k, r : r + 6, c : c + 6] = 1
-    return x.clamp(0, 1), y
+from tiny_models import blobs, fit, tiny_net  # tests/ is on sys.path
 
 
 @pytest.fixture(scope="module")
 def trained():
-    model = tiny_net()
-    x, y = blobs(64, seed=1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
-    loss = create_loss("dicefocal")
-    for _ in range(60):
-        optimizer.zero_grad()
-        loss(model(x), y).backward()
-        optimizer.step()
-    model.eval()
-    return model, *blobs(8, seed=2)
+    return fit(tiny_net(batch_norm=False), *blobs(64, seed=1), steps=60), *blobs(8, seed=2)
 
 
 def _dice(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -131,7 +101,7 @@ def test_bad_specs_are_user_errors(spec, message):
 
 
 def test_defend_and_names():
-    net = tiny_net()
+    net = tiny_net(batch_norm=False)
     assert defend(net, "none") is net
     wrapped = defend(net, "median:3")
     assert isinstance(wrapped, DefendedModel) and wrapped.spec == "median:3"
@@ -152,11 +122,11 @@ def test_attack_names_with_adaptive_suffixes():
     with pytest.raises(UserError, match="unknown attack"):
         attack_options("pgx+bpda")
     with pytest.raises(UserError, match="eot_samples"):
-        create_attack("pgd+bpda", tiny_net(), eot_samples=4)
+        create_attack("pgd+bpda", tiny_net(batch_norm=False), eot_samples=4)
 
 
 def test_bpda_view_forward_is_the_defence_and_backward_the_identity():
-    net = tiny_net()
+    net = tiny_net(batch_norm=False)
     defended = defend(net, "bitdepth:3")
     view = defended.adaptive_view(bpda=True)
     x = torch.rand(2, 3, 8, 8, requires_grad=True)

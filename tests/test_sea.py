@@ -2,21 +2,12 @@
 
 import pytest
 import torch
-from torch import nn
 
 from advseg.attacks import create_attack
 from advseg.attacks.sea import slice_dice
 from advseg.errors import UserError
-from advseg.losses import create_loss
 from advseg.metrics import dice_score, hard_prediction
-
-
-def tiny_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 3, 1),
-    )  # fmt: skip
+from tiny_models import fit, tiny_net  # tests/ is on sys.path
 
 
 def squares(n: int, size: int = 12, seed: int = 0):
@@ -33,16 +24,7 @@ def squares(n: int, size: int = 12, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def trained():
-    model = tiny_net()
-    x, y = squares(32, seed=1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
-    loss = create_loss("dicefocal")
-    for _ in range(50):
-        optimizer.zero_grad()
-        loss(model(x), y).backward()
-        optimizer.step()
-    model.eval()
-    return model, *squares(6, seed=2)
+    return fit(tiny_net(batch_norm=False), *squares(32, seed=1), steps=50), *squares(6, seed=2)
 
 
 def test_slice_dice_is_the_metrics_dice_averaged_over_classes():
@@ -102,7 +84,7 @@ def test_broken_slices_are_not_attacked_again(trained):
 
 
 def test_members_steps_and_softmax_forms():
-    model = tiny_net()
+    model = tiny_net(batch_norm=False)
     sea = create_attack("sea", model, eps=0.03, steps=10, activation="softmax")
     assert sea.member_names == ["masked-ce", "js", "masked-spherical", "balanced-ce"]
     assert [m.steps for m in sea.members] == [3, 3, 2, 2]
@@ -128,4 +110,4 @@ def test_members_steps_and_softmax_forms():
 )
 def test_bad_members_and_steps_are_user_errors(kw, message):
     with pytest.raises(UserError, match=message):
-        create_attack("sea", tiny_net(), eps=0.03, **kw)
+        create_attack("sea", tiny_net(batch_norm=False), eps=0.03, **kw)

@@ -11,7 +11,7 @@ from advseg.errors import UserError
 from advseg.losses import create_loss
 from advseg.metrics import dice_score
 from advseg.traces import TRACE_COLUMNS, cell_trace, read_traces, write_trace
-from test_attacks import blobs, tiny_net  # tests/ is on sys.path
+from tiny_models import blobs, tiny_net  # tests/ is on sys.path
 
 
 def _final(model, loss, x_adv, y):
