@@ -14,17 +14,30 @@ def test_cli_version_runs_as_a_module():
     assert out.stdout.strip() == __version__
 
 
-@pytest.mark.parametrize("args", [["--help"], ["-h"], ["--version"], ["version"], ["trian"]])
-def test_help_version_and_typos_answer_without_torch(args):
-    code = (
+HEAVY = ("torch", "monai", "pandas", "matplotlib")
+
+
+def _advseg_without(args: list[str], code: int = 0) -> subprocess.CompletedProcess:
+    """``advseg ARGS`` in a fresh interpreter, checked there to exit with ``code`` having imported
+    none of :data:`HEAVY` (the process itself exits 0 when both hold)."""
+    script = (
         "import sys\nfrom advseg.cli import main\ntry:\n    main(sys.argv[1:])\n"
-        "except SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'\n"
-        "assert 'matplotlib' not in sys.modules and 'monai' not in sys.modules\n"
+        f"except SystemExit as stop:\n    assert (stop.code or 0) == {code}, stop.code\n"
+        f"heavy = set({HEAVY!r}) & set(sys.modules)\nassert not heavy, heavy\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [(["--help"], 0), (["-h"], 0), (["--version"], 0), (["version"], 0), (["trian"], 2)],
+)
+def test_help_version_and_typos_answer_without_torch(args, code):
+    done = _advseg_without(args, code)
     if args[0] in ("--version", "version"):
         assert done.stdout.strip() == __version__
 
@@ -41,16 +54,7 @@ def _commands_help() -> list[list[str]]:
 def test_every_command_help_and_the_listings_answer_without_torch(args):
     """Each command's help, ``advseg models`` and ``advseg attacks`` import no torch, MONAI,
     pandas or matplotlib (the listings read :mod:`advseg.catalogue`)."""
-    code = (
-        "import sys\nfrom advseg.cli import main\ntry:\n    main(sys.argv[1:])\n"
-        "except SystemExit as stop:\n    assert not stop.code, stop.code\n"
-        "heavy = {'torch', 'monai', 'pandas', 'matplotlib'} & set(sys.modules)\n"
-        "assert not heavy, heavy\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
+    done = _advseg_without(args)
     assert done.stdout.strip()
     if args == ["models"]:
         from advseg.catalogue import load
@@ -78,16 +82,8 @@ def test_every_command_help_and_the_listings_answer_without_torch(args):
 def test_mistyped_names_are_refused_before_torch_loads(tmp_path, args, said):
     """A typo in a model, attack or loss name is one line, answered from the catalogue: no torch,
     no data, nothing written."""
-    code = (
-        "import sys\nfrom advseg.cli import main\ntry:\n    main(sys.argv[1:])\n"
-        "except SystemExit as stop:\n    assert stop.code == 2, stop.code\n"
-        "assert 'torch' not in sys.modules, 'torch imported'\n"
-    )
     args = [a.format(out=tmp_path / "out") for a in args]
-    done = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
+    done = _advseg_without(args, 2)
     assert done.stderr.startswith(f"error: {said}") and "did you mean" in done.stderr
     assert not (tmp_path / "out").exists()
 
@@ -101,7 +97,8 @@ def test_models_at_other_sizes_counts_built_models():
         capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert f"{model_info('unet', 3, 4).params / 1e6:.2f}M" in done.stdout
+    assert "(3 channels in, 4 classes)" in done.stdout
+    assert f"{model_info('unet-vgg13', 3, 4).params / 1e6:.2f}M" in done.stdout
 
 
 def test_subcommand_help_shows_defaults_literally():
