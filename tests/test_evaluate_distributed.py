@@ -45,3 +45,46 @@ def test_two_ranks_give_the_records_of_one_process(tmp_path):
             assert sorted(saved.files) == sorted(examples)
             for key in saved.files:
                 np.testing.assert_array_equal(saved[key], examples[key], err_msg=key)
+
+
+def _craft(net) -> dict:
+    """Transfer crafting (advseg.transfer.craft) of PGD with random starts on 11 slices."""
+    from advseg.transfer import craft
+
+    kwargs = {"steps": 2, "random_start": True, "seed": 0}
+    return craft(net, MemoryData(11), range(11), "pgd", LOSSES, 0.03, attack_kwargs=kwargs,
+                 batch_size=3)  # fmt: skip
+
+
+def _counting_net() -> "tuple[torch.nn.Module, list[int]]":
+    """``tiny_net`` counting the slices of every forward it makes."""
+    net, seen = tiny_net(), []
+    net.register_forward_pre_hook(lambda _, args: seen.append(len(args[0])))
+    return net, seen
+
+
+def _craft_worker(rank: int, world: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        net, seen = _counting_net()
+        images = _craft(net)
+        np.savez(f"{out}/craft-{rank}.npz", seen=np.asarray(sum(seen)), **images)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_craft_each_transfer_image_once_and_hold_one_process_images(tmp_path):
+    args = (2, str(tmp_path / "store"), str(tmp_path))
+    mp.start_processes(_craft_worker, args=args, nprocs=2, join=True, start_method="fork")
+    net, seen = _counting_net()
+    expected = _craft(net)
+    ranks = [np.load(tmp_path / f"craft-{rank}.npz") for rank in (0, 1)]
+    for saved in ranks:  # every rank holds every image, exactly as one process crafts it
+        assert sorted(k for k in saved.files if k != "seen") == sorted(expected)
+        for loss, images in expected.items():
+            assert images.shape[0] == 11
+            np.testing.assert_array_equal(saved[loss], images, err_msg=loss)
+    # batches 0, 2 (3 + 3 slices) on rank 0, batches 1, 3 (3 + 2) on rank 1: crafted once
+    shares = [int(saved["seen"]) for saved in ranks]
+    assert sum(shares) == sum(seen) and shares[0] * 5 == shares[1] * 6

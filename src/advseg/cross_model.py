@@ -254,7 +254,7 @@ class CrossModel:
                     batch_size=self.config.evaluation.batch_size,
                 )  # fmt: skip
             self.crafted_now += 1
-            if distributed.is_main():  # every rank crafted the same images; rank 0 writes them
+            if distributed.is_main():  # crafted sharded, gathered on every rank; rank 0 writes
                 save_crafted(folder, self.slice_ids, crafted)
             distributed.barrier()
             images = load_crafted(folder, cell.losses, self.slice_ids)

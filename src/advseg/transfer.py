@@ -30,8 +30,9 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
+from advseg import distributed
 from advseg.atomic import atomic_path
 from advseg.attacks import create_attack, model_logits
 from advseg.errors import UserError
@@ -148,7 +149,9 @@ def craft(
 
     Batches and random starts follow :func:`advseg.evaluate.evaluate_cell` exactly (same
     batches, same per-(batch, loss) seeds), so a single model crafted here gives the images of
-    its own white-box cell.
+    its own white-box cell. Under torchrun the batches are sharded over the ranks as the
+    engine's are (batch ``i`` on rank ``i % world``) and gathered back in batch order: each
+    image is crafted once, and every rank returns the same arrays as one process would.
 
     Args:
         source: a model, or a :class:`LossEnsemble` (its mask is tiled to match).
@@ -163,9 +166,12 @@ def craft(
     attacks = [create_attack(attack, source, loss, eps, **kwargs) for loss in losses]
     device = next(source.parameters()).device
     rows = [int(r) for r in rows]
-    loader = DataLoader(data.dataset(rows), batch_size=batch_size)
-    parts: list[list[np.ndarray]] = [[] for _ in losses]
-    for batch_number, batch in enumerate(loader):
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    mine = list(distributed.shard(range(len(batches))))  # whole batches, strided over ranks
+    positions = [p for b in mine for p in range(b * batch_size, b * batch_size + len(batches[b]))]
+    loader = DataLoader(Subset(data.dataset(rows), positions), batch_size=batch_size)
+    done: list[tuple[int, list[np.ndarray]]] = []  # per batch, one array per loss
+    for batch_number, batch in zip(mine, loader, strict=True):
         x = batch["image"].to(device)
         y = batch["mask"].to(device).float()
         if isinstance(source, LossEnsemble):
@@ -174,9 +180,15 @@ def craft(
             torch.Generator(device=device).manual_seed(draw_seed(a, batch_number)) for a in attacks
         ]
         out = attack_batch(source, attacks, x, y, generators)
-        for part, images in zip(parts, out.x_adv, strict=True):
-            part.append(images.float().cpu().numpy())
-    return {loss: np.concatenate(part) for loss, part in zip(losses, parts, strict=True)}
+        done.append((batch_number, [images.float().cpu().numpy() for images in out.x_adv]))
+    done = sorted((item for part in distributed.gather_objects(done) for item in part), key=_first)
+    return {
+        loss: np.concatenate([arrays[j] for _, arrays in done]) for j, loss in enumerate(losses)
+    }
+
+
+def _first(item: tuple[int, Any]) -> int:
+    return item[0]
 
 
 def crafted_dir(run_dir: str | Path, source: str, attack: str, eps: float) -> Path:
