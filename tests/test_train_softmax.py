@@ -144,3 +144,14 @@ def test_train_command_says_the_activation_and_the_overlapping_pixels(tmp_path, 
     assert cli(*args, "--loss", "focal", "--out", str(tmp_path / "bad")) == 2
     err = capsys.readouterr().err
     assert "--loss: 'focal' is a sigmoid loss" in err and len(err.strip().splitlines()) == 1
+
+
+def test_certify_takes_the_softmax_checkpoint_per_class(trained):
+    from advseg.defences.smoothing import SmoothingConfig, certify_checkpoint
+
+    _, result = trained
+    config = SmoothingConfig(sigma=0.1, n0=2, n=4, radii=[0.0], samples_per_forward=4)
+    records = certify_checkpoint(result.best_path, config, max_slices=2, device="cpu")
+    assert set(records["class"]) == set(UWMGI_CLASSES)  # background dropped
+    assert records["abstained"].between(0, 1).all()
+    assert (records["tp_clean"] + records["fn_clean"] == records["gt_pixels"]).all()

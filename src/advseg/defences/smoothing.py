@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,8 @@ from torch.utils.data import DataLoader, Subset
 from advseg import distributed
 from advseg.attacks import frozen, model_logits
 from advseg.errors import UserError
-from advseg.metrics import hard_prediction, hd95, luminosity
+from advseg.labels import class_prediction
+from advseg.metrics import hd95, luminosity
 from advseg.record_rows import Scores, hd95_mm, pixel_mm, score, slice_records
 from advseg.records import check_records
 
@@ -68,7 +69,11 @@ class SmoothingConfig:
         radii: the L2 radii at which certified Dice is recorded.
         samples_per_forward: noisy copies per forward pass (memory vs speed).
         seed: seeds the noise (per batch of slices, so shards draw what one process draws).
-        activation: ``sigmoid`` (multi-label) or ``softmax``: how logits become decisions.
+        activation: ``sigmoid`` (multi-label) or ``softmax``: how logits become decisions
+            (:func:`advseg.labels.class_prediction`: per class, a softmax model's background
+            dropped, so each (pixel, class) decision is the binary event "the base model
+            predicts this class here", certified as for sigmoid). :func:`certify_checkpoint`
+            takes the checkpoint's own.
     """
 
     sigma: float = 0.25
@@ -167,7 +172,8 @@ def noisy_votes(
             copies = x.repeat(s, 1, 1, 1)  # (s * B, C, H, W), sample-major
             noise = torch.randn(copies.shape, generator=generator, device=x.device)
             logits = model_logits(model, copies + sigma * noise.to(x.dtype)).float()
-            decided = hard_prediction(logits, activation).view(s, b, *logits.shape[1:])
+            decided = class_prediction(logits, activation)  # (s * B, K, H, W)
+            decided = decided.view(s, b, *decided.shape[1:])
             counts = decided.sum(0, dtype=torch.int64)  # (B, K, H, W)
             votes = counts if votes is None else votes + counts
             done += s
@@ -261,7 +267,7 @@ def certify_cell(
         seed = zlib.crc32(f"{config.seed}/{batch_number}".encode())
         generator = torch.Generator(device=device).manual_seed(seed)
         with frozen(model), torch.inference_mode():
-            plain = hard_prediction(model_logits(model, x).float(), config.activation)
+            plain = class_prediction(model_logits(model, x).float(), config.activation)
         certificate = certify_batch(model, x, config, generator)
         meta = data.index.iloc[batch["row"].tolist()]
         spacing = pixel_mm(data, batch["row"].tolist())
@@ -359,11 +365,7 @@ def certify_checkpoint(
     if split not in ("test", "all"):
         raise UserError(f"split: {split!r} is not 'test' or 'all'")
     model, meta = load_checkpoint(checkpoint, resolve_device(device))
-    if meta.activation != config.activation:  # the checkpoint's outputs decide
-        raise UserError(
-            f"{checkpoint}: a {meta.activation} model; certification takes sigmoid checkpoints "
-            "only (a softmax one's background channel is not certified yet)"
-        )
+    config = replace(config, activation=meta.activation)  # the checkpoint's outputs decide
     preprocess = saved_preprocess(meta.preprocessing, f"{checkpoint} preprocessing")
     if not distributed.is_main():
         distributed.barrier()  # rank 0 fills the preprocessing cache before the others read it
