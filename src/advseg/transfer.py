@@ -37,7 +37,7 @@ from advseg.atomic import atomic_path
 from advseg.attacks import create_attack, model_logits
 from advseg.errors import UserError
 from advseg.evaluate.cells import Crafted, SliceSource
-from advseg.evaluate.engine import attack_batch, draw_seed
+from advseg.evaluate.engine import attack_batch, start_generators
 from advseg.metrics import attack_success
 from advseg.summary import protocol_dice
 
@@ -176,10 +176,7 @@ def craft(
         y = batch["mask"].to(device).float()
         if isinstance(source, LossEnsemble):
             y = source.tile(y)
-        generators = [
-            torch.Generator(device=device).manual_seed(draw_seed(a, batch_number)) for a in attacks
-        ]
-        out = attack_batch(source, attacks, x, y, generators)
+        out = attack_batch(source, attacks, x, y, start_generators(attacks, batch_number))
         done.append((batch_number, [images.float().cpu().numpy() for images in out.x_adv]))
     done = sorted((item for part in distributed.gather_objects(done) for item in part), key=_first)
     return {
