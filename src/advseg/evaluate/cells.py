@@ -72,11 +72,11 @@ class CellResult:
     records: pd.DataFrame
     examples: dict[str, np.ndarray] = field(default_factory=dict)
     adversarial: dict[str, np.ndarray] = field(default_factory=dict)
+    """With ``keep_adversarial``: per loss, the adversarial images ``(N, C, H, W)`` of every
+    slice of ``rows``, in that order (what a transfer study scores on other models)."""
     trace: pd.DataFrame | None = None
     """With ``trace``: the cell's convergence trace (:data:`advseg.traces.TRACE_COLUMNS`), for
     iterative attacks; None otherwise."""
-    """With ``keep_adversarial``: per loss, the adversarial images ``(N, C, H, W)`` of every
-    slice of ``rows``, in that order (what a transfer study scores on other models)."""
 
 
 Crafted = Callable[[Tensor, Tensor, np.ndarray], list[Tensor]]
