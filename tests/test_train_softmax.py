@@ -155,3 +155,38 @@ def test_certify_takes_the_softmax_checkpoint_per_class(trained):
     assert set(records["class"]) == set(UWMGI_CLASSES)  # background dropped
     assert records["abstained"].between(0, 1).all()
     assert (records["tp_clean"] + records["fn_clean"] == records["gt_pixels"]).all()
+
+
+def test_adversarial_training_of_a_softmax_model_with_robust_selection(tmp_path):
+    from advseg.defences.adversarial_training import AdversarialConfig
+
+    write_synthetic(tmp_path / "data", cases=3, scans=1, slices=6)
+    data = DataConfig(
+        path=tmp_path / "data", cache_dir=tmp_path / "cache", preprocess=PreprocessConfig(size=32)
+    )
+    defence = AdversarialConfig(
+        method="fgsm-rs", eps=0.01, select_by="robust", select_attack="fgsm"
+    )
+    config = _train_config(epochs=1, adversarial=defence)
+    result = train_on_data(data, config, tmp_path / "run", test_fraction=0.34, val_fraction=0.5)
+    (stats,) = result.history
+    assert stats.val_robust_dice is not None and 0 <= stats.val_robust_dice <= 1
+    assert result.best_dice == stats.val_robust_dice
+
+
+def test_preflight_refuses_a_sigmoid_loss_for_a_softmax_checkpoint(trained, tmp_path):
+    from advseg.preflight import check_experiment
+
+    root, result = trained
+    config = ExperimentConfig(
+        data=DataConfig(
+            path=(root / "data").resolve(), cache_dir=root / "cache",
+            preprocess=PreprocessConfig(size=32),
+        ),
+        split=SplitSpec(test_fraction=0.34, val_fraction=0.5),
+        models=[ModelSpec(name="soft", checkpoint=result.best_path)],
+        attacks=[AttackSpec(name="fgsm", losses=["ce", "bce"], eps=[0.01])],
+    )  # fmt: skip
+    said = r"models\[0\]\.checkpoint: its outputs are softmax; attacks\[0\]\.losses\[1\] 'bce'"
+    with pytest.raises(UserError, match=said):
+        check_experiment(config, tmp_path / "run")
