@@ -87,6 +87,25 @@ class IntervalLines:
         self.write(line + (f"  {extra}" if extra else ""))
 
 
+def bar_columns() -> tuple:
+    """The columns of every advseg progress bar: description, bar, done/total, elapsed, ETA."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+
+
 @contextmanager
 def cell_progress(console: Console, description: str) -> Iterator[Callable[[int, int], None]]:
     """A progress bar of one cell's batches on ``console``, removed when the cell ends.
@@ -95,22 +114,12 @@ def cell_progress(console: Console, description: str) -> Iterator[Callable[[int,
     shows nothing; one that is not a terminal (a log file, a pipe) gets a plain line at
     intervals, with an ETA (:class:`IntervalLines`).
     """
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import Progress
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    columns += (TimeElapsedColumn(), TimeRemainingColumn())
-    hidden = not console.is_terminal
-    if hidden:
+    if not console.is_terminal:
         lines = IntervalLines(lambda text: console.print(text, highlight=False), description, None)
         yield lambda done, total: lines.update(done, total)
         return
-    with Progress(*columns, console=console, transient=True) as bar:
+    with Progress(*bar_columns(), console=console, transient=True) as bar:
         task = bar.add_task(f"{description}, batches", total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)

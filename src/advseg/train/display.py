@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from advseg.errors import UserError
-from advseg.progress import IntervalLines, clock_text
+from advseg.progress import IntervalLines, bar_columns, clock_text
 from advseg.train.config import TrainConfig
 
 
@@ -74,22 +74,8 @@ def progress_bar(show: bool) -> Iterator[Bar]:
     if not show:
         yield Bar()
         return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import Progress, TextColumn
 
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[stats]}"),
-    )
+    columns = (*bar_columns(), TextColumn("{task.fields[stats]}"))
     with Progress(*columns) as progress:
         yield Bar(progress)
