@@ -187,7 +187,7 @@ def test_max_slices_and_report_panels_sample_over_cases_not_the_first_slices():
     import numpy as np
     import pandas as pd
 
-    from advseg.experiment import EvaluationSpec, _evaluation_rows
+    from advseg.experiment import EvaluationSpec, evaluation_rows
     from advseg.report.examples import panel_rows
 
     index = pd.DataFrame({"case": np.repeat([4, 7, 2], 10)})  # three test cases, 10 slices each
@@ -195,12 +195,12 @@ def test_max_slices_and_report_panels_sample_over_cases_not_the_first_slices():
     masks[[0, 10, 20]] = 0  # the first slice of each case has no mask
     data = SimpleNamespace(index=index, masks=masks)
     spec = EvaluationSpec(slices="with_mask", max_slices=6)
-    rows = _evaluation_rows(data, np.arange(30), spec, seed=3)
+    rows = evaluation_rows(data, np.arange(30), spec, seed=3)
     assert len(rows) == 6 and (np.diff(rows) > 0).all()
     assert index["case"].iloc[rows].value_counts().to_dict() == {4: 2, 7: 2, 2: 2}
     assert not set(rows) & {0, 10, 20}  # masks still decide first
-    assert (_evaluation_rows(data, np.arange(30), spec, seed=3) == rows).all()
-    assert not (_evaluation_rows(data, np.arange(30), spec, seed=4) == rows).all()
+    assert (evaluation_rows(data, np.arange(30), spec, seed=3) == rows).all()
+    assert not (evaluation_rows(data, np.arange(30), spec, seed=4) == rows).all()
     ids = [f"case1_day0_slice_{s:04d}" for s in range(1, 5)] + ["case5_day0_slice_0001"]
     picked = panel_rows(ids, 2)
     assert {ids[i][:5] for i in picked} == {"case1", "case5"}  # not the first two (case 1)

@@ -1,0 +1,220 @@
+"""Reading and checking an experiment: what the dataclass types cannot check (names, ranges,
+duplicates, encoder mappings, softmax models in cross-model studies), each a one-line
+:class:`~advseg.errors.UserError` naming the key; the shipped experiment files.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from advseg.attacks import attack_options, check_eps
+from advseg.compat import NOTEBOOK_ATTACKS, check_compat, compat_label
+from advseg.config import from_dict, load_yaml
+from advseg.cross_model import (
+    ENSEMBLE_PREFIX,
+    check_cross_model,
+)
+from advseg.defences import defended_name
+from advseg.errors import UserError
+from advseg.experiment.config import (
+    ExperimentConfig,
+    attack_compat,
+    model_train_config,
+    trained_here,
+)
+from advseg.losses import LOSSES, loss_activation
+from advseg.models.zoo import resolve as resolve_model
+from advseg.train import TrainConfig
+
+
+def check_config(config: ExperimentConfig) -> ExperimentConfig:
+    """Check what the dataclass types cannot: names, ranges and duplicates, naming the key."""
+    if not config.models:
+        raise UserError("models: at least one model is needed")
+    if not config.attacks:
+        raise UserError("attacks: at least one attack is needed")
+    seen: dict[str, int] = {}
+    for i, model in enumerate(config.models):
+        if model.arch.startswith(ENSEMBLE_PREFIX):
+            pass  # members are checked by check_cross_model
+        elif model.checkpoint is None:
+            try:
+                resolve_model(model.arch)
+            except UserError as err:
+                raise UserError(f"models[{i}].arch: {err}") from None
+        if model.adversarial is not None and not trained_here(model):
+            raise UserError(
+                f"models[{i}].adversarial: only a model trained here takes a training defence "
+                "(not a checkpoint or an ensemble)"
+            )
+        if model.name in seen:
+            raise UserError(
+                f"models[{i}].name: {model.name!r} is also models[{seen[model.name]}]; "
+                "give one of them another name"
+            )
+        seen[model.name] = i
+        if "encoder_weights" in model.train and model.name in config.encoder_weights:
+            raise UserError(
+                f"models[{i}].train.encoder_weights: encoder_weights.{model.name} names "
+                "this model's weights too; keep one of them"
+            )
+        try:
+            if trained_here(model):
+                model_train_config(config, model)
+        except UserError as err:
+            raise UserError(f"models[{i}].train: {err}") from None
+        for j, spec in enumerate(model.defences):
+            try:
+                label = defended_name(model.name, spec)
+            except UserError as err:
+                raise UserError(f"models[{i}].defences[{j}]: {err}") from None
+            if label == model.name or label in seen:
+                raise UserError(f"models[{i}].defences[{j}]: {spec!r} is listed twice (or none)")
+            seen[label] = i
+    check_encoder_mapping(config)
+    activations = trained_activations(config)
+    kwargs_of: dict[str, tuple[int, dict[str, Any]]] = {}
+    check_compat(config.compat, "compat")
+    for i, attack in enumerate(config.attacks):
+        mode = attack_compat(attack, config)
+        check_compat(mode, f"attacks[{i}].compat")
+        if mode != "none" and attack.name not in NOTEBOOK_ATTACKS:  # named on the attack
+            raise UserError(
+                f"attacks[{i}].compat: {mode!r} reproduces the paper's notebook, which "
+                f"attacked with {', '.join(NOTEBOOK_ATTACKS)} only, not {attack.name!r}"
+            )
+        if mode != "none" and (attack.transfer or attack.sources):
+            raise UserError(
+                f"attacks[{i}].compat: the notebook's attack is white-box only (no transfer "
+                "or sources); list a plain attack for transfer"
+            )  # its losses and options are checked by preflight.check_attacks
+        if not attack.losses:
+            raise UserError(f"attacks[{i}].losses: at least one loss is needed")
+        for j, loss in enumerate(attack.losses):
+            if loss not in LOSSES:
+                raise UserError(f"attacks[{i}].losses[{j}]: {LOSSES.unknown_message(loss)}")
+            kind = loss_activation(loss)
+            other = [(name, a) for name, a in activations.items() if kind not in (None, a)]
+            if other:
+                raise UserError(
+                    f"attacks[{i}].losses[{j}]: {loss!r} is for {kind} models; model "
+                    f"{other[0][0]!r} has {other[0][1]} outputs (train.activation)"
+                )
+        try:
+            attack_options(attack.name)  # a registry name, maybe with +bpda / +eot
+        except UserError as err:
+            raise UserError(f"attacks[{i}].name: {err}") from None
+        unknown = sorted(set(attack.kwargs) - set(attack_options(attack.name)))
+        if unknown:
+            raise UserError(
+                f"attacks[{i}].kwargs.{unknown[0]}: {attack.name} takes "
+                f"{', '.join(attack_options(attack.name))}"
+            )
+        if not attack.eps:
+            raise UserError(f"attacks[{i}].eps: at least one eps is needed")
+        for j, eps in enumerate(attack.eps):
+            try:
+                check_eps(eps, attack.kwargs.get("norm", "linf"), 1.0, attack.name)
+            except UserError as err:
+                raise UserError(f"attacks[{i}].eps[{j}]: {err}") from None
+        first = kwargs_of.setdefault(compat_label(attack.name, mode), (i, attack.kwargs))
+        if first[1] != attack.kwargs:
+            raise UserError(
+                f"attacks[{i}].kwargs: attack {attack.name!r} appears in attacks[{first[0]}] with "
+                "other kwargs; the records could not tell them apart"
+            )
+    for key in ("test_fraction", "val_fraction"):
+        value = getattr(config.split, key)
+        if not 0 < value < 1:
+            raise UserError(f"split.{key}: {value} is not between 0 and 1")
+    if len(set(config.seeds)) != len(config.seeds):
+        raise UserError(f"seeds: each seed once, got {config.seeds}")
+    for i, model in enumerate(config.models):
+        if config.seeds and "seed" in model.train:
+            raise UserError(f"models[{i}].train.seed: the grid's seeds: decide the training seed")
+    if config.train.model != TrainConfig.model:
+        raise UserError("train.model: name the models under models: (each one's arch)")
+    ev = config.evaluation
+    for key in ("batch_size", "max_slices"):
+        value = getattr(ev, key)
+        if value is not None and value < 1:
+            raise UserError(f"evaluation.{key}: {value} must be at least 1")
+    if ev.examples < 0:
+        raise UserError(f"evaluation.examples: {ev.examples} must be 0 or more")
+    check_cross_model(config)
+    return config
+
+
+def check_encoder_mapping(config: ExperimentConfig) -> None:
+    """Refuse an ``encoder_weights`` entry naming no model trained here, or an empty file name;
+    and the mapping beside ``train.encoder_weights`` (one file for every model): keep one."""
+    if not config.encoder_weights:
+        return
+    if config.train.encoder_weights is not None:
+        raise UserError(
+            "train.encoder_weights: one file for every model, beside encoder_weights (one per "
+            "model); keep one of them"
+        )
+    names = [m.name for m in config.models if trained_here(m)]
+    for name, path in config.encoder_weights.items():
+        if name not in names:
+            raise UserError(
+                f"encoder_weights.{name}: no model trained here is named {name!r} (models "
+                f"trained here: {', '.join(names) or 'none'})"
+            )
+        if not str(path).strip():
+            raise UserError(f"encoder_weights.{name}: empty file name")
+
+
+def trained_activations(config: ExperimentConfig) -> dict[str, str]:
+    """Each model trained here -> its ``train.activation``; a softmax model is refused in a
+    cross-model study (transfer, sources, ensembles), which reads sigmoid outputs only."""
+    found = {
+        model.name: model_train_config(config, model).activation
+        for model in config.models
+        if trained_here(model)
+    }
+    crossing = any(a.transfer or a.sources for a in config.attacks) or any(
+        m.arch.startswith(ENSEMBLE_PREFIX) for m in config.models
+    )
+    softmax = [name for name, activation in found.items() if activation == "softmax"]
+    if crossing and softmax:
+        raise UserError(
+            f"models: {softmax[0]!r} is a softmax model; transfer, sources and ensembles take "
+            "sigmoid models only"
+        )
+    return found
+
+
+def packaged_config(name: str) -> Path | None:
+    """The experiment file shipped with advseg under ``name`` (``demo``, ``paper.yaml``), if any."""
+    stem = name.removesuffix(".yaml")
+    path = Path(str(resources.files("advseg") / "configs" / f"{stem}.yaml"))
+    return path if path.is_file() else None
+
+
+def find_experiment(path_or_name: str | Path) -> Path:
+    """An experiment file: ``path_or_name`` when it exists, else a shipped one of that name.
+
+    Raises:
+        UserError: neither exists (the shipped names are listed).
+    """
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    shipped = packaged_config(path.name) if path.parent == Path(".") else None
+    if shipped is not None:
+        return shipped
+    names = sorted(p.stem for p in resources.files("advseg").joinpath("configs").iterdir())
+    raise UserError(f"{path}: no such experiment file (shipped experiments: {', '.join(names)})")
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Read and check an experiment file; a bad key or value is a UserError naming key and file."""
+    data = load_yaml(path)
+    try:
+        return check_config(from_dict(ExperimentConfig, data or {}))
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None

@@ -1,0 +1,359 @@
+"""Running an experiment: :func:`run_experiment` checks everything first, prepares the run
+directory, loads the data, trains (or loads) each model once per seed through the one training
+path, works through the grid cell by cell, and writes Table II and the report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.progress import (
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from advseg import distributed
+from advseg.atomic import remove_debris, write_text_atomic
+from advseg.bootstrap import with_intervals
+from advseg.cross_model import (
+    ENSEMBLE_PREFIX,
+    CrossModel,
+    model_seeds,
+)
+from advseg.data import SliceData, load_data, split_train_val_test, spread_rows
+from advseg.defences import defend
+from advseg.errors import UserError
+from advseg.evaluate.cells import evaluate_sweep
+from advseg.experiment.check import check_config
+from advseg.experiment.config import (
+    EvaluationSpec,
+    ExperimentConfig,
+    ModelSpec,
+    encoder_line,
+    model_train_config,
+    model_variants,
+)
+from advseg.experiment.grid import Cell, CellOutput, GridResult, plan_cells, run_cells
+from advseg.experiment.rundir import check_data_fingerprint, model_dir, prepare_run_dir
+from advseg.labels import checkpoint_activation
+from advseg.models import load_checkpoint, read_checkpoint
+from advseg.models.checkpoint import checkpoint_exists
+from advseg.models.ensemble import ensemble_members
+from advseg.preflight import check_experiment
+from advseg.progress import cell_progress
+from advseg.provenance import record_session
+from advseg.records import read_records, white_box
+from advseg.report import Report, write_report
+from advseg.report.tables import headline_eps
+from advseg.summary import summarize_cells
+from advseg.train import TrainConfig, resolve_device, train_on_data
+
+
+@dataclass
+class RunResult:
+    """What :func:`run_experiment` did.
+
+    Attributes:
+        run_dir: the run directory.
+        grid: cells computed now and cells found finished.
+        trained: models trained (or whose training was resumed) by this call.
+        summary: Table II at the headline eps (also in ``summary.csv``).
+        cells: its numbers one row per (model, attack, loss), from
+            :func:`advseg.summary.summarize_cells`; protocol: the Dice protocol of both.
+        report: the written report, when ``config.report`` is true.
+        seconds: wall time of this call.
+    """
+
+    run_dir: Path
+    grid: GridResult
+    trained: list[str]
+    summary: pd.DataFrame
+    cells: pd.DataFrame
+    protocol: str
+    report: Report | None
+    seconds: float
+
+
+def run_experiment(
+    config: ExperimentConfig, run_dir: str | Path, *, progress: bool = False
+) -> RunResult:
+    """Run (or resume) an experiment in ``run_dir``: data, training, the grid, summary, report.
+
+    Args:
+        config: the experiment (checked by :func:`check_config`).
+        run_dir: the run directory; an existing one must hold this same experiment.
+        progress: show rich progress (data, training epochs, cells) on the terminal.
+
+    Under ``torchrun`` every rank calls this with the same arguments: training runs as
+    DistributedDataParallel (:func:`advseg.train.train_on_data`), each cell's batches are
+    sharded over the ranks and merged (:func:`advseg.evaluate.evaluate_sweep`), and rank 0
+    alone writes the run's files (every rank returns the same result; the report is rank 0's).
+    """
+    start = time.perf_counter()
+    check_config(config)
+    distributed.init()
+    main = distributed.is_main()
+    # everything the grid needs, before anything is written; rank 0 alone writes run files
+    distributed.main_first(lambda: check_experiment(config, run_dir))
+    run_dir = Path(run_dir)
+    distributed.main_first(lambda: prepare_run_dir(config, run_dir))
+    console = Console(stderr=True, quiet=not (progress and main))
+    removed = remove_debris(run_dir) if main else []
+    if removed:
+        console.print(
+            f"removed {len(removed)} temporary file(s) left in {run_dir} by a killed run",
+            highlight=False,
+            soft_wrap=True,
+        )
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), MofNCompleteColumn())
+    hidden = not console.is_terminal
+    with Progress(
+        *columns, TimeElapsedColumn(), console=console, transient=True, disable=hidden
+    ) as bar:
+        task = bar.add_task(
+            "loading data (the phantom is written on first use), slices", total=None
+        )
+        data = distributed.main_first(  # rank 0 fills the preprocessing cache first
+            lambda: load_data(config.data, progress=lambda n: bar.update(task, completed=n))
+        )
+    data = data if main else load_data(config.data)
+    distributed.main_first(lambda: check_data_fingerprint(run_dir, data, config.data))
+    train_rows, val_rows, test_rows = split_train_val_test(
+        data.index, config.split.test_fraction, config.split.val_fraction, config.split.seed
+    )
+    eval_rows = evaluation_rows(data, test_rows, config.evaluation, config.seed)
+    console.print(
+        f"data: {len(data)} slices; cases split into train {len(train_rows)}, validation "
+        f"{len(val_rows)}, test {len(test_rows)} slices; evaluated {len(eval_rows)} test slices "
+        f"({config.evaluation.slices})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for line in data.exclusions.lines():
+        console.print(f"data: {line}", highlight=False, soft_wrap=True)
+    encoders = encoder_line(config)
+    if encoders is not None:
+        console.print(encoders, highlight=False, soft_wrap=True)
+    cells = plan_cells(config)
+    models: dict[tuple[str, int | None], tuple[torch.nn.Module, str]] = {}
+    seed_of: dict[tuple[str, int | None], int] = {}  # the training seed of each model loaded
+    activation_of: dict[tuple[str, int | None], str] = {}  # how each model's logits are read
+    trained = []
+    device = resolve_device(config.train.device)
+    if main:
+        record_session(run_dir, "advseg run", device)  # version, device, date for the report
+
+    variants = {
+        name: (spec, defence)
+        for spec in config.models
+        for name, defence in zip(model_variants(spec), ["none", *spec.defences], strict=True)
+    }
+
+    def key_of(name: str, seed: int | None) -> tuple[str, int | None]:
+        spec = variants[name][0]  # a checkpoint is one model, whatever the cell's seed
+        return spec.name, seed if model_seeds(config, spec.name) != [None] else None
+
+    def model_for(name: str, seed: int | None = None) -> tuple[torch.nn.Module, str]:
+        spec, defence = variants[name]
+        key = key_of(name, seed)
+        if key not in models:
+            if spec.arch.startswith(ENSEMBLE_PREFIX):
+                net = cross.ensemble(spec.arch, lambda member: model_for(member, key[1]))
+                arch, members = spec.arch, ensemble_members(spec.arch)
+                seed_of[key] = seed_of[key_of(members[0], key[1])]
+                activation_of[key] = "sigmoid"  # members are sigmoid (trained_activations)
+            else:
+                net, arch, fresh, seed_of[key], activation_of[key] = _get_model(
+                    spec, config, data, run_dir, progress, key[1]
+                )
+                if fresh:
+                    trained.append(spec.name if key[1] is None else f"{spec.name} (seed {key[1]})")
+            models.clear()  # one model in memory at a time
+            models[key] = (net.to(device).eval(), arch)
+        net, arch = models[key]
+        return defend(net, defence), arch  # a fresh defence per cell: its own noise draws
+
+    def seeded(cell: Cell, output: CellOutput) -> CellOutput:
+        """The cell's records with the training seed of its model (``seed`` column)."""
+        seed = seed_of[key_of(cell.model, cell.seed)] if cell.seed is None else cell.seed
+        output.records = output.records.assign(seed=seed)
+        if output.trace is not None:
+            output.trace = output.trace.assign(seed=seed)  # the report names each trace's seed
+        return output
+
+    cross = CrossModel(config, data, eval_rows, train_rows, run_dir, model_for, console)
+    cross.check_io()
+
+    def compute_cells(group: list[Cell]) -> list[CellOutput]:
+        first = group[0]  # the group shares model, seed, attack and options (sweep_key)
+        net, arch = model_for(first.model, first.seed)
+        activation = checkpoint_activation(  # an attack's own activation must agree
+            activation_of[key_of(first.model, first.seed)],
+            dict(first.kwargs).get("activation"),
+            f"model {first.model!r}",
+        )
+        eps = ", ".join(f"{c.eps:g}" for c in group)
+        losses = ", ".join(dict.fromkeys(loss for c in group for loss in c.losses))
+        what = f"evaluating {first.model}, {first.label} eps {eps} ({losses})"
+        what += f" on {len(eval_rows)} slices"
+        with cell_progress(console, what) as on_batch:
+            results = evaluate_sweep(
+                net,
+                data,
+                eval_rows,
+                first.attack,
+                {c.eps: list(c.losses) for c in group},
+                model_name=first.model,
+                arch=arch,
+                attack_kwargs={"seed": config.seed, **dict(first.kwargs), "activation": activation},
+                batch_size=config.evaluation.batch_size,
+                examples=config.evaluation.examples,
+                on_batch=on_batch,
+                keep_adversarial=any(cross.is_source(c) for c in group),
+                trace=config.evaluation.trace,
+                compat=first.compat,
+            )
+        for cell, result in zip(group, results, strict=True):
+            cross.keep(cell, result.adversarial)
+        return [
+            seeded(c, CellOutput(r.records, r.examples, r.trace))
+            for c, r in zip(group, results, strict=True)
+        ]
+
+    def compute(cell: Cell) -> CellOutput:
+        if cross.handles(cell):
+            return seeded(cell, CellOutput(cross.compute(cell)))
+        return compute_cells([cell])[0]
+
+    total = len(cells)
+
+    def on_cell(cell: Cell, skipped: bool) -> None:
+        index = cells.index(cell) + 1
+        state = "already done" if skipped else "done"
+        console.print(f"cell {index}/{total} {cell.slug}: {state}", highlight=False)
+
+    grid = run_cells(cells, run_dir, compute, on_cell, sweep=compute_cells)
+    records = white_box(read_records(run_dir))  # every cell written: run_cells' last barrier
+    eps = headline_eps(records)
+    protocol = config.evaluation.protocol
+    headline = records[records["eps"] == eps]
+    summary = with_intervals(headline, protocol)  # Table II with case-bootstrap intervals
+    headline_cells = summarize_cells(headline, protocol)
+    if main:
+        written = summary.assign(protocol=protocol)  # the file names its Dice protocol
+        write_text_atomic(run_dir / "summary.csv", written.to_csv(index=False, na_rep="n/a"))
+    report = None
+    if config.report and main:
+        with console.status("writing the report"):
+            report = write_report(run_dir, protocol=protocol, eps=eps)
+    seconds = time.perf_counter() - start
+    return RunResult(run_dir, grid, trained, summary, headline_cells, protocol, report, seconds)
+
+
+def evaluation_rows(
+    data: SliceData, test_rows: np.ndarray, evaluation: EvaluationSpec, seed: int = 0
+) -> np.ndarray:
+    rows = test_rows
+    if evaluation.slices == "with_mask":
+        has_mask = data.masks[rows].reshape(len(rows), -1).any(axis=1)
+        rows = rows[has_mask]
+    if evaluation.max_slices is not None:  # seeded, spread over the cases, not the first N
+        rows = spread_rows(data.index, rows, evaluation.max_slices, seed)
+    if len(rows) == 0:
+        raise UserError(
+            f"evaluation.slices: no test slice left to evaluate ({evaluation.slices}, "
+            f"{len(test_rows)} test slices)"
+        )
+    return rows
+
+
+def _get_model(
+    spec: ModelSpec,
+    config: ExperimentConfig,
+    data: SliceData,
+    run_dir: Path,
+    progress: bool,
+    seed: int | None = None,
+) -> tuple[torch.nn.Module, str, bool, int, str]:
+    """The model of ``spec``: loaded from its checkpoint, or trained (resumed) in the run dir.
+
+    Training is :func:`advseg.train.train_on_data`, the one training path (``advseg train``
+    takes it too): the same split, augmentation, encoder weights and checkpoint metadata.
+
+    Args:
+        seed: a training seed of the grid's ``seeds`` (in place of ``train.seed``; the run in
+            ``models/<name>/seed<k>/``), or None.
+
+    Returns:
+        ``(model, zoo name, trained_now, training seed, activation)``.
+    """
+    if spec.checkpoint is not None:
+        net, meta = load_checkpoint(spec.checkpoint, classes=data.classes)
+        check_held_out(meta.data, spec.checkpoint, config)
+        return net, meta.model, False, int(meta.train.get("seed", 0)), meta.activation
+    out = model_dir(run_dir, spec.name, seed)
+    best = out / "checkpoints" / "best"
+    last = out / "checkpoints" / "last"
+    train_config = model_train_config(config, spec)
+    if spec.adversarial is not None:
+        train_config = replace(train_config, adversarial=spec.adversarial)
+    if seed is not None:
+        train_config = replace(train_config, seed=seed)
+    fresh = not (checkpoint_exists(best) and _finished(last, train_config))
+    if fresh:
+        train_on_data(
+            config.data,
+            train_config,
+            out,
+            test_fraction=config.split.test_fraction,
+            val_fraction=config.split.val_fraction,
+            split_seed=config.split.seed,
+            resume=checkpoint_exists(last),
+            progress=progress,
+            data=data,
+        )
+    net, meta = load_checkpoint(best, classes=data.classes)
+    return net, meta.model, fresh, train_config.seed, meta.activation
+
+
+def check_held_out(metadata: dict[str, Any], checkpoint: Path, config: ExperimentConfig) -> None:
+    """Refuse a checkpoint whose training split differs from the experiment's.
+
+    The experiment evaluates its own test cases; a checkpoint trained with another split seed or
+    fraction, or on another data source, may have trained on some of them.
+    """
+    split = config.split
+    expected = {"test_fraction": split.test_fraction, "split_seed": split.seed}
+    for key, value in expected.items():
+        if key not in metadata:
+            raise UserError(
+                f"{checkpoint}: its metadata does not say which cases it held out (no "
+                f"data.{key}); the experiment cannot tell train cases from test cases"
+            )
+        if metadata[key] != value:
+            raise UserError(
+                f"{checkpoint}: trained with data.{key} {metadata[key]}, the experiment's split "
+                f"has {value}; its test cases would include training cases"
+            )
+    trained_on = metadata.get("config", {}).get("path")
+    ours = None if config.data.path is None else str(config.data.path)
+    if trained_on != ours:
+        raise UserError(f"{checkpoint}: trained on data {trained_on}, the experiment uses {ours}")
+
+
+def _finished(last: Path, train_config: TrainConfig) -> bool:
+    """True when the training run at ``last`` ran all its epochs or stopped early."""
+    if not checkpoint_exists(last):
+        return False
+    _, _, state = read_checkpoint(last)
+    return state is not None and (state["stopped_early"] or state["epoch"] >= train_config.epochs)
