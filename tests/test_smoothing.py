@@ -6,12 +6,12 @@ import torch
 from scipy import stats
 from torch import nn
 
+from advseg.defences.certify import certify_cell
 from advseg.defences.smoothing import (
     SmoothingConfig,
     binomial_pvalue,
     certified_radius,
     certify_batch,
-    certify_cell,
     clopper_pearson_lower,
     holm_bonferroni,
 )
@@ -131,7 +131,7 @@ def test_bad_settings_are_user_errors(kwargs, message):
 def test_certify_cli_writes_certified_records_and_a_table(tmp_path, capsys):
     from advseg.config import to_dict
     from advseg.data import UWMGI_CLASSES, PreprocessConfig, write_synthetic
-    from advseg.defences.smoothing import read_certified
+    from advseg.defences.certify import read_certified
     from advseg.models import create_model
     from advseg.models.checkpoint import metadata_for, save_checkpoint
     from test_evaluate_cli import cli

@@ -147,7 +147,8 @@ def test_train_command_says_the_activation_and_the_overlapping_pixels(tmp_path, 
 
 
 def test_certify_takes_the_softmax_checkpoint_per_class(trained):
-    from advseg.defences.smoothing import SmoothingConfig, certify_checkpoint
+    from advseg.defences.certify import certify_checkpoint
+    from advseg.defences.smoothing import SmoothingConfig
 
     _, result = trained
     config = SmoothingConfig(sigma=0.1, n0=2, n=4, radii=[0.0], samples_per_forward=4)

@@ -1,7 +1,7 @@
 """Building records: one row per (slice, class) of a batch, the one builder every producer uses.
 
 The attack engine (:mod:`advseg.evaluate.scoring`: clean against adversarial predictions) and
-certification (:mod:`advseg.defences.smoothing`: the plain prediction against the certified one)
+certification (:mod:`advseg.defences.certify`: the plain prediction against the certified one)
 fill the same columns of :data:`advseg.records.RECORD_COLUMNS` the same way here: the slice's
 identity from the index, the pixel counts (from which every Dice protocol is recomputed), Dice
 and IoU with the empty-pair convention, HD95 in pixels and in millimetres. What differs between

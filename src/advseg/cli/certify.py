@@ -50,12 +50,8 @@ def certify_command(
     """
     from advseg import distributed
     from advseg.data.location import PHANTOM_LABEL, data_argument, first_line, is_synthetic
-    from advseg.defences.smoothing import (
-        SmoothingConfig,
-        certified_path,
-        certified_summary,
-        certify_checkpoint,
-    )
+    from advseg.defences.certify import certified_path, certified_summary, certify_checkpoint
+    from advseg.defences.smoothing import SmoothingConfig
     from advseg.records import write_records
     from advseg.trained import checkpoint_label
 

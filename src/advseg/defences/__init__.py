@@ -4,7 +4,8 @@
   (FGSM-RS, PGD, TRADES), configured by ``train.adversarial`` and run by the one training loop.
 - :mod:`advseg.defences.transforms`: input defences (median, blur, bit-depth, JPEG, noise) as
   model wrappers by name, with their adaptive (BPDA / EOT) views.
-- :mod:`advseg.defences.smoothing`: randomized-smoothing certification of a segmentation model.
+- :mod:`advseg.defences.smoothing`: randomized-smoothing certification of a segmentation model;
+  :mod:`advseg.defences.certify` runs it over a split or a checkpoint and keeps its records.
 """
 
 from __future__ import annotations
