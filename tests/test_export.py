@@ -129,6 +129,18 @@ def test_export_of_nifti_slices_lands_on_the_source_grid(tmp_path):
         assert np.array_equal(got, expected)  # exactly the data's mask, back on its grid
     assert result.reproduced == len(result.slices)
 
+    # the source volume in its units, perturbed on the exported slices within eps x range
+    attacked = nib.load(tmp_path / "x" / volume["adversarial_source"])
+    assert np.allclose(attacked.affine, source.affine) and attacked.shape == source.shape
+    raw = read_volume(volume["source"]).transpose(1, 0, 2).astype(np.float32)  # (X, Y, Z)
+    moved = np.asarray(attacked.dataobj) - raw
+    assert not moved[:, :, others].any()  # every other slice is the source itself
+    for z in volume["z"]:
+        scale = float(np.clip(raw[:, :, z], 0, None).max())  # intensity: max, as preprocessing
+        assert volume["source_units_per_input_unit"][str(z)] == pytest.approx(scale)
+        assert np.abs(moved[:, :, z]).max() <= 0.03 * scale * (1 + 1e-5)  # eps 0.03 kept
+        assert np.abs(moved[:, :, z]).max() >= 0.5 * 0.03 * scale  # and spent (FGSM: +-eps)
+
 
 def test_cli_export_says_what_it_wrote_and_how_it_checked(phantom_run, tmp_path, capsys):
     from advseg.cli import main

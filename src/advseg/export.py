@@ -20,11 +20,17 @@ What is written, under ``OUT`` (default ``RUN_DIR/export/<cell>__<loss>/``):
   128 = unchanged), and per class ``truth_<class>.png``, ``clean_<class>.png``,
   ``adversarial_<class>.png`` (0 / 255), all at the model's resolution.
 - for slices read from NIfTI volumes, ``nifti/<scan>_{image,adversarial}.nii.gz`` (float32, the
-  model-input intensities in [0, 1], not the source's units) and
+  model-input intensities in [0, 1]) and
   ``nifti/<scan>_{truth,clean,adversarial}_mask.nii.gz`` (uint8, one volume per class along a
   fourth axis): the source volume's canonical (RAS+) grid and affine, each exported slice put
   back at its place (padding cut, resized to the source slice by nearest neighbour), every
-  other slice 0.
+  other slice 0. And ``nifti/<scan>_adversarial_source.nii.gz``: the whole source volume in its
+  own units (float32, e.g. HU), each exported slice with the perturbation added: ``x_adv - x``
+  of the centre channel put back by nearest neighbour and scaled by the slice's intensity range
+  (:func:`advseg.data.intensity_range`), so every voxel moves by at most eps times that range.
+  The adversarial example itself is the model-sized image: preprocessing this volume again
+  resamples the perturbation and clips negative values, so it gives an image near to it, not
+  equal to it; for viewing beside the source in its units.
 - ``export.json``: the cell, the slices, where each file is, and the check against the records.
 """
 
@@ -264,8 +270,8 @@ def export_cell(
         UserError: an unknown or open cell choice, a slice not in the cell, no checkpoint, a
             model or attack export cannot rebuild, data that no longer holds a slice.
     """
-    from advseg.data import load_data, restore_slice, saved_preprocess
-    from advseg.data.nifti import canonical_geometry
+    from advseg.data import intensity_range, load_data, restore_slice, saved_preprocess
+    from advseg.data.nifti import canonical_geometry, read_volume
     from advseg.evaluate.cells import evaluate_cell
     from advseg.labels import checkpoint_activation
     from advseg.models.checkpoint import check_compatible, load_checkpoint
@@ -366,16 +372,25 @@ def export_cell(
             **{f"{k}_mask": np.zeros((width, height, depth, len(classes)), np.uint8)
                for k in ("truth", "clean", "adversarial")},
         }  # fmt: skip
+        raw = read_volume(volume["path"])  # (H, W, Z), the source's units
+        source_units = raw.transpose(1, 0, 2).astype(np.float32)
+        scales = {}
         for z, row, grey, adv, masks in volume["slices"]:
             place = geometry.iloc[row]
             arrays["image"][:, :, z] = restore_slice(grey, place, height, width).T
             arrays["adversarial"][:, :, z] = restore_slice(adv, place, height, width).T
+            low, high = intensity_range(raw[:, :, z], preprocess)
+            delta = restore_slice((adv - grey).astype(np.float32), place, height, width)
+            source_units[:, :, z] += (delta * max(high - low, 0.0)).T
+            scales[z] = high - low
             for kind, mask in masks.items():
                 back = restore_slice(mask, place, height, width)  # (K, H, W)
                 arrays[f"{kind}_mask"][:, :, z, :] = back.transpose(2, 1, 0)
+        arrays["adversarial_source"] = source_units
         nifti[scan] = {
             "source": volume["path"],
             "z": sorted(z for z, *_ in volume["slices"]),
+            "source_units_per_input_unit": {str(z): scales[z] for z in sorted(scales)},
             **{kind: put(f"nifti/{file_stem(scan)}_{kind}.nii.gz", _nifti_bytes(a, affine))
                for kind, a in arrays.items()},
         }  # fmt: skip

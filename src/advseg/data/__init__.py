@@ -31,6 +31,7 @@ from advseg.data.nifti import dataset_json_labels, parse_label_map, read_nifti
 from advseg.data.preprocess import (
     PreprocessConfig,
     fitted_size,
+    intensity_range,
     neighbour_rows,
     normalize_intensity,
     preprocess_slice,
@@ -73,6 +74,7 @@ __all__ = [
     "dataset_json_labels",
     "fitted_size",
     "index_classes",
+    "intensity_range",
     "kfold_cases",
     "load_data",
     "neighbour_rows",

@@ -109,13 +109,21 @@ def normalize_intensity(image: np.ndarray, config: PreprocessConfig) -> np.ndarr
         image: ``(H, W)`` raw intensities (uint16 MRI, float CT, ...).
     """
     x = np.clip(image.astype(np.float32), 0, None)
-    if config.intensity == "max":
-        low, high = 0.0, float(x.max())
-    else:
-        low, high = (float(v) for v in np.percentile(x, config.percentiles))
+    low, high = intensity_range(image, config)
     if high - low <= 0:
         return np.zeros_like(x)  # blank slice: never divide by zero, never NaN
     return np.clip((x - low) / (high - low), 0, 1)
+
+
+def intensity_range(image: np.ndarray, config: PreprocessConfig) -> tuple[float, float]:
+    """The raw intensities ``(low, high)`` that :func:`normalize_intensity` maps to 0 and 1 for
+    the ``(H, W)`` slice ``image`` (negative values count as 0): a model-input difference ``d``
+    is ``d * (high - low)`` in the source's units."""
+    x = np.clip(image.astype(np.float32), 0, None)
+    if config.intensity == "max":
+        return 0.0, float(x.max())
+    low, high = (float(v) for v in np.percentile(x, config.percentiles))
+    return low, high
 
 
 def fitted_size(height: int, width: int, size: int, resize: str = "stretch") -> tuple[int, int]:
