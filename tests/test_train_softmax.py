@@ -191,3 +191,48 @@ def test_preflight_refuses_a_sigmoid_loss_for_a_softmax_checkpoint(trained, tmp_
     said = r"models\[0\]\.checkpoint: its outputs are softmax; attacks\[0\]\.losses\[1\] 'bce'"
     with pytest.raises(UserError, match=said):
         check_experiment(config, tmp_path / "run")
+
+
+def test_softmax_models_transfer_and_ensemble_among_themselves(tmp_path):
+    from advseg.experiment import run_experiment
+
+    write_synthetic(tmp_path / "data", cases=3, scans=1, slices=6)
+    config = ExperimentConfig(
+        data=DataConfig(
+            path=tmp_path / "data", cache_dir=tmp_path / "cache",
+            preprocess=PreprocessConfig(size=32),
+        ),
+        split=SplitSpec(test_fraction=0.34, val_fraction=0.5),
+        train=replace(_train_config(epochs=1), model="unet"),
+        models=[
+            ModelSpec(arch="unet-tiny", name="a"),
+            ModelSpec(arch="unet-tiny", name="b", train={"seed": 1}),
+            ModelSpec(arch="ensemble:a+b"),
+        ],
+        attacks=[AttackSpec(name="fgsm", losses=["ce"], eps=[0.03], sources=["a"])],
+        evaluation=EvaluationSpec(batch_size=4, max_slices=4),
+        report=False,
+    )  # fmt: skip
+    run_experiment(config, tmp_path / "run")
+    records = read_records(tmp_path / "run")
+    pairs = set(zip(records["source"], records["model"], strict=True))
+    assert pairs == {("a", "a"), ("b", "b"), ("ensemble-a-b", "ensemble-a-b")} | {
+        ("a", "b"),
+        ("a", "ensemble-a-b"),
+    }
+    assert set(records["class"]) == set(UWMGI_CLASSES)
+
+    # a sigmoid target of a softmax source: one loss list cannot fit both, refused before work
+    mixed = replace(
+        config,
+        models=[
+            *config.models[:1],
+            ModelSpec(
+                arch="unet-tiny", name="b", train={"activation": "sigmoid", "loss": "dicefocal"}
+            ),
+        ],
+    )
+    mixed.attacks = [AttackSpec(name="fgsm", losses=["js"], eps=[0.03], sources=["a"])]
+    with pytest.raises(UserError, match="'a' and 'b' do not fit together: outputs softmax vs sig"):
+        run_experiment(mixed, tmp_path / "mixed")
+    assert not (tmp_path / "mixed" / "models").exists()

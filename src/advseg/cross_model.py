@@ -32,6 +32,7 @@ from torch import nn
 from advseg import distributed
 from advseg.errors import UserError
 from advseg.evaluate.cells import evaluate_cell
+from advseg.labels import checkpoint_activation
 from advseg.models.ensemble import ENSEMBLE_PREFIX, build_ensemble, ensemble_members
 from advseg.progress import cell_progress
 from advseg.transfer import (
@@ -142,7 +143,8 @@ class CrossModel:
         train_rows: the training rows (universal perturbations are fitted on them);
         run_dir: the run directory; model_for: ``(name, seed) -> (model, arch)``, the runner's
         loader (``seed``: a cell's training seed, None for a grid without seeds);
-        console: where progress goes.
+        console: where progress goes; activation_of: ``(name, seed) -> activation`` of a loaded
+        model (how its logits are read; default sigmoid).
     """
 
     def __init__(
@@ -154,9 +156,11 @@ class CrossModel:
         run_dir: Path,
         model_for: Callable[[str, int | None], tuple[nn.Module, str]],
         console: Console,
+        activation_of: Callable[[str, int | None], str] | None = None,
     ) -> None:
         self.config, self.data, self.rows, self.train_rows = config, data, rows, train_rows
         self.run_dir, self.model_for, self.console = Path(run_dir), model_for, console
+        self.activation_of = activation_of or (lambda name, seed: "sigmoid")
         self.slice_ids = data.index["id"].iloc[rows].astype(str).tolist()
         names = [m.name for m in config.models]
         self.sources = {
@@ -168,11 +172,14 @@ class CrossModel:
 
     # --- ensembles -------------------------------------------------------------------------
 
-    def ensemble(self, arch: str, load: Callable[[str], tuple[nn.Module, str]]) -> nn.Module:
-        """The ensemble model ``ensemble:a+b`` from the grid's models (one member: itself)."""
+    def ensemble(
+        self, arch: str, load: Callable[[str], tuple[nn.Module, str]], activation: str = "sigmoid"
+    ) -> nn.Module:
+        """The ensemble model ``ensemble:a+b`` from the grid's models (one member: itself); its
+        members share ``activation`` (:meth:`check_io`)."""
         members = ensemble_members(arch)
         nets = [load(name)[0] for name in members]
-        return build_ensemble(nets, names=members)
+        return build_ensemble(nets, activation, names=members)
 
     def check_io(self) -> None:
         """Refuse ensemble members and (source, target) pairs that take different images or
@@ -191,11 +198,18 @@ class CrossModel:
             )
             for member in source_members(source)
         ]
-        if not any(self._spec(a).checkpoint or self._spec(b).checkpoint for a, b, _ in pairs):
-            return  # every model is trained here, on the same data
-        io: dict[str, ModelIO] = {}
+        io: dict[str, ModelIO] = {}  # models trained here: no file read
         for first, second, role in pairs:
             check_same_io(self._io(first, io), self._io(second, io), role)
+        for attack in self.config.attacks:
+            names = [m.name for m in self.config.models]
+            for source, _ in transfer_pairs(names, attack.sources, attack.transfer):
+                members = source_members(source)
+                if len(members) > 1 and self._io(members[0], io).activation != "sigmoid":
+                    raise UserError(
+                        f"sources: {source!r} is an ensemble source of softmax models; an "
+                        "ensemble source takes sigmoid models only"
+                    )
 
     def _spec(self, name: str) -> Any:
         return next(m for m in self.config.models if m.name == name)
@@ -210,11 +224,18 @@ class CrossModel:
 
                 meta = read_checkpoint(spec.checkpoint)[1]
                 size = meta.preprocessing.get("size")
-                cache[name] = ModelIO(name, meta.in_channels, tuple(meta.classes), size)
+                cache[name] = ModelIO(
+                    name, meta.in_channels, tuple(meta.classes), size, meta.activation
+                )
             else:
+                from advseg.experiment import model_train_config
+
                 preprocess = self.data.preprocess
                 classes = tuple(self.data.classes)
-                cache[name] = ModelIO(name, preprocess.channels, classes, preprocess.size)
+                activation = model_train_config(self.config, spec).activation
+                cache[name] = ModelIO(
+                    name, preprocess.channels, classes, preprocess.size, activation
+                )
         return cache[name]
 
     # --- transfer --------------------------------------------------------------------------
@@ -238,8 +259,14 @@ class CrossModel:
         """The records of a transfer or universal cell."""
         return self._transfer(cell) if cell.source else self._universal(cell)
 
-    def _kwargs(self, cell: Any) -> dict[str, Any]:
-        return {"seed": self.config.seed, **dict(cell.kwargs)}
+    def _kwargs(self, cell: Any, model: str | None = None) -> dict[str, Any]:
+        """The attack's options, with the activation of ``model`` (default: the cell's; a
+        source and its targets share one: :meth:`check_io`)."""
+        model = model or cell.model
+        given = dict(cell.kwargs).get("activation")
+        own = self.activation_of(model, cell.seed)
+        activation = checkpoint_activation(own, given, f"model {model!r}")
+        return {"seed": self.config.seed, **dict(cell.kwargs), "activation": activation}
 
     def _transfer(self, cell: Any) -> pd.DataFrame:
         folder = crafted_dir(self.run_dir, _seeded(cell.source, cell), cell.attack, cell.eps)
@@ -250,7 +277,7 @@ class CrossModel:
             with self.console.status(f"crafting on {cell.source}, {cell.attack} eps {cell.eps:g}"):
                 crafted = craft(
                     source, self.data, self.rows, cell.attack, cell.losses, cell.eps,
-                    attack_kwargs=self._kwargs(cell),
+                    attack_kwargs=self._kwargs(cell, source_members(cell.source)[0]),
                     batch_size=self.config.evaluation.batch_size,
                 )  # fmt: skip
             self.crafted_now += 1

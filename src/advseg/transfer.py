@@ -38,6 +38,7 @@ from advseg.attacks import create_attack, model_logits
 from advseg.errors import UserError
 from advseg.evaluate.cells import Crafted, SliceSource
 from advseg.evaluate.engine import attack_batch, start_generators
+from advseg.labels import model_target
 from advseg.metrics import attack_success
 from advseg.summary import protocol_dice
 
@@ -84,6 +85,7 @@ class ModelIO:
     in_channels: int
     classes: tuple[str, ...]
     size: int | None = None
+    activation: str = "sigmoid"
 
 
 def check_same_io(first: ModelIO, second: ModelIO, role: str = "source and target") -> None:
@@ -99,6 +101,8 @@ def check_same_io(first: ModelIO, second: ModelIO, role: str = "source and targe
         differences.append(f"input size {first.size} vs {second.size}")
     if first.classes != second.classes:
         differences.append(f"classes {list(first.classes)} vs {list(second.classes)}")
+    if first.activation != second.activation:  # one loss list must fit both
+        differences.append(f"outputs {first.activation} vs {second.activation}")
     if differences:
         raise UserError(
             f"{role} {first.name!r} and {second.name!r} do not fit together: "
@@ -161,7 +165,8 @@ def craft(
         ``{loss: (N, C, H, W) float32}`` in the order of ``rows``.
     """
     kwargs = dict(attack_kwargs or {})
-    if kwargs.get("activation", "sigmoid") != "sigmoid" and isinstance(source, LossEnsemble):
+    activation = kwargs.get("activation") or "sigmoid"
+    if activation != "sigmoid" and isinstance(source, LossEnsemble):
         raise UserError(f"{attack}: an ensemble source needs sigmoid outputs (activation)")
     attacks = [create_attack(attack, source, loss, eps, **kwargs) for loss in losses]
     device = next(source.parameters()).device
@@ -174,8 +179,8 @@ def craft(
     for batch_number, batch in zip(mine, loader, strict=True):
         x = batch["image"].to(device)
         y = batch["mask"].to(device).float()
-        if isinstance(source, LossEnsemble):
-            y = source.tile(y)
+        # an ensemble's mask tiled to its members; softmax: one-hot, background first
+        y = source.tile(y) if isinstance(source, LossEnsemble) else model_target(y, activation)
         out = attack_batch(source, attacks, x, y, start_generators(attacks, batch_number))
         done.append((batch_number, [images.float().cpu().numpy() for images in out.x_adv]))
     done = sorted((item for part in distributed.gather_objects(done) for item in part), key=_first)

@@ -169,23 +169,11 @@ def check_encoder_mapping(config: ExperimentConfig) -> None:
 
 
 def trained_activations(config: ExperimentConfig) -> dict[str, str]:
-    """Each model trained here -> its ``train.activation``; a softmax model is refused in a
-    cross-model study (transfer, sources, ensembles), which reads sigmoid outputs only."""
-    found = {
-        model.name: model_train_config(config, model).activation
-        for model in config.models
-        if trained_here(model)
+    """Each model trained here -> its ``train.activation`` (sources and targets, ensemble
+    members, must share theirs: :meth:`advseg.cross_model.CrossModel.check_io`)."""
+    return {
+        m.name: model_train_config(config, m).activation for m in config.models if trained_here(m)
     }
-    crossing = any(a.transfer or a.sources for a in config.attacks) or any(
-        m.arch.startswith(ENSEMBLE_PREFIX) for m in config.models
-    )
-    softmax = [name for name, activation in found.items() if activation == "softmax"]
-    if crossing and softmax:
-        raise UserError(
-            f"models: {softmax[0]!r} is a softmax model; transfer, sources and ensembles take "
-            "sigmoid models only"
-        )
-    return found
 
 
 def packaged_config(name: str) -> Path | None:

@@ -168,10 +168,14 @@ def run_experiment(
         key = key_of(name, seed)
         if key not in models:
             if spec.arch.startswith(ENSEMBLE_PREFIX):
-                net = cross.ensemble(spec.arch, lambda member: model_for(member, key[1]))
-                arch, members = spec.arch, ensemble_members(spec.arch)
+                members = ensemble_members(spec.arch)
+                model_for(members[0], key[1])  # loaded first: its activation is the ensemble's
+                activation_of[key] = activation_of[key_of(members[0], key[1])]
+                net = cross.ensemble(
+                    spec.arch, lambda member: model_for(member, key[1]), activation_of[key]
+                )
+                arch = spec.arch
                 seed_of[key] = seed_of[key_of(members[0], key[1])]
-                activation_of[key] = "sigmoid"  # members are sigmoid (trained_activations)
             else:
                 net, arch, fresh, seed_of[key], activation_of[key] = _get_model(
                     spec, config, data, run_dir, progress, key[1]
@@ -191,7 +195,14 @@ def run_experiment(
             output.trace = output.trace.assign(seed=seed)  # the report names each trace's seed
         return output
 
-    cross = CrossModel(config, data, eval_rows, train_rows, run_dir, model_for, console)
+    def activation_for(name: str, seed: int | None = None) -> str:
+        if key_of(name, seed) not in activation_of:
+            model_for(name, seed)  # loaded (trained) first: its activation is then known
+        return activation_of[key_of(name, seed)]
+
+    cross = CrossModel(
+        config, data, eval_rows, train_rows, run_dir, model_for, console, activation_for
+    )
     cross.check_io()
 
     def compute_cells(group: list[Cell]) -> list[CellOutput]:
