@@ -84,10 +84,13 @@ def test_written_files_respect_the_umask(tmp_path, umask):
         with atomic_path(tmp_path / "cache") as tmp:
             tmp.unlink()
             tmp.mkdir()
+        with atomic_dir(tmp_path / "synthetic") as tmp:
+            (tmp / "train.csv").write_text("x")
     finally:
         os.umask(old)
     assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "synthetic").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_a_directory_appears_complete_or_not_at_all(tmp_path):

@@ -123,8 +123,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     not at all.
 
     The temporary directory is named ``.NAME.PID.RANDOM.tmp`` (debris :func:`remove_debris`
-    knows) and keeps ``mkdtemp``'s mode (0700). An existing ``path`` is removed just before the
-    rename; whether it may be replaced is the caller's decision, taken before any work.
+    knows); ``mkdtemp`` makes it 0700, and it gets the umask's mode before the rename. An
+    existing ``path`` is removed just before the rename; whether it may be replaced is the
+    caller's decision, taken before any work.
 
     Raises:
         UserError: the disk is full, the file system read-only, ...: one line naming ``path``.
@@ -139,6 +140,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise (write_error(path, err) or err) from None
     try:
         yield tmp
+        _respect_umask(tmp)
         if path.exists():
             shutil.rmtree(path)
         fault_point("rename", path.name)
