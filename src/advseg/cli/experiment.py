@@ -65,6 +65,7 @@ def run(
     encoder_weights: list[str] = typer.Option(
         [],
         "--encoder-weights",
+        metavar="NAME=PATH",
         help="NAME=PATH: model NAME (as the YAML's models list names it) starts from the "
         "encoder weights in the local safetensors file PATH (or NAME=imagenet, downloaded); "
         "repeatable, one per model; adds to the YAML's encoder_weights mapping (default: that "
