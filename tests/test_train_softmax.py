@@ -70,9 +70,10 @@ def test_evaluate_reads_the_activation_from_the_checkpoint(trained, tmp_path, ca
     _, result = trained
     best = str(result.best_path)
     common = ["evaluate", best, "--device", "cpu", "--attack", "pgd", "--steps", "2"]
-    assert cli(*common, "--loss", "ce", "--out", str(tmp_path / "ok")) == 0
+    assert cli(*common, "--out", str(tmp_path / "ok")) == 0  # no --activation, no --loss
     records = read_records(tmp_path / "ok")
-    assert set(records["loss"]) == {"ce"} and set(records["class"]) == set(UWMGI_CLASSES)
+    assert set(records["loss"]) == {"ce", "dicece"}  # the softmax losses by default
+    assert set(records["class"]) == set(UWMGI_CLASSES)
     assert (records["tp_clean"] + records["fn_clean"] == records["gt_pixels"]).all()
     capsys.readouterr()
     for extra, said in [

@@ -33,6 +33,9 @@ Activation = Literal["sigmoid", "softmax"]
 ACTIVATIONS: tuple[str, ...] = ("sigmoid", "softmax")
 DEFAULT_LOSS = {"sigmoid": "dicefocal", "softmax": "dicece"}
 """The training loss of each activation when none is named (the paper's Dice + Focal; Dice + CE)."""
+DEFAULT_ATTACK_LOSSES = {"sigmoid": ("bce", "focal", "dicefocal"), "softmax": ("ce", "dicece")}
+"""The attack losses ``advseg evaluate`` takes when none is named: the paper's three for sigmoid
+models; for softmax ones, cross-entropy and the softmax training loss."""
 
 
 def check_activation(value: object, where: str = "activation") -> Activation:

@@ -26,8 +26,11 @@ def evaluate_command(
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     split: str = typer.Option("test", "--split", help="'test' (held-out cases) or 'all'."),
     attack: list[str] = typer.Option(["fgsm"], "--attack", help="Attack name (repeatable)."),
-    loss: list[str] = typer.Option(
-        ["bce", "focal", "dicefocal"], "--loss", help="Attack loss (repeatable)."
+    loss: list[str] | None = typer.Option(
+        None,
+        "--loss",
+        help="Attack loss (repeatable). Default: bce, focal, dicefocal for a sigmoid checkpoint; "
+        "ce, dicece for a softmax one.",
     ),
     eps: list[float] = typer.Option([0.009], "--eps", help="Budget (repeatable)."),
     steps: int | None = typer.Option(
@@ -92,7 +95,7 @@ def evaluate_command(
     slices over several processes or GPUs.
     """
     catalogue.check_names("attack", attack, "--attack")  # a typo answered before torch loads
-    catalogue.check_names("loss", loss, "--loss")
+    catalogue.check_names("loss", loss or [], "--loss")
     from advseg import distributed
     from advseg.cli.table_ii import table_ii
     from advseg.data.location import data_argument
@@ -117,7 +120,7 @@ def evaluate_command(
         cache_dir=cache_dir,
         split=split,
         attacks=list(attack),
-        losses=list(loss),
+        losses=list(loss) or None if loss else None,
         eps=list(eps),
         attack_options=options,
         protocol=protocol,

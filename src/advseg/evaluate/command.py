@@ -45,7 +45,9 @@ class EvaluateConfig:
             :func:`advseg.data.cache_root`.
         split: ``test`` (the cases the checkpoint held out, its own ``test_fraction`` and
             ``split_seed``) or ``all``.
-        attacks, losses, eps: the sweep.
+        attacks, losses, eps: the sweep; ``losses`` None: each checkpoint's activation's
+            (:data:`advseg.labels.DEFAULT_ATTACK_LOSSES`: bce, focal, dicefocal for sigmoid;
+            ce, dicece for softmax).
         attack_options: options for the attacks (``steps``, ``norm``, ...); each attack gets the
             ones it accepts, and an option no attack of the sweep accepts is an error.
         protocol: the Dice protocol of the summary (``paper``, ``per-class``, ``global``).
@@ -66,7 +68,7 @@ class EvaluateConfig:
     cache_dir: Path | None = None
     split: str = "test"
     attacks: list[str] = field(default_factory=lambda: ["fgsm"])
-    losses: list[str] = field(default_factory=lambda: ["bce", "focal", "dicefocal"])
+    losses: list[str] | None = None
     eps: list[float] = field(default_factory=lambda: [0.009])
     attack_options: dict[str, Any] = field(default_factory=dict)
     protocol: str = DEFAULT_PROTOCOL
@@ -139,7 +141,7 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
     from advseg.data import load_data, saved_preprocess, split_cases
     from advseg.data.location import data_note, first_line
     from advseg.defences import create_defence, defend, defended_name
-    from advseg.labels import checkpoint_activation
+    from advseg.labels import DEFAULT_ATTACK_LOSSES, checkpoint_activation
     from advseg.models.checkpoint import (
         check_compatible,
         load_checkpoint,
@@ -168,7 +170,7 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
         raise UserError(f"split: {config.split!r} is not 'test' or 'all'")
     for name in config.attacks:
         attack_options(name)  # unknown names fail before any model or data is loaded
-    for name in config.losses:
+    for name in config.losses or []:
         if name not in LOSSES:
             raise UserError(f"--loss: {LOSSES.unknown_message(name)}")
     for spec in config.defences:
@@ -199,7 +201,8 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
             continue  # not readable: load_checkpoint says why, in its own words, below
         given = config.attack_options.get("activation")
         where = str(checkpoint)
-        check_losses(config.losses, checkpoint_activation(own, given, where), where)
+        activation = checkpoint_activation(own, given, where)
+        check_losses(config.losses or DEFAULT_ATTACK_LOSSES[activation], activation, where)
     distributed.init()
     console = Console(stderr=True, quiet=not (progress and distributed.is_main()))
     device = resolve_device(config.device)
@@ -216,6 +219,7 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
         activation = checkpoint_activation(
             meta.activation, config.attack_options.get("activation"), str(checkpoint)
         )
+        losses = list(config.losses or DEFAULT_ATTACK_LOSSES[activation])
         checkpoint_name = checkpoint_label(checkpoint)
         if checkpoint_name in slices:
             raise UserError(
@@ -257,7 +261,7 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
                 what = f"{model_name}, {attack} eps {','.join(f'{e:g}' for e in group)}"
                 with cell_progress(console, f"{what} on {len(rows)} slices") as on_batch:
                     results = evaluate_sweep(
-                        model, data, rows, attack, dict.fromkeys(group, config.losses),
+                        model, data, rows, attack, dict.fromkeys(group, losses),
                         model_name=model_name,
                         arch=meta.model, attack_kwargs=options, batch_size=config.batch_size,
                         examples=config.examples, erase=config.erase, on_batch=on_batch,
