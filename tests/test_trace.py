@@ -146,3 +146,18 @@ def test_cell_trace_weighs_batches_by_their_slices():
     trace = cell_trace(batches, ["bce"], model="m", attack="pgd", eps=0.1)
     assert trace["mean_loss"].tolist() == [2.0, 3.0]
     assert trace["mean_dice"].tolist() == pytest.approx([0.4, 0.3])
+
+
+def test_a_softmax_trace_leaves_the_background_out_as_the_records_do():
+    from advseg.evaluate import evaluate_sweep
+    from advseg.labels import softmax_target
+    from test_evaluate import MemoryData
+
+    data = MemoryData(6)
+    data.masks = softmax_target(data.masks)[:, 1:]  # no overlap: the records' masks are its target
+    model = tiny_net(classes=4).eval()  # background + 3 classes
+    kw = {"model_name": "soft", "arch": "unet", "batch_size": 6}
+    kw["attack_kwargs"] = {"steps": 2, "activation": "softmax"}
+    (result,) = evaluate_sweep(model, data, range(6), "pgd", {0.05: ["ce"]}, trace=True, **kw)
+    last = result.trace[result.trace["step"] == 2].iloc[0]
+    assert last["mean_dice"] == pytest.approx(result.records["dice_adv"].mean(), abs=1e-9)

@@ -138,7 +138,7 @@ class Attack:
         last call, one entry per step (per gradient; restarts one after another), the last one
         the returned images'. The loss is the attack's loss to ``y`` (to the target, when
         targeted), the Dice the mean over (sample, class) of the hard prediction's Dice to ``y``
-        (1 where both are empty)."""
+        (1 where both are empty); softmax: over the classes after channel 0, the background."""
         self._states: list[tuple[float, float]] = []
 
     def __call__(self, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
@@ -208,6 +208,8 @@ class Attack:
             pred = hard_prediction(logits, self.activation)  # (B, K, H, W) bool
             if y.dim() != logits.dim():  # (B, H, W) class indices
                 y = F.one_hot(y.long(), logits.shape[1]).permute(0, 3, 1, 2)
+            if self.activation == "softmax":  # channel 0 is the background (advseg.labels)
+                pred, y = pred[:, 1:], y[:, 1:]
             dice = float(dice_score(pred, y > 0.5).mean())
         self._states.append((loss, dice))
 
