@@ -72,6 +72,22 @@ def test_train_without_data_is_refused_naming_both_choices(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (["--adv-train", "pgdd"], "--adv-train: unknown adversarial training method 'pgdd'"),
+        (["--select-by", "robst"], "--select-by: 'robst' is not one of"),
+        (["--adv-train", "pgd", "--adv-eps", "-1"], "--adv-eps: eps must be a finite number"),
+        (["--precision", "fp33"], "--precision: 'fp33' is not one of"),
+    ],
+)
+def test_a_bad_setting_names_the_option_typed(tmp_path, capsys, extra, said):
+    args = ["train", "--out", str(tmp_path / "run"), "--data", "synthetic"]
+    assert cli([*args, "--cache-dir", str(tmp_path / "cache"), *extra]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {said}")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
 def test_train_on_the_phantom_says_so_first_and_stores_it(tmp_path, capsys, monkeypatch):
     import advseg.data.synth as synth_module
 

@@ -11,6 +11,7 @@ from advseg import catalogue
 from advseg.catalogue import DEFAULT_PROTOCOL
 from advseg.cli.console import console
 from advseg.cli.data import CACHE_HELP
+from advseg.cli.flags import options_named
 from advseg.errors import UserError
 
 
@@ -132,7 +133,8 @@ def evaluate_command(
         defences=list(defence),
         trace=trace,
     )
-    result = evaluate(config, progress=True)
+    with options_named(("protocol", "split", "device")):  # as typed, not the library's keys
+        result = evaluate(config, progress=True)
     if not distributed.is_main():
         return
     terminal = console()

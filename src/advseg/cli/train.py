@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -21,30 +18,18 @@ from advseg.cli.data import (
     label_settings,
     no_data,
 )
+from advseg.cli.flags import options_named
 from advseg.config import from_dict, load_yaml, to_dict
 from advseg.errors import UserError
 
-_FLAGS = {"num_workers": "--workers"}
-
-
-@contextmanager
-def options_named(options: dict[str, object], file: Path | None) -> Iterator[None]:
-    """Say ``--lr`` (the option typed) where a library error names the key ``train.lr``.
-
-    Keys not given on the command line came from the ``--config`` file, whose name is put first.
-    """
-    try:
-        yield
-    except UserError as err:
-        message = str(err)
-        match = re.match(r"^(?:train\.|preprocess\.|data\.)?([a-z_]+)(?=[:. ])", message)
-        key = match.group(1) if match else None
-        if key in options:
-            flag = _FLAGS.get(key, "--" + key.replace("_", "-"))
-            raise UserError(flag + message[match.end() :]) from None
-        if key is not None and file is not None and not message.startswith(str(file)):
-            raise UserError(f"{file}: {message}") from None
-        raise
+_FLAGS = {
+    "num_workers": "--workers",
+    "adversarial.method": "--adv-train",
+    "adversarial.select_by": "--select-by",
+    "adversarial.select_attack": "--select-attack",
+    "adversarial.select_steps": "--select-steps",
+}
+"""Settings whose option is not ``--key`` (``adversarial.eps`` is ``--adv-eps``)."""
 
 
 def train(
@@ -218,7 +203,8 @@ def train(
         values["tensorboard"] = True
     typed = {**given, "test_fraction": test_fraction, "val_fraction": val_fraction}
     typed.update(size=size, channels=channels, resize=resize)
-    with options_named(typed, file=config):
+    typed.update({f"adversarial.{key}": value for key, value in adversarial.items()})
+    with options_named(typed, file=config, flags=_FLAGS):
         train_config = from_dict(TrainConfig, values)
         if no_augment:
             train_config.augment.enabled = False
