@@ -42,14 +42,18 @@ def test_write_then_load_round_trips(tmp_path, monkeypatch):
 
 def _registry_check(kind: str, name: str) -> None:
     from advseg.attacks import attack_options
+    from advseg.defences import create_defence
     from advseg.losses import create_loss
     from advseg.models.zoo import resolve
 
-    {"model": resolve, "attack": attack_options, "loss": create_loss}[kind](name)
+    check = {"model": resolve, "attack": attack_options, "loss": create_loss}
+    check["defence"] = create_defence
+    check[kind](name)
 
 
 @pytest.mark.parametrize(
-    ("kind", "typo"), [("model", "unett"), ("attack", "pgdd"), ("loss", "bcee")]
+    ("kind", "typo"),
+    [("model", "unett"), ("attack", "pgdd"), ("loss", "bcee"), ("defence", "medain")],
 )
 def test_check_names_answers_as_the_registry_does(kind, typo):
     with pytest.raises(UserError) as fast:
@@ -59,9 +63,11 @@ def test_check_names_answers_as_the_registry_does(kind, typo):
     assert str(fast.value) == f"--flag: {slow.value}"
     listed = catalogue.load()
     valid = {"model": listed.models[0].name, "attack": listed.attacks[0].name}
+    valid["defence"] = listed.defences[0].name
     catalogue.check_names(kind, [valid.get(kind, listed.losses[0][0])], "--flag")
 
 
 def test_check_names_leaves_open_names_to_the_library():
     catalogue.check_names("model", ["smp:FPN:resnet34", "unet"], "--model")
     catalogue.check_names("attack", ["pgd+bpda", "pgd+nonsense"], "--attack")  # suffix: attacks'
+    catalogue.check_names("defence", ["none", "median:3", "jpeg:x"], "--defence")  # value: theirs

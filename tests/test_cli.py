@@ -72,6 +72,7 @@ def test_every_command_help_and_the_listings_answer_without_torch(args):
             "--attack: unknown attack 'pgdd'",
         ),
         (["evaluate", "ckpt", "--out", "{out}", "--loss", "bcee"], "--loss: unknown loss 'bcee'"),
+        (["evaluate", "ckpt", "--out", "{out}", "--defence", "medain:3"], "--defence: unknown"),
         (
             ["train", "--out", "{out}", "--data", "synthetic", "--model", "unett"],
             "--model: unknown",

@@ -95,12 +95,12 @@ SMP_NAMES = "smp:<Arch>:<encoder>"
 
 
 def check_names(
-    kind: Literal["model", "attack", "loss"], names: Iterable[str | None], flag: str
+    kind: Literal["model", "attack", "loss", "defence"], names: Iterable[str | None], flag: str
 ) -> None:
     """Refuse a mistyped name before torch is imported: ``FLAG: unknown KIND ...``, worded as its
-    registry words it (:func:`advseg.registry.unknown_message`). None is skipped; ``smp:`` model
-    names and an attack's adaptive suffixes are left to the library, which checks every name
-    again.
+    registry words it (:func:`advseg.registry.unknown_message`). None (and the defence ``none``)
+    is skipped; ``smp:`` model names, an attack's adaptive suffixes (``pgd+bpda``) and a
+    defence's value (``median:3``) are left to the library, which checks every name again.
 
     Raises:
         UserError: a name the catalogue (and so the registry) lacks.
@@ -113,12 +113,14 @@ def check_names(
         "model": [m.name for m in listed.models],
         "attack": [a.name for a in listed.attacks],
         "loss": [name for name, _ in listed.losses],
+        "defence": [d.name for d in listed.defences],
     }[kind]
     for name in names:
         if name is None or (kind == "model" and name.startswith("smp:")):
             continue
-        base = name.split("+")[0] if kind == "attack" else name
-        if base not in valid:
+        base = {"attack": name.split("+")[0], "defence": name.strip().partition(":")[0]}
+        base = base.get(kind, name)
+        if base not in valid and not (kind == "defence" and base in ("", "none")):
             extra = f", or {SMP_NAMES}" if kind == "model" else ""
             raise UserError(f"{flag}: {unknown_message(kind, base, valid)}{extra}")
 

@@ -97,6 +97,7 @@ def evaluate_command(
     """
     catalogue.check_names("attack", attack, "--attack")  # a typo answered before torch loads
     catalogue.check_names("loss", loss or [], "--loss")
+    catalogue.check_names("defence", defence, "--defence")
     from advseg import distributed
     from advseg.cli.table_ii import table_ii
     from advseg.data.location import data_argument
