@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
 from typing import Literal
@@ -32,6 +32,8 @@ PATH = Path(__file__).with_name("catalogue.json")
 IN_CHANNELS, CLASSES = 3, 3
 """The sizes the parameter counts of :attr:`Catalogue.models` are for (``advseg models``'
 defaults; other sizes are counted on models built on the meta device)."""
+SMP_NAMES = "smp:<Arch>:<encoder>"
+"""The open-ended model names (:func:`advseg.models.zoo.resolve` checks them)."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ class Catalogue:
     attacks: tuple[AttackRow, ...] = ()
     losses: tuple[tuple[str, str], ...] = ()  # (name, help)
     defences: tuple[DefenceRow, ...] = ()
-    sizes: tuple[int, int] = field(default=(IN_CHANNELS, CLASSES))
+    sizes: tuple[int, int] = (IN_CHANNELS, CLASSES)
 
 
 @cache
@@ -88,10 +90,6 @@ def load() -> Catalogue:
         defences=tuple(DefenceRow(**row) for row in raw["defences"]),
         sizes=tuple(raw["sizes"]),
     )
-
-
-SMP_NAMES = "smp:<Arch>:<encoder>"
-"""The open-ended model names (:func:`advseg.models.zoo.resolve` checks them)."""
 
 
 def check_names(
@@ -152,7 +150,7 @@ def collect() -> Catalogue:
 
 
 def write(catalogue: Catalogue, path: Path = PATH) -> None:
-    """Write ``catalogue`` as JSON (atomically), one entry per line group, for readable diffs."""
+    """Write ``catalogue`` as indented JSON (atomically), so that a change reads as a small diff."""
     from advseg.atomic import write_text_atomic
 
     raw = asdict(catalogue)
