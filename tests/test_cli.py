@@ -89,6 +89,21 @@ def test_mistyped_names_are_refused_before_torch_loads(tmp_path, args, said):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["run", "papr"], "papr: no such experiment file (shipped experiments: demo, paper)"),
+        (["run", "paper", "--out", "{out}"], "paper: data: no data set given: pass --data"),
+        (["train", "--out", "{out}"], "no data set given: pass --data PATH"),
+    ],
+)
+def test_a_missing_experiment_or_data_set_is_refused_before_torch_loads(tmp_path, args, said):
+    args = [a.format(out=tmp_path / "out") for a in args]
+    done = _advseg_without(args, 2)
+    assert done.stderr.startswith(f"error: {said}")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_models_at_other_sizes_counts_built_models():
     from advseg.models import model_info

@@ -12,7 +12,9 @@ name on the command line with it in a fraction of a second; every name used for 
 again and built by its registry.
 
 The Dice protocols (:mod:`advseg.summary` computes them) are named here too, so that command
-options can show their default without importing pandas.
+options can show their default without importing pandas, and so are the shipped experiment files
+(:func:`find_experiment`) and the sentence naming the data choices (:data:`NO_DATA`): a mistyped
+experiment name or a missing ``--data`` is answered before torch loads.
 """
 
 from __future__ import annotations
@@ -21,12 +23,22 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Literal
+
+from advseg.errors import UserError
 
 PROTOCOLS: tuple[str, ...] = ("paper", "per-class", "global")
 DEFAULT_PROTOCOL = "per-class"
 """The Dice protocol of every command unless told otherwise (evaluate, run, report, certify)."""
+
+#: The choices a command given no data set names.
+DATA_CHOICES = (
+    "pass --data PATH (a data directory: Kaggle layout or NIfTI) or --data synthetic (the "
+    "synthetic phantom, generated images)"
+)
+NO_DATA = f"no data set given: {DATA_CHOICES}; in a YAML file, set data.path"
 
 PATH = Path(__file__).with_name("catalogue.json")
 IN_CHANNELS, CLASSES = 3, 3
@@ -161,3 +173,26 @@ def write(catalogue: Catalogue, path: Path = PATH) -> None:
 if __name__ == "__main__":  # python -m advseg.catalogue: rewrite catalogue.json from the registries
     write(collect())
     print(f"wrote {PATH}")
+
+
+def packaged_config(name: str) -> Path | None:
+    """The experiment file shipped with advseg under ``name`` (``demo``, ``paper.yaml``), if any."""
+    stem = name.removesuffix(".yaml")
+    path = Path(str(resources.files("advseg") / "configs" / f"{stem}.yaml"))
+    return path if path.is_file() else None
+
+
+def find_experiment(path_or_name: str | Path) -> Path:
+    """An experiment file: ``path_or_name`` when it exists, else a shipped one of that name.
+
+    Raises:
+        UserError: neither exists (the shipped names are listed).
+    """
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    shipped = packaged_config(path.name) if path.parent == Path(".") else None
+    if shipped is not None:
+        return shipped
+    names = sorted(p.stem for p in resources.files("advseg").joinpath("configs").iterdir())
+    raise UserError(f"{path}: no such experiment file (shipped experiments: {', '.join(names)})")

@@ -38,9 +38,10 @@ CACHE_HELP = (
 def no_data(last: Path | None = None) -> UserError:
     """The refusal of a command given no ``--data``: what to pass, and for ``train --resume``
     (``last``: the run's last checkpoint) the data set that run trained on."""
-    from advseg.data.location import DATA_CHOICES, SYNTHETIC
+    from advseg.catalogue import DATA_CHOICES
 
     if last is not None:
+        from advseg.data.location import SYNTHETIC
         from advseg.models.checkpoint import checkpoint_exists, read_metadata
 
         if checkpoint_exists(last):

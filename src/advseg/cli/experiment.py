@@ -8,9 +8,11 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from advseg import catalogue
 from advseg.cli.console import console
 from advseg.cli.data import CACHE_HELP
 from advseg.cli.report import print_report
+from advseg.config import load_yaml
 from advseg.errors import UserError
 
 if TYPE_CHECKING:
@@ -77,11 +79,13 @@ def run(
     Under torchrun (`torchrun --nproc-per-node N -m advseg run ...`) training uses
     DistributedDataParallel and each cell's slices are sharded over the ranks; rank 0 writes.
     """
+    path = catalogue.find_experiment(experiment)  # a typo answered before torch loads
+    if data is None:
+        _refuse_unnamed_data(path, experiment)
     from advseg import distributed
     from advseg.data.location import data_argument
-    from advseg.experiment import check_config, find_experiment, load_experiment, run_experiment
+    from advseg.experiment import check_config, load_experiment, run_experiment
 
-    path = find_experiment(experiment)
     config = load_experiment(path)
     if compat is not None:
         try:
@@ -98,6 +102,18 @@ def run(
     result = run_experiment(config, run_dir, progress=True)
     if distributed.is_main():  # under torchrun every rank ran the grid; rank 0 prints
         _print_result(result, console())
+
+
+def _refuse_unnamed_data(path: Path, named: str) -> None:
+    """Refuse, before torch loads, an experiment that names no data set when ``--data`` is not
+    given (``paper.yaml`` names none), naming the experiment as typed (``named``); anything
+    else in the file is checked by its loader."""
+    settings = load_yaml(path)
+    if not isinstance(settings, dict):
+        return
+    data = settings.get("data")
+    if data is None or (isinstance(data, dict) and not data.get("path")):
+        raise UserError(f"{named}: data: {catalogue.NO_DATA}")
 
 
 def _with_encoder_weights(config: ExperimentConfig, given: list[str]) -> ExperimentConfig:

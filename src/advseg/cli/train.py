@@ -150,14 +150,14 @@ def train(
     catalogue.check_names("model", [model], "--model")  # a typo answered before torch loads
     catalogue.check_names("loss", [loss], "--loss")
     catalogue.check_names("loss", [adv_loss], "--adv-loss")
+    if data is None:
+        raise no_data(out / "checkpoints" / "last" if resume else None)
     from advseg import distributed
     from advseg.data import DataConfig, PreprocessConfig
     from advseg.data.location import data_argument, first_line
     from advseg.defences import describe
     from advseg.train import TrainConfig, train_on_data
 
-    if data is None:
-        raise no_data(out / "checkpoints" / "last" if resume else None)
     settings = {} if config is None else load_yaml(config) or {}
     options = {
         "model": model,

@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from advseg.catalogue import NO_DATA
 from advseg.errors import UserError
 
 if TYPE_CHECKING:
@@ -27,13 +28,7 @@ if TYPE_CHECKING:
 #: The data "path" that names the phantom (``--data synthetic``, YAML ``data.path: synthetic``).
 SYNTHETIC = "synthetic"
 
-#: The choices a command given no data set names.
-DATA_CHOICES = (
-    "pass --data PATH (a data directory: Kaggle layout or NIfTI) or --data synthetic (the "
-    "synthetic phantom, generated images)"
-)
 #: What the library answers when no data set is named.
-NO_DATA = f"no data set given: {DATA_CHOICES}; in a YAML file, set data.path"
 
 #: How a run on the phantom is named in output lines, table titles and captions.
 PHANTOM_LABEL = "synthetic phantom"

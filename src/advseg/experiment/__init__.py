@@ -24,12 +24,11 @@ The package, one idea per module (every name importable from ``advseg.experiment
 - :mod:`.run`: :func:`run_experiment`, from the checks to the report.
 """
 
+from advseg.catalogue import find_experiment, packaged_config
 from advseg.experiment.check import (
     check_config,
     check_encoder_mapping,
-    find_experiment,
     load_experiment,
-    packaged_config,
     trained_activations,
 )
 from advseg.experiment.config import (

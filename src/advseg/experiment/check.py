@@ -5,7 +5,6 @@ duplicates, encoder mappings, softmax models in cross-model studies), each a one
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -174,29 +173,6 @@ def trained_activations(config: ExperimentConfig) -> dict[str, str]:
     return {
         m.name: model_train_config(config, m).activation for m in config.models if trained_here(m)
     }
-
-
-def packaged_config(name: str) -> Path | None:
-    """The experiment file shipped with advseg under ``name`` (``demo``, ``paper.yaml``), if any."""
-    stem = name.removesuffix(".yaml")
-    path = Path(str(resources.files("advseg") / "configs" / f"{stem}.yaml"))
-    return path if path.is_file() else None
-
-
-def find_experiment(path_or_name: str | Path) -> Path:
-    """An experiment file: ``path_or_name`` when it exists, else a shipped one of that name.
-
-    Raises:
-        UserError: neither exists (the shipped names are listed).
-    """
-    path = Path(path_or_name)
-    if path.is_file():
-        return path
-    shipped = packaged_config(path.name) if path.parent == Path(".") else None
-    if shipped is not None:
-        return shipped
-    names = sorted(p.stem for p in resources.files("advseg").joinpath("configs").iterdir())
-    raise UserError(f"{path}: no such experiment file (shipped experiments: {', '.join(names)})")
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:
