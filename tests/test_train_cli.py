@@ -158,3 +158,21 @@ def test_train_on_nifti_with_labels_and_strict_labels(tmp_path, capsys):
     # resumed with the other resize (the default pad): one line saying what to pass
     assert cli([*args, "--out", str(tmp_path / "run2"), "--resume"]) == 2
     assert "resume with --resize stretch" in capsys.readouterr().err
+
+
+def test_batch_size_takes_the_papers_names(tmp_path, capsys):
+    from advseg.cli.train import _batch_size
+
+    assert [_batch_size(v) for v in ("notebook", "text", "32", None)] == [
+        "notebook",
+        "text",
+        32,
+        None,
+    ]
+    args = ["train", "--out", str(tmp_path / "run"), "--data", "synthetic", "--batch-size"]
+    assert cli([*args, "sixteen"]) == 2
+    said = capsys.readouterr().err.strip()
+    assert said == (
+        "error: --batch-size: 'sixteen' is no whole number and no name: text (64), notebook (16)"
+    )
+    assert not (tmp_path / "run").exists()

@@ -65,8 +65,11 @@ def train(
         None, "--loss", help="Training loss (default: dicefocal for sigmoid, dicece for softmax)."
     ),
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default 15)."),
-    batch_size: int | None = typer.Option(
-        None, "--batch-size", help="Images per step per rank (default 16)."
+    batch_size: str | None = typer.Option(
+        None,
+        "--batch-size",
+        help="Images per step per rank, a number or the paper's names: text (64, the paper's "
+        "text), notebook (16, its notebook) (default 16).",
     ),
     lr: float | None = typer.Option(None, "--lr", help="AdamW learning rate (default 3e-4)."),
     weight_decay: float | None = typer.Option(
@@ -165,7 +168,7 @@ def train(
         "activation": activation,
         "loss": loss,
         "epochs": epochs,
-        "batch_size": batch_size,
+        "batch_size": _batch_size(batch_size),
         "lr": lr,
         "weight_decay": weight_decay,
         "patience": patience,
@@ -252,3 +255,15 @@ def train(
     table.add_row("last checkpoint", str(result.last_path))
     table.add_row("settings", ", ".join(f"{k}={v}" for k, v in to_dict(train_config).items()))
     console().print(table)
+
+
+def _batch_size(given: str | None) -> int | str | None:
+    """``--batch-size``: a whole number, or a name of the paper's batch sizes (checked here)."""
+    from advseg.train.config import PAPER_BATCH_SIZES
+
+    if given is None or given in PAPER_BATCH_SIZES:
+        return given
+    if given.isdigit():
+        return int(given)
+    names = ", ".join(f"{k} ({v})" for k, v in PAPER_BATCH_SIZES.items())
+    raise UserError(f"--batch-size: {given!r} is no whole number and no name: {names}")
