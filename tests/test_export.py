@@ -31,7 +31,7 @@ from advseg.records import read_records
 from advseg.train import TrainConfig
 
 
-def _run(data_path, tmp_path, name: str):
+def _run(data_path, tmp_path, name: str, attack: AttackSpec | None = None, batch_size: int = 4):
     from advseg.augment import AugmentConfig
 
     config = ExperimentConfig(
@@ -44,8 +44,8 @@ def _run(data_path, tmp_path, name: str):
             epochs=1, batch_size=4, device="cpu", augment=AugmentConfig(enabled=False)
         ),
         models=[ModelSpec(arch="unet-tiny")],
-        attacks=[AttackSpec(name="fgsm", losses=["bce"], eps=[0.03])],
-        evaluation=EvaluationSpec(batch_size=4, examples=0),
+        attacks=[attack or AttackSpec(name="fgsm", losses=["bce"], eps=[0.03])],
+        evaluation=EvaluationSpec(batch_size=batch_size, examples=0),
         report=False,
     )
     run_dir = tmp_path / name
@@ -82,6 +82,49 @@ def test_export_writes_pngs_and_reproduces_fgsm_records(phantom_run, tmp_path):
     assert again.slices == result.slices[:1]
     first = (tmp_path / "x" / entry["adversarial"]).read_bytes()
     assert (tmp_path / "y" / entry["adversarial"]).read_bytes() == first  # deterministic
+
+
+def test_export_reproduces_random_starts_by_running_the_runs_batches(tmp_path):
+    from advseg.evaluate.cells import evaluate_cell
+    from advseg.models import load_checkpoint
+
+    write_synthetic(tmp_path / "data", cases=3, scans=1, slices=16, seed=0)
+    pgd = AttackSpec(name="pgd", losses=["bce"], eps=[0.03], kwargs={"steps": 2})
+    run_dir = _run(tmp_path / "data", tmp_path, "pgd", attack=pgd, batch_size=2)
+    records = read_records(run_dir)
+    evaluated = records["slice_id"].drop_duplicates().tolist()
+    assert len(evaluated) >= 5
+    picked = [evaluated[-1], evaluated[3], evaluated[0]]  # batches 0, 1 and the last
+    result = export_cell(run_dir, slices=picked, out=tmp_path / "x", device="cpu")
+    assert result.slices == picked
+    assert result.reproduced == 3  # the very random starts of the run: every pixel count
+
+    # the same slices attacked as one fresh batch draw other starts: the records differ
+    net, meta = load_checkpoint(run_dir / "models" / "unet-tiny" / "checkpoints" / "best")
+    data = load_data(DataConfig(path=tmp_path / "data", cache_dir=tmp_path / "cache",
+                                preprocess=PreprocessConfig(size=32)))  # fmt: skip
+    rows = [int(np.flatnonzero(data.index["id"] == s)[0]) for s in picked]
+    fresh = evaluate_cell(net, data, rows, "pgd", ["bce"], 0.03, model_name="unet-tiny",
+                          arch=meta.model, attack_kwargs={"steps": 2, "seed": 0})  # fmt: skip
+    columns = ["slice_id", "class", "tp_adv", "fp_adv", "fn_adv"]
+    ran = records[records["slice_id"].isin(picked)][columns].sort_values(columns[:2])
+    drawn = fresh.records[columns].sort_values(columns[:2])
+    assert not np.array_equal(ran.to_numpy(), drawn.to_numpy())
+
+
+def test_export_rebuilds_a_targeted_cell_of_an_evaluate_output(phantom_run, tmp_path):
+    from advseg.evaluate import EvaluateConfig, evaluate
+
+    checkpoint = phantom_run / "models" / "unet-tiny" / "checkpoints" / "best"
+    out = tmp_path / "erase"
+    config = EvaluateConfig(checkpoints=[checkpoint], out=out, attacks=["fgsm"], losses=["bce"],
+                            eps=[0.03], erase=["stomach"], device="cpu")  # fmt: skip
+    evaluate(config)
+    result = export_cell(out, checkpoint=checkpoint, count=2, out=tmp_path / "x", device="cpu")
+    assert result.cell["attack"] == "fgsm:erase=stomach"
+    document = json.loads((tmp_path / "x" / "export.json").read_text())
+    assert document["attack"]["erase"] == ["stomach"]
+    assert result.reproduced == 2  # FGSM toward the erased target: the recorded counts again
 
 
 def test_export_refuses_what_it_cannot_do_in_one_line(phantom_run, tmp_path):

@@ -9,9 +9,13 @@ slice: it loads the cell's checkpoint and the data that checkpoint was trained o
 options) on the chosen slices. Then it checks the result against the run: each slice's clean
 and adversarial pixel counts are compared with its records, and the comparison is written
 (``export.json``) and summed up in one line. A deterministic attack (FGSM) on the same kind of
-device reproduces the evaluated images; an attack with random starts (PGD, APGD, ...) draws its
-seeded start for these batches, so its images are a draw of the same attack rather than the
-very images evaluated, and the comparison says how far their Dice lies from the records'.
+device reproduces the evaluated images. An attack with random starts (PGD, APGD, ...) seeds
+them per batch number (:func:`advseg.evaluate.engine.draw_seed`), so for a run (whose
+``config.yaml`` gives the evaluation batch size, the seed and the attack options) the export
+runs the very batches that held the chosen slices, numbered as in the run (``only_batches``),
+and reproduces the evaluated images; an ``advseg evaluate`` output keeps no such settings, so
+there a random start is a seeded draw of the same attack, and the comparison says how far its
+Dice lies from the records'. Targeted (``:erase=``) and notebook cells are rebuilt too.
 
 What is written, under ``OUT`` (default ``RUN_DIR/export/<cell>__<loss>/``):
 
@@ -173,28 +177,41 @@ def locate_checkpoint(run_dir: Path, model: str, seed: int | None, config: dict)
 
 
 def attack_settings(label: str, config: dict, eps: float, loss: str) -> dict[str, Any]:
-    """How the cell's attack was built: ``attack`` (registry name), ``compat`` and ``kwargs``
-    (the run's ``attacks`` entry that lists this eps and loss; none outside a run).
+    """How the cell's attack was built: ``attack`` (registry name), ``compat``, ``erase`` (the
+    classes of a targeted ``:erase=`` label), ``kwargs`` (the run's ``seed`` and its
+    ``attacks`` entry that lists this eps and loss) and ``batch_size`` (the run's evaluation
+    batch size); outside a run (an ``advseg evaluate`` output keeps no config) the defaults and
+    ``batch_size`` None.
 
     Raises:
-        UserError: a targeted (``:erase=``) or adaptive (``+bpda``) label export cannot rebuild.
+        UserError: an adaptive (``+bpda``, ``+eot``) label, which export cannot rebuild.
     """
-    name, compat = label, "none"
+    from advseg.experiment.config import EvaluationSpec
+
+    name, compat, erase = label, "none", []
     if label.endswith(":notebook"):
         name, compat = label[: -len(":notebook")], "notebook"
+    if ":erase=" in name:
+        name, classes = name.split(":erase=", 1)
+        erase = classes.split("+")
     if ":" in name or "+" in name:
         raise UserError(
-            f"--attack {label}: export rebuilds plain and notebook attacks only (not targeted "
-            "or adaptive ones)"
+            f"--attack {label}: export rebuilds plain, targeted and notebook attacks only (not "
+            "adaptive ones)"
         )
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"seed": int(config.get("seed") or 0)} if config else {}
     for spec in config.get("attacks") or []:
         listed = [float(e) for e in spec.get("eps") or []]
         at_eps = not listed or any(abs(e - eps) < 1e-12 for e in listed)
         if spec.get("name") == name and loss in (spec.get("losses") or [loss]) and at_eps:
-            kwargs = dict(spec.get("kwargs") or {})
+            kwargs.update(spec.get("kwargs") or {})
             break
-    return {"attack": name, "compat": compat, "kwargs": kwargs}
+    batch_size = None
+    if config:
+        evaluation = config.get("evaluation") or {}
+        batch_size = int(evaluation.get("batch_size") or EvaluationSpec().batch_size)
+    return {"attack": name, "compat": compat, "erase": erase, "kwargs": kwargs,
+            "batch_size": batch_size}  # fmt: skip
 
 
 def _grey_png(array: np.ndarray) -> bytes:
@@ -272,7 +289,7 @@ def export_cell(
     """
     from advseg.data import intensity_range, load_data, restore_slice, saved_preprocess
     from advseg.data.nifti import canonical_geometry, read_volume
-    from advseg.evaluate.cells import evaluate_cell
+    from advseg.evaluate.cells import DEFAULT_BATCH_SIZE, evaluate_cell
     from advseg.labels import checkpoint_activation
     from advseg.models.checkpoint import check_compatible, load_checkpoint
     from advseg.report.tables import file_stem
@@ -302,17 +319,25 @@ def export_cell(
     loaded = load_data(trained_data_config(meta.data, path, preprocess, data, cache_dir))
     check_compatible(meta, path, in_channels=preprocess.channels, classes=list(loaded.classes))
     row_of = pd.Series(np.arange(len(loaded.index)), index=loaded.index["id"].to_numpy())
-    absent = [s for s in chosen if s not in row_of.index]
+    # A run's records list its slices in the order it attacked them: running the batches that
+    # hold the chosen slices, numbered as then, draws the same random starts (draw_seed).
+    batch_size = settings["batch_size"]
+    evaluated = cell["slice_id"].drop_duplicates().tolist() if batch_size else chosen
+    absent = [s for s in evaluated if s not in row_of.index]
     if absent:
         raise UserError(f"{', '.join(absent)}: not in the data set {loaded.location} (changed?)")
-    rows = row_of.loc[chosen].to_numpy()
+    rows = row_of.loc[evaluated].to_numpy()
+    where = {s: i for i, s in enumerate(evaluated)}
+    positions = [where[s] for s in chosen]
     kwargs = settings["kwargs"]
     kwargs["activation"] = checkpoint_activation(
         meta.activation, kwargs.get("activation"), str(path)
     )
     result = evaluate_cell(
         net, loaded, rows, settings["attack"], [loss], eps, model_name=name, arch=meta.model,
-        attack_kwargs=kwargs, examples=len(rows), compat=settings["compat"],
+        attack_kwargs=kwargs, batch_size=batch_size or DEFAULT_BATCH_SIZE, examples=positions,
+        only_batches=sorted({p // batch_size for p in positions}) if batch_size else None,
+        erase=settings["erase"], compat=settings["compat"],
     )  # fmt: skip
     shown = result.examples  # every chosen slice: images, masks, predictions
     order = [list(shown["slice_ids"]).index(s) for s in chosen]

@@ -98,7 +98,7 @@ def evaluate_cell(
     arch: str,
     attack_kwargs: dict[str, Any] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    examples: int = 0,
+    examples: int | Sequence[int] = 0,
     workers: int = 0,
     erase: Sequence[str] = (),
     on_batch: Callable[[int, int], None] | None = None,
@@ -106,6 +106,7 @@ def evaluate_cell(
     crafted: Crafted | None = None,
     source: str | None = None,
     keep_adversarial: bool = False,
+    only_batches: Sequence[int] | None = None,
 ) -> CellResult:
     """Evaluate one (model, attack, eps) cell over every loss on the slices ``rows``.
 
@@ -125,7 +126,8 @@ def evaluate_cell(
             always score against the multi-label masks.
         batch_size: slices per batch.
         examples: how many slices to return as arrays for figures: a seeded draw spread over
-            the cases (:func:`advseg.data.spread_rows`, seed 0), in the order of ``rows``.
+            the cases (:func:`advseg.data.spread_rows`, seed 0), in the order of ``rows``; or
+            the positions in ``rows`` of the slices to return.
         workers: DataLoader worker processes.
         erase: class names to make vanish: the attack becomes targeted, its target the true
             mask with these classes emptied. The records still score against the true mask,
@@ -140,6 +142,10 @@ def evaluate_cell(
         source: the ``source`` column of the records (default ``model_name``: white-box).
         keep_adversarial: return every slice's adversarial images (``CellResult.adversarial``),
             so that other models can be scored on them without crafting them again.
+        only_batches: run only these batches of ``rows`` (cut into ``batch_size`` batches),
+            numbered as in the whole pass: random starts are seeded by batch number
+            (:func:`advseg.evaluate.engine.draw_seed`), so their images and records are those
+            of the whole evaluation (what ``advseg export`` recomputes). Default: every batch.
 
     Returns:
         A :class:`CellResult`; under ``torch.distributed`` every rank gets the merged records.
@@ -153,7 +159,7 @@ def evaluate_cell(
         model, data, rows, attack, {eps: losses}, model_name=model_name, arch=arch,
         attack_kwargs=attack_kwargs, batch_size=batch_size, examples=examples, workers=workers,
         erase=erase, on_batch=on_batch, crafted=crafted, source=source,
-        keep_adversarial=keep_adversarial, compat=compat,
+        keep_adversarial=keep_adversarial, compat=compat, only_batches=only_batches,
     )[0]  # fmt: skip
 
 
@@ -168,7 +174,7 @@ def evaluate_sweep(
     arch: str,
     attack_kwargs: dict[str, Any] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    examples: int = 0,
+    examples: int | Sequence[int] = 0,
     workers: int = 0,
     erase: Sequence[str] = (),
     on_batch: Callable[[int, int], None] | None = None,
@@ -177,6 +183,7 @@ def evaluate_sweep(
     keep_adversarial: bool = False,
     trace: bool = False,
     compat: str = "none",
+    only_batches: Sequence[int] | None = None,
 ) -> list[CellResult]:
     """Evaluate several cells of one (model, attack), one per eps, in one pass over the data.
 
@@ -189,7 +196,8 @@ def evaluate_sweep(
     Args:
         cells: eps -> the losses of that cell (e.g. ``{0.009: ["bce", "focal"], 0.03: ["bce"]}``).
         model, data, rows, attack, model_name, arch, attack_kwargs, batch_size, examples,
-            workers, erase, source, keep_adversarial: as for :func:`evaluate_cell`.
+            workers, erase, source, keep_adversarial, only_batches: as for
+            :func:`evaluate_cell`.
         on_batch: called after each batch (attacked at every eps) with (done, total).
         crafted: as for :func:`evaluate_cell`, for a single cell only.
         trace: keep each cell's convergence trace (``CellResult.trace``): per loss and step the
@@ -243,14 +251,22 @@ def evaluate_sweep(
         model.to(memory_format=torch.channels_last)
 
     batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    mine = list(distributed.shard(range(len(batches))))  # whole batches, strided over ranks
+    wanted = list(range(len(batches)))
+    if only_batches is not None:
+        wanted = sorted({int(b) for b in only_batches})
+        if not wanted or wanted[0] < 0 or wanted[-1] >= len(batches):
+            raise ValueError(f"only_batches {only_batches}: not within 0..{len(batches) - 1}")
+    mine = list(distributed.shard(wanted))  # whole batches, strided over ranks
     positions = [p for b in mine for p in range(b * batch_size, b * batch_size + len(batches[b]))]
     loader = DataLoader(
         Subset(data.dataset(rows), positions), batch_size=batch_size, num_workers=workers
     )
     index = data.index
     # the example slices: seeded, spread over the cases (never the first ones of one case)
-    chosen = set(spread_positions(index["case"].to_numpy()[rows], examples).tolist())
+    if isinstance(examples, int):
+        chosen = set(spread_positions(index["case"].to_numpy()[rows], examples).tolist())
+    else:
+        chosen = {int(p) for p in examples}
     params = sum(p.numel() for p in model.parameters())
     frames: list[tuple[int, list[pd.DataFrame]]] = []  # per batch, one frame per eps
     shown: list[tuple[int, list[dict[str, np.ndarray]]]] = []
