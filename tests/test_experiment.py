@@ -170,8 +170,8 @@ def test_cli_run_names_the_bad_key_in_one_line(tmp_path, capsys):
 
     path = tmp_path / "exp.yaml"
     path.write_text("evaluation:\n  batch_size: big\n")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["run", str(path), "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as exit_info:  # data named: the file's own mistake is said
+        main(["run", str(path), "--out", str(tmp_path / "run"), "--data", "synthetic"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "exp.yaml: evaluation.batch_size: expected an integer" in err and "\n" not in err
