@@ -322,57 +322,41 @@ def _validate(
 
     With ``attack``, of the validation images attacked (robust validation Dice).
     """
-    with torch.inference_mode() if attack is None else torch.no_grad():
-        return _validate_pass(
-            net, dataset, config, loss_fn, device, dtype, memory_format, bar, epoch, attack
-        )
-
-
-def _validate_pass(
-    net: nn.Module,
-    dataset: Dataset,
-    config: TrainConfig,
-    loss_fn: nn.Module,
-    device: torch.device,
-    dtype: torch.dtype,
-    memory_format: torch.memory_format,
-    bar: Bar,
-    epoch: int,
-    attack: Attack | None,
-) -> tuple[float, float]:
-    net.eval()
-    rows = distributed.shard(list(range(len(dataset))))
-    loader = _loader(Subset(dataset, rows), config, epoch, shuffle=False, device=device)
-    what = "val" if attack is None else "robust val"
-    bar.start(f"epoch {epoch}/{config.epochs} {what}", len(loader))
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    counts = None  # (3, K): TP, FP, FN per class
-    for batch in loader:
-        image, mask = _to_device(batch, device, memory_format)
-        target = model_target(mask, config.activation)  # what the loss and the attack take
-        if attack is not None:  # the attack runs on the unwrapped model, in eval mode
+    # the attack, if any, takes its own gradients; inference mode would forbid them
+    with torch.no_grad(), torch.inference_mode(attack is None):
+        net.eval()
+        rows = distributed.shard(list(range(len(dataset))))
+        loader = _loader(Subset(dataset, rows), config, epoch, shuffle=False, device=device)
+        what = "val" if attack is None else "robust val"
+        bar.start(f"epoch {epoch}/{config.epochs} {what}", len(loader))
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        counts = None  # (3, K): TP, FP, FN per class
+        for batch in loader:
+            image, mask = _to_device(batch, device, memory_format)
+            target = model_target(mask, config.activation)  # what the loss and the attack take
+            if attack is not None:  # the attack runs on the unwrapped model, in eval mode
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    image = attack(image, target)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                image = attack(image, target)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = net(image).float()  # (B, K, S, S); softmax (B, K + 1, S, S)
-        loss_sum += loss_fn(logits, target).double()
-        predicted = class_prediction(logits, config.activation, config.threshold)  # (B, K, ...)
-        truth = mask > 0.5
-        batch_counts = torch.stack(
-            [
-                (predicted & truth).sum((0, 2, 3)),
-                (predicted & ~truth).sum((0, 2, 3)),
-                (~predicted & truth).sum((0, 2, 3)),
-            ]
-        ).double()  # (3, K)
-        counts = batch_counts if counts is None else counts + batch_counts
-        bar.advance()
-    if counts is None:  # this rank's shard is empty (fewer validation slices than ranks)
-        classes = model_spec(net).classes - (config.activation == "softmax")  # no background
-        counts = torch.zeros(3, classes, device=device, dtype=torch.float64)
-    totals = distributed.all_reduce_sum(torch.cat([loss_sum.view(1), counts.flatten()]))
-    loss = (totals[0] / len(dataset)).item()
-    return loss, global_dice(totals[1:].view(3, -1))
+                logits = net(image).float()  # (B, K, S, S); softmax (B, K + 1, S, S)
+            loss_sum += loss_fn(logits, target).double()
+            predicted = class_prediction(logits, config.activation, config.threshold)  # (B, K, ...)
+            truth = mask > 0.5
+            batch_counts = torch.stack(
+                [
+                    (predicted & truth).sum((0, 2, 3)),
+                    (predicted & ~truth).sum((0, 2, 3)),
+                    (~predicted & truth).sum((0, 2, 3)),
+                ]
+            ).double()  # (3, K)
+            counts = batch_counts if counts is None else counts + batch_counts
+            bar.advance()
+        if counts is None:  # this rank's shard is empty (fewer validation slices than ranks)
+            classes = model_spec(net).classes - (config.activation == "softmax")  # no background
+            counts = torch.zeros(3, classes, device=device, dtype=torch.float64)
+        totals = distributed.all_reduce_sum(torch.cat([loss_sum.view(1), counts.flatten()]))
+        loss = (totals[0] / len(dataset)).item()
+        return loss, global_dice(totals[1:].view(3, -1))
 
 
 def global_dice(counts: Tensor) -> float:
