@@ -112,19 +112,22 @@ def test_export_reproduces_random_starts_by_running_the_runs_batches(tmp_path):
     assert not np.array_equal(ran.to_numpy(), drawn.to_numpy())
 
 
-def test_export_rebuilds_a_targeted_cell_of_an_evaluate_output(phantom_run, tmp_path):
+def test_export_rebuilds_a_targeted_random_start_cell_of_an_evaluate_output(phantom_run, tmp_path):
     from advseg.evaluate import EvaluateConfig, evaluate
 
     checkpoint = phantom_run / "models" / "unet-tiny" / "checkpoints" / "best"
     out = tmp_path / "erase"
-    config = EvaluateConfig(checkpoints=[checkpoint], out=out, attacks=["fgsm"], losses=["bce"],
-                            eps=[0.03], erase=["stomach"], device="cpu")  # fmt: skip
+    config = EvaluateConfig(checkpoints=[checkpoint], out=out, attacks=["pgd"], losses=["bce"],
+                            eps=[0.03], erase=["stomach"], attack_options={"steps": 2},
+                            batch_size=2, device="cpu")  # fmt: skip
     evaluate(config)
-    result = export_cell(out, checkpoint=checkpoint, count=2, out=tmp_path / "x", device="cpu")
-    assert result.cell["attack"] == "fgsm:erase=stomach"
+    assert (out / "evaluate.yaml").is_file()  # its settings, for export
+    result = export_cell(out, count=3, out=tmp_path / "x", device="cpu")  # no --checkpoint
+    assert result.cell["attack"] == "pgd:erase=stomach"
     document = json.loads((tmp_path / "x" / "export.json").read_text())
     assert document["attack"]["erase"] == ["stomach"]
-    assert result.reproduced == 2  # FGSM toward the erased target: the recorded counts again
+    assert document["attack"]["kwargs"]["steps"] == 2 and document["attack"]["batch_size"] == 2
+    assert result.reproduced == 3  # its random starts and target: the recorded counts again
 
 
 def test_export_refuses_what_it_cannot_do_in_one_line(phantom_run, tmp_path):

@@ -10,12 +10,12 @@ options) on the chosen slices. Then it checks the result against the run: each s
 and adversarial pixel counts are compared with its records, and the comparison is written
 (``export.json``) and summed up in one line. A deterministic attack (FGSM) on the same kind of
 device reproduces the evaluated images. An attack with random starts (PGD, APGD, ...) seeds
-them per batch number (:func:`advseg.evaluate.engine.draw_seed`), so for a run (whose
-``config.yaml`` gives the evaluation batch size, the seed and the attack options) the export
-runs the very batches that held the chosen slices, numbered as in the run (``only_batches``),
-and reproduces the evaluated images; an ``advseg evaluate`` output keeps no such settings, so
-there a random start is a seeded draw of the same attack, and the comparison says how far its
-Dice lies from the records'. Targeted (``:erase=``) and notebook cells are rebuilt too.
+them per batch number (:func:`advseg.evaluate.engine.draw_seed`), so the export runs the very
+batches that held the chosen slices, numbered as in the evaluation (``only_batches``), with the
+batch size, seed and attack options of the run's ``config.yaml`` or of an ``advseg evaluate``
+output's ``evaluate.yaml``, and reproduces the evaluated images. An older evaluate output has
+neither: there a random start is a seeded draw of the same attack, and the comparison says how
+far its Dice lies from the records'. Targeted (``:erase=``) and notebook cells are rebuilt too.
 
 What is written, under ``OUT`` (default ``RUN_DIR/export/<cell>__<loss>/``):
 
@@ -146,10 +146,29 @@ def choose_slices(
 
 
 def _run_config(run_dir: Path) -> dict[str, Any]:
+    """The settings of ``run_dir`` in ``advseg run``'s ``config.yaml`` form: the run's own, or
+    an ``advseg evaluate`` output's ``evaluate.yaml`` put in that form (its checkpoints as the
+    models, its attack options as each attack's kwargs); ``{}`` for an output with neither."""
+    from advseg.attacks import attack_options
     from advseg.config import load_yaml
+    from advseg.evaluate.command import SETTINGS_FILE
+    from advseg.trained import checkpoint_label
 
-    path = run_dir / "config.yaml"
-    return (load_yaml(path) or {}) if path.is_file() else {}
+    if (run_dir / "config.yaml").is_file():
+        return load_yaml(run_dir / "config.yaml") or {}
+    if not (run_dir / SETTINGS_FILE).is_file():
+        return {}
+    settings = load_yaml(run_dir / SETTINGS_FILE) or {}
+    options = settings.get("attack_options") or {}
+    return {
+        "seed": int(options.get("seed", 0)),  # an attack's default seed, as evaluate left it
+        "models": [{"name": checkpoint_label(c), "checkpoint": c}
+                   for c in settings.get("checkpoints") or []],
+        "attacks": [{"name": name, "losses": settings.get("losses"), "eps": settings.get("eps"),
+                     "kwargs": {k: v for k, v in options.items() if k in attack_options(name)}}
+                    for name in settings.get("attacks") or []],
+        "evaluation": {"batch_size": settings.get("batch_size")},
+    }  # fmt: skip
 
 
 def locate_checkpoint(run_dir: Path, model: str, seed: int | None, config: dict) -> Path:

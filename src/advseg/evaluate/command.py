@@ -5,7 +5,9 @@ one that already holds a run is refused), loads each checkpoint with the data it
 (:func:`advseg.trained.trained_data_config`) and its held-out cases, runs the cells
 (:func:`~advseg.evaluate.cells.evaluate_sweep`, the eps of a single-step attack together:
 :func:`sweep_groups`) and writes ``records/<cell>.parquet``, ``examples/``, ``traces/``,
-``summary.csv`` (Table II with case-bootstrap intervals), ``data.json`` and ``provenance.json``.
+``summary.csv`` (Table II with case-bootstrap intervals), ``data.json``, ``provenance.json`` and
+``evaluate.yaml`` (the :class:`EvaluateConfig` itself: batch size, attack options, erase, compat,
+which ``advseg export`` needs to rebuild the very images).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +26,16 @@ from rich.console import Console
 from advseg import distributed
 from advseg.attacks import ATTACKS, parse_attack_name
 from advseg.compat import NOTEBOOK_ATTACKS, check_compat, compat_label
+from advseg.config import save_yaml
 from advseg.errors import UserError
 from advseg.evaluate.cells import DEFAULT_BATCH_SIZE, check_losses, evaluate_sweep
 from advseg.losses import LOSSES
 from advseg.progress import cell_progress
 from advseg.summary import DEFAULT_PROTOCOL
 from advseg.trained import checkpoint_label, trained_data_config
+
+SETTINGS_FILE = "evaluate.yaml"
+"""Where an ``advseg evaluate`` output keeps its :class:`EvaluateConfig`."""
 
 
 @dataclass
@@ -290,6 +296,8 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
         with atomic_path(summary_path) as tmp:
             table.assign(protocol=config.protocol).to_csv(tmp, index=False)
         write_text_atomic(out / "data.json", json.dumps(data_note(list(loaded.values()))))
+        where = [Path(c).absolute() for c in config.checkpoints]  # export finds them again
+        save_yaml(replace(config, checkpoints=where), out / SETTINGS_FILE)
         record_session(out, "advseg evaluate", device)
     cells = summarize_cells(records, config.protocol)
     return EvaluateResult(table, cells, files, summary_path, slices, locations)
