@@ -69,5 +69,16 @@ def test_check_names_answers_as_the_registry_does(kind, typo):
 
 def test_check_names_leaves_open_names_to_the_library():
     catalogue.check_names("model", ["smp:FPN:resnet34", "unet"], "--model")
-    catalogue.check_names("attack", ["pgd+bpda", "pgd+nonsense"], "--attack")  # suffix: attacks'
+    catalogue.check_names("attack", ["pgd+bpda", "apgd+eot+bpda"], "--attack")
     catalogue.check_names("defence", ["none", "median:3", "jpeg:x"], "--defence")  # value: theirs
+
+
+@pytest.mark.parametrize("typo", ["pgd+bpdx", "pgd+bpda+bpda"])
+def test_an_adaptive_suffix_typo_answers_as_the_library_does(typo):
+    from advseg.attacks import attack_options
+
+    with pytest.raises(UserError) as fast:
+        catalogue.check_names("attack", [typo], "--attack")
+    with pytest.raises(UserError) as slow:
+        attack_options(typo)
+    assert str(fast.value) == f"--attack: {slow.value}"

@@ -46,6 +46,8 @@ IN_CHANNELS, CLASSES = 3, 3
 defaults; other sizes are counted on models built on the meta device)."""
 SMP_NAMES = "smp:<Arch>:<encoder>"
 """The open-ended model names (:func:`advseg.models.zoo.resolve` checks them)."""
+ADAPTIVE_MODES = ("bpda", "eot")
+"""The suffixes of an adaptive attack name (``pgd+bpda+eot``, :mod:`advseg.attacks.adaptive`)."""
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,8 @@ def check_names(
 ) -> None:
     """Refuse a mistyped name before torch is imported: ``FLAG: unknown KIND ...``, worded as its
     registry words it (:func:`advseg.registry.unknown_message`). None (and the defence ``none``)
-    is skipped; ``smp:`` model names, an attack's adaptive suffixes (``pgd+bpda``) and a
-    defence's value (``median:3``) are left to the library, which checks every name again.
+    is skipped; ``smp:`` model names and a defence's value (``median:3``) are left to the
+    library, which checks every name again.
 
     Raises:
         UserError: a name the catalogue (and so the registry) lacks.
@@ -128,11 +130,31 @@ def check_names(
     for name in names:
         if name is None or (kind == "model" and name.startswith("smp:")):
             continue
+        if kind == "attack":
+            try:
+                parse_attack_name(name)  # its suffixes, worded as the library words them
+            except UserError as err:
+                raise UserError(f"{flag}: {err}") from None
         base = {"attack": name.split("+")[0], "defence": name.strip().partition(":")[0]}
         base = base.get(kind, name)
         if base not in valid and not (kind == "defence" and base in ("", "none")):
             extra = f", or {SMP_NAMES}" if kind == "model" else ""
             raise UserError(f"{flag}: {unknown_message(kind, base, valid)}{extra}")
+
+
+def parse_attack_name(name: str) -> tuple[str, tuple[str, ...]]:
+    """``pgd+bpda+eot`` -> ``("pgd", ("bpda", "eot"))``; an unknown or repeated suffix is a
+    UserError (the base name is the registry's to check)."""
+    base, *modes = str(name).split("+")
+    for mode in modes:
+        if mode not in ADAPTIVE_MODES:
+            raise UserError(
+                f"attack {name!r}: unknown adaptive suffix {mode!r}; valid: "
+                + ", ".join(f"+{m}" for m in ADAPTIVE_MODES)
+            )
+    if len(set(modes)) != len(modes):
+        raise UserError(f"attack {name!r}: a suffix is repeated")
+    return base, tuple(modes)
 
 
 def collect() -> Catalogue:

@@ -12,7 +12,7 @@ import inspect
 
 from torch import nn
 
-from advseg.attacks.adaptive import DEFAULT_EOT_SAMPLES, adaptive_model, parse_attack_name
+from advseg.attacks.adaptive import DEFAULT_EOT_SAMPLES, adaptive_model
 from advseg.attacks.apgd import APGD
 from advseg.attacks.asma import ASMA
 from advseg.attacks.base import ATTACKS, Attack, check_eps, frozen, model_logits
@@ -25,6 +25,7 @@ from advseg.attacks.pgd import PGD
 from advseg.attacks.sea import SEA
 from advseg.attacks.segpgd import SegPGD
 from advseg.attacks.universal import Universal
+from advseg.catalogue import parse_attack_name
 from advseg.errors import UserError
 from advseg.losses import PerSampleLoss
 

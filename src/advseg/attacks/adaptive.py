@@ -17,7 +17,9 @@ model robust. The adaptive attack sees through both:
 is built on the defended model's ``adaptive_view(bpda=..., eot_samples=...)``
 (:class:`advseg.defences.transforms.AdaptiveView`), which shares the model's parameters. The
 records' ``attack`` column keeps the full name, so naive and adaptive results sit side by side.
-A model without an input defence has no view: the adaptive attack equals the naive one.
+A model without an input defence has no view: the adaptive attack equals the naive one. The
+names are parsed by :func:`advseg.catalogue.parse_attack_name` (no torch: typos are answered
+at once).
 """
 
 from __future__ import annotations
@@ -26,22 +28,7 @@ from torch import nn
 
 from advseg.errors import UserError
 
-MODES = ("bpda", "eot")
 DEFAULT_EOT_SAMPLES = 8
-
-
-def parse_attack_name(name: str) -> tuple[str, tuple[str, ...]]:
-    """``pgd+bpda+eot`` -> ``("pgd", ("bpda", "eot"))``; an unknown suffix is a UserError."""
-    base, *modes = str(name).split("+")
-    for mode in modes:
-        if mode not in MODES:
-            raise UserError(
-                f"attack {name!r}: unknown adaptive suffix {mode!r}; valid: "
-                + ", ".join(f"+{m}" for m in MODES)
-            )
-    if len(set(modes)) != len(modes):
-        raise UserError(f"attack {name!r}: a suffix is repeated")
-    return base, tuple(modes)
 
 
 def adaptive_model(
