@@ -164,6 +164,19 @@ def test_a_loss_gives_the_same_records_whatever_losses_share_its_cell(model):
     pd.testing.assert_frame_equal(alone, shared)  # random starts drawn per (batch, loss)
 
 
+def test_only_batches_give_those_batches_records_of_the_whole_pass(model):
+    data = MemoryData()
+    kw = {"attack_kwargs": {"steps": 2}}
+    whole = _cell(model, data, range(10), "pgd", **kw)
+    part = _cell(model, data, range(10), "pgd", only_batches=[2, 0], examples=[9, 1], **kw)
+    ids = set(data.index["id"].iloc[[0, 1, 2, 3, 8, 9]])  # batches 0 and 2 (of 4, 4, 2 slices)
+    expected = whole.records[whole.records["slice_id"].isin(ids)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(part.records, expected)  # the same random starts
+    assert list(part.examples["slice_ids"]) == list(data.index["id"].iloc[[1, 9]])
+    with pytest.raises(ValueError, match="only_batches"):
+        _cell(model, data, range(10), "pgd", only_batches=[3], **kw)
+
+
 def test_examples_are_seeded_and_spread_over_cases(model):
     data = MemoryData()  # cases 1 (rows 0-3), 2 (rows 4-7), 3 (rows 8-9)
     rows = [4, 5, 6, 7, 8, 0]
