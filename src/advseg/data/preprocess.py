@@ -109,7 +109,7 @@ def normalize_intensity(image: np.ndarray, config: PreprocessConfig) -> np.ndarr
         image: ``(H, W)`` raw intensities (uint16 MRI, float CT, ...).
     """
     x = np.clip(image.astype(np.float32), 0, None)
-    low, high = intensity_range(image, config)
+    low, high = _range_of(x, config)
     if high - low <= 0:
         return np.zeros_like(x)  # blank slice: never divide by zero, never NaN
     return np.clip((x - low) / (high - low), 0, 1)
@@ -119,7 +119,11 @@ def intensity_range(image: np.ndarray, config: PreprocessConfig) -> tuple[float,
     """The raw intensities ``(low, high)`` that :func:`normalize_intensity` maps to 0 and 1 for
     the ``(H, W)`` slice ``image`` (negative values count as 0): a model-input difference ``d``
     is ``d * (high - low)`` in the source's units."""
-    x = np.clip(image.astype(np.float32), 0, None)
+    return _range_of(np.clip(image.astype(np.float32), 0, None), config)
+
+
+def _range_of(x: np.ndarray, config: PreprocessConfig) -> tuple[float, float]:
+    """:func:`intensity_range` of a slice already made float32 and non-negative."""
     if config.intensity == "max":
         return 0.0, float(x.max())
     low, high = (float(v) for v in np.percentile(x, config.percentiles))
