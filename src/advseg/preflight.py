@@ -60,7 +60,7 @@ def check_experiment(config: ExperimentConfig, run_dir: str | Path) -> None:
         try:
             _, meta, _ = read_checkpoint(model.checkpoint)
             check_compatible(meta, model.checkpoint, classes=classes)
-            check_held_out(meta.data, model.checkpoint, config)
+            check_held_out(meta.data, model.checkpoint, config, index)
             check_geometry(meta.preprocessing, model.checkpoint, config.data.preprocess, index)
             check_losses_fit(config, meta.activation)
         except UserError as err:

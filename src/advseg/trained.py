@@ -3,7 +3,7 @@
 :func:`load_trained` does what ``advseg evaluate`` and ``advseg certify`` do before they attack:
 load the checkpoint (no unpickling), rebuild the data set it was trained on with its own
 preprocessing (:func:`trained_data_config`: ``data`` overrides the stored location), check that
-the model fits it, and recompute the held-out (test) cases from the split seed in its metadata.
+the model fits it, and take the held-out (test) cases it stored (:func:`advseg.data.held_out_rows`).
 See ``docs/api.md``. :func:`checkpoint_label` is a checkpoint's name in records.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from advseg.config import from_dict
-from advseg.data import SYNTHETIC, DataConfig, SliceData, load_data, saved_preprocess, split_cases
+from advseg.data import SYNTHETIC, DataConfig, SliceData, held_out_rows, load_data, saved_preprocess
 from advseg.data.location import data_argument, is_synthetic
 from advseg.errors import UserError
 from advseg.models.checkpoint import CheckpointMeta, check_compatible, load_checkpoint
@@ -92,9 +92,7 @@ def load_trained(
     cache = Path(cache_dir) if cache_dir is not None else None
     loaded = load_data(trained_data_config(meta.data, path, preprocess, where, cache))
     check_compatible(meta, path, in_channels=preprocess.channels, classes=list(loaded.classes))
-    if "test_fraction" not in meta.data or "split_seed" not in meta.data:
-        raise UserError(f"{path}: its metadata does not say which cases it held out")
-    _, test_rows = split_cases(loaded.index, meta.data["test_fraction"], meta.data["split_seed"])
+    test_rows = held_out_rows(loaded.index, meta.data, str(path))
     return Trained(model, meta, loaded, np.asarray(test_rows))
 
 

@@ -10,13 +10,15 @@ See docs/architecture.md ("Data") for the contract. The public API:
   Kaggle layout) and :func:`write_synthetic_nifti` (abdominal CT, Decathlon layout);
 - :func:`rle_encode`, :func:`rle_decode`;
 - :class:`PreprocessConfig` and its pure functions;
-- :func:`split_cases`, :func:`split_train_val_test`, :func:`kfold_cases`, and
+- :func:`split_cases`, :func:`split_train_val_test`, :func:`kfold_cases`, :func:`split_note` /
+  :func:`held_out_rows` (the split a checkpoint stores, and its test rows on later data), and
   :func:`spread_rows` (a seeded sample of slices spread over cases);
 - :func:`summarize_index` (what ``advseg data info`` prints).
 """
 
 from advseg.data.cache import cache_key, cached_arrays
 from advseg.data.dataset import SliceDataset
+from advseg.data.heldout import held_out_rows, split_note
 from advseg.data.index import (
     BASE_COLUMNS,
     UWMGI_CLASSES,
@@ -73,6 +75,7 @@ __all__ = [
     "cached_arrays",
     "dataset_json_labels",
     "fitted_size",
+    "held_out_rows",
     "index_classes",
     "intensity_range",
     "kfold_cases",
@@ -93,6 +96,7 @@ __all__ = [
     "saved_preprocess",
     "slice_geometry",
     "split_cases",
+    "split_note",
     "split_train_val_test",
     "spread_positions",
     "spread_rows",

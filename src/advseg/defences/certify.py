@@ -173,7 +173,7 @@ def certify_checkpoint(
         on_data: called with the :class:`~advseg.data.DataConfig` before it is loaded (the CLI
             prints :func:`advseg.data.location.first_line`).
     """
-    from advseg.data import load_data, saved_preprocess, split_cases, spread_rows
+    from advseg.data import held_out_rows, load_data, saved_preprocess, spread_rows
     from advseg.models.checkpoint import check_compatible, load_checkpoint
     from advseg.train import resolve_device
     from advseg.trained import checkpoint_label, trained_data_config
@@ -194,11 +194,7 @@ def certify_checkpoint(
     check_compatible(meta, checkpoint, in_channels=preprocess.channels, classes=list(data.classes))
     rows = np.arange(len(data.index))
     if split == "test":
-        if "test_fraction" not in meta.data or "split_seed" not in meta.data:
-            raise UserError(
-                f"{checkpoint}: its metadata does not say which cases it held out; use --split all"
-            )
-        _, rows = split_cases(data.index, meta.data["test_fraction"], meta.data["split_seed"])
+        rows = held_out_rows(data.index, meta.data, str(checkpoint))
     rows = rows[data.masks[rows].reshape(len(rows), -1).any(axis=1)]
     if max_slices is not None:  # seeded by the split's seed, spread over the cases
         rows = spread_rows(data.index, rows, max_slices, int(meta.data.get("split_seed", 0)))

@@ -144,7 +144,7 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
     from advseg.atomic import atomic_path, check_output_dir, write_text_atomic
     from advseg.attacks import attack_options
     from advseg.bootstrap import with_intervals
-    from advseg.data import load_data, saved_preprocess, split_cases
+    from advseg.data import held_out_rows, load_data, saved_preprocess
     from advseg.data.location import data_note, first_line
     from advseg.defences import create_defence, defend, defended_name
     from advseg.labels import DEFAULT_ATTACK_LOSSES, checkpoint_activation
@@ -250,12 +250,7 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
         )
         rows = np.arange(len(data.index))
         if config.split == "test":
-            if "test_fraction" not in meta.data or "split_seed" not in meta.data:
-                raise UserError(
-                    f"{checkpoint}: its metadata does not say which cases it held out "
-                    "(data.test_fraction, data.split_seed); use --split all"
-                )
-            _, rows = split_cases(data.index, meta.data["test_fraction"], meta.data["split_seed"])
+            rows = held_out_rows(data.index, meta.data, str(checkpoint))
         if len(rows) == 0:
             raise UserError(f"{checkpoint}: the {config.split} split has no slices")
         slices[checkpoint_name] = len(rows)

@@ -30,7 +30,14 @@ from advseg.cross_model import (
     CrossModel,
     model_seeds,
 )
-from advseg.data import SliceData, load_data, split_train_val_test, spread_rows
+from advseg.data import (
+    SliceData,
+    held_out_rows,
+    load_data,
+    split_cases,
+    split_train_val_test,
+    spread_rows,
+)
 from advseg.defences import defend
 from advseg.errors import UserError
 from advseg.evaluate.cells import evaluate_sweep
@@ -310,7 +317,7 @@ def _get_model(
     """
     if spec.checkpoint is not None:
         net, meta = load_checkpoint(spec.checkpoint, classes=data.classes)
-        check_held_out(meta.data, spec.checkpoint, config)
+        check_held_out(meta.data, spec.checkpoint, config, data.index)
         return net, meta.model, False, int(meta.train.get("seed", 0)), meta.activation
     out = model_dir(run_dir, spec.name, seed)
     best = out / "checkpoints" / "best"
@@ -337,11 +344,18 @@ def _get_model(
     return net, meta.model, fresh, train_config.seed, meta.activation
 
 
-def check_held_out(metadata: dict[str, Any], checkpoint: Path, config: ExperimentConfig) -> None:
+def check_held_out(
+    metadata: dict[str, Any],
+    checkpoint: Path,
+    config: ExperimentConfig,
+    index: pd.DataFrame | None = None,
+) -> None:
     """Refuse a checkpoint whose training split differs from the experiment's.
 
     The experiment evaluates its own test cases; a checkpoint trained with another split seed or
-    fraction, or on another data source, may have trained on some of them.
+    fraction, or on another data source, may have trained on some of them. With ``index`` (the
+    data as it is now), the experiment's test rows must also be the rows the checkpoint held out
+    (:func:`advseg.data.held_out_rows`): a case added since training moves the seeded split.
     """
     split = config.split
     expected = {"test_fraction": split.test_fraction, "split_seed": split.seed}
@@ -360,6 +374,17 @@ def check_held_out(metadata: dict[str, Any], checkpoint: Path, config: Experimen
     ours = None if config.data.path is None else str(config.data.path)
     if trained_on != ours:
         raise UserError(f"{checkpoint}: trained on data {trained_on}, the experiment uses {ours}")
+    if index is not None:
+        held = held_out_rows(index, metadata, str(checkpoint))
+        _, test = split_cases(index, split.test_fraction, split.seed)
+        if not np.array_equal(held, test):
+            cases = index["case"].to_numpy()
+            raise UserError(
+                f"{checkpoint}: held out cases {sorted(set(cases[held].tolist()))}, the "
+                f"experiment's split of the data now tests {sorted(set(cases[test].tolist()))} "
+                "(the data changed since it was trained); its test cases would include "
+                "training cases"
+            )
 
 
 def _finished(last: Path, train_config: TrainConfig) -> bool:

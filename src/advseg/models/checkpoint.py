@@ -259,6 +259,10 @@ def _check_split(data: dict[str, Any], meta_file: Path) -> None:
     seed = data.get("split_seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UserError(f"{meta_file}: meta.data.split_seed: expected an integer, got {seed!r}")
+    if "split" in data:
+        from advseg.data.heldout import check_split_note
+
+        check_split_note(data["split"], f"{meta_file}: meta.data.split")
     for key in ("test_fraction", "val_fraction"):
         value = data.get(key, 0.5)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:

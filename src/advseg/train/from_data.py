@@ -49,12 +49,15 @@ def data_metadata(
     val_fraction: float,
     split_seed: int,
     rows: dict[str, int],
+    split: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What a checkpoint records of its data, so that an evaluation finds the same test cases.
 
     ``config`` is the whole :class:`DataConfig` (source, exclusions, label mapping, cache) with
     its paths resolved (absolute; ``synthetic`` for the phantom), the split is
-    ``split_train_val_test(index, test_fraction, val_fraction, split_seed)``.
+    ``split_train_val_test(index, test_fraction, val_fraction, split_seed)``, and ``split`` its
+    cases (:func:`advseg.data.split_note`), which later uses check the data against
+    (:func:`advseg.data.held_out_rows`).
     """
     from advseg.data import resolved_config
 
@@ -66,6 +69,7 @@ def data_metadata(
         "val_fraction": val_fraction,
         "split_seed": split_seed,
         "rows": rows,
+        **({} if split is None else {"split": split}),
     }
 
 
@@ -98,7 +102,7 @@ def train_on_data(
         data: ``data_config`` already loaded (the experiment runner's); loaded here when None.
     """
     from advseg.atomic import check_output_dir
-    from advseg.data import load_data, split_train_val_test
+    from advseg.data import load_data, split_note, split_train_val_test
 
     for name, value in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
         if not 0 < value < 1:  # also nan
@@ -133,6 +137,7 @@ def train_on_data(
         val_fraction=val_fraction,
         split_seed=split_seed,
         rows={"train": len(train_rows), "val": len(val_rows), "test": len(test_rows)},
+        split=split_note(data.index, train_rows, val_rows, test_rows),
     )
     if config.activation == "softmax":  # said, not silently relabelled
         source["overlap"] = {

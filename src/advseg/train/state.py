@@ -99,6 +99,13 @@ def restore_run(
             f"{saved_data}, now {data_now}: files replaced, edited or copied anew); restore the "
             "data or train in a new directory"
         )
+    saved_split, split_now = meta.data.get("split"), (data or {}).get("split")
+    if saved_split and split_now and saved_split != split_now:
+        raise UserError(
+            f"{last_path}.json: the data gives another split than this run trained on (test "
+            f"cases {saved_split['cases']['test']}, now {split_now['cases']['test']}); restore "
+            "the data or train in a new directory"
+        )
     load_weights(model, weights, last_path)
     try:
         optimizer.load_state_dict(state["optimizer"])
