@@ -44,7 +44,8 @@ from advseg.data.uwmgi import read_png
 from advseg.errors import AdvsegWarning, UserError
 
 #: Bump when the cached arrays' meaning changes, so that old entries are not reused.
-CACHE_VERSION = 1
+#: 2: masks resized on the images' pixel-centre convention (version 1 sat up to 0.5 px off).
+CACHE_VERSION = 2
 
 
 @dataclass

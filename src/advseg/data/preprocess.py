@@ -36,9 +36,11 @@ class PreprocessConfig:
             ``percentiles`` (low, high) of the slice to 0 and 1 and clip, which is robust to a few
             hot pixels. Negative values are clipped to 0 in both modes; a blank slice gives zeros.
         percentiles: the (low, high) percentiles for ``intensity: percentile``.
-        mask_resize: ``nearest``: nearest-neighbour resize of each mask; ``area``: area-average
-            resize then threshold at 0.5, which keeps thin structures more faithfully when
-            shrinking.
+        mask_resize: ``nearest``: each model pixel takes the label of the source pixel under its
+            centre; ``area``: each mask resized as a float with the image's own interpolation
+            (area averaging when shrinking, bilinear when enlarging) and kept where at least half
+            covered. Both sample on the image's pixel-centre convention (:func:`resize_masks`),
+            so a mask lies where its image does.
         channels: C, the number of input channels.
         stack: ``copy``: C copies of the grey slice; ``neighbours``: 2.5D, the slices at offsets
             ``(-(C // 2) .. C // 2) * stride`` of the same scan (clamped at the scan's ends).
@@ -151,30 +153,41 @@ def fit_square(array: np.ndarray, size: int, resize: str, interpolation: int) ->
     return out if array.ndim == 3 else out[:, :, 0]
 
 
+def image_interpolation(height: int, width: int, size: int, resize: str = "stretch") -> int:
+    """The OpenCV interpolation that resizes an ``height x width`` slice into the model square:
+    area averaging when the slice shrinks, bilinear when it grows. Both place pixel centres at
+    ``(i + 0.5) * scale - 0.5``, the convention every image, mask and restore here shares."""
+    fh, fw = fitted_size(height, width, size, resize)
+    return cv2.INTER_AREA if fh * fw < height * width else cv2.INTER_LINEAR
+
+
 def resize_image(image: np.ndarray, size: int, resize: str = "stretch") -> np.ndarray:
     """``(H, W)`` -> ``(size, size)``: area averaging when shrinking, bilinear when enlarging;
     ``resize="pad"`` keeps the aspect ratio and pads with zeros."""
     h, w = image.shape
-    fh, fw = fitted_size(h, w, size, resize)
-    shrink = fh * fw < h * w
-    return fit_square(image, size, resize, cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return fit_square(image, size, resize, image_interpolation(h, w, size, resize))
 
 
 def resize_masks(
     masks: np.ndarray, size: int, method: str = "nearest", resize: str = "stretch"
 ) -> np.ndarray:
-    """``(K, H, W)`` binary masks -> ``(K, size, size)`` uint8 in {0, 1}.
+    """``(K, H, W)`` binary masks -> ``(K, size, size)`` uint8 in {0, 1}, aligned with the image.
 
-    ``nearest`` picks the nearest source pixel; ``area`` averages the covered source pixels and
-    keeps those at least half covered. ``resize="pad"`` keeps the aspect ratio (padding is 0).
+    ``nearest`` gives each model pixel the label of the source pixel under its centre
+    (``cv2.INTER_NEAREST_EXACT``, the convention of PIL and scikit-image; OpenCV's
+    ``INTER_NEAREST`` samples at ``i * scale`` instead, which put masks up to half a model pixel
+    down and right of their images); ``area`` resizes each mask as a float with the image's own
+    interpolation (:func:`image_interpolation`) and keeps the pixels at least half covered.
+    ``resize="pad"`` keeps the aspect ratio (padding is 0).
     """
     if masks.shape[0] == 0:
         return np.zeros((0, size, size), np.uint8)
     stack = np.ascontiguousarray(masks.transpose(1, 2, 0))  # (H, W, K): OpenCV's channel order
     if method == "nearest":
-        out = fit_square(stack.astype(np.uint8), size, resize, cv2.INTER_NEAREST)
+        out = fit_square(stack.astype(np.uint8), size, resize, cv2.INTER_NEAREST_EXACT)
     elif method == "area":
-        frac = fit_square(stack.astype(np.float32), size, resize, cv2.INTER_AREA)
+        how = image_interpolation(*masks.shape[1:], size, resize)
+        frac = fit_square(stack.astype(np.float32), size, resize, how)
         out = (frac >= 0.5).astype(np.uint8)
     else:
         raise UserError(f"preprocess.mask_resize: unknown method {method!r}; valid: nearest, area")
@@ -225,18 +238,31 @@ def slice_geometry(index: pd.DataFrame, config: PreprocessConfig) -> pd.DataFram
 
 
 def restore_slice(array: np.ndarray, geometry: pd.Series, height: int, width: int) -> np.ndarray:
-    """A model-sized ``(..., S, S)`` mask or prediction back on the source slice, ``(..., H, W)``.
+    """A model-sized ``(..., S, S)`` array back on the source slice, ``(..., H, W)``.
 
     The padding recorded in ``geometry`` (a row of :func:`slice_geometry`) is cut off, then the
-    slice is resized to ``height x width`` by nearest neighbour (labels stay labels).
+    slice is resized to ``height x width`` on the pixel-centre convention of the forward resize
+    (:func:`image_interpolation`), so that a round trip does not move anything:
+
+    - ``bool`` masks: each resized as a float (bilinear when growing, area when shrinking) and
+      kept where at least 0.5, which gives smooth outlines instead of model-pixel blocks;
+    - integer arrays (labels): the label under each source pixel's centre
+      (``cv2.INTER_NEAREST_EXACT``), so labels stay labels;
+    - float arrays (images, perturbations): bilinear or area; a convex combination of the
+      model's values, so a perturbation's L-inf norm never grows.
     """
     top, left = int(geometry["top"]), int(geometry["left"])
-    bottom, right = top + int(geometry["fitted_h"]), left + int(geometry["fitted_w"])
-    crop = array[..., top:bottom, left:right]
+    fh, fw = int(geometry["fitted_h"]), int(geometry["fitted_w"])
+    crop = array[..., top : top + fh, left : left + fw]
     lead, dtype = crop.shape[:-2], crop.dtype
-    stack = crop.reshape(-1, *crop.shape[-2:]).transpose(1, 2, 0)  # (h, w, N)
-    stack = np.ascontiguousarray(stack, np.uint8 if dtype == np.bool_ else None)
-    out = cv2.resize(stack, (width, height), interpolation=cv2.INTER_NEAREST)
+    stack = np.ascontiguousarray(crop.reshape(-1, fh, fw).transpose(1, 2, 0))  # (h, w, N)
+    smooth = cv2.INTER_AREA if height * width < fh * fw else cv2.INTER_LINEAR
+    if dtype == np.bool_:
+        out = cv2.resize(stack.astype(np.float32), (width, height), interpolation=smooth) >= 0.5
+    elif np.issubdtype(dtype, np.integer):
+        out = cv2.resize(stack, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
+    else:
+        out = cv2.resize(stack, (width, height), interpolation=smooth)
     out = out.reshape(height, width, -1).transpose(2, 0, 1).reshape(*lead, height, width)
     return out.astype(dtype, copy=False)
 

@@ -128,7 +128,8 @@ def check_data_fingerprint(run_dir: Path, data: SliceData, config: DataConfig) -
         if not same_data(saved, data):
             raise UserError(
                 f"{path}: the data changed since this run computed on it (fingerprint {saved}, "
-                f"now {now['fingerprint']}: files replaced, edited or copied anew); restore the "
+                f"now {now['fingerprint']}: files replaced, edited or copied anew, or "
+                "preprocessed by an advseg whose cache version differs); restore the "
                 "data or use a new run directory"
             )
     write_text_atomic(path, json.dumps(now, indent=1) + "\n")

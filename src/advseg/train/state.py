@@ -96,7 +96,8 @@ def restore_run(
             )
         raise UserError(
             f"{last_path}.json: the data changed since this run trained on it (fingerprint "
-            f"{saved_data}, now {data_now}: files replaced, edited or copied anew); restore the "
+            f"{saved_data}, now {data_now}: files replaced, edited or copied anew, or "
+            "preprocessed by an advseg whose cache version differs); restore the "
             "data or train in a new directory"
         )
     saved_split, split_now = meta.data.get("split"), (data or {}).get("split")
