@@ -16,6 +16,7 @@ def test_catalogue_equals_the_registries():
     assert written.attacks == live.attacks, fix
     assert written.losses == live.losses, fix
     assert written.defences == live.defences, fix
+    assert written.corruptions == live.corruptions, fix
     assert written == live, fix
     assert [m.name for m in written.models] == sorted(m.name for m in written.models)
     assert {"unet", "unet-vgg13", "unet-tiny"} <= {m.name for m in written.models}

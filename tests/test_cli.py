@@ -47,7 +47,7 @@ def _commands_help() -> list[list[str]]:
 
     calls = [[name, "--help"] for name in COMMANDS]
     calls += [["data", sub, "-h"] for sub in load_command("data").commands]
-    return [*calls, ["models"], ["attacks"]]
+    return [*calls, ["models"], ["attacks"], ["corruptions"]]
 
 
 @pytest.mark.parametrize("args", _commands_help(), ids=" ".join)
@@ -62,6 +62,9 @@ def test_every_command_help_and_the_listings_answer_without_torch(args):
         for model in load().models:
             assert model.name in done.stdout
         assert "smp:<Arch>:<encoder>" in done.stdout
+    if args == ["corruptions"]:
+        for name in ("motion", "ghosting", "spike", "biasfield", "noise", "blur", "gamma"):
+            assert name in done.stdout
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""The names a user types, listed without importing torch: ``advseg models`` and ``advseg attacks``.
+"""The names a user types, listed without importing torch: ``advseg models``, ``advseg attacks``
+and ``advseg corruptions``.
 
 The models, attacks, losses and input defences live in registries (:mod:`advseg.registry`) that
 are filled when the modules defining them are imported: torch, MONAI and
@@ -81,6 +82,16 @@ class DefenceRow:
 
 
 @dataclass(frozen=True)
+class CorruptionRow:
+    """A corruption: its help line, its strength parameter and that parameter's five ranges."""
+
+    name: str
+    help: str
+    strength: str
+    levels: tuple[tuple[float, float], ...]
+
+
+@dataclass(frozen=True)
 class Catalogue:
     """What the listings show, each part sorted by name as its registry lists it."""
 
@@ -88,6 +99,7 @@ class Catalogue:
     attacks: tuple[AttackRow, ...] = ()
     losses: tuple[tuple[str, str], ...] = ()  # (name, help)
     defences: tuple[DefenceRow, ...] = ()
+    corruptions: tuple[CorruptionRow, ...] = ()
     sizes: tuple[int, int] = (IN_CHANNELS, CLASSES)
 
 
@@ -102,17 +114,24 @@ def load() -> Catalogue:
         ),
         losses=tuple((row["name"], row["help"]) for row in raw["losses"]),
         defences=tuple(DefenceRow(**row) for row in raw["defences"]),
+        corruptions=tuple(
+            CorruptionRow(**{**row, "levels": tuple(tuple(level) for level in row["levels"])})
+            for row in raw.get("corruptions", [])
+        ),
         sizes=tuple(raw["sizes"]),
     )
 
 
 def check_names(
-    kind: Literal["model", "attack", "loss", "defence"], names: Iterable[str | None], flag: str
+    kind: Literal["model", "attack", "loss", "defence", "corruption"],
+    names: Iterable[str | None],
+    flag: str,
 ) -> None:
     """Refuse a mistyped name before torch is imported: ``FLAG: unknown KIND ...``, worded as its
     registry words it (:func:`advseg.registry.unknown_message`). None (and the defence ``none``)
     is skipped; ``smp:`` model names and a defence's value (``median:3``) are left to the
-    library, which checks every name again.
+    library, which checks every name again. A corruption is ``NAME``, ``NAME:SEVERITY`` or
+    ``all`` (its severity is the library's to check).
 
     Raises:
         UserError: a name the catalogue (and so the registry) lacks.
@@ -126,6 +145,7 @@ def check_names(
         "attack": [a.name for a in listed.attacks],
         "loss": [name for name, _ in listed.losses],
         "defence": [d.name for d in listed.defences],
+        "corruption": [c.name for c in listed.corruptions],
     }[kind]
     for name in names:
         if name is None or (kind == "model" and name.startswith("smp:")):
@@ -135,10 +155,12 @@ def check_names(
                 parse_attack_name(name)  # its suffixes, worded as the library words them
             except UserError as err:
                 raise UserError(f"{flag}: {err}") from None
-        base = {"attack": name.split("+")[0], "defence": name.strip().partition(":")[0]}
-        base = base.get(kind, name)
+        base = {"attack": name.split("+")[0], "defence": name.strip().partition(":")[0],
+                "corruption": name.strip().partition(":")[0]}.get(kind, name)  # fmt: skip
         if base not in valid and not (kind == "defence" and base in ("", "none")):
-            extra = f", or {SMP_NAMES}" if kind == "model" else ""
+            if kind == "corruption" and base == "all":
+                continue
+            extra = {"model": f", or {SMP_NAMES}", "corruption": ", or all"}.get(kind, "")
             raise UserError(f"{flag}: {unknown_message(kind, base, valid)}{extra}")
 
 
@@ -161,6 +183,7 @@ def collect() -> Catalogue:
     """The catalogue from the live registries (imports torch and builds every zoo model on the
     meta device)."""
     from advseg.attacks import ATTACKS, attack_options
+    from advseg.corruptions import CORRUPTIONS
     from advseg.defences import DEFENCES
     from advseg.losses import LOSSES
     from advseg.models import list_models
@@ -180,7 +203,16 @@ def collect() -> Catalogue:
         ),
         losses=tuple((name, LOSSES.help(name)) for name in LOSSES.names()),
         defences=tuple(defences),
+        corruptions=tuple(_corruption_row(name) for name in CORRUPTIONS.names()),
     )
+
+
+def _corruption_row(name: str) -> CorruptionRow:
+    from advseg.corruptions import CORRUPTIONS, create_corruption
+
+    corruption = create_corruption(name)
+    levels = tuple((float(low), float(high)) for low, high in corruption.levels)
+    return CorruptionRow(name, CORRUPTIONS.help(name), corruption.strength, levels)
 
 
 def write(catalogue: Catalogue, path: Path = PATH) -> None:

@@ -41,6 +41,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "attacks_command",
         "List the attacks (with their options), losses and input defences.",
     ),
+    "corruptions": (
+        "advseg.cli.evaluate",
+        "corruptions_command",
+        "List the corruptions (TorchIO) with their five severities.",
+    ),
     "certify": ("advseg.cli.certify", "certify_command", "Certify a model (randomized smoothing)."),
     "data": ("advseg.cli.data", "app", "Data sets: write the phantom, describe or check one."),
     "report": ("advseg.cli.report", "app", "Write a run's report from its records (no model)."),

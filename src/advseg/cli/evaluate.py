@@ -200,3 +200,16 @@ def attacks_command() -> None:
     out.print(table)
     out.print(losses)
     out.print(defences)
+
+
+def corruptions_command() -> None:
+    """List the corruptions: each one's strength parameter and its range at severities 1 to 5."""
+    listed = catalogue.load()
+    table = Table(title="corruptions (--corruption NAME:SEVERITY, NAME for 1-5, or all)")
+    table.add_column("name", no_wrap=True)
+    for column in ("what", "strength", *(f"severity {s}" for s in range(1, 6))):
+        table.add_column(column)
+    for row in listed.corruptions:
+        levels = [f"{low:g}-{high:g}" for low, high in row.levels]
+        table.add_row(row.name, row.help, row.strength, *levels)
+    console().print(table)
