@@ -62,8 +62,8 @@ def test_custom_callable_and_bad_names():
     assert loss(torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)).item() == 1.0
     with pytest.raises(
         UserError,
-        match=r"unknown loss 'bse'.*valid: balanced-bce, balanced-ce, bce, ce, dice, dicece, "
-        "dicefocal",
+        match=r"unknown loss 'bse'.*valid: balanced-bce, balanced-ce, bce, ce, cosine, dice, "
+        "dicece, dicefocal",
     ):
         create_loss("bse")
     with pytest.raises(UserError, match="loss 'bce'"):

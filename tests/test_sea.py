@@ -2,10 +2,13 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from advseg.attacks import create_attack
+from advseg.attacks.apgd import APGD
 from advseg.attacks.sea import slice_dice
 from advseg.errors import UserError
+from advseg.labels import class_prediction
 from advseg.metrics import dice_score, hard_prediction
 from tiny_models import fit, tiny_net  # tests/ is on sys.path
 
@@ -27,7 +30,7 @@ def trained():
     return fit(tiny_net(batch_norm=False), *squares(32, seed=1), steps=50), *squares(6, seed=2)
 
 
-def test_slice_dice_is_the_metrics_dice_averaged_over_classes():
+def test_slice_dice_is_the_records_dice_averaged_over_foreground_classes():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 3, 6, 6, generator=g)
     y = (torch.rand(4, 3, 6, 6, generator=g) > 0.6).float()
@@ -36,14 +39,18 @@ def test_slice_dice_is_the_metrics_dice_averaged_over_classes():
     expected = dice_score(hard_prediction(logits), y > 0.5).mean(1)
     torch.testing.assert_close(slice_dice(logits, y, "sigmoid"), expected)
     labels = y.argmax(1)
-    one_hot = torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2)
-    expected = dice_score(hard_prediction(logits, "softmax"), one_hot.bool()).mean(1)
+    one_hot = F.one_hot(labels, 3).permute(0, 3, 1, 2)
+    # softmax: the records score the classes after the background channel 0 only
+    expected = dice_score(class_prediction(logits, "softmax"), one_hot[:, 1:].bool()).mean(1)
     torch.testing.assert_close(slice_dice(logits, labels, "softmax"), expected)
+    torch.testing.assert_close(slice_dice(logits, one_hot.float(), "softmax"), expected)
+    with_background = dice_score(hard_prediction(logits, "softmax"), one_hot.bool()).mean(1)
+    assert not torch.allclose(expected, with_background)
 
 
 def test_per_slice_dice_is_at_most_every_members(trained):
     model, x, y = trained
-    sea = create_attack("sea", model, eps=0.06, steps=8, skip_broken=False)
+    sea = create_attack("sea", model, eps=0.06, steps=3, skip_broken=False)
     outputs = {}
     for name, member in zip(sea.member_names, sea.members, strict=True):
         run = member.perturb
@@ -58,7 +65,7 @@ def test_per_slice_dice_is_at_most_every_members(trained):
         ours = slice_dice(model(x_adv), y, "sigmoid")
         clean = slice_dice(model(x), y, "sigmoid")
         members = {n: slice_dice(model(o), y, "sigmoid") for n, o in outputs.items()}
-    assert set(members) == {"masked-bce", "js", "masked-spherical", "balanced-bce"}
+    assert set(members) == {"masked-bce", "segpgd-bce", "js", "masked-spherical"}
     for dice in members.values():
         assert torch.all(ours <= dice)
     assert torch.all(ours <= clean) and ours.mean() < clean.mean() - 0.03
@@ -74,8 +81,8 @@ def test_broken_slices_are_not_attacked_again(trained):
     wrong = y.clone()
     with torch.no_grad():
         wrong[:3] = (model(x[:3]) <= 0).float()  # the model is wrong everywhere there: Dice 0
-    skipping = create_attack("sea", model, eps=0.03, steps=4)
-    everything = create_attack("sea", model, eps=0.03, steps=4, skip_broken=False)
+    skipping = create_attack("sea", model, eps=0.03, steps=2)
+    everything = create_attack("sea", model, eps=0.03, steps=2, skip_broken=False)
     skipping(x, wrong)
     everything(x, wrong)
     assert everything.attacked == 4 * 6
@@ -83,29 +90,113 @@ def test_broken_slices_are_not_attacked_again(trained):
     assert skipping.winners[:3] == ["none"] * 3
 
 
-def test_members_steps_and_softmax_forms():
+def test_reference_members_budget_and_softmax_forms():
     model = tiny_net(batch_norm=False)
-    sea = create_attack("sea", model, eps=0.03, steps=10, activation="softmax")
-    assert sea.member_names == ["masked-ce", "js", "masked-spherical", "balanced-ce"]
-    assert [m.steps for m in sea.members] == [3, 3, 2, 2]
+    sea = create_attack("sea", model, eps=0.03, activation="softmax")
+    assert sea.member_names == ["masked-ce", "segpgd-ce", "js", "masked-spherical"]
+    assert sea.preset == "reference" and [m.steps for m in sea.members] == [300] * 4
     assert all(m.activation == "softmax" and m.progressive for m in sea.members)
-    assert sea.members[1].loss.per_sample.__qualname__.startswith("js")
+    assert all(m.best == "dice" for m in sea.members)
+    assert [m.weighting for m in sea.members] == ["none", "segpgd", "none", "none"]
+    # the reference tracks plain cross-entropy, except for the spherical member
+    assert [m.track_loss is not None for m in sea.members] == [True, True, True, False]
+    assert sea.members[2].loss.per_sample.__qualname__.startswith("js")
+    assert "preset='reference'" in repr(sea)
+    fast = create_attack("sea", model, eps=0.03, preset="fast")
+    assert fast.member_names == ["masked-bce", "segpgd-bce", "js", "masked-spherical"]
+    assert [m.steps for m in fast.members] == [25] * 4 and "preset='fast'" in repr(fast)
     x, y = squares(2)
-    assert sea(x, y.argmax(1)).shape == x.shape
+    small = create_attack("sea", model, eps=0.03, steps=2, activation="softmax")
+    assert small(x, y.argmax(1)).shape == x.shape
     custom = create_attack(
         "sea", model, eps=0.03, steps=4, members=["bce", "js"], progressive=False
     )
     assert custom.member_names == ["bce", "js"] and not custom.members[0].progressive
+    optional = create_attack(
+        "sea", model, eps=0.03, steps=2, members=["balanced-bce", "padam-bce", "padam-cosine"]
+    )
+    assert [type(m).__name__ for m in optional.members] == ["APGD", "PAdam", "PAdam"]
+    assert optional.members[2].loss.name == "cosine" and optional.members[1].best == "dice"
+    assert optional(x, y).shape == x.shape
+
+
+def test_member_returns_the_lowest_dice_it_visited(trained):
+    """Masked losses fall as pixels flip: the highest-loss iterate is not the lowest-Dice one.
+    With best="dice" the member returns the lowest Dice of all the points it evaluated."""
+    model, x, y = trained
+    seen = []
+    lowest = {}
+    for best in ("loss", "dice"):
+        attack = APGD(model, "masked-bce", 0.08, steps=12, best=best, seed=3)
+        seen.clear()
+        hook = model.register_forward_hook(
+            lambda _m, _i, out: seen.append(slice_dice(out.detach(), y, "sigmoid"))
+        )
+        try:
+            x_adv = attack(x, y)
+        finally:
+            hook.remove()
+        visited = torch.stack(seen).min(0).values  # every point the run evaluated
+        with torch.no_grad():
+            lowest[best] = slice_dice(model(x_adv), y, "sigmoid")
+    torch.testing.assert_close(lowest["dice"], visited)  # the lowest it visited, every slice
+    assert torch.all(lowest["dice"] <= lowest["loss"])
+    assert torch.any(lowest["dice"] < lowest["loss"] - 0.01)  # loss and Dice disagreed
+
+
+def test_segpgd_member_is_the_references_weighted_ce():
+    """APGD's ``segpgd`` weighting gives the gradient of the reference's ``segpgd_loss``:
+    ``lam = t / 2T``, CE weighted ``1 - lam`` on right pixels and ``lam`` on wrong ones, averaged
+    over the pixels (nmndeep/robust-segmentation, semseg/utils/attacker.py)."""
+    model = tiny_net(batch_norm=False, seed=4)
+    x, y = squares(3, seed=5)
+    labels = y.argmax(1)
+    attack = APGD(model, "ce", 0.03, steps=10, weighting="segpgd", activation="softmax")
+    attack._run_steps = 10
+    for t in (0, 4, 10):
+        grad, value, _ = attack.gradient(x, labels, t)
+        xr = x.clone().requires_grad_(True)
+        logits = model(xr)
+        lam = t / 2 / 10
+        right = (logits.max(1)[1] == labels).float().detach()
+        ce = F.cross_entropy(logits, labels, reduction="none")
+        reference = ((1 - lam) * right * ce + lam * (1 - right) * ce).view(3, -1).mean(-1)
+        (expected,) = torch.autograd.grad(reference.sum(), xr)
+        torch.testing.assert_close(grad, expected)
+        plain = F.cross_entropy(logits, labels, reduction="none").view(3, -1).mean(-1)
+        torch.testing.assert_close(value, plain.detach())  # the tracked value is plain CE
+
+
+def test_segpgd_schedule_restarts_with_each_stage():
+    """The reference runs each radius stage as its own apgd_train: T is the stage's steps."""
+    model = tiny_net(batch_norm=False)
+    x, y = squares(2)
+    attack = APGD(model, "bce", 0.03, steps=10, weighting="segpgd", progressive=True)
+    lams = []
+    weigh = attack.weigh
+
+    def spy(logits, target, t):
+        lams.append(t / (2 * attack._run_steps))
+        return weigh(logits, target, t)
+
+    attack.weigh = spy
+    attack(x, y)
+    stages = [3, 3, 4]  # 30/30/40 % of 10
+    expected = [t / (2 * n) for n in stages for t in range(n)]  # the last step needs no gradient
+    assert lams == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
     ("kw", "message"),
     [
         ({"members": ["bce", "bec"]}, "unknown loss 'bec'"),
+        ({"members": ["segpgd-bec"]}, "unknown loss 'bec'"),
         ({"members": []}, "members must be"),
         ({"members": ["bce", "bce"]}, "each member once"),
         ({"members": ["masked-ce"]}, "is a softmax loss"),
-        ({"steps": 3}, "one per member"),
+        ({"members": ["padam-ce"]}, "is a softmax loss"),
+        ({"preset": "slow"}, "preset 'slow'"),
+        ({"steps": 0}, "steps"),
     ],
 )
 def test_bad_members_and_steps_are_user_errors(kw, message):

@@ -21,6 +21,7 @@ from advseg.attacks.cospgd import CosPGD
 from advseg.attacks.dag import DAG
 from advseg.attacks.fgsm import FGSM
 from advseg.attacks.mifgsm import MIFGSM
+from advseg.attacks.padam import PAdam
 from advseg.attacks.pgd import PGD
 from advseg.attacks.sea import SEA
 from advseg.attacks.segpgd import SegPGD
@@ -30,7 +31,7 @@ from advseg.errors import UserError
 from advseg.losses import PerSampleLoss
 
 __all__ = ["APGD", "ASMA", "ATTACKS", "BIM", "DAG", "FGSM", "MIFGSM", "PGD", "SEA", "Attack",
-           "CosPGD", "SegPGD", "Universal", "attack_options", "check_eps", "create_attack",
+           "CosPGD", "PAdam", "SegPGD", "Universal", "attack_options", "check_eps", "create_attack",
            "frozen", "model_logits", "parse_attack_name"]  # fmt: skip
 
 

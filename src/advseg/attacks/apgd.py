@@ -7,12 +7,19 @@ from torch import Tensor, nn
 
 from advseg.attacks.base import ATTACKS, Attack
 from advseg.attacks.bim import check_steps
+from advseg.attacks.metric import sample_dice
+from advseg.attacks.segpgd import segpgd_weigh
 from advseg.errors import UserError
+from advseg.losses import LOSSES, create_loss, loss_activation
 
 _NORM_EPS = 1e-12  # APGD's guard in the L2 normalisations (the reference implementation's value)
 
 RADIUS_SCHEDULE = ((0.3, 2.0), (0.3, 1.5), (0.4, 1.0))
 """Progressive radius reduction (SEA): (share of the steps, radius as a multiple of eps)."""
+
+BEST = ("loss", "dice")
+"""What picks the returned iterate: the highest objective, or the lowest Dice (the metric)."""
+WEIGHTINGS = ("none", "segpgd")
 
 
 @ATTACKS.register("apgd")
@@ -39,6 +46,22 @@ class APGD(Attack):
     smaller ball: SEA's progressive radius reduction (Croce, Singh & Hein, ECCV 2024), which
     finds better points of the final ball on segmentation models.
 
+    With ``best="dice"`` each sample returns the iterate of lowest Dice it visited (highest Dice
+    to the target when targeted; :func:`advseg.attacks.metric.sample_dice`, scored as the records
+    score), not the one of highest loss: masked losses fall as pixels flip, so the two disagree,
+    and the reference SEA returns the lowest-accuracy iterate (``x_best_adv`` of
+    ``apgd_train`` in nmndeep/robust-segmentation, ties to the later iterate, as here). The step
+    size schedule still follows the loss (so does the reference), and a run stops early once
+    every sample's Dice is 0 (the reference's ``early_stop``). A progressive stage starts from
+    the previous stage's returned point, so from its lowest-Dice point here.
+
+    ``track_loss`` names another loss whose value drives the checkpoints and the restarts from
+    the best point (the reference SEA tracks plain cross-entropy for its masked, SegPGD and JS
+    members); by default the attack's own loss. ``weighting="segpgd"`` weighs the loss's
+    gradient per element as SegPGD does (Gu et al., ECCV 2022): at step ``t`` of a run of ``T``
+    steps, right elements ``1 - t / (2 T)``, wrong ones ``t / (2 T)`` (the reference's
+    ``segpgd_loss``, its ``T`` each stage's own steps); the loss's value is unchanged.
+
     Distance measure: L-inf or L2.
 
     Args:
@@ -50,6 +73,10 @@ class APGD(Attack):
         momentum: ``a`` above (0.75).
         random_start: start from a random point of the ball (default true), else from ``x``.
         progressive: progressive radius reduction (default false).
+        best: ``loss`` (default: the highest-objective iterate, as torchattacks) or ``dice``
+            (the lowest-Dice iterate).
+        track_loss: the loss name whose value drives the checkpoints (default: the attack's).
+        weighting: ``none`` (default) or ``segpgd`` (SegPGD's time-weighted gradient).
 
     Shape:
         - x: ``(B, C, H, W)``; y: ``(B, K, H, W)`` (or ``(B, H, W)`` indices for softmax
@@ -64,7 +91,8 @@ class APGD(Attack):
 
     def __init__(self, model: nn.Module, loss="bce", eps: float = 0.009, *, steps: int = 100,
                  restarts: int = 1, rho: float = 0.75, momentum: float = 0.75,
-                 random_start: bool = True, progressive: bool = False,
+                 random_start: bool = True, progressive: bool = False, best: str = "loss",
+                 track_loss: str | None = None, weighting: str = "none",
                  **kwargs) -> None:  # fmt: skip
         super().__init__(model, loss, eps, **kwargs)
         self.steps = check_steps(steps, self.name)
@@ -78,6 +106,21 @@ class APGD(Attack):
         self.momentum = float(momentum)
         self.random_start = bool(random_start)
         self.progressive = bool(progressive)
+        if best not in BEST:
+            raise UserError(f"{self.name}: best {best!r} is not one of {', '.join(BEST)}")
+        if weighting not in WEIGHTINGS:
+            raise UserError(
+                f"{self.name}: weighting {weighting!r} is not one of {', '.join(WEIGHTINGS)}"
+            )
+        self.best = best
+        self.weighting = weighting
+        self.track_loss = None
+        if track_loss is not None:
+            if track_loss not in LOSSES:
+                raise UserError(f"{self.name}: track_loss {LOSSES.unknown_message(track_loss)}")
+            extra = {"activation": self.activation} if loss_activation(track_loss) is None else {}
+            self.track_loss = create_loss(track_loss, reduction="none", **extra)
+        self._run_steps = self.steps  # the steps of the current run (SegPGD's T)
 
     def perturb(self, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         best, best_value = self.schedule(x, y, generator)
@@ -118,8 +161,10 @@ class APGD(Attack):
         """One APGD run in the ball of radius ``eps``.
 
         Returns:
-            ``(x_best (B, C, H, W), objective_best (B,))``: each sample's best iterate.
+            ``(x_best (B, C, H, W), value_best (B,))``: each sample's best iterate and its value,
+            higher better for the attacker (the objective, or the Dice negated untargeted).
         """
+        self._run_steps = steps
         b = x.shape[0]
         steps_2 = max(int(0.22 * steps), 1)  # the first checkpoint
         steps_min = max(int(0.06 * steps), 1)  # the smallest gap between checkpoints
@@ -134,7 +179,12 @@ class APGD(Attack):
         x_best = x_adv.clone()
         loss_steps = torch.zeros(steps, b, device=x.device)  # (T, B)
 
-        grad, loss, _ = self.gradient(x_adv, y)
+        grad, loss, logits = self.gradient(x_adv, y)
+        loss = self.tracked(loss, logits, y)
+        by_dice = self.best == "dice"
+        if by_dice:
+            x_low = x_adv.clone()  # the best iterate by the metric, the one returned
+            score_best = self.score(logits, y)
         grad_best = grad.clone()
         loss_best = loss.clone()
         per_sample = [b] + [1] * (x.dim() - 1)
@@ -155,12 +205,21 @@ class APGD(Attack):
                 a = self.momentum if i > 0 else 1.0
                 x_adv = self.apgd_step(x_adv, x, grad, momentum_step, step_size, a, eps)
             if i < steps - 1:
-                grad, loss, _ = self.gradient(x_adv, y, i + 1)
+                grad, loss, logits = self.gradient(x_adv, y, i + 1)
             else:  # the last gradient would never be used: only the objective
                 with torch.no_grad():
-                    loss = self.objective(self.logits(x_adv), y)
+                    logits = self.logits(x_adv)
+                    loss = self.objective(logits, y)
+            loss = self.tracked(loss, logits, y)
 
             with torch.no_grad():
+                if by_dice:
+                    score = self.score(logits, y)
+                    lower = score >= score_best  # ties: the later iterate (the reference's <=)
+                    x_low[lower] = x_adv[lower]
+                    score_best = torch.maximum(score, score_best)
+                    if bool((score_best >= self.score_ceiling).all()):
+                        break  # every sample fully broken: nothing left to find
                 loss_steps[i] = loss
                 improved = loss > loss_best  # (B,)
                 x_best[improved] = x_adv[improved]
@@ -183,7 +242,33 @@ class APGD(Attack):
                         grad = torch.where(back_to_best, grad_best, grad)
                     counter = 0
                     k = max(k - size_decr, steps_min)
+        if by_dice:
+            return x_low, score_best
         return x_best, loss_best
+
+    @property
+    def score_ceiling(self) -> float:
+        """The best :meth:`score` there is: Dice 0 (untargeted), or 1 to the target."""
+        return 1.0 if self.targeted else 0.0
+
+    def score(self, logits: Tensor, y: Tensor) -> Tensor:
+        """The metric as a value to raise, ``(B,)``: minus the Dice, or the Dice to the target."""
+        dice = sample_dice(logits.detach(), y, self.activation)
+        return dice if self.targeted else -dice
+
+    def tracked(self, loss: Tensor, logits: Tensor, y: Tensor) -> Tensor:
+        """The value the checkpoints compare: the objective, or ``track_loss``'s at ``logits``."""
+        if self.track_loss is None:
+            return loss
+        with torch.no_grad():
+            values = self.track_loss(logits, y)
+        return -values if self.targeted else values
+
+    def weigh(self, logits: Tensor, y: Tensor, t: int) -> Tensor:
+        """SegPGD's weights at step ``t`` of the current run (``weighting="segpgd"``)."""
+        if self.weighting == "none":
+            return logits
+        return segpgd_weigh(logits, y, t / (2 * self._run_steps), self.activation, self.targeted)
 
     def apgd_start(self, x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
         """The reference's random start: a uniform draw scaled so that its largest entry

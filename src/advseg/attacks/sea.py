@@ -5,22 +5,36 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advseg.attacks.apgd import APGD
-from advseg.attacks.base import ATTACKS, Activation, Attack
+from advseg.attacks.base import ATTACKS, Attack
 from advseg.attacks.bim import check_steps
+from advseg.attacks.metric import sample_dice
+from advseg.attacks.padam import PAdam
 from advseg.errors import UserError
 from advseg.losses import LOSSES, loss_activation
 
-DEFAULT_MEMBERS: tuple[str, ...] = ("masked-bce", "js", "masked-spherical", "balanced-bce")
-"""SEA's four losses, in their sigmoid forms (softmax models get :data:`SOFTMAX_FORMS`)."""
+DEFAULT_MEMBERS: tuple[str, ...] = ("masked-bce", "segpgd-bce", "js", "masked-spherical")
+"""SEA's four members as its authors run them (nmndeep/robust-segmentation, ``tools/infer.py``:
+``mask-ce-avg``, ``segpgd-loss``, ``js-avg``, ``mask-norm-corrlog-avg``), in their sigmoid forms
+(softmax models get :data:`SOFTMAX_FORMS`)."""
+
+OPTIONAL_MEMBERS: tuple[str, ...] = ("balanced-bce", "padam-bce", "padam-cosine")
+"""Further members one may add (sigmoid forms): the class-balanced cross-entropy, PAdam-CE and
+PAdam-Cos (Halmosi et al., ECCV 2024)."""
+
+PRESETS: dict[str, int] = {"reference": 300, "fast": 25}
+"""Steps per member: the reference's 300, or ``fast`` (advseg's earlier 100 in all, 25 each)."""
+
+MEMBER_KINDS = ("segpgd-", "padam-")
+"""Member name prefixes: ``segpgd-L`` is APGD with loss L under SegPGD's weighting, ``padam-L``
+is :class:`~advseg.attacks.padam.PAdam` with loss L; a bare loss name is APGD with that loss."""
 
 SOFTMAX_FORMS: dict[str, str] = {
-    "bce": "ce",
-    "masked-bce": "masked-ce",
-    "balanced-bce": "balanced-ce",
+    f"{kind}{a}": f"{kind}{b}"
+    for a, b in (("bce", "ce"), ("masked-bce", "masked-ce"), ("balanced-bce", "balanced-ce"))
+    for kind in ("", *MEMBER_KINDS)
 }
 SIGMOID_FORMS: dict[str, str] = {v: k for k, v in SOFTMAX_FORMS.items()}
 
@@ -33,20 +47,38 @@ NO_MEMBER = "none"
 
 @ATTACKS.register("sea")
 class SEA(Attack):
-    """Segmentation Ensemble Attack: per slice, the lowest Dice over APGD runs with four losses.
+    """Segmentation Ensemble Attack: per slice, the lowest Dice over four APGD runs.
 
     Paper: Croce, Singh & Hein, "Towards Reliable Evaluation and Fast Training of Robust Semantic
     Segmentation Models", ECCV 2024, https://arxiv.org/abs/2306.12941 (Section 3: a single loss
-    leaves slices that another loss breaks; their union is the reliable worst case).
+    leaves slices that another loss breaks; their union is the reliable worst case). Run as its
+    authors' code runs it (nmndeep/robust-segmentation, ``tools/infer.py`` and
+    ``semseg/utils/attacker.py``):
 
-    Each member is an :class:`~advseg.attacks.apgd.APGD` run (with SEA's progressive radius
-    reduction unless ``progressive=False``) with its own loss and its share of ``steps``. After
-    each member, every slice keeps the image with the lowest Dice so far (the metric itself: hard
-    predictions, per class ``2 tp / (2 tp + fp + fn)``, 1 for a class empty in both, the mean over
-    the classes), and :attr:`winners` names the member that found it (``none`` if none beat the
-    clean image). A slice whose Dice is already 0 is not attacked by the later members
-    (``skip_broken``): nothing is left to break, and its share of the work is saved. When
-    targeted, the score is ``1 - Dice`` to the target instead.
+    - four members, each an :class:`~advseg.attacks.apgd.APGD` run of ``steps`` steps (300) with
+      the progressive radius reduction (``2 eps``, ``1.5 eps``, ``eps`` over 30/30/40 % of the
+      steps): masked cross-entropy, SegPGD's time-weighted cross-entropy (``segpgd-ce``: APGD
+      with ``weighting="segpgd"``), Jensen-Shannon, masked spherical; sigmoid models take the
+      binary forms (``masked-bce``, ``segpgd-bce``);
+    - each member returns its lowest-Dice iterate (``best="dice"``), and its step-size
+      checkpoints follow plain cross-entropy (the reference's ``track_loss="ce-avg"``), except
+      the spherical member, which follows its own loss;
+    - per slice, the lowest Dice over the members, scored as the records score (foreground
+      classes only: :func:`advseg.attacks.metric.sample_dice`); :attr:`winners` names the
+      member that found it (``none`` if none beat the clean image).
+
+    ``preset="fast"`` keeps the members but runs 25 steps each (advseg's earlier 100 in all),
+    for quick looks; the preset is in :meth:`__repr__` and in the options the records keep.
+    Further members (:data:`OPTIONAL_MEMBERS`): ``balanced-bce`` / ``balanced-ce``, and PAdam-CE
+    / PAdam-Cos as ``padam-bce`` (``padam-ce``) / ``padam-cosine``
+    (:class:`~advseg.attacks.padam.PAdam`, also keeping its lowest-Dice iterate). A slice whose
+    Dice is already 0 is not attacked by the later members (``skip_broken``), and a member stops
+    once all its slices are at 0 (the reference's ``early_stop``). When targeted, the score is
+    the Dice to the target, raised.
+
+    Departures from the reference, each small: the random start is APGD's (a uniform draw
+    scaled to the ball's corner, torchattacks' and AutoAttack's) rather than a plain uniform
+    draw; Dice ranks the iterates where the reference ranks pixel accuracy (the records' metric).
 
     Distance measure: L-inf or L2 (each member projects onto the ball).
 
@@ -55,12 +87,11 @@ class SEA(Attack):
             :class:`~advseg.attacks.base.Attack`.
         loss: not used to attack (the members carry their own losses); accepted so that SEA is
             created like every attack. Evaluation records label it ``worst-case``.
-        members: loss names, one APGD run each; by default ``masked-bce``, ``js``,
-            ``masked-spherical``, ``balanced-bce``, each replaced by its softmax form
-            (``masked-ce``, ``balanced-ce``) on softmax models and back.
-        steps: the total budget of steps, split evenly over the members (the first members take
-            the remainder); at least one per member. Default 100.
-        progressive: progressive radius reduction inside each member (default true).
+        members: member names (see :data:`MEMBER_KINDS`), one run each; by default
+            :data:`DEFAULT_MEMBERS`, each replaced by its softmax form on softmax models.
+        preset: ``reference`` (default, 300 steps per member) or ``fast`` (25 per member).
+        steps: steps per member (default: the preset's).
+        progressive: progressive radius reduction inside each APGD member (default true).
         skip_broken: do not attack slices whose Dice is already 0 (default true).
         loss_kwargs: ignored (the members' losses take none).
 
@@ -69,7 +100,7 @@ class SEA(Attack):
           models); output: ``(B, C, H, W)``.
 
     Example:
-        >>> attack = SEA(model, eps=8 / 255, steps=400)
+        >>> attack = SEA(model, eps=8 / 255, preset="fast")
         >>> x_adv = attack(images, masks)
         >>> attack.winners  # the member that won each slice
     """
@@ -78,44 +109,52 @@ class SEA(Attack):
     loss_ensemble = True
 
     def __init__(self, model: nn.Module, loss="bce", eps: float = 0.009, *,
-                 members: Sequence[str] | None = None, steps: int = 100,
-                 progressive: bool = True, skip_broken: bool = True,
+                 members: Sequence[str] | None = None, preset: str = "reference",
+                 steps: int | None = None, progressive: bool = True, skip_broken: bool = True,
                  **kwargs) -> None:  # fmt: skip
         super().__init__(model, loss, eps, **kwargs)
         names = list(DEFAULT_MEMBERS if members is None else members)
         if isinstance(members, str) or not names:
-            raise UserError(f"{self.name}: members must be a list of loss names, got {members!r}")
+            raise UserError(f"{self.name}: members must be a list of member names, got {members!r}")
         forms = SOFTMAX_FORMS if self.activation == "softmax" else SIGMOID_FORMS
         names = [forms.get(n, n) if members is None else n for n in names]
-        for n in names:
-            if n not in LOSSES:
-                raise UserError(f"{self.name}: member {LOSSES.unknown_message(n)}")
-            kind = loss_activation(n)
-            if kind is not None and kind != self.activation:
-                raise UserError(f"{self.name}: member {n!r} is a {kind} loss; this attack's "
-                                f"activation is {self.activation}")  # fmt: skip
         if len(set(names)) != len(names):
             raise UserError(f"{self.name}: each member once, got {', '.join(names)}")
-        self.steps = check_steps(steps, self.name)
-        if self.steps < len(names):
-            raise UserError(
-                f"{self.name}: steps {steps} is less than one per member ({len(names)} members)"
-            )
-        shares = [
-            self.steps // len(names) + (i < self.steps % len(names)) for i in range(len(names))
-        ]
+        if preset not in PRESETS:
+            raise UserError(f"{self.name}: preset {preset!r} is not one of {', '.join(PRESETS)}")
+        self.preset = preset
+        self.steps = check_steps(PRESETS[preset] if steps is None else steps, self.name)
         common = {"norm": self.norm, "valid_range": self.valid_range, "targeted": self.targeted,
                   "activation": self.activation, "seed": self.seed}  # fmt: skip
-        self.members = [
-            APGD(model, n, eps, steps=s, progressive=progressive, **common)
-            for n, s in zip(names, shares, strict=True)
-        ]
+        self.members = [self.member(model, n, eps, progressive, common) for n in names]
         self.member_names = names
         self.skip_broken = bool(skip_broken)
         self.winners: list[str] = []
         """The winning member of each slice of the last call."""
         self.attacked: int = 0
         """How many (slice, member) runs the last call made (``skip_broken`` lowers it)."""
+
+    def member(
+        self, model: nn.Module, name: str, eps: float, progressive: bool, common: dict
+    ) -> Attack:
+        """The attack of member ``name``: APGD (maybe SegPGD-weighted) or PAdam, keeping its
+        lowest-Dice iterate."""
+        kind = next((k for k in MEMBER_KINDS if name.startswith(k)), "")
+        loss = name[len(kind) :]
+        if loss not in LOSSES:
+            raise UserError(f"{self.name}: member {name!r}: {LOSSES.unknown_message(loss)}")
+        own = loss_activation(loss)
+        if own is not None and own != self.activation:
+            raise UserError(f"{self.name}: member {name!r} is a {own} loss; this attack's "
+                            f"activation is {self.activation}")  # fmt: skip
+        if kind == "padam-":
+            return PAdam(model, loss, eps, steps=self.steps, best="dice", **common)
+        plain = "ce" if self.activation == "softmax" else "bce"
+        return APGD(
+            model, loss, eps, steps=self.steps, progressive=progressive, best="dice",
+            track_loss=None if loss == "masked-spherical" else plain,
+            weighting="segpgd" if kind == "segpgd-" else "none", **common,
+        )  # fmt: skip
 
     def __call__(self, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         self.winners, self.attacked = [NO_MEMBER] * x.shape[0], 0  # also right when eps is 0
@@ -151,25 +190,9 @@ class SEA(Attack):
         return 1 - dice if self.targeted else dice
 
     def __repr__(self) -> str:
-        return (f"SEA(members={self.member_names}, steps={self.steps}, eps={self.eps:g}, "
-                f"norm={self.norm!r})")  # fmt: skip
+        return (f"SEA(preset={self.preset!r}, members={self.member_names}, steps={self.steps}, "
+                f"eps={self.eps:g}, norm={self.norm!r})")  # fmt: skip
 
 
-def slice_dice(logits: Tensor, y: Tensor, activation: Activation) -> Tensor:
-    """Dice of the hard prediction per slice, ``(B,)``: the mean over the classes of
-    ``2 tp / (2 tp + fp + fn)``, 1 for a class empty in both prediction and mask.
-
-    ``y`` is ``(B, K, H, W)``, or class indices ``(B, H, W)`` for softmax.
-    """
-    if activation == "sigmoid":
-        pred = logits > 0
-    else:
-        pred = F.one_hot(logits.argmax(1), logits.shape[1]).permute(0, 3, 1, 2).bool()
-    if y.dim() != logits.dim():
-        y = F.one_hot(y.long(), logits.shape[1]).permute(0, 3, 1, 2)
-    target = y > 0.5
-    tp = (pred & target).flatten(2).sum(2).double()  # (B, K)
-    wrong = (pred ^ target).flatten(2).sum(2).double()  # fp + fn
-    denominator = 2 * tp + wrong
-    dice = torch.where(denominator > 0, 2 * tp / denominator.clamp(min=1), torch.ones_like(tp))
-    return dice.mean(1)
+slice_dice = sample_dice
+"""The per-slice Dice SEA ranks by (:func:`advseg.attacks.metric.sample_dice`)."""

@@ -37,11 +37,18 @@ class SegPGD(PGD):
     name = "segpgd"
 
     def weigh(self, logits: Tensor, y: Tensor, t: int) -> Tensor:
-        lam = t / (2 * self.steps)
-        right = agrees(logits, y, self.activation)
-        fooled = right if self.targeted else ~right
-        weight = (fooled * lam + ~fooled * (1 - lam)).to(logits.dtype)
-        return scale_gradient(logits, weight)
+        return segpgd_weigh(logits, y, t / (2 * self.steps), self.activation, self.targeted)
+
+
+def segpgd_weigh(
+    logits: Tensor, y: Tensor, lam: float, activation: Activation, targeted: bool
+) -> Tensor:
+    """``logits`` whose gradient is weighted ``1 - lam`` on the right elements and ``lam`` on the
+    fooled ones (already at the target, when targeted): SegPGD's weighting at ``lam = t / 2T``."""
+    right = agrees(logits, y, activation)
+    fooled = right if targeted else ~right
+    weight = (fooled * lam + ~fooled * (1 - lam)).to(logits.dtype)
+    return scale_gradient(logits, weight)
 
 
 def agrees(logits: Tensor, y: Tensor, activation: Activation) -> Tensor:

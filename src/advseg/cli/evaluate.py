@@ -177,9 +177,16 @@ def parse_options(pairs: list[str]) -> dict[str, object]:
 
 
 def attacks_command() -> None:
-    """List the attacks (with their options), the losses they can use and the input defences."""
+    """List the attacks (with their options), the losses they can use and the input defences.
+
+    Options go to ``advseg evaluate`` as ``--attack-option KEY=VALUE``; e.g. ``sea`` runs its
+    authors' budget (``preset=reference``: 4 members x 300 APGD steps) unless given
+    ``preset=fast`` (25 each), and takes ``members=[masked-bce, padam-bce, ...]``.
+    """
     listed = catalogue.load()
-    table = Table(title="attacks")
+    table = Table(
+        title="attacks (--attack-option KEY=VALUE; sea: preset=reference (default) or fast)"
+    )
     table.add_column("name")
     table.add_column("what")
     table.add_column("options")

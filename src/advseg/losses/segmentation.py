@@ -24,8 +24,14 @@ that with nothing masked the masked losses equal the plain ones.
   classes' logits are projected together and the term of class ``k`` is its signed coordinate
   ``(2 y_k - 1) z_k / ||z||``; with one class that coordinate is only a sign (no gradient).
 
-``js`` and ``masked-spherical`` take ``activation="sigmoid"`` or ``"softmax"``; the attacks pass
-their own activation.
+- ``cosine``: one minus the cosine similarity between the prediction and the one-hot label, per
+  pixel (PAdam-Cos, Halmosi et al., ECCV 2024, https://arxiv.org/abs/2407.09150): softmax, the
+  raw logits over the classes (the reference's form); sigmoid, each class's two-way probability
+  ``(p, 1 - p)`` against ``(y, 1 - y)`` (the logits' two-way form ``(z / 2, -z / 2)`` has a
+  constant cosine, no gradient).
+
+``js``, ``masked-spherical`` and ``cosine`` take ``activation="sigmoid"`` or ``"softmax"``; the
+attacks pass their own activation.
 """
 
 from __future__ import annotations
@@ -170,5 +176,22 @@ def masked_spherical(activation: Activation = "sigmoid") -> PerSampleLoss:
         correct = ((logits > 0) == (target > 0.5)).detach()  # (B, K, H, W)
         signed = (2 * target - 1) * unit
         return per_sample(-signed * correct)
+
+    return loss
+
+
+@LOSSES.register("cosine")
+def cosine(activation: Activation = "sigmoid") -> PerSampleLoss:
+    """One minus the cosine similarity of the prediction and the one-hot label (PAdam-Cos)."""
+    _check(activation)
+
+    def loss(logits: Tensor, target: Tensor) -> Tensor:
+        if activation == "softmax":
+            similarity = F.cosine_similarity(logits, _one_hot(logits, target), dim=1)  # (B, H, W)
+            return per_sample(1 - similarity)
+        p = torch.sigmoid(logits)
+        t = target.to(logits.dtype)
+        similarity = (p * t + (1 - p) * (1 - t)) / (p**2 + (1 - p) ** 2).sqrt()  # |t| = 1
+        return per_sample(1 - similarity)
 
     return loss
