@@ -1,6 +1,6 @@
 """The worst case each attack finds at the same budget of steps: PGD-10, PGD-100, SegPGD-100,
-CosPGD-100, APGD-100 and SEA's ``fast`` preset (100 steps over its four members), on a model trained on the
-synthetic phantom (Kaggle layout) and on synthetic abdominal CT volumes (NIfTI).
+CosPGD-100, APGD-100 and SEA's ``fast`` preset (100 steps over its four members), on a model
+trained on the synthetic phantom (Kaggle layout) and on synthetic abdominal CT volumes (NIfTI).
 
 Prints the mean DSC (the paper's protocol) on held-out slices that have a mask, at eps 0.009 and
 0.03 (L-inf), the gap SEA finds below PGD-100, which SEA member won how many slices, and what
