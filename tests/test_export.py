@@ -142,6 +142,24 @@ def test_export_refuses_what_it_cannot_do_in_one_line(phantom_run, tmp_path):
     assert not (tmp_path / "a").exists()  # nothing half-written
 
 
+def test_export_with_a_checkpoint_of_another_architecture_is_refused(phantom_run, tmp_path):
+    from dataclasses import replace
+
+    import torch
+
+    from advseg.models import create_model, read_checkpoint
+    from advseg.models.checkpoint import save_checkpoint
+
+    _, meta, _ = read_checkpoint(phantom_run / "models" / "unet-tiny" / "checkpoints" / "best")
+    torch.manual_seed(0)
+    other = create_model("unet", classes=len(meta.classes))  # the same data, another model
+    save_checkpoint(tmp_path / "other", other, replace(meta, model="unet"))
+    with pytest.raises(UserError, match=r"other: a 'unet' model, but the cell's records were "
+                       r"computed by a 'unet-tiny' model"):  # fmt: skip
+        export_cell(phantom_run, checkpoint=tmp_path / "other", out=tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
 def test_export_of_nifti_slices_lands_on_the_source_grid(tmp_path):
     write_synthetic_nifti(tmp_path / "ct", cases=3, slices=6, size=(64, 48), seed=0)
     run_dir = _run(tmp_path / "ct", tmp_path, "ct")

@@ -10,6 +10,7 @@ dotted path.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -148,20 +149,73 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_yaml(path: str | Path) -> Any:
-    """Parse a YAML file; a missing file or a syntax error is a one-line UserError."""
-    path = Path(path)
+MAX_DEPTH = 64
+"""The deepest nesting a YAML or JSON file advseg reads may have (its own files nest 6 deep):
+a file nested thousands of levels deep is refused in one line, not a RecursionError."""
+
+
+def check_depth(value: Any, where: str, limit: int = MAX_DEPTH) -> Any:
+    """``value`` when its lists and mappings nest at most ``limit`` deep (walked without
+    recursion), else a UserError naming ``where``."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                raise UserError(f"{where}: nested more than {limit} levels deep")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return value
+
+
+def _too_deep(where: str) -> UserError:
+    return UserError(f"{where}: nested more than {MAX_DEPTH} levels deep")
+
+
+def read_text_utf8(path: Path) -> str:
+    """The text of ``path`` as UTF-8; unreadable or not UTF-8 is a one-line UserError."""
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror or err})") from None
     try:
-        return yaml.load(text, Loader=_StrictLoader)
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+            "save it as UTF-8"
+        ) from None
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file (UTF-8, nested at most :data:`MAX_DEPTH` deep); any fault is a one-line
+    UserError naming the file."""
+    path = Path(path)
+    text = read_text_utf8(path)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise _too_deep(str(path)) from None
+    return check_depth(value, str(path))
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Parse a YAML file; a missing file, a syntax error, text that is not UTF-8 or nesting
+    deeper than :data:`MAX_DEPTH` is a one-line UserError."""
+    path = Path(path)
+    text = read_text_utf8(path)
+    try:
+        value = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or "invalid YAML"
         raise UserError(f"{path}:{line}: {problem}") from None
+    except RecursionError:
+        raise _too_deep(str(path)) from None
+    return check_depth(value, str(path))
 
 
 def save_yaml(config: Any, path: str | Path) -> None:

@@ -334,6 +334,12 @@ def export_cell(
         Path(checkpoint) if checkpoint else locate_checkpoint(run_dir, name, trained_seed, config)
     )
     net, meta = load_checkpoint(path, resolve_device(device))
+    arch = str(first["arch"]) if "arch" in cell.columns else meta.model
+    if arch != meta.model:  # another model would not reproduce the cell's records
+        raise UserError(
+            f"{path}: a {meta.model!r} model, but the cell's records were computed by a "
+            f"{arch!r} model ({name}); pass that model's checkpoint"
+        )
     preprocess = saved_preprocess(meta.preprocessing, f"{path} preprocessing")
     loaded = load_data(trained_data_config(meta.data, path, preprocess, data, cache_dir))
     check_compatible(meta, path, in_channels=preprocess.channels, classes=list(loaded.classes))

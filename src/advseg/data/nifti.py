@@ -22,7 +22,6 @@ when every name has a distinct one, else the volume's position in name order (fr
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from collections.abc import Mapping
@@ -33,6 +32,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from advseg.config import read_json
 from advseg.data.index import Exclusions, make_index, slice_id, voxels
 from advseg.data.rle import rle_encode
 from advseg.errors import AdvsegWarning, UserError
@@ -54,10 +54,7 @@ def parse_label_map(spec: str | Path | Mapping[Any, str]) -> dict[int, str]:
         where = "nifti_labels"
     elif str(spec).endswith(".json") or Path(str(spec)).is_file():
         path = Path(spec)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise UserError(f"{path}: cannot read the label mapping ({err})") from None
+        data = read_json(path)
         if not isinstance(data, dict):
             raise UserError(f'{path}: expected a JSON object like {{"1": "liver"}}')
         items, where = list(data.items()), str(path)
@@ -95,10 +92,8 @@ def dataset_json_labels(root: str | Path) -> dict[int, str] | None:
     path = Path(root) / "dataset.json"
     if not path.is_file():
         return None
-    try:
-        labels = json.loads(path.read_text()).get("labels")
-    except (OSError, json.JSONDecodeError, AttributeError) as err:
-        raise UserError(f"{path}: cannot read its labels ({err})") from None
+    document = read_json(path)
+    labels = document.get("labels") if isinstance(document, dict) else None
     if not isinstance(labels, dict) or not labels:
         raise UserError(f"{path}: has no 'labels' object (pass --labels 1=liver,... instead)")
     mapping: dict[int, str] = {}

@@ -179,6 +179,32 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
     """Read and check an experiment file; a bad key or value is a UserError naming key and file."""
     data = load_yaml(path)
     try:
-        return check_config(from_dict(ExperimentConfig, data or {}))
+        config = check_config(from_dict(ExperimentConfig, data or {}))
+        check_given_arch(data or {}, config)
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
+    return config
+
+
+def check_given_arch(data: dict[str, Any], config: ExperimentConfig) -> None:
+    """Refuse a model that names both an ``arch`` and a checkpoint of another architecture.
+
+    A checkpoint's architecture is the one it was trained as (its metadata) and is what is
+    loaded; an ``arch`` written beside it that says otherwise would label the records with a
+    model that was never run (issue 25: ``arch: unet`` on a ``unet-tiny`` checkpoint). Only the
+    metadata JSON is read; an unreadable checkpoint is left to the preflight to name.
+    """
+    from advseg.models.checkpoint import newest_complete, read_metadata
+
+    for i, (raw, model) in enumerate(zip(data.get("models") or [], config.models, strict=False)):
+        if not isinstance(raw, dict) or "arch" not in raw or model.checkpoint is None:
+            continue
+        try:
+            saved = read_metadata(newest_complete(model.checkpoint)).model
+        except UserError:
+            continue
+        if saved != model.arch:
+            raise UserError(
+                f"models[{i}].arch: {model.arch!r}, but its checkpoint {model.checkpoint} holds "
+                f"a {saved!r} model; drop arch (the checkpoint's is used) or correct it"
+            )

@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from advseg.atomic import atomic_path, fault_point
-from advseg.config import from_dict, to_dict
+from advseg.config import from_dict, read_json, to_dict
 from advseg.errors import AdvsegWarning, UserError
 from advseg.labels import check_activation, output_channels
 from advseg.models.zoo import count_parameters, create_model, model_spec
@@ -179,8 +179,8 @@ def _pair_id(weights_file: Path, meta_file: Path) -> str | None:
     try:
         with safe_open(str(weights_file), framework="pt") as handle:
             header = handle.metadata() or {}
-        document = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (SafetensorError, OSError, ValueError):
+        document = read_json(meta_file)
+    except (SafetensorError, OSError, ValueError):  # UserError too
         return None
     save_id = header.get("save_id")
     if isinstance(document, dict) and save_id and document.get("save_id") == save_id:
@@ -282,9 +282,9 @@ def read_metadata(path: str | Path) -> CheckpointMeta:
 
 def _read_json(meta_file: Path) -> dict[str, Any]:
     try:
-        document = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{meta_file}: not an advseg checkpoint's JSON ({err})") from None
+        document = read_json(meta_file)
+    except UserError as err:
+        raise UserError(f"not an advseg checkpoint's JSON: {err}") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         found = document.get("format") if isinstance(document, dict) else type(document).__name__
         raise UserError(f"{meta_file}: format is {found!r}, expected {FORMAT!r}")
@@ -353,7 +353,8 @@ def load_checkpoint(
 
 
 def load_weights(model: nn.Module, weights: dict[str, Tensor], where: str | Path) -> None:
-    """Copy a checkpoint's weights into ``model``; any missing, extra or reshaped key is refused."""
+    """Copy a checkpoint's weights into ``model``; any missing, extra or reshaped key, or a
+    weight that is not a finite number, is refused."""
     model = getattr(model, "module", model)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
@@ -366,6 +367,18 @@ def load_weights(model: nn.Module, weights: dict[str, Tensor], where: str | Path
             f"{where}: weights do not fit model {name!r} ({len(missing)} missing, "
             f"e.g. {missing[:2]}; {len(extra)} unexpected, e.g. {extra[:2]}; "
             f"{len(reshaped)} of another shape, e.g. {reshaped[:2]})"
+        )
+    broken = {
+        key: int((~torch.isfinite(value)).sum())
+        for key, value in weights.items()
+        if value.is_floating_point() or value.is_complex()
+    }
+    broken = {key: count for key, count in broken.items() if count}
+    if broken:
+        key = next(iter(broken))
+        raise UserError(
+            f"{where}: {sum(broken.values())} weights are not finite numbers (NaN or inf) in "
+            f"{len(broken)} tensor(s), e.g. {key!r}; the checkpoint is damaged"
         )
     model.load_state_dict(weights)
 
