@@ -29,6 +29,8 @@ RECORD_COLUMNS: dict[str, str] = {
     "loss": "string",
     "member": "string",  # sea: the member (loss) whose image won the slice; "" for other attacks
     "eps": "float64",
+    "corruption": "string",  # a corrupted cell's corruption (advseg.corruptions); "" for attacks
+    "severity": "int64",  # its severity, 1 to 5; 0 for attacks
     "slice_id": "string",
     "case": "int64",
     "scan": "string",
@@ -58,13 +60,16 @@ RECORD_COLUMNS: dict[str, str] = {
 }
 
 DEFAULTS: dict[str, object] = {
+    "corruption": "",
+    "severity": 0,
     "abstained": 0.0,
     "hd95_mm_clean": float("nan"),
     "hd95_mm_adv": float("nan"),
 }
 """Columns a producer may leave out (and older files lack): filled with these values. An
 ordinary prediction decides every pixel, so only certification (``advseg certify``) abstains;
-records written before HD95 in millimetres have none (NaN)."""
+records written before HD95 in millimetres have none (NaN); attack cells, and records written
+before corruptions, have no corruption ("", severity 0)."""
 
 
 def check_records(frame: pd.DataFrame, source: str = "records") -> pd.DataFrame:

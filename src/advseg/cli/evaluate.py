@@ -26,7 +26,20 @@ def evaluate_command(
     ),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     split: str = typer.Option("test", "--split", help="'test' (held-out cases) or 'all'."),
-    attack: list[str] = typer.Option(["fgsm"], "--attack", help="Attack name (repeatable)."),
+    attack: list[str] | None = typer.Option(
+        None,
+        "--attack",
+        help="Attack name (repeatable; default: fgsm, or none when --corruption is given).",
+    ),
+    corruption: list[str] = typer.Option(
+        [],
+        "--corruption",
+        help="Corruption cells (repeatable): NAME:SEVERITY (motion:3), NAME (severities 1-5) or "
+        "all; `advseg corruptions` lists them (default: none).",
+    ),
+    corruption_seed: int = typer.Option(
+        0, "--corruption-seed", help="Seed of the corruptions' draws (default 0)."
+    ),
     loss: list[str] | None = typer.Option(
         None,
         "--loss",
@@ -95,7 +108,9 @@ def evaluate_command(
     Run it under torchrun (`torchrun --nproc-per-node N -m advseg evaluate ...`) to shard the
     slices over several processes or GPUs.
     """
+    attack = list(attack) if attack else ([] if corruption else ["fgsm"])
     catalogue.check_names("attack", attack, "--attack")  # a typo answered before torch loads
+    catalogue.check_names("corruption", corruption, "--corruption")
     catalogue.check_names("loss", loss or [], "--loss")
     catalogue.check_names("defence", defence, "--defence")
     from advseg import distributed
@@ -133,6 +148,8 @@ def evaluate_command(
         compat=compat,
         defences=list(defence),
         trace=trace,
+        corruptions=list(corruption),
+        corruption_seed=corruption_seed,
     )
     with options_named(("protocol", "split", "device")):  # as typed, not the library's keys
         result = evaluate(config, progress=True)

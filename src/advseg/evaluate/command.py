@@ -66,6 +66,10 @@ class EvaluateConfig:
             ...; :mod:`advseg.defences.transforms`); the records name the model
             ``<checkpoint>+<defence>``.
         trace: keep iterative attacks' convergence traces as ``traces/<cell>.csv``.
+        corruptions: corruption cells (``motion:3``, ``noise`` for its five severities, ``all``;
+            :func:`advseg.corruptions.parse_corruptions`), evaluated beside the attacks with one
+            clean forward per batch (:func:`~advseg.evaluate.corrupted.evaluate_corruptions`).
+        corruption_seed: seeds every slice's corruption draw (with its slice id).
     """
 
     checkpoints: list[Path]
@@ -85,6 +89,8 @@ class EvaluateConfig:
     compat: str = "none"
     defences: list[str] = field(default_factory=lambda: ["none"])
     trace: bool = False
+    corruptions: list[str] = field(default_factory=list)
+    corruption_seed: int = 0
 
 
 @dataclass
@@ -144,9 +150,11 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
     from advseg.atomic import atomic_path, check_output_dir, write_text_atomic
     from advseg.attacks import attack_options
     from advseg.bootstrap import with_intervals
+    from advseg.corruptions import parse_corruptions
     from advseg.data import held_out_rows, load_data, saved_preprocess
     from advseg.data.location import data_note, first_line
     from advseg.defences import create_defence, defend, defended_name
+    from advseg.evaluate.corrupted import evaluate_corruptions
     from advseg.labels import DEFAULT_ATTACK_LOSSES, checkpoint_activation
     from advseg.models.checkpoint import (
         check_compatible,
@@ -176,6 +184,9 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
         raise UserError(f"split: {config.split!r} is not 'test' or 'all'")
     for name in config.attacks:
         attack_options(name)  # unknown names fail before any model or data is loaded
+    corrupted = parse_corruptions(config.corruptions) if config.corruptions else []
+    if not config.attacks and not corrupted:
+        raise UserError("evaluate: no attack and no corruption given")
     for name in config.losses or []:
         if name not in LOSSES:
             raise UserError(f"--loss: {LOSSES.unknown_message(name)}")
@@ -184,7 +195,8 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
     if len({defended_name("", spec) for spec in config.defences}) != len(config.defences):
         raise UserError(f"defences: each defence once, got {', '.join(config.defences)}")
     accepted = {name: set(attack_options(name)) for name in config.attacks}
-    unused = sorted(set(config.attack_options) - set().union(*accepted.values()))
+    unused = sorted(set(config.attack_options) - set().union(set(), *accepted.values()))
+    unused = [key for key in unused if key != "activation"]  # the checkpoints' own, for both
     if unused:
         takes = "; ".join(f"{name}: {', '.join(sorted(keys))}" for name, keys in accepted.items())
         raise UserError(
@@ -283,6 +295,26 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
                         save_examples(result.examples, npz, model=model_name, attack=label, eps=eps)
                     if result.trace is not None:
                         write_trace(result.trace, out / "traces" / f"{name}.csv")
+        for spec in config.defences if corrupted else ():
+            model, model_name = defend(bare, spec), defended_name(checkpoint_name, spec)
+            what = f"{model_name}, {len(corrupted)} corruption cells on {len(rows)} slices"
+            with cell_progress(console, what) as on_batch:
+                results = evaluate_corruptions(
+                    model, data, rows, corrupted, model_name=model_name, arch=meta.model,
+                    activation=activation, seed=config.corruption_seed,
+                    batch_size=config.batch_size, examples=config.examples, on_batch=on_batch,
+                )  # fmt: skip
+            for (name, severity), result in zip(corrupted, results, strict=True):
+                records = result.records.assign(seed=int(meta.train.get("seed", 0)))
+                frames.append(records)
+                if not distributed.is_main():
+                    continue
+                stem = cell_name(file_stem(model_name), f"corruption-{name}-{severity}", 0.0)
+                files.append(write_records(records, out / "records" / f"{stem}.parquet"))
+                if result.examples:
+                    label = str(records["attack"].iloc[0])
+                    npz = out / "examples" / f"{stem}.npz"
+                    save_examples(result.examples, npz, model=model_name, attack=label, eps=0.0)
     records = pd.concat(frames, ignore_index=True)
     table = with_intervals(records, config.protocol)  # Table II with case-bootstrap intervals
     summary_path = out / "summary.csv"
