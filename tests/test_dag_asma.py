@@ -146,8 +146,19 @@ def test_dag_untargeted_flips_most_right_bits_of_a_trained_model(trained):
 # ------------------------------------------------------------------------------------ ASMA
 
 
-def asma_reference(model, x, target, steps, tau, beta, sigmoid):
-    """Equations 2-4 of Ozbulak et al. per image: the adaptive mask, the multiplier, the L2 term.
+def miou(pred, goal, classes):
+    """adv-lib's ``iou_masks`` on one image: the mean over every class of its IoU (+1e-6)."""
+    ious = []
+    for c in range(classes):
+        inter = ((pred == c) & (goal == c)).sum()
+        ious.append(inter / ((pred == c).sum() + (goal == c).sum() - inter + 1e-6))
+    return torch.stack(ious).mean()
+
+
+def asma_reference(model, x, target, steps, tau, beta, sigmoid, threshold=0.99):
+    """Equations 2-4 of Ozbulak et al. per image: the adaptive mask, the multiplier (adv-lib's
+    mean IoU over every class), the L2 term; returned, adv-lib's choice: the smallest-L2 iterate
+    at least ``threshold`` at the target, else the one closest to it (scored before each step).
 
     For sigmoid outputs each (pixel, class) bit is a two-way softmax with logits (-z/2, z/2).
     """
@@ -155,29 +166,35 @@ def asma_reference(model, x, target, steps, tau, beta, sigmoid):
     for b in range(x.shape[0]):
         x0, goal = x[b : b + 1], target[b : b + 1]
         xn, multiplier = x0.clone(), tau  # tau_0: "no overlap" at the start
+        best, best_dist, best_share, found = x0, float("inf"), 0.0, False
         for n in range(steps):
             xr = xn.clone().requires_grad_(True)
             g = model(xr)
             if sigmoid:
                 pred = (g > 0).long()
                 if n:
-                    inter, union = (pred & goal).sum(), (pred | goal).sum()
-                    multiplier = beta * (inter / union if union else 1.0) + tau
+                    bits = [miou(pred[:, k], goal[:, k], 2) for k in range(g.shape[1])]
+                    multiplier = beta * torch.stack(bits).mean() + tau
                 logit = torch.where(goal == 1, g / 2, -g / 2)  # g(x)_{Y^A}
                 value = (logit * (pred != goal)).sum()
             else:
                 pred = g.argmax(1)
                 if n:
-                    inter = ((pred != 0) & (goal != 0)).sum()
-                    union = ((pred != 0) | (goal != 0)).sum()
-                    multiplier = beta * (inter / union if union else 1.0) + tau
+                    multiplier = beta * miou(pred, goal, g.shape[1]) + tau
                 value = 0
                 for c in range(g.shape[1]):  # sum_c g_c * 1{Y^A = c} * 1{argmax g != c}
                     value = value + (g[:, c] * (goal == c) * (pred != c)).sum()
+            share = (pred == goal).float().mean().item()
+            dist = ((xn - x0) ** 2).sum().item()
+            if (share >= threshold and dist <= best_dist) or (
+                not found and share >= min(best_share, threshold)
+            ):
+                best, best_dist, best_share = xn.detach(), dist, share
+            found = found or share >= threshold
             value = value - ((x0 - xr) ** 2).sum()
             (grad,) = torch.autograd.grad(value, xr)
             xn = xn + multiplier * grad
-        out.append(xn)
+        out.append(best)
     return torch.cat(out)
 
 
@@ -200,6 +217,36 @@ def test_asma_is_equations_2_to_4(sigmoid):
     expected = asma_reference(model, x, target, 6, 0.01, 0.05, sigmoid)
     assert torch.allclose(got, expected, atol=1e-5)
     assert not torch.allclose(got, x)
+    # the returned iterate is adv-lib's choice, not the last one
+    last = create_attack("asma", model, loss, 50.0, **kw, **WIDE, adv_threshold=1.0)(x, y)
+    assert torch.allclose(last, asma_reference(model, x, target, 6, 0.01, 0.05, sigmoid, 1.0))
+
+
+def test_asma_equals_adv_libs_on_one_slice_and_is_batch_independent():
+    """adv-lib's asma (softmax, targeted, its own tau and beta, raw gradient, valid range [0, 1])
+    image by image; advseg's ball of eps 1 (L-inf) is the whole range, so nothing else clips.
+    adv-lib pools the multiplier's IoU over the batch: ours is per slice, so a batch of two
+    gives each slice what it gets alone (the one departure, documented in ASMA)."""
+    adv_lib = pytest.importorskip("adv_lib.attacks.segmentation")
+    model = net(4)
+    x = images(3, 8)
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    target[:, 2:6, 2:6] = 3  # a square of class 3 to create
+    kw = {"steps": 30, "tau": 1e-3, "beta": 1e-2, "scale": "paper", "targeted": True}
+    ours = create_attack("asma", model, "ce", 1.0, **kw)(x, target)
+    theirs = torch.cat(
+        [
+            adv_lib.asma(
+                model, x[i : i + 1], target[i : i + 1], targeted=True, num_steps=30, τ=1e-3, β=1e-2
+            )
+            for i in range(3)
+        ]
+    )
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert not torch.allclose(ours, x)
+    alone = create_attack("asma", model, "ce", 1.0, **kw)(x[1:2], target[1:2])
+    torch.testing.assert_close(ours[1:2], alone, rtol=0, atol=1e-6)
 
 
 def test_asma_makes_an_organ_of_a_trained_model_shrink_within_the_budget(trained):
@@ -221,3 +268,5 @@ def test_asma_and_dag_options_are_checked():
         create_attack("dag", net(), gamma=-1.0)
     with pytest.raises(UserError, match="steps must be"):
         create_attack("asma", net(), steps=0)
+    with pytest.raises(UserError, match="adv_threshold"):
+        create_attack("asma", net(), adv_threshold=0)

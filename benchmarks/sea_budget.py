@@ -1,0 +1,109 @@
+"""SEA before and after it was made faithful to its authors' code, and PAdam: DSC and time.
+
+Trains a small zoo model (sigmoid, Dice + BCE; ``worst_case.train``) on the synthetic phantom and
+on the synthetic abdominal CT volumes (NIfTI), saves it, and attacks the same held-out slices
+(with a mask, seeded, spread over the test cases) at each eps (L-inf):
+
+- ``--code old``: ``sea`` as it was (run this script with ``PYTHONPATH`` on the old source
+  tree): 100 steps in all over ``masked-bce, js, masked-spherical, balanced-bce``, best iterate
+  by loss, choice by the Dice over all channels;
+- ``--code new``: ``sea`` at ``preset=fast`` (25 steps per member) and at the reference budget
+  (300 per member), then ``padam`` with ``bce`` (PAdam-CE) and ``cosine`` (PAdam-Cos), 200 steps.
+
+Each run writes ``OUT/results-CODE.json``; the new run prints both, with the paper-protocol DSC
+(what the report shows) and the wall time of each cell. Sized for a shared CPU.
+
+    PYTHONPATH=OLD/src python benchmarks/sea_budget.py --code old --out /tmp/sea-budget
+    PYTHONPATH=src python benchmarks/sea_budget.py --code new --out /tmp/sea-budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from advseg.data import DataConfig, PreprocessConfig, load_data, split_cases
+from advseg.evaluate import evaluate_cell
+from advseg.summary import summarize_cells
+from worst_case import TEST_FRACTION, make_data, train  # benchmarks/ is the script's folder
+
+RUNS = {  # code -> [(label, attack, loss, options)]
+    "old": [("sea (old, 100 in all)", "sea", "bce", {})],
+    "new": [
+        ("sea fast (4 x 25)", "sea", "bce", {"preset": "fast"}),
+        ("sea reference (4 x 300)", "sea", "bce", {}),
+        ("padam-ce (200)", "padam", "bce", {}),
+        ("padam-cos (200)", "padam", "cosine", {}),
+    ],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--code", choices=sorted(RUNS), required=True)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/sea-budget"))
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--slices", type=int, default=8)
+    parser.add_argument("--model", default="unet-tiny", help="a zoo name")
+    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--kinds", default="phantom,nifti")
+    parser.add_argument("--eps", default="0.009,0.03")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    results = []
+    for kind in args.kinds.split(","):
+        path = make_data(kind, args.out)
+        config = DataConfig(
+            path=path, preprocess=PreprocessConfig(size=args.size),
+            cache_dir=args.out / "cache" / kind,
+        )  # fmt: skip
+        data = load_data(config)
+        train_rows, test_rows = split_cases(data.index, TEST_FRACTION, 0)
+        saved = args.out / f"{kind}-{args.model}-{args.size}px-{args.train_steps}.pt"
+        if saved.exists():  # both codes attack the very same weights
+            model = torch.load(saved, weights_only=False).eval()
+        else:
+            images = torch.from_numpy(data.images[train_rows]).unsqueeze(1).repeat(1, 3, 1, 1)
+            masks = torch.from_numpy(data.masks[train_rows]).float()
+            model = train(args.model, images, masks, args.train_steps)
+            torch.save(model, saved)
+        with_mask = [int(r) for r in test_rows if data.masks[r].any()]
+        rng = np.random.default_rng(0)
+        n = min(args.slices, len(with_mask))
+        rows = sorted(int(r) for r in rng.choice(with_mask, size=n, replace=False))
+        for eps in [float(e) for e in args.eps.split(",")]:
+            for label, attack, loss, options in RUNS[args.code]:
+                start = time.perf_counter()
+                result = evaluate_cell(
+                    model, data, rows, attack, [loss], eps, model_name=kind, arch=args.model,
+                    attack_kwargs=options, batch_size=8,
+                )  # fmt: skip
+                seconds = time.perf_counter() - start
+                cell = summarize_cells(result.records, "paper").iloc[0]
+                won = ""
+                if attack == "sea":
+                    counts = result.records.drop_duplicates("slice_id")["member"].value_counts()
+                    won = ", ".join(f"{name} {count}" for name, count in counts.items())
+                row = {"kind": kind, "eps": eps, "label": label, "slices": n,
+                       "dsc_clean": float(cell["dsc_clean"]), "dsc_adv": float(cell["dsc_adv"]),
+                       "seconds": seconds, "winners": won}  # fmt: skip
+                results.append(row)
+                print(f"{kind} eps {eps:g} {label:26s} clean {row['dsc_clean']:.3f} "
+                      f"adv {row['dsc_adv']:.3f}  {seconds:6.1f} s  {won}", flush=True)  # fmt: skip
+    (args.out / f"results-{args.code}.json").write_text(json.dumps(results, indent=1))
+    other = args.out / "results-old.json"
+    if args.code == "new" and other.exists():
+        print("\nkind    eps    attack                     DSC adv   time (s)")
+        for row in sorted(json.loads(other.read_text()) + results,
+                          key=lambda r: (r["kind"], r["eps"])):  # fmt: skip
+            print(f"{row['kind']:7s} {row['eps']:<6g} {row['label']:26s} {row['dsc_adv']:.3f}"
+                  f"   {row['seconds']:7.1f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
