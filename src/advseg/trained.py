@@ -48,6 +48,12 @@ class Trained:
         return self.meta.activation
 
     @property
+    def valid_range(self) -> tuple[float, float]:
+        """The range of the inputs its preprocessing makes (``(0.0, 1.0)``); pass it to attacks
+        as ``valid_range=`` (the default), so that they clip to what the model was fed."""
+        return self.data.preprocess.value_range
+
+    @property
     def device(self) -> torch.device:
         """Where the model's parameters are."""
         return next(self.model.parameters()).device

@@ -77,7 +77,13 @@ class Attack:
             ``(logits, target) -> (B,)``.
         eps: the perturbation budget under ``norm`` (0 leaves the images unchanged).
         norm: ``linf`` or ``l2``.
-        valid_range: the ``(low, high)`` pixel range the adversarial images are clipped to.
+        valid_range: the ``(low, high)`` range the model's inputs live in: the images given must
+            lie in it (else a :class:`UserError`: an image outside it would be clipped, moving
+            pixels by more than ``eps``) and the adversarial images are clipped to it. The
+            default ``(0, 1)`` is what advseg's preprocessing gives
+            (:attr:`advseg.data.PreprocessConfig.value_range`); for a model fed z-scored or HU
+            images pass their range, or ``None`` (no bounds: nothing is clipped, and no L-inf
+            ``eps`` is too large).
         targeted: if true, the attack's ``y`` is a target mask and the loss toward it is lowered.
         activation: ``sigmoid`` (multi-label, one decision per class) or ``softmax`` (one class
             per pixel); by default ``softmax`` for the softmax losses (``ce``, ``masked-ce``,
@@ -103,7 +109,7 @@ class Attack:
         eps: float = 0.009,
         *,
         norm: Norm = "linf",
-        valid_range: tuple[float, float] = (0.0, 1.0),
+        valid_range: tuple[float, float] | None = (0.0, 1.0),
         targeted: bool = False,
         activation: Activation | None = None,
         seed: int = 0,
@@ -112,7 +118,7 @@ class Attack:
     ) -> None:
         if norm not in self.norms:
             raise UserError(f"{self.name}: norm {norm!r} is not one of {', '.join(self.norms)}")
-        low, high = (float(v) for v in valid_range)
+        low, high = (-math.inf, math.inf) if valid_range is None else _range(valid_range)
         if not low < high:
             raise UserError(
                 f"{self.name}: valid_range {valid_range} must be (low, high), low < high"
@@ -155,6 +161,7 @@ class Attack:
             raise ValueError(f"{self.name}: expected x (B, C, H, W) and y with the same B, got "
                              f"{tuple(x.shape)} and {tuple(y.shape)}")  # fmt: skip
         x, y = x.detach(), y.detach()
+        self.check_range(x)
         if self.eps == 0:
             return x.clone()
         if generator is None:
@@ -167,6 +174,21 @@ class Attack:
                     self.note(self.logits(x_adv), y)
                 self.trace = self._states[1:]
         return x_adv.detach()
+
+    def check_range(self, x: Tensor) -> None:
+        """Refuse images outside :attr:`valid_range`, in one line: clipping them to it would move
+        pixels by more than ``eps`` (a z-scored image clipped to [0, 1] moves by several units).
+        """
+        low, high = self.valid_range
+        if x.numel() == 0 or (math.isinf(low) and math.isinf(high)):
+            return
+        least, most = (float(v) for v in torch.aminmax(x.detach()))
+        if least < low or most > high:
+            raise UserError(
+                f"{self.name}: the images span [{least:.4g}, {most:.4g}], outside valid_range "
+                f"({low:g}, {high:g}); pass valid_range=(low, high) of the model's inputs, or "
+                "valid_range=None for unbounded inputs (z-scored, HU), instead of clipping them"
+            )
 
     def perturb(self, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         """The attack's algorithm; runs with the model frozen. Subclasses override it."""
@@ -256,6 +278,15 @@ class Attack:
         kind = "targeted" if self.targeted else "untargeted"
         return (f"{type(self).__name__}(loss={self.loss.name!r}, eps={self.eps:g}, "
                 f"norm={self.norm!r}, {kind})")  # fmt: skip
+
+
+def _range(valid_range: tuple[float, float]) -> tuple[float, float]:
+    """``valid_range`` as two floats (``None`` for either bound: unbounded on that side)."""
+    try:
+        low, high = valid_range
+        return (-math.inf if low is None else float(low), math.inf if high is None else float(high))
+    except (TypeError, ValueError):
+        raise UserError(f"valid_range {valid_range!r} must be (low, high) or None") from None
 
 
 def check_eps(eps: float, norm: str, span: float, name: str = "attack") -> float:

@@ -61,6 +61,7 @@ class FGSM(Attack):
         Split from :meth:`perturb` so that an evaluation can compute the gradients of several
         losses from one forward pass and apply each here.
         """
+        self.check_range(x)
         if self.eps == 0:
             return x.clone()
         if self.update == "notebook":

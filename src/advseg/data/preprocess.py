@@ -75,6 +75,13 @@ class PreprocessConfig:
         if self.stride < 1:
             raise UserError(f"preprocess.stride: must be at least 1, got {self.stride}")
 
+    @property
+    def value_range(self) -> tuple[float, float]:
+        """The range of the model inputs this preprocessing makes: ``(0.0, 1.0)`` (both
+        intensity modes map a slice into [0, 1] and clip; resizing and padding with 0 stay in
+        it). The attacks' ``valid_range`` on these inputs (``advseg.evaluate`` passes it)."""
+        return (0.0, 1.0)
+
     def array_key(self) -> dict[str, object]:
         """The fields that change the cached arrays (channels and stacking do not).
 

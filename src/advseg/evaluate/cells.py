@@ -217,6 +217,9 @@ def evaluate_sweep(
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     kwargs = dict(attack_kwargs or {})
+    preprocess = getattr(data, "preprocess", None)  # SliceData: the range its inputs live in
+    if preprocess is not None and crafted is None:
+        kwargs.setdefault("valid_range", preprocess.value_range)
     activation = kwargs.get("activation") or "sigmoid"
     classes = list(data.classes)
     label, erased = _target_spec(attack, kwargs, erase, classes)
