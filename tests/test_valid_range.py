@@ -84,9 +84,9 @@ def test_evaluation_takes_the_range_of_the_checkpoints_preprocessing(monkeypatch
         import pandas as pd
 
         x, y = blobs(2, size=8)
-        index = pd.DataFrame({"id": ["a", "b"], "case": [1, 2], "scan": ["case1_day0", "case2_day0"],
-                              "slice": [1, 1]})  # fmt: skip
-        classes = ["a", "b", "c"]
+        index = pd.DataFrame({"id": ["a", "b"], "case": [1, 2], "slice": [1, 1],
+                              "scan": ["case1_day0", "case2_day0"]})  # fmt: skip
+        classes = ("a", "b", "c")
         preprocess = PreprocessConfig(size=8)
 
         def dataset(self, rows):
