@@ -31,7 +31,8 @@ from advseg.errors import UserError
 from advseg.losses import PerSampleLoss
 
 __all__ = ["APGD", "ASMA", "ATTACKS", "BIM", "DAG", "FGSM", "MIFGSM", "PGD", "SEA", "Attack",
-           "CosPGD", "PAdam", "SegPGD", "Universal", "attack_options", "check_eps", "create_attack",
+           "CosPGD", "PAdam", "SegPGD", "Universal", "attack_options", "check_eps",
+           "check_option_values", "create_attack",
            "frozen", "model_logits", "parse_attack_name"]  # fmt: skip
 
 
@@ -67,6 +68,47 @@ def create_attack(
         raise UserError(f"attack {name!r}: unknown option(s) {', '.join(unknown)}; valid: {valid}")
     samples = kwargs.pop("eot_samples", DEFAULT_EOT_SAMPLES)
     return cls(adaptive_model(model, modes, samples), loss, eps, **kwargs)
+
+
+def check_option_values(name: str, options: dict, where: str) -> None:
+    """Refuse an option value of another type than its default's, naming it: ``random_start=
+    maybe`` (a bool), ``seed=abc`` or ``seed=-1`` (a seed, :mod:`advseg.limits`), ``steps=2.5``
+    (a whole number), ``loss_kwargs=[1, 2]`` (a mapping). Options an attack does not take are
+    left to the caller (its message lists what each attack takes).
+
+    Args:
+        name: the attack (registry name, maybe with an adaptive suffix).
+        options: ``key -> value`` as given (YAML-typed).
+        where: the prefix of each key in messages: ``--attack-option `` or ``attacks[0].kwargs.``.
+    """
+    import math
+
+    from advseg.limits import check_seed
+
+    base, _ = parse_attack_name(name)
+    defaults: dict = {}
+    for cls in reversed(ATTACKS.get(base).__mro__):
+        if issubclass(cls, Attack) and "__init__" in vars(cls):
+            for param in inspect.signature(cls.__init__).parameters.values():
+                if param.kind is param.KEYWORD_ONLY:
+                    defaults[param.name] = param.default
+    for key, value in options.items():
+        if key not in defaults:
+            continue
+        default, said = defaults[key], f"{where}{key}"
+        if key == "seed":
+            check_seed(value, said)
+        elif key == "loss_kwargs" and value is not None and not isinstance(value, dict):
+            raise UserError(f"{said}: expected a mapping like {{gamma: 2.0}}, got {value!r}")
+        elif isinstance(default, bool) and not isinstance(value, bool):
+            raise UserError(f"{said}: expected true or false, got {value!r}")
+        elif isinstance(default, int) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"{said}: expected a whole number, got {value!r}")
+        elif isinstance(default, float):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value):
+                raise UserError(f"{said}: expected a finite number, got {value!r}")
 
 
 def attack_options(name: str) -> list[str]:

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from advseg.cli.console import console
 from advseg.cli.data import CACHE_HELP
+from advseg.cli.flags import NOISE_FLAG, count_flag, seed_flag
 from advseg.errors import UserError
 
 if TYPE_CHECKING:
@@ -22,8 +23,12 @@ def certify_command(
         ..., "--out", help="Run directory; records go to OUT/certified/ (advseg report reads them)."
     ),
     sigma: float = typer.Option(0.25, "--sigma", help="Noise standard deviation (image units)."),
-    n0: int = typer.Option(16, "--n0", help="Noisy forwards that select each decision."),
-    n: int = typer.Option(128, "--n", help="Noisy forwards that estimate its probability."),
+    n0: int = typer.Option(
+        16, "--n0", callback=NOISE_FLAG, help="Noisy forwards that select each decision."
+    ),
+    n: int = typer.Option(
+        128, "--n", callback=NOISE_FLAG, help="Noisy forwards that estimate its probability."
+    ),
     alpha: float = typer.Option(0.001, "--alpha", help="Family-wise error rate per image."),
     radius: list[float] = typer.Option(
         [0.0, 0.1, 0.2], "--radius", help="L2 radius at which certified Dice is kept (repeatable)."
@@ -36,11 +41,16 @@ def certify_command(
     max_slices: int | None = typer.Option(
         None,
         "--max-slices",
+        callback=count_flag(),
         help="Certify at most N slices (seeded, spread over cases; default: all).",
     ),
-    batch_size: int = typer.Option(8, "--batch-size", help="Slices per batch."),
-    samples_per_forward: int = typer.Option(32, "--samples-per-forward", help="Noisy copies."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the noise."),
+    batch_size: int = typer.Option(
+        8, "--batch-size", callback=count_flag(), help="Slices per batch."
+    ),
+    samples_per_forward: int = typer.Option(
+        32, "--samples-per-forward", callback=count_flag(), help="Noisy copies."
+    ),
+    seed: int = typer.Option(0, "--seed", callback=seed_flag, help="Seed of the noise."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
 ) -> None:
     """Certify a model under Gaussian noise (Fischer et al. 2021): per slice and class, the

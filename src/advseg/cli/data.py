@@ -9,6 +9,7 @@ from rich.table import Table
 
 from advseg.atomic import check_output_dir
 from advseg.cli.console import console
+from advseg.cli.flags import count_flag, seed_flag
 from advseg.errors import UserError
 
 app = typer.Typer(
@@ -72,10 +73,16 @@ def synth(
         "phantom",
         help="phantom: abdominal MRI (Kaggle layout); nifti: abdominal CT (Decathlon layout).",
     ),
-    cases: int = typer.Option(8, help="Cases (patients)."),
-    scans: int = typer.Option(2, help="Scans (days) per case (phantom only)."),
-    slices: int = typer.Option(64, help="Slices per scan (per volume for nifti)."),
-    seed: int = typer.Option(0, help="Random seed; the same seed writes the same files."),
+    cases: int = typer.Option(8, callback=count_flag(), help="Cases (patients)."),
+    scans: int = typer.Option(
+        2, callback=count_flag(), help="Scans (days) per case (phantom only)."
+    ),
+    slices: int = typer.Option(
+        64, callback=count_flag(), help="Slices per scan (per volume for nifti)."
+    ),
+    seed: int = typer.Option(
+        0, callback=seed_flag, help="Random seed; the same seed writes the same files."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
     """Write a synthetic data set: the MRI phantom, or abdominal CT volumes (--kind nifti)."""

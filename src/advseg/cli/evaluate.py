@@ -11,7 +11,7 @@ from advseg import catalogue
 from advseg.catalogue import DEFAULT_PROTOCOL
 from advseg.cli.console import console
 from advseg.cli.data import CACHE_HELP
-from advseg.cli.flags import options_named
+from advseg.cli.flags import count_flag, options_named
 from advseg.errors import UserError
 
 
@@ -63,9 +63,13 @@ def evaluate_command(
     protocol: str = typer.Option(
         DEFAULT_PROTOCOL, "--protocol", help="Dice protocol: paper, per-class or global."
     ),
-    batch_size: int = typer.Option(16, "--batch-size", help="Slices per batch."),
+    batch_size: int = typer.Option(
+        16, "--batch-size", callback=count_flag(), help="Slices per batch."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
-    examples: int = typer.Option(0, "--examples", help="Slices per cell saved for figures."),
+    examples: int = typer.Option(
+        0, "--examples", callback=count_flag(0), help="Slices per cell saved for figures."
+    ),
     erase: list[str] = typer.Option(
         [],
         "--erase",

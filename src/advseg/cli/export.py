@@ -8,6 +8,7 @@ import typer
 
 from advseg.cli.console import console
 from advseg.cli.data import CACHE_HELP
+from advseg.cli.flags import count_flag, seed_flag
 
 
 def export_command(
@@ -19,13 +20,20 @@ def export_command(
     eps: float | None = typer.Option(None, "--eps", help="eps [default: the only one]."),
     loss: str | None = typer.Option(None, "--loss", help="Attack loss [default: the only one]."),
     train_seed: int | None = typer.Option(
-        None, "--train-seed", help="Training seed, in a grid with seeds [default: the only one]."
+        None,
+        "--train-seed",
+        callback=seed_flag,
+        help="Training seed, in a grid with seeds [default: the only one].",
     ),
     slices: str | None = typer.Option(
         None, "--slices", help="Comma-separated slice ids (default: --count slices, seeded)."
     ),
-    count: int = typer.Option(4, "--count", help="Slices to draw when --slices is not given."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the draw (spread over cases)."),
+    count: int = typer.Option(
+        4, "--count", callback=count_flag(), help="Slices to draw when --slices is not given."
+    ),
+    seed: int = typer.Option(
+        0, "--seed", callback=seed_flag, help="Seed of the draw (spread over cases)."
+    ),
     out: Path | None = typer.Option(
         None, "--out", help="Export folder [default: RUN_DIR/export/<cell>__<loss>]."
     ),

@@ -8,7 +8,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+import click
+
 from advseg.errors import UserError
+from advseg.limits import COUNT_MAX, NOISE_MAX, check_count, check_seed
 
 _KEY = re.compile(r"^(?:train\.|preprocess\.|data\.)?((?:adversarial\.)?[a-z_]+)(?=[:. ])")
 """The key a library message starts with: ``train.lr: ...``, ``adversarial.select_by: ...``."""
@@ -44,3 +47,28 @@ def options_named(
         if key is not None and file is not None and not message.startswith(str(file)):
             raise UserError(f"{file}: {message}") from None
         raise
+
+
+def seed_flag(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    """Typer callback of every seed option (``--seed``, ``--split-seed``, ``--train-seed``): the
+    one seed range of :mod:`advseg.limits`, refused in one line naming the option."""
+    return None if value is None else check_seed(value, _flag_name(param))
+
+
+def count_flag(low: int = 1, high: int = COUNT_MAX):
+    """A typer callback for a count option: a whole number in ``[low, high]``
+    (:func:`advseg.limits.check_count`), or None when not given."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+        return None if value is None else check_count(value, _flag_name(param), low, high)
+
+    return check
+
+
+NOISE_FLAG = count_flag(1, NOISE_MAX)
+"""``certify --n`` / ``--n0``: at most :data:`advseg.limits.NOISE_MAX` noisy forwards."""
+
+
+def _flag_name(param: click.Parameter) -> str:
+    long = [o for o in param.opts if o.startswith("--")]
+    return (long or param.opts or [str(param.name)])[0]

@@ -18,7 +18,7 @@ from advseg.cli.data import (
     label_settings,
     no_data,
 )
-from advseg.cli.flags import options_named
+from advseg.cli.flags import flag_of, options_named, seed_flag
 from advseg.config import from_dict, load_yaml, to_dict
 from advseg.errors import UserError
 
@@ -90,7 +90,9 @@ def train(
     workers: int | None = typer.Option(
         None, "--workers", help="DataLoader worker processes (default 0)."
     ),
-    seed: int | None = typer.Option(None, "--seed", help="Training seed (default 0)."),
+    seed: int | None = typer.Option(
+        None, "--seed", callback=seed_flag, help="Training seed (default 0)."
+    ),
     device: str | None = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:N."),
     no_augment: bool = typer.Option(False, "--no-augment", help="Turn augmentation off."),
     noise_sigma: float | None = typer.Option(
@@ -102,7 +104,9 @@ def train(
     channels: int = typer.Option(3, "--channels", help="Input channels C (grey copies)."),
     test_fraction: float = typer.Option(0.1, "--test-fraction", help="Cases held out for test."),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Cases for validation."),
-    split_seed: int = typer.Option(0, "--split-seed", help="Seed of the case split."),
+    split_seed: int = typer.Option(
+        0, "--split-seed", callback=seed_flag, help="Seed of the case split."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
     adv_train: str | None = typer.Option(
         None, "--adv-train", help="Adversarial training: none (default), fgsm-rs, pgd or trades."
@@ -202,6 +206,7 @@ def train(
         if not isinstance(saved, dict):
             raise UserError(f"{config}: adversarial: expected a mapping")
         values["adversarial"] = {**saved, **adversarial}
+        _refuse_idle(adversarial, values["adversarial"])
     if tensorboard:
         values["tensorboard"] = True
     typed = {**given, "test_fraction": test_fraction, "val_fraction": val_fraction}
@@ -255,6 +260,25 @@ def train(
     table.add_row("last checkpoint", str(result.last_path))
     table.add_row("settings", ", ".join(f"{k}={v}" for k, v in to_dict(train_config).items()))
     console().print(table)
+
+
+_TRAINING_ONLY = ("steps", "alpha", "beta", "warmup", "fraction", "loss", "attack_mode")
+_ROBUST_SELECTION = ("eps", "select_attack", "select_steps")
+
+
+def _refuse_idle(given: dict[str, object], merged: dict[str, object]) -> None:
+    """Refuse an adversarial option that would do nothing: ``--adv-eps`` without ``--adv-train``
+    (or ``--select-by robust``, whose validation attack takes eps) is silently plain training."""
+    if merged.get("method", "none") != "none":
+        return
+    robust = merged.get("select_by") == "robust"
+    for key in given:
+        if key in _TRAINING_ONLY or (key in _ROBUST_SELECTION and not robust):
+            needs = "--adv-train" if key in _TRAINING_ONLY else "--adv-train or --select-by robust"
+            raise UserError(
+                f"{flag_of('adversarial.' + key, _FLAGS)}: does nothing without {needs} "
+                "(plain training attacks nothing)"
+            )
 
 
 def _batch_size(given: str | None) -> int | str | None:

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from advseg.attacks import frozen, model_logits
 from advseg.errors import UserError
 from advseg.labels import class_prediction
+from advseg.limits import NOISE_MAX, check_count, check_seed
 
 
 @dataclass
@@ -73,9 +74,8 @@ class SmoothingConfig:
         if not math.isfinite(self.sigma) or self.sigma <= 0:
             raise UserError(f"sigma: must be a number > 0, got {self.sigma}")
         for name in ("n0", "n", "samples_per_forward"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"{name}: must be an integer >= 1, got {value!r}")
+            check_count(getattr(self, name), name, 1, NOISE_MAX)
+        check_seed(self.seed, "seed")
         if not 0 < self.alpha < 1:
             raise UserError(f"alpha: must be in (0, 1), got {self.alpha}")
         if not self.radii:

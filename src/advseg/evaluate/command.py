@@ -148,7 +148,7 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
             checkpoint that does not fit the data, or an empty split.
     """
     from advseg.atomic import atomic_path, check_output_dir, write_text_atomic
-    from advseg.attacks import attack_options
+    from advseg.attacks import attack_options, check_option_values
     from advseg.bootstrap import with_intervals
     from advseg.corruptions import parse_corruptions
     from advseg.data import held_out_rows, load_data, saved_preprocess
@@ -195,6 +195,8 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
     if len({defended_name("", spec) for spec in config.defences}) != len(config.defences):
         raise UserError(f"defences: each defence once, got {', '.join(config.defences)}")
     accepted = {name: set(attack_options(name)) for name in config.attacks}
+    for name in config.attacks:
+        check_option_values(name, config.attack_options, "--attack-option ")
     unused = sorted(set(config.attack_options) - set().union(set(), *accepted.values()))
     unused = [key for key in unused if key != "activation"]  # the checkpoints' own, for both
     if unused:

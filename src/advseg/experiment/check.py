@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from advseg.attacks import attack_options, check_eps
+from advseg.attacks import attack_options, check_eps, check_option_values
 from advseg.compat import NOTEBOOK_ATTACKS, check_compat, compat_label
 from advseg.config import from_dict, load_yaml
 from advseg.cross_model import (
@@ -23,6 +23,7 @@ from advseg.experiment.config import (
     model_train_config,
     trained_here,
 )
+from advseg.limits import check_seed
 from advseg.losses import LOSSES, loss_activation
 from advseg.models.zoo import resolve as resolve_model
 from advseg.train import TrainConfig
@@ -34,8 +35,10 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
         raise UserError("models: at least one model is needed")
     if not config.attacks:
         raise UserError("attacks: at least one attack is needed")
+    check_file_name(config.name, "name")
     seen: dict[str, int] = {}
     for i, model in enumerate(config.models):
+        check_file_name(model.name, f"models[{i}].name")
         if model.arch.startswith(ENSEMBLE_PREFIX):
             pass  # members are checked by check_cross_model
         elif model.checkpoint is None:
@@ -111,6 +114,7 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
                 f"attacks[{i}].kwargs.{unknown[0]}: {attack.name} takes "
                 f"{', '.join(attack_options(attack.name))}"
             )
+        check_option_values(attack.name, attack.kwargs, f"attacks[{i}].kwargs.")
         if not attack.eps:
             raise UserError(f"attacks[{i}].eps: at least one eps is needed")
         for j, eps in enumerate(attack.eps):
@@ -128,6 +132,7 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
         value = getattr(config.split, key)
         if not 0 < value < 1:
             raise UserError(f"split.{key}: {value} is not between 0 and 1")
+    check_seeds(config)
     if len(set(config.seeds)) != len(config.seeds):
         raise UserError(f"seeds: each seed once, got {config.seeds}")
     for i, model in enumerate(config.models):
@@ -173,6 +178,30 @@ def trained_activations(config: ExperimentConfig) -> dict[str, str]:
     return {
         m.name: model_train_config(config, m).activation for m in config.models if trained_here(m)
     }
+
+
+def check_seeds(config: ExperimentConfig) -> None:
+    """Every seed of a grid in the one seed range (:func:`advseg.limits.check_seed`)."""
+    check_seed(config.seed, "seed")
+    check_seed(config.split.seed, "split.seed")
+    check_seed(config.train.seed, "train.seed")
+    for i, seed in enumerate(config.seeds):
+        check_seed(seed, f"seeds[{i}]")
+    for i, model in enumerate(config.models):
+        if "seed" in model.train:
+            check_seed(model.train["seed"], f"models[{i}].train.seed")
+
+
+def check_file_name(name: str, where: str) -> None:
+    """Refuse a name that becomes a folder or file name but is not one: empty, ``.``/``..``,
+    or holding a separator (``../x`` would write outside the runs folder)."""
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"{where}: an empty name; give a name of letters, digits, '.', '_', '-'")
+    if name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise UserError(
+            f"{where}: {name!r} is not a file name (no '/', '\\', '.' or '..'); it would "
+            "write outside its folder"
+        )
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:

@@ -17,6 +17,7 @@ from advseg.labels import (
     DEFAULT_LOSS,
     check_activation,
 )
+from advseg.limits import check_seed
 from advseg.losses import LOSSES, loss_activation
 from advseg.models.zoo import resolve
 
@@ -85,6 +86,7 @@ class TrainConfig:
     noise_sigma: float = 0.0
 
     def __post_init__(self) -> None:
+        check_seed(self.seed, "train.seed")
         if isinstance(self.batch_size, str):
             if self.batch_size not in PAPER_BATCH_SIZES:
                 names = ", ".join(f"{k} ({v})" for k, v in PAPER_BATCH_SIZES.items())
