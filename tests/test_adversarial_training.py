@@ -352,7 +352,7 @@ evaluation: {{batch_size: 4, examples: 0}}
     assert meta.train["adversarial"]["method"] == "none"
     # The report shows how each model was trained, what it cost and how it held.
     table = (tmp_path / "run" / "report" / "training.csv").read_text()
-    assert "pgd eps 0.03, 2 steps of 0.0375" in table and "time_ratio" in table
+    assert "pgd eps 0.03 (7.65/255), 2 steps of 0.0375" in table and "time_ratio" in table
     assert "dsc_worst" in table
     assert "Training and adversarial training" in result.report.html.read_text()
 

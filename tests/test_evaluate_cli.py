@@ -45,8 +45,8 @@ def test_evaluate_writes_records_summary_and_prints_table_two(setup, capsys):
     args = ["evaluate", str(setup / "tiny"), "--out", str(out), "--eps", "0.01", "--eps", "0.03"]
     assert cli([*args, "--batch-size", "4", "--examples", "2", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert "Table II: fgsm, eps 0.01 (per-class Dice" in printed
-    assert "Table II: fgsm, eps 0.03 (per-class Dice" in printed
+    assert "Table II: fgsm, eps 0.01 (2.55/255) (DSC = per-class Dice" in printed
+    assert "Table II: fgsm, eps 0.03 (7.65/255) (DSC = per-class Dice" in printed
     assert "dicefocal" in printed and "slices evaluated (test split): tiny: 6" in printed
     assert sorted(p.name for p in (out / "records").iterdir()) == [
         "tiny__fgsm__eps0.01.parquet",

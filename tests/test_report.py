@@ -118,21 +118,22 @@ def test_report_renders_summarize_and_writes_every_file(tmp_path):
     assert sorted(per_class["class"].unique()) == CLASSES
 
 
-def test_report_without_examples_says_so_and_small_samples_say_n_a(tmp_path):
+def test_report_without_examples_says_so_and_leaves_out_what_cannot_apply(tmp_path):
     records = _records()
     records = records[records["model"].isin(["small", "mid"])]  # two models: no correlation
     _write_run(tmp_path, records, examples=False)
     report = write_report(tmp_path, protocol="paper", eps=0.03)
     assert report.protocol == "paper" and report.eps == 0.03
     assert any("No saved example slices" in note for note in report.notes)
-    assert "panels need a run with evaluation.examples" in report.html.read_text()
-    table = pd.read_csv(tmp_path / "report" / "params_correlation.csv")
-    assert set(table["pearson_r"]) == {"n/a (n < 3)"}
+    html = report.html.read_text()
+    assert "panels need a run with evaluation.examples" in html
     names = {p.name for p in report.files}
-    assert "params_vs_attack_success.png" not in names  # two models: a table, not a plot
-    points = pd.read_csv(tmp_path / "report" / "params_vs_attack_success.csv")
-    assert points["model"].tolist() == ["mid", "small"] and "fgsm / bce" in points.columns
-    assert "so a table rather than a plot" in report.markdown.read_text()
+    # Two models: no parameter figure, claim or table, no luminosity plots; the report says why.
+    assert not {n for n in names if n.startswith(("params_", "claim_params", "luminosity"))}
+    assert not {n for n in names if n.startswith("claim_luminosity")}
+    assert "<h2>Sections left out of this run&#x27;s report</h2>" in html
+    assert "2 model(s), fewer than 3" in html and "needs the paper&#x27;s grid" in html
+    assert "Parameter count against Attack Success</h2>" not in html
 
 
 def test_bad_run_directories_get_one_line_naming_the_file(tmp_path):
@@ -173,7 +174,9 @@ def test_cli_report_prints_table_ii_and_bad_input_is_one_line(tmp_path, capsys):
         main(["report", str(tmp_path), "--eps", "0.009"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "Table II: fgsm, eps 0.009 (per-class Dice" in out and "report.html" in out
+    assert (
+        "Table II: fgsm, eps 0.009 (2.29/255) (DSC = per-class Dice" in out and "report.html" in out
+    )
     assert "No saved example slices" in out
     with pytest.raises(SystemExit) as exit_info:
         main(["report", str(tmp_path / "missing")])

@@ -30,8 +30,8 @@ def _text(table) -> str:
 def test_one_table_per_attack_and_eps_with_the_cells_numbers():
     tables = table_ii(_cells(), "per-class")
     assert [t.title for t in tables] == [
-        "Table II: fgsm, eps 0.009 (per-class Dice; AS = attack success)",
-        "Table II: pgd, eps 0.03 (per-class Dice; AS = attack success)",
+        "Table II: fgsm, eps 0.009 (2.29/255) (DSC = per-class Dice; AS = attack success)",
+        "Table II: pgd, eps 0.03 (7.65/255) (DSC = per-class Dice; AS = attack success)",
     ]
     text = _text(tables[0])
     rows = [line.split() for line in text.splitlines() if line.strip().startswith(("unet", "vgg"))]

@@ -92,11 +92,12 @@ def certify_command(
     if used and is_synthetic(used[0].path):
         title += f"; data: {PHANTOM_LABEL}"
     table = Table(title=title)
-    for column in ("model", "L2 radius", "pairs", "DSC plain", "DSC certified", "abstained"):
+    columns = ("model", "L2 radius", "slices", "pairs", "DSC plain", "DSC certified", "abstained")
+    for column in columns:
         table.add_column(column)
     for row in summary.itertuples(index=False):
         table.add_row(
-            row.model, f"{row.radius:g}", str(row.units), f"{row.dsc_plain:.4f}",
+            row.model, f"{row.radius:g}", str(row.slices), str(row.units), f"{row.dsc_plain:.4f}",
             f"{row.dsc_certified:.4f}", f"{row.abstained:.1%}",
         )  # fmt: skip
     terminal.print(table)

@@ -15,6 +15,7 @@ are built by :func:`advseg.record_rows.slice_records`, as an attack's are.
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader, Subset
 from advseg import distributed
 from advseg.attacks import frozen, model_logits
 from advseg.defences.smoothing import Certificate, SmoothingConfig, certify_batch
-from advseg.errors import UserError
+from advseg.errors import AdvsegWarning, UserError
 from advseg.labels import class_prediction
 from advseg.metrics import hd95, luminosity
 from advseg.record_rows import Scores, hd95_mm, pixel_mm, score, slice_records
@@ -182,6 +183,7 @@ def certify_checkpoint(
         raise UserError(f"split: {split!r} is not 'test' or 'all'")
     model, meta = load_checkpoint(checkpoint, resolve_device(device))
     config = replace(config, activation=meta.activation)  # the checkpoint's outputs decide
+    warn_untrained_noise(meta.train, config.sigma, str(checkpoint))
     preprocess = saved_preprocess(meta.preprocessing, f"{checkpoint} preprocessing")
     if not distributed.is_main():
         distributed.barrier()  # rank 0 fills the preprocessing cache before the others read it
@@ -204,6 +206,34 @@ def certify_checkpoint(
         model, data, rows, config, model_name=checkpoint_label(checkpoint), arch=meta.model,
         batch_size=batch_size, on_batch=on_batch,
     )  # fmt: skip
+
+
+def warn_untrained_noise(train: dict[str, Any], sigma: float, where: str) -> None:
+    """Warn (:class:`~advseg.errors.AdvsegWarning`) when a model was not trained with Gaussian
+    noise (``train.noise_sigma``) or with another sigma than it is certified under.
+
+    Randomized smoothing certifies the smoothed classifier; a base model never trained on noisy
+    images mostly abstains or is wrong under noise, so its certified Dice is near zero and says
+    little about the approach (Cohen et al. 2019, Section 4; Fischer et al. 2021).
+    """
+    trained = float(train.get("noise_sigma") or 0.0)
+    if trained == 0:
+        warnings.warn(
+            AdvsegWarning(
+                f"{where}: not trained with Gaussian noise (train.noise_sigma 0); certifying it "
+                f"under sigma {sigma:g} measures an untrained smoothed model (expect low "
+                f"certified Dice): train with --noise-sigma {sigma:g} to certify a defence"
+            ),
+            stacklevel=2,
+        )
+    elif abs(trained - sigma) > 1e-12:
+        warnings.warn(
+            AdvsegWarning(
+                f"{where}: trained with noise sigma {trained:g}, certified under sigma {sigma:g}"
+                " (the certificate holds, but a mismatched sigma usually costs Dice)"
+            ),
+            stacklevel=2,
+        )
 
 
 CERTIFIED_DIR = "certified"
@@ -231,17 +261,22 @@ def certified_summary(records: pd.DataFrame, protocol: str = "per-class") -> pd.
     """Per (model, sigma, radius): the base model's plain DSC, the certified DSC and the mean
     abstention rate over the (slice, class) records, from certification records.
 
-    Columns: ``model, sigma, radius, units, dsc_plain, dsc_certified, abstained``.
+    Columns: ``model, sigma, radius, slices, units, dsc_plain, dsc_certified, abstained``
+    (``slices``: the slices certified; ``units``: the protocol's averaging units over them).
     """
     from advseg.summary import summarize_cells
 
     cells = summarize_cells(records, protocol)
-    abstained = records.groupby(["model", "loss", "eps"], sort=False)["abstained"].mean()
+    groups = records.groupby(["model", "loss", "eps"], sort=False)
+    abstained, slices = groups["abstained"].mean(), groups["slice_id"].nunique()
     return pd.DataFrame(
         {
             "model": cells["model"],
             "sigma": cells["loss"].str.removeprefix("sigma=").astype(float),
             "radius": cells["eps"],
+            "slices": [
+                slices[key] for key in zip(cells["model"], cells["loss"], cells["eps"], strict=True)
+            ],
             "units": cells["units"],
             "dsc_plain": cells["dsc_clean"],
             "dsc_certified": cells["dsc_adv"],

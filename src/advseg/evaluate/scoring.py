@@ -64,9 +64,13 @@ def example_arrays(
     out: BatchOutput, x: Tensor, y: Tensor, meta: pd.DataFrame, activation: str, picks: list[int]
 ) -> dict[str, np.ndarray]:
     """The arrays of the batch positions ``picks`` (see :attr:`CellResult.examples`), one entry
-    per loss in ``x_adv`` and ``pred_adv``."""
+    per loss in ``x_adv`` and ``pred_adv``; ``ras`` (N,) marks the slices of volumes read in
+    canonical RAS+ orientation (NIfTI: ``image_z`` >= 0), whose rows run posterior to anterior
+    and columns left to right, so that a figure can show them in the radiological convention."""
     at = torch.as_tensor(picks, device=x.device)
+    z = meta["image_z"].to_numpy() if "image_z" in meta else np.full(len(meta), -1)
     return {
+        "ras": (np.asarray(z)[picks] >= 0).astype(np.uint8),
         "slice_ids": meta["id"].to_numpy()[picks].astype(str),
         "image": x[at].float().cpu().numpy(),
         "mask": (y[at] > 0.5).to(torch.uint8).cpu().numpy(),
@@ -91,7 +95,7 @@ def merge_examples(
         return {}
     parts = [part for _, part in sorted(shown, key=lambda t: t[0])]
     merged = {key: np.concatenate([p[key] for p in parts]) for key in ("slice_ids", "image")}
-    for key in ("mask", "pred_clean"):
+    for key in ("mask", "pred_clean", "ras"):
         merged[key] = np.concatenate([p[key] for p in parts])
     for key in ("x_adv", "pred_adv"):
         merged[key] = np.concatenate([p[key] for p in parts], axis=1)

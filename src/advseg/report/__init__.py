@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from advseg.atomic import check_output_dir, write_bytes_atomic, write_text_atomic
@@ -34,7 +35,14 @@ from advseg.report import (
 )
 from advseg.report.claims import claim_sections
 from advseg.report.examples import panel_section
-from advseg.report.html import Block, Section, format_table, render_html, render_markdown
+from advseg.report.html import (
+    Block,
+    Section,
+    eps_text,
+    format_table,
+    render_html,
+    render_markdown,
+)
 from advseg.report.stats import MIN_POINTS, correlate
 from advseg.summary import DEFAULT_PROTOCOL, PROTOCOLS, UNITS
 
@@ -111,29 +119,44 @@ def write_report(
     headline_cells = at_eps.rename(columns={"attack_success": "as"})
     classes = list(records["class"].drop_duplicates())
     locations = run_locations(run_dir)
+    left_out = applies(records, eps)
     sections = [
         provenance.section(writer, run_dir, records, table_ii, protocol, locations),
         _table_section(writer, records[records["eps"] == eps], protocol, eps, locations),
         _eps_section(writer, cells),
         panel_section(writer, run_dir, records[records["eps"] == eps], protocol, classes, eps),
         _loss_section(writer, at_eps, eps),
-        _params_section(writer, at_eps, eps),
-        _luminosity_section(writer, records, eps, protocol),
+        *([] if "params" in left_out else [_params_section(writer, at_eps, eps)]),
+        *(
+            []
+            if "luminosity" in left_out
+            else [_luminosity_section(writer, records, eps, protocol)]
+        ),
         _class_section(writer, records, protocol, eps),
-        *claim_sections(writer, records, protocol, eps),
+        *claim_sections(
+            writer,
+            records,
+            protocol,
+            eps,
+            params="params" not in left_out,
+            luminosity="luminosity" not in left_out,
+        ),
         *cross_model.sections(writer, run_dir, every_record, protocol, eps),
         *training.sections(writer, run_dir, every_record, protocol, eps),
         *convergence.sections(writer, run_dir, eps),
     ]
     sections += defences.sections(writer, run_dir, records, protocol, eps)
+    if left_out:
+        reasons = [writer.note(reason) for reason in left_out.values()]
+        sections.append(Section("Sections left out of this run's report", reasons))
     cell_files = len(list((run_dir / "records").glob("*.parquet")))
     intro = (
         f"Run {run_dir.resolve()}: {len(records)} records from {cell_files} cell "
         f"file{'s' if cell_files != 1 else ''}; "
         f"models {', '.join(map(str, records['model'].unique()))}; "
-        f"Dice protocol '{protocol}'; main eps {eps:g}. Every number below is computed from "
-        "these records (advseg.summary); the CSV file named beside each table or figure holds "
-        "its numbers."
+        f"Dice protocol '{protocol}'; main eps {eps_text(eps)}. Every number below is "
+        "computed from these records (advseg.summary); the CSV file named beside each table or "
+        "figure holds its numbers."
     )
     intro = f"{data_sentence(locations)} {intro}" if locations else intro
     title = "advseg robustness report"
@@ -143,6 +166,38 @@ def write_report(
         html_path, md_path, table_ii, headline_cells, protocol, eps, writer.files, writer.notes,
         locations, provenance.warnings_for(table_ii, protocol),
     )  # fmt: skip
+
+
+PAPER_ATTACKS = ("fgsm", "fgsm:notebook")
+"""The paper's attack: its luminosity question is about FGSM cells."""
+
+
+def applies(records: pd.DataFrame, eps: float) -> dict[str, str]:
+    """The paper's sections that cannot apply to these white-box records, each with its reason.
+
+    ``params`` (parameter count against Attack Success, the figure and the claim): needs
+    :data:`~advseg.report.stats.MIN_POINTS` models or more, else a correlation over models is
+    a line through two points. ``luminosity`` (slice luminosity against Attack Success): the
+    paper's grid, that is its attack (:data:`PAPER_ATTACKS`) at ``eps`` on that many models;
+    on other runs its scatter plots fit lines through clouds that answer another question.
+    """
+    reasons = {}
+    models = records["model"].nunique()
+    if models < MIN_POINTS:
+        reasons["params"] = (
+            f"Parameter count against Attack Success: {models} model(s), fewer than "
+            f"{MIN_POINTS}; no correlation over models can be tested, so neither the figure "
+            "nor the claim is drawn."
+        )
+    at_eps = records[np.isclose(records["eps"], eps)]
+    paper = at_eps[at_eps["attack"].isin(PAPER_ATTACKS)]
+    if paper["model"].nunique() < MIN_POINTS:
+        reasons["luminosity"] = (
+            "Slice luminosity against Attack Success (the paper's future work): it needs the "
+            f"paper's grid, FGSM at eps {eps:g} on {MIN_POINTS} or more models; this run has "
+            f"{paper['model'].nunique()}, so it is not drawn."
+        )
+    return reasons
 
 
 def _run_protocol(run_dir: Path) -> str:
@@ -202,10 +257,10 @@ def _table_section(
     note = phantom_note(locations)
     caption = "" if note is None else f"{note.capitalize()}. "
     caption += (
-        f"Table II at eps {eps:g}: DSC clean and under each (attack, loss, eps), Attack Success "
-        f"AS = (DSC_clean - DSC_adv) / DSC_clean. 'units': {UNITS[protocol][0]} (averaged); "
-        f"'excluded': {UNITS[protocol][1]} (left out). '<number> low' / 'high': its 95% "
-        f"confidence interval from a bootstrap over cases ({table.attrs['draws']} draws, seed "
+        f"Table II at eps {eps_text(eps)}: DSC clean and under each (attack, loss, eps), "
+        f"Attack Success AS = (DSC_clean - DSC_adv) / DSC_clean. 'units': {UNITS[protocol][0]} "
+        f"(averaged); 'excluded': {UNITS[protocol][1]} (left out). '<number> low' / 'high': its "
+        f"95% confidence interval from a bootstrap over cases ({table.attrs['draws']} draws, seed "
         f"{table.attrs['seed']}; the slices of one case are resampled together)."
     )
     if table.attrs["seeds"] > 1:
@@ -217,7 +272,7 @@ def _table_section(
     blocks = [writer.table("table2", table, caption)]
     if table.isna().to_numpy().any():
         blocks.append(writer.note("n/a: no unit left to average (or a clean DSC of 0 for AS)."))
-    return Section(f"Table II (Dice protocol '{protocol}')", blocks)
+    return Section(f"Table II (Dice protocol '{protocol}', eps {eps_text(eps)})", blocks)
 
 
 def _eps_section(writer: _Writer, cells: pd.DataFrame) -> Section:
@@ -273,19 +328,6 @@ def _params_section(writer: _Writer, at_eps: pd.DataFrame, eps: float) -> Sectio
         "p_method: exact (every pairing of the models), permutation or asymptotic."
     )
     correlation = writer.table("params_correlation", stats, caption)
-    models = points["model"].nunique()
-    if models < MIN_POINTS:  # two points make a line, not evidence: show the numbers
-        table = points.pivot_table(
-            index=["model", "params_m"], columns="series", values="attack_success"
-        ).reset_index()
-        table.columns = [str(c) for c in table.columns]
-        caption = (
-            f"Attack Success per model and attack / loss at eps {eps:g}, with the parameter "
-            f"count in millions: {models} model(s), fewer than {MIN_POINTS}, so a table rather "
-            "than a plot; no correlation can be tested."
-        )
-        blocks = [writer.table("params_vs_attack_success", table, caption), correlation]
-        return Section("Parameter count against Attack Success", blocks)
     figure = figures.scatter_with_stats(
         points,
         "params_m",

@@ -375,10 +375,18 @@ def luminosity_table(slices: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def claim_sections(writer, records: pd.DataFrame, protocol: str, eps: float) -> list[Section]:
-    """The report's three claim sections (``writer`` is the report's file writer)."""
-    from advseg.summary import summarize_cells
-
+def claim_sections(
+    writer,
+    records: pd.DataFrame,
+    protocol: str,
+    eps: float,
+    *,
+    params: bool = True,
+    luminosity: bool = True,
+) -> list[Section]:
+    """The report's claim sections (``writer`` is the report's file writer): the loss ranking
+    always; the parameter claim with ``params`` and the luminosity claim with ``luminosity``
+    (the report leaves out what cannot apply to its run: :func:`advseg.report.applies`)."""
     slices = per_slice_dsc(records, protocol)
     sections = []
     ranking = loss_ranking(slices)
@@ -406,13 +414,23 @@ def claim_sections(writer, records: pd.DataFrame, protocol: str, eps: float) -> 
         section.blocks.append(writer.table("claim_loss_ranking", ranking, caption))
     sections.append(section)
 
+    if params:
+        sections.append(_params_claim(writer, records, protocol, eps))
+    if luminosity:
+        sections.append(_luminosity_claim(writer, slices, eps))
+    return sections
+
+
+def _params_claim(writer, records: pd.DataFrame, protocol: str, eps: float) -> Section:
+    from advseg.summary import summarize_cells
+
     keys = ["model", *_seeded(records), "arch", "params", "attack", "loss", "eps"]
     cells = []
     for key, group in records[records["eps"] == eps].groupby(keys, sort=False):
         row = summarize_cells(group.drop(columns=_seeded(records)), protocol).iloc[0]
         cells.append({**dict(zip(keys, key, strict=True)), "as": row["as"]})
     spread, tests = parameters_claim(pd.DataFrame(cells))
-    sections.append(Section("Claim: parameter count has negligible correlation with AS", [
+    return Section("Claim: parameter count has negligible correlation with AS", [
         Block("text", parameters_words(tests)),
         writer.table("claim_params_tests", tests, (
             f"eps {eps:g}: Spearman rho of parameters and Attack Success over models (mean over "
@@ -421,8 +439,10 @@ def claim_sections(writer, records: pd.DataFrame, protocol: str, eps: float) -> 
             "that many models can give; rho_seed_min/max: the range of rho seed by seed.")),
         writer.table("claim_params_spread", spread, (
             "Attack Success per model over training seeds: mean, standard deviation, range.")),
-    ]))  # fmt: skip
+    ])  # fmt: skip
 
+
+def _luminosity_claim(writer, slices: pd.DataFrame, eps: float) -> Section:
     section = Section("Claim (future work): luminosity against Attack Success")
     at_eps = slices[slices["eps"] == eps]
     for (attack, loss), part in at_eps.groupby(["attack", "loss"], sort=True):
@@ -435,5 +455,4 @@ def claim_sections(writer, records: pd.DataFrame, protocol: str, eps: float) -> 
         "p_method: exact over every pairing, seeded permutations, or asymptotic above 100)."
     )
     section.blocks.append(writer.table("claim_luminosity", luminosity_table(at_eps), caption))
-    sections.append(section)
-    return sections
+    return section

@@ -15,6 +15,9 @@ Per model (a defended variant ``unet+median:3`` is its own row):
   for an input defence the honest number, for other models equal in law to the naive one;
 - ``certified@R``: the certified DSC at the two smallest positive radii in the certification
   records (abstentions counted wrong), with the noise ``sigma`` it was certified under;
+- ``slices`` and ``certified_slices``: the slices each kind of number was computed on (the
+  certification is often run on fewer slices than the attacks: the two are then not from the
+  same sample, and the table says so);
 - ``train_s``: the training time in seconds (the sum of ``log.csv``'s epoch times), and
   ``training``: the defence trained in (Gaussian noise, adversarial training), from the metadata.
 """
@@ -57,9 +60,11 @@ def defence_table(
     if certified is not None:
         radii = sorted(r for r in certified["eps"].unique() if r > 0)[:2]
         certified_cells = summarize_cells(certified, protocol)
+    at_eps = records[np.isclose(records["eps"], eps)]
     rows = []
     for model, frame in cells.groupby("model", sort=False):
         row: dict[str, object] = {"model": model}
+        row["slices"] = at_eps.loc[at_eps["model"] == model, "slice_id"].nunique()
         naive = frame[~frame["attack"].map(_is_adaptive)]
         adaptive = frame[frame["attack"].map(_is_adaptive)]
         worst = naive.loc[naive["dsc_adv"].idxmin()] if len(naive) else None
@@ -75,8 +80,9 @@ def defence_table(
             ]
             row[f"certified@{radius:g}"] = mine["dsc_adv"].min() if len(mine) else np.nan
         if certified is not None:
-            sigmas = certified.loc[certified["model"] == model, "loss"].unique()
-            row["sigma"] = ", ".join(s.removeprefix("sigma=") for s in sigmas)
+            mine = certified[certified["model"] == model]
+            row["certified_slices"] = mine["slice_id"].nunique()
+            row["sigma"] = ", ".join(s.removeprefix("sigma=") for s in mine["loss"].unique())
         row["training"], row["train_s"] = _training(run_dir, _base_model(model))
         rows.append(row)
     rows.sort(key=lambda r: (_base_model(r["model"]), r["model"]))  # variants after their model
@@ -84,8 +90,27 @@ def defence_table(
 
 
 def _training(run_dir: Path, model: str) -> tuple[str, float]:
-    """The defence trained in and the training seconds, from the run's files (or '', NaN)."""
+    """The defence trained in and the training seconds, from the run's files: its
+    ``models/<model>/`` folder, else the checkpoint the run names for it (an ``advseg
+    evaluate`` output's, :func:`advseg.report.training.run_checkpoints`); ('', NaN) when none
+    says."""
+    from advseg.errors import UserError
+    from advseg.report.training import run_checkpoints, training_facts
+
     folder = run_dir / "models" / model
+    if not (folder / "checkpoints" / "best.json").exists():
+        for name, path in run_checkpoints(run_dir):
+            if name != model:
+                continue
+            try:
+                facts = training_facts(path)
+            except UserError:
+                continue
+            trained = [f"noise {facts['noise_sigma']:g}"] if facts["noise_sigma"] else []
+            if facts["eps"] is not None:
+                trained.append(f"{facts['method'].removesuffix('+noise')} eps {facts['eps']:g}")
+            seconds = np.nan if facts["seconds"] is None else facts["seconds"]
+            return ", ".join(trained) or "none", seconds
     seconds = np.nan
     log = folder / "log.csv"
     if log.exists():
@@ -147,8 +172,21 @@ def sections(
         "the strongest adaptive one (+bpda: gradient straight through a non-differentiable "
         "input defence, +eot: logits averaged over its random draws); certified DSC at L2 "
         "radii (randomized smoothing, abstentions count as wrong); the defence trained in and "
-        "the training time (s)."
+        "the training time (s). 'slices': the slices behind the attack numbers; "
+        "'certified_slices': those behind the certified ones."
     )
+    if certified is not None and "certified_slices" in table:
+        differ = table[table["certified_slices"].fillna(0).gt(0)]
+        differ = differ[differ["certified_slices"] != differ["slices"]]
+        if len(differ):
+            caption += (
+                " Not the same sample: "
+                + "; ".join(
+                    f"{r.model}: attacks on {r.slices} slices, certified on {r.certified_slices}"
+                    for r in differ.itertuples()
+                )
+                + "."
+            )
     sections = [Section("Defences", [writer.table("defences", table, caption)])]
     if certified is not None:
         summary = certified_summary(certified, protocol)

@@ -24,13 +24,13 @@ from matplotlib.patches import Patch
 from advseg.report.examples import panel_rows
 from advseg.report.stats import Correlation
 
-# Colours for pixel outcomes in prediction panels (RGB in [0, 1]).
-OUTCOME_COLOURS = {
-    "true positive": (0.10, 0.75, 0.25),
-    "false positive": (0.90, 0.15, 0.15),
-    "false negative": (0.15, 0.45, 1.00),
-}
-CLASS_COLOURS = [(1.0, 0.55, 0.0), (0.0, 0.8, 0.9), (0.85, 0.2, 0.85)]
+CLASS_COLOURS = [
+    (1.0, 0.55, 0.0), (0.0, 0.8, 0.9), (0.85, 0.2, 0.85), (1.0, 0.9, 0.0), (0.2, 0.85, 0.3),
+    (0.95, 0.3, 0.35), (0.45, 0.5, 1.0), (0.6, 0.4, 0.2),
+]  # fmt: skip
+"""One colour per class (in channel order), the same in ground truth and prediction panels."""
+ERROR_COLOUR = (1.0, 0.0, 0.0)
+"""The outline of the pixels a prediction gets wrong (any class)."""
 ALPHA = 0.55
 
 
@@ -188,22 +188,29 @@ def scatter_with_stats(
     return figure
 
 
-def _outcome_overlay(image: np.ndarray, mask: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """An RGB image with TP / FP / FN pixels (over all classes) coloured on the grey image.
+def radiological(array: np.ndarray) -> np.ndarray:
+    """A canonical (RAS+) slice ``(..., H, W)`` in the radiological convention.
 
-    Args:
-        image: (H, W) grey in [0, 1]; mask, pred: (K, H, W) boolean.
+    In RAS+ voxel order a slice's rows run from posterior to anterior and its columns from the
+    patient's left to right, so drawn as stored the brain is posterior-up with the patient's left
+    on the viewer's left. Radiologists look from the feet: anterior up and the patient's right on
+    the viewer's left, which is the stored slice turned by 180 degrees.
     """
-    rgb = np.repeat(image[..., None], 3, axis=2)  # (H, W, 3)
-    tp = (mask & pred).any(axis=0)
-    fp = (~mask & pred).any(axis=0) & ~tp
-    fn = (mask & ~pred).any(axis=0) & ~tp & ~fp
-    for where, colour in zip((tp, fp, fn), OUTCOME_COLOURS.values(), strict=True):
-        rgb[where] = (1 - ALPHA) * rgb[where] + ALPHA * np.asarray(colour)
-    return rgb
+    return array[..., ::-1, ::-1]
+
+
+def _orientation_letters(ax: plt.Axes) -> None:
+    """The radiological convention's letters: anterior up, the patient's right on the left."""
+    for x, y, letter in ((0.5, 0.98, "A"), (0.5, 0.02, "P"), (0.02, 0.5, "R"), (0.98, 0.5, "L")):
+        ax.text(
+            x, y, letter, transform=ax.transAxes, color="yellow", fontsize="small",
+            fontweight="bold", ha="center", va="center",
+        )  # fmt: skip
 
 
 def _class_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """An RGB image with each class's pixels in its own colour (:data:`CLASS_COLOURS`) on the
+    grey image; image (H, W) in [0, 1], mask (K, H, W) boolean."""
     rgb = np.repeat(image[..., None], 3, axis=2)  # (H, W, 3)
     for k in range(mask.shape[0]):
         colour = np.asarray(CLASS_COLOURS[k % len(CLASS_COLOURS)])
@@ -222,11 +229,17 @@ def example_panel(
     prediction; adversarial image, perturbation (magnified, with its scale) and adversarial
     prediction (pixels drawn as pixels, no smoothing); one legend below.
 
+    Every class has its own colour, the same in truth and predictions (so that a confusion of
+    two classes shows), and a prediction's wrong pixels are outlined in red. Slices marked
+    ``ras`` (from volumes in canonical RAS+ orientation) are shown in the radiological
+    convention (anterior up, the patient's right on the viewer's left) with the letters A, P,
+    R, L; other slices (PNG files, whose orientation is not known) as stored, without letters.
+
     Args:
         examples: arrays saved by the experiment runner (:mod:`advseg.report.examples`):
             ``slice_ids`` (N,), ``losses`` (L,), ``image`` (N, C, H, W) and ``x_adv``
             (L, N, C, H, W) in [0, 1], ``mask``, ``pred_clean`` (N, K, H, W) and ``pred_adv``
-            (L, N, K, H, W) binary.
+            (L, N, K, H, W) binary; optionally ``ras`` (N,).
         loss: which attack loss's adversarial image to show (one of ``losses``).
         classes: class names, in channel order, for the ground-truth legend.
         title: the figure title (model, attack, eps).
@@ -246,17 +259,24 @@ def example_panel(
         mask = examples["mask"][r] > 0  # (K, H, W)
         pred = examples["pred_clean"][r] > 0
         pred_adv = examples["pred_adv"][which, r] > 0
+        ras = bool(examples["ras"][r]) if "ras" in examples else False
+        if ras:
+            grey, grey_adv, mask, pred, pred_adv = map(
+                radiological, (grey, grey_adv, mask, pred, pred_adv)
+            )
         delta = grey_adv - grey
         scale = float(np.abs(delta).max()) or 1.0
+        wrong = (mask != pred).any(axis=0)  # (H, W): some class wrong
+        wrong_adv = (mask != pred_adv).any(axis=0)
         cells = [
-            (grey, f"{ids[r]}: image", "gray"),
-            (_class_overlay(grey, mask), "ground truth", None),
-            (_outcome_overlay(grey, mask, pred), "clean prediction", None),
-            (grey_adv, f"adversarial image ({loss})", "gray"),
-            (delta, f"perturbation x_adv - x (±{scale:.3g})", "coolwarm"),
-            (_outcome_overlay(grey_adv, mask, pred_adv), "adversarial prediction", None),
+            (grey, f"{ids[r]}: image", "gray", None),
+            (_class_overlay(grey, mask), "ground truth", None, None),
+            (_class_overlay(grey, pred), "clean prediction", None, wrong),
+            (grey_adv, f"adversarial image ({loss})", "gray", None),
+            (delta, f"perturbation x_adv - x (±{scale:.3g})", "coolwarm", None),
+            (_class_overlay(grey_adv, pred_adv), "adversarial prediction", None, wrong_adv),
         ]
-        for ax, (picture, name, cmap) in zip(
+        for ax, (picture, name, cmap, errors) in zip(
             axes[2 * line : 2 * line + 2].flat, cells, strict=True
         ):
             if cmap == "coolwarm":
@@ -268,13 +288,19 @@ def example_panel(
                 ax.imshow(picture, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
             else:
                 ax.imshow(np.clip(picture, 0, 1), interpolation="nearest")
+            if errors is not None and errors.any():
+                ax.contour(errors, levels=[0.5], colors=[ERROR_COLOUR], linewidths=0.9)
+            if ras:
+                _orientation_letters(ax)
             ax.set_title(name, fontsize="medium")
             ax.set_axis_off()
-    handles = [Patch(color=c, label=n) for n, c in OUTCOME_COLOURS.items()]
-    handles += [
-        Patch(color=CLASS_COLOURS[k % len(CLASS_COLOURS)], label=f"ground truth: {name}")
+    handles = [
+        Patch(color=CLASS_COLOURS[k % len(CLASS_COLOURS)], label=name)
         for k, name in enumerate(classes)
     ]
+    handles.append(
+        Patch(facecolor="none", edgecolor=ERROR_COLOUR, label="wrong pixels (any class)")
+    )
     figure.legend(handles=handles, loc="outside lower center", ncol=3, fontsize="medium")
     figure.suptitle(title)
     return figure

@@ -23,9 +23,12 @@ h2 { margin-top: 2.2rem; border-bottom: 1px solid #ccc; padding-bottom: .2rem; }
 table { border-collapse: collapse; margin: .8rem 0; font-size: .88rem; }
 th, td { border: 1px solid #d0d0d0; padding: .3rem .6rem; text-align: right; }
 th { background: #f0f2f5; } td:first-child, th:first-child { text-align: left; }
-tr:nth-child(even) td { background: #fafafa; }
+td { background: #fff; } tr:nth-child(even) td { background: #fafafa; }
 img { max-width: 100%; border: 1px solid #e2e2e2; margin: .5rem 0; }
-.wide { overflow-x: auto; } figure { margin: 1rem 0; }
+.wide { overflow-x: auto; max-width: 100%; }
+.wide td:first-child, .wide th:first-child { position: sticky; left: 0; z-index: 1;
+       box-shadow: 1px 0 0 #b0b0b0; }
+figure { margin: 1rem 0; }
 .note { color: #555; font-size: .9rem; } .file { color: #777; font-size: .8rem; }
 .warning { color: #8a1c1c; background: #fdecec; border-left: 4px solid #c62828;
            padding: .4rem .7rem; font-weight: 600; }
@@ -60,6 +63,12 @@ class Section:
 
     title: str
     blocks: list[Block] = field(default_factory=list)
+
+
+def eps_text(eps: float) -> str:
+    """An eps to three digits and in 8-bit grey levels: ``0.0314 (8/255)``, ``0.009 (2.29/255)``;
+    images are in [0, 1], so ``eps * 255`` grey levels of an 8-bit image."""
+    return f"{eps:.3g} ({eps * 255:.3g}/255)"
 
 
 def format_table(frame: pd.DataFrame, digits: int = 4) -> pd.DataFrame:

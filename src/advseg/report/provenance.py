@@ -90,14 +90,25 @@ def _session_rows(run_dir: Path) -> list[tuple]:
     return rows
 
 
-def _checkpoint_versions(run_dir: Path) -> list[tuple]:
-    """The advseg version each model of a run was trained with (models/<m>/checkpoints)."""
+def _checkpoint_rows(run_dir: Path) -> list[tuple]:
+    """How each model of the run was trained (method, eps also in /255, seconds, the advseg
+    version), from the checkpoints the run names (:func:`advseg.report.training.run_checkpoints`:
+    ``config.yaml`` or an ``advseg evaluate`` output's ``evaluate.yaml``)."""
+    from advseg.errors import UserError
+    from advseg.report.training import facts_text, run_checkpoints, training_facts
+
     rows = []
-    for meta in sorted((run_dir / "models").glob("**/checkpoints/best.json")):
-        versions = (_json(meta).get("meta") or {}).get("versions") or {}
-        if "advseg" in versions:
-            name = meta.parent.parent.relative_to(run_dir / "models").as_posix()
-            rows.append((f"trained: {name}", f"advseg {versions['advseg']}"))
+    checkpoints = run_checkpoints(run_dir)
+    names = [name for name, _ in checkpoints]
+    for name, path in checkpoints:
+        try:
+            facts = training_facts(path)
+        except UserError as err:
+            rows.append((f"trained: {name}", f"not known ({err})"))
+            continue
+        several = names.count(name) > 1  # a grid with seeds: one checkpoint per seed
+        label = f"trained: {name} (seed {facts['seed']})" if several else f"trained: {name}"
+        rows.append((label, facts_text(facts)))
     return rows
 
 
@@ -115,7 +126,7 @@ def section(
         ("run", str(run_dir.resolve())),
         *_data_rows(run_dir, records, locations),
         *_session_rows(run_dir),
-        *_checkpoint_versions(run_dir),
+        *_checkpoint_rows(run_dir),
         ("report", f"{now()} by advseg {advseg.__version__}"),
         ("Dice protocol", protocol),
         ("broken-model threshold", f"clean DSC < {BROKEN_DICE:g}"),

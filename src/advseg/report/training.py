@@ -9,8 +9,10 @@ written by :func:`advseg.train.train`; a model whose checkpoint is missing is le
 Beside them, from that seed's records at the headline eps: the clean DSC and the lowest DSC under
 any white-box (attack, loss) of the grid, with the attack that reached it.
 
-The section appears when some model of the run was adversarially trained, or was trained at
-several seeds (the spread between seeds is then in the table, seed by seed).
+The models are those of the run's ``config.yaml`` or of an ``advseg evaluate`` output's
+``evaluate.yaml`` (:func:`run_checkpoints`); :func:`training_facts` gives one checkpoint's
+method, eps and seconds (the provenance and the defence table show them too). Models trained at
+several seeds show the spread between seeds, seed by seed.
 """
 
 from __future__ import annotations
@@ -25,45 +27,122 @@ from advseg.defences.adversarial_training import AdversarialConfig, describe
 from advseg.errors import UserError
 from advseg.models.checkpoint import read_metadata
 from advseg.records import white_box
-from advseg.report.html import Section
+from advseg.report.html import Section, eps_text
 from advseg.summary import summarize_cells
 
 COLUMNS = ["model", "seed", "arch", "adversarial_training", "selected_by", "val_dice",
            "best_epoch", "epochs", "train_seconds", "time_ratio"]  # fmt: skip
 
 
+def run_checkpoints(run_dir: str | Path) -> list[tuple[str, Path]]:
+    """``(model name in the records, checkpoint path)`` of every model a run evaluated.
+
+    An ``advseg run`` directory names them in ``config.yaml`` (a model's own ``checkpoint:``, or
+    ``models/<name>[/seed<k>]/checkpoints/best`` for each training seed); an ``advseg evaluate``
+    output in ``evaluate.yaml`` (its checkpoints, named as the records name them,
+    :func:`advseg.trained.checkpoint_label`). Empty when the run says neither.
+    """
+    from advseg.trained import checkpoint_label
+
+    run_dir = Path(run_dir)
+    found: list[tuple[str, Path]] = []
+    config_file = run_dir / "config.yaml"
+    if config_file.exists():
+        config = load_yaml(config_file) or {}
+        seeds = config.get("seeds") or [None]  # a grid with seeds trains each model per seed
+        for spec in config.get("models") or []:
+            name = str(spec.get("name") or spec.get("arch"))
+            if spec.get("checkpoint"):
+                found.append((name, Path(spec["checkpoint"])))
+                continue
+            for seed in seeds:
+                folder = run_dir / "models" / name / ("" if seed is None else f"seed{seed}")
+                found.append((name, folder / "checkpoints" / "best"))
+    settings = run_dir / "evaluate.yaml"  # advseg.evaluate.command.SETTINGS_FILE
+    if settings.exists():
+        for checkpoint in (load_yaml(settings) or {}).get("checkpoints") or []:
+            found.append((checkpoint_label(checkpoint), Path(checkpoint)))
+    return found
+
+
+def training_facts(path: str | Path) -> dict[str, Any]:
+    """How the checkpoint at ``path`` was trained, from its metadata (JSON only, no weights).
+
+    Returns:
+        ``method`` (the adversarial training's method, ``noise`` for Gaussian-noise training, or
+        ``none``), ``eps`` (its budget, None without one), ``noise_sigma``, ``seconds`` (the
+        whole run's training time: ``last``'s where it exists, as ``best`` is written mid-run;
+        None when not stored), ``label`` (:func:`advseg.defences.describe`'s words, noise
+        added), ``seed``, ``arch``, ``advseg`` (the version it was trained with).
+
+    Raises:
+        UserError: no readable checkpoint metadata at ``path``.
+    """
+    path = Path(path)
+    meta = read_metadata(path)
+    stem = path.name.removesuffix(".json").removesuffix(".safetensors")
+    last = path.parent / "last.json"
+    if stem == "best" and last.exists():
+        meta.metrics = {**meta.metrics, **_totals(read_metadata(last).metrics)}
+    adversarial = _adversarial(meta.train)
+    sigma = float(meta.train.get("noise_sigma") or 0.0)
+    label = _in_255(describe(adversarial).split("; ")[0], adversarial)
+    method = adversarial.method if adversarial.enabled else "none"
+    if sigma > 0:
+        label = f"noise sigma {sigma:g}" if label == "none" else f"{label}, noise sigma {sigma:g}"
+        method = "noise" if method == "none" else f"{method}+noise"
+    seconds = meta.metrics.get("train_seconds")
+    return {
+        "method": method,
+        "eps": adversarial.eps if adversarial.enabled else None,
+        "noise_sigma": sigma,
+        "seconds": None if seconds is None else float(seconds),
+        "label": label,
+        "seed": int(meta.train.get("seed", 0)),
+        "arch": meta.model,
+        "advseg": (meta.versions or {}).get("advseg"),
+    }
+
+
+def facts_text(facts: dict[str, Any]) -> str:
+    """One line: ``pgd eps 0.0314 (8/255), 10 steps of 0.00784; 293 s`` (eps also in /255)."""
+    label = facts["label"]
+    seconds = "time not stored" if facts["seconds"] is None else f"{facts['seconds']:.0f} s"
+    version = f", advseg {facts['advseg']}" if facts.get("advseg") else ""
+    return f"{label}; trained in {seconds}{version}"
+
+
+def _in_255(label: str, adversarial: AdversarialConfig) -> str:
+    """``describe``'s words with the eps also in /255: ``pgd eps 0.0314 (8/255), ...``."""
+    if not adversarial.enabled:
+        return label
+    return label.replace(f"eps {adversarial.eps:g}", f"eps {eps_text(adversarial.eps)}", 1)
+
+
+def _adversarial(train: dict[str, Any]) -> AdversarialConfig:
+    try:
+        return from_dict(AdversarialConfig, train.get("adversarial") or {})
+    except UserError:
+        return AdversarialConfig()
+
+
 def training_table(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
     """The training table of ``run_dir`` and the notes on what it could not show.
 
-    ``time_ratio`` is ``train_seconds`` over the mean of the undefended models' (``method:
-    none``) in the same run; empty when the run has none.
+    One row per model of :func:`run_checkpoints` (an ``advseg run`` or ``advseg evaluate``
+    output). ``time_ratio`` is ``train_seconds`` over the mean of the undefended models'
+    (``method: none``) in the same run; empty when the run has none.
 
     Returns:
-        ``(table with COLUMNS, notes)``; the table is empty when the run has no config.yaml.
+        ``(table with COLUMNS, notes)``; the table is empty when the run names no checkpoint.
     """
-    run_dir = Path(run_dir)
-    config_file = run_dir / "config.yaml"
     notes: list[str] = []
-    if not config_file.exists():
-        return pd.DataFrame(columns=COLUMNS), notes
-    config = load_yaml(config_file) or {}
     rows = []
-    seeds = config.get("seeds") or [None]  # a grid with seeds trains each model once per seed
-    runs = []
-    for spec in config.get("models") or []:
-        name = str(spec.get("name") or spec.get("arch"))
-        given = spec.get("checkpoint")
-        if given:
-            runs.append((name, Path(given)))
-            continue
-        for seed in seeds:
-            folder = run_dir / "models" / name / ("" if seed is None else f"seed{seed}")
-            runs.append((name, folder / "checkpoints" / "best"))
-    for name, path in runs:
+    for name, path in run_checkpoints(run_dir):
         try:
             meta = read_metadata(path)
             last = path.parent / "last"  # the whole run's time: "best" was written mid-run
-            if last.with_suffix(".json").exists():
+            if path.name == "best" and last.with_suffix(".json").exists():
                 meta.metrics = {**meta.metrics, **_totals(read_metadata(last).metrics)}
         except UserError as err:
             notes.append(f"model {name}: no training details ({err})")
@@ -83,11 +162,11 @@ def _totals(metrics: dict[str, Any]) -> dict[str, Any]:
 def _row(
     name: str, arch: str, train: dict[str, Any], metrics: dict[str, Any], epoch: int
 ) -> dict[str, Any]:
-    try:
-        adversarial = from_dict(AdversarialConfig, train.get("adversarial") or {})
-    except UserError:
-        adversarial = AdversarialConfig()
-    label = describe(adversarial).split("; ")[0]
+    adversarial = _adversarial(train)
+    label = _in_255(describe(adversarial).split("; ")[0], adversarial)
+    if train.get("noise_sigma"):
+        sigma = float(train["noise_sigma"])
+        label = f"noise sigma {sigma:g}" if label == "none" else f"{label}, noise sigma {sigma:g}"
     robust = adversarial.select_by == "robust"
     best = metrics.get("best") or {}
     history_seconds = metrics.get("train_seconds")
@@ -112,13 +191,13 @@ def _row(
 def sections(
     writer: Any, run_dir: Path, records: pd.DataFrame, protocol: str, eps: float
 ) -> list[Section]:
-    """The "Training" section, when a model of the run was defended or trained at several
-    seeds: one row per (model, seed), that seed's clean and worst white-box DSC beside it."""
+    """The "Training" section, when the run names its checkpoints: one row per (model, seed),
+    that seed's clean and worst white-box DSC beside it."""
     table, notes = training_table(run_dir)
     defended = bool((table["adversarial_training"] != "none").any())
     seeded = bool(table.groupby("model")["seed"].nunique().gt(1).any()) if len(table) else False
-    if not (defended or seeded):
-        return []
+    if table.empty:
+        return [Section("Training", [writer.note(text) for text in notes])] if notes else []
     at_eps = white_box(records[records["eps"] == eps])
     if not at_eps.empty:
         per_seed = []
@@ -137,7 +216,8 @@ def sections(
                 )
             )
         table = table.merge(pd.concat(per_seed), on=["model", "seed"], how="left")
-    title = "Training and adversarial training" if defended else "Training, per seed"
+    title = "Training and adversarial training" if defended else "Training"
+    title = "Training, per seed" if seeded and not defended else title
     section = Section(f"{title} (eps {eps:g})")
     section.blocks.append(
         writer.table(

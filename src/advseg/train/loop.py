@@ -178,8 +178,8 @@ def train(
             run.history.append(stats)
             bar.epoch_done(
                 f"epoch {epoch}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
-                f"val Dice {val_dice:.4f}  "
-                + ("" if robust_dice is None else f"robust val Dice {robust_dice:.4f}  ")
+                f"val Dice (global) {val_dice:.4f}  "
+                + ("" if robust_dice is None else f"robust val Dice (global) {robust_dice:.4f}  ")
                 + f"lr {lr:.2e}  {stats.images_per_s:.1f} img/s"
                 + eta_text(time.monotonic() - started, epoch - first_epoch + 1, epoch, config)
             )
