@@ -54,6 +54,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "export_command",
         "Write a cell's adversarial images and predictions (PNG, NIfTI).",
     ),
+    "card": (
+        "advseg.cli.card",
+        "card_command",
+        "Measure a checkpoint by the fixed card protocol; write card.json and card.html.",
+    ),
+    "leaderboard": (
+        "advseg.cli.card",
+        "leaderboard_command",
+        "A static, sortable HTML leaderboard from robustness cards.",
+    ),
     "run": ("advseg.cli.experiment", "app", "Run an experiment grid; resumable."),
     "demo": (
         "advseg.cli.experiment",

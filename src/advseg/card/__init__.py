@@ -1,0 +1,319 @@
+"""A robustness card: one checkpoint measured by one fixed, documented protocol.
+
+RobustBench's idea (https://robustbench.github.io, Croce et al., NeurIPS 2021 Datasets and
+Benchmarks): every model is run through the same protocol, the numbers are stored as data (one
+JSON per model, with what the model is and how it was trained), and pages are rendered from the
+stored JSON. :func:`make_card` runs :data:`PROTOCOL` on a checkpoint's held-out cases and writes
+``card.json`` and ``card.html``; :mod:`advseg.card.pages` renders a card and a leaderboard of many.
+
+The protocol (version :data:`PROTOCOL_VERSION`), all on the cases the checkpoint held out (its own
+``test_fraction`` and ``split_seed``), Dice under the ``per-class`` protocol
+(:mod:`advseg.summary`):
+
+1. **clean Dice** on every held-out slice;
+2. **SEA** (:class:`advseg.attacks.sea.SEA`, Croce, Singh & Hein, ECCV 2024: per slice the worst
+   case over four APGD runs) in L-inf at eps 2/255, 4/255 and 8/255, with the attack's own
+   default steps; the card's headline robust Dice is the one at 8/255;
+3. **corruptions**: the mean Dice over common corruptions where advseg has a corruptions module
+   (this version has none: the card says ``not measured`` rather than a number);
+4. **certified Dice** (randomized smoothing, SegCertify, Fischer et al. 2021,
+   :mod:`advseg.defences.certify`) at L2 radius :data:`CERTIFY_RADIUS` under noise sigma
+   :data:`CERTIFY_SIGMA` (n0 16, n 128, alpha 0.001), abstentions counted wrong, on the held-out
+   slices with a mask. A model not trained with noise is certified all the same (its number is
+   low, and its training is on the card).
+
+Every number carries the slices and cases it was computed on. ``max_slices`` (tests and quick
+looks) and fewer SEA steps or noise samples than the protocol's are *deviations*: the card lists
+them and the leaderboard marks such a card, so that a reduced card is never read as a full one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import advseg
+from advseg.errors import UserError
+
+PROTOCOL_VERSION = "advseg-card/1"
+SEA_EPS = (2 / 255, 4 / 255, 8 / 255)
+"""The SEA budgets (L-inf, images in [0, 1])."""
+HEADLINE_EPS = 8 / 255
+CERTIFY_SIGMA = 0.25
+CERTIFY_RADIUS = 0.1
+"""L2 radius of the certified Dice (image range [0, 1])."""
+CERTIFY_N0, CERTIFY_N, CERTIFY_ALPHA = 16, 128, 0.001
+DICE = "per-class"
+
+
+@dataclass
+class CardConfig:
+    """How to make one card.
+
+    Attributes:
+        checkpoint: the checkpoint (``PATH``, ``PATH.safetensors`` or ``PATH.json``).
+        out: the directory for ``card.json`` and ``card.html``.
+        data, cache_dir: where its data is, when not where it was trained
+            (:func:`advseg.trained.trained_data_config`).
+        max_slices: at most this many held-out slices (seeded by the split's seed, spread over
+            the cases); a deviation from the protocol.
+        sea_steps: SEA's steps (None: the attack's default); fewer is a deviation.
+        certify_n: noisy samples per certified decision (default the protocol's 128); fewer is
+            a deviation.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        batch_size: slices per batch.
+    """
+
+    checkpoint: Path
+    out: Path
+    data: Path | None = None
+    cache_dir: Path | None = None
+    max_slices: int | None = None
+    sea_steps: int | None = None
+    certify_n: int = CERTIFY_N
+    device: str = "auto"
+    batch_size: int = 8
+
+
+def sea_default_steps() -> int:
+    """The ``steps`` SEA takes when none is given (read from the attack, not copied)."""
+    from advseg.attacks.sea import SEA
+
+    return int(inspect.signature(SEA.__init__).parameters["steps"].default)
+
+
+def protocol(config: CardConfig) -> dict[str, Any]:
+    """The protocol as run: its settings and the deviations from :data:`PROTOCOL_VERSION`."""
+    steps = sea_default_steps() if config.sea_steps is None else config.sea_steps
+    deviations = []
+    if config.max_slices is not None:
+        deviations.append(f"at most {config.max_slices} held-out slices (max_slices)")
+    if steps < sea_default_steps():
+        deviations.append(f"SEA with {steps} steps (protocol: {sea_default_steps()})")
+    if config.certify_n < CERTIFY_N:
+        deviations.append(f"certified with n {config.certify_n} (protocol: {CERTIFY_N})")
+    return {
+        "version": PROTOCOL_VERSION,
+        "split": "test (the cases the checkpoint held out)",
+        "dice": DICE,
+        "sea": {"eps": list(SEA_EPS), "norm": "linf", "steps": steps},
+        "corruptions": "mean Dice over common corruptions, when advseg has them",
+        "certify": {
+            "sigma": CERTIFY_SIGMA,
+            "radius": CERTIFY_RADIUS,
+            "n0": CERTIFY_N0,
+            "n": config.certify_n,
+            "alpha": CERTIFY_ALPHA,
+            "norm": "l2",
+        },
+        "max_slices": config.max_slices,
+        "deviations": deviations,
+    }
+
+
+def corruptions_available() -> bool:
+    """Whether this advseg has a corruptions module (``advseg.corruptions``)."""
+    import importlib.util
+
+    return importlib.util.find_spec("advseg.corruptions") is not None
+
+
+def make_card(config: CardConfig) -> dict[str, Any]:
+    """Run the protocol on ``config.checkpoint``; write ``card.json`` and ``card.html``.
+
+    Returns:
+        The card (what ``card.json`` holds).
+
+    Raises:
+        UserError: a bad option, an unreadable checkpoint, data that does not fit it, or an
+            empty held-out split.
+    """
+    from advseg.atomic import check_output_dir, write_text_atomic
+    from advseg.card.pages import card_page
+    from advseg.provenance import describe_device, now
+    from advseg.train import resolve_device
+
+    if config.max_slices is not None and config.max_slices < 1:
+        raise UserError(f"--max-slices: {config.max_slices} must be at least 1")
+    if config.sea_steps is not None and config.sea_steps < 4:
+        raise UserError(f"--sea-steps: {config.sea_steps} must be at least 4 (one per member)")
+    if config.certify_n < 1:
+        raise UserError(f"--certify-n: {config.certify_n} must be at least 1")
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    check_output_dir(out, "--out directory")
+    started = time.monotonic()
+    device = resolve_device(config.device)
+    settings = protocol(config)
+    model, meta, data, rows = _load(config, device)
+    results = {"clean": None, "sea": _sea(config, model, meta, data, rows, settings)}
+    results["clean"] = results["sea"].pop("clean")
+    results["robust"] = next(r for r in results["sea"]["at"] if r["eps"] == HEADLINE_EPS)
+    results["corruptions"] = _corruptions()
+    results["certified"] = _certified(config, settings)
+    card = {
+        "format": PROTOCOL_VERSION,
+        "model": _model_info(config, meta, data, rows),
+        "protocol": settings,
+        "results": results,
+        "provenance": {
+            "created": now(),
+            "advseg": advseg.__version__,
+            "device": describe_device(device),
+            "seconds": round(time.monotonic() - started, 1),
+        },
+    }
+    write_text_atomic(out / "card.json", json.dumps(card, indent=2) + "\n")
+    write_text_atomic(out / "card.html", card_page(card))
+    return card
+
+
+def _load(config: CardConfig, device: Any) -> tuple[Any, Any, Any, np.ndarray]:
+    """The model, its metadata, its data and the held-out rows (``max_slices`` of them)."""
+    from advseg.data import load_data, saved_preprocess, split_cases, spread_rows
+    from advseg.models.checkpoint import check_compatible, load_checkpoint
+    from advseg.trained import trained_data_config
+
+    checkpoint = Path(config.checkpoint)
+    model, meta = load_checkpoint(checkpoint, device)
+    if "test_fraction" not in meta.data or "split_seed" not in meta.data:
+        raise UserError(f"{checkpoint}: its metadata does not say which cases it held out")
+    preprocess = saved_preprocess(meta.preprocessing, f"{checkpoint} preprocessing")
+    data_config = trained_data_config(
+        meta.data, checkpoint, preprocess, config.data, config.cache_dir
+    )
+    data = load_data(data_config)
+    check_compatible(meta, checkpoint, in_channels=preprocess.channels, classes=list(data.classes))
+    _, rows = split_cases(data.index, meta.data["test_fraction"], meta.data["split_seed"])
+    if config.max_slices is not None:
+        rows = spread_rows(data.index, rows, config.max_slices, int(meta.data["split_seed"]))
+    if len(rows) == 0:
+        raise UserError(f"{checkpoint}: the held-out split has no slices")
+    return model, meta, data, rows
+
+
+def _counts(records: Any) -> dict[str, int]:
+    return {"slices": int(records["slice_id"].nunique()), "cases": int(records["case"].nunique())}
+
+
+def _sea(config: CardConfig, model: Any, meta: Any, data: Any, rows: np.ndarray,
+         settings: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Clean Dice and SEA's Dice at each eps, from one sweep's records."""
+    from advseg.attacks.sea import WORST_CASE_LOSS
+    from advseg.evaluate import evaluate_sweep
+    from advseg.summary import summarize_cells
+    from advseg.trained import checkpoint_label
+
+    options: dict[str, Any] = {"activation": meta.activation}
+    if config.sea_steps is not None:
+        options["steps"] = config.sea_steps
+    results = evaluate_sweep(
+        model, data, rows, "sea", {eps: [WORST_CASE_LOSS] for eps in SEA_EPS},
+        model_name=checkpoint_label(config.checkpoint), arch=meta.model, attack_kwargs=options,
+        batch_size=config.batch_size,
+    )  # fmt: skip
+    at = []
+    for eps, result in zip(SEA_EPS, results, strict=True):
+        cell = summarize_cells(result.records, DICE).iloc[0]
+        at.append({
+            "eps": eps, "eps_255": round(eps * 255, 6), "dice": float(cell["dsc_adv"]),
+            "attack_success": float(cell["as"]), "units": int(cell["units"]),
+            **_counts(result.records),
+        })  # fmt: skip
+    first = summarize_cells(results[0].records, DICE).iloc[0]
+    clean = {"dice": float(first["dsc_clean"]), "units": int(first["units"])}
+    return {"clean": {**clean, **_counts(results[0].records)}, "steps": settings["sea"]["steps"],
+            "at": at}  # fmt: skip
+
+
+def _corruptions() -> dict[str, Any]:
+    if not corruptions_available():
+        return {
+            "dice": None,
+            "status": "not measured",
+            "reason": "this advseg has no corruptions module (advseg.corruptions)",
+        }
+    return {  # the module exists but the card protocol version 1 does not define its use yet
+        "dice": None,
+        "status": "not measured",
+        "reason": f"{PROTOCOL_VERSION} does not define a corruption suite yet",
+    }
+
+
+def _certified(config: CardConfig, settings: dict[str, Any]) -> dict[str, Any]:
+    from advseg.defences.certify import certified_summary, certify_checkpoint
+    from advseg.defences.smoothing import SmoothingConfig
+
+    certify = settings["certify"]
+    smoothing = SmoothingConfig(
+        sigma=certify["sigma"], n0=certify["n0"], n=certify["n"], alpha=certify["alpha"],
+        radii=[0.0, certify["radius"]],
+    )  # fmt: skip
+    records = certify_checkpoint(
+        config.checkpoint, smoothing, data_path=config.data, cache_dir=config.cache_dir,
+        max_slices=config.max_slices, batch_size=config.batch_size, device=config.device,
+    )  # fmt: skip
+    summary = certified_summary(records, DICE)
+    row = summary[np.isclose(summary["radius"], certify["radius"])].iloc[0]
+    return {
+        "radius": certify["radius"], "sigma": certify["sigma"],
+        "dice": float(row["dsc_certified"]), "dice_plain": float(row["dsc_plain"]),
+        "abstained": float(row["abstained"]), "units": int(row["units"]), **_counts(records),
+    }  # fmt: skip
+
+
+def _model_info(config: CardConfig, meta: Any, data: Any, rows: np.ndarray) -> dict[str, Any]:
+    """RobustBench-style model information: name, architecture, size, training, data."""
+    from advseg.report.training import training_facts
+    from advseg.trained import checkpoint_label
+
+    facts = training_facts(config.checkpoint)
+    return {
+        "name": checkpoint_label(config.checkpoint),
+        "checkpoint": str(Path(config.checkpoint).resolve()),
+        "architecture": meta.model,
+        "params": int(meta.params),
+        "activation": meta.activation,
+        "classes": list(meta.classes),
+        "training": {k: facts[k] for k in ("method", "eps", "noise_sigma", "seconds", "label")},
+        "trained_with": facts["advseg"],
+        "data": {
+            "location": str(data.location),
+            "held_out_cases": int(data.index["case"].iloc[rows].nunique()),
+            "held_out_slices": len(rows),
+            "test_fraction": meta.data.get("test_fraction"),
+            "split_seed": meta.data.get("split_seed"),
+        },
+    }
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    """A card from ``card.json`` (or a directory holding one).
+
+    Raises:
+        UserError: not a readable card (naming the file).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "card.json"
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not a readable card ({err})") from None
+    if not isinstance(card, dict) or not str(card.get("format", "")).startswith("advseg-card/"):
+        raise UserError(f"{path}: not an advseg card (format {card.get('format')!r})"
+                        if isinstance(card, dict) else f"{path}: not an advseg card")  # fmt: skip
+    for key in ("model", "protocol", "results"):
+        if key not in card:
+            raise UserError(f"{path}: not an advseg card (no {key!r})")
+    return card
+
+
+__all__ = ["CardConfig", "make_card", "protocol", "read_card"]
