@@ -91,13 +91,14 @@ def result_rows(card: dict[str, Any]) -> list[tuple[str, str, str]]:
             )
         )
     corruptions = results["corruptions"]
-    rows.append(
-        (
-            "corruption mean Dice",
-            _number(corruptions.get("dice")),
-            corruptions.get("reason", ""),
-        )
-    )
+    if corruptions.get("dice") is None:
+        rows.append(("corruption mean Dice", "not measured", corruptions.get("reason", "")))
+    else:
+        what = f"{len(corruptions['per_corruption'])} corruptions x 5 severities"
+        mean = _number(corruptions["dice"])
+        rows.append((f"corruption mean Dice ({what})", mean, on(corruptions)))
+        for name, dice in corruptions["per_corruption"].items():
+            rows.append((f"  {name} (mean over severities)", _number(dice), on(corruptions)))
     certified = results["certified"]
     rows.append(
         (

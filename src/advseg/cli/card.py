@@ -26,7 +26,9 @@ def card_command(
         "is a reduced card, marked as such).",
     ),
     sea_steps: int | None = typer.Option(
-        None, "--sea-steps", help="SEA steps (default: the attack's; fewer is a reduced card)."
+        None,
+        "--sea-steps",
+        help="SEA steps per member (default: its reference preset's; fewer: a reduced card).",
     ),
     certify_n: int = typer.Option(
         128, "--certify-n", help="Noisy samples per certified decision (fewer: a reduced card)."
@@ -35,9 +37,9 @@ def card_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
 ) -> None:
     """Measure a checkpoint by the card protocol (advseg-card/1) on its held-out cases: clean
-    Dice, Dice under SEA at eps 2/255, 4/255 and 8/255 (L-inf), corruption mean Dice (not
-    measured in this version), certified Dice at L2 radius 0.1 (sigma 0.25); every number with
-    the slices and cases behind it. Writes OUT/card.json (the numbers) and OUT/card.html."""
+    Dice, Dice under SEA at eps 2/255, 4/255 and 8/255 (L-inf), corruption mean Dice (every
+    corruption at severities 1-5), certified Dice at L2 radius 0.1 (sigma 0.25); every number
+    with the slices and cases behind it. Writes OUT/card.json (the numbers) and OUT/card.html."""
     from advseg.card import CardConfig, make_card
     from advseg.card.pages import result_rows
     from advseg.data.location import data_argument
