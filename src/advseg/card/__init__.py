@@ -111,7 +111,7 @@ def protocol(config: CardConfig) -> dict[str, Any]:
         "corruptions": {
             "names": corruption_names(),
             "severities": [1, 2, 3, 4, 5],
-            "seed": "corruption_seed(0, name, severity, slice id) per image",
+            "seed": 0,  # with each slice id: advseg.corruptions.corruption_seed
         },
         "certify": {
             "sigma": CERTIFY_SIGMA,
@@ -244,50 +244,35 @@ def _sea(config: CardConfig, model: Any, meta: Any, data: Any, rows: np.ndarray,
 def _corruptions(
     config: CardConfig, model: Any, meta: Any, data: Any, rows: np.ndarray
 ) -> dict[str, Any]:
-    """Mean Dice over every corruption at every severity (:mod:`advseg.corruptions`, TorchIO):
-    each held-out image corrupted with its own seeded parameters, scored like an attack's
-    images (:func:`advseg.evaluate.evaluate_cell` with ``crafted``)."""
-    import torch
-
-    from advseg.corruptions import corrupt, corruption_seed
-    from advseg.evaluate import evaluate_cell
-    from advseg.labels import DEFAULT_ATTACK_LOSSES
+    """Mean Dice over every corruption at every severity (:mod:`advseg.corruptions`, TorchIO),
+    by :func:`advseg.evaluate.corrupted.evaluate_corruptions` with seed 0: the numbers of
+    ``advseg evaluate --corruption all`` on the same slices."""
+    from advseg.corruptions import parse_corruptions
+    from advseg.evaluate.corrupted import evaluate_corruptions
     from advseg.summary import summarize_cells
     from advseg.trained import checkpoint_label
 
-    ids = data.index["id"].to_numpy()[rows]
-    label = DEFAULT_ATTACK_LOSSES[meta.activation][0]  # scored only: the records need a name
-    cells, counts = [], None
-    for name in corruption_names():
-        for severity in (1, 2, 3, 4, 5):
-
-            def crafted(x, y, positions, name=name, severity=severity):
-                images = [
-                    corrupt(x[i : i + 1], name, severity,
-                            seed=corruption_seed(0, name, severity, str(ids[p])))
-                    for i, p in enumerate(positions)
-                ]  # fmt: skip
-                return [torch.cat(images)]
-
-            result = evaluate_cell(
-                model, data, rows, f"{name}:{severity}", [label], 0.0,
-                model_name=checkpoint_label(config.checkpoint), arch=meta.model,
-                attack_kwargs={"activation": meta.activation}, batch_size=config.batch_size,
-                crafted=crafted,
-            )  # fmt: skip
-            cell = summarize_cells(result.records, DICE).iloc[0]
-            cells.append({"name": name, "severity": severity, "dice": float(cell["dsc_adv"])})
-            counts = counts or {"units": int(cell["units"]), **_counts(result.records)}
-    by_name = {}
-    for name in corruption_names():
-        values = [c["dice"] for c in cells if c["name"] == name]
-        by_name[name] = float(np.mean(values))
+    pairs = parse_corruptions(["all"])
+    results = evaluate_corruptions(
+        model, data, rows, pairs, model_name=checkpoint_label(config.checkpoint),
+        arch=meta.model, activation=meta.activation, seed=0, batch_size=config.batch_size,
+    )  # fmt: skip
+    cells = []
+    for (name, severity), result in zip(pairs, results, strict=True):
+        cell = summarize_cells(result.records, DICE).iloc[0]
+        cells.append({"name": name, "severity": severity, "dice": float(cell["dsc_adv"])})
+    names = list(dict.fromkeys(name for name, _ in pairs))
+    per_corruption = {
+        name: float(np.mean([c["dice"] for c in cells if c["name"] == name])) for name in names
+    }
+    first = summarize_cells(results[0].records, DICE).iloc[0]
     return {
         "dice": float(np.mean([c["dice"] for c in cells])),
         "status": "measured",
-        "per_corruption": by_name,
+        "per_corruption": per_corruption,
         "cells": cells,
-        **(counts or {}),
+        "units": int(first["units"]),
+        **_counts(results[0].records),
     }
 
 
