@@ -10,8 +10,8 @@ on the synthetic abdominal CT volumes (NIfTI), saves it, and attacks the same he
 - ``--code new``: ``sea`` at ``preset=fast`` (25 steps per member) and at the reference budget
   (300 per member), then ``padam`` with ``bce`` (PAdam-CE) and ``cosine`` (PAdam-Cos), 200 steps.
 
-Each run writes ``OUT/results-CODE.json``; the new run prints both, with the paper-protocol DSC
-(what the report shows) and the wall time of each cell. Sized for a shared CPU.
+Each run writes ``OUT/results-CODE-KINDS.json``; the new run prints both, with the
+paper-protocol DSC (what the report shows) and the wall time of each cell. Sized for a shared CPU.
 
     PYTHONPATH=OLD/src python benchmarks/sea_budget.py --code old --out /tmp/sea-budget
     PYTHONPATH=src python benchmarks/sea_budget.py --code new --out /tmp/sea-budget
@@ -48,13 +48,14 @@ def main() -> None:
     parser.add_argument("--code", choices=sorted(RUNS), required=True)
     parser.add_argument("--out", type=Path, default=Path("/tmp/sea-budget"))
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--slices", type=int, default=8)
+    parser.add_argument("--slices", type=int, default=4)
     parser.add_argument("--model", default="unet-tiny", help="a zoo name")
-    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--kinds", default="phantom,nifti")
-    parser.add_argument("--eps", default="0.009,0.03")
+    parser.add_argument("--eps", default="0.03")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (a shared CPU)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     results = []
     for kind in args.kinds.split(","):
         path = make_data(kind, args.out)
@@ -95,8 +96,8 @@ def main() -> None:
                 results.append(row)
                 print(f"{kind} eps {eps:g} {label:26s} clean {row['dsc_clean']:.3f} "
                       f"adv {row['dsc_adv']:.3f}  {seconds:6.1f} s  {won}", flush=True)  # fmt: skip
-    (args.out / f"results-{args.code}.json").write_text(json.dumps(results, indent=1))
-    other = args.out / "results-old.json"
+    (args.out / f"results-{args.code}-{args.kinds}.json").write_text(json.dumps(results))
+    other = args.out / f"results-old-{args.kinds}.json"
     if args.code == "new" and other.exists():
         print("\nkind    eps    attack                     DSC adv   time (s)")
         for row in sorted(json.loads(other.read_text()) + results,

@@ -202,3 +202,15 @@ def test_segpgd_schedule_restarts_with_each_stage():
 def test_bad_members_and_steps_are_user_errors(kw, message):
     with pytest.raises(UserError, match=message):
         create_attack("sea", tiny_net(batch_norm=False), eps=0.03, **kw)
+
+
+def test_the_evaluate_settings_name_seas_preset_even_by_default(tmp_path):
+    from advseg.evaluate.command import EvaluateConfig, named_budget
+
+    def config(attacks, **options):
+        return EvaluateConfig(checkpoints=[tmp_path], out=tmp_path, attacks=attacks,
+                              attack_options=options)  # fmt: skip
+
+    assert named_budget(config(["pgd", "sea"], steps=5)) == {"steps": 5, "preset": "reference"}
+    assert named_budget(config(["sea"], preset="fast")) == {"preset": "fast"}
+    assert named_budget(config(["pgd"])) == {}

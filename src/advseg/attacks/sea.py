@@ -26,6 +26,7 @@ PAdam-Cos (Halmosi et al., ECCV 2024)."""
 
 PRESETS: dict[str, int] = {"reference": 300, "fast": 25}
 """Steps per member: the reference's 300, or ``fast`` (advseg's earlier 100 in all, 25 each)."""
+DEFAULT_PRESET = "reference"
 
 MEMBER_KINDS = ("segpgd-", "padam-")
 """Member name prefixes: ``segpgd-L`` is APGD with loss L under SegPGD's weighting, ``padam-L``
@@ -109,7 +110,7 @@ class SEA(Attack):
     loss_ensemble = True
 
     def __init__(self, model: nn.Module, loss="bce", eps: float = 0.009, *,
-                 members: Sequence[str] | None = None, preset: str = "reference",
+                 members: Sequence[str] | None = None, preset: str = DEFAULT_PRESET,
                  steps: int | None = None, progressive: bool = True, skip_broken: bool = True,
                  **kwargs) -> None:  # fmt: skip
         super().__init__(model, loss, eps, **kwargs)

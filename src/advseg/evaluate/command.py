@@ -25,6 +25,7 @@ from rich.console import Console
 
 from advseg import distributed
 from advseg.attacks import ATTACKS, parse_attack_name
+from advseg.attacks.sea import DEFAULT_PRESET
 from advseg.compat import NOTEBOOK_ATTACKS, check_compat, compat_label
 from advseg.config import save_yaml
 from advseg.errors import UserError
@@ -326,7 +327,17 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
             table.assign(protocol=config.protocol).to_csv(tmp, index=False)
         write_text_atomic(out / "data.json", json.dumps(data_note(list(loaded.values()))))
         where = [Path(c).absolute() for c in config.checkpoints]  # export finds them again
-        save_yaml(replace(config, checkpoints=where), out / SETTINGS_FILE)
+        kept = replace(config, checkpoints=where, attack_options=named_budget(config))
+        save_yaml(kept, out / SETTINGS_FILE)
         record_session(out, "advseg evaluate", device)
     cells = summarize_cells(records, config.protocol)
     return EvaluateResult(table, cells, files, summary_path, slices, locations)
+
+
+def named_budget(config: EvaluateConfig) -> dict[str, Any]:
+    """The attack options to keep in the settings: as given, and for ``sea`` its ``preset``
+    even when left to the default, so that the run says which budget its worst case had."""
+    options = dict(config.attack_options)
+    if any(parse_attack_name(name)[0] == "sea" for name in config.attacks):
+        options.setdefault("preset", DEFAULT_PRESET)
+    return options
