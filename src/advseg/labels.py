@@ -58,7 +58,7 @@ def softmax_target(mask: Tensor) -> Tensor:
     """
     present = mask > 0.5
     labels = torch.where(present.any(1), present.to(torch.uint8).argmax(1) + 1, 0)  # first wins
-    return F.one_hot(labels.long(), mask.shape[1] + 1).permute(0, 3, 1, 2).to(mask.dtype)
+    return F.one_hot(labels.long(), mask.shape[1] + 1).movedim(-1, 1).to(mask.dtype)
 
 
 def class_prediction(logits: Tensor, activation: str, threshold: float = 0.5) -> Tensor:
@@ -71,7 +71,7 @@ def class_prediction(logits: Tensor, activation: str, threshold: float = 0.5) ->
     if check_activation(activation) == "sigmoid":
         return logits > math.log(threshold / (1 - threshold))
     winner = logits.argmax(1)  # (B, H, W), 0 = background
-    return F.one_hot(winner, logits.shape[1])[..., 1:].permute(0, 3, 1, 2).bool()
+    return F.one_hot(winner, logits.shape[1])[..., 1:].movedim(-1, 1).bool()
 
 
 def overlap_pixels(masks: Tensor) -> int:

@@ -71,7 +71,7 @@ def hard_prediction(logits: Tensor, activation: str = "sigmoid") -> Tensor:
     """Hard masks ``(B, K, H, W)`` bool: ``sigmoid > 0.5`` per class, or the softmax argmax."""
     if activation == "sigmoid":
         return logits > 0  # sigmoid(z) > 0.5  <=>  z > 0
-    return F.one_hot(logits.argmax(1), logits.shape[1]).permute(0, 3, 1, 2).bool()
+    return F.one_hot(logits.argmax(1), logits.shape[1]).movedim(-1, 1).bool()
 
 
 def check_binary(name: str, mask: Tensor) -> None:

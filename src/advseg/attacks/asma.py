@@ -119,7 +119,7 @@ class ASMA(Attack):
                 grad = normalise(grad, self.norm)
             iou = target_iou(logits.detach(), target, self.activation)  # (B,)
             multiplier = self.tau + self.beta * (iou if n else torch.zeros_like(iou))  # tau_n
-            x_adv = self.project(x_adv + multiplier.view(-1, 1, 1, 1) * grad, x)
+            x_adv = self.project(x_adv + multiplier.view(-1, *[1] * (x.dim() - 1)) * grad, x)
         return best.x
 
 

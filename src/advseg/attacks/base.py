@@ -151,14 +151,17 @@ class Attack:
         """Adversarial images ``(B, C, H, W)`` for images ``x`` and masks (or targets) ``y``.
 
         Args:
-            x: images ``(B, C, H, W)`` in the valid range.
+            x: images ``(B, C, H, W)`` in the valid range, or volumes ``(B, C, D, H, W)`` (the
+                model then maps volumes to logits ``(B, K, D, H, W)``, e.g. through
+                :class:`advseg.inference.SlidingWindow`; every shape below gains the D axis).
             y: the true masks ``(B, K, H, W)`` (or class indices ``(B, H, W)`` for ``ce``);
                 the target masks when the attack is targeted.
             generator: the random generator for random starts; by default a fresh one seeded
                 with the attack's ``seed``, so that a call does not depend on earlier calls.
         """
-        if x.dim() != 4 or y.shape[0] != x.shape[0]:
-            raise ValueError(f"{self.name}: expected x (B, C, H, W) and y with the same B, got "
+        if x.dim() not in (4, 5) or y.shape[0] != x.shape[0]:
+            raise ValueError(f"{self.name}: expected x (B, C, H, W) or (B, C, D, H, W) and y with "
+                             f"the same B, got "
                              f"{tuple(x.shape)} and {tuple(y.shape)}")  # fmt: skip
         x, y = x.detach(), y.detach()
         self.check_range(x)
@@ -229,7 +232,7 @@ class Attack:
             loss = self.loss(logits, y).mean().item()
             pred = hard_prediction(logits, self.activation)  # (B, K, H, W) bool
             if y.dim() != logits.dim():  # (B, H, W) class indices
-                y = F.one_hot(y.long(), logits.shape[1]).permute(0, 3, 1, 2)
+                y = F.one_hot(y.long(), logits.shape[1]).movedim(-1, 1)
             if self.activation == "softmax":  # channel 0 is the background (advseg.labels)
                 pred, y = pred[:, 1:], y[:, 1:]
             dice = float(dice_score(pred, y > 0.5).mean())
@@ -244,7 +247,7 @@ class Attack:
         if self.norm == "linf":
             return x_adv + alpha * grad.sign()
         norms = grad.flatten(1).norm(p=2, dim=1) + _DIVISION_EPS  # (B,)
-        return x_adv + alpha * grad / norms.view(-1, 1, 1, 1)
+        return x_adv + alpha * grad / norms.view(-1, *[1] * (grad.dim() - 1))
 
     def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
         """Back into the ``eps`` ball around ``x``, then into the valid range.
@@ -258,7 +261,7 @@ class Attack:
         else:
             norms = delta.flatten(1).norm(p=2, dim=1)  # (B,)
             factor = (self.eps / (norms + _DIVISION_EPS)).clamp(max=1.0)
-            delta = delta * factor.view(-1, 1, 1, 1)
+            delta = delta * factor.view(-1, *[1] * (delta.dim() - 1))
         return self.clip(x + delta)
 
     def clip(self, x: Tensor) -> Tensor:
@@ -270,7 +273,7 @@ class Attack:
             noise = torch.empty_like(x).uniform_(-self.eps, self.eps, generator=generator)
             return self.clip(x + noise)
         delta = torch.empty_like(x).normal_(generator=generator)
-        norms = delta.flatten(1).norm(p=2, dim=1).view(-1, 1, 1, 1)
+        norms = delta.flatten(1).norm(p=2, dim=1).view(-1, *[1] * (delta.dim() - 1))
         radius = torch.empty_like(norms).uniform_(0, 1, generator=generator)
         return self.clip(x + delta * radius / norms * self.eps)
 

@@ -53,5 +53,5 @@ def cosine_to_label(logits: Tensor, y: Tensor, activation: Activation) -> Tensor
         y = y.to(p.dtype)
         return (p * y + (1 - p) * (1 - y)) / torch.sqrt(p**2 + (1 - p) ** 2)
     if y.dim() != logits.dim():  # (B, H, W) indices -> (B, K, H, W) one-hot
-        y = F.one_hot(y.long(), logits.shape[1]).permute(0, 3, 1, 2)
+        y = F.one_hot(y.long(), logits.shape[1]).movedim(-1, 1)
     return F.cosine_similarity(logits.softmax(1), y.to(logits.dtype), dim=1).unsqueeze(1)

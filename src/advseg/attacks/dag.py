@@ -89,16 +89,17 @@ def adversarial_labels(
         if targeted:
             return (clean > 0).long(), y
         return y, 1 - y
-    labels = class_map(y, clean.shape[1])
+    labels = class_map(y, clean)
     if targeted:
         return clean.argmax(1), labels
     others = clean.scatter(1, labels.unsqueeze(1), float("-inf"))  # (B, K, H, W)
     return labels, others.argmax(1)
 
 
-def class_map(y: Tensor, classes: int) -> Tensor:
-    """Class indices ``(B, H, W)`` from indices or one-hot masks ``(B, K, H, W)``."""
-    if y.dim() == 4 and y.shape[1] == classes:
+def class_map(y: Tensor, logits: Tensor) -> Tensor:
+    """Class indices ``(B, H, W)`` from indices or one-hot masks ``(B, K, H, W)`` (volumes: with
+    the D axis); ``y`` is one-hot where it has the logits' shape."""
+    if y.shape == logits.shape:
         return y.argmax(1)
     return y.long()
 

@@ -38,7 +38,7 @@ def sample_dice(logits: Tensor, y: Tensor, activation: str) -> Tensor:
     """
     pred = class_prediction(logits, activation)  # (B, K, H, W) bool
     if y.dim() != logits.dim():
-        y = F.one_hot(y.long(), logits.shape[1]).permute(0, 3, 1, 2)
+        y = F.one_hot(y.long(), logits.shape[1]).movedim(-1, 1)
     target = y > 0.5
     if activation == "softmax":
         target = target[:, 1:]  # the background is no class of the records

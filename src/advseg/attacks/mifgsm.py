@@ -50,7 +50,7 @@ class MIFGSM(Attack):
         momentum = torch.zeros_like(x)  # (B, C, H, W)
         for t in range(self.steps):
             grad, _, _ = self.gradient(x_adv, y, t)
-            scale = grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)  # (B, 1, 1, 1)
+            scale = grad.abs().mean(dim=tuple(range(1, grad.dim())), keepdim=True).clamp_min(1e-12)
             momentum = self.decay * momentum + grad / scale
             x_adv = self.project(self.step(x_adv, momentum, self.alpha), x)
         return x_adv

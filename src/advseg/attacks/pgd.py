@@ -58,7 +58,7 @@ class PGD(Attack):
             candidate = self.run(x, y, generator)
             value = self.final_objective(candidate, y)
             better = value > best_value  # (B,)
-            best = torch.where(better.view(-1, 1, 1, 1), candidate, best)
+            best = torch.where(better.view(-1, *[1] * (x.dim() - 1)), candidate, best)
             best_value = torch.where(better, value, best_value)
         return best
 

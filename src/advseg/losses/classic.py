@@ -85,7 +85,7 @@ def dicece(smooth: float = 1e-5, lambda_dice: float = 1.0, lambda_ce: float = 1.
 
     def loss(logits: Tensor, target: Tensor) -> Tensor:
         if target.dim() != logits.dim():  # (B, H, W) indices -> one-hot
-            target = F.one_hot(target.long(), logits.shape[1]).permute(0, 3, 1, 2).to(logits)
+            target = F.one_hot(target.long(), logits.shape[1]).movedim(-1, 1).to(logits)
         dice_term = _per_sample(monai_dice(logits, target))
         return lambda_dice * dice_term + lambda_ce * ce_term(logits, target)
 

@@ -57,7 +57,7 @@ def _labels(logits: Tensor, target: Tensor) -> Tensor:
 def _one_hot(logits: Tensor, target: Tensor) -> Tensor:
     """A one-hot ``(B, K, H, W)`` target in the logits' dtype."""
     if target.dim() != logits.dim():
-        target = F.one_hot(target.long(), logits.shape[1]).permute(0, 3, 1, 2)
+        target = F.one_hot(target.long(), logits.shape[1]).movedim(-1, 1)
     return target.to(logits.dtype)
 
 

@@ -14,6 +14,11 @@ Names are the interface (``advseg models`` lists them):
 Every model maps ``(B, C, H, W)`` images to ``(B, K, H, W)`` per-class logits. H and W must be
 multiples of 32 for the encoder models and of 16 for the ``BasicUNet`` ones.
 
+3D networks (:mod:`advseg.models.volumetric`, MONAI's): ``unet3d`` (nnU-Net's U-Net as
+``DynUNet``), ``segresnet``, ``unetr``, ``swinunetr`` and ``unet3d-tiny`` map ``(B, C, D, H, W)``
+to ``(B, K, D, H, W)``; ``ZooEntry.roi`` is the window a whole volume is predicted with
+(:class:`advseg.inference.SlidingWindow`).
+
 Pretrained encoders: ``encoder_weights="imagenet"`` lets segmentation_models_pytorch download
 them (needs internet); a path to a local safetensors file holding the encoder's ``state_dict``
 (keys as in ``model.encoder``, optionally prefixed ``encoder.``) loads them with no network at all.
@@ -33,6 +38,7 @@ from torch import nn
 
 from advseg.catalogue import SMP_NAMES
 from advseg.errors import UserError
+from advseg.models.volumetric import build_volumetric
 from advseg.registry import Registry
 
 
@@ -43,14 +49,19 @@ class ZooEntry:
     Attributes:
         arch: ``BasicUNet`` (MONAI) or a segmentation_models_pytorch architecture (``Unet``, ...).
         encoder: the segmentation_models_pytorch encoder name; None for ``BasicUNet``.
-        features: ``BasicUNet`` feature widths (six values); unused for encoder models.
+        features: ``BasicUNet`` feature widths (six values); unused for encoder models; for the
+            3D networks, see :func:`advseg.models.volumetric.build_volumetric`.
         description: one line for ``advseg models``, including the paper row it stands for.
+        spatial_dims: 2 (slices ``(B, C, H, W)``) or 3 (volumes ``(B, C, D, H, W)``).
+        roi: a 3D network's window for sliding-window inference (``advseg.inference``).
     """
 
     arch: str
     encoder: str | None = None
     features: tuple[int, ...] = ()
     description: str = ""
+    spatial_dims: int = 2
+    roi: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,7 +102,44 @@ _PAPER_ENTRIES = {
         description="not from the paper: tiny BasicUNet (kernels 4 -> 64) for tests and demos",
     ),
 }
-for _name, _entry in _PAPER_ENTRIES.items():
+_VOLUME_ENTRIES = {  # advseg.models.volumetric: MONAI's 3D networks
+    "unet3d": ZooEntry(
+        "DynUNet",
+        features=(32, 64, 128, 256, 320, 320),
+        description="3D, window 128^3: nnU-Net's 3d_fullres U-Net (MONAI DynUNet)",
+        spatial_dims=3,
+        roi=(128, 128, 128),
+    ),
+    "segresnet": ZooEntry(
+        "SegResNet",
+        features=(16,),
+        description="3D, window 96^3: MONAI SegResNet (16 filters, blocks 1-2-2-4)",
+        spatial_dims=3,
+        roi=(96, 96, 96),
+    ),
+    "unetr": ZooEntry(
+        "UNETR",
+        features=(16,),
+        description="3D, window 96^3 only: MONAI UNETR (ViT-B encoder, feature size 16)",
+        spatial_dims=3,
+        roi=(96, 96, 96),
+    ),
+    "swinunetr": ZooEntry(
+        "SwinUNETR",
+        features=(48,),
+        description="3D, window 96^3: MONAI SwinUNETR (feature size 48)",
+        spatial_dims=3,
+        roi=(96, 96, 96),
+    ),
+    "unet3d-tiny": ZooEntry(
+        "DynUNet",
+        features=(4, 8, 16, 32),
+        description="3D, window 32^3: tiny DynUNet (4 -> 32 features) for tests and demos",
+        spatial_dims=3,
+        roi=(32, 32, 32),
+    ),
+}
+for _name, _entry in (_PAPER_ENTRIES | _VOLUME_ENTRIES).items():
     MODELS.register(_name, help=_entry.description)(_entry)
 
 SMP_PREFIX = "smp:"
@@ -163,7 +211,11 @@ def create_model(
     entry = resolve(name)
     if in_channels < 1 or classes < 1:
         raise UserError(f"model {name!r}: in_channels and classes must be >= 1")
-    if entry.arch == "BasicUNet":
+    if entry.spatial_dims == 3:
+        if encoder_weights is not None:
+            raise UserError(f"model {name!r} has no pretrained encoder; drop encoder_weights")
+        model = build_volumetric(entry.arch, entry.features, entry.roi, in_channels, classes)
+    elif entry.arch == "BasicUNet":
         if encoder_weights is not None:
             raise UserError(f"model {name!r} has no pretrained encoder; drop encoder_weights")
         model = BasicUNet(
@@ -240,7 +292,7 @@ def check_encoder_weights(name: str, weights: str | Path | None) -> None:
     if weights is None:
         return
     entry = resolve(name)
-    if entry.arch == "BasicUNet":
+    if entry.arch == "BasicUNet" or entry.spatial_dims == 3:
         raise UserError(f"model {name!r} has no pretrained encoder; drop encoder_weights")
     if str(weights) == "imagenet":
         return
@@ -320,10 +372,18 @@ class ModelInfo:
 
 
 def model_info(name: str, in_channels: int = 3, classes: int = 3) -> ModelInfo:
-    """Architecture and parameter count of a zoo model, built on the meta device (no memory)."""
+    """Architecture and parameter count of a zoo model, built on the meta device (no memory).
+
+    A network that cannot be built there (SwinUNETR reads a tensor's value while it is built) is
+    built on the CPU, without gradients, and dropped.
+    """
     entry = resolve(name)
-    with torch.device("meta"):
-        model = create_model(name, in_channels=in_channels, classes=classes)
+    try:
+        with torch.device("meta"):
+            model = create_model(name, in_channels=in_channels, classes=classes)
+    except (RuntimeError, NotImplementedError):
+        with torch.no_grad():
+            model = create_model(name, in_channels=in_channels, classes=classes)
     return ModelInfo(name, entry.arch, entry.encoder, count_parameters(model), entry.description)
 
 

@@ -1,0 +1,270 @@
+"""Sliding-window inference: logits of a whole image from a model that sees one window at a time.
+
+The windows, their overlap and the Gaussian blending are MONAI's
+(``monai.inferers.sliding_window_inference(mode="gaussian")``; the equality is tested), with
+nnU-Net's test-time mirroring as an option (each window predicted on every combination of flips
+over ``mirror_axes``, flipped back, averaged). The inferer is an ``nn.Module``, so an attack calls
+it as "the model": a differentiable function from the image to logits on the image's grid.
+
+Memory does not grow with the image. With gradients on, MONAI keeps every window's graph
+(Project-MONAI/MONAI#1420); here :class:`_Recomputed` computes the blended logits window by window
+without a graph, and its backward recomputes each window with a graph and back-propagates that
+window's share of the incoming gradient. Writing the blend as ``L = sum_w g * P_w(x_w) / C`` (``g``
+the window's Gaussian, ``C`` the sum of the Gaussians over the windows covering each voxel), the
+input gradient is ``sum_w J_w^T (g * dL / C)``: exact, one window's graph alive at a time. It needs
+the model to be deterministic (eval mode, as attacks run it) and gives no parameter gradients, so
+training through the inferer (parameters requiring grad) keeps the full graph instead.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Blend = Literal["gaussian", "constant"]
+Memory = Literal["auto", "recompute", "graph"]
+
+MIN_WEIGHT = 1e-3  # MONAI's floor of the importance map (compute_importance_map)
+
+
+def window_starts(size: int, roi: int, overlap: float) -> list[int]:
+    """Start indices of the windows along one axis (MONAI's ``dense_patch_slices`` rule).
+
+    Windows step by ``int(roi * (1 - overlap))`` (at least 1; one window where ``roi == size``)
+    until one reaches the end; a window that would run past the end is moved back to end there.
+    """
+    if roi >= size:
+        return [0]
+    step = max(int(roi * (1 - overlap)), 1)
+    count = next(d for d in range(math.ceil(size / step)) if d * step + roi >= size) + 1
+    return [min(d * step, size - roi) for d in range(count)]
+
+
+def window_slices(
+    shape: Sequence[int], roi: Sequence[int], overlap: float
+) -> list[tuple[slice, ...]]:
+    """Every window of ``roi`` over a spatial ``shape``, as slices, the last axis fastest."""
+    starts = [window_starts(s, r, overlap) for s, r in zip(shape, roi, strict=True)]
+    return [
+        tuple(slice(a, a + r) for a, r in zip(corner, roi, strict=True))
+        for corner in itertools.product(*starts)
+    ]
+
+
+def gaussian_weights(
+    roi: Sequence[int],
+    sigma_scale: float = 0.125,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """The blending weight of one window, shape ``roi``: a separable Gaussian of sigma
+    ``sigma_scale * roi`` per axis, 1 at the centre, floored at its minimum or 1e-3
+    (MONAI's ``compute_importance_map(mode="gaussian")``; nnU-Net uses sigma 1/8 too)."""
+    weights = torch.ones((), dtype=torch.float32, device=device)
+    for size in roi:
+        axis = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2.0
+        profile = torch.exp(axis**2 / (-2 * (size * sigma_scale) ** 2))
+        weights = weights.unsqueeze(-1) * profile
+    floor = max(weights.min().item(), MIN_WEIGHT)
+    return weights.clamp(min=floor).to(dtype)
+
+
+class SlidingWindow(nn.Module):
+    """Logits of a whole image by overlapping windows, blended; differentiable, memory-bounded.
+
+    Args:
+        model: maps windows ``(N, C, *roi)`` to logits ``(N, K, *roi)``.
+        roi_size: the window's spatial size, e.g. ``(96, 96, 96)``; its length is the number of
+            spatial axes (3 for volumes ``(B, C, D, H, W)``, 2 for slices).
+        overlap: the share of a window its neighbour overlaps, in ``[0, 1)`` (nnU-Net: 0.5).
+        blend: ``gaussian`` (centre weighted, as MONAI's ``mode="gaussian"`` and nnU-Net) or
+            ``constant`` (a plain mean).
+        sigma_scale: the Gaussian's sigma as a share of the window.
+        mirror_axes: spatial axes (0-based: 0 is D of a volume) whose flips are averaged in each
+            window, every combination of them (nnU-Net's test-time mirroring; 2^n forwards).
+        batch_size: windows per model call.
+        memory: ``recompute`` (no window graph kept: the backward recomputes each window),
+            ``graph`` (ordinary autograd through every window, MONAI's behaviour), or ``auto``:
+            ``recompute`` unless some model parameter requires grad (training), then ``graph``.
+
+    Example:
+        >>> inferer = SlidingWindow(model, (32, 32, 32), overlap=0.5, mirror_axes=(0, 1, 2))
+        >>> logits = inferer(volume)  # (B, C, D, H, W) -> (B, K, D, H, W)
+        >>> x_adv = create_attack("pgd", inferer, loss="dicece", eps=4 / 255)(volume, masks)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        roi_size: Sequence[int],
+        *,
+        overlap: float = 0.5,
+        blend: Blend = "gaussian",
+        sigma_scale: float = 0.125,
+        mirror_axes: Sequence[int] = (),
+        batch_size: int = 1,
+        memory: Memory = "auto",
+    ) -> None:
+        super().__init__()
+        roi = tuple(int(r) for r in roi_size)
+        if not roi or min(roi) < 1:
+            raise ValueError(f"roi_size must be positive sizes, got {tuple(roi_size)}")
+        if not 0 <= overlap < 1:
+            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        if blend not in ("gaussian", "constant"):
+            raise ValueError(f"blend must be gaussian or constant, got {blend!r}")
+        axes = tuple(sorted({int(a) for a in mirror_axes}))
+        if any(not 0 <= a < len(roi) for a in axes):
+            raise ValueError(f"mirror_axes {tuple(mirror_axes)} must be in 0..{len(roi) - 1}")
+        if memory not in ("auto", "recompute", "graph"):
+            raise ValueError(f"memory must be auto, recompute or graph, got {memory!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.roi_size = roi
+        self.overlap = float(overlap)
+        self.blend = blend
+        self.sigma_scale = float(sigma_scale)
+        self.mirror_axes = axes
+        self.batch_size = int(batch_size)
+        self.memory: Memory = memory
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.roi_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, K, *S)`` of images ``(B, C, *S)``, any ``S`` (padded if below a window)."""
+        if x.dim() != 2 + self.spatial_dims:
+            raise ValueError(
+                f"SlidingWindow with a {self.spatial_dims}D window expects "
+                f"(B, C, {self.spatial_dims} spatial axes), got {tuple(x.shape)}"
+            )
+        pad = self._padding(x.shape[2:])
+        padded = F.pad(x, pad) if any(pad) else x
+        logits = _Recomputed.apply(padded, self) if self._recomputes(x) else self.blended(padded)
+        if any(pad):  # crop back to the image (F.pad's order: last axis first)
+            crop = [slice(pad[2 * i], pad[2 * i] + s) for i, s in enumerate(reversed(x.shape[2:]))]
+            logits = logits[(slice(None), slice(None), *reversed(crop))]
+        return logits
+
+    def windows(self, shape: Sequence[int]) -> list[tuple[slice, ...]]:
+        """The windows over a spatial ``shape`` at least ``roi_size`` large."""
+        return window_slices(shape, self.roi_size, self.overlap)
+
+    def weights(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """One window's blending weights, shape ``roi_size``."""
+        if self.blend == "constant":
+            return torch.ones(self.roi_size, dtype=dtype, device=device)
+        return gaussian_weights(self.roi_size, self.sigma_scale, dtype=dtype, device=device)
+
+    def predict(self, windows: Tensor) -> Tensor:
+        """The model's logits of a batch of windows, averaged over the mirrorings."""
+        logits = _tensor(self.model(windows))
+        flips = [
+            tuple(a + 2 for a in combo)
+            for n in range(1, len(self.mirror_axes) + 1)
+            for combo in itertools.combinations(self.mirror_axes, n)
+        ]
+        for dims in flips:
+            logits = logits + _tensor(self.model(windows.flip(dims))).flip(dims)
+        return logits / (len(flips) + 1) if flips else logits
+
+    def blended(self, x: Tensor) -> Tensor:
+        """The blended logits of ``x`` (at least one window in every axis), with or without a
+        graph as autograd's state says: ``sum_w g * P_w / sum_w g``."""
+        windows = self.windows(x.shape[2:])
+        out: Tensor | None = None
+        weights = count = None
+        for batch in self._batches(x.shape[0], windows):
+            logits = self.predict(torch.cat([x[(b, slice(None), *s)][None] for b, s in batch]))
+            if out is None:
+                weights = self.weights(logits.dtype, logits.device)
+                count = self._count(windows, x.shape[2:], weights)
+                out = logits.new_zeros((x.shape[0], logits.shape[1], *x.shape[2:]))
+            for (b, s), window in zip(batch, logits * weights, strict=True):
+                out[(b, slice(None), *s)] += window  # in place: autograd records CopySlices
+        return out / count
+
+    def _batches(self, images: int, windows: list) -> list[list[tuple[int, tuple[slice, ...]]]]:
+        """(image, window) pairs in MONAI's order (image by image), ``batch_size`` at a time."""
+        pairs = [(b, s) for b in range(images) for s in windows]
+        return [pairs[i : i + self.batch_size] for i in range(0, len(pairs), self.batch_size)]
+
+    def _count(self, windows: list, shape: Sequence[int], weights: Tensor) -> Tensor:
+        """The sum of the windows' weights at each voxel, shape ``(1, 1, *shape)``."""
+        count = weights.new_zeros((1, 1, *shape))
+        for s in windows:
+            count[(0, 0, *s)] += weights
+        return count
+
+    def _padding(self, shape: Sequence[int]) -> list[int]:
+        """F.pad's list (last axis first) growing each axis smaller than the window to it,
+        split as MONAI splits it (the smaller half first)."""
+        pad: list[int] = []
+        for size, roi in zip(reversed(shape), reversed(self.roi_size), strict=True):
+            diff = max(roi - size, 0)
+            pad += [diff // 2, diff - diff // 2]
+        return pad
+
+    def _recomputes(self, x: Tensor) -> bool:
+        if not (torch.is_grad_enabled() and x.requires_grad) or self.memory == "graph":
+            return False
+        training = any(p.requires_grad for p in self.model.parameters())
+        if training and self.memory == "recompute":
+            raise ValueError("memory='recompute' gives no parameter gradients; freeze the model "
+                             "(attacks do) or use memory='graph'")  # fmt: skip
+        return not training
+
+    def extra_repr(self) -> str:
+        mirror = f", mirror_axes={self.mirror_axes}" if self.mirror_axes else ""
+        return (f"roi_size={self.roi_size}, overlap={self.overlap:g}, blend={self.blend!r}"
+                f"{mirror}, batch_size={self.batch_size}, memory={self.memory!r}")  # fmt: skip
+
+
+def _tensor(out: Tensor | Sequence[Tensor] | dict) -> Tensor:
+    """A model's logits: the tensor, the first of a tuple, or ``out`` of a dict."""
+    if isinstance(out, dict):
+        return out["out"] if "out" in out else next(iter(out.values()))
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+class _Recomputed(torch.autograd.Function):
+    """The blend with no graph in the forward; the backward recomputes window by window."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, inferer: SlidingWindow) -> Tensor:
+        ctx.inferer = inferer
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return inferer.blended(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (x,) = ctx.saved_tensors
+        inferer: SlidingWindow = ctx.inferer
+        windows = inferer.windows(x.shape[2:])
+        weights = inferer.weights(grad.dtype, grad.device)
+        count = inferer._count(windows, x.shape[2:], weights)[0, 0]  # C: (*S)
+        grad_x = torch.zeros_like(x)
+        for batch in inferer._batches(x.shape[0], windows):
+            with torch.enable_grad():
+                inputs = torch.cat([x[(b, slice(None), *s)][None] for b, s in batch])
+                inputs = inputs.detach().requires_grad_(True)
+                logits = inferer.predict(inputs)
+                shares = torch.stack(  # the window's share of dL: g / C
+                    [grad[(b, slice(None), *s)] * (weights / count[s]) for b, s in batch]
+                )
+                (window_grad,) = torch.autograd.grad(logits, inputs, shares.to(logits.dtype))
+            for (b, s), g in zip(batch, window_grad, strict=True):
+                grad_x[(b, slice(None), *s)] += g
+        return grad_x, None

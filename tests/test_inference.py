@@ -1,0 +1,161 @@
+"""The sliding-window inferer against MONAI's, and its recomputed gradient against full autograd."""
+
+import itertools
+
+import pytest
+import torch
+from monai.data.utils import compute_importance_map
+from monai.inferers import sliding_window_inference
+from torch import nn
+
+from advseg.inference import SlidingWindow, gaussian_weights, window_starts
+
+
+def tiny3d(classes: int = 3, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    """Conv 3x3x3 (4), instance norm, leaky ReLU, conv 3x3x3 (classes); eval, frozen."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1), nn.InstanceNorm3d(4, affine=True), nn.LeakyReLU(0.01),
+        nn.Conv3d(4, classes, 3, padding=1),
+    ).to(dtype).eval()  # fmt: skip
+    return net.requires_grad_(False)
+
+
+def monai(x, net, roi, overlap=0.5, mode="gaussian", batch=1, mirror=()):
+    """MONAI's inferer, with nnU-Net's mirroring written out as its predictor."""
+    flips = [tuple(a + 2 for a in c) for n in range(1, len(mirror) + 1)
+             for c in itertools.combinations(mirror, n)]  # fmt: skip
+
+    def predictor(w):
+        out = net(w)
+        for dims in flips:
+            out = out + net(w.flip(dims)).flip(dims)
+        return out / (len(flips) + 1)
+
+    return sliding_window_inference(x, roi, batch, predictor, overlap=overlap, mode=mode)
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.75])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_forward_equals_monai_gaussian(overlap, batch):
+    net = tiny3d()
+    x = torch.rand(2, 1, 13, 17, 11, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = SlidingWindow(net, (8, 10, 6), overlap=overlap, batch_size=batch)(x)
+        theirs = monai(x, net, (8, 10, 6), overlap, batch=batch)
+    assert ours.shape == (2, 3, 13, 17, 11)
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("shape", "kw"),
+    [
+        ((1, 1, 5, 12, 7), {}),  # smaller than the window along two axes: padded, cropped back
+        ((1, 1, 12, 12, 12), {"blend": "constant"}),
+        ((1, 1, 12, 10, 9), {"mirror_axes": (0, 1, 2)}),
+        ((1, 1, 12, 10, 9), {"mirror_axes": (2,), "sigma_scale": 0.25}),
+    ],
+)
+def test_padding_constant_blend_and_mirroring_equal_monai(shape, kw):
+    net = tiny3d()
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(2))
+    mode = kw.get("blend", "gaussian")
+    with torch.no_grad():
+        ours = SlidingWindow(net, (8, 8, 8), **kw)(x)
+        if "sigma_scale" in kw:
+            theirs = sliding_window_inference(
+                x, (8, 8, 8), 1, lambda w: (net(w) + net(w.flip(4)).flip(4)) / 2,
+                sigma_scale=0.25, mode="gaussian",
+            )  # fmt: skip
+        else:
+            theirs = monai(x, net, (8, 8, 8), mode=mode, mirror=kw.get("mirror_axes", ()))
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+def test_window_grid_and_weights_are_monais():
+    for size, roi, overlap in [(13, 8, 0.5), (8, 8, 0.5), (40, 32, 0.0), (100, 32, 0.7)]:
+        starts = window_starts(size, roi, overlap)
+        assert starts[0] == 0 and starts[-1] == size - roi  # the grid covers the axis
+        assert all(b > a for a, b in itertools.pairwise(starts))
+    expected = compute_importance_map((8, 10, 6), mode="gaussian", sigma_scale=0.125)
+    assert torch.equal(gaussian_weights((8, 10, 6)), expected)
+
+
+@pytest.mark.parametrize("mirror", [(), (0, 2)])
+def test_recomputed_gradient_equals_full_autograd_through_monai(mirror):
+    """float64: advseg's window-by-window backward against autograd through MONAI's whole
+    inference (every window's graph kept), for a random weighting of the logits."""
+    net = tiny3d(dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 1, 13, 11, 10, generator=g, dtype=torch.float64)
+    w = torch.randn(2, 3, 13, 11, 10, generator=g, dtype=torch.float64)
+    ours = x.clone().requires_grad_(True)
+    inferer = SlidingWindow(net, (8, 8, 8), mirror_axes=mirror, batch_size=2, memory="recompute")
+    (inferer(ours) * w).sum().backward()
+    theirs = x.clone().requires_grad_(True)
+    (monai(theirs, net, (8, 8, 8), batch=2, mirror=mirror) * w).sum().backward()
+    relative = (ours.grad - theirs.grad).norm() / theirs.grad.norm()
+    assert relative <= 1e-6
+
+
+def test_recompute_keeps_no_window_graph():
+    """What autograd saves during the forward: the input alone with ``recompute``; every
+    window's activations with ``graph`` (MONAI's behaviour)."""
+    net = tiny3d()
+    x = torch.rand(1, 1, 16, 16, 16).requires_grad_(True)
+
+    def saved_bytes(memory):
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            SlidingWindow(net, (8, 8, 8), memory=memory)(x)
+        return sum(sizes)
+
+    assert saved_bytes("recompute") == x.numel() * x.element_size()
+    assert saved_bytes("graph") > 20 * x.numel() * x.element_size()
+
+
+def test_training_through_the_inferer_keeps_the_graph_and_gives_parameter_gradients():
+    torch.manual_seed(0)
+    net = nn.Conv3d(1, 2, 3, padding=1)
+    x = torch.rand(1, 1, 10, 10, 10)
+    SlidingWindow(net, (8, 8, 8))(x).sum().backward()  # auto: graph, parameters get gradients
+    ours = net.weight.grad.clone()
+    net.weight.grad = None
+    monai(x, net, (8, 8, 8)).sum().backward()
+    assert torch.allclose(ours, net.weight.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="memory='graph'"):
+        SlidingWindow(net, (8, 8, 8), memory="recompute")(x.requires_grad_(True))
+
+
+def test_works_for_slices_too():
+    torch.manual_seed(0)
+    net = nn.Conv2d(3, 2, 3, padding=1).eval()
+    x = torch.rand(2, 3, 40, 33)
+    with torch.no_grad():
+        ours = SlidingWindow(net, (16, 16), overlap=0.25)(x)
+        theirs = sliding_window_inference(x, (16, 16), 1, net, overlap=0.25, mode="gaussian")
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"overlap": 1.0}, "overlap"),
+        ({"mirror_axes": (3,)}, "mirror_axes"),
+        ({"blend": "mean"}, "blend"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_bad_settings_are_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SlidingWindow(tiny3d(), (8, 8, 8), **kw)
+
+
+def test_wrong_input_rank_is_refused():
+    with pytest.raises(ValueError, match=r"\(B, C, 3 spatial axes\)"):
+        SlidingWindow(tiny3d(), (8, 8, 8))(torch.rand(1, 1, 8, 8))
