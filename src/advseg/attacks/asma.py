@@ -165,7 +165,9 @@ def target_iou(logits: Tensor, target: Tensor, activation: Activation) -> Tensor
     (adv-lib's ``1e-6`` in the denominator).
     """
     if activation == "sigmoid":
-        shift = 2 * torch.arange(logits.shape[1], device=logits.device).view(1, -1, 1, 1)
+        shift = 2 * torch.arange(logits.shape[1], device=logits.device).view(
+            1, -1, *[1] * (logits.dim() - 2)
+        )
         pred, goal, classes = (
             (logits > 0).long() + shift,
             target.long() + shift,
