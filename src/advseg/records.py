@@ -12,6 +12,7 @@ naming the one that is broken.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -102,13 +103,98 @@ def white_box(records: pd.DataFrame) -> pd.DataFrame:
     return records[records["source"] == records["model"]]
 
 
-def write_records(frame: pd.DataFrame, path: str | Path) -> Path:
-    """Write records to a Parquet file atomically: it exists complete, or not at all."""
+IDENTITY_KEY = b"advseg.identity"
+"""The Parquet schema metadata key holding a records file's identity (JSON)."""
+
+
+def write_records(
+    frame: pd.DataFrame, path: str | Path, identity: dict[str, str] | None = None
+) -> Path:
+    """Write records to a Parquet file atomically: it exists complete, or not at all.
+
+    Args:
+        identity: what the file belongs to (a grid cell's ``run`` config hash, ``data``
+            fingerprint, ``cell`` name), kept in the file's Parquet metadata so that a file
+            copied from another run or cell is recognised (:func:`records_identity`).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     path = Path(path)
     frame = check_records(frame, str(path))
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if identity is not None:
+        metadata = {**(table.schema.metadata or {}), IDENTITY_KEY: json.dumps(identity).encode()}
+        table = table.replace_schema_metadata(metadata)
     with atomic_path(path) as tmp:
-        frame.to_parquet(tmp, index=False)
+        pq.write_table(table, tmp)
     return path
+
+
+def records_identity(path: str | Path) -> dict[str, str] | None:
+    """The identity a records file was written with (its schema only is read), or None for a
+    file written without one (before identities existed, or by ``advseg evaluate``).
+
+    Raises:
+        UserError: the file is not readable Parquet, or its identity is not a JSON object.
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except Exception as err:  # pyarrow raises several types for truncated files
+        raise UserError(f"{path}: not a complete Parquet records file ({err})") from None
+    if IDENTITY_KEY not in metadata:
+        return None
+    try:
+        identity = json.loads(metadata[IDENTITY_KEY])
+    except ValueError:
+        identity = None
+    if not isinstance(identity, dict):
+        raise UserError(f"{path}: its records identity is damaged")
+    return identity
+
+
+def check_identity(path: Path, expected: dict[str, str]) -> None:
+    """Refuse a records file whose identity differs from ``expected`` (naming the file and the
+    first field that differs); a file without one (written before identities) passes."""
+    found = records_identity(path)
+    if found is None:
+        return
+    for key, value in expected.items():
+        if found.get(key) != value:
+            raise UserError(
+                f"{path}: records of another {_WHAT.get(key, key)} ({key} {found.get(key)!r}, "
+                f"this one's is {value!r}); remove the file to compute the cell here"
+            )
+
+
+_WHAT = {"run": "run (another config)", "data": "data set", "cell": "cell", "model": "model"}
+
+VALUE_RANGES: dict[str, tuple[float, float]] = {
+    **{c: (0.0, 1.0) for c in ("dice_clean", "dice_adv", "iou_clean", "iou_adv", "abstained")},
+    **{c: (0, float("inf")) for c in ("gt_pixels", "tp_clean", "fp_clean", "fn_clean", "tp_adv",
+                                      "fp_adv", "fn_adv", "params", "seed", "severity")},
+    **{c: (0.0, float("inf")) for c in ("eps", "linf", "l2", "hd95_clean", "hd95_adv",
+                                        "hd95_mm_clean", "hd95_mm_adv")},
+    "ssim": (-1.0, 1.0),
+}  # fmt: skip
+"""The closed range of each numeric column's values (NaN passes: an empty mask's Dice, a
+distance to nothing): records read with a value outside are refused, not reported."""
+
+
+def check_values(frame: pd.DataFrame, source: str) -> None:
+    """Refuse records holding impossible values (a Dice of 7, a negative pixel count), naming the
+    file, the row and the column."""
+    for column, (low, high) in VALUE_RANGES.items():
+        values = frame[column].to_numpy(dtype="float64")
+        bad = ~((values >= low - 1e-6) & (values <= high + 1e-6)) & ~pd.isna(values)
+        if bad.any():
+            row = int(bad.argmax())
+            raise UserError(
+                f"{source}: row {row}: {column} {values[row]:g} is not in [{low:g}, {high:g}] "
+                f"({int(bad.sum())} such rows); the file is damaged or not advseg's"
+            )
 
 
 def read_records(path: str | Path) -> pd.DataFrame:
@@ -133,7 +219,9 @@ def read_records(path: str | Path) -> pd.DataFrame:
             frame = pd.read_parquet(file)
         except Exception as err:  # pyarrow raises several types for truncated files
             raise UserError(f"{file}: not a complete Parquet records file ({err})") from None
-        frames.append(check_records(frame, str(file)))
+        frame = check_records(frame, str(file))
+        check_values(frame, str(file))
+        frames.append(frame)
     records = pd.concat(frames, ignore_index=True)
     _refuse_repeats(records, [f for f, frame in zip(files, frames, strict=True)
                               for _ in range(len(frame))])  # fmt: skip

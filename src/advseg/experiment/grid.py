@@ -21,7 +21,7 @@ from advseg.cross_model import (
     transfer_cells,
 )
 from advseg.experiment.config import ExperimentConfig, attack_compat, model_variants
-from advseg.records import write_records
+from advseg.records import check_identity, write_records
 from advseg.report.examples import save_examples
 from advseg.report.tables import file_stem
 from advseg.traces import write_trace
@@ -119,6 +119,7 @@ def run_cells(
     compute: Callable[[Cell], CellOutput],
     on_cell: Callable[[Cell, bool], None] | None = None,
     sweep: Callable[[list[Cell]], list[CellOutput]] | None = None,
+    identity: dict[str, str] | None = None,
 ) -> GridResult:
     """Compute every cell whose records file is missing; a present file means the cell is done.
 
@@ -133,6 +134,9 @@ def run_cells(
         on_cell: called after each cell with the cell and whether it was skipped (for progress).
         sweep: evaluates several unfinished cells of one :func:`sweep_key` at once (their
             outputs in the same order); without it every cell goes through ``compute``.
+        identity: the run's identity (``run``: config hash, ``data``: fingerprint); each
+            records file is written with it and its ``cell``, and a present file that carries
+            another (copied from another run or cell) is refused, naming it.
     """
     run_dir = Path(run_dir)
     result = GridResult()
@@ -140,7 +144,13 @@ def run_cells(
     def records_path(cell: Cell) -> Path:
         return run_dir / "records" / f"{cell.slug}.parquet"
 
+    def identity_of(cell: Cell) -> dict[str, str] | None:
+        return None if identity is None else {**identity, "cell": cell.slug}
+
     done = {cell.slug for cell in cells if records_path(cell).exists()}
+    for cell in cells:
+        if cell.slug in done and identity is not None:
+            check_identity(records_path(cell), identity_of(cell))
     done = distributed.broadcast_object(done)  # under torchrun every rank skips alike
     pending = [cell for cell in cells if cell.slug not in done]
     main = distributed.is_main()
@@ -168,7 +178,7 @@ def run_cells(
             if main and output.trace is not None:
                 write_trace(output.trace, run_dir / "traces" / f"{cell.slug}.csv")
             if main:
-                write_records(output.records, records_path(cell))
+                write_records(output.records, records_path(cell), identity_of(cell))
             distributed.barrier()  # the files are whole before any rank reads them
             result.computed.append(cell.slug)
         if on_cell is not None:

@@ -51,7 +51,12 @@ from advseg.experiment.config import (
     model_variants,
 )
 from advseg.experiment.grid import Cell, CellOutput, GridResult, plan_cells, run_cells
-from advseg.experiment.rundir import check_data_fingerprint, model_dir, prepare_run_dir
+from advseg.experiment.rundir import (
+    check_data_fingerprint,
+    model_dir,
+    prepare_run_dir,
+    run_identity,
+)
 from advseg.labels import checkpoint_activation
 from advseg.models import load_checkpoint, read_checkpoint
 from advseg.models.checkpoint import checkpoint_exists
@@ -260,7 +265,10 @@ def run_experiment(
         state = "already done" if skipped else "done"
         console.print(f"cell {index}/{total} {cell.slug}: {state}", highlight=False)
 
-    grid = run_cells(cells, run_dir, compute, on_cell, sweep=compute_cells)
+    identity = distributed.broadcast_object(  # rank 0 writes run.json; every rank checks
+        distributed.main_first(lambda: run_identity(config, run_dir, data.cache_path.name))
+    )
+    grid = run_cells(cells, run_dir, compute, on_cell, sweep=compute_cells, identity=identity)
     records = white_box(read_records(run_dir))  # every cell written: run_cells' last barrier
     eps = headline_eps(records)
     protocol = config.evaluation.protocol

@@ -5,6 +5,7 @@ data resolved, and its fingerprint: a resume on other data is refused) and where
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -70,10 +71,48 @@ def prepare_run_dir(config: ExperimentConfig, run_dir: str | Path) -> Path:
             )
         if differences:  # resumable keys, or a directory with nothing finished in it
             save_yaml(resolved, saved_path)
+    elif holds_work(run_dir):
+        raise UserError(
+            f"{run_dir}: holds finished work but no config.yaml (deleted?), so its records "
+            "cannot be tied to this experiment; restore config.yaml or use a new run directory"
+        )
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(resolved, saved_path)
     return run_dir
+
+
+RUN_FILE = "run.json"
+"""The run's identity, written once when its first records are due: ``{"config": hash}``."""
+
+
+def config_hash(config: ExperimentConfig) -> str:
+    """SHA-256 (16 hex digits) of the resolved config without the :data:`RESUMABLE_KEYS`."""
+    resolved = to_dict(config)
+    for key in RESUMABLE_KEYS:
+        *parents, last = key.split(".")
+        node = resolved
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+    text = json.dumps(resolved, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_identity(config: ExperimentConfig, run_dir: Path, fingerprint: str) -> dict[str, str]:
+    """What every records file of this run carries (:func:`advseg.experiment.run_cells`):
+    ``run``, the config hash saved in ``run.json`` when the run began (a resume keeps it: the
+    config was checked equal by :func:`prepare_run_dir`), and ``data``, the data fingerprint."""
+    path = run_dir / RUN_FILE
+    try:
+        saved = json.loads(path.read_text()).get("config") if path.is_file() else None
+    except (ValueError, AttributeError):
+        saved = None
+    if not isinstance(saved, str):
+        saved = config_hash(config)
+        write_text_atomic(path, json.dumps({"config": saved}) + "\n")
+    return {"run": saved, "data": fingerprint}
 
 
 def holds_work(run_dir: str | Path) -> bool:
