@@ -16,10 +16,13 @@ from advseg.attacks.adaptive import DEFAULT_EOT_SAMPLES, adaptive_model
 from advseg.attacks.apgd import APGD
 from advseg.attacks.asma import ASMA
 from advseg.attacks.base import ATTACKS, Attack, check_eps, frozen, model_logits
+from advseg.attacks.biasfield import BiasField
 from advseg.attacks.bim import BIM
 from advseg.attacks.cospgd import CosPGD
 from advseg.attacks.dag import DAG
+from advseg.attacks.elastic import Elastic
 from advseg.attacks.fgsm import FGSM
+from advseg.attacks.gamma import Gamma
 from advseg.attacks.mifgsm import MIFGSM
 from advseg.attacks.padam import PAdam
 from advseg.attacks.pgd import PGD
@@ -31,9 +34,9 @@ from advseg.errors import UserError
 from advseg.losses import PerSampleLoss
 
 __all__ = ["APGD", "ASMA", "ATTACKS", "BIM", "DAG", "FGSM", "MIFGSM", "PGD", "SEA", "Attack",
-           "CosPGD", "PAdam", "SegPGD", "Universal", "attack_options", "check_eps",
-           "check_option_values", "create_attack",
-           "frozen", "model_logits", "parse_attack_name"]  # fmt: skip
+           "BiasField", "CosPGD", "Elastic", "Gamma", "PAdam", "SegPGD", "Universal",
+           "attack_options", "check_eps", "check_option_values", "create_attack", "frozen",
+           "model_logits", "parse_attack_name"]  # fmt: skip
 
 
 def create_attack(
@@ -43,9 +46,10 @@ def create_attack(
 
     Args:
         name: ``fgsm``, ``bim``, ``pgd``, ``mifgsm``, ``segpgd``, ``cospgd``, ``apgd``, ``sea``,
-            ``dag``, ``asma`` or ``universal`` (which must be fitted on training slices before it
-            is called), optionally with the adaptive suffixes ``+bpda`` / ``+eot``
-            (e.g. ``pgd+bpda``),
+            ``dag``, ``asma``, the plausible ``biasfield``, ``elastic`` and ``gamma`` (budgets in
+            their own terms: :mod:`advseg.attacks.plausible`) or ``universal`` (which must be
+            fitted on training slices before it is called), optionally with the adaptive
+            suffixes ``+bpda`` / ``+eot`` (e.g. ``pgd+bpda``),
             which attack a :class:`~advseg.defences.DefendedModel` through BPDA / EOT
             (``eot_samples`` draws, default 8).
         model: the segmentation model (logits ``(B, K, H, W)``).

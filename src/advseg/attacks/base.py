@@ -98,6 +98,9 @@ class Attack:
 
     name: ClassVar[str] = "attack"
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+    pixel_budget: ClassVar[bool] = True
+    """True when ``eps`` bounds pixel values (so an L-inf budget above the valid range's width is
+    refused); False for budgets in their own terms (pixels of displacement, a log gain)."""
     single_step: ClassVar[bool] = False
     """True for attacks made of one step from the clean gradient: they provide
     ``apply_gradient(x, grad)``, so that an evaluation can share one forward over losses."""
@@ -123,7 +126,7 @@ class Attack:
             raise UserError(
                 f"{self.name}: valid_range {valid_range} must be (low, high), low < high"
             )
-        self.eps = check_eps(eps, norm, high - low, self.name)
+        self.eps = check_eps(eps, norm, high - low if self.pixel_budget else math.inf, self.name)
         if activation is None:
             activation = (loss_activation(loss) if isinstance(loss, str) else None) or "sigmoid"
         if activation not in ("sigmoid", "softmax"):
