@@ -67,13 +67,14 @@ def test_resamples_cases_not_slices():
     # every slice of a case moves together: one case per draw-weight, never a lone slice
     weights = case_weights(5, draws=50, seed=0)
     assert weights.shape == (50, 5) and (weights.sum(1) == 5).all()
-    # two cases, perfectly good and perfectly bad: with many slices each, a slice bootstrap would
-    # give a narrow interval around 0.5; the case bootstrap spans both extremes
-    records = synthetic_records(2, slices=40)
-    records.loc[records["case"] == 1, ["tp_clean", "fn_clean"]] = records.loc[
-        records["case"] == 1, ["gt_pixels"]
+    # six cases, three perfectly good and three perfectly bad: with many slices each, a slice
+    # bootstrap would give a narrow interval around 0.5; the case bootstrap spans far wider
+    records = synthetic_records(6, slices=40)
+    good, bad = records["case"] <= 3, records["case"] > 3
+    records.loc[good, ["tp_clean", "fn_clean"]] = records.loc[
+        good, ["gt_pixels"]
     ].to_numpy() * np.array([1, 0])
-    records.loc[records["case"] == 2, ["tp_clean", "fp_clean"]] = 0
+    records.loc[bad, ["tp_clean", "fp_clean"]] = 0
     ci = case_bootstrap(records, "per-class", draws=400, seed=0)["dsc_clean"]
     assert ci.high - ci.low > 0.5
 
@@ -115,3 +116,32 @@ def test_seeds_give_the_mean_the_spread_and_one_interval():
     columns = list(table.columns)
     at = columns.index(column)
     assert columns[at + 1 : at + 4] == [f"{column} seed sd", f"{column} low", f"{column} high"]
+
+
+@pytest.mark.parametrize("cases", [1, 2, 4])
+def test_fewer_than_five_cases_give_no_interval_and_say_why(cases):
+    """Issue 26: one case gave 0.4919 [0.4919, 0.4919]; below 5 cases no bounds, in words."""
+    from advseg.bootstrap import MIN_CASES
+
+    records = synthetic_records(cases, slices=6)
+    ci = case_bootstrap(records, "per-class", draws=200, seed=0)["dsc_clean"]
+    assert MIN_CASES == 5 and not ci.meaningful
+    assert np.isnan(ci.low) and np.isnan(ci.high) and np.isfinite(ci.estimate)
+    assert ci.cases == cases and ci.slices == cases * 6
+    assert "(no interval: " in ci.describe() and "5 needed" in ci.describe()
+    table = with_intervals(records, "per-class", draws=200, seed=0)
+    assert table["cases"].tolist() == [cases] and table["slices"].tolist() == [cases * 6]
+    assert table["interval"].iloc[0].startswith(f"not meaningful: {cases} case")
+    bounds = [c for c in table.columns if c.endswith((" low", " high"))]
+    assert bounds and table[bounds].isna().all().all()
+    assert table.attrs["few_cases"] == [("m", *table.iloc[0][["arch", "params"]])]
+
+
+def test_five_cases_give_an_interval_with_its_unit_counts():
+    records = synthetic_records(5, slices=3)
+    ci = case_bootstrap(records, "per-class", draws=200, seed=0)["dsc_clean"]
+    assert ci.meaningful and ci.low <= ci.estimate <= ci.high and ci.high > ci.low
+    assert ci.describe().endswith("(5 cases, 15 slices)")
+    table = with_intervals(records, "per-class", draws=200, seed=0)
+    assert table["interval"].iloc[0] == "95% case bootstrap over 5 cases, 15 slices"
+    assert table.attrs["few_cases"] == []

@@ -77,3 +77,29 @@ def test_spread_rows_are_seeded_and_spread_over_cases():
     assert set(few[:2]) == {0, 1} and len(few) == 8
     assert spread_rows(index, rows[::-1], 200).tolist() == rows[::-1].tolist()
     assert len(spread_rows(index, rows, 0)) == 0
+
+
+@pytest.mark.parametrize(
+    ("cases", "held"), [(2, 1), (3, 1), (4, 2), (6, 2), (14, 2), (15, 2), (30, 3)]
+)
+def test_the_default_split_holds_out_two_cases_where_the_data_allows(cases, held):
+    """Issue 26: 10 % of 6 cases held out 1; intervals over one patient had zero width."""
+    _, test = split_cases(_index(cases), test_fraction=0.1, seed=0)
+    assert _index(cases)["case"].iloc[test].nunique() == held
+    _, legacy = split_cases(_index(cases), test_fraction=0.1, seed=0, min_test=1)
+    assert _index(cases)["case"].iloc[legacy].nunique() == max(1, round(0.1 * cases))
+
+
+def test_fewer_than_two_test_cases_are_warned_about_saying_why():
+    from advseg.data.split import split_train_val_test
+    from advseg.errors import AdvsegWarning
+
+    with pytest.warns(AdvsegWarning, match=r"split: 1 test case of 3: 2 need 4 cases or more"):
+        split_train_val_test(_index(3), 0.1, 0.1, seed=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train, val, test = split_train_val_test(_index(6), 0.1, 0.1, seed=0)
+    index = _index(6)
+    assert [index["case"].iloc[r].nunique() for r in (train, val, test)] == [3, 1, 2]

@@ -59,7 +59,13 @@ def test_evaluate_writes_records_summary_and_prints_table_two(setup, capsys):
     expected = summarize(records, "per-class")
     bounds = [f"{c} {side}" for c in expected.columns[5:] for side in ("low", "high")]
     columns = [*expected.columns, *bounds, "protocol"]  # 95% CIs beside, the protocol named
+    columns += ["cases", "slices", "interval"]  # what the intervals rest on (issue 26)
     assert sorted(summary.columns) == sorted(columns)
+    assert summary["interval"].iloc[0] == (  # 1 test case: no interval, said so
+        "not meaningful: 1 case, 6 slices (< 5 cases); bounds left out"
+    )
+    assert summary["cases"].tolist() == [1] and summary["slices"].tolist() == [6]
+    assert "intervals: not meaningful: " in " ".join(printed.split())
     assert set(summary["protocol"]) == {"per-class"}
     assert summary["DSC clean"].tolist() == pytest.approx(expected["DSC clean"].tolist())
     assert len(list((out / "examples").glob("*.npz"))) == 2

@@ -124,7 +124,11 @@ def test_seeds_train_each_model_per_seed_and_table_ii_shows_their_spread(phantom
     assert summary["seeds"].tolist() == [2]
     assert summary[label].iloc[0] == pytest.approx(row["dsc_adv"])
     assert summary[f"{label} seed sd"].iloc[0] == pytest.approx(row["dsc_adv_sd"])
-    assert summary[f"{label} low"].iloc[0] <= summary[f"{label} high"].iloc[0]
+    if summary["cases"].iloc[0] < 5:  # too few test cases: no interval, and it says why
+        assert summary[[f"{label} low", f"{label} high"]].isna().all(axis=None)
+        assert summary["interval"].iloc[0].startswith("not meaningful: ")
+    else:
+        assert summary[f"{label} low"].iloc[0] <= summary[f"{label} high"].iloc[0]
     console = Console(record=True, width=200)
     for table in table_ii(result.cells, "per-class"):
         console.print(table)

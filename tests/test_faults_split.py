@@ -137,16 +137,19 @@ def test_a_held_out_case_with_other_slices_is_refused():
     meta = _meta(index)
     held = meta["split"]["cases"]["test"][0]
     fewer = index.drop(index.index[np.flatnonzero(index["case"] == held)[-1]])
-    with pytest.raises(UserError, match=r"held-out cases changed since training \(2 now, 3 then\)"):
+    with pytest.raises(UserError, match=r"held-out cases changed since training \(5 now, 6 then\)"):
         held_out_rows(fewer.reset_index(drop=True), meta, "ck")
 
 
 def test_an_old_checkpoint_on_changed_data_is_refused():
-    """Saved before the split was stored: the recomputed split stands only on the same counts."""
+    """Saved before the split was stored (so before its 2-test-case default too): the
+    recomputed split, by the rule of then, stands only on the same counts."""
     index = _index(4)
-    meta = _meta(index)
-    del meta["split"]
-    assert np.array_equal(held_out_rows(index, meta, "ck"), split_cases(index, 0.25, 0)[1])
+    _, then = split_cases(index, 0.25, 0, min_test=1)  # 1 case, where the default now takes 2
+    assert index["case"].iloc[then].nunique() == 1
+    rows = {"train": len(index) - len(then), "val": 0, "test": len(then)}
+    meta = {"test_fraction": 0.25, "val_fraction": 0.34, "split_seed": 0, "rows": rows}
+    assert np.array_equal(held_out_rows(index, meta, "ck"), then)
     with pytest.raises(UserError, match=r"ck: the data changed since training \(15 slices, 12"):
         held_out_rows(_index(5), meta, "ck")
 

@@ -32,6 +32,11 @@ from advseg.metrics import PAPER_SMOOTH, dice_from_counts
 DRAWS = 2000
 LEVEL = 0.95
 STATISTICS = ("dsc_clean", "dsc_adv", "as")
+#: Fewest cases whose bootstrap interval is reported (issue 26). Resampling one case gives a
+#: zero-width interval, a handful an interval that is mostly the spread of those few patients
+#: (with 4 cases only 35 distinct resamples exist); below this the bounds are left out (NaN)
+#: and the table and terminal say why.
+MIN_CASES = 5
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class Interval:
         estimate: the statistic on every case.
         low, high: the percentile interval at ``level`` (NaN when no draw defines it).
         cases: the number of cases resampled; draws: the number of draws.
+        slices: the number of slices of those cases in the records (0 when not counted).
     """
 
     estimate: float
@@ -50,10 +56,30 @@ class Interval:
     cases: int
     draws: int
     level: float = LEVEL
+    slices: int = 0
+
+    @property
+    def meaningful(self) -> bool:
+        """Whether it rests on at least :data:`MIN_CASES` cases."""
+        return self.cases >= MIN_CASES
 
     def describe(self) -> str:
-        """E.g. ``0.712 [0.680, 0.745]``."""
-        return f"{self.estimate:.3f} [{self.low:.3f}, {self.high:.3f}]"
+        """E.g. ``0.712 [0.680, 0.745] (12 cases, 480 slices)``, or the estimate with
+        ``no interval: 1 case (< 5)`` when it is not meaningful."""
+        units = f"{self.cases} case{'s' * (self.cases != 1)}"
+        if self.slices:
+            units += f", {self.slices} slices"
+        if not self.meaningful:
+            return f"{self.estimate:.3f} (no interval: {units}; {MIN_CASES} needed)"
+        return f"{self.estimate:.3f} [{self.low:.3f}, {self.high:.3f}] ({units})"
+
+
+def interval_note(cases: int, slices: int) -> str:
+    """What the ``interval`` column of :func:`with_intervals` says for a model."""
+    units = f"{cases} case{'s' * (cases != 1)}, {slices} slices"
+    if cases < MIN_CASES:
+        return f"not meaningful: {units} (< {MIN_CASES} cases); bounds left out"
+    return f"{LEVEL:.0%} case bootstrap over {units}"
 
 
 def case_weights(cases: int, draws: int = DRAWS, seed: int = 0) -> np.ndarray:
@@ -124,13 +150,17 @@ def _finish(sums: np.ndarray, protocol: str) -> np.ndarray:
         return np.nanmean(dice, axis=1)
 
 
-def _interval(estimate: float, values: np.ndarray, cases: int, level: float) -> Interval:
+def _interval(
+    estimate: float, values: np.ndarray, cases: int, level: float, slices: int
+) -> Interval:
     values = values[np.isfinite(values)]
-    if values.size == 0 or not np.isfinite(estimate):
-        return Interval(estimate, float("nan"), float("nan"), cases, 0, level)
+    if values.size == 0 or not np.isfinite(estimate) or cases < MIN_CASES:
+        return Interval(estimate, float("nan"), float("nan"), cases, 0, level, slices)
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(values, [tail, 100 - tail])
-    return Interval(float(estimate), float(low), float(high), cases, int(values.size), level)
+    return Interval(
+        float(estimate), float(low), float(high), cases, int(values.size), level, slices
+    )
 
 
 def case_bootstrap(
@@ -153,9 +183,11 @@ def case_bootstrap(
             draw resamples the same cases for every repeat.
 
     Returns:
-        ``{"dsc_clean": Interval, "dsc_adv": Interval, "as": Interval}``.
+        ``{"dsc_clean": Interval, "dsc_adv": Interval, "as": Interval}``; with fewer than
+        :data:`MIN_CASES` cases their bounds are NaN (:attr:`Interval.meaningful`).
     """
     cases = np.unique(group["case"].to_numpy())
+    slices = int(group["slice_id"].nunique()) if "slice_id" in group.columns else 0
     weights = case_weights(len(cases), draws, seed)
     repeats = [group] if by is None else [g for _, g in group.groupby(by, sort=True)]
     point: dict[str, list[float]] = {"dsc_clean": [], "dsc_adv": [], "as": []}
@@ -177,7 +209,9 @@ def case_bootstrap(
             point[key].append(float(value))
             drawn[key].append(values)
     return {
-        key: _interval(float(np.mean(point[key])), np.mean(drawn[key], axis=0), len(cases), level)
+        key: _interval(
+            float(np.mean(point[key])), np.mean(drawn[key], axis=0), len(cases), level, slices
+        )
         for key in STATISTICS
     }
 
@@ -196,6 +230,11 @@ def with_intervals(
     the bounds of its ``level`` interval over cases (``draws`` draws, seeded by ``seed``); the
     clean DSC is resampled over the model's distinct (slice, class) records, as
     :func:`~advseg.summary.summarize` computes it.
+
+    ``cases`` and ``slices`` (after ``excluded``) count the distinct cases and slices of each
+    model's records, and ``interval`` says what its bounds rest on: below :data:`MIN_CASES`
+    cases the bounds are NaN and it says they are not meaningful (one case gave zero-width
+    intervals that looked exact).
 
     When the records hold several training seeds of a model (a ``seed`` column), each number is
     the mean over the seeds of the per-seed Table II, ``<column> seed sd`` beside it is the
@@ -234,8 +273,19 @@ def with_intervals(
             label = cell_label(*cell)
             bounds.setdefault(f"DSC {label}", {})[keys] = (ci["dsc_adv"].low, ci["dsc_adv"].high)
             bounds.setdefault(f"AS {label}", {})[keys] = (ci["as"].low, ci["as"].high)
-    columns: list[str] = []
     model_keys = list(table[MODEL_KEYS].itertuples(index=False, name=None))
+    grouped_units = records.groupby(MODEL_KEYS, sort=False)
+    case_counts = grouped_units["case"].nunique()
+    slice_counts = grouped_units["slice_id"].nunique()
+    at_excluded = list(table.columns).index("excluded") + 1
+    table.insert(at_excluded, "cases", [int(case_counts[k]) for k in model_keys])
+    table.insert(at_excluded + 1, "slices", [int(slice_counts[k]) for k in model_keys])
+    table.insert(
+        at_excluded + 2,
+        "interval",
+        [interval_note(int(case_counts[k]), int(slice_counts[k])) for k in model_keys],
+    )
+    columns: list[str] = []
     for column in list(table.columns):
         columns.append(column)
         if column in spread:
@@ -249,4 +299,5 @@ def with_intervals(
     table = table[columns]
     seeds = int(records["seed"].nunique()) if "seed" in records.columns else 1
     table.attrs.update(protocol=protocol, draws=draws, seed=seed, level=level, seeds=seeds)
+    table.attrs["few_cases"] = [k for k in model_keys if case_counts[k] < MIN_CASES]
     return table

@@ -166,7 +166,7 @@ def evaluate_command(
     for row in result.table.itertuples(index=False):
         terminal.print(
             f"{row.model}: clean DSC ({config.protocol} Dice) over {row.units} {kept} "
-            f"({row.excluded} {left})"
+            f"({row.excluded} {left}); intervals: {row.interval}"
         )
     slices = ", ".join(f"{k}: {v}" for k, v in result.slices.items())
     terminal.print(f"slices evaluated ({config.split} split): {slices}")

@@ -40,6 +40,9 @@ def _print_result(result: RunResult, console: Console) -> None:
         locations = run_locations(result.run_dir)  # as the report would say: data.json, YAML
         for table in table_ii(result.cells, result.protocol, locations):
             console.print(table)
+    for row in result.summary.itertuples(index=False):  # what the intervals rest on
+        console.print(f"{row.model}: intervals: {row.interval}", highlight=False)
+    if result.report is None:
         console.print(f"summary: {result.run_dir / 'summary.csv'}")
 
 

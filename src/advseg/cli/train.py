@@ -102,7 +102,11 @@ def train(
     size: int = typer.Option(224, "--size", help="Image side S after resizing."),
     resize: str = typer.Option("pad", "--resize", help=RESIZE_HELP),
     channels: int = typer.Option(3, "--channels", help="Input channels C (grey copies)."),
-    test_fraction: float = typer.Option(0.1, "--test-fraction", help="Cases held out for test."),
+    test_fraction: float = typer.Option(
+        0.1,
+        "--test-fraction",
+        help="Share of cases held out for test (at least 2 cases where 4 or more exist).",
+    ),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Cases for validation."),
     split_seed: int = typer.Option(
         0, "--split-seed", callback=seed_flag, help="Seed of the case split."

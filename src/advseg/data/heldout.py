@@ -95,7 +95,8 @@ def held_out_rows(index: pd.DataFrame, data_meta: dict[str, Any], where: str) ->
         raise UserError(
             f"{where}: its metadata does not say which cases it held out; use --split all"
         )
-    _, test = split_cases(index, data_meta["test_fraction"], data_meta["split_seed"])
+    # saved before the split was stored: also before the 2-test-case default (min_test=1)
+    _, test = split_cases(index, data_meta["test_fraction"], data_meta["split_seed"], min_test=1)
     counts = data_meta.get("rows")
     if isinstance(counts, dict) and all(isinstance(counts.get(s), int) for s in SIDES):
         then = sum(counts[s] for s in SIDES)

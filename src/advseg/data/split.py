@@ -7,10 +7,12 @@ arrays into the index, and the same seed gives the same split.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 
-from advseg.errors import UserError
+from advseg.errors import AdvsegWarning, UserError
 
 
 def _cases(index: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -21,18 +23,41 @@ def _cases(index: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return cases, inverse
 
 
+#: Fewest test cases the default split holds out where the data allows (issue 26): intervals
+#: and tests over one patient's slices say nothing about other patients.
+MIN_TEST_CASES = 2
+#: Cases the other side keeps when the test side is raised to :data:`MIN_TEST_CASES` (training
+#: and validation need one each).
+KEEP_CASES = 2
+
+
+def held_out_count(n_cases: int, test_fraction: float, min_test: int = MIN_TEST_CASES) -> int:
+    """How many of ``n_cases`` cases :func:`split_cases` holds out.
+
+    ``round(test_fraction * n_cases)``, raised to ``min_test`` where at least
+    :data:`KEEP_CASES` cases stay for training and validation, and always between 1 and
+    ``n_cases - 1``. With ``min_test=1`` it is the rule of checkpoints saved before the split was
+    stored (``round``, at least 1).
+    """
+    wanted = max(round(test_fraction * n_cases), 1)
+    if wanted < min_test:
+        wanted = max(1, min(min_test, n_cases - KEEP_CASES))
+    return min(wanted, n_cases - 1)
+
+
 def split_cases(
-    index: pd.DataFrame, test_fraction: float = 0.1, seed: int = 0
+    index: pd.DataFrame, test_fraction: float = 0.1, seed: int = 0, min_test: int = MIN_TEST_CASES
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split rows into train and test by case.
 
-    ``round(test_fraction * n_cases)`` cases (at least 1, at most n_cases - 1) are drawn at random
-    for the test side.
+    :func:`held_out_count` cases (``round(test_fraction * n_cases)``, at least ``min_test``
+    where the data allows) are drawn at random for the test side.
 
     Args:
         index: a SliceIndex.
         test_fraction: share of the cases held out, in (0, 1).
         seed: random seed.
+        min_test: the fewest test cases where the data allows (1: the rule before issue 26).
 
     Returns:
         ``(train_rows, test_rows)``: sorted positional row arrays.
@@ -44,7 +69,7 @@ def split_cases(
     cases, inverse = _cases(index)
     if len(cases) < 2:
         raise UserError(f"split: need at least 2 cases to split by case, found {len(cases)}")
-    n_test = min(max(round(test_fraction * len(cases)), 1), len(cases) - 1)
+    n_test = held_out_count(len(cases), test_fraction, min_test)
     order = np.random.default_rng(seed).permutation(len(cases))
     is_test = np.zeros(len(cases), bool)
     is_test[order[:n_test]] = True
@@ -57,9 +82,10 @@ def split_train_val_test(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Train, validation and test rows, each a set of whole cases.
 
-    The test side is exactly ``split_cases(index, test_fraction, seed)``, the split an evaluation
-    of a checkpoint recomputes; validation (for early stopping) is then ``val_fraction`` of the
-    remaining cases, drawn the same way.
+    The test side is exactly ``split_cases(index, test_fraction, seed)`` (at least
+    :data:`MIN_TEST_CASES` cases where the data allows; fewer is warned about, saying why);
+    validation (for early stopping) is then ``val_fraction`` of the remaining cases, drawn the
+    same way (at least 1).
 
     Returns:
         ``(train_rows, val_rows, test_rows)``: sorted positional row arrays.
@@ -70,7 +96,16 @@ def split_train_val_test(
             f"validation split: {index['case'].iloc[learn].nunique()} case(s) left after holding "
             f"out test_fraction {test_fraction}; training and validation need 2 or more"
         )
-    train_part, val_part = split_cases(index.iloc[learn], val_fraction, seed)
+    n_test = index["case"].iloc[test].nunique()
+    if n_test < MIN_TEST_CASES:
+        warnings.warn(
+            f"split: {n_test} test case of {index['case'].nunique()}: {MIN_TEST_CASES} need "
+            f"{MIN_TEST_CASES + KEEP_CASES} cases or more (training and validation keep "
+            f"{KEEP_CASES}); its intervals and tests describe one patient",
+            AdvsegWarning,
+            stacklevel=2,
+        )
+    train_part, val_part = split_cases(index.iloc[learn], val_fraction, seed, min_test=1)
     return learn[train_part], learn[val_part], test
 
 

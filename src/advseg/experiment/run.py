@@ -390,8 +390,8 @@ def check_held_out(
             raise UserError(
                 f"{checkpoint}: held out cases {sorted(set(cases[held].tolist()))}, the "
                 f"experiment's split of the data now tests {sorted(set(cases[test].tolist()))} "
-                "(the data changed since it was trained); its test cases would include "
-                "training cases"
+                "(the data changed since it was trained, or it predates the split's 2 test "
+                "cases default); its test cases would include training cases"
             )
 
 

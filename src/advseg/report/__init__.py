@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from advseg.atomic import check_output_dir, write_bytes_atomic, write_text_atomic
-from advseg.bootstrap import with_intervals
+from advseg.bootstrap import MIN_CASES, with_intervals
 from advseg.config import load_yaml
 from advseg.data.location import PHANTOM_LABEL, describe, is_synthetic, phantom_note, run_locations
 from advseg.errors import UserError
@@ -268,6 +268,13 @@ def _table_section(
             f" Models trained with {table.attrs['seeds']} training seeds: each number is the "
             "mean over seeds, '<number> seed sd' its standard deviation over seeds, and each "
             "bootstrap draw resamples the same cases for every seed."
+        )
+    few = table.attrs.get("few_cases", [])
+    if few:
+        caption += (
+            f" Fewer than {MIN_CASES} test cases for {', '.join(str(k[0]) for k in few)}: "
+            "a bootstrap over so few patients is not meaningful, so those intervals are left "
+            "out (n/a; 'interval' says why) and the numbers describe these cases only."
         )
     blocks = [writer.table("table2", table, caption)]
     if table.isna().to_numpy().any():
