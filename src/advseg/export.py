@@ -407,7 +407,8 @@ def export_cell(
         listing[slice_id] = entry
         meta_row = loaded.index.iloc[int(row_of[slice_id])]
         source = str(meta_row["image_path"])
-        if int(meta_row["image_z"]) >= 0 and source.endswith((".nii", ".nii.gz")):
+        dicom = Path(source).is_dir()  # a DICOM series folder (advseg.data.dicom)
+        if int(meta_row["image_z"]) >= 0 and (source.endswith((".nii", ".nii.gz")) or dicom):
             volume = volumes.setdefault(str(meta_row["scan"]), {"path": source, "slices": []})
             volume["slices"].append(
                 (int(meta_row["image_z"]), int(row_of[slice_id]), grey, adv, masks)
@@ -437,10 +438,20 @@ def export_cell(
                 back = restore_slice(mask, place, height, width)  # (K, H, W)
                 arrays[f"{kind}_mask"][:, :, z, :] = back.transpose(2, 1, 0)
         arrays["adversarial_source"] = source_units
+        series = []
+        if Path(volume["path"]).is_dir():  # DICOM: the adversarial series, the source's header
+            from advseg.data.dicom import from_canonical, write_series_like
+
+            folder = target / "dicom" / file_stem(scan)
+            back = from_canonical(source_units, volume["path"])
+            series = write_series_like(volume["path"], back, folder)
+            files.extend(series)
         nifti[scan] = {
             "source": volume["path"],
             "z": sorted(z for z, *_ in volume["slices"]),
             "source_units_per_input_unit": {str(z): scales[z] for z in sorted(scales)},
+            **({"dicom": str((target / "dicom" / file_stem(scan)).relative_to(target))}
+               if series else {}),
             **{kind: put(f"nifti/{file_stem(scan)}_{kind}.nii.gz", _nifti_bytes(a, affine))
                for kind, a in arrays.items()},
         }  # fmt: skip

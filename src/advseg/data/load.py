@@ -150,6 +150,10 @@ def build_index(config: DataConfig) -> tuple[pd.DataFrame, Exclusions]:
             )
         return read_uwmgi(path, config.exclude, config.skip_unreadable)
     labels = config.nifti_labels_file or config.nifti_labels or dataset_json_labels(path)
+    if not labels:  # a DICOM data set: its SEG's segment labels
+        from advseg.data.dicom import layout_labels
+
+        labels = layout_labels(path)
     if not labels:
         raise UserError(
             f"{path}: NIfTI data needs a label mapping (a dataset.json with 'labels', "

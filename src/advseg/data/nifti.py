@@ -38,6 +38,8 @@ from advseg.data.rle import rle_encode
 from advseg.errors import AdvsegWarning, UserError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+DICOM_SUFFIXES = (".dcm",)
+"""A label file with this suffix is a DICOM SEG, and a folder in imagesTr/ a DICOM series."""
 
 #: Largest difference (mm, per affine entry) between an image's and its label's canonical affine.
 AFFINE_TOLERANCE = 1e-3
@@ -113,11 +115,26 @@ def dataset_json_labels(root: str | Path) -> dict[int, str] | None:
     return parse_label_map(mapping)
 
 
+def _open(path: str | Path) -> nib.Nifti1Image:
+    """A NIfTI file, or a DICOM series folder / SEG file as one (:mod:`advseg.data.dicom`)."""
+    if _is_dicom(Path(path)):
+        from advseg.data.dicom import as_nifti
+
+        return as_nifti(path)
+    return nib.load(str(path))
+
+
+def _is_dicom(path: Path) -> bool:
+    return path.is_dir() or path.name.lower().endswith(DICOM_SUFFIXES)
+
+
 def load_canonical(path: str | Path) -> nib.Nifti1Image:
-    """A NIfTI image reoriented to the closest canonical orientation (RAS+); data not read yet
-    when it is already canonical."""
+    """A NIfTI image (or DICOM series / SEG) reoriented to the closest canonical orientation
+    (RAS+); data not read yet when it is already canonical."""
     try:
-        return nib.as_closest_canonical(nib.load(str(path)))
+        return nib.as_closest_canonical(_open(path))
+    except UserError:
+        raise
     except Exception as err:  # nibabel raises many types for a broken file
         raise UserError(f"{path}: cannot read NIfTI volume ({type(err).__name__}: {err})") from None
 
@@ -125,7 +142,9 @@ def load_canonical(path: str | Path) -> nib.Nifti1Image:
 def canonical_geometry(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
     """The shape and affine ``as_closest_canonical`` gives ``path``, from its header alone."""
     try:
-        image = nib.load(str(path))
+        image = _open(path)
+    except UserError:
+        raise
     except Exception as err:
         raise UserError(f"{path}: cannot read NIfTI header ({err})") from None
     shape = tuple(int(n) for n in image.shape)
@@ -168,16 +187,17 @@ def label_counts(label: np.ndarray) -> dict[int, int]:
 
 def _stem(path: Path) -> str:
     name = path.name
-    for suffix in NIFTI_SUFFIXES:
+    for suffix in (*NIFTI_SUFFIXES, *DICOM_SUFFIXES):
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
 
 
 def _volumes(folder: Path) -> dict[str, Path]:
-    """NIfTI files of a folder by stem, skipping hidden files (MSD archives hold ``._*`` ones)."""
+    """NIfTI files of a folder by stem, skipping hidden files (MSD archives hold ``._*`` ones);
+    DICOM series folders and SEG files (``.dcm``) too (:mod:`advseg.data.dicom`)."""
     files = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
-    return {_stem(p): p for p in files if p.name.endswith(NIFTI_SUFFIXES)}
+    return {_stem(p): p for p in files if p.name.endswith(NIFTI_SUFFIXES) or _is_dicom(p)}
 
 
 def read_nifti(
@@ -213,7 +233,9 @@ def read_nifti(
     }
     label_files = _volumes(root / "labelsTr")
     if not images:
-        raise UserError(f"{root / 'imagesTr'}: no .nii.gz volumes (empty data set)")
+        raise UserError(
+            f"{root / 'imagesTr'}: no .nii.gz volumes or DICOM series folders (empty data set)"
+        )
     names = [n for n in images if n in label_files]
     exclusions = Exclusions(unlabelled=len(images) - len(names))
     if not names:
