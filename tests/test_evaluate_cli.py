@@ -237,3 +237,21 @@ def test_a_typo_is_refused_before_any_data_is_built(setup, tmp_path, capsys, ext
     err = capsys.readouterr().err
     assert said in err and len(err.strip().splitlines()) == 1  # no "data: ..." line before it
     assert not (tmp_path / "cache").exists()
+
+
+def test_max_slices_draws_seeded_slices_spread_over_cases_and_threads_are_recorded(setup):
+    """Issue 26: evaluate --max-slices (SEA on one volume took 10 minutes) and --threads."""
+    from advseg.data import DataConfig, build_index, spread_rows
+
+    out = setup / "few"
+    args = ["evaluate", str(setup / "tiny"), "--out", str(out), "--split", "all", "--loss", "bce"]
+    assert cli([*args, "--max-slices", "3", "--threads", "1", "--device", "cpu"]) == 0
+    records = read_records(out)
+    chosen = sorted(set(records["slice_id"]))
+    assert len(chosen) == 3 and records["case"].nunique() == 3  # one slice of each case
+    index, _ = build_index(DataConfig(path=setup / "data"))
+    expected = spread_rows(index, range(len(index)), 3, seed=0)  # the split seed
+    assert chosen == sorted(index["id"].iloc[expected])
+    sessions = json.loads((out / "provenance.json").read_text())["sessions"]
+    assert sessions[-1]["threads"] == "1"
+    assert cli([*args, "--max-slices", "0", "--out", str(setup / "none")]) == 2

@@ -64,6 +64,7 @@ def session(command: str, device: Any) -> dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": describe_device(device),
+        "threads": str(torch.get_num_threads()),  # results move in the 4th decimal with it
     }
 
 

@@ -12,6 +12,7 @@ from advseg.cli.console import console
 from advseg.cli.data import CACHE_HELP
 from advseg.cli.flags import NOISE_FLAG, count_flag, seed_flag
 from advseg.errors import UserError
+from advseg.threads import THREADS_HELP
 
 if TYPE_CHECKING:
     from advseg.data import DataConfig
@@ -52,6 +53,7 @@ def certify_command(
     ),
     seed: int = typer.Option(0, "--seed", callback=seed_flag, help="Seed of the noise."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Certify a model under Gaussian noise (Fischer et al. 2021): per slice and class, the
     certified Dice at each L2 radius (abstentions count as wrong) and the abstention rate.
@@ -63,7 +65,10 @@ def certify_command(
     from advseg.defences.certify import certified_path, certified_summary, certify_checkpoint
     from advseg.defences.smoothing import SmoothingConfig
     from advseg.records import write_records
+    from advseg.threads import set_threads
     from advseg.trained import checkpoint_label
+
+    set_threads(threads)
 
     config = SmoothingConfig(
         sigma=sigma, n0=n0, n=n, alpha=alpha, radii=sorted(set(radius)),

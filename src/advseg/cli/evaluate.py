@@ -13,6 +13,7 @@ from advseg.cli.console import console
 from advseg.cli.data import CACHE_HELP
 from advseg.cli.flags import count_flag, options_named
 from advseg.errors import UserError
+from advseg.threads import THREADS_HELP
 
 
 def evaluate_command(
@@ -67,6 +68,13 @@ def evaluate_command(
         16, "--batch-size", callback=count_flag(), help="Slices per batch."
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
+    max_slices: int | None = typer.Option(
+        None,
+        "--max-slices",
+        help="Evaluate at most N slices per checkpoint (seeded by its split seed, spread over "
+        "cases; default: all).",
+    ),
     examples: int = typer.Option(
         0, "--examples", callback=count_flag(0), help="Slices per cell saved for figures."
     ),
@@ -122,7 +130,9 @@ def evaluate_command(
     from advseg.data.location import data_argument
     from advseg.evaluate import EvaluateConfig, evaluate
     from advseg.summary import UNITS
+    from advseg.threads import set_threads
 
+    set_threads(threads)  # before any model or data: torch's pool is sized once
     options = {"steps": steps, "alpha": alpha, "norm": norm, "restarts": restarts}
     options["update"] = update
     options["eot_samples"] = eot_samples
@@ -152,10 +162,13 @@ def evaluate_command(
         compat=compat,
         defences=list(defence),
         trace=trace,
+        max_slices=max_slices,
         corruptions=list(corruption),
         corruption_seed=corruption_seed,
     )
-    with options_named(("protocol", "split", "device")):  # as typed, not the library's keys
+    with options_named(
+        ("protocol", "split", "device", "max_slices")
+    ):  # as typed, not the library's keys
         result = evaluate(config, progress=True)
     if not distributed.is_main():
         return

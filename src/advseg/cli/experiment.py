@@ -14,6 +14,7 @@ from advseg.cli.data import CACHE_HELP
 from advseg.cli.report import print_report
 from advseg.config import load_yaml
 from advseg.errors import UserError
+from advseg.threads import THREADS_HELP
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -76,6 +77,7 @@ def run(
         "repeatable, one per model; adds to the YAML's encoder_weights mapping (default: that "
         "mapping alone). A model not named trains from random init.",
     ),
+    threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Run an experiment grid (train or load models, attack, record, report); resumable.
 
@@ -88,7 +90,9 @@ def run(
     from advseg import distributed
     from advseg.data.location import data_argument
     from advseg.experiment import check_config, load_experiment, run_experiment
+    from advseg.threads import set_threads
 
+    set_threads(threads)
     config = load_experiment(path)
     if compat is not None:
         try:
@@ -144,8 +148,12 @@ def demo(
     out: Path | None = typer.Option(
         None, help="Run directory [default: runs/demo, or runs/demo-<data folder>]."
     ),
+    threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Train the plain U-Net, attack it with FGSM under three losses, write the report."""
     from advseg.demo import run_demo
+    from advseg.threads import set_threads
+
+    set_threads(threads)
 
     _print_result(run_demo(data, out, progress=True), console())

@@ -21,6 +21,7 @@ from advseg.cli.data import (
 from advseg.cli.flags import flag_of, options_named, seed_flag
 from advseg.config import from_dict, load_yaml, to_dict
 from advseg.errors import UserError
+from advseg.threads import THREADS_HELP
 
 _FLAGS = {
     "num_workers": "--workers",
@@ -148,6 +149,7 @@ def train(
     select_steps: int | None = typer.Option(
         None, "--select-steps", help="Robust validation's PGD steps (default 5)."
     ),
+    threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Train a model (AdamW, cosine schedule, early stopping on validation Dice, Dice+Focal).
 
@@ -167,8 +169,10 @@ def train(
     from advseg.data import DataConfig, PreprocessConfig
     from advseg.data.location import data_argument, first_line
     from advseg.defences import describe
+    from advseg.threads import set_threads
     from advseg.train import TrainConfig, train_on_data
 
+    set_threads(threads)
     settings = {} if config is None else load_yaml(config) or {}
     options = {
         "model": model,

@@ -71,6 +71,9 @@ class EvaluateConfig:
             :func:`advseg.corruptions.parse_corruptions`), evaluated beside the attacks with one
             clean forward per batch (:func:`~advseg.evaluate.corrupted.evaluate_corruptions`).
         corruption_seed: seeds every slice's corruption draw (with its slice id).
+        max_slices: evaluate at most this many slices of the split per checkpoint, drawn with
+            the checkpoint's split seed and spread over its cases
+            (:func:`advseg.data.spread_rows`), never the first N (one case's bottom slices).
     """
 
     checkpoints: list[Path]
@@ -92,6 +95,7 @@ class EvaluateConfig:
     trace: bool = False
     corruptions: list[str] = field(default_factory=list)
     corruption_seed: int = 0
+    max_slices: int | None = None
 
 
 @dataclass
@@ -152,7 +156,7 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
     from advseg.attacks import attack_options, check_option_values
     from advseg.bootstrap import with_intervals
     from advseg.corruptions import parse_corruptions
-    from advseg.data import held_out_rows, load_data, saved_preprocess
+    from advseg.data import held_out_rows, load_data, saved_preprocess, spread_rows
     from advseg.data.location import data_note, first_line
     from advseg.defences import create_defence, defend, defended_name
     from advseg.evaluate.corrupted import evaluate_corruptions
@@ -183,6 +187,8 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
                                 f"{name!r}")  # fmt: skip
     if config.split not in ("test", "all"):
         raise UserError(f"split: {config.split!r} is not 'test' or 'all'")
+    if config.max_slices is not None and config.max_slices < 1:
+        raise UserError(f"max_slices: must be at least 1, got {config.max_slices}")
     for name in config.attacks:
         attack_options(name)  # unknown names fail before any model or data is loaded
     corrupted = parse_corruptions(config.corruptions) if config.corruptions else []
@@ -266,6 +272,10 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
         rows = np.arange(len(data.index))
         if config.split == "test":
             rows = held_out_rows(data.index, meta.data, str(checkpoint))
+        if config.max_slices is not None:  # seeded by the split's seed, spread over the cases
+            rows = spread_rows(
+                data.index, rows, config.max_slices, int(meta.data.get("split_seed", 0))
+            )
         if len(rows) == 0:
             raise UserError(f"{checkpoint}: the {config.split} split has no slices")
         slices[checkpoint_name] = len(rows)

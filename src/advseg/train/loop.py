@@ -195,6 +195,7 @@ def train(
                     "best": best_metrics(run),
                     "last": asdict(stats),
                     "train_seconds": sum(s.seconds for s in run.history),  # all epochs
+                    "threads": torch.get_num_threads(),  # the CPU threads they were run with
                 }
                 meta = metadata_for(
                     model, classes, config.activation, **meta_fields, train=to_dict(config),
