@@ -27,8 +27,9 @@ from advseg.corruptions.base import (
 )
 from advseg.errors import UserError
 
-__all__ = ["CORRUPTIONS", "SEVERITIES", "Corruption", "Geometry", "check_severity", "corrupt",
-           "corruption_seed", "create_corruption", "parse_corruptions"]  # fmt: skip
+__all__ = ["CORRUPTIONS", "NO_LOSS", "SEVERITIES", "Corruption", "Geometry", "check_severity",
+           "corrupt", "corruption_label", "corruption_of", "corruption_seed", "create_corruption",
+           "parse_corruptions"]  # fmt: skip
 
 
 def create_corruption(name: str) -> Corruption:
@@ -81,6 +82,23 @@ def corrupt(
         changed = corruption.apply(to_torchio(image), params)
         out.append(from_torchio(changed, geometry.volume).float().clamp(0.0, 1.0))
     return (torch.stack(out) * (high - low) + low).to(device=x.device, dtype=x.dtype)
+
+
+NO_LOSS = "none"
+"""The ``loss`` column of a corruption cell's records: nothing is optimised."""
+
+
+def corruption_label(name: str, severity: int) -> str:
+    """The records' ``attack`` of a corruption cell, e.g. ``corruption:motion:3``."""
+    return f"corruption:{name}:{severity}"
+
+
+def corruption_of(label: str) -> tuple[str, int] | None:
+    """``corruption:motion:3`` -> ``("motion", 3)``; None for an attack's label."""
+    parts = str(label).split(":")
+    if len(parts) == 3 and parts[0] == "corruption" and parts[2].isdigit():
+        return parts[1], int(parts[2])
+    return None
 
 
 def corruption_seed(seed: int, name: str, severity: int, slice_id: str) -> int:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 
 from advseg import distributed
 from advseg.attacks import frozen, model_logits
-from advseg.corruptions import corrupt, corruption_seed
+from advseg.corruptions import NO_LOSS, corrupt, corruption_label, corruption_seed
 from advseg.data.split import spread_positions
 from advseg.errors import UserError
 from advseg.evaluate.cells import DEFAULT_BATCH_SIZE, CellResult, SliceSource
@@ -33,14 +33,6 @@ from advseg.evaluate.engine import BatchOutput
 from advseg.evaluate.scoring import batch_records, example_arrays, merge_examples
 from advseg.record_rows import pixel_mm
 from advseg.records import check_records
-
-NO_LOSS = "none"
-"""The ``loss`` column of a corruption's records: nothing is optimised."""
-
-
-def corruption_label(name: str, severity: int) -> str:
-    """The records' ``attack`` of a corruption cell, e.g. ``corruption:motion:3``."""
-    return f"corruption:{name}:{severity}"
 
 
 def evaluate_corruptions(

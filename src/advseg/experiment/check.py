@@ -33,8 +33,12 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
     """Check what the dataclass types cannot: names, ranges and duplicates, naming the key."""
     if not config.models:
         raise UserError("models: at least one model is needed")
-    if not config.attacks:
-        raise UserError("attacks: at least one attack is needed")
+    if not config.attacks and not config.corruptions:
+        raise UserError("attacks: at least one attack (or corruption) is needed")
+    if config.corruptions:
+        from advseg.corruptions import parse_corruptions
+
+        parse_corruptions(config.corruptions, "corruptions")
     check_file_name(config.name, "name")
     seen: dict[str, int] = {}
     for i, model in enumerate(config.models):

@@ -156,6 +156,10 @@ class ExperimentConfig:
             random init (or from ``train.encoder_weights``, one file for every model); the run
             says which in one line, and a missing or unfitting file is refused before any
             training (:func:`advseg.preflight.check_experiment`).
+        corruptions: corruption cells for every model (``motion:3``, ``noise`` for its five
+            severities, ``all``; :func:`advseg.corruptions.parse_corruptions`): one cell per
+            (model, corruption, severity), all of a model's computed in one pass over the
+            slices (:func:`advseg.evaluate.corrupted.evaluate_corruptions`), seeded by ``seed``.
     """
 
     name: str = "experiment"
@@ -170,6 +174,7 @@ class ExperimentConfig:
     seeds: list[int] = field(default_factory=list)
     compat: str = "none"
     encoder_weights: dict[str, str] = field(default_factory=dict)
+    corruptions: list[str] = field(default_factory=list)
 
 
 def trained_here(model: ModelSpec) -> bool:

@@ -16,6 +16,7 @@ import pandas as pd
 from advseg import distributed
 from advseg.attacks import ATTACKS
 from advseg.compat import compat_label
+from advseg.corruptions import NO_LOSS, corruption_label, corruption_of, parse_corruptions
 from advseg.cross_model import (
     model_seeds,
     transfer_cells,
@@ -82,7 +83,14 @@ def plan_cells(config: ExperimentConfig) -> list[Cell]:
         Cell(model, attack, eps, tuple(losses), kwargs[attack, mode], seed=seed, compat=mode)
         for (model, seed, attack, mode, eps), losses in cells.items()
     ]
-    return planned + transfer_cells(config, planned)
+    corrupted = [
+        Cell(name, corruption_label(*cell), 0.0, (NO_LOSS,), seed=seed)
+        for name, seed in names
+        for cell in (
+            parse_corruptions(config.corruptions, "corruptions") if config.corruptions else []
+        )
+    ]
+    return planned + corrupted + transfer_cells(config, planned)
 
 
 @dataclass
@@ -105,9 +113,12 @@ class GridResult:
 def sweep_key(cell: Cell) -> tuple | None:
     """Cells with one key can share one gradient (a single-step attack's eps sweep); None: alone.
 
+    A model's corruption cells share one pass over the slices (one clean forward per batch).
     A single-step attack's images at every eps come from the same input gradient, so the cells of
     one (model, attack, options) are computed together by ``run_cells``' ``sweep``.
     """
+    if corruption_of(cell.attack) is not None:  # one pass per model: one clean forward
+        return (cell.model, cell.seed, "corruption")
     if cell.source or "+" in cell.attack or not ATTACKS.get(cell.attack).single_step:
         return None  # a transfer cell scores images crafted elsewhere; +bpda/+eot attack a view
     return (cell.model, cell.seed, cell.attack, cell.compat, cell.kwargs)

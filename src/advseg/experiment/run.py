@@ -25,6 +25,7 @@ from rich.progress import (
 from advseg import distributed
 from advseg.atomic import remove_debris, write_text_atomic
 from advseg.bootstrap import with_intervals
+from advseg.corruptions import corruption_of
 from advseg.cross_model import (
     ENSEMBLE_PREFIX,
     CrossModel,
@@ -41,6 +42,7 @@ from advseg.data import (
 from advseg.defences import defend
 from advseg.errors import UserError
 from advseg.evaluate.cells import evaluate_sweep
+from advseg.evaluate.corrupted import evaluate_corruptions
 from advseg.experiment.check import check_config
 from advseg.experiment.config import (
     EvaluationSpec,
@@ -225,6 +227,9 @@ def run_experiment(
             dict(first.kwargs).get("activation"),
             f"model {first.model!r}",
         )
+        if corruption_of(first.attack) is not None:
+            return [seeded(c, o) for c, o in zip(group, corrupted(group, net, arch, activation),
+                                                 strict=True)]  # fmt: skip
         eps = ", ".join(f"{c.eps:g}" for c in group)
         losses = ", ".join(dict.fromkeys(loss for c in group for loss in c.losses))
         what = f"evaluating {first.model}, {first.label} eps {eps} ({losses})"
@@ -253,6 +258,18 @@ def run_experiment(
             for c, r in zip(group, results, strict=True)
         ]
 
+    def corrupted(group: list[Cell], net, arch: str, activation: str) -> list[CellOutput]:
+        """A model's corruption cells in one pass (one clean forward per batch)."""
+        pairs = [corruption_of(c.attack) for c in group]
+        what = f"evaluating {group[0].model}, {len(group)} corruption cells"
+        with cell_progress(console, f"{what} on {len(eval_rows)} slices") as on_batch:
+            results = evaluate_corruptions(
+                net, data, eval_rows, pairs, model_name=group[0].model, arch=arch,
+                activation=activation, seed=config.seed, batch_size=config.evaluation.batch_size,
+                examples=config.evaluation.examples, on_batch=on_batch,
+            )  # fmt: skip
+        return [CellOutput(r.records, r.examples) for r in results]
+
     def compute(cell: Cell) -> CellOutput:
         if cross.handles(cell):
             return seeded(cell, CellOutput(cross.compute(cell)))
@@ -270,6 +287,8 @@ def run_experiment(
     )
     grid = run_cells(cells, run_dir, compute, on_cell, sweep=compute_cells, identity=identity)
     records = white_box(read_records(run_dir))  # every cell written: run_cells' last barrier
+    if (records["corruption"] == "").any():  # Table II: the attack cells, when there are any
+        records = records[records["corruption"] == ""]
     eps = headline_eps(records)
     protocol = config.evaluation.protocol
     headline = records[records["eps"] == eps]

@@ -26,6 +26,7 @@ from advseg.errors import UserError
 from advseg.records import read_records, white_box
 from advseg.report import (
     convergence,
+    corruptions,
     cross_model,
     defences,
     figures,
@@ -99,6 +100,9 @@ def write_report(
     run_dir = Path(run_dir)
     every_record = read_records(run_dir)
     records = white_box(every_record)  # Table II and the figures: white-box cells only
+    corrupted = records[records["corruption"] != ""]  # the corruption section's
+    if len(corrupted) < len(records):  # the attack sections: attack cells (if any)
+        records = records[records["corruption"] == ""]
     protocol = protocol or _run_protocol(run_dir)
     if protocol not in PROTOCOLS:
         valid = ", ".join(PROTOCOLS)
@@ -123,6 +127,7 @@ def write_report(
     sections = [
         provenance.section(writer, run_dir, records, table_ii, protocol, locations),
         _table_section(writer, records[records["eps"] == eps], protocol, eps, locations),
+        *corruptions.sections(writer, run_dir, corrupted, protocol, classes),
         _eps_section(writer, cells),
         panel_section(writer, run_dir, records[records["eps"] == eps], protocol, classes, eps),
         _loss_section(writer, at_eps, eps),
