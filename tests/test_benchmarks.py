@@ -61,6 +61,12 @@ def test_bench_data_prints_its_throughputs(tmp_path):
     assert "slices/s" in out
 
 
+def test_bench_fingerprint_prints_its_ratios(tmp_path):
+    args = ["--cases", "2", "--scans", "1", "--slices", "4", "--size", "32", "--repeats", "1"]
+    out = _run("bench_fingerprint.py", *args, "--dir", str(tmp_path))
+    assert "ratios: warm / stat" in out and "cold / decode" in out
+
+
 @pytest.mark.slow  # minutes on a shared 2-core machine: four methods, three of them attacking
 def test_bench_adversarial_training_prints_its_ratios():
     args = ["--model", "unet-tiny", "--size", "32", "--batch", "2", "--steps", "1"]

@@ -58,12 +58,26 @@ def test_one_data_set_spelt_three_ways_has_one_cache_entry(synth, tmp_path, monk
 
 
 def test_an_image_file_rewritten_is_a_new_key(synth, tmp_path):
+    """The key follows the files' content (issue 25): other pixels with the size and mtime kept
+    are a new key; the same bytes with a new time are not."""
+    import cv2
+
     root = copy_of(synth, tmp_path / "d")
     config = DataConfig(path=root, cache_dir=tmp_path / "c", preprocess=PreprocessConfig(size=16))
-    first = load_data(config)
     png = first_png(root)
+    pixels = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
+    stored = [cv2.IMWRITE_PNG_COMPRESSION, 0]  # uncompressed: the size follows the shape only
+    png.write_bytes(cv2.imencode(".png", pixels, stored)[1].tobytes())
+    first = load_data(config)
     stat = png.stat()
     os.utime(png, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same bytes, a new time
+    touched = load_data(config)
+    assert touched.cache_path == first.cache_path and touched.decoded == 0
+    stat = png.stat()
+    pixels[0, 0] = pixels[0, 0] + 1
+    png.write_bytes(cv2.imencode(".png", pixels, stored)[1].tobytes())
+    os.utime(png, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # size and mtime as before
+    assert png.stat().st_size == stat.st_size and png.stat().st_mtime_ns == stat.st_mtime_ns
     second = load_data(config)
     assert second.cache_path != first.cache_path and second.decoded == 6
 
@@ -135,6 +149,6 @@ def test_a_run_begun_on_a_relative_path_keeps_its_fingerprint(synth, tmp_path, m
     config = DataConfig(path="mri", cache_dir=tmp_path / "c", preprocess=PreprocessConfig(size=16))
     data = load_data(config)
     before, _ = read_uwmgi(Path("mri"))  # the index as it was built before paths were resolved
-    spelt = cache_key(before, config.preprocess)  # the fingerprint such a run saved
+    spelt = cache_key(before, config.preprocess, content=False)  # what such a run saved
     assert spelt != data_fingerprint(data) and same_data(spelt, data)
     assert same_data(data_fingerprint(data), data) and not same_data("0" * 24, data)

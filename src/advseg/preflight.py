@@ -142,21 +142,24 @@ def check_attacks(config: ExperimentConfig, in_channels: int, classes: int) -> N
 def data_fingerprint(data: SliceData) -> str:
     """A name for the data a run computes on: the cache key of its index.
 
-    The key hashes the index (ids, image paths, masks, classes), the image files' sizes and
-    modification times, and the preprocessing: replaced, edited or re-copied data gives another
-    fingerprint.
+    The key hashes the index (ids, image paths, masks, classes), the image files' contents
+    (:mod:`advseg.data.content`) and the preprocessing: replaced or edited data gives another
+    fingerprint, even with its sizes and modification times kept.
     """
     return data.cache_path.name
 
 
 def same_data(saved: str, data: SliceData) -> bool:
-    """Whether a saved fingerprint names ``data``: its fingerprint now, or the one it had before
+    """Whether a saved fingerprint names ``data``: its fingerprint now, the one it had before
+    content digests (sizes and mtimes), or the one it had before
     data locations were resolved (image paths as spelt relative to the working directory, what a
     run begun with a relative data path, ``advseg demo``'s included, saved)."""
     if saved == data_fingerprint(data):
         return True
     from advseg.data.cache import cache_key
 
+    if saved == cache_key(data.index, data.preprocess, content=False):
+        return True  # saved before content digests: the files' sizes and mtimes then
     index = data.index.copy()
     index["image_path"] = [os.path.relpath(p) for p in index["image_path"]]
-    return saved == cache_key(index, data.preprocess)
+    return saved == cache_key(index, data.preprocess, content=False)

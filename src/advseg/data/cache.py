@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from advseg.atomic import fault_point, remove_debris, write_error
+from advseg.data.content import STORE, keep_digests
 from advseg.data.index import index_classes
 from advseg.data.location import CACHE_ENV
 from advseg.data.nifti import read_volume
@@ -70,13 +71,38 @@ class CachedArrays:
     path: Path = Path()
 
 
-def cache_key(index: pd.DataFrame, config: PreprocessConfig) -> str:
-    """A hex digest of the index contents, the image files' sizes and mtimes, and ``config``."""
+def cache_key(
+    index: pd.DataFrame,
+    config: PreprocessConfig,
+    cache_dir: str | Path | None = None,
+    content: bool = True,
+) -> str:
+    """A hex digest of the index contents, the image files' contents and ``config``.
+
+    Args:
+        cache_dir: the cache folder whose entries keep the files' digests by stat key
+            (:mod:`advseg.data.content`); None reads every file.
+        content: False gives the key as it was before content digests (the files' sizes and
+            mtimes), which a run begun then saved (:func:`advseg.preflight.same_data`).
+    """
+    return _key_and_digests(index, config, cache_dir, content)[0]
+
+
+def _key_and_digests(
+    index: pd.DataFrame, config: PreprocessConfig, cache_dir: str | Path | None, content: bool
+) -> tuple[str, dict[str, list[str]]]:
+    from advseg.data.content import file_digests, known_digests
+
     classes = index_classes(index)
-    content = index[["id", "image_path", "image_z", "width", "height", *classes]]
-    stats = {p: _stat(p) for p in index["image_path"].unique()}
+    content_columns = index[["id", "image_path", "image_z", "width", "height", *classes]]
+    paths = list(index["image_path"].unique())
+    records: dict[str, list[str]] = {}
+    if content:
+        stats, records = file_digests(paths, known_digests(cache_dir))
+    else:
+        stats = {p: _stat(p) for p in paths}
     files = index["image_path"].map(stats)
-    row_hashes = pd.util.hash_pandas_object(content, index=False).to_numpy()
+    row_hashes = pd.util.hash_pandas_object(content_columns, index=False).to_numpy()
     file_hashes = pd.util.hash_pandas_object(files, index=False).to_numpy()
     digest = hashlib.sha256()
     digest.update(row_hashes.tobytes())
@@ -88,7 +114,7 @@ def cache_key(index: pd.DataFrame, config: PreprocessConfig) -> str:
     if (index["image_z"] >= 0).any():  # NIfTI volumes are read in canonical orientation
         meta["orientation"] = "canonical"
     digest.update(json.dumps(meta, sort_keys=True).encode())
-    return digest.hexdigest()[:24]
+    return digest.hexdigest()[:24], records
 
 
 def _stat(path: str) -> str:
@@ -121,7 +147,7 @@ def cached_arrays(
     Raises:
         UserError: the first unreadable slice (unless ``skip_unreadable``), or no readable slice.
     """
-    key = cache_key(index, config)
+    key, digests = _key_and_digests(index, config, cache_dir, True)
     entry = Path(cache_dir) / key
     if entry.exists():
         try:
@@ -134,6 +160,7 @@ def cached_arrays(
         else:
             if arrays.skipped and not skip_unreadable:  # cached with skipping; now asked to stop
                 raise UserError(next(iter(arrays.skipped.values())))
+            keep_digests(entry, digests)  # the files' stat keys now (a copy, a touch)
             return arrays
     remove_debris(entry.parent, recursive=False)  # builds of killed processes
     try:
@@ -154,6 +181,7 @@ def cached_arrays(
         meta = json.loads((tmp / "meta.json").read_text())
         meta["key"] = key
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        (tmp / STORE).write_text(json.dumps(digests))
         fault_point("rename", entry.name)
         try:
             os.replace(tmp, entry)

@@ -146,7 +146,20 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResul
     """Run a sweep: every cell's records to ``out/records``, Table II to ``out/summary.csv``.
 
     Under torchrun each cell is sharded over the ranks; rank 0 writes the files. ``progress``
-    shows each cell's batches on stderr (rank 0's).
+    shows each cell's batches on stderr (rank 0's). ``out`` is locked while the sweep runs
+    (:func:`advseg.lock.output_lock`): a second evaluation into it is refused in one line.
+
+    Raises:
+        UserError: as :func:`_evaluate`, or another advseg process writing ``out``.
+    """
+    from advseg.lock import output_lock
+
+    with output_lock(Path(config.out), "advseg evaluate"):
+        return _evaluate(config, progress=progress)
+
+
+def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResult:
+    """:func:`evaluate`'s work, with ``out`` locked.
 
     Raises:
         UserError: no checkpoint, an unknown attack, loss, option or protocol, a bad eps, a

@@ -103,6 +103,20 @@ def run_experiment(
 ) -> RunResult:
     """Run (or resume) an experiment in ``run_dir``: data, training, the grid, summary, report.
 
+    ``run_dir`` is locked while it runs (:func:`advseg.lock.output_lock`): a second run into it
+    is refused in one line; a lock left by a killed run is taken over.
+    """
+    from advseg.lock import output_lock
+
+    with output_lock(run_dir, "advseg run"):
+        return _run_experiment(config, run_dir, progress=progress)
+
+
+def _run_experiment(
+    config: ExperimentConfig, run_dir: str | Path, *, progress: bool = False
+) -> RunResult:
+    """:func:`run_experiment`'s work, with ``run_dir`` locked.
+
     Args:
         config: the experiment (checked by :func:`check_config`).
         run_dir: the run directory; an existing one must hold this same experiment.
