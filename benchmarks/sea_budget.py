@@ -6,12 +6,15 @@ on the synthetic abdominal CT volumes (NIfTI), saves it, and attacks the same he
 
 - ``--code old``: ``sea`` as it was (run this script with ``PYTHONPATH`` on the old source
   tree): 100 steps in all over ``masked-bce, js, masked-spherical, balanced-bce``, best iterate
-  by loss, choice by the Dice over all channels;
-- ``--code new``: ``sea`` at ``preset=fast`` (25 steps per member) and at the reference budget
-  (300 per member), then ``padam`` with ``bce`` (PAdam-CE) and ``cosine`` (PAdam-Cos), 200 steps.
+  by loss, choice by the Dice over all channels. Its adversarial images and time are saved;
+- ``--code new``: scores the old images with the new code (one scoring for every row: the
+  preprocessing's masks changed between the two trees), then runs ``sea`` at ``preset=fast``
+  (25 steps per member), at the reference budget (300 per member), at the reference budget with
+  ``balanced-bce`` as a fifth member, and ``padam`` with ``bce`` (PAdam-CE) and ``cosine``
+  (PAdam-Cos), 200 steps.
 
-Each run writes ``OUT/results-CODE-KINDS.json``; the new run prints both, with the
-paper-protocol DSC (what the report shows) and the wall time of each cell. Sized for a shared CPU.
+The new run writes ``OUT/results-KINDS.json`` and prints the paper-protocol DSC (what the report
+shows) and the wall time of each cell. Sized for a shared CPU.
 
     PYTHONPATH=OLD/src python benchmarks/sea_budget.py --code old --out /tmp/sea-budget
     PYTHONPATH=src python benchmarks/sea_budget.py --code new --out /tmp/sea-budget
@@ -32,20 +35,24 @@ from advseg.evaluate import evaluate_cell
 from advseg.summary import summarize_cells
 from worst_case import TEST_FRACTION, make_data, train  # benchmarks/ is the script's folder
 
-RUNS = {  # code -> [(label, attack, loss, options)]
-    "old": [("sea (old, 100 in all)", "sea", "bce", {})],
-    "new": [
-        ("sea fast (4 x 25)", "sea", "bce", {"preset": "fast"}),
-        ("sea reference (4 x 300)", "sea", "bce", {}),
-        ("padam-ce (200)", "padam", "bce", {}),
-        ("padam-cos (200)", "padam", "cosine", {}),
-    ],
-}
+OLD = "sea (old, 100 in all)"
+NEW = [  # (label, attack, loss, options)
+    ("sea fast (4 x 25)", "sea", "bce", {"preset": "fast"}),
+    ("sea reference (4 x 300)", "sea", "bce", {}),
+    (
+        "sea reference + balanced (5 x 300)",
+        "sea",
+        "bce",
+        {"members": ["masked-bce", "segpgd-bce", "js", "masked-spherical", "balanced-bce"]},
+    ),
+    ("padam-ce (200)", "padam", "bce", {}),
+    ("padam-cos (200)", "padam", "cosine", {}),
+]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--code", choices=sorted(RUNS), required=True)
+    parser.add_argument("--code", choices=["old", "new"], required=True)
     parser.add_argument("--out", type=Path, default=Path("/tmp/sea-budget"))
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--slices", type=int, default=4)
@@ -78,13 +85,23 @@ def main() -> None:
         n = min(args.slices, len(with_mask))
         rows = sorted(int(r) for r in rng.choice(with_mask, size=n, replace=False))
         for eps in [float(e) for e in args.eps.split(",")]:
-            for label, attack, loss, options in RUNS[args.code]:
+            saved_old = args.out / f"old-{kind}-{eps:g}.pt"
+            if args.code == "old":
+                run_old(model, data, rows, eps, saved_old)
+                continue
+            old = torch.load(saved_old)  # {"x_adv": (N, C, H, W), "seconds": float}
+            runs = [(OLD, "crafted", "bce", {}), *NEW]
+            for label, attack, loss, options in runs:
                 start = time.perf_counter()
+                crafted = None
+                if attack == "crafted":
+                    crafted = lambda x, y, at, old=old: [old["x_adv"][at]]  # noqa: E731
                 result = evaluate_cell(
-                    model, data, rows, attack, [loss], eps, model_name=kind, arch=args.model,
-                    attack_kwargs=options, batch_size=8,
+                    model, data, rows, label if crafted else attack, [loss], eps,
+                    model_name=kind, arch=args.model, attack_kwargs=options, batch_size=8,
+                    crafted=crafted,
                 )  # fmt: skip
-                seconds = time.perf_counter() - start
+                seconds = old["seconds"] if crafted else time.perf_counter() - start
                 cell = summarize_cells(result.records, "paper").iloc[0]
                 won = ""
                 if attack == "sea":
@@ -94,16 +111,26 @@ def main() -> None:
                        "dsc_clean": float(cell["dsc_clean"]), "dsc_adv": float(cell["dsc_adv"]),
                        "seconds": seconds, "winners": won}  # fmt: skip
                 results.append(row)
-                print(f"{kind} eps {eps:g} {label:26s} clean {row['dsc_clean']:.3f} "
+                print(f"{kind} eps {eps:g} {label:35s} clean {row['dsc_clean']:.3f} "
                       f"adv {row['dsc_adv']:.3f}  {seconds:6.1f} s  {won}", flush=True)  # fmt: skip
-    (args.out / f"results-{args.code}-{args.kinds}.json").write_text(json.dumps(results))
-    other = args.out / f"results-old-{args.kinds}.json"
-    if args.code == "new" and other.exists():
-        print("\nkind    eps    attack                     DSC adv   time (s)")
-        for row in sorted(json.loads(other.read_text()) + results,
-                          key=lambda r: (r["kind"], r["eps"])):  # fmt: skip
-            print(f"{row['kind']:7s} {row['eps']:<6g} {row['label']:26s} {row['dsc_adv']:.3f}"
-                  f"   {row['seconds']:7.1f}")  # fmt: skip
+    if args.code == "new":
+        (args.out / f"results-{args.kinds}.json").write_text(json.dumps(results))
+
+
+def run_old(model: torch.nn.Module, data, rows: list[int], eps: float, path: Path) -> None:
+    """The old tree's ``sea`` at its default budget on ``rows`` (one batch, as evaluate_cell
+    batches them at this size), its images and time saved for the new tree to score."""
+    from advseg.attacks import create_attack
+
+    items = [data.dataset(rows)[i] for i in range(len(rows))]
+    x = torch.stack([item["image"] for item in items])
+    y = torch.stack([item["mask"] for item in items]).float()
+    attack = create_attack("sea", model, eps=eps)
+    start = time.perf_counter()
+    x_adv = attack(x, y)
+    seconds = time.perf_counter() - start
+    torch.save({"x_adv": x_adv, "seconds": seconds}, path)
+    print(f"old sea eps {eps:g}: {seconds:.1f} s, winners {attack.winners}", flush=True)
 
 
 if __name__ == "__main__":
