@@ -200,9 +200,10 @@ def ssim(x: Tensor, x_adv: Tensor, data_range: float = 1.0, win_size: int = 7) -
     MONAI ``SSIMMetric`` (Gaussian window, sigma 1.5); the window shrinks to the image on
     images smaller than ``win_size``.
     """
-    side = min(x.shape[-2:])
+    side = min(x.shape[2:])
     win = min(win_size, side if side % 2 else side - 1)
-    metric = SSIMMetric(spatial_dims=2, data_range=data_range, win_size=win, reduction="none")
+    dims = x.dim() - 2  # 2 for slices (B, C, H, W), 3 for volumes (B, C, D, H, W)
+    metric = SSIMMetric(spatial_dims=dims, data_range=data_range, win_size=win, reduction="none")
     return metric(x_adv.float(), x.float()).flatten()
 
 

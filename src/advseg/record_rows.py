@@ -61,7 +61,8 @@ def pixel_mm(data: Any, rows: Sequence[int]) -> np.ndarray | None:
     geometry = getattr(data, "geometry", None)
     if geometry is None:
         return None
-    return geometry[["mm_h", "mm_w"]].to_numpy(np.float64)[np.asarray(rows, dtype=np.int64)]
+    columns = ["mm_d", "mm_h", "mm_w"] if "mm_d" in geometry else ["mm_h", "mm_w"]
+    return geometry[columns].to_numpy(np.float64)[np.asarray(rows, dtype=np.int64)]
 
 
 def empty_is_one(values: np.ndarray) -> np.ndarray:

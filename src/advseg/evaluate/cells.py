@@ -46,7 +46,10 @@ class SliceSource(Protocol):
     ``index`` has one row per slice with the columns ``id``, ``case``, ``scan``, ``slice``;
     ``dataset(rows)`` yields dicts ``{"image": (C, H, W), "mask": (K, H, W), "row": int}``. A
     ``geometry`` table (``mm_h``, ``mm_w`` per index row, as ``SliceData.geometry``) gives HD95 in
-    millimetres; without it the records' ``hd95_mm_*`` are NaN.
+    millimetres (``mm_d`` too for volumes); without it the records' ``hd95_mm_*`` are NaN.
+    Optional: ``prepare(rows)``, called before each batch is attacked (an nnU-Net source hands
+    the volume's spacing to its model), and ``data_range`` (PSNR/SSIM; default 1.0, None: each
+    batch's own max - min, for images in the source's units).
     """
 
     index: pd.DataFrame
@@ -275,11 +278,15 @@ def evaluate_sweep(
     shown: list[tuple[int, list[dict[str, np.ndarray]]]] = []
     kept: list[tuple[int, list[list[np.ndarray]]]] = []  # per batch, per eps, per loss
     steps: list[tuple[int, list[BatchTrace]]] = []  # per batch, per eps: (slices, loss traces)
+    prepare = getattr(data, "prepare", None)
+    data_range = getattr(data, "data_range", 1.0)
     for batch_number, batch in zip(mine, loader, strict=True):
         x = batch["image"].to(device, non_blocking=True)
         y = batch["mask"].to(device, non_blocking=True).float()
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
+        if prepare is not None:  # e.g. an nnU-Net model takes the volume's spacing
+            prepare(batch["row"].tolist())
         if not frames:
             _check_fit(model, x, y, model_name, classes, activation)
         target = y
@@ -308,7 +315,7 @@ def evaluate_sweep(
         meta = index.iloc[batch["row"].tolist()]
         spacing = pixel_mm(data, batch["row"].tolist())
         parts = [
-            batch_records(o, n, x, y, meta, classes, activation, spacing)
+            batch_records(o, n, x, y, meta, classes, activation, spacing, data_range)
             for o, n in zip(outs, names, strict=True)
         ]
         frames.append((batch_number, parts))

@@ -30,12 +30,16 @@ def batch_records(
     classes: list[str],
     activation: str,
     spacing: np.ndarray | None = None,
+    data_range: float | None = 1.0,
 ) -> pd.DataFrame:
     """Records of one batch: one row per (loss, slice, class); model/attack columns added later.
 
-    ``spacing``: ``(B, 2)`` mm per model pixel, for HD95 in mm
-    (:func:`advseg.record_rows.pixel_mm`).
+    ``spacing``: ``(B, 2)`` mm per model pixel (``(B, 3)`` per voxel of a volume), for HD95 in mm
+    (:func:`advseg.record_rows.pixel_mm`). ``data_range``: the images' range for PSNR and SSIM
+    (None: the batch's own max - min, for images in the source's units).
     """
+    if data_range is None:
+        data_range = max(float(x.max() - x.min()), 1e-12)
     target = y > 0.5
     clean = score(class_prediction(out.clean_logits, activation), target, spacing)
     lum = luminosity(x).cpu().numpy()  # (B,)
@@ -50,8 +54,8 @@ def batch_records(
         per_slice = {
             "linf": linf,
             "l2": l2,
-            "psnr": psnr(x, x_adv).cpu().numpy(),
-            "ssim": ssim(x, x_adv).cpu().numpy(),
+            "psnr": psnr(x, x_adv, data_range).cpu().numpy(),
+            "ssim": ssim(x, x_adv, data_range).cpu().numpy(),
             "luminosity": lum,
         }
         frames.append(

@@ -28,7 +28,6 @@ See https://github.com/MIC-DKFZ/nnUNet (Isensee et al., Nature Methods 2021).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advseg.errors import UserError
+from advseg.models.external.module import file_sha256
 
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
 DEFAULT_TRAINER = "nnUNetTrainer"
@@ -134,14 +134,6 @@ def _numpy_dtype_classes() -> list[type]:
     return [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass
 class NnUNetFolder:
     """What an nnU-Net v2 results folder holds, read and checked.
@@ -233,7 +225,7 @@ def read_folder(
             raise UserError(f"{path}: missing (fold {fold} was asked for)")
         loaded = read_checkpoint(path)
         weights.append(loaded["network_weights"])
-        hashes[fold] = _sha256(path)
+        hashes[fold] = file_sha256(path)
         if i == 0:
             trainer_name = str(loaded.get("trainer_name", trainer))
             axes = loaded.get("inference_allowed_mirroring_axes")

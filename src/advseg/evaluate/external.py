@@ -1,0 +1,150 @@
+"""A model advseg did not train, opened for ``advseg evaluate``: the model, the data it is judged
+on, and what the records and provenance say of it.
+
+- nnU-Net (``--nnunet DIR``): :class:`~advseg.models.external.nnunet.NnUNet` over the raw data
+  set named by ``--data`` (:class:`~advseg.models.external.nnunet_cases.NnUNetCases`): whole
+  volumes, one per batch, in the source's units (eps in HU for CT), every labelled case scored;
+  unbounded valid range (the perturbation goes into the raw image, before nnU-Net's clipping).
+- TorchScript (``--torchscript FILE``) and factories (``--model-factory pkg.mod:fn``): slices of
+  the data set named by ``--data`` through advseg's preprocessing (grey in [0, 1] at ``--size``,
+  ``--in-channels`` copies), every slice scored: advseg does not know the model's training split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from advseg.errors import UserError
+from advseg.models.external import ExternalConfig
+
+
+@dataclass
+class Judged:
+    """One model to judge, opened.
+
+    Attributes:
+        model: the differentiable function attacks go through.
+        name: its label in the records.
+        arch: the ``arch`` column (``nnunet:3d_fullres``, ``torchscript``, ``factory``).
+        activation: ``sigmoid`` or ``softmax``.
+        data: the :class:`~advseg.evaluate.cells.SliceSource` it is scored on.
+        rows: the rows of ``data.index`` scored (every one).
+        batch_size: None (the sweep's) or 1 (volumes of different shapes).
+        valid_range: the attacks' valid range: None (unbounded) in the source's units.
+        provenance: what the report says of the model (folder, folds, hashes, units).
+    """
+
+    model: nn.Module
+    name: str
+    arch: str
+    activation: str
+    data: Any
+    rows: np.ndarray
+    batch_size: int | None = None
+    valid_range: tuple[float, float] | None = (0.0, 1.0)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def open_external(
+    config: ExternalConfig,
+    data: Path | str | None,
+    *,
+    cache_dir: Path | None = None,
+    device: str | torch.device = "cpu",
+) -> Judged:
+    """Open ``config``'s model and the data it is judged on (``--data``, never defaulted)."""
+    if data is None:
+        what = "an nnU-Net raw data set (imagesTs/ + labelsTs/, or imagesTr/ + labelsTr/)"
+        if config.kind != "nnunet":
+            what = "a data set advseg reads (Kaggle layout, NIfTI, or synthetic)"
+        raise UserError(f"--{_flag(config)} needs --data: {what} to score the model on")
+    if config.kind == "nnunet":
+        return _open_nnunet(config, Path(data), device)
+    return _open_module(config, data, cache_dir, device)
+
+
+def _flag(config: ExternalConfig) -> str:
+    return {"nnunet": "nnunet", "torchscript": "torchscript"}.get(config.kind, "model-factory")
+
+
+def _open_nnunet(config: ExternalConfig, raw: Path, device: str | torch.device) -> Judged:
+    from advseg.models.external.nnunet import NnUNet, read_folder
+    from advseg.models.external.nnunet_cases import NnUNetCases
+
+    found = read_folder(
+        config.path,
+        configuration=config.configuration,
+        folds=config.folds or None,
+        checkpoint=config.checkpoint,
+    )
+    cases = NnUNetCases(raw, found)
+    model = NnUNet(found, cases.spacing(0), mirroring=config.mirroring).to(device)
+    cases.bind(model)
+    provenance = {
+        **found.provenance(),
+        "mirroring": config.mirroring,
+        "units": "the source's (HU for CT): eps, L-inf and L2 are in them",
+        "resampling_gradient": "linear (nnU-Net's own resampling in the forward pass)",
+    }
+    return Judged(
+        model=model,
+        name=config.label,
+        arch=f"nnunet:{config.configuration}",
+        activation=model.activation,
+        data=cases,
+        rows=np.arange(len(cases.index)),
+        batch_size=1,
+        valid_range=None,
+        provenance=provenance,
+    )
+
+
+def _open_module(
+    config: ExternalConfig, data: Path | str, cache_dir: Path | None, device: str | torch.device
+) -> Judged:
+    from advseg.data import DataConfig, PreprocessConfig, load_data
+    from advseg.models.external.module import (
+        check_outputs,
+        file_sha256,
+        load_factory,
+        load_torchscript,
+    )
+
+    if config.kind == "torchscript":
+        model, where = load_torchscript(config.path, device), f"--torchscript {config.path}"
+    else:
+        model, where = load_factory(config.path, config.weights, device), config.path
+    preprocess = PreprocessConfig(size=config.size, channels=config.in_channels)
+    loaded = load_data(DataConfig(path=Path(data), cache_dir=cache_dir, preprocess=preprocess))
+    if list(loaded.classes) != list(config.classes):
+        raise UserError(
+            f"--classes {','.join(config.classes)}: the data's classes are "
+            f"{','.join(loaded.classes)} (in that order)"
+        )
+    check_outputs(model, config.in_channels, config.classes, config.activation, where, config.size)
+    files = [config.path] if config.kind == "torchscript" else []
+    files += [config.weights] if config.weights else []
+    provenance = {
+        "kind": config.kind,
+        "path": config.path,
+        "sha256": {str(f): file_sha256(f) for f in files},
+        "classes": list(config.classes),
+        "in_channels": config.in_channels,
+        "activation": config.activation,
+        "units": "advseg's preprocessing: grey values in [0, 1]",
+    }
+    return Judged(
+        model=model,
+        name=config.label,
+        arch=config.kind,
+        activation=config.activation,
+        data=loaded,
+        rows=np.arange(len(loaded.index)),
+        provenance=provenance,
+    )
