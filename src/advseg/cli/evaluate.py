@@ -17,7 +17,9 @@ from advseg.threads import THREADS_HELP
 
 
 def evaluate_command(
-    checkpoints: list[Path] = typer.Argument(..., help="Checkpoints (PATH or PATH.safetensors)."),
+    checkpoints: list[Path] | None = typer.Argument(
+        None, help="Checkpoints (PATH or PATH.safetensors); none with a model below."
+    ),
     out: Path = typer.Option(..., "--out", help="Run directory (records/, summary.csv)."),
     data: str | None = typer.Option(
         None,
@@ -114,6 +116,48 @@ def evaluate_command(
         help="Any attack option as KEY=VALUE (repeatable; VALUE read as YAML), e.g. "
         "random_start=false; `advseg attacks` lists each attack's options (default: none).",
     ),
+    nnunet: Path | None = typer.Option(
+        None,
+        "--nnunet",
+        help="An nnU-Net v2 results folder (DatasetXXX_Name/ or TRAINER__PLANS__CONFIG/) to "
+        "attack through its own inference; --data names its raw data set; eps in the source's "
+        "units (HU for CT) (default: none).",
+    ),
+    configuration: str = typer.Option(
+        "3d_fullres", "--configuration", help="nnU-Net configuration: 2d, 3d_fullres, 3d_lowres."
+    ),
+    folds: str | None = typer.Option(
+        None, "--folds", help="nnU-Net folds averaged, e.g. 0,1 (default: every fold found)."
+    ),
+    nnunet_checkpoint: str = typer.Option(
+        "checkpoint_final.pth", "--nnunet-checkpoint", help="nnU-Net checkpoint file name."
+    ),
+    mirroring: bool = typer.Option(
+        True, "--mirroring/--no-mirroring", help="nnU-Net test-time mirroring."
+    ),
+    torchscript: Path | None = typer.Option(
+        None, "--torchscript", help="A TorchScript model file (torch.jit.save) (default: none)."
+    ),
+    model_factory: str | None = typer.Option(
+        None,
+        "--model-factory",
+        help="package.module:function returning an nn.Module (default: none); with --weights.",
+    ),
+    weights: Path | None = typer.Option(
+        None, "--weights", help="safetensors weights of the --model-factory module (default: none)."
+    ),
+    classes: str | None = typer.Option(
+        None,
+        "--classes",
+        help="The outputs' classes of a --torchscript / --model-factory model, comma-separated, "
+        "as the data names them (default: none; required with those).",
+    ),
+    in_channels: int = typer.Option(
+        1, "--in-channels", help="Input channels of a --torchscript / --model-factory model."
+    ),
+    size: int = typer.Option(
+        224, "--size", help="Side its slices are resized to (--torchscript / --model-factory)."
+    ),
 ) -> None:
     """Attack checkpoints on a data split; write records and print the paper's Table II.
 
@@ -144,8 +188,12 @@ def evaluate_command(
                 f"--attack-option {key}: given twice (also as --{key.replace('_', '-')})"
             )
         options[key] = value
+    external = _external(
+        nnunet, configuration, folds, nnunet_checkpoint, mirroring, torchscript, model_factory,
+        weights, classes, in_channels, activation, size,
+    )  # fmt: skip
     config = EvaluateConfig(
-        checkpoints=list(checkpoints),
+        checkpoints=list(checkpoints or []),
         out=out,
         data=data_argument(data),
         cache_dir=cache_dir,
@@ -165,6 +213,7 @@ def evaluate_command(
         max_slices=max_slices,
         corruptions=list(corruption),
         corruption_seed=corruption_seed,
+        external=external,
     )
     with options_named(
         ("protocol", "split", "device", "max_slices")
@@ -254,3 +303,48 @@ def corruptions_command() -> None:
         levels = [f"{low:g}-{high:g}" for low, high in row.levels]
         table.add_row(row.name, row.help, row.strength, *levels)
     console().print(table)
+
+
+def _external(
+    nnunet: Path | None,
+    configuration: str,
+    folds: str | None,
+    checkpoint: str,
+    mirroring: bool,
+    torchscript: Path | None,
+    factory: str | None,
+    weights: Path | None,
+    classes: str | None,
+    in_channels: int,
+    activation: str | None,
+    size: int,
+):
+    """The one model advseg did not train, from the options, or None."""
+    given = [(f, v) for f, v in (("--nnunet", nnunet), ("--torchscript", torchscript),
+                                 ("--model-factory", factory)) if v is not None]  # fmt: skip
+    if len(given) > 1:
+        raise UserError(f"{given[0][0]} and {given[1][0]}: one external model at a time")
+    if weights is not None and factory is None:
+        raise UserError("--weights: goes with --model-factory")
+    if not given:
+        return None
+    from advseg.models.external import ExternalConfig
+
+    flag, value = given[0]
+    kind = {"--nnunet": "nnunet", "--torchscript": "torchscript"}.get(flag, "factory")
+    names = [c.strip() for c in (classes or "").split(",") if c.strip()]
+    if kind == "nnunet" and (names or activation):
+        raise UserError("--nnunet: the classes and activation come from its dataset.json")
+    return ExternalConfig(
+        kind=kind,
+        path=str(value),
+        weights=str(weights) if weights else None,
+        configuration=configuration,
+        folds=[f.strip() for f in (folds or "").split(",") if f.strip()],
+        checkpoint=checkpoint,
+        mirroring=mirroring,
+        classes=names,
+        in_channels=in_channels,
+        activation=activation or "sigmoid",
+        size=size,
+    )

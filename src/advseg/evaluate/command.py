@@ -31,6 +31,7 @@ from advseg.config import save_yaml
 from advseg.errors import UserError
 from advseg.evaluate.cells import DEFAULT_BATCH_SIZE, check_losses, evaluate_sweep
 from advseg.losses import LOSSES
+from advseg.models.external import ExternalConfig
 from advseg.progress import cell_progress
 from advseg.summary import DEFAULT_PROTOCOL
 from advseg.trained import checkpoint_label, trained_data_config
@@ -70,6 +71,9 @@ class EvaluateConfig:
         corruptions: corruption cells (``motion:3``, ``noise`` for its five severities, ``all``;
             :func:`advseg.corruptions.parse_corruptions`), evaluated beside the attacks with one
             clean forward per batch (:func:`~advseg.evaluate.corrupted.evaluate_corruptions`).
+        external: a model advseg did not train (``--nnunet``, ``--torchscript``,
+            ``--model-factory``; :class:`~advseg.models.external.ExternalConfig`), judged on
+            every slice or volume of ``data`` (:mod:`advseg.evaluate.external`).
         corruption_seed: seeds every slice's corruption draw (with its slice id).
         max_slices: evaluate at most this many slices of the split per checkpoint, drawn with
             the checkpoint's split seed and spread over its cases
@@ -96,6 +100,7 @@ class EvaluateConfig:
     corruptions: list[str] = field(default_factory=list)
     corruption_seed: int = 0
     max_slices: int | None = None
+    external: ExternalConfig | None = None
 
 
 @dataclass
@@ -126,6 +131,10 @@ def sweep_groups(attack: str, eps_values: Sequence[float]) -> list[list[float]]:
 def cell_name(model_name: str, attack: str, eps: float) -> str:
     """The file stem of one cell's records, e.g. ``best__fgsm__eps0.009``."""
     return f"{model_name}__{attack}__eps{eps:g}"
+
+
+def _unit(judged: Any) -> str:
+    return "volumes" if judged.batch_size == 1 else "slices"
 
 
 def _refuse_existing_run(out: Path) -> None:
@@ -173,6 +182,7 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
     from advseg.data.location import data_note, first_line
     from advseg.defences import create_defence, defend, defended_name
     from advseg.evaluate.corrupted import evaluate_corruptions
+    from advseg.evaluate.external import open_external
     from advseg.labels import DEFAULT_ATTACK_LOSSES, checkpoint_activation
     from advseg.models.checkpoint import (
         check_compatible,
@@ -188,8 +198,10 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
     from advseg.traces import write_trace
     from advseg.train import resolve_device
 
-    if not config.checkpoints:
-        raise UserError("evaluate: no checkpoint given")
+    if not config.checkpoints and config.external is None:
+        raise UserError(
+            "evaluate: no checkpoint given (or --nnunet, --torchscript, --model-factory)"
+        )
     if config.protocol not in PROTOCOLS:
         raise UserError(f"protocol: {config.protocol!r} is not one of {', '.join(PROTOCOLS)}")
     check_compat(config.compat, "--compat")
@@ -247,7 +259,63 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
     console = Console(stderr=True, quiet=not (progress and distributed.is_main()))
     device = resolve_device(config.device)
     loaded: dict[tuple, Any] = {}
+    externals: dict[str, dict] = {}
     frames, files, slices = [], [], {}
+
+    def run_cells(bare, checkpoint_name, arch, seed, activation, losses, data, rows, batch_size,
+                  extra, examples):  # fmt: skip
+        """Every (defence, attack, eps) cell and every corruption cell of one model."""
+        for spec, attack in itertools.product(config.defences, config.attacks):
+            model, model_name = defend(bare, spec), defended_name(checkpoint_name, spec)
+            options = {k: v for k, v in config.attack_options.items() if k in accepted[attack]}
+            options["activation"] = activation  # the checkpoint's; --activation may repeat it
+            options.update(extra)
+            for group in sweep_groups(attack, config.eps):
+                what = f"{model_name}, {attack} eps {','.join(f'{e:g}' for e in group)}"
+                with cell_progress(console, f"{what} on {len(rows)} slices") as on_batch:
+                    results = evaluate_sweep(
+                        model, data, rows, attack, dict.fromkeys(group, losses),
+                        model_name=model_name,
+                        arch=arch, attack_kwargs=options, batch_size=batch_size,
+                        examples=examples, erase=config.erase, on_batch=on_batch,
+                        trace=config.trace, compat=config.compat,
+                    )  # fmt: skip
+                for eps, result in zip(group, results, strict=True):
+                    records = result.records.assign(seed=seed)
+                    frames.append(records)
+                    if not distributed.is_main():
+                        continue
+                    label = f"{attack}-erase-{'+'.join(config.erase)}" if config.erase else attack
+                    if config.compat != "none":  # records say fgsm:notebook, files fgsm-notebook
+                        label = compat_label(attack, config.compat)
+                    name = cell_name(file_stem(model_name), label.replace(":", "-"), eps)
+                    files.append(write_records(records, out / "records" / f"{name}.parquet"))
+                    if result.examples:
+                        npz = out / "examples" / f"{name}.npz"
+                        save_examples(result.examples, npz, model=model_name, attack=label, eps=eps)
+                    if result.trace is not None:
+                        write_trace(result.trace, out / "traces" / f"{name}.csv")
+        for spec in config.defences if corrupted else ():
+            model, model_name = defend(bare, spec), defended_name(checkpoint_name, spec)
+            what = f"{model_name}, {len(corrupted)} corruption cells on {len(rows)} slices"
+            with cell_progress(console, what) as on_batch:
+                results = evaluate_corruptions(
+                    model, data, rows, corrupted, model_name=model_name, arch=arch,
+                    activation=activation, seed=config.corruption_seed,
+                    batch_size=batch_size, examples=examples, on_batch=on_batch,
+                )  # fmt: skip
+            for (name, severity), result in zip(corrupted, results, strict=True):
+                records = result.records.assign(seed=seed)
+                frames.append(records)
+                if not distributed.is_main():
+                    continue
+                stem = cell_name(file_stem(model_name), f"corruption-{name}-{severity}", 0.0)
+                files.append(write_records(records, out / "records" / f"{stem}.parquet"))
+                if result.examples:
+                    label = str(records["attack"].iloc[0])
+                    npz = out / "examples" / f"{stem}.npz"
+                    save_examples(result.examples, npz, model=model_name, attack=label, eps=0.0)
+
     for checkpoint in config.checkpoints:
         bare, meta = load_checkpoint(checkpoint, device)
         unknown = [name for name in config.erase if name not in meta.classes]
@@ -292,55 +360,27 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
         if len(rows) == 0:
             raise UserError(f"{checkpoint}: the {config.split} split has no slices")
         slices[checkpoint_name] = len(rows)
-        for spec, attack in itertools.product(config.defences, config.attacks):
-            model, model_name = defend(bare, spec), defended_name(checkpoint_name, spec)
-            options = {k: v for k, v in config.attack_options.items() if k in accepted[attack]}
-            options["activation"] = activation  # the checkpoint's; --activation may repeat it
-            for group in sweep_groups(attack, config.eps):
-                what = f"{model_name}, {attack} eps {','.join(f'{e:g}' for e in group)}"
-                with cell_progress(console, f"{what} on {len(rows)} slices") as on_batch:
-                    results = evaluate_sweep(
-                        model, data, rows, attack, dict.fromkeys(group, losses),
-                        model_name=model_name,
-                        arch=meta.model, attack_kwargs=options, batch_size=config.batch_size,
-                        examples=config.examples, erase=config.erase, on_batch=on_batch,
-                        trace=config.trace, compat=config.compat,
-                    )  # fmt: skip
-                for eps, result in zip(group, results, strict=True):
-                    records = result.records.assign(seed=int(meta.train.get("seed", 0)))
-                    frames.append(records)
-                    if not distributed.is_main():
-                        continue
-                    label = f"{attack}-erase-{'+'.join(config.erase)}" if config.erase else attack
-                    if config.compat != "none":  # records say fgsm:notebook, files fgsm-notebook
-                        label = compat_label(attack, config.compat)
-                    name = cell_name(file_stem(model_name), label.replace(":", "-"), eps)
-                    files.append(write_records(records, out / "records" / f"{name}.parquet"))
-                    if result.examples:
-                        npz = out / "examples" / f"{name}.npz"
-                        save_examples(result.examples, npz, model=model_name, attack=label, eps=eps)
-                    if result.trace is not None:
-                        write_trace(result.trace, out / "traces" / f"{name}.csv")
-        for spec in config.defences if corrupted else ():
-            model, model_name = defend(bare, spec), defended_name(checkpoint_name, spec)
-            what = f"{model_name}, {len(corrupted)} corruption cells on {len(rows)} slices"
-            with cell_progress(console, what) as on_batch:
-                results = evaluate_corruptions(
-                    model, data, rows, corrupted, model_name=model_name, arch=meta.model,
-                    activation=activation, seed=config.corruption_seed,
-                    batch_size=config.batch_size, examples=config.examples, on_batch=on_batch,
-                )  # fmt: skip
-            for (name, severity), result in zip(corrupted, results, strict=True):
-                records = result.records.assign(seed=int(meta.train.get("seed", 0)))
-                frames.append(records)
-                if not distributed.is_main():
-                    continue
-                stem = cell_name(file_stem(model_name), f"corruption-{name}-{severity}", 0.0)
-                files.append(write_records(records, out / "records" / f"{stem}.parquet"))
-                if result.examples:
-                    label = str(records["attack"].iloc[0])
-                    npz = out / "examples" / f"{stem}.npz"
-                    save_examples(result.examples, npz, model=model_name, attack=label, eps=0.0)
+        run_cells(
+            bare, checkpoint_name, meta.model, int(meta.train.get("seed", 0)), activation, losses,
+            data, rows, config.batch_size, {}, config.examples,
+        )  # fmt: skip
+    if config.external is not None:
+        judged = open_external(
+            config.external, config.data, cache_dir=config.cache_dir, device=device
+        )
+        console.print(f"model: {judged.name} ({judged.arch}); data: {judged.data.location}, "
+                      f"every one of its {len(judged.rows)} {_unit(judged)} scored",
+                      highlight=False, soft_wrap=True)  # fmt: skip
+        losses = list(config.losses or DEFAULT_ATTACK_LOSSES[judged.activation])
+        check_losses(losses, judged.activation, judged.name)
+        loaded[("external",)] = judged.data
+        slices[judged.name] = len(judged.rows)
+        externals[judged.name] = judged.provenance
+        run_cells(
+            judged.model, judged.name, judged.arch, 0, judged.activation, losses, judged.data,
+            judged.rows, judged.batch_size or config.batch_size,
+            {"valid_range": judged.valid_range}, 0 if judged.batch_size == 1 else config.examples,
+        )  # fmt: skip
     records = pd.concat(frames, ignore_index=True)
     table = with_intervals(records, config.protocol)  # Table II with case-bootstrap intervals
     summary_path = out / "summary.csv"
@@ -353,6 +393,8 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
         kept = replace(config, checkpoints=where, attack_options=named_budget(config))
         save_yaml(kept, out / SETTINGS_FILE)
         record_session(out, "advseg evaluate", device)
+        if externals:  # a model advseg did not train: what it is, and the units of its eps
+            write_text_atomic(out / "external.json", json.dumps(externals, indent=2))
     cells = summarize_cells(records, config.protocol)
     return EvaluateResult(table, cells, files, summary_path, slices, locations)
 

@@ -28,7 +28,7 @@ def load_torchscript(path: str | Path, device: str | torch.device = "cpu") -> nn
         raise UserError(f"--torchscript {path}: no such file")
     try:
         module = torch.jit.load(str(path), map_location=device)
-    except Exception as error:  # noqa: BLE001 - torch raises several types for a foreign file
+    except Exception as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UserError(f"--torchscript {path}: not a TorchScript module ({first[:160]})") from None
     if not isinstance(module, torch.jit.ScriptModule):
@@ -92,7 +92,7 @@ def check_outputs(
     try:
         with torch.no_grad():
             out = model(probe)
-    except Exception as error:  # noqa: BLE001 - a user's module may raise anything
+    except Exception as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UserError(
             f"{where}: does not take {in_channels} input channel(s) at {size}x{size} "
