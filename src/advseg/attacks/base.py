@@ -48,7 +48,8 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     modes = [(module, module.training) for module in model.modules()]
     flags = [(param, param.requires_grad) for param in model.parameters()]
     model.eval()
-    model.requires_grad_(False)
+    for param, _ in flags:  # one by one: a TorchScript module has no requires_grad_()
+        param.requires_grad_(False)
     try:
         yield model
     finally:

@@ -449,7 +449,8 @@ class NnUNet(nn.Module):
         padded_spatial = padded.shape[2:] if per_slice else padded.shape[1:]
         steps = compute_steps_for_sliding_window(tuple(padded_spatial), patch, self.step_size)
         gaussian = compute_gaussian(patch, 1.0 / 8, 10, device=torch.device("cpu"))
-        gaussian = gaussian.to(device=data.device)
+        gaussian = gaussian.to(device=data.device).clone()  # nnU-Net caches it: maybe made
+        # under inference mode, which autograd cannot save
         corners = list(itertools.product(*steps))
         depths = range(padded.shape[1]) if per_slice else [None]
         heads = self.label_manager.num_segmentation_heads
