@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_models import tiny_net
 
 from advseg.cli import main
 from advseg.data import UWMGI_CLASSES, write_synthetic
 from advseg.errors import UserError
 from advseg.models.external.module import check_outputs, load_factory, load_torchscript
 from advseg.records import read_records
+from tiny_models import tiny_net
 
 
 def cli(args: list[str]) -> int:
@@ -61,7 +61,7 @@ def test_bad_models_are_one_line(tmp_path, files):
     (tmp_path / "not.ts").write_bytes(b"not torchscript")
     with pytest.raises(UserError, match="not a TorchScript module"):
         load_torchscript(tmp_path / "not.ts")
-    with pytest.raises(UserError, match="expected package.module:function"):
+    with pytest.raises(UserError, match=r"expected package\.module:function"):
         load_factory("no-colon")
     with pytest.raises(UserError, match="cannot import"):
         load_factory("no_such_package_xyz:make")
