@@ -181,3 +181,47 @@ def test_planner_reproduces_the_committed_plans(tmp_path):
     subprocess.run([sys.executable, str(tmp_path / "plan.py")], env=env, check=True)
     made = json.loads((tmp_path / "pre" / DATASET / "nnUNetPlans.json").read_text())
     assert made["configurations"] == json.loads(PLANS.read_text())["configurations"]
+
+
+def test_pgd_keeps_its_budget_in_hounsfield_units(results):
+    from advseg.attacks import create_attack
+
+    base, raw = results
+    image, properties = _reader_image(raw)
+    found = read_folder(base, configuration="2d", folds=["0"])
+    model = NnUNet(found, properties["spacing"], mirroring=False)
+    x = torch.from_numpy(image)[None]
+    with torch.no_grad():
+        clean = model(x).argmax(1)
+    target = torch.nn.functional.one_hot(clean, 3).movedim(-1, 1).float()
+    attack = create_attack(
+        "pgd", model, loss="ce", eps=20.0, steps=2, valid_range=None, activation="softmax"
+    )
+    x_adv = attack(x, target)
+    assert (x_adv - x).abs().max().item() <= 20.0 * (1 + 1e-6)
+    assert (x_adv - x).abs().max().item() > 1.0
+
+
+def test_evaluate_an_nnunet_folder_from_the_cli(results, tmp_path, capsys):
+    from advseg.cli import main
+    from advseg.records import read_records
+
+    base, raw = results
+    out = tmp_path / "nn"
+    args = ["evaluate", "--nnunet", str(base), "--configuration", "2d", "--folds", "0",
+            "--no-mirroring", "--data", str(raw), "--attack", "fgsm", "--eps", "20",
+            "--loss", "ce", "--out", str(out)]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 0, capsys.readouterr().err
+    records = read_records(out / "records")
+    assert set(records["model"]) == {"nnunet-2d-f0-nomirror"}
+    assert set(records["slice"]) == {-1} and records["slice_id"].nunique() == 4  # volumes
+    assert set(records["class"]) == {"ball", "small"}
+    assert (records["linf"] <= 20.0 * (1 + 1e-6)).all() and (records["linf"] > 1).all()
+    assert records["hd95_mm_clean"].notna().any()  # voxel spacing known: HD95 in mm
+    provenance = json.loads((out / "external.json").read_text())["nnunet-2d-f0-nomirror"]
+    assert provenance["folds"] == ["0"] and len(provenance["checkpoint_sha256"]["0"]) == 64
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--nnunet", str(base), "--out", str(tmp_path / "x")])
+    assert exit_.value.code == 2 and "needs --data" in capsys.readouterr().err

@@ -123,7 +123,9 @@ def data_note(loaded: list[SliceData]) -> dict[str, Any]:
     paths); with one data set also its ``fingerprint`` (the cache key) and ``slices``."""
     note: dict[str, Any] = {"locations": list(dict.fromkeys(d.location for d in loaded))}
     if len(loaded) == 1:
-        note.update(fingerprint=loaded[0].cache_path.name, slices=len(loaded[0]))
+        first = loaded[0]  # a volume source (an nnU-Net raw set) names its own fingerprint
+        fingerprint = getattr(first, "fingerprint", None) or first.cache_path.name
+        note.update(fingerprint=fingerprint, slices=len(first))
     return note
 
 

@@ -11,6 +11,7 @@ voxel spacing in mm, so HD95 is in mm.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -115,6 +116,19 @@ class NnUNetCases:
         _, properties = self.reader.read_images(paths)
         spacing = [float(s) for s in properties["spacing"]]
         return spacing if len(spacing) == 3 else [1.0, *spacing]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def fingerprint(self) -> str:
+        """The cases' files by name, size and modification time, hashed (``data.json``)."""
+        digest = hashlib.sha256()
+        for entry in self.index.itertuples():
+            for path in [*entry.image_paths, entry.label_path]:
+                stat = Path(path).stat()
+                digest.update(f"{Path(path).name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        return f"nnunet-raw-{digest.hexdigest()[:16]}"
 
     def spacing(self, row: int) -> tuple[float, float, float]:
         """The voxel spacing of case ``row`` in the reader's axis order."""
