@@ -368,9 +368,11 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
         judged = open_external(
             config.external, config.data, cache_dir=config.cache_dir, device=device
         )
+        if config.max_slices is not None:  # seeded (0), spread over the cases
+            judged.rows = spread_rows(judged.data.index, judged.rows, config.max_slices, 0)
         console.print(f"model: {judged.name} ({judged.arch}); data: {judged.data.location}, "
-                      f"every one of its {len(judged.rows)} {_unit(judged)} scored",
-                      highlight=False, soft_wrap=True)  # fmt: skip
+                      f"{len(judged.rows)} {_unit(judged)} scored (the model's training split "
+                      "is unknown to advseg)", highlight=False, soft_wrap=True)  # fmt: skip
         losses = list(config.losses or DEFAULT_ATTACK_LOSSES[judged.activation])
         check_losses(losses, judged.activation, judged.name)
         loaded[("external",)] = judged.data
