@@ -89,3 +89,10 @@ def test_bench_apgd_prints_its_ratio_and_what_sea_skipping_saves():
     out = _run("bench_apgd.py", *args, "--repeats", "1", "--train-steps", "1")
     assert "apgd/pgd step" in out and "target <= 1.1x" in out
     assert "skipping saves" in out
+
+
+@pytest.mark.slow  # five fresh processes importing torch and MONAI, a minute or more when shared
+def test_bench_volume_attack_prints_time_and_memory_ratios():
+    out = _run("bench_volume_attack.py", "--roi", "16", "--repeats", "1")
+    assert "step/floor" in out and "(target <= 1.25)" in out
+    assert "advseg 8/1" in out and "(target <= 1.5)" in out and "monai 8/1" in out
