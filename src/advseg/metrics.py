@@ -7,7 +7,10 @@ that every Dice protocol of :mod:`advseg.summary` can be recomputed from the rec
 Conventions for empty masks (per slice and class): Dice and IoU are 1 when the prediction and
 the ground truth are both empty (MONAI ``ignore_empty=False``; ``dice_score(..., empty=nan)``
 leaves such pairs to be dropped); HD95 is 0 when both are empty and
-NaN when exactly one is (see :func:`hd95`). Which pairs enter a mean is the summary's protocol.
+NaN when exactly one is (see :func:`hd95`); the normalised surface Dice (:func:`surface_dice`)
+is 1 when both are empty and 0 when one is. Which pairs enter a mean is the summary's protocol.
+Every function takes slices ``(B, K, H, W)`` or volumes ``(B, K, D, H, W)`` alike;
+:func:`volume_scores` gives a volume's Dice, HD95 and NSD in millimetres.
 :func:`dice_score` and :func:`iou_score` take hard masks only (bool or 0/1): probabilities,
 logits or images are refused rather than read as ``!= 0``.
 """
@@ -170,6 +173,59 @@ def hd95(pred: Tensor, target: Tensor, spacing: np.ndarray | None = None) -> Ten
             )
         values[both] = distances.flatten().double()
     return values
+
+
+def surface_dice(
+    pred: Tensor, target: Tensor, tolerance: float, spacing: np.ndarray | None = None
+) -> Tensor:
+    """Normalised surface Dice per (volume or slice, class), ``(B, K)`` float64.
+
+    The share of both boundaries lying within ``tolerance`` of the other boundary (Nikolov et al.
+    2021), computed by MONAI (``compute_surface_dice``, Euclidean, ``class_thresholds`` the
+    tolerance) on hard masks ``(B, K, *S)`` whose channels are classes (no background channel:
+    ``labels.class_prediction`` drops it). ``tolerance`` is in voxels, or in millimetres when
+    ``spacing`` gives each item's voxel size, ``(B, len(S))`` mm in the axes' order. Empty masks
+    follow :func:`dice_score`'s convention: both empty 1, exactly one empty 0 (MONAI's value).
+    """
+    from monai.metrics import compute_surface_dice
+
+    pred, target = pred.bool().cpu(), target.bool().cpu()
+    pred_empty = ~pred.flatten(2).any(2)  # (B, K)
+    target_empty = ~target.flatten(2).any(2)
+    values = torch.zeros(pred.shape[:2], dtype=torch.float64)  # exactly one empty: 0
+    values[pred_empty & target_empty] = 1.0
+    both = ~pred_empty & ~target_empty
+    for b, k in both.nonzero().tolist():  # one (item, class) at a time: its own spacing
+        pair_spacing = None if spacing is None else np.asarray(spacing, np.float64)[b].tolist()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = compute_surface_dice(
+                pred[b, k][None, None].float(),
+                target[b, k][None, None].float(),
+                class_thresholds=[float(tolerance)],
+                include_background=True,
+                spacing=pair_spacing,
+            )
+        values[b, k] = float(value)
+    return values
+
+
+def volume_scores(
+    pred: Tensor, target: Tensor, spacing: np.ndarray, tolerance_mm: float = 1.0
+) -> dict[str, Tensor]:
+    """Per (volume, class) scores of hard masks ``(B, K, D, H, W)`` (classes only: the background
+    is no channel), with ``spacing`` ``(B, 3)`` mm per voxel along D, H, W.
+
+    Returns ``(B, K)`` float64 tensors: ``dice`` (both empty 1), ``hd95_mm`` (:func:`hd95`: both
+    empty 0, one empty NaN) and ``nsd`` (:func:`surface_dice` at ``tolerance_mm``).
+    """
+    check_binary("prediction", pred)
+    check_binary("target", target)
+    return {
+        "dice": dice_score(pred, target).double().cpu(),
+        "hd95_mm": hd95(pred, target, spacing),
+        "nsd": surface_dice(pred, target, tolerance_mm, spacing),
+    }
 
 
 def attack_success(dice_clean: np.ndarray, dice_adv: np.ndarray) -> np.ndarray:
