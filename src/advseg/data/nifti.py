@@ -121,7 +121,32 @@ def _open(path: str | Path) -> nib.Nifti1Image:
         from advseg.data.dicom import as_nifti
 
         return as_nifti(path)
-    return nib.load(str(path))
+    image = nib.load(str(path))
+    check_volume_header(path, tuple(int(n) for n in image.shape), image.get_data_dtype())
+    return image
+
+
+MAX_LABEL = 2**16 - 1
+"""The largest label value: a class number (nnU-Net's and the Decathlon's are below 256); a
+negative one or 1e20 is a damaged or misread file, not a class."""
+
+MAX_VOLUME_BYTES = 4 * 2**30
+"""The largest volume read (4 GiB decoded, as its header states): a whole-body CT at 0.5 mm is
+under 1 GiB; a file claiming more (a gzip bomb, a damaged header) is refused before decoding."""
+
+
+def check_volume_header(path: str | Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Refuse, from the header alone, a volume too large to decode or of a type that holds no
+    image (complex numbers): one line naming the file."""
+    if np.dtype(dtype).kind == "c":
+        raise UserError(f"{path}: voxels are complex numbers ({dtype}); expected real intensities")
+    size = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+    if size > MAX_VOLUME_BYTES:
+        raise UserError(
+            f"{path}: its header declares {'x'.join(map(str, shape))} voxels of {dtype} "
+            f"({size / 2**30:.1f} GiB decoded, more than {MAX_VOLUME_BYTES // 2**30} GiB); "
+            "refused before decoding"
+        )
 
 
 def _is_dicom(path: Path) -> bool:
@@ -217,8 +242,8 @@ def read_nifti(
 
     Raises:
         UserError: a missing folder, an unreadable volume, an image and label whose shapes or
-            canonical affines differ (naming both files), non-integer labels, or (``strict``)
-            unmapped label values.
+            canonical affines differ (naming both files), non-integer labels, labels below 0 or
+            above :data:`MAX_LABEL`, or (``strict``) unmapped label values.
     """
     root = Path(root)
     mapping = parse_label_map(labels)
@@ -259,6 +284,12 @@ def read_nifti(
                     f"{label_path}: {int(fractional.sum())} voxels hold non-integer labels "
                     f"(e.g. {label[fractional].flat[0]:g}); labels must be whole numbers"
                 )
+        outside = (label < 0) | (label > MAX_LABEL)  # a class number, not a wrapped integer
+        if outside.any():
+            raise UserError(
+                f"{label_path}: {int(outside.sum())} voxels hold labels outside 0..{MAX_LABEL} "
+                f"(e.g. {label[outside].flat[0]:g}); labels are class numbers"
+            )
         shape = image_shape[1], image_shape[0], *image_shape[2:]
         if label.shape != shape:
             raise UserError(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,6 +54,9 @@ cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _IEND = b"IEND"
+MAX_PIXELS = 2**26
+"""The most pixels a slice may declare (8192 x 8192): more is refused from the PNG header, before
+decoding (a PNG declaring 40000 x 40000 would take gigabytes)."""
 
 FILE_PATTERN = re.compile(r"^slice_(\d+)_(\d+)_(\d+)_(\d+(?:\.\d+)?)_(\d+(?:\.\d+)?)\.png$")
 REQUIRED_COLUMNS = ("id", "class", "segmentation")
@@ -248,6 +252,21 @@ def read_png(path: str | Path, width: int, height: int) -> np.ndarray:
     data = np.fromfile(path, dtype=np.uint8) if Path(path).is_file() else None
     if data is None:
         raise UserError(f"{path}: image file missing")
+    if data.size >= 3 and data[:3].tobytes() == b"\xff\xd8\xff":
+        raise UserError(f"{path}: cannot decode image (not a PNG: a JPEG, lossy, named .png)")
+    header = data[:24].tobytes()
+    if len(header) == 24 and header[:8] == _PNG_SIGNATURE and header[12:16] == b"IHDR":
+        declared_w, declared_h = struct.unpack(">II", header[16:24])
+        if (declared_h, declared_w) != (height, width):  # before decoding (a bomb, a mix-up)
+            raise UserError(
+                f"{path}: image is {declared_w}x{declared_h} (WxH) but its file name says "
+                f"{width}x{height}"
+            )
+        if declared_w * declared_h > MAX_PIXELS:
+            raise UserError(
+                f"{path}: its header declares {declared_w}x{declared_h} pixels, more than "
+                f"{MAX_PIXELS:,}; refused before decoding"
+            )
     if (
         data.size >= 8
         and data[:8].tobytes() == _PNG_SIGNATURE

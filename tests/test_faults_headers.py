@@ -1,0 +1,91 @@
+"""Sizes from headers before decoding (issue 25): a PNG declaring 40000 x 40000 pixels, a NIfTI
+declaring terabytes, a JPEG named .png and complex voxels are refused in one line, unread."""
+
+from __future__ import annotations
+
+import gzip
+import re
+import struct
+import zlib
+
+import cv2
+import nibabel as nib
+import numpy as np
+import pytest
+
+from advseg.data import read_nifti, read_png
+from advseg.data.nifti import read_volume
+from advseg.errors import UserError
+from data_corpus import nifti_pair
+
+
+def _png_header(path, width: int, height: int) -> None:
+    """A PNG whose IHDR declares ``width`` x ``height`` (16-bit grey), then an empty IDAT: what
+    a decompression bomb shows before its pixels are inflated."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr
+    chunk += struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    idat = zlib.compress(b"\0" * 1024)
+    body = struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT"))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk + body + b"\0\0\0\0IEND\xaeB`\x82")
+
+
+def test_a_png_declaring_40000_squared_pixels_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "slice_0001_40000_40000_1.50_1.50.png"
+    _png_header(path, 40000, 40000)
+    with pytest.raises(UserError, match=r"declares 40000x40000 pixels, more than 67,108,864; "
+                                        r"refused before decoding"):  # fmt: skip
+        read_png(path, 40000, 40000)
+
+
+def test_a_png_whose_header_contradicts_its_name_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "slice_0001_266_266_1.50_1.50.png"
+    _png_header(path, 40000, 40000)
+    with pytest.raises(UserError, match=r"image is 40000x40000 \(WxH\) but its file name says "
+                                        r"266x266"):  # fmt: skip
+        read_png(path, 266, 266)
+
+
+def test_a_jpeg_named_png_is_refused(tmp_path):
+    path = tmp_path / "slice_0001_32_32_1.50_1.50.png"
+    path.write_bytes(cv2.imencode(".jpg", np.full((32, 32), 90, np.uint8))[1].tobytes())
+    with pytest.raises(UserError, match=r"not a PNG: a JPEG, lossy, named .png"):
+        read_png(path, 32, 32)
+
+
+def test_a_real_png_is_still_read(tmp_path):
+    path = tmp_path / "slice_0001_7_5_1.50_1.50.png"
+    pixels = np.arange(35, dtype=np.uint16).reshape(5, 7) * 100
+    path.write_bytes(cv2.imencode(".png", pixels)[1].tobytes())
+    assert np.array_equal(read_png(path, 7, 5), pixels)
+
+
+def test_a_nifti_declaring_terabytes_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "bomb.nii.gz"
+    image = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))
+    image.header.set_data_shape((30000, 30000, 600))  # NIfTI-1 dims are int16
+    header = image.header.binaryblock + b"\0" * 4  # the header, the extension flag, no voxels
+    with gzip.open(path, "wb") as handle:
+        handle.write(header)
+    with pytest.raises(UserError, match=r"bomb.nii.gz: its header declares 30000x30000x600 voxels"
+                                        r" of float32 \(2011.7 GiB decoded"):  # fmt: skip
+        read_volume(path)
+
+
+def test_complex_voxels_are_refused(tmp_path):
+    image = (np.random.default_rng(0).random((8, 6, 3)) + 1j).astype(np.complex64)
+    label = np.zeros((8, 6, 3), np.uint8)
+    root = nifti_pair(tmp_path, image, label)
+    with pytest.raises(UserError, match=r"voxels are complex numbers \(complex64\)"):
+        read_nifti(root, {1: "organ"})
+
+
+@pytest.mark.parametrize(("value", "said"), [(-1, "e.g. -1"), (1e20, "e.g. 1e+20")])
+def test_labels_that_are_no_class_number_are_refused(tmp_path, value, said):
+    image = np.random.default_rng(0).random((8, 6, 3)).astype(np.float32)
+    label = np.zeros((8, 6, 3), np.float32)
+    label[1, 1, 1] = value
+    root = nifti_pair(tmp_path, image, label)
+    said = f"vol_001.nii.gz: 1 voxels hold labels outside 0..65535 ({said}); labels are class"
+    with pytest.raises(UserError, match=re.escape(said)):
+        read_nifti(root, {1: "organ"})
