@@ -260,3 +260,16 @@ def test_figures_are_grids_with_legends_off_the_values():
     ax = bars.axes[0]
     assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1  # beside
     figures.to_png(bars)
+
+
+def test_a_slice_correlation_says_how_many_patients_stand_behind_it():
+    """Issue 26: p-values like 1e-23 came from the 152 slices of one brain, unsaid."""
+    x = np.arange(40.0)
+    one = correlate(x, x + np.sin(x), cases=np.ones(40))
+    assert one.cases == 1 and one.describe().endswith(
+        "n = 40 slices of 1 case (p treats slices as independent)"
+    )
+    assert one.as_row()["cases"] == 1
+    kept = correlate([1.0, np.nan, 3.0, 4.0], [2.0, 1.0, 5.0, 3.0], cases=["a", "b", "c", "c"])
+    assert kept.cases == 2 and kept.n == 3  # the case of a dropped (NaN) pair is not counted
+    assert "cases" not in correlate(x, x**2).as_row()  # points that are not slices: no count

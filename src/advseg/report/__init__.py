@@ -372,7 +372,9 @@ def _luminosity_section(
     section = Section("Slice luminosity against Attack Success")
     for series, frame in points.groupby("series", sort=True):
         correlations = {
-            str(m): correlate(f["luminosity"], f["attack_success"], names=("luminosity", "AS"))
+            str(m): correlate(
+                f["luminosity"], f["attack_success"], names=("luminosity", "AS"), cases=f["case"]
+            )
             for m, f in frame.groupby("model")
         }
         figure = figures.scatter_with_stats(

@@ -95,6 +95,10 @@ class Correlation:
         method: how both p-values were found: ``exact`` (every pairing), ``permutation``
             (``RESAMPLES`` seeded pairings) or ``asymptotic``; ``""`` when ``reason`` is set.
         reason: why no coefficient exists (``"n < 3"``, ``"x is constant"``), else ``""``.
+        cases: when the points are slices, the number of cases (patients) they come from: the
+            p-values treat the slices as independent, which slices of one patient are not, so
+            the description says how many patients stand behind ``n`` (issue 26: p = 1e-23
+            from the 152 slices of one brain).
     """
 
     n: int
@@ -104,15 +108,23 @@ class Correlation:
     spearman_p: float | None = None
     method: str = ""
     reason: str = ""
+    cases: int | None = None
+
+    def units(self) -> str:
+        """``n = 5``, or ``n = 152 slices of 1 case (p treats slices as independent)``."""
+        if self.cases is None:
+            return f"n = {self.n}"
+        plural = "s" * (self.cases != 1)
+        return f"n = {self.n} slices of {self.cases} case{plural} (p treats slices as independent)"
 
     def describe(self) -> str:
         """One line for a caption, e.g. ``Pearson r = 0.12 (exact p = 0.85); ... n = 5``."""
         if self.reason:
-            return f"n/a ({self.reason}), n = {self.n}"
+            return f"n/a ({self.reason}), {self.units()}"
         return (
             f"Pearson r = {self.pearson_r:.3f} ({self.method} p = {_p(self.pearson_p)}); "
             f"Spearman rho = {self.spearman_rho:.3f} ({self.method} p = "
-            f"{_p(self.spearman_p)}); n = {self.n}"
+            f"{_p(self.spearman_p)}); {self.units()}"
         )
 
     def as_row(self) -> dict[str, object]:
@@ -121,6 +133,7 @@ class Correlation:
             text = f"n/a ({self.reason})"
             return {
                 "n": self.n,
+                **({} if self.cases is None else {"cases": self.cases}),
                 "pearson_r": text,
                 "pearson_p": text,
                 "spearman_rho": text,
@@ -129,6 +142,7 @@ class Correlation:
             }
         return {
             "n": self.n,
+            **({} if self.cases is None else {"cases": self.cases}),
             "pearson_r": round(self.pearson_r, 4),
             "pearson_p": _p(self.pearson_p),
             "spearman_rho": round(self.spearman_rho, 4),
@@ -142,7 +156,10 @@ def _p(p: float | None) -> str:
 
 
 def correlate(
-    x: np.ndarray | pd.Series, y: np.ndarray | pd.Series, names: tuple[str, str] = ("x", "y")
+    x: np.ndarray | pd.Series,
+    y: np.ndarray | pd.Series,
+    names: tuple[str, str] = ("x", "y"),
+    cases: np.ndarray | pd.Series | None = None,
 ) -> Correlation:
     """Pearson and Spearman correlation of ``x`` and ``y`` (pairs with a NaN are left out),
     with p-values from :func:`association_p` / :func:`spearman_test`.
@@ -150,17 +167,20 @@ def correlate(
     Args:
         x, y: 1-D arrays of equal length.
         names: what ``x`` and ``y`` are, for the reason given when one of them is constant.
+        cases: when the points are slices, each point's case: the result counts the cases
+            behind the kept points (:attr:`Correlation.cases`).
     """
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
     n = len(x)
+    groups = None if cases is None else int(pd.Series(np.asarray(cases)[keep]).nunique())
     if n < MIN_POINTS:
-        return Correlation(n=n, reason=f"n < {MIN_POINTS}")
+        return Correlation(n=n, reason=f"n < {MIN_POINTS}", cases=groups)
     for name, values in zip(names, (x, y), strict=True):
         if np.all(values == values[0]):
-            return Correlation(n=n, reason=f"{name} is constant")
+            return Correlation(n=n, reason=f"{name} is constant", cases=groups)
     r, r_p, method = association_p(x, y)
     rho, rho_p, _ = spearman_test(x, y)
-    return Correlation(n, r, r_p, rho, rho_p, method)
+    return Correlation(n, r, r_p, rho, rho_p, method, cases=groups)

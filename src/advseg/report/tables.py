@@ -103,6 +103,7 @@ def slice_table(records: pd.DataFrame) -> SliceTable:
     per_slice = (
         present.groupby(keys, sort=True)
         .agg(
+            case=("case", "first"),
             luminosity=("luminosity", "first"),
             dsc_clean=("dice_clean", "mean"),
             dsc_adv=("dice_adv", "mean"),
