@@ -282,7 +282,8 @@ def _table_section(
             "out (n/a; 'interval' says why) and the numbers describe these cases only."
         )
     blocks = [writer.table("table2", table, caption)]
-    if table.isna().to_numpy().any():
+    left_out = [c for c in table.columns if few and c.endswith((" low", " high"))]  # said above
+    if table.drop(columns=left_out).isna().to_numpy().any():
         blocks.append(writer.note("n/a: no unit left to average (or a clean DSC of 0 for AS)."))
     return Section(f"Table II (Dice protocol '{protocol}', eps {eps_text(eps)})", blocks)
 
