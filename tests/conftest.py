@@ -8,6 +8,7 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+os.environ["ADVSEG_THREADS"] = "1"  # CLI calls keep the session's one thread, whatever the load
 
 
 @pytest.fixture(scope="session", autouse=True)

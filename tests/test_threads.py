@@ -19,7 +19,8 @@ def test_the_default_is_the_idle_cores(cores, load, threads):
     assert default_threads(cores, load) == threads
 
 
-def test_set_threads_sets_torch_and_refuses_nonsense():
+def test_set_threads_sets_torch_and_refuses_nonsense(monkeypatch):
+    monkeypatch.delenv("ADVSEG_THREADS", raising=False)  # conftest pins it for the session
     before = torch.get_num_threads()
     try:
         assert set_threads(1) == 1 and torch.get_num_threads() == 1
@@ -46,5 +47,20 @@ def test_provenance_records_the_thread_count():
     try:
         torch.set_num_threads(1)
         assert session("advseg evaluate", "cpu")["threads"] == "1"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_environment_overrides_the_load(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("ADVSEG_THREADS", "2")
+        assert set_threads(None) == 2 and torch.get_num_threads() == 2
+        assert set_threads(1) == 1  # --threads wins over the environment
+        monkeypatch.setenv("ADVSEG_THREADS", "many")
+        with pytest.raises(UserError, match=r"\$ADVSEG_THREADS: expected a thread count"):
+            set_threads(None)
+        monkeypatch.setenv("ADVSEG_THREADS", "")
+        assert set_threads(None) == default_threads()
     finally:
         torch.set_num_threads(before)

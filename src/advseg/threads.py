@@ -7,8 +7,9 @@ is part of a run's provenance (:func:`advseg.provenance.session` records it).
 
 The default (:func:`default_threads`) is the cores this process may use minus the machine's
 1-minute load average, rounded, at least 1 and at most the cores: all of them on an idle machine,
-one on a busy one. ``--threads N`` on every heavy command (``train``, ``evaluate``, ``certify``,
-``run``, ``demo``) sets it.
+one on a busy one; ``$ADVSEG_THREADS`` overrides it (a batch job's allocation, a test session).
+``--threads N`` on every heavy command (``train``, ``evaluate``, ``certify``, ``run``, ``demo``)
+sets it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import os
 
 from advseg.errors import UserError
 
+THREADS_ENV = "ADVSEG_THREADS"
 THREADS_HELP = (
-    "Torch CPU threads (default: the cores not busy, i.e. cores minus the 1-minute load, at "
-    "least 1; recorded in provenance)."
+    "Torch CPU threads (default: $ADVSEG_THREADS, else the cores not busy, i.e. cores minus the "
+    "1-minute load, at least 1; recorded in provenance)."
 )
 
 
@@ -48,8 +50,8 @@ def default_threads(cores: int | None = None, load: float | None = None) -> int:
 
 
 def set_threads(threads: int | None = None) -> int:
-    """Set torch's intra-op CPU threads to ``threads`` (default :func:`default_threads`); returns
-    the count set.
+    """Set torch's intra-op CPU threads to ``threads`` (default ``$ADVSEG_THREADS``, else
+    :func:`default_threads`); returns the count set.
 
     Raises:
         UserError: ``threads`` below 1.
@@ -58,6 +60,22 @@ def set_threads(threads: int | None = None) -> int:
 
     if threads is not None and threads < 1:
         raise UserError(f"threads: must be at least 1, got {threads}")
+    if threads is None:
+        threads = _from_environment()
     count = default_threads() if threads is None else int(threads)
     torch.set_num_threads(count)
     return count
+
+
+def _from_environment() -> int | None:
+    """``$ADVSEG_THREADS`` as a count, None when unset or empty."""
+    text = os.environ.get(THREADS_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UserError(f"${THREADS_ENV}: expected a thread count of 1 or more, got {text!r}")
+    return value
