@@ -98,8 +98,28 @@ def test_the_noise_trained_card_says_its_training(cards):
     card = read_card(cards / "cards" / "noise")
     assert card["model"]["training"]["method"] == "noise"
     assert card["model"]["training"]["noise_sigma"] == 0.25
+    assert not any("certified under" in line for line in card["warnings"])
     plain = read_card(cards / "cards" / "plain")
     assert plain["model"]["training"]["method"] == "none"
+    assert any("trained with noise sigma 0, certified under 0.25" in w for w in plain["warnings"])
+
+
+def test_a_broken_model_is_flagged_on_its_card_and_the_leaderboard(cards):
+    from advseg.card import card_warnings
+    from advseg.card.pages import card_page, leaderboard_rows
+
+    model = {"name": "m", "training": {"noise_sigma": 0.25}}
+    warnings = card_warnings({"clean": {"dice": 0.05}}, model)
+    assert len(warnings) == 1 and warnings[0].startswith("clean Dice 0.050 is below 0.1")
+    assert card_warnings({"clean": {"dice": 0.5}}, model) == []
+    card = read_card(cards / "cards" / "noise")
+    card["results"]["clean"]["dice"] = 0.05
+    card["warnings"] = card_warnings(card["results"], card["model"])
+    assert "Warning: clean Dice 0.050 is below 0.1" in card_page(card)
+    assert leaderboard_rows([card])[0][0][0] == "noise (clean Dice < 0.1: broken)"
+    card["results"]["clean"]["dice"] = 0.5
+    card["warnings"] = card_warnings(card["results"], card["model"])
+    assert card["warnings"] == [] and leaderboard_rows([card])[0][0][0] == "noise"
 
 
 def test_leaderboard_sorts_by_robust_dice_and_marks_reduced_cards(cards, capsys):
@@ -113,7 +133,7 @@ def test_leaderboard_sorts_by_robust_dice_and_marks_reduced_cards(cards, capsys)
     rows = leaderboard_rows(loaded)
     robust = [row[7][1] for row in rows]
     assert robust == sorted(robust, reverse=True)
-    assert {row[0][0] for row in rows} == set(MODELS)
+    assert {row[0][1] for row in rows} == set(MODELS)  # (shown, sort value): the names
     dice = {c["model"]["name"]: c["results"]["robust"]["dice"] for c in loaded}
     assert robust == sorted(dice.values(), reverse=True)
 
@@ -147,7 +167,7 @@ def test_card_and_leaderboard_open_cleanly_in_a_browser_and_sort(cards):
         seen = visit(launched, board)
         page = seen.page
         names = page.locator("tbody tr td:first-child").all_inner_texts()
-        assert sorted(names) == sorted(MODELS)
+        assert sorted(name.split(" (")[0] for name in names) == sorted(MODELS)
         page.locator("th", has_text="clean Dice").click()  # sort ascending by clean Dice
         clean = [float(v) for v in page.locator("tbody tr td:nth-child(5)").all_inner_texts()]
         assert clean == sorted(clean)

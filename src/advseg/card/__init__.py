@@ -167,11 +167,13 @@ def make_card(config: CardConfig) -> dict[str, Any]:
     results["robust"] = next(r for r in results["sea"]["at"] if r["eps"] == HEADLINE_EPS)
     results["corruptions"] = _corruptions(config, model, meta, data, rows)
     results["certified"] = _certified(config, settings)
+    model_info = _model_info(config, meta, data, rows)
     card = {
         "format": PROTOCOL_VERSION,
-        "model": _model_info(config, meta, data, rows),
+        "model": model_info,
         "protocol": settings,
         "results": results,
+        "warnings": card_warnings(results, model_info),
         "provenance": {
             "created": now(),
             "advseg": advseg.__version__,
@@ -182,6 +184,29 @@ def make_card(config: CardConfig) -> dict[str, Any]:
     write_text_atomic(out / "card.json", json.dumps(card, indent=2) + "\n")
     write_text_atomic(out / "card.html", card_page(card))
     return card
+
+
+def card_warnings(results: dict[str, Any], model: dict[str, Any]) -> list[str]:
+    """What a reader must know before comparing the card's numbers: a model whose clean Dice is
+    below :data:`advseg.report.provenance.BROKEN_DICE` (its robustness numbers measure noise),
+    and a certified Dice of a model not trained with noise of the certified sigma."""
+    from advseg.report.provenance import BROKEN_DICE
+
+    found = []
+    clean = results["clean"]["dice"]
+    if clean < BROKEN_DICE:
+        found.append(
+            f"clean Dice {clean:.3f} is below {BROKEN_DICE:g}: the model segments next to "
+            "nothing, so its Dice under attack, corruption or certification says nothing "
+            "about robustness"
+        )
+    sigma = float((model.get("training") or {}).get("noise_sigma") or 0.0)
+    if abs(sigma - CERTIFY_SIGMA) > 1e-12:
+        found.append(
+            f"trained with noise sigma {sigma:g}, certified under {CERTIFY_SIGMA:g}: its "
+            "certified Dice is that of a smoothed model it was not trained to be"
+        )
+    return found
 
 
 def _load(config: CardConfig, device: Any) -> tuple[Any, Any, Any, np.ndarray]:

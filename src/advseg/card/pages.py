@@ -114,7 +114,9 @@ def card_page(card: dict[str, Any]) -> str:
     """One card as a page: the model, the numbers with what they were computed on, the
     protocol and its deviations."""
     model, settings = card["model"], card["protocol"]
-    body = []
+    body = [
+        f'<p class="warning">Warning: {html.escape(line)}.</p>' for line in card.get("warnings", [])
+    ]
     if settings.get("deviations"):
         body.append(
             '<p class="warning">Reduced card, not the full protocol: '
@@ -172,8 +174,10 @@ def leaderboard_rows(cards: list[dict[str, Any]]) -> list[list[tuple[str, Any]]]
         certified = results["certified"]
         corruption = results["corruptions"].get("dice")
         reduced = settings.get("deviations") or []
+        broken = any(line.startswith("clean Dice") for line in card.get("warnings", []))
+        shown = f"{model['name']} (clean Dice < 0.1: broken)" if broken else model["name"]
         row = [
-            (model["name"], model["name"]),
+            (shown, model["name"]),
             (model["architecture"], model["architecture"]),
             (f"{model['params'] / 1e6:.2f}", model["params"]),
             (_training(model), (model.get("training") or {}).get("method", "")),

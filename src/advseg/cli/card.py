@@ -54,6 +54,8 @@ def card_command(
     terminal.print(f"card of {card['model']['name']} ({card['protocol']['version']}):")
     for measure, value, on in result_rows(card):
         terminal.print(f"  {measure}: {value}  [{on}]", highlight=False, markup=False)
+    for line in card["warnings"]:
+        terminal.print(f"[bold red]warning:[/] {line}", highlight=False)
     for deviation in card["protocol"]["deviations"]:
         terminal.print(f"[yellow]reduced:[/] {deviation}", highlight=False)
     terminal.print(f"card: [bold]{out / 'card.json'}[/] and {out / 'card.html'}")
