@@ -22,7 +22,8 @@ def _final(model, loss, x_adv, y):
     )
 
 
-TRACED = ["fgsm", "bim", "pgd", "mifgsm", "segpgd", "cospgd", "dag", "asma"]  # per-sample steps
+TRACED = ["fgsm", "bim", "pgd", "mifgsm", "segpgd", "cospgd", "dag", "asma", "alma-prox",
+          "pdpgd"]  # per-sample steps  # fmt: skip
 
 
 def test_the_traced_attacks_are_registered():

@@ -13,6 +13,7 @@ import inspect
 from torch import nn
 
 from advseg.attacks.adaptive import DEFAULT_EOT_SAMPLES, adaptive_model
+from advseg.attacks.alma_prox import ALMAProx
 from advseg.attacks.apgd import APGD
 from advseg.attacks.asma import ASMA
 from advseg.attacks.base import ATTACKS, Attack, check_eps, frozen, model_logits
@@ -24,7 +25,9 @@ from advseg.attacks.elastic import Elastic
 from advseg.attacks.fgsm import FGSM
 from advseg.attacks.gamma import Gamma
 from advseg.attacks.mifgsm import MIFGSM
+from advseg.attacks.minimal import MinimalNorm
 from advseg.attacks.padam import PAdam
+from advseg.attacks.pdpgd import PDPGD
 from advseg.attacks.pgd import PGD
 from advseg.attacks.sea import SEA
 from advseg.attacks.segpgd import SegPGD
@@ -33,8 +36,9 @@ from advseg.catalogue import parse_attack_name
 from advseg.errors import UserError
 from advseg.losses import PerSampleLoss
 
-__all__ = ["APGD", "ASMA", "ATTACKS", "BIM", "DAG", "FGSM", "MIFGSM", "PGD", "SEA", "Attack",
-           "BiasField", "CosPGD", "Elastic", "Gamma", "PAdam", "SegPGD", "Universal",
+__all__ = ["APGD", "ASMA", "ATTACKS", "BIM", "DAG", "FGSM", "MIFGSM", "PDPGD", "PGD", "SEA",
+           "ALMAProx", "Attack", "BiasField", "CosPGD", "Elastic", "Gamma", "MinimalNorm", "PAdam",
+           "SegPGD", "Universal",
            "attack_options", "check_eps", "check_option_values", "create_attack", "frozen",
            "model_logits", "parse_attack_name"]  # fmt: skip
 
@@ -47,7 +51,8 @@ def create_attack(
     Args:
         name: ``fgsm``, ``bim``, ``pgd``, ``mifgsm``, ``segpgd``, ``cospgd``, ``apgd``, ``sea``,
             ``dag``, ``asma``, the plausible ``biasfield``, ``elastic`` and ``gamma`` (budgets in
-            their own terms: :mod:`advseg.attacks.plausible`) or ``universal`` (which must be
+            their own terms: :mod:`advseg.attacks.plausible`), the minimal-norm ``alma-prox`` and
+            ``pdpgd`` (their ``min_eps``) or ``universal`` (which must be
             fitted on training slices before it is called), optionally with the adaptive
             suffixes ``+bpda`` / ``+eot`` (e.g. ``pgd+bpda``),
             which attack a :class:`~advseg.defences.DefendedModel` through BPDA / EOT
