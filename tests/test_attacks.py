@@ -278,9 +278,9 @@ def test_bad_eps_is_a_user_error(eps):
 
 def test_unknown_names_are_answered_with_the_valid_ones():
     with pytest.raises(
-        UserError, match=r"unknown attack 'pdg'.*did you mean 'pgd'.*valid: apgd, asma, biasfield"
+        UserError, match=r"unknown attack 'pgf'.*did you mean 'pgd'.*valid: alma-prox, apgd, asma"
     ):
-        create_attack("pdg", tiny_net())
+        create_attack("pgf", tiny_net())
     with pytest.raises(
         UserError, match=r"unknown loss 'bec'.*valid: balanced-bce, balanced-ce, bce, ce"
     ):
