@@ -58,6 +58,8 @@ RECORD_COLUMNS: dict[str, str] = {
     "ssim": "float64",
     "luminosity": "float64",
     "abstained": "float64",  # share of the pixels left undecided (randomized smoothing), else 0
+    "min_eps": "float64",  # minimal-norm attacks: smallest breaking norm (inf: none found)
+    "min_eps_criterion": "string",  # what "breaking" meant (dice<=0.5, pixels>=0.99); "" else
 }
 
 DEFAULTS: dict[str, object] = {
@@ -66,11 +68,14 @@ DEFAULTS: dict[str, object] = {
     "abstained": 0.0,
     "hd95_mm_clean": float("nan"),
     "hd95_mm_adv": float("nan"),
+    "min_eps": float("nan"),
+    "min_eps_criterion": "",
 }
 """Columns a producer may leave out (and older files lack): filled with these values. An
 ordinary prediction decides every pixel, so only certification (``advseg certify``) abstains;
 records written before HD95 in millimetres have none (NaN); attack cells, and records written
-before corruptions, have no corruption ("", severity 0)."""
+before corruptions, have no corruption ("", severity 0); only minimal-norm attacks (``alma-prox``,
+``pdpgd``) have a ``min_eps`` and its criterion (NaN, "" for the rest and for older records)."""
 
 
 def check_records(frame: pd.DataFrame, source: str = "records") -> pd.DataFrame:
@@ -176,7 +181,7 @@ VALUE_RANGES: dict[str, tuple[float, float]] = {
     **{c: (0, float("inf")) for c in ("gt_pixels", "tp_clean", "fp_clean", "fn_clean", "tp_adv",
                                       "fp_adv", "fn_adv", "params", "seed", "severity")},
     **{c: (0.0, float("inf")) for c in ("eps", "linf", "l2", "hd95_clean", "hd95_adv",
-                                        "hd95_mm_clean", "hd95_mm_adv")},
+                                        "hd95_mm_clean", "hd95_mm_adv", "min_eps")},
     "ssim": (-1.0, 1.0),
 }  # fmt: skip
 """The closed range of each numeric column's values (NaN passes: an empty mask's Dice, a

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from advseg.attacks import Attack, frozen, model_logits
+from advseg.attacks import Attack, MinimalNorm, frozen, model_logits
 
 
 @dataclass
@@ -39,6 +39,11 @@ class BatchOutput:
     adv_logits: list[Tensor]  # L x (B, K, H, W)
     members: list[list[str] | None] = field(default_factory=list)
     """Per loss, an ensemble attack's winning member per slice (``sea``); None otherwise."""
+    min_eps: list[Tensor | None] = field(default_factory=list)
+    """Per loss, a minimal-norm attack's smallest breaking norm per slice ``(B,)`` (``alma-prox``,
+    ``pdpgd``: :attr:`~advseg.attacks.minimal.MinimalNorm.min_eps`); None otherwise."""
+    criteria: list[str] = field(default_factory=list)
+    """Per loss, that attack's criterion (``dice<=0.5``); ``""`` otherwise."""
 
 
 def attack_batch(
@@ -68,7 +73,10 @@ def attack_batch(
         with torch.inference_mode():
             adv_logits = [model_logits(model, images).float() for images in x_adv]
     members = [list(a.winners) if getattr(a, "loss_ensemble", False) else None for a in attacks]
-    return BatchOutput(clean_logits, x_adv, adv_logits, members)
+    minimal = [isinstance(a, MinimalNorm) for a in attacks]
+    min_eps = [a.min_eps.clone() if m else None for a, m in zip(attacks, minimal, strict=True)]
+    criteria = [a.criterion_label if m else "" for a, m in zip(attacks, minimal, strict=True)]
+    return BatchOutput(clean_logits, x_adv, adv_logits, members, min_eps, criteria)
 
 
 def sweep_batch(

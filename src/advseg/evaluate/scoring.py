@@ -45,8 +45,10 @@ def batch_records(
     lum = luminosity(x).cpu().numpy()  # (B,)
     frames = []
     members = out.members or [None] * len(losses)
-    for attack_loss, x_adv, adv_logits, winners in zip(
-        losses, out.x_adv, out.adv_logits, members, strict=True
+    minimal = out.min_eps or [None] * len(losses)
+    criteria = out.criteria or [""] * len(losses)
+    for attack_loss, x_adv, adv_logits, winners, min_eps, criterion in zip(
+        losses, out.x_adv, out.adv_logits, members, minimal, criteria, strict=True
     ):
         adv = score(class_prediction(adv_logits, activation), target, spacing)
         linf, l2 = (v.cpu().numpy() for v in perturbation_norms(x, x_adv))
@@ -57,10 +59,10 @@ def batch_records(
             "psnr": psnr(x, x_adv, data_range).cpu().numpy(),
             "ssim": ssim(x, x_adv, data_range).cpu().numpy(),
             "luminosity": lum,
+            "min_eps": np.full(len(x), np.nan) if min_eps is None else min_eps.cpu().numpy(),
         }
-        frames.append(
-            slice_records(meta, classes, clean, adv, per_slice, loss=attack_loss, member=member)
-        )
+        columns = {"loss": attack_loss, "member": member, "min_eps_criterion": criterion}
+        frames.append(slice_records(meta, classes, clean, adv, per_slice, **columns))
     return pd.concat(frames, ignore_index=True)
 
 

@@ -28,6 +28,7 @@ from advseg.report import (
     convergence,
     corruptions,
     cross_model,
+    curves,
     defences,
     figures,
     provenance,
@@ -127,6 +128,7 @@ def write_report(
     sections = [
         provenance.section(writer, run_dir, records, table_ii, protocol, locations),
         _table_section(writer, records[records["eps"] == eps], protocol, eps, locations),
+        *curves.sections(writer, records),
         *corruptions.sections(writer, run_dir, corrupted, protocol, classes),
         _eps_section(writer, cells),
         panel_section(writer, run_dir, records[records["eps"] == eps], protocol, classes, eps),

@@ -1,0 +1,122 @@
+"""A robustness curve from one minimal-norm run against a 7-eps APGD sweep: agreement and time.
+
+Trains a small zoo model (sigmoid, Dice + BCE; ``worst_case.train``) on the synthetic phantom and
+on the synthetic abdominal CT volumes (NIfTI), then on the same held-out slices (with a mask,
+seeded, spread over the test cases):
+
+1. one minimal-norm cell (``alma-prox`` by default, L-inf, criterion ``dice<=0.5``): every slice's
+   ``min_eps``, so the share of slices whose foreground Dice falls to 0.5 or below at any eps;
+2. APGD (``bce``) at 7 eps: the quantiles 1/8 .. 7/8 of the finite ``min_eps`` (so every point
+   lies where the curve moves), one cell per eps, the share of slices with Dice <= 0.5 at each.
+
+Prints, per data set, the two curves at the 7 eps, their largest and mean absolute difference
+(:func:`advseg.curves.agreement`), the median minimal eps with its case-bootstrap interval, and
+the time of the minimal-norm run against the sweep's (one process, measured in the same run).
+Writes ``OUT/minnorm-curve.json``. Sized for a shared CPU.
+
+    PYTHONPATH=src python benchmarks/minnorm_curve.py --out /tmp/minnorm-curve
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from advseg import curves
+from advseg.data import DataConfig, PreprocessConfig, load_data, split_cases
+from advseg.evaluate import evaluate_cell
+from worst_case import TEST_FRACTION, make_data, train  # benchmarks/ is the script's folder
+
+THRESHOLD = 0.5
+
+
+def timed_cell(model, data, rows, attack, eps, kind, arch, options) -> tuple[pd.DataFrame, float]:
+    start = time.perf_counter()
+    result = evaluate_cell(model, data, rows, attack, ["bce"], eps, model_name=kind, arch=arch,
+                           attack_kwargs=options, batch_size=8)  # fmt: skip
+    return result.records, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/minnorm-curve"))
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--slices", type=int, default=8)
+    parser.add_argument("--model", default="unet-tiny", help="a zoo name")
+    parser.add_argument("--train-steps", type=int, default=200)
+    parser.add_argument("--kinds", default="phantom,nifti")
+    parser.add_argument("--attack", default="alma-prox", choices=["alma-prox", "pdpgd"])
+    parser.add_argument("--minimal-steps", type=int, default=500)
+    parser.add_argument("--apgd-steps", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (a shared CPU)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for kind in args.kinds.split(","):
+        path = make_data(kind, args.out)
+        config = DataConfig(path=path, preprocess=PreprocessConfig(size=args.size),
+                            cache_dir=args.out / "cache" / kind)  # fmt: skip
+        data = load_data(config)
+        train_rows, test_rows = split_cases(data.index, TEST_FRACTION, 0)
+        saved = args.out / f"{kind}-{args.model}-{args.size}px-{args.train_steps}.pt"
+        if saved.exists():
+            model = torch.load(saved, weights_only=False).eval()
+        else:
+            images = torch.from_numpy(data.images[train_rows]).unsqueeze(1).repeat(1, 3, 1, 1)
+            masks = torch.from_numpy(data.masks[train_rows]).float()
+            model = train(args.model, images, masks, args.train_steps)
+            torch.save(model, saved)
+        with_mask = [int(r) for r in test_rows if data.masks[r].any()]
+        n = min(args.slices, len(with_mask))
+        rows = sorted(int(r) for r in np.random.default_rng(0).choice(with_mask, n, replace=False))
+        options = {"criterion": "dice", "threshold": THRESHOLD, "steps": args.minimal_steps}
+        minimal, minimal_seconds = timed_cell(model, data, rows, args.attack, 1.0, kind,
+                                              args.model, options)  # fmt: skip
+        values = curves.slice_table(minimal)["min_eps"].to_numpy()
+        finite = values[np.isfinite(values) & (values > 0)]
+        grid = sorted({float(f"{e:.3g}") for e in np.quantile(finite, np.arange(1, 8) / 8)})
+        sweep, sweep_seconds = [], 0.0
+        for eps in grid:
+            records, seconds = timed_cell(model, data, rows, "apgd", eps, kind, args.model,
+                                          {"steps": args.apgd_steps})  # fmt: skip
+            sweep.append(records)
+            sweep_seconds += seconds
+        records = pd.concat([minimal, *sweep], ignore_index=True)
+        curve = curves.min_eps_curve(records, grid)
+        points = curves.sweep_curve(records, THRESHOLD)
+        agree = curves.agreement(records).iloc[0]
+        median = curves.median_min_eps(records).iloc[0]
+        row = {"kind": kind, "slices": n, "attack": args.attack, "eps": grid,
+               "curve": curve["broken"].round(4).tolist(),
+               "sweep": points.sort_values("eps")["broken"].round(4).tolist(),
+               "max_abs_diff": float(agree["max_abs_diff"]),
+               "mean_abs_diff": float(agree["mean_abs_diff"]),
+               "mean_diff": float(agree["mean_diff"]),
+               "median_min_eps": [float(median["median"]), float(median["low"]),
+                                  float(median["high"])],
+               "found": float(median["found"]), "minimal_seconds": minimal_seconds,
+               "sweep_seconds": sweep_seconds,
+               "time_ratio": sweep_seconds / minimal_seconds}  # fmt: skip
+        results.append(row)
+        print(f"\n{kind}: {n} slices, {args.attack} ({args.minimal_steps} steps) vs APGD-bce "
+              f"({args.apgd_steps} steps) at {len(grid)} eps, Dice <= {THRESHOLD}")  # fmt: skip
+        print("  eps        " + " ".join(f"{e:8.4f}" for e in grid))
+        print("  curve      " + " ".join(f"{v:8.3f}" for v in row["curve"]))
+        print("  APGD sweep " + " ".join(f"{v:8.3f}" for v in row["sweep"]))
+        print(f"  max |diff| {row['max_abs_diff']:.3f}, mean |diff| {row['mean_abs_diff']:.3f}, "
+              f"mean diff {row['mean_diff']:+.3f}; median min_eps {median['median']:.4g} "
+              f"[{median['low']:.4g}, {median['high']:.4g}], found {row['found']:.0%}")  # fmt: skip
+        print(f"  time: minimal {minimal_seconds:.1f} s, sweep {sweep_seconds:.1f} s, ratio "
+              f"{row['time_ratio']:.2f}", flush=True)  # fmt: skip
+    (args.out / "minnorm-curve.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
