@@ -6,8 +6,9 @@ seeded, spread over the test cases):
 
 1. one minimal-norm cell (``alma-prox`` by default, L-inf, criterion ``dice<=0.5``): every slice's
    ``min_eps``, so the share of slices whose foreground Dice falls to 0.5 or below at any eps;
-2. APGD (``bce``) at 7 eps: the quantiles 1/8 .. 7/8 of the finite ``min_eps`` (so every point
-   lies where the curve moves), one cell per eps, the share of slices with Dice <= 0.5 at each.
+2. APGD (``bce``) at 7 eps: the quantiles 1/8 .. 7/8 of the finite, positive ``min_eps`` (so
+   every point lies where the curve moves; 1, 2, 4, 6, 8, 12, 16 /255 when fewer than two are),
+   one cell per eps, the share of slices with Dice <= 0.5 at each.
 
 Prints, per data set, the two curves at the 7 eps, their largest and mean absolute difference
 (:func:`advseg.curves.agreement`), the median minimal eps with its case-bootstrap interval, and
@@ -79,9 +80,16 @@ def main() -> None:
         options = {"criterion": "dice", "threshold": THRESHOLD, "steps": args.minimal_steps}
         minimal, minimal_seconds = timed_cell(model, data, rows, args.attack, 1.0, kind,
                                               args.model, options)  # fmt: skip
-        values = curves.slice_table(minimal)["min_eps"].to_numpy()
+        table = curves.slice_table(minimal)
+        values = table["min_eps"].to_numpy()
         finite = values[np.isfinite(values) & (values > 0)]
-        grid = sorted({float(f"{e:.3g}") for e in np.quantile(finite, np.arange(1, 8) / 8)})
+        print(f"{kind}: clean slice Dice {table['dice_clean'].mean():.3f}; min_eps 0 (broken "
+              f"clean) {int((values == 0).sum())}, inf {int(np.isinf(values).sum())}, "
+              f"between {finite.size} of {values.size}", flush=True)  # fmt: skip
+        if finite.size >= 2:  # where the curve moves
+            grid = sorted({float(f"{e:.3g}") for e in np.quantile(finite, np.arange(1, 8) / 8)})
+        else:
+            grid = [e / 255 for e in (1, 2, 4, 6, 8, 12, 16)]
         sweep, sweep_seconds = [], 0.0
         for eps in grid:
             records, seconds = timed_cell(model, data, rows, "apgd", eps, kind, args.model,
@@ -91,7 +99,7 @@ def main() -> None:
         records = pd.concat([minimal, *sweep], ignore_index=True)
         curve = curves.min_eps_curve(records, grid)
         points = curves.sweep_curve(records, THRESHOLD)
-        agree = curves.agreement(records).iloc[0]
+        agree = curves.agreement(records).iloc[0]  # one minimal cell, one sweep
         median = curves.median_min_eps(records).iloc[0]
         row = {"kind": kind, "slices": n, "attack": args.attack, "eps": grid,
                "curve": curve["broken"].round(4).tolist(),
