@@ -352,6 +352,152 @@ def records_cases(c: Campaign) -> None:
            lambda: refused(["report", str(broken)], "not a complete Parquet"))  # fmt: skip
 
 
+def issue25_cases(c: Campaign) -> None:
+    """Issue 25's families (one case each, more in the tests/test_faults_*.py files): a records
+    file that cannot be right, a damaged checkpoint, seeds and counts out of range, options that
+    do nothing, hostile sizes and nesting, names that escape, and a directory already written."""
+    import json
+    import socket
+    import subprocess
+
+    import pandas as pd
+    import torch
+
+    from advseg.models import create_model, metadata_for
+    from advseg.models.checkpoint import save_checkpoint
+    from advseg.records import RECORD_COLUMNS, write_records
+
+    row = {k: 0 for k in RECORD_COLUMNS}
+    row.update(model="m", source="m", arch="unet", attack="fgsm", loss="bce",
+               slice_id="case1_day0_slice_0001", scan="case1_day0", dice_clean=0.9)  # fmt: skip
+    row.update({"class": "stomach", "dice_adv": 7.0})
+    run = c.fresh("records")
+    write_records(pd.DataFrame([row]), run / "records" / "cell.parquet")
+    c.case("issue25", "records with Dice 7", lambda: refused(["report", str(run)], "dice_adv 7"))
+    row.update({"dice_adv": 0.5, "gt_pixels": -4})
+    negative = c.fresh("records")
+    write_records(pd.DataFrame([row]), negative / "records" / "cell.parquet")
+    c.case("issue25", "records with negative pixel counts",
+           lambda: refused(["report", str(negative)], "gt_pixels -4"))  # fmt: skip
+
+    folder = c.fresh("ckpt")
+    model = create_model("unet-tiny")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float("nan"))
+    meta = metadata_for(model, ["large_bowel", "small_bowel", "stomach"])
+    save_checkpoint(folder / "nan", model, meta)
+    argv = ["evaluate", str(folder / "nan"), "--split", "all", "--data", str(c.synth)]
+    argv += ["--device", "cpu", "--out", str(c.fresh("eval"))]
+    c.case("issue25", "all-NaN weights", lambda: refused(argv, "not finite numbers"))
+    bad = json.loads((folder / "nan.json").read_text())
+    bad["meta"]["data"]["split"] = {"cases": {"train": [1], "val": [2], "test": []}}
+    (folder / "split.json").write_text(json.dumps(bad))
+    shutil.copy(folder / "nan.safetensors", folder / "split.safetensors")
+    argv = ["evaluate", str(folder / "split"), "--data", str(c.synth), "--device", "cpu"]
+    argv += ["--out", str(c.fresh("eval"))]
+    c.case("issue25", "checkpoint split without test cases",
+           lambda: refused(argv, "split.cases.test: no held-out case"))  # fmt: skip
+
+    ckpt, tmp = str(folder / "nan"), c.fresh("out")
+    for name, argv, says in [
+        ("train --seed -1", ["train", "--data", str(c.synth), "--out", str(tmp), "--seed", "-1"],
+         "--seed: -1 is not a seed"),
+        ("train --split-seed 2**64+1", ["train", "--data", str(c.synth), "--out", str(tmp),
+                                        "--split-seed", str(2**64 + 1)], "--split-seed: 1844"),
+        ("certify --seed -1", ["certify", ckpt, "--out", str(tmp), "--seed", "-1"], "--seed: -1"),
+        ("certify --n 2**40", ["certify", ckpt, "--out", str(tmp), "--n", str(2**40)],
+         "--n: 1099511627776 must lie in"),
+        ("certify --batch-size 0", ["certify", ckpt, "--out", str(tmp), "--batch-size", "0"],
+         "--batch-size: 0 must lie in"),
+        ("export --seed -1", ["export", str(run), "--seed", "-1"], "--seed: -1 is not a seed"),
+        ("data synth --seed -1", ["data", "synth", "--out", str(tmp), "--seed", "-1"],
+         "--seed: -1 is not a seed"),
+        ("train --adv-eps alone", ["train", "--data", str(c.synth), "--out", str(tmp),
+                                   "--adv-eps", "0.03"], "--adv-eps: does nothing without"),
+        ("train --adv-steps alone", ["train", "--data", str(c.synth), "--out", str(tmp),
+                                     "--adv-steps", "3"], "--adv-steps: does nothing without"),
+        ("evaluate random_start=maybe", ["evaluate", ckpt, "--out", str(tmp), "--attack", "pgd",
+                                         "--attack-option", "random_start=maybe"],
+         "random_start: expected true or false"),
+        ("evaluate seed=abc", ["evaluate", ckpt, "--out", str(tmp), "--attack", "pgd",
+                               "--attack-option", "seed=abc"], "seed: expected a whole-number"),
+        ("evaluate loss_kwargs=[1,2]", ["evaluate", ckpt, "--out", str(tmp), "--attack", "pgd",
+                                        "--attack-option", "loss_kwargs=[1,2]"],
+         "loss_kwargs: expected a mapping"),
+    ]:  # fmt: skip
+        c.case("issue25", name, lambda a=argv, s=says: refused(a, s, tmp))
+
+    for name, text, says in [
+        (
+            "YAML nested 100,000 deep",
+            "models: " + "[" * 100_000 + "]" * 100_000 + "\n",
+            "nested more than 64 levels deep",
+        ),
+        ("YAML name ../escape", "name: ../escape\n", "is not a file name"),
+        ("YAML name ''", "name: ''\n", "an empty name"),
+        ("YAML seeds [-1]", "seeds: [-1]\n", "seeds[0]: -1 is not a seed"),
+        ("YAML split.seed 2**64+1", f"split:\n  seed: {2**64 + 1}\n", "split.seed: 1844"),
+    ]:
+        experiment = c.fresh("exp").with_suffix(".yaml")
+        experiment.write_text(f"data:\n  path: {c.synth}\n" + text)
+        out = c.fresh("run")
+        argv = ["run", str(experiment), "--out", str(out)]
+        c.case("issue25", name, lambda a=argv, s=says, o=out: refused(a, s, o))
+
+    root = copy_of(c.corpus, c.fresh())
+    png = next(root.rglob("*.png"))
+    width, height = (int(v) for v in png.name.split("_")[2:4])
+    header = png.read_bytes()
+    png.write_bytes(header[:16] + (40000).to_bytes(4, "big") * 2 + header[24:])
+    argv = ["data", "info", str(root), "--check", "--size", "16"]
+    c.case("issue25", "PNG declaring 40000x40000", lambda: refused(argv, "image is 40000x40000"))
+    jpeg = copy_of(c.corpus, c.fresh())
+    png = next(jpeg.rglob("*.png"))
+    import cv2
+
+    png.write_bytes(cv2.imencode(".jpg", np.zeros((height, width), np.uint8))[1].tobytes())
+    argv = ["data", "info", str(jpeg), "--check", "--size", "16"]
+    c.case("issue25", "JPEG named .png", lambda: refused(argv, "a JPEG, lossy, named .png"))
+
+    rng = np.random.default_rng(0)
+    for name, value in (("NIfTI label -1", -1.0), ("NIfTI label 1e20", 1e20)):
+        image, label = rng.random((8, 6, 3)).astype(np.float32), np.zeros((8, 6, 3), np.float32)
+        label[1, 1, 1] = value
+        root = nifti_pair(c.fresh(), image, label)
+        argv = ["data", "info", str(root), "--labels", "1=organ"]
+        c.case("issue25", name, lambda a=argv: refused(a, "labels outside 0..65535"))
+    image = (rng.random((8, 6, 3)) + 1j).astype(np.complex64)
+    root = nifti_pair(c.fresh(), image, np.zeros((8, 6, 3), np.uint8))
+    argv = ["data", "info", str(root), "--labels", "1=organ"]
+    c.case("issue25", "NIfTI complex64 image", lambda: refused(argv, "complex numbers"))
+    root = nifti_pair(c.fresh(), rng.random((8, 6, 3)).astype(np.float32),
+                      np.zeros((8, 6, 3), np.uint8))  # fmt: skip
+    (root / "dataset.json").write_bytes('{"labels": {"1": "f\xe9mur"}}'.encode("latin-1"))
+    argv = ["data", "info", str(root)]
+    c.case("issue25", "dataset.json in Latin-1", lambda: refused(argv, "not UTF-8 text"))
+
+    locked = c.fresh("eval")
+    locked.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    (locked / ".advseg.lock").write_text(f"{holder.pid} {socket.gethostname()} advseg evaluate\n")
+    argv = ["evaluate", ckpt, "--out", str(locked), "--split", "all", "--data", str(c.synth)]
+    try:
+        c.case("issue25", "a second evaluate on one --out",
+               lambda: refused(argv, "another advseg process is writing here"))  # fmt: skip
+    finally:
+        holder.kill()
+        holder.wait()
+
+    orphan = c.fresh("run")
+    write_records(pd.DataFrame([{**row, "gt_pixels": 0}]), orphan / "records" / "cell.parquet")
+    experiment = c.fresh("exp").with_suffix(".yaml")
+    experiment.write_text(f"data:\n  path: {c.synth}\nmodels:\n  - arch: unet-tiny\n")
+    argv = ["run", str(experiment), "--out", str(orphan)]
+    c.case("issue25", "a run whose config.yaml was deleted",
+           lambda: refused(argv, "holds finished work but no config.yaml"))  # fmt: skip
+
+
 def cache_cases(c: Campaign) -> None:
     for how in DAMAGES:
 
@@ -444,7 +590,7 @@ def _failing_writes(code: int, kind: str):
 
     target = {
         "checkpoint": "advseg.models.checkpoint.save_file",
-        "records": "pandas.DataFrame.to_parquet",
+        "records": "pyarrow.parquet.write_table",  # advseg.records writes through pyarrow
         "text": "pathlib.Path.write_text",
         "cache": "advseg.data.cache.os.posix_fallocate",
     }[kind]
@@ -494,7 +640,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         campaign = Campaign(Path(tmp), args.verbose)
         for cases in (data_cases, train_cases, experiment_cases, checkpoint_cases,
-                      records_cases, cache_cases, disk_cases):  # fmt: skip
+                      records_cases, cache_cases, disk_cases, issue25_cases):  # fmt: skip
             cases(campaign)
         if args.kills:
             kill_cases(campaign)

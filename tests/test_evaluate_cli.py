@@ -117,7 +117,7 @@ def test_two_checkpoints_with_one_name_are_refused(setup, capsys):
         (setup / "other" / f"tiny{suffix}").write_bytes((setup / f"tiny{suffix}").read_bytes())
     args = ["evaluate", str(setup / "tiny"), str(setup / "other" / "tiny")]
     assert cli([*args, "--out", str(setup / "dup"), "--device", "cpu"]) == 2
-    assert "another checkpoint is also named 'tiny'" in capsys.readouterr().err
+    assert "is also named 'tiny'" in capsys.readouterr().err
 
 
 def test_out_that_is_a_file_is_refused_before_any_work(setup, capsys):

@@ -100,3 +100,61 @@ def test_read_json_reads_what_it_should(tmp_path):
     path = tmp_path / "ok.json"
     path.write_text(json.dumps({"a": [1, {"b": np.pi}]}))
     assert read_json(path) == {"a": [1, {"b": np.pi}]}
+
+
+# --- outputs, labels, checkpoint fields -------------------------------------------------------
+
+
+def test_stdout_to_a_full_device_is_one_line():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src, "PYTHONWARNINGS": "ignore"}
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "advseg", "models"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines == ["error: cannot write the output (stdout): no space left on the device"]
+
+
+def test_a_label_value_named_twice_is_refused():
+    with pytest.raises(UserError, match=r"--labels: label 1 named twice \(liver, spleen\)"):
+        parse_label_map("1=liver,1=spleen")
+    assert parse_label_map("1=liver,1=liver") == {1: "liver"}
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        (lambda m: m["train"].update(seed="abc"), "meta.train.seed: expected a whole-number seed"),
+        (lambda m: m["train"].update(seed=-1), "meta.train.seed: -1 is not a seed"),
+        (lambda m: m.update(epoch=-1), "meta.epoch: -1 must be 0 or more"),
+    ],
+)
+def test_checkpoint_fields_out_of_range_are_refused(tmp_path, edit, said):
+    import torch
+
+    from advseg.models import create_model, metadata_for
+    from advseg.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("unet-tiny")
+    save_checkpoint(tmp_path / "c", model, metadata_for(model, ["a", "b", "c"], train={"seed": 0}))
+    document = json.loads((tmp_path / "c.json").read_text())
+    edit(document["meta"])
+    (tmp_path / "c.json").write_text(json.dumps(document))
+    with pytest.raises(UserError, match=f"c.json: {said}"):
+        read_checkpoint(tmp_path / "c")
+
+
+def test_two_checkpoints_of_one_name_are_refused_before_anything_is_written(tmp_path, capfd):
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+    out = tmp_path / "eval"
+    argv = ["evaluate", str(tmp_path / "x" / "tiny"), str(tmp_path / "y" / "tiny")]
+    line = _one_line([*argv, "--out", str(out), "--device", "cpu"], capfd)
+    assert "is also named 'tiny'" in line and not out.exists()

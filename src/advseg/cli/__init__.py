@@ -7,7 +7,9 @@ options, call one library function and print its result; they hold no logic. A
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import sys
 import warnings
 
@@ -176,8 +178,34 @@ def main(argv: list[str] | None = None) -> None:
     warnings.showwarning = _show_warning
     try:
         app(args=argv, prog_name="advseg")
+        sys.stdout.flush()  # a full stdout fails here, not at exit
     except UserError as err:
         Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except OSError as err:
+        if err.errno not in _OUTPUT_ERRORS or err.filename is not None:
+            raise  # not a stream: advseg.atomic names the files it writes
+        _quiet_stdout()
+        print(f"error: cannot write the output (stdout): {_OUTPUT_ERRORS[err.errno]}",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(2)
     finally:
         set_arguments(None)
+
+
+_OUTPUT_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EPIPE: "the reader closed the pipe",
+    errno.EIO: "input/output error",
+    errno.EDQUOT: "disk quota exceeded",
+}
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's last flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass

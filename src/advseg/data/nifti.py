@@ -77,6 +77,8 @@ def parse_label_map(spec: str | Path | Mapping[Any, str]) -> dict[int, str]:
             raise UserError(f"{where}: label 0 is the background and cannot name a class")
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             raise UserError(f"{where}: class name {name!r} must be an identifier like small_bowel")
+        if label in mapping and mapping[label] != name:
+            raise UserError(f"{where}: label {label} named twice ({mapping[label]}, {name})")
         mapping[label] = name
     if not mapping:
         raise UserError(f"{where}: the label mapping is empty")

@@ -246,6 +246,14 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
         raise UserError(f"--out {out}: exists and is not a directory")
     check_output_dir(out, "--out directory")  # under a file, or not writable: before any work
     _refuse_existing_run(out)
+    names: dict[str, Any] = {}
+    for checkpoint in config.checkpoints:  # one name each, before anything is written
+        other = names.setdefault(checkpoint_label(checkpoint), checkpoint)
+        if other != checkpoint:
+            raise UserError(
+                f"{checkpoint}: {other} is also named {checkpoint_label(checkpoint)!r}; the "
+                "records of one model would overwrite the other's (rename or copy one of them)"
+            )
     for checkpoint in config.checkpoints:  # each one's outputs against the losses, before work
         try:
             own = read_metadata(newest_complete(checkpoint)).activation

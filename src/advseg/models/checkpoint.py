@@ -43,6 +43,7 @@ from advseg.atomic import atomic_path, fault_point
 from advseg.config import from_dict, read_json, to_dict
 from advseg.errors import AdvsegWarning, UserError
 from advseg.labels import check_activation, output_channels
+from advseg.limits import check_seed
 from advseg.models.zoo import count_parameters, create_model, model_spec
 
 FORMAT = "advseg-checkpoint/1"
@@ -248,6 +249,10 @@ def read_checkpoint(
     meta = from_dict(CheckpointMeta, document["meta"], where=f"{meta_file}: meta")
     check_activation(meta.activation, f"{meta_file}: meta.activation")
     _check_split(meta.data, meta_file)
+    if meta.epoch < 0:
+        raise UserError(f"{meta_file}: meta.epoch: {meta.epoch} must be 0 or more")
+    if "seed" in meta.train:
+        check_seed(meta.train["seed"], f"{meta_file}: meta.train.seed")
     weights = {k: v for k, v in tensors.items() if not k.startswith(_STATE_PREFIX)}
     state = document.get("training_state")
     training_state = None if state is None else _decode(state, tensors, meta_file)
