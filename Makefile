@@ -11,6 +11,10 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	# visdom (needed by adv-lib, a dev reference) is an sdist whose setup.py imports pkg_resources,
+	# which setuptools 81 removed: build it with an older setuptools, outside build isolation
+	$(BIN)/python -m pip install --quiet "setuptools<81" wheel
+	$(BIN)/python -m pip install --quiet --no-build-isolation visdom
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
