@@ -96,3 +96,10 @@ def test_bench_volume_attack_prints_time_and_memory_ratios():
     out = _run("bench_volume_attack.py", "--roi", "16", "--repeats", "1")
     assert "step/floor" in out and "(target <= 1.25)" in out
     assert "advseg 8/1" in out and "(target <= 1.5)" in out and "monai 8/1" in out
+
+
+@pytest.mark.slow  # 40 cells of records, even at toy sizes (about 100 s on a shared CPU)
+def test_bench_corruptions_prints_the_grid_against_one_attack_cell():
+    toy = ["--size", "32", "--slices", "2", "--batch", "2", "--steps", "1", "--repeats", "1"]
+    out = _run("bench_corruptions.py", *toy, "--model", "unet-tiny")
+    assert "grid/attack" in out and "TorchIO share" in out and "motion:" in out

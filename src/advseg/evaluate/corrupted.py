@@ -1,7 +1,8 @@
 """Corruption cells: every (corruption, severity) of a model on a split, in one pass over it.
 
-Each batch is read once and its clean forward made once (``inference_mode``); every
-(corruption, severity) then costs its TorchIO transform and one forward of the corrupted images.
+Each batch is read once and its clean forward made (and scored, HD95 included) once; every
+(corruption, severity) then costs its TorchIO transform, one forward of the corrupted images and
+their scores.
 The records are those of an attack cell (one row per slice and class, the clean columns the same
 clean forward's), with ``attack`` ``corruption:<name>:<severity>``, ``loss`` ``none``, ``eps`` 0
 and the ``corruption`` and ``severity`` columns filled; ``linf``/``l2``/``psnr``/``ssim`` measure
@@ -104,15 +105,16 @@ def evaluate_corruptions(
                 ])  # fmt: skip
                 outs.append(BatchOutput(clean_logits, [x_c], [model_logits(model, x_c).float()]))
         spacing = pixel_mm(data, batch["row"].tolist())
-        frames.append(
-            (
-                batch_number,
-                [
-                    batch_records(o, [NO_LOSS], x, y, meta, classes, activation, spacing)
-                    for o in outs
-                ],
-            )
+        # one call for every cell: the clean prediction is scored (HD95 too) once per batch
+        together = BatchOutput(clean_logits, [o.x_adv[0] for o in outs],
+                               [o.adv_logits[0] for o in outs])  # fmt: skip
+        scored = batch_records(
+            together, [NO_LOSS] * len(outs), x, y, meta, classes, activation, spacing
         )
+        size = len(x) * len(classes)  # rows per cell, in the order of the cells
+        parts = [scored.iloc[i * size : (i + 1) * size].reset_index(drop=True)
+                 for i in range(len(outs))]  # fmt: skip
+        frames.append((batch_number, parts))
         start = batch_number * batch_size
         picks = [i for i in range(len(x)) if start + i in chosen]
         if picks:

@@ -1,0 +1,102 @@
+"""What a full corruption grid (8 corruptions x 5 severities = 40 cells) costs against one attack
+cell, on the same slices, model and machine.
+
+Three timings of whole evaluation passes (records included, as ``advseg evaluate`` makes them):
+
+(attack)  one PGD cell: ``--steps`` steps, one loss (:func:`advseg.evaluate.evaluate_cell`);
+(grid)    every corruption at every severity in one pass
+          (:func:`advseg.evaluate.corrupted.evaluate_corruptions`: one clean forward per batch
+          shared by the 40 cells, then per cell TorchIO's transform and one forward);
+(shared)  the transforms alone (:func:`advseg.corruptions.corrupt` on every slice for every
+          cell): the part of the grid that is TorchIO's, not the model's.
+
+Prints the times (best of the repeats), grid/attack, the per-cell cost grid/40 against the
+attack cell, and the TorchIO share shared/grid; also the time of each corruption's transforms,
+so a slow one shows.
+
+    python benchmarks/bench_corruptions.py [--size 64] [--slices 32] [--steps 10] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import pandas as pd
+import torch
+
+from advseg.allocator import keep_freed_memory
+from advseg.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from advseg.evaluate import evaluate_cell
+from advseg.evaluate.corrupted import evaluate_corruptions
+from advseg.models.zoo import create_model
+
+
+class Slices:
+    """Random slices with masks, as a :class:`advseg.evaluate.SliceSource`."""
+
+    classes = ("a", "b", "c")
+
+    def __init__(self, count: int, size: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.rand(count, 3, size, size, generator=g)
+        self.y = (torch.rand(count, 3, size, size, generator=g) > 0.8).float()
+        self.index = pd.DataFrame({
+            "id": [f"s{i}" for i in range(count)], "case": [i % 4 for i in range(count)],
+            "scan": ["x"] * count, "slice": list(range(count)),
+        })  # fmt: skip
+
+    def dataset(self, rows):
+        return [{"image": self.x[r], "mask": self.y[r], "row": r} for r in rows]
+
+
+def best_of(repeats: int, work) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="unet")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--slices", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    keep_freed_memory()
+    torch.manual_seed(0)
+    model = create_model(args.model).eval()
+    data = Slices(args.slices, args.size)
+    rows = range(args.slices)
+    cells = [(name, s) for name in CORRUPTIONS.names() for s in SEVERITIES]
+    common = {"model_name": "m", "arch": args.model, "batch_size": args.batch}
+
+    attack = best_of(args.repeats, lambda: evaluate_cell(
+        model, data, rows, "pgd", ["bce"], 8 / 255, attack_kwargs={"steps": args.steps}, **common
+    ))  # fmt: skip
+    grid = best_of(args.repeats, lambda: evaluate_corruptions(model, data, rows, cells, **common))
+    each = {}
+    for name in CORRUPTIONS.names():
+        each[name] = best_of(args.repeats, lambda name=name: [
+            corrupt(data.x[i : i + 1], name, s, seed=i) for s in SEVERITIES for i in rows
+        ])  # fmt: skip
+    shared = sum(each.values())
+    print(f"{args.model} {args.size} px, {args.slices} slices, batch {args.batch}, "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
+    print(f"attack  one PGD cell ({args.steps} steps, bce): {attack:.2f} s")
+    print(f"grid    {len(cells)} corruption cells, one pass: {grid:.2f} s")
+    print(f"shared  TorchIO transforms alone: {shared:.2f} s")
+    for name, seconds in each.items():
+        print(f"        {name}: {seconds:.2f} s for 5 severities")
+    per_cell = grid / len(cells) / attack
+    print(f"grid/attack {grid / attack:.2f}; per cell (grid/{len(cells)})/attack {per_cell:.3f}; "
+          f"TorchIO share shared/grid {shared / grid:.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
