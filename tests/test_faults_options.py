@@ -145,3 +145,16 @@ def test_the_limits_themselves():
     assert check_count(0, "c", 0) == 0
     with pytest.raises(UserError, match=r"c: 5 must lie in \[1, 4\]"):
         check_count(5, "c", 1, 4)
+
+
+def test_a_train_config_that_is_no_mapping_is_one_line(tmp_path, capfd):
+    config = tmp_path / "list.yaml"
+    config.write_text("- 1\n- 2\n")
+    argv = ["train", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "o")]
+    line = _one_line([*argv, "--config", str(config)], capfd)
+    assert "list.yaml: expected a mapping of train settings" in line
+
+
+def test_export_slices_without_an_id_is_one_line(tmp_path, capfd):
+    line = _one_line(["export", str(tmp_path / "run"), "--slices", ","], capfd)
+    assert "--slices ',': no slice id given" in line

@@ -9,6 +9,7 @@ import typer
 from advseg.cli.console import console
 from advseg.cli.data import CACHE_HELP
 from advseg.cli.flags import count_flag, seed_flag
+from advseg.errors import UserError
 
 
 def export_command(
@@ -58,6 +59,8 @@ def export_command(
     from advseg.export import export_cell
 
     ids = [s.strip() for s in slices.split(",") if s.strip()] if slices else None
+    if slices is not None and not ids:
+        raise UserError(f"--slices {slices!r}: no slice id given (e.g. case1_day0_slice_0001)")
     result = export_cell(
         run_dir, model=model, attack=attack, eps=eps, loss=loss, train_seed=train_seed,
         slices=ids, count=count, seed=seed, out=out, checkpoint=checkpoint,

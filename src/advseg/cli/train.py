@@ -174,6 +174,9 @@ def train(
 
     set_threads(threads)
     settings = {} if config is None else load_yaml(config) or {}
+    if not isinstance(settings, dict):
+        raise UserError(f"{config}: expected a mapping of train settings (lr: 0.001, ...), got a "
+                        f"{type(settings).__name__}")  # fmt: skip
     options = {
         "model": model,
         "encoder_weights": encoder_weights,
