@@ -24,6 +24,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 test-all: $(STAMP)
@@ -34,7 +35,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 catalogue: $(STAMP)  # after a model, attack, loss or defence changed: what the listings read
-	$(BIN)/python -m advseg.catalogue
+	$(BIN)/python -m advseg.cli.catalogue
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done

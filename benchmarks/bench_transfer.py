@@ -25,10 +25,10 @@ import pandas as pd
 import torch
 
 from advseg.allocator import keep_freed_memory
+from advseg.crossmodel.transfer import reader
 from advseg.data import DataConfig, PreprocessConfig, load_data, write_synthetic
 from advseg.evaluate import evaluate_cell
 from advseg.models.zoo import create_model
-from advseg.transfer import reader
 
 MODELS = ["unet-tiny", "unet", "smp:FPN:mobilenet_v2"]
 

@@ -26,11 +26,11 @@ import pandas as pd
 import torch
 
 from advseg.allocator import keep_freed_memory
-from advseg.compat import create_compat_attack, soft_masks
 from advseg.data import DataConfig, PreprocessConfig, load_data, split_train_val_test, spread_rows
 from advseg.data.synth import write_synthetic
 from advseg.data.synth_nifti import write_synthetic_nifti
 from advseg.evaluate import evaluate_cell
+from advseg.evaluate.compat import create_compat_attack, soft_masks
 from advseg.models import load_checkpoint
 from advseg.report.claims import loss_ranking, per_slice_dsc, ranking_verdict
 from advseg.train import TrainConfig, train_on_data

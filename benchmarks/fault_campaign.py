@@ -328,7 +328,7 @@ def checkpoint_cases(c: Campaign) -> None:
 def records_cases(c: Campaign) -> None:
     import pandas as pd
 
-    from advseg.records import RECORD_COLUMNS, write_records
+    from advseg.runs.records import RECORD_COLUMNS, write_records
 
     run = c.fresh("records")
     row = {k: 0 for k in RECORD_COLUMNS}
@@ -529,7 +529,7 @@ def disk_cases(c: Campaign) -> None:
     from advseg.errors import UserError
     from advseg.models import create_model, metadata_for
     from advseg.models.checkpoint import read_checkpoint, save_checkpoint
-    from advseg.records import RECORD_COLUMNS, write_records
+    from advseg.runs.records import RECORD_COLUMNS, write_records
 
     model = create_model("unet-tiny")
     meta = metadata_for(model, ["a", "b", "c"])

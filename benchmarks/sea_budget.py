@@ -32,7 +32,7 @@ import torch
 
 from advseg.data import DataConfig, PreprocessConfig, load_data, split_cases
 from advseg.evaluate import evaluate_cell
-from advseg.summary import summarize_cells
+from advseg.stats.summary import summarize_cells
 from worst_case import TEST_FRACTION, make_data, train  # benchmarks/ is the script's folder
 
 OLD = "sea (old, 100 in all)"

@@ -28,7 +28,7 @@ from advseg.data.synth_nifti import write_synthetic_nifti
 from advseg.evaluate import evaluate_cell
 from advseg.losses import create_loss
 from advseg.models.zoo import create_model
-from advseg.summary import summarize_cells
+from advseg.stats.summary import summarize_cells
 
 ATTACKS = [  # (label, attack, loss, options)
     ("PGD-10", "pgd", "bce", {"steps": 10}),

@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from advseg.bootstrap import case_bootstrap, case_weights, with_intervals
-from advseg.records import RECORD_COLUMNS, check_records
-from advseg.summary import PROTOCOLS, summarize, summarize_cells
+from advseg.runs.records import RECORD_COLUMNS, check_records
+from advseg.stats.bootstrap import case_bootstrap, case_weights, with_intervals
+from advseg.stats.summary import PROTOCOLS, summarize, summarize_cells
 
 CLASSES = ["large_bowel", "small_bowel", "stomach"]
 
@@ -121,7 +121,7 @@ def test_seeds_give_the_mean_the_spread_and_one_interval():
 @pytest.mark.parametrize("cases", [1, 2, 4])
 def test_fewer_than_five_cases_give_no_interval_and_say_why(cases):
     """Issue 26: one case gave 0.4919 [0.4919, 0.4919]; below 5 cases no bounds, in words."""
-    from advseg.bootstrap import MIN_CASES
+    from advseg.stats.bootstrap import MIN_CASES
 
     records = synthetic_records(cases, slices=6)
     ci = case_bootstrap(records, "per-class", draws=200, seed=0)["dsc_clean"]

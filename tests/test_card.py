@@ -57,8 +57,8 @@ def cards(tmp_path_factory):
 
 
 def test_a_card_holds_the_protocols_numbers_with_their_slices(cards, capsys):
-    from advseg.defences.certify import certified_summary, certify_checkpoint
     from advseg.defences.smoothing import SmoothingConfig
+    from advseg.evaluate.certify import certified_summary, certify_checkpoint
 
     card = read_card(cards / "cards" / "pgd")
     assert card["format"] == "advseg-card/1" and card["protocol"]["version"] == "advseg-card/1"

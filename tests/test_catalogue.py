@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 
 from advseg import catalogue
+from advseg.cli.catalogue import collect
 from advseg.errors import UserError
 
 
 def test_catalogue_equals_the_registries():
-    written, live = catalogue.load(), catalogue.collect()
-    fix = "catalogue.json is stale: run `python -m advseg.catalogue` and commit it"
+    written, live = catalogue.load(), collect()
+    fix = "catalogue.json is stale: run `make catalogue` and commit it"
     assert written.models == live.models, fix
     assert written.attacks == live.attacks, fix
     assert written.losses == live.losses, fix
@@ -23,7 +24,7 @@ def test_catalogue_equals_the_registries():
 
 
 def test_the_protocol_default_is_the_summary_one():
-    from advseg import summary
+    from advseg.stats import summary
 
     assert summary.DEFAULT_PROTOCOL == catalogue.DEFAULT_PROTOCOL in catalogue.PROTOCOLS
 

@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from advseg.records import write_records
 from advseg.report import write_report
 from advseg.report.claims import (
     _wilcoxon,
@@ -19,6 +18,7 @@ from advseg.report.claims import (
     per_slice_dsc,
     ranking_verdict,
 )
+from advseg.runs.records import write_records
 from test_bootstrap import synthetic_records
 
 

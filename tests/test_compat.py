@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from advseg.compat import create_compat_attack, notebook_loss, soft_masks
 from advseg.data import DataConfig, PreprocessConfig, load_data
 from advseg.errors import UserError
 from advseg.evaluate import evaluate_cell
+from advseg.evaluate.compat import create_compat_attack, notebook_loss, soft_masks
 from advseg.losses import create_loss
 from advseg.metrics import PAPER_SMOOTH, dice_from_counts
 from advseg.models.zoo import create_model
@@ -82,7 +82,7 @@ def notebook_loop(model, data, rows, loss_name, eps):
             pred[pred > 0.5] = 1
             pred[pred == 0.5] = 1
             pred[pred < 0.5] = 0
-            # scored against the cache's binary mask (advseg's records), see advseg.compat
+            # scored against the cache's binary mask (advseg's records), see advseg.evaluate.compat
             hard = torch.from_numpy(data.masks[a][None].astype(np.float32))
             dl = monai.losses.DiceLoss()(hard, pred)
             out[a] = (poisoned_img.detach(), 1 - float(dl.detach()))

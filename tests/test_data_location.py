@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from advseg.data import DataConfig, PreprocessConfig, cache_root, load_data, resolved_config
-from advseg.data.location import data_argument, first_line, run_locations
+from advseg.data.location import data_argument, run_locations
+from advseg.data.record import first_line
 from advseg.errors import UserError
 from data_corpus import copy_of, first_png, tiny_synthetic
 
@@ -142,7 +143,7 @@ def test_run_locations_from_data_json_or_config_yaml(tmp_path):
 
 def test_a_run_begun_on_a_relative_path_keeps_its_fingerprint(synth, tmp_path, monkeypatch):
     from advseg.data import cache_key, read_uwmgi
-    from advseg.preflight import data_fingerprint, same_data
+    from advseg.data.record import data_fingerprint, same_data
 
     copy_of(synth, tmp_path / "mri")
     monkeypatch.chdir(tmp_path)

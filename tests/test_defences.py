@@ -201,7 +201,7 @@ def test_evaluate_cli_defences_and_adaptive_attacks(tmp_path, capsys):
     from advseg.data import UWMGI_CLASSES, PreprocessConfig, write_synthetic
     from advseg.models import create_model
     from advseg.models.checkpoint import metadata_for, save_checkpoint
-    from advseg.records import read_records
+    from advseg.runs.records import read_records
     from test_evaluate_cli import cli
 
     write_synthetic(tmp_path / "data", cases=3, scans=1, slices=4)
@@ -263,7 +263,7 @@ def test_grid_holds_defended_and_undefended_models_side_by_side(tmp_path):
 
     from advseg.data import write_synthetic
     from advseg.experiment import load_experiment, run_experiment
-    from advseg.records import read_records
+    from advseg.runs.records import read_records
 
     write_synthetic(tmp_path / "data", cases=3, scans=1, slices=6, seed=0)
     grid = {

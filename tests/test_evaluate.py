@@ -13,8 +13,8 @@ from advseg.attacks.sea import slice_dice
 from advseg.errors import UserError
 from advseg.evaluate import cell_progress, draw_seed, evaluate_cell
 from advseg.metrics import confusion_counts, hd95
-from advseg.records import RECORD_COLUMNS, check_records
-from advseg.summary import summarize
+from advseg.runs.records import RECORD_COLUMNS, check_records
+from advseg.stats.summary import summarize
 
 CLASSES = ["large_bowel", "small_bowel", "stomach"]
 LOSSES = ["bce", "focal", "dicefocal"]

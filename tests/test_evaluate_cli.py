@@ -11,8 +11,8 @@ from advseg.config import to_dict
 from advseg.data import UWMGI_CLASSES, PreprocessConfig, write_synthetic
 from advseg.models import create_model
 from advseg.models.checkpoint import metadata_for, save_checkpoint
-from advseg.records import read_records
-from advseg.summary import summarize
+from advseg.runs.records import read_records
+from advseg.stats.summary import summarize
 
 
 def cli(args: list[str]) -> int:

@@ -15,7 +15,7 @@ from advseg.data import UWMGI_CLASSES, PreprocessConfig, write_synthetic
 from advseg.evaluate.corrupted import evaluate_corruptions
 from advseg.models import create_model
 from advseg.models.checkpoint import metadata_for, save_checkpoint
-from advseg.records import read_records
+from advseg.runs.records import read_records
 
 
 def cli(args: list[str]) -> int:

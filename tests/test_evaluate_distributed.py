@@ -48,8 +48,8 @@ def test_two_ranks_give_the_records_of_one_process(tmp_path):
 
 
 def _craft(net) -> dict:
-    """Transfer crafting (advseg.transfer.craft) of PGD with random starts on 11 slices."""
-    from advseg.transfer import craft
+    """Transfer crafting (crossmodel.transfer.craft) of PGD with random starts on 11 slices."""
+    from advseg.crossmodel.transfer import craft
 
     kwargs = {"steps": 2, "random_start": True, "seed": 0}
     return craft(net, MemoryData(11), range(11), "pgd", LOSSES, 0.03, attack_kwargs=kwargs,

@@ -18,8 +18,8 @@ from advseg.experiment import (
     prepare_run_dir,
     run_cells,
 )
-from advseg.records import RECORD_COLUMNS, read_records
-from advseg.report.examples import load_examples
+from advseg.runs.examples import load_examples
+from advseg.runs.records import RECORD_COLUMNS, read_records
 
 
 def _records(cell: Cell) -> pd.DataFrame:
@@ -188,7 +188,7 @@ def test_max_slices_and_report_panels_sample_over_cases_not_the_first_slices():
     import pandas as pd
 
     from advseg.experiment import EvaluationSpec, evaluation_rows
-    from advseg.report.examples import panel_rows
+    from advseg.report.figures import panel_rows
 
     index = pd.DataFrame({"case": np.repeat([4, 7, 2], 10)})  # three test cases, 10 slices each
     masks = np.ones((30, 1, 2, 2), np.uint8)

@@ -31,8 +31,8 @@ from advseg.experiment import (
     run_experiment,
 )
 from advseg.models import read_checkpoint
-from advseg.records import read_records
-from advseg.summary import summarize_cells
+from advseg.runs.records import read_records
+from advseg.stats.summary import summarize_cells
 from advseg.train import train_on_data
 from test_distributed import _free_port
 from test_experiment_run import _config, phantom  # noqa: F401 (phantom: the module's fixture)

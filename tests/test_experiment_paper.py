@@ -16,7 +16,8 @@ from advseg.cli import main
 from advseg.config import load_yaml, save_yaml
 from advseg.data import DataConfig, split_cases, split_train_val_test, write_synthetic
 from advseg.data.load import build_index
-from advseg.data.location import run_data_record, run_locations
+from advseg.data.location import run_locations
+from advseg.data.record import run_data_record
 from advseg.errors import UserError
 from advseg.experiment import (
     AttackSpec,
@@ -32,10 +33,10 @@ from advseg.experiment import (
 )
 from advseg.models import read_checkpoint
 from advseg.models.zoo import check_encoder_weights, create_model
-from advseg.records import read_records
 from advseg.report import write_report
-from advseg.report.examples import load_examples
-from advseg.summary import summarize_cells
+from advseg.runs.examples import load_examples
+from advseg.runs.records import read_records
+from advseg.stats.summary import summarize_cells
 from test_experiment_run import _config, phantom  # noqa: F401 (phantom: the module's fixture)
 
 SMALL = "smp:Unet:mobilenet_v2"  # a small encoder model (2.2M encoder parameters)

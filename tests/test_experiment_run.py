@@ -21,8 +21,8 @@ from advseg.experiment import (
     packaged_config,
     run_experiment,
 )
-from advseg.records import read_records
-from advseg.report.examples import load_examples
+from advseg.runs.examples import load_examples
+from advseg.runs.records import read_records
 from advseg.train import TrainConfig
 
 

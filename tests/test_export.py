@@ -27,7 +27,7 @@ from advseg.experiment import (
     run_experiment,
 )
 from advseg.export import export_cell
-from advseg.records import read_records
+from advseg.runs.records import read_records
 from advseg.train import TrainConfig
 
 

@@ -12,7 +12,7 @@ from advseg.cli import main
 from advseg.data import UWMGI_CLASSES, write_synthetic
 from advseg.errors import UserError
 from advseg.models.external.module import check_outputs, load_factory, load_torchscript
-from advseg.records import read_records
+from advseg.runs.records import read_records
 from tiny_models import tiny_net
 
 

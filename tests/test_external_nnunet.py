@@ -204,7 +204,7 @@ def test_pgd_keeps_its_budget_in_hounsfield_units(results):
 
 def test_evaluate_an_nnunet_folder_from_the_cli(results, tmp_path, capsys):
     from advseg.cli import main
-    from advseg.records import read_records
+    from advseg.runs.records import read_records
 
     base, raw = results
     out = tmp_path / "nn"

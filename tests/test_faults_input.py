@@ -293,7 +293,7 @@ def test_other_outputs_under_a_file_are_one_line(tmp_path, capfd, argv):
     (tmp_path / "taken").write_text("a file")
     out = str(tmp_path / "taken" / "x")
     if argv[0] == "report":
-        from advseg.records import write_records
+        from advseg.runs.records import write_records
         from test_records import _frame
 
         write_records(_frame(1), tmp_path / "run" / "records" / "cell.parquet")

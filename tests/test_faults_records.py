@@ -13,7 +13,7 @@ import pytest
 from advseg.errors import UserError
 from advseg.experiment import Cell, CellOutput, ExperimentConfig, prepare_run_dir, run_cells
 from advseg.experiment.rundir import config_hash, run_identity
-from advseg.records import read_records, records_identity, write_records
+from advseg.runs.records import read_records, records_identity, write_records
 from advseg.train import TrainConfig
 from test_records import _frame
 

@@ -22,7 +22,7 @@ from advseg.data import (
     write_synthetic,
 )
 from advseg.errors import AdvsegWarning, UserError
-from advseg.records import read_records
+from advseg.runs.records import read_records
 
 FRACTION = 0.34
 

@@ -22,7 +22,7 @@ from advseg.experiment import (
     prepare_run_dir,
     run_experiment,
 )
-from advseg.preflight import check_experiment
+from advseg.experiment.preflight import check_experiment
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +123,9 @@ def test_a_checkpoint_trained_stretched_is_refused_on_padded_non_square_data(pha
     import torch
 
     from advseg.data import UWMGI_CLASSES, PreprocessConfig, build_index
+    from advseg.experiment.preflight import check_geometry
     from advseg.models import create_model
     from advseg.models.checkpoint import CheckpointMeta, save_checkpoint
-    from advseg.preflight import check_geometry
 
     config = _config(phantom, tmp_path)
     index, _ = build_index(config.data)

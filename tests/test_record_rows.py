@@ -1,11 +1,11 @@
-"""The one record builder (advseg.record_rows), on masks small enough to count by hand."""
+"""The one record builder (advseg.runs.record_rows), on masks small enough to count by hand."""
 
 import numpy as np
 import pandas as pd
 import torch
 
-from advseg.record_rows import Scores, pixel_mm, score, slice_records
-from advseg.records import RECORD_COLUMNS, check_records
+from advseg.runs.record_rows import Scores, pixel_mm, score, slice_records
+from advseg.runs.records import RECORD_COLUMNS, check_records
 
 CLASSES = ["a", "b"]
 META = pd.DataFrame(

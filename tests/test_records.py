@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 
 from advseg.errors import UserError
-from advseg.records import RECORD_COLUMNS, read_records, write_records
+from advseg.runs.records import RECORD_COLUMNS, read_records, write_records
 
 
 def _frame(n: int = 3, first: int = 1) -> pd.DataFrame:

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 
 from advseg.errors import UserError
-from advseg.records import RECORD_COLUMNS, read_records, write_records
 from advseg.report import write_report
-from advseg.report.examples import save_examples
 from advseg.report.stats import correlate
-from advseg.summary import summarize
+from advseg.runs.examples import save_examples
+from advseg.runs.records import RECORD_COLUMNS, read_records, write_records
+from advseg.stats.summary import summarize
 
 CLASSES = ["large_bowel", "small_bowel", "stomach"]
 MODELS = {"small": 1_000_000, "mid": 5_000_000, "big": 20_000_000}
@@ -189,8 +189,8 @@ def test_provenance_opens_the_report_and_a_broken_model_is_warned_about(tmp_path
     import json
 
     import advseg
-    from advseg.provenance import read_sessions, record_session, set_arguments
     from advseg.report.provenance import BROKEN_DICE
+    from advseg.runs.provenance import read_sessions, record_session, set_arguments
 
     records = _records()
     broken = records["model"] == "small"  # a model that segments next to nothing

@@ -17,7 +17,7 @@ from advseg.models import create_model
 from advseg.models.checkpoint import metadata_for, save_checkpoint
 from advseg.report import write_report
 from advseg.report.corruptions import corruption_dice, corruption_table
-from advseg.summary import summarize_cells
+from advseg.stats.summary import summarize_cells
 from test_evaluate_corruptions import _Data  # tests/ is on sys.path
 
 
@@ -119,7 +119,7 @@ def test_a_grid_with_corruptions_runs_them_once_per_model_and_resumes(tmp_path):
         plan_cells,
         run_experiment,
     )
-    from advseg.records import read_records
+    from advseg.runs.records import read_records
     from advseg.train import TrainConfig
 
     data = tmp_path / "data"

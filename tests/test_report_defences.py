@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from advseg.records import RECORD_COLUMNS, write_records
 from advseg.report import write_report
+from advseg.runs.records import RECORD_COLUMNS, write_records
 
 CLASSES = ["large_bowel", "small_bowel", "stomach"]
 

@@ -11,15 +11,15 @@ import pytest
 import torch
 import yaml
 
-from advseg.defences.certify import warn_untrained_noise
 from advseg.errors import AdvsegWarning
+from advseg.evaluate.certify import warn_untrained_noise
 from advseg.models import create_model
 from advseg.models.checkpoint import metadata_for, save_checkpoint
-from advseg.records import RECORD_COLUMNS, write_records
 from advseg.report import write_report
 from advseg.report.figures import CLASS_COLOURS, _class_overlay, radiological
 from advseg.report.html import eps_text
 from advseg.report.training import run_checkpoints, training_facts
+from advseg.runs.records import RECORD_COLUMNS, write_records
 
 CLASSES = ["large_bowel", "small_bowel", "stomach"]
 

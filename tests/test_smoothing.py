@@ -6,7 +6,6 @@ import torch
 from scipy import stats
 from torch import nn
 
-from advseg.defences.certify import certify_cell
 from advseg.defences.smoothing import (
     SmoothingConfig,
     binomial_pvalue,
@@ -16,8 +15,9 @@ from advseg.defences.smoothing import (
     holm_bonferroni,
 )
 from advseg.errors import UserError
+from advseg.evaluate.certify import certify_cell
 from advseg.metrics import hard_prediction
-from advseg.records import RECORD_COLUMNS
+from advseg.runs.records import RECORD_COLUMNS
 
 
 class Confident(nn.Module):
@@ -131,7 +131,7 @@ def test_bad_settings_are_user_errors(kwargs, message):
 def test_certify_cli_writes_certified_records_and_a_table(tmp_path, capsys):
     from advseg.config import to_dict
     from advseg.data import UWMGI_CLASSES, PreprocessConfig, write_synthetic
-    from advseg.defences.certify import read_certified
+    from advseg.evaluate.certify import read_certified
     from advseg.models import create_model
     from advseg.models.checkpoint import metadata_for, save_checkpoint
     from test_evaluate_cli import cli

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from advseg.errors import UserError
-from advseg.records import RECORD_COLUMNS, check_records
-from advseg.summary import PROTOCOLS, cell_label, summarize, summarize_cells
+from advseg.runs.records import RECORD_COLUMNS, check_records
+from advseg.stats.summary import PROTOCOLS, cell_label, summarize, summarize_cells
 
 CLASSES = ("large_bowel", "small_bowel", "stomach")
 

@@ -41,7 +41,7 @@ def test_every_heavy_command_takes_threads(command, capsys):
 
 
 def test_provenance_records_the_thread_count():
-    from advseg.provenance import session
+    from advseg.runs.provenance import session
 
     before = torch.get_num_threads()
     try:

@@ -10,7 +10,7 @@ from advseg.attacks import ATTACKS, attack_options, create_attack
 from advseg.errors import UserError
 from advseg.losses import create_loss
 from advseg.metrics import dice_score
-from advseg.traces import TRACE_COLUMNS, cell_trace, read_traces, write_trace
+from advseg.runs.traces import TRACE_COLUMNS, cell_trace, read_traces, write_trace
 from tiny_models import blobs, tiny_net  # tests/ is on sys.path
 
 

@@ -21,9 +21,9 @@ from advseg.experiment import (
     check_config,
 )
 from advseg.models import load_checkpoint
-from advseg.records import read_records
+from advseg.runs.records import read_records
 from advseg.train import TrainConfig, train_on_data
-from advseg.trained import load_trained
+from advseg.train.trained import load_trained
 
 
 def cli(*args: str) -> int:
@@ -148,8 +148,8 @@ def test_train_command_says_the_activation_and_the_overlapping_pixels(tmp_path, 
 
 
 def test_certify_takes_the_softmax_checkpoint_per_class(trained):
-    from advseg.defences.certify import certify_checkpoint
     from advseg.defences.smoothing import SmoothingConfig
+    from advseg.evaluate.certify import certify_checkpoint
 
     _, result = trained
     config = SmoothingConfig(sigma=0.1, n0=2, n=4, radii=[0.0], samples_per_forward=4)
@@ -177,7 +177,7 @@ def test_adversarial_training_of_a_softmax_model_with_robust_selection(tmp_path)
 
 
 def test_preflight_refuses_a_sigmoid_loss_for_a_softmax_checkpoint(trained, tmp_path):
-    from advseg.preflight import check_experiment
+    from advseg.experiment.preflight import check_experiment
 
     root, result = trained
     config = ExperimentConfig(

@@ -12,6 +12,16 @@ from torch import nn
 
 from advseg.attacks import create_attack
 from advseg.augment import AugmentConfig
+from advseg.crossmodel.transfer import (
+    LossEnsemble,
+    ModelIO,
+    check_same_io,
+    craft,
+    crafted_dir,
+    load_crafted,
+    transfer_matrix,
+    transfer_pairs,
+)
 from advseg.data import DataConfig, PreprocessConfig, load_data, write_synthetic
 from advseg.errors import UserError
 from advseg.experiment import (
@@ -27,20 +37,10 @@ from advseg.experiment import (
 from advseg.losses import create_loss
 from advseg.models import load_checkpoint
 from advseg.models.ensemble import EnsembleModel, build_ensemble
-from advseg.records import RECORD_COLUMNS, check_records, read_records, white_box
 from advseg.report import write_report
-from advseg.summary import summarize_cells
+from advseg.runs.records import RECORD_COLUMNS, check_records, read_records, white_box
+from advseg.stats.summary import summarize_cells
 from advseg.train import TrainConfig
-from advseg.transfer import (
-    LossEnsemble,
-    ModelIO,
-    check_same_io,
-    craft,
-    crafted_dir,
-    load_crafted,
-    transfer_matrix,
-    transfer_pairs,
-)
 
 EPS = 0.03
 

@@ -5,14 +5,16 @@ The models, attacks, losses and input defences live in registries (:mod:`advseg.
 are filled when the modules defining them are imported: torch, MONAI and
 segmentation_models_pytorch, several seconds. ``catalogue.json`` beside this module is a copy of
 what the two listings show (names, one-line help, attack options, defence parameters and the
-models' parameter counts at 3 channels in and 3 classes), made by :func:`collect` from the live
-registries and written by ``python -m advseg.catalogue``. ``tests/test_catalogue.py`` asserts
+models' parameter counts at 3 channels in and 3 classes), made from the live registries by
+:func:`advseg.cli.catalogue.collect` and written by ``python -m advseg.cli.catalogue`` (``make
+catalogue``): this module reads it and imports no registry, so nothing here loads torch and
+nothing imports back into it. ``tests/test_catalogue.py`` asserts
 that it equals them exactly, so it cannot drift; after adding or changing a model, attack, loss
 or defence, run that command. The listings read it, and :func:`check_names` refuses a mistyped
 name on the command line with it in a fraction of a second; every name used for work is checked
 again and built by its registry.
 
-The Dice protocols (:mod:`advseg.summary` computes them) are named here too, so that command
+The Dice protocols (:mod:`advseg.stats.summary` computes them) are named here too, so that command
 options can show their default without importing pandas, and so are the shipped experiment files
 (:func:`find_experiment`) and the sentence naming the data choices (:data:`NO_DATA`): a mistyped
 experiment name or a missing ``--data`` is answered before torch loads.
@@ -179,42 +181,6 @@ def parse_attack_name(name: str) -> tuple[str, tuple[str, ...]]:
     return base, tuple(modes)
 
 
-def collect() -> Catalogue:
-    """The catalogue from the live registries (imports torch and builds every zoo model on the
-    meta device)."""
-    from advseg.attacks import ATTACKS, attack_options
-    from advseg.corruptions import CORRUPTIONS
-    from advseg.defences import DEFENCES
-    from advseg.losses import LOSSES
-    from advseg.models import list_models
-
-    defences = []
-    for name in DEFENCES.names():
-        cls = DEFENCES.get(name)
-        defences.append(DefenceRow(name, cls.parameter, cls.default, DEFENCES.help(name)))
-    return Catalogue(
-        models=tuple(
-            ModelRow(m.name, m.arch, m.encoder, m.params, m.description)
-            for m in list_models(IN_CHANNELS, CLASSES)
-        ),
-        attacks=tuple(
-            AttackRow(name, ATTACKS.help(name), tuple(attack_options(name)))
-            for name in ATTACKS.names()
-        ),
-        losses=tuple((name, LOSSES.help(name)) for name in LOSSES.names()),
-        defences=tuple(defences),
-        corruptions=tuple(_corruption_row(name) for name in CORRUPTIONS.names()),
-    )
-
-
-def _corruption_row(name: str) -> CorruptionRow:
-    from advseg.corruptions import CORRUPTIONS, create_corruption
-
-    corruption = create_corruption(name)
-    levels = tuple((float(low), float(high)) for low, high in corruption.levels)
-    return CorruptionRow(name, CORRUPTIONS.help(name), corruption.strength, levels)
-
-
 def write(catalogue: Catalogue, path: Path = PATH) -> None:
     """Write ``catalogue`` as indented JSON (atomically), so that a change reads as a small diff."""
     from advseg.atomic import write_text_atomic
@@ -222,11 +188,6 @@ def write(catalogue: Catalogue, path: Path = PATH) -> None:
     raw = asdict(catalogue)
     raw["losses"] = [{"name": name, "help": text} for name, text in catalogue.losses]
     write_text_atomic(path, json.dumps(raw, indent=1, ensure_ascii=False) + "\n")
-
-
-if __name__ == "__main__":  # python -m advseg.catalogue: rewrite catalogue.json from the registries
-    write(collect())
-    print(f"wrote {PATH}")
 
 
 def packaged_config(name: str) -> Path | None:

@@ -52,7 +52,7 @@ import pandas as pd
 
 from advseg.atomic import check_output_dir, write_bytes_atomic, write_text_atomic
 from advseg.errors import UserError
-from advseg.records import read_records
+from advseg.runs.records import read_records
 
 COUNTS = ["tp_clean", "fp_clean", "fn_clean", "tp_adv", "fp_adv", "fn_adv"]
 
@@ -152,7 +152,7 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
     from advseg.attacks import attack_options
     from advseg.config import load_yaml
     from advseg.evaluate.command import SETTINGS_FILE
-    from advseg.trained import checkpoint_label
+    from advseg.train.trained import checkpoint_label
 
     if (run_dir / "config.yaml").is_file():
         return load_yaml(run_dir / "config.yaml") or {}
@@ -311,9 +311,9 @@ def export_cell(
     from advseg.evaluate.cells import DEFAULT_BATCH_SIZE, evaluate_cell
     from advseg.labels import checkpoint_activation
     from advseg.models.checkpoint import check_compatible, load_checkpoint
-    from advseg.report.tables import file_stem
+    from advseg.runs.names import file_stem
     from advseg.train import resolve_device
-    from advseg.trained import trained_data_config
+    from advseg.train.trained import trained_data_config
 
     run_dir = Path(run_dir)
     cell = choose_cell(read_records(run_dir), model, attack, eps, loss, train_seed)

@@ -2,7 +2,7 @@
 
 Dice and IoU come from per-(slice, class) pixel counts (``tp``, ``fp``, ``fn``), computed once by
 :func:`confusion_counts` and reduced separately (the segmentation_models_pytorch pattern), so
-that every Dice protocol of :mod:`advseg.summary` can be recomputed from the records.
+that every Dice protocol of :mod:`advseg.stats.summary` can be recomputed from the records.
 
 Conventions for empty masks (per slice and class): Dice and IoU are 1 when the prediction and
 the ground truth are both empty (MONAI ``ignore_empty=False``; ``dice_score(..., empty=nan)``
@@ -122,7 +122,7 @@ def dice_score(pred: Tensor, target: Tensor, empty: float = 1.0) -> Tensor:
             ``ignore_empty=False``), so a mean over many empty slices approaches 1 whatever the
             model does on the organs; pass ``float("nan")`` to leave such pairs out of a
             ``nanmean`` (what the report's ``per-class`` protocol does: only pairs with a
-            ground-truth mask enter, see :mod:`advseg.summary`). Exactly one empty mask of the
+            ground-truth mask enter, see :mod:`advseg.stats.summary`). Exactly one empty mask of the
             two gives 0.
     """
     tp, fp, fn = _checked_counts(pred, target, "dice_score")

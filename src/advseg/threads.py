@@ -3,7 +3,7 @@
 On a shared machine torch's default (one thread per core) oversubscribes the cores: two torch
 threads on a busy 2-core machine ran ``advseg demo`` in 715 s against 137 s with one (issue 26).
 The thread count also moves results in the 4th decimal (reductions are split differently), so it
-is part of a run's provenance (:func:`advseg.provenance.session` records it).
+is part of a run's provenance (:func:`advseg.runs.provenance.session` records it).
 
 The default (:func:`default_threads`) is the cores this process may use minus the machine's
 1-minute load average, rounded, at least 1 and at most the cores: all of them on an idle machine,

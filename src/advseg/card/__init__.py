@@ -8,7 +8,7 @@ stored JSON. :func:`make_card` runs :data:`PROTOCOL` on a checkpoint's held-out 
 
 The protocol (version :data:`PROTOCOL_VERSION`), all on the cases the checkpoint held out (its own
 ``test_fraction`` and ``split_seed``), Dice under the ``per-class`` protocol
-(:mod:`advseg.summary`):
+(:mod:`advseg.stats.summary`):
 
 1. **clean Dice** on every held-out slice;
 2. **SEA** (:class:`advseg.attacks.sea.SEA`, Croce, Singh & Hein, ECCV 2024: per slice the worst
@@ -21,7 +21,7 @@ The protocol (version :data:`PROTOCOL_VERSION`), all on the cases the checkpoint
    seeded parameters (``corruption_seed(0, name, severity, slice id)``), in the spirit of
    ImageNet-C's mean over corruptions and severities (Hendrycks & Dietterich, ICLR 2019);
 4. **certified Dice** (randomized smoothing, SegCertify, Fischer et al. 2021,
-   :mod:`advseg.defences.certify`) at L2 radius :data:`CERTIFY_RADIUS` under noise sigma
+   :mod:`advseg.evaluate.certify`) at L2 radius :data:`CERTIFY_RADIUS` under noise sigma
    :data:`CERTIFY_SIGMA` (n0 16, n 128, alpha 0.001), abstentions counted wrong, on the held-out
    slices with a mask. A model not trained with noise is certified all the same (its number is
    low, and its training is on the card).
@@ -64,7 +64,7 @@ class CardConfig:
         checkpoint: the checkpoint (``PATH``, ``PATH.safetensors`` or ``PATH.json``).
         out: the directory for ``card.json`` and ``card.html``.
         data, cache_dir: where its data is, when not where it was trained
-            (:func:`advseg.trained.trained_data_config`).
+            (:func:`advseg.train.trained.trained_data_config`).
         max_slices: at most this many held-out slices (seeded by the split's seed, spread over
             the cases); a deviation from the protocol.
         sea_steps: SEA's steps (None: the attack's default); fewer is a deviation.
@@ -145,7 +145,7 @@ def make_card(config: CardConfig) -> dict[str, Any]:
     """
     from advseg.atomic import check_output_dir, write_text_atomic
     from advseg.card.pages import card_page
-    from advseg.provenance import describe_device, now
+    from advseg.runs.provenance import describe_device, now
     from advseg.train import resolve_device
 
     if config.max_slices is not None and config.max_slices < 1:
@@ -213,7 +213,7 @@ def _load(config: CardConfig, device: Any) -> tuple[Any, Any, Any, np.ndarray]:
     """The model, its metadata, its data and the held-out rows (``max_slices`` of them)."""
     from advseg.data import held_out_rows, load_data, saved_preprocess, spread_rows
     from advseg.models.checkpoint import check_compatible, load_checkpoint
-    from advseg.trained import trained_data_config
+    from advseg.train.trained import trained_data_config
 
     checkpoint = Path(config.checkpoint)
     model, meta = load_checkpoint(checkpoint, device)
@@ -241,8 +241,8 @@ def _sea(config: CardConfig, model: Any, meta: Any, data: Any, rows: np.ndarray,
     """Clean Dice and SEA's Dice at each eps, from one sweep's records."""
     from advseg.attacks.sea import WORST_CASE_LOSS
     from advseg.evaluate import evaluate_sweep
-    from advseg.summary import summarize_cells
-    from advseg.trained import checkpoint_label
+    from advseg.stats.summary import summarize_cells
+    from advseg.train.trained import checkpoint_label
 
     options: dict[str, Any] = {"activation": meta.activation}
     if config.sea_steps is not None:
@@ -274,8 +274,8 @@ def _corruptions(
     ``advseg evaluate --corruption all`` on the same slices."""
     from advseg.corruptions import parse_corruptions
     from advseg.evaluate.corrupted import evaluate_corruptions
-    from advseg.summary import summarize_cells
-    from advseg.trained import checkpoint_label
+    from advseg.stats.summary import summarize_cells
+    from advseg.train.trained import checkpoint_label
 
     pairs = parse_corruptions(["all"])
     results = evaluate_corruptions(
@@ -302,8 +302,8 @@ def _corruptions(
 
 
 def _certified(config: CardConfig, settings: dict[str, Any]) -> dict[str, Any]:
-    from advseg.defences.certify import certified_summary, certify_checkpoint
     from advseg.defences.smoothing import SmoothingConfig
+    from advseg.evaluate.certify import certified_summary, certify_checkpoint
 
     certify = settings["certify"]
     smoothing = SmoothingConfig(
@@ -326,7 +326,7 @@ def _certified(config: CardConfig, settings: dict[str, Any]) -> dict[str, Any]:
 def _model_info(config: CardConfig, meta: Any, data: Any, rows: np.ndarray) -> dict[str, Any]:
     """RobustBench-style model information: name, architecture, size, training, data."""
     from advseg.report.training import training_facts
-    from advseg.trained import checkpoint_label
+    from advseg.train.trained import checkpoint_label
 
     facts = training_facts(config.checkpoint)
     return {

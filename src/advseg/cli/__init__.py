@@ -21,7 +21,7 @@ from typer.core import TyperGroup
 from advseg import __version__
 from advseg.allocator import keep_freed_memory
 from advseg.errors import AdvsegWarning, UserError
-from advseg.provenance import set_arguments
+from advseg.runs.provenance import set_arguments
 
 HELP = "Adversarial robustness of medical image segmentation models."
 

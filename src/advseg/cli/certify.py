@@ -61,12 +61,13 @@ def certify_command(
     Slices with a mask only. Under torchrun the slices are sharded over the ranks.
     """
     from advseg import distributed
-    from advseg.data.location import PHANTOM_LABEL, data_argument, first_line, is_synthetic
-    from advseg.defences.certify import certified_path, certified_summary, certify_checkpoint
+    from advseg.data.location import PHANTOM_LABEL, data_argument, is_synthetic
+    from advseg.data.record import first_line
     from advseg.defences.smoothing import SmoothingConfig
-    from advseg.records import write_records
+    from advseg.evaluate.certify import certified_path, certified_summary, certify_checkpoint
+    from advseg.runs.records import write_records
     from advseg.threads import set_threads
-    from advseg.trained import checkpoint_label
+    from advseg.train.trained import checkpoint_label
 
     set_threads(threads)
 

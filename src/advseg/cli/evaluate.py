@@ -173,7 +173,7 @@ def evaluate_command(
     from advseg.cli.table_ii import table_ii
     from advseg.data.location import data_argument
     from advseg.evaluate import EvaluateConfig, evaluate
-    from advseg.summary import UNITS
+    from advseg.stats.summary import UNITS
     from advseg.threads import set_threads
 
     set_threads(threads)  # before any model or data: torch's pool is sized once

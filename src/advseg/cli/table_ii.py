@@ -20,8 +20,8 @@ def table_ii(cells: pd.DataFrame, protocol: str, locations: list[str] | None = N
     table of its own.
 
     Args:
-        cells: rows of :func:`advseg.summary.summarize_cells` (``dsc_clean``, ``dsc_adv``, ``as``
-            per (model, attack, loss, eps)); the numbers are shown, never recomputed.
+        cells: rows of :func:`advseg.stats.summary.summarize_cells` (``dsc_clean``, ``dsc_adv``,
+            ``as`` per (model, attack, loss, eps)); the numbers are shown, never recomputed.
         protocol: the Dice protocol they were computed with (for the title).
         locations: the data sets they were computed on (``synthetic`` or paths); the title says
             ``data: synthetic phantom`` where the phantom is among them.

@@ -167,7 +167,8 @@ def train(
         raise no_data(out / "checkpoints" / "last" if resume else None)
     from advseg import distributed
     from advseg.data import DataConfig, PreprocessConfig
-    from advseg.data.location import data_argument, first_line
+    from advseg.data.location import data_argument
+    from advseg.data.record import first_line
     from advseg.defences import describe
     from advseg.threads import set_threads
     from advseg.train import TrainConfig, train_on_data

@@ -28,7 +28,7 @@ from advseg.data.index import (
     summarize_index,
 )
 from advseg.data.load import DataConfig, SliceData, build_index, load_data
-from advseg.data.location import SYNTHETIC, cache_root, resolved_config
+from advseg.data.location import SYNTHETIC, cache_root
 from advseg.data.nifti import dataset_json_labels, parse_label_map, read_nifti
 from advseg.data.preprocess import (
     PreprocessConfig,
@@ -43,6 +43,7 @@ from advseg.data.preprocess import (
     saved_preprocess,
     slice_geometry,
 )
+from advseg.data.record import resolved_config
 from advseg.data.rle import rle_decode, rle_encode
 from advseg.data.split import (
     kfold_cases,

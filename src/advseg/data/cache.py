@@ -83,7 +83,7 @@ def cache_key(
         cache_dir: the cache folder whose entries keep the files' digests by stat key
             (:mod:`advseg.data.content`); None reads every file.
         content: False gives the key as it was before content digests (the files' sizes and
-            mtimes), which a run begun then saved (:func:`advseg.preflight.same_data`).
+            mtimes), which a run begun then saved (:func:`advseg.data.record.same_data`).
     """
     return _key_and_digests(index, config, cache_dir, content)[0]
 

@@ -3,8 +3,9 @@
 - A data set is named explicitly: a directory, or the word ``synthetic`` (:data:`SYNTHETIC`) for
   the synthetic phantom. No data named is refused (:data:`NO_DATA`): nothing trains or evaluates
   on the phantom because a path was left out or not found.
-- Locations are stored resolved (absolute, symlinks followed, :func:`resolved_config`), so that a
-  checkpoint says where its data is from any working directory.
+- Locations are stored resolved (absolute, symlinks followed,
+  :func:`advseg.data.record.resolved_config`), so that a checkpoint says where its data is from any
+  working directory.
 - The preprocessing cache lives outside the data directory (which may be read-only, such as a
   mounted Kaggle input): ``cache_dir`` when given, else ``$ADVSEG_CACHE``, else
   ``$XDG_CACHE_HOME/advseg``, else ``~/.cache/advseg`` (:func:`cache_root`). The phantom is written
@@ -15,15 +16,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from advseg.catalogue import NO_DATA
 from advseg.errors import UserError
-
-if TYPE_CHECKING:
-    from advseg.data.load import DataConfig, SliceData
 
 #: The data "path" that names the phantom (``--data synthetic``, YAML ``data.path: synthetic``).
 SYNTHETIC = "synthetic"
@@ -71,22 +67,6 @@ def data_argument(text: str | None) -> Path | None:
     return Path(text).expanduser().resolve()
 
 
-def resolved_config(config: DataConfig) -> DataConfig:
-    """``config`` with its paths absolute: what a checkpoint stores, valid from any directory.
-
-    The data path (unless ``synthetic``), the label-mapping file and the cache directory are
-    resolved against the current directory.
-    """
-    changes: dict[str, Any] = {}
-    if config.path is not None and not is_synthetic(config.path):
-        changes["path"] = Path(config.path).expanduser().resolve()
-    if config.nifti_labels_file is not None:
-        changes["nifti_labels_file"] = Path(config.nifti_labels_file).expanduser().resolve()
-    if config.cache_dir is not None:
-        changes["cache_dir"] = Path(config.cache_dir).expanduser().absolute()
-    return replace(config, **changes)
-
-
 def location(path: str | Path | None) -> str:
     """How a data set is recorded: ``synthetic``, or its absolute path."""
     if path is None:
@@ -106,59 +86,6 @@ def phantom_note(locations: list[str]) -> str | None:
         return None
     others = sum(not is_synthetic(x) for x in locations)
     return f"data: {PHANTOM_LABEL}" + (f" and {others} other data set(s)" if others else "")
-
-
-def first_line(config: DataConfig) -> str:
-    """The line a command prints before it uses ``config``'s data (the phantom said plainly)."""
-    if is_synthetic(config.path):
-        return (
-            f"data: the {PHANTOM_LABEL} (generated images, not patient data), in "
-            f"{phantom_dir(config.cache_dir)}"
-        )
-    return f"data: {location(config.path)}"
-
-
-def data_note(loaded: list[SliceData]) -> dict[str, Any]:
-    """What a run directory's ``data.json`` holds: ``locations`` (``synthetic`` or absolute
-    paths); with one data set also its ``fingerprint`` (the cache key) and ``slices``."""
-    note: dict[str, Any] = {"locations": list(dict.fromkeys(d.location for d in loaded))}
-    if len(loaded) == 1:
-        first = loaded[0]  # a volume source (an nnU-Net raw set) names its own fingerprint
-        fingerprint = getattr(first, "fingerprint", None) or first.cache_path.name
-        note.update(fingerprint=fingerprint, slices=len(first))
-    return note
-
-
-def run_data_record(data: SliceData, config: DataConfig) -> dict[str, Any]:
-    """What ``advseg run`` writes to its ``data.json``: the data it computed on, resolved, so
-    that a report or a later reader needs no ``config.yaml`` (nor the working directory).
-
-    Keys: ``locations`` (``[synthetic]`` or ``[absolute path]``), ``fingerprint`` (the cache key,
-    :func:`advseg.preflight.data_fingerprint`), ``slices``, ``classes``, ``labels`` (where the
-    label mapping came from: the mapping file, ``data.nifti_labels``, the data set's
-    ``dataset.json``, or None for the Kaggle layout), ``cache`` (the cache entry's directory)
-    and ``config`` (the whole :class:`DataConfig` with its paths absolute,
-    :func:`resolved_config`, as checkpoints store it).
-    """
-    from advseg.config import to_dict
-
-    resolved = resolved_config(config)
-    labels: str | None = None
-    if resolved.nifti_labels_file is not None:
-        labels = str(resolved.nifti_labels_file)
-    elif resolved.nifti_labels:
-        labels = "data.nifti_labels"
-    elif not is_synthetic(resolved.path) and (Path(resolved.path) / "dataset.json").is_file():
-        labels = str(Path(resolved.path) / "dataset.json")
-    return {
-        "locations": [location(resolved.path)],
-        "fingerprint": data.cache_path.name,
-        "slices": len(data),
-        "classes": list(data.classes),
-        "labels": labels,
-        "cache": str(Path(data.cache_path).absolute()),
-        "config": to_dict(resolved),
-    }
 
 
 def run_locations(run_dir: str | Path) -> list[str]:

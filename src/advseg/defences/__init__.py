@@ -5,7 +5,7 @@
 - :mod:`advseg.defences.transforms`: input defences (median, blur, bit-depth, JPEG, noise) as
   model wrappers by name, with their adaptive (BPDA / EOT) views.
 - :mod:`advseg.defences.smoothing`: randomized-smoothing certification of a segmentation model;
-  :mod:`advseg.defences.certify` runs it over a split or a checkpoint and keeps its records.
+  :mod:`advseg.evaluate.certify` runs it over a split or a checkpoint and keeps its records.
 """
 
 from __future__ import annotations

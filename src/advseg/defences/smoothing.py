@@ -23,7 +23,7 @@ foreground pixel that abstains is a false negative, a background one a false pos
 per-pixel radius ``sigma * Phi^-1(p_lower)`` with the Clopper-Pearson lower bound is given too
 (:func:`certified_radius`, Bonferroni-corrected in :attr:`Certificate.radius`).
 
-Running it over a split's slices, its records and files are :mod:`advseg.defences.certify`'s.
+Running it over a split's slices, its records and files are :mod:`advseg.evaluate.certify`'s.
 """
 
 from __future__ import annotations

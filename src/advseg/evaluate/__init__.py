@@ -5,7 +5,7 @@ call. This package only hands its names on; each lives in the module of its idea
   forward (and a single-step sweep's gradient): :class:`BatchOutput`, :func:`attack_batch`,
   :func:`sweep_batch`, :func:`sweep_images`, :func:`score_batch`, :func:`draw_seed`;
 - :mod:`advseg.evaluate.scoring`: a batch's records and example arrays (the columns are built by
-  :mod:`advseg.record_rows`, shared with certification);
+  :mod:`advseg.runs.record_rows`, shared with certification);
 - :mod:`advseg.evaluate.cells`: one (model, attack, eps) cell over every loss on a split
   (:func:`evaluate_cell`), several eps in one pass (:func:`evaluate_sweep`), sharded under
   torchrun: :class:`CellResult`, :class:`SliceSource`, :data:`Crafted`;
@@ -13,8 +13,9 @@ call. This package only hands its names on; each lives in the module of its idea
   (:class:`EvaluateConfig`, :func:`evaluate`, :class:`EvaluateResult`).
 
 A checkpoint's data and name (:func:`trained_data_config`, :func:`checkpoint_label`) are
-:mod:`advseg.trained`'s, a cell's progress bar (:func:`cell_progress`) :mod:`advseg.progress`'s,
-and :func:`pixel_mm` :mod:`advseg.record_rows`'; they are handed on here as before.
+:mod:`advseg.train.trained`'s, a cell's progress bar (:func:`cell_progress`)
+:mod:`advseg.progress`'s, and :func:`pixel_mm` :mod:`advseg.runs.record_rows`'; they are handed on
+here as before.
 """
 
 from advseg.evaluate.cells import (
@@ -41,8 +42,8 @@ from advseg.evaluate.engine import (
     sweep_images,
 )
 from advseg.progress import cell_progress
-from advseg.record_rows import pixel_mm
-from advseg.trained import checkpoint_label, trained_data_config
+from advseg.runs.record_rows import pixel_mm
+from advseg.train.trained import checkpoint_label, trained_data_config
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",

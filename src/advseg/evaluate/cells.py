@@ -26,16 +26,16 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from advseg import distributed
 from advseg.attacks import ATTACKS, create_attack, frozen, model_logits, parse_attack_name
 from advseg.attacks.sea import WORST_CASE_LOSS
-from advseg.compat import check_compat, compat_label, create_compat_attack, soft_masks
 from advseg.data.split import spread_positions
 from advseg.errors import UserError
+from advseg.evaluate.compat import check_compat, compat_label, create_compat_attack, soft_masks
 from advseg.evaluate.engine import attack_batch, score_batch, start_generators, sweep_batch
 from advseg.evaluate.scoring import batch_records, example_arrays, merge_examples
 from advseg.labels import model_target, output_channels
 from advseg.losses import SOFTMAX_LOSSES, loss_activation
-from advseg.record_rows import pixel_mm
-from advseg.records import check_records
-from advseg.traces import BatchTrace, cell_trace
+from advseg.runs.record_rows import pixel_mm
+from advseg.runs.records import check_records
+from advseg.runs.traces import BatchTrace, cell_trace
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -63,7 +63,7 @@ class CellResult:
     """The outcome of one cell.
 
     Attributes:
-        records: one row per (loss, slice, class) in the :data:`~advseg.records.RECORD_COLUMNS`
+        records: one row per (loss, slice, class) in the :data:`~advseg.runs.records.RECORD_COLUMNS`
             format, ordered by loss (as given), then slice (as in ``rows``), then class.
         examples: up to ``examples`` slices to draw, as numpy arrays: ``slice_ids`` ``(N,)``,
             ``losses`` ``(L,)``, ``image`` ``(N, C, H, W)`` float32, ``mask`` and ``pred_clean``
@@ -78,14 +78,14 @@ class CellResult:
     """With ``keep_adversarial``: per loss, the adversarial images ``(N, C, H, W)`` of every
     slice of ``rows``, in that order (what a transfer study scores on other models)."""
     trace: pd.DataFrame | None = None
-    """With ``trace``: the cell's convergence trace (:data:`advseg.traces.TRACE_COLUMNS`), for
+    """With ``trace``: the cell's convergence trace (:data:`advseg.runs.traces.TRACE_COLUMNS`), for
     iterative attacks; None otherwise."""
 
 
 Crafted = Callable[[Tensor, Tensor, np.ndarray], list[Tensor]]
 """Adversarial images made elsewhere: ``(x (B, C, H, W), y (B, K, H, W), positions (B,) in
 ``rows``) -> one ``(B, C, H, W)`` tensor per loss``. A transfer cell reads the images crafted on
-another model; a universal perturbation adds its fitted pattern (:mod:`advseg.transfer`,
+another model; a universal perturbation adds its fitted pattern (:mod:`advseg.crossmodel.transfer`,
 :mod:`advseg.attacks.universal`)."""
 
 
@@ -138,7 +138,7 @@ def evaluate_cell(
         on_batch: called after each batch with (batches done, batches in all) on this rank,
             for progress (see :func:`advseg.progress.cell_progress`).
         compat: ``none`` (the attack as named) or ``notebook``: the paper's notebook reproduced
-            (:mod:`advseg.compat`: blended FGSM, swapped loss arguments, soft masks as the
+            (:mod:`advseg.evaluate.compat`: blended FGSM, swapped loss arguments, soft masks as the
             attack's target); the records' ``attack`` column then reads ``fgsm:notebook``.
         crafted: adversarial images made elsewhere (see :data:`Crafted`): the cell scores them
             on ``model`` instead of attacking it; ``attack`` is then only the records' label.

@@ -2,7 +2,7 @@
 
 :func:`evaluate` checks the whole sweep before any work (names, options, the output directory:
 one that already holds a run is refused), loads each checkpoint with the data it was trained on
-(:func:`advseg.trained.trained_data_config`) and its held-out cases, runs the cells
+(:func:`advseg.train.trained.trained_data_config`) and its held-out cases, runs the cells
 (:func:`~advseg.evaluate.cells.evaluate_sweep`, the eps of a single-step attack together:
 :func:`sweep_groups`) and writes ``records/<cell>.parquet``, ``examples/``, ``traces/``,
 ``summary.csv`` (Table II with case-bootstrap intervals), ``data.json``, ``provenance.json`` and
@@ -26,15 +26,15 @@ from rich.console import Console
 from advseg import distributed
 from advseg.attacks import ATTACKS, parse_attack_name
 from advseg.attacks.sea import DEFAULT_PRESET
-from advseg.compat import NOTEBOOK_ATTACKS, check_compat, compat_label
 from advseg.config import save_yaml
 from advseg.errors import UserError
 from advseg.evaluate.cells import DEFAULT_BATCH_SIZE, check_losses, evaluate_sweep
+from advseg.evaluate.compat import NOTEBOOK_ATTACKS, check_compat, compat_label
 from advseg.losses import LOSSES
 from advseg.models.external import ExternalConfig
 from advseg.progress import cell_progress
-from advseg.summary import DEFAULT_PROTOCOL
-from advseg.trained import checkpoint_label, trained_data_config
+from advseg.stats.summary import DEFAULT_PROTOCOL
+from advseg.train.trained import checkpoint_label, trained_data_config
 
 SETTINGS_FILE = "evaluate.yaml"
 """Where an ``advseg evaluate`` output keeps its :class:`EvaluateConfig`."""
@@ -63,10 +63,10 @@ class EvaluateConfig:
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         examples: slices per cell saved as ``examples/<cell>.npz`` for figures.
         erase: classes the attacks try to make vanish (targeted; see :func:`evaluate_cell`).
-        compat: ``none`` or ``notebook`` (the paper's notebook reproduced, :mod:`advseg.compat`).
-        defences: input defences each checkpoint is evaluated behind (``none``, ``median:3``,
-            ...; :mod:`advseg.defences.transforms`); the records name the model
-            ``<checkpoint>+<defence>``.
+        compat: ``none`` or ``notebook`` (the paper's notebook reproduced,
+        :mod:`advseg.evaluate.compat`). defences: input defences each checkpoint is evaluated
+            behind (``none``, ``median:3``, ...; :mod:`advseg.defences.transforms`); the records
+            name the model ``<checkpoint>+<defence>``.
         trace: keep iterative attacks' convergence traces as ``traces/<cell>.csv``.
         corruptions: corruption cells (``motion:3``, ``noise`` for its five severities, ``all``;
             :func:`advseg.corruptions.parse_corruptions`), evaluated beside the attacks with one
@@ -176,10 +176,9 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
     """
     from advseg.atomic import atomic_path, check_output_dir, write_text_atomic
     from advseg.attacks import attack_options, check_option_values
-    from advseg.bootstrap import with_intervals
     from advseg.corruptions import parse_corruptions
     from advseg.data import held_out_rows, load_data, saved_preprocess, spread_rows
-    from advseg.data.location import data_note, first_line
+    from advseg.data.record import data_note, first_line
     from advseg.defences import create_defence, defend, defended_name
     from advseg.evaluate.corrupted import evaluate_corruptions
     from advseg.evaluate.external import open_external
@@ -190,12 +189,13 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
         newest_complete,
         read_metadata,
     )
-    from advseg.provenance import record_session
-    from advseg.records import write_records
-    from advseg.report.examples import save_examples
-    from advseg.report.tables import file_stem
-    from advseg.summary import PROTOCOLS, summarize_cells
-    from advseg.traces import write_trace
+    from advseg.runs.examples import save_examples
+    from advseg.runs.names import file_stem
+    from advseg.runs.provenance import record_session
+    from advseg.runs.records import write_records
+    from advseg.runs.traces import write_trace
+    from advseg.stats.bootstrap import with_intervals
+    from advseg.stats.summary import PROTOCOLS, summarize_cells
     from advseg.train import resolve_device
 
     if not config.checkpoints and config.external is None:

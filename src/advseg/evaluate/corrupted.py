@@ -32,8 +32,8 @@ from advseg.errors import UserError
 from advseg.evaluate.cells import DEFAULT_BATCH_SIZE, CellResult, SliceSource
 from advseg.evaluate.engine import BatchOutput
 from advseg.evaluate.scoring import batch_records, example_arrays, merge_examples
-from advseg.record_rows import pixel_mm
-from advseg.records import check_records
+from advseg.runs.record_rows import pixel_mm
+from advseg.runs.records import check_records
 
 
 def evaluate_corruptions(

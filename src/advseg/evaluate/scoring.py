@@ -1,7 +1,7 @@
 """What a cell keeps of each attacked batch: its records and the arrays of its example slices.
 
 :func:`batch_records` turns a :class:`~advseg.evaluate.engine.BatchOutput` into records
-(through :func:`advseg.record_rows.slice_records`, the builder certification uses too);
+(through :func:`advseg.runs.record_rows.slice_records`, the builder certification uses too);
 :func:`example_arrays` and :func:`merge_examples` keep the few slices the report draws
 (``CellResult.examples``).
 """
@@ -18,7 +18,7 @@ from torch import Tensor
 from advseg.evaluate.engine import BatchOutput
 from advseg.labels import class_prediction
 from advseg.metrics import luminosity, perturbation_norms, psnr, ssim
-from advseg.record_rows import score, slice_records
+from advseg.runs.record_rows import score, slice_records
 
 
 def batch_records(
@@ -35,7 +35,7 @@ def batch_records(
     """Records of one batch: one row per (loss, slice, class); model/attack columns added later.
 
     ``spacing``: ``(B, 2)`` mm per model pixel (``(B, 3)`` per voxel of a volume), for HD95 in mm
-    (:func:`advseg.record_rows.pixel_mm`). ``data_range``: the images' range for PSNR and SSIM
+    (:func:`advseg.runs.record_rows.pixel_mm`). ``data_range``: the images' range for PSNR and SSIM
     (None: the batch's own max - min, for images in the source's units).
     """
     if data_range is None:

@@ -52,9 +52,9 @@ from advseg.experiment.grid import (
     run_cells,
     sweep_key,
 )
+from advseg.experiment.preflight import check_held_out
 from advseg.experiment.run import (
     RunResult,
-    check_held_out,
     evaluation_rows,
     run_experiment,
 )

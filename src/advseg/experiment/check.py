@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from advseg.attacks import attack_options, check_eps, check_option_values
-from advseg.compat import NOTEBOOK_ATTACKS, check_compat, compat_label
 from advseg.config import from_dict, load_yaml
-from advseg.cross_model import (
+from advseg.crossmodel.cells import (
     ENSEMBLE_PREFIX,
     check_cross_model,
 )
 from advseg.defences import defended_name
 from advseg.errors import UserError
+from advseg.evaluate.compat import NOTEBOOK_ATTACKS, check_compat, compat_label
 from advseg.experiment.config import (
     ExperimentConfig,
     attack_compat,
@@ -178,7 +178,7 @@ def check_encoder_mapping(config: ExperimentConfig) -> None:
 
 def trained_activations(config: ExperimentConfig) -> dict[str, str]:
     """Each model trained here -> its ``train.activation`` (sources and targets, ensemble
-    members, must share theirs: :meth:`advseg.cross_model.CrossModel.check_io`)."""
+    members, must share theirs: :meth:`advseg.crossmodel.cells.CrossModel.check_io`)."""
     return {
         m.name: model_train_config(config, m).activation for m in config.models if trained_here(m)
     }

@@ -9,18 +9,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from advseg.compat import NOTEBOOK_ATTACKS
 from advseg.config import from_dict, to_dict
-from advseg.cross_model import (
+from advseg.crossmodel.cells import (
     ENSEMBLE_PREFIX,
 )
 from advseg.data import DataConfig
 from advseg.defences import defended_name
 from advseg.defences.adversarial_training import AdversarialConfig
 from advseg.errors import UserError
+from advseg.evaluate.compat import NOTEBOOK_ATTACKS
 from advseg.labels import DEFAULT_LOSS
-from advseg.report.tables import file_stem
-from advseg.summary import DEFAULT_PROTOCOL
+from advseg.runs.names import file_stem
+from advseg.stats.summary import DEFAULT_PROTOCOL
 from advseg.train import TrainConfig
 
 PAPER_LOSSES = ["bce", "focal", "dicefocal"]
@@ -67,12 +67,12 @@ class AttackSpec:
         eps: L-inf budgets in image units ([0, 1] range).
         kwargs: further attack arguments (steps, step size, ...), passed as they are.
         transfer: also score every model's adversarial images on every other model of the grid
-            (transfer cells, :mod:`advseg.transfer`).
+            (transfer cells, :mod:`advseg.crossmodel.transfer`).
         sources: models whose adversarial images are scored on every model of the grid; an
             entry ``a+b`` is one attack on the mean loss of models ``a`` and ``b`` (an ensemble
             attack).
         compat: ``notebook`` reproduces the paper's notebook code for this attack (FGSM only;
-            :mod:`advseg.compat`: blended update, swapped loss arguments, soft masks; a
+            :mod:`advseg.evaluate.compat`: blended update, swapped loss arguments, soft masks; a
             reproduction, not a recommended attack), ``none`` the attack as named; absent: the
             experiment's ``compat``. Its records and cells are labelled ``fgsm:notebook``, so one
             grid holds both modes side by side.
@@ -147,7 +147,7 @@ class ExperimentConfig:
             shows the mean over seeds and their spread beside the case-bootstrap interval.
             Empty (the default): one training per model, seeded by ``train.seed``.
         compat: ``notebook`` for every attack that does not name its own ``compat`` (the
-            paper's notebook reproduced, :mod:`advseg.compat`; ``advseg run --compat``);
+            paper's notebook reproduced, :mod:`advseg.evaluate.compat`; ``advseg run --compat``);
             ``none`` (the default): each attack as named.
         encoder_weights: pretrained encoders, one per model: a model's name (``models[i].name``,
             its arch by default) -> a local safetensors file of that encoder's weights (or
@@ -155,7 +155,7 @@ class ExperimentConfig:
             --encoder-weights NAME=PATH``. A model trained here and absent from it trains from
             random init (or from ``train.encoder_weights``, one file for every model); the run
             says which in one line, and a missing or unfitting file is refused before any
-            training (:func:`advseg.preflight.check_experiment`).
+            training (:func:`advseg.experiment.preflight.check_experiment`).
         corruptions: corruption cells for every model (``motion:3``, ``noise`` for its five
             severities, ``all``; :func:`advseg.corruptions.parse_corruptions`): one cell per
             (model, corruption, severity), all of a model's computed in one pass over the

@@ -15,18 +15,18 @@ import pandas as pd
 
 from advseg import distributed
 from advseg.attacks import ATTACKS
-from advseg.compat import compat_label
 from advseg.corruptions import NO_LOSS, corruption_label, corruption_of, parse_corruptions
-from advseg.cross_model import (
+from advseg.crossmodel.cells import (
     model_seeds,
     transfer_cells,
 )
+from advseg.crossmodel.transfer import source_stem
+from advseg.evaluate.compat import compat_label
 from advseg.experiment.config import ExperimentConfig, attack_compat, model_variants
-from advseg.records import check_identity, write_records
-from advseg.report.examples import save_examples
-from advseg.report.tables import file_stem
-from advseg.traces import write_trace
-from advseg.transfer import source_stem
+from advseg.runs.examples import save_examples
+from advseg.runs.names import file_stem
+from advseg.runs.records import check_identity, write_records
+from advseg.runs.traces import write_trace
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Cell:
     ``source`` is set for a transfer cell: the model (or ensemble ``a+b``) whose adversarial
     images the cell scores on ``model``. ``seed`` is the training seed of the models, in a grid
     with ``seeds:`` (None otherwise). ``compat`` is the attack's compatibility mode
-    (:mod:`advseg.compat`); the records and the file name carry :attr:`label`.
+    (:mod:`advseg.evaluate.compat`); the records and the file name carry :attr:`label`.
     """
 
     model: str

@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,18 +23,15 @@ from rich.progress import (
 
 from advseg import distributed
 from advseg.atomic import remove_debris, write_text_atomic
-from advseg.bootstrap import with_intervals
 from advseg.corruptions import corruption_of
-from advseg.cross_model import (
+from advseg.crossmodel.cells import (
     ENSEMBLE_PREFIX,
     CrossModel,
     model_seeds,
 )
 from advseg.data import (
     SliceData,
-    held_out_rows,
     load_data,
-    split_cases,
     split_train_val_test,
     spread_rows,
 )
@@ -53,6 +49,7 @@ from advseg.experiment.config import (
     model_variants,
 )
 from advseg.experiment.grid import Cell, CellOutput, GridResult, plan_cells, run_cells
+from advseg.experiment.preflight import check_experiment, check_held_out
 from advseg.experiment.rundir import (
     check_data_fingerprint,
     model_dir,
@@ -63,13 +60,13 @@ from advseg.labels import checkpoint_activation
 from advseg.models import load_checkpoint, read_checkpoint
 from advseg.models.checkpoint import checkpoint_exists
 from advseg.models.ensemble import ensemble_members
-from advseg.preflight import check_experiment
 from advseg.progress import cell_progress
-from advseg.provenance import record_session
-from advseg.records import read_records, white_box
 from advseg.report import Report, write_report
 from advseg.report.tables import headline_eps
-from advseg.summary import summarize_cells
+from advseg.runs.provenance import record_session
+from advseg.runs.records import read_records, white_box
+from advseg.stats.bootstrap import with_intervals
+from advseg.stats.summary import summarize_cells
 from advseg.train import TrainConfig, resolve_device, train_on_data
 
 
@@ -83,7 +80,7 @@ class RunResult:
         trained: models trained (or whose training was resumed) by this call.
         summary: Table II at the headline eps (also in ``summary.csv``).
         cells: its numbers one row per (model, attack, loss), from
-            :func:`advseg.summary.summarize_cells`; protocol: the Dice protocol of both.
+            :func:`advseg.stats.summary.summarize_cells`; protocol: the Dice protocol of both.
         report: the written report, when ``config.report`` is true.
         seconds: wall time of this call.
     """
@@ -231,7 +228,7 @@ def _run_experiment(
     cross = CrossModel(
         config, data, eval_rows, train_rows, run_dir, model_for, console, activation_for
     )
-    cross.check_io()
+    cross.check_io(lambda spec: model_train_config(config, spec).activation)
 
     def compute_cells(group: list[Cell]) -> list[CellOutput]:
         first = group[0]  # the group shares model, seed, attack and options (sweep_key)
@@ -383,49 +380,6 @@ def _get_model(
         )
     net, meta = load_checkpoint(best, classes=data.classes)
     return net, meta.model, fresh, train_config.seed, meta.activation
-
-
-def check_held_out(
-    metadata: dict[str, Any],
-    checkpoint: Path,
-    config: ExperimentConfig,
-    index: pd.DataFrame | None = None,
-) -> None:
-    """Refuse a checkpoint whose training split differs from the experiment's.
-
-    The experiment evaluates its own test cases; a checkpoint trained with another split seed or
-    fraction, or on another data source, may have trained on some of them. With ``index`` (the
-    data as it is now), the experiment's test rows must also be the rows the checkpoint held out
-    (:func:`advseg.data.held_out_rows`): a case added since training moves the seeded split.
-    """
-    split = config.split
-    expected = {"test_fraction": split.test_fraction, "split_seed": split.seed}
-    for key, value in expected.items():
-        if key not in metadata:
-            raise UserError(
-                f"{checkpoint}: its metadata does not say which cases it held out (no "
-                f"data.{key}); the experiment cannot tell train cases from test cases"
-            )
-        if metadata[key] != value:
-            raise UserError(
-                f"{checkpoint}: trained with data.{key} {metadata[key]}, the experiment's split "
-                f"has {value}; its test cases would include training cases"
-            )
-    trained_on = metadata.get("config", {}).get("path")
-    ours = None if config.data.path is None else str(config.data.path)
-    if trained_on != ours:
-        raise UserError(f"{checkpoint}: trained on data {trained_on}, the experiment uses {ours}")
-    if index is not None:
-        held = held_out_rows(index, metadata, str(checkpoint))
-        _, test = split_cases(index, split.test_fraction, split.seed)
-        if not np.array_equal(held, test):
-            cases = index["case"].to_numpy()
-            raise UserError(
-                f"{checkpoint}: held out cases {sorted(set(cases[held].tolist()))}, the "
-                f"experiment's split of the data now tests {sorted(set(cases[test].tolist()))} "
-                "(the data changed since it was trained, or it predates the split's 2 test "
-                "cases default); its test cases would include training cases"
-            )
 
 
 def _finished(last: Path, train_config: TrainConfig) -> bool:

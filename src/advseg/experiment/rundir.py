@@ -13,11 +13,10 @@ from typing import Any
 from advseg.atomic import write_text_atomic
 from advseg.config import load_yaml, save_yaml, to_dict
 from advseg.data import DataConfig, SliceData
-from advseg.data.location import run_data_record
+from advseg.data.record import run_data_record, same_data
 from advseg.errors import UserError
 from advseg.experiment.config import ExperimentConfig
 from advseg.models.checkpoint import checkpoint_exists
-from advseg.preflight import same_data
 
 RESUMABLE_KEYS = frozenset(
     {
@@ -148,7 +147,7 @@ def _differences(old: Any, new: Any, where: str = "") -> list[str]:
 
 def check_data_fingerprint(run_dir: Path, data: SliceData, config: DataConfig) -> None:
     """Record the data in ``run_dir/data.json`` (resolved locations, fingerprint, size, classes,
-    label source, cache: :func:`advseg.data.location.run_data_record`); refuse a resume on other
+    label source, cache: :func:`advseg.data.record.run_data_record`); refuse a resume on other
     data. A resume on the same data rewrites the record (the cache may have moved).
 
     Raises:

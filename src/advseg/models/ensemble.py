@@ -3,7 +3,8 @@
 ``ensemble:<a>+<b>+...`` in an experiment grid names an :class:`EnsembleModel` built from the
 grid's models ``a``, ``b``, ... (trained in the run or loaded from checkpoints). It is a
 first-class model: evaluated, attacked white-box (the gradient runs through every member) and
-scored as a transfer target (:mod:`advseg.transfer`). The paper names ensembles as future work.
+scored as a transfer target (:mod:`advseg.crossmodel.transfer`). The paper names ensembles as
+future work.
 
 The output is the *logit of the mean probability*, so that everything downstream (losses, hard
 predictions at probability 0.5, attacks) treats it like any single model:

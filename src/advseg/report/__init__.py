@@ -7,7 +7,7 @@ it is the synthetic phantom, config, device, dates, a warning per broken model).
 ``examples/*.npz``), never a model, so it can be re-run at any time. It writes into
 ``RUN_DIR/report/``: ``report.html`` (figures embedded), ``report.md``, one CSV per table with the
 raw numbers, each figure as PNG and as SVG (vector, for papers). Every DSC and Attack Success
-comes from :mod:`advseg.summary`.
+comes from :mod:`advseg.stats.summary`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ import numpy as np
 import pandas as pd
 
 from advseg.atomic import check_output_dir, write_bytes_atomic, write_text_atomic
-from advseg.bootstrap import MIN_CASES, with_intervals
 from advseg.config import load_yaml
 from advseg.data.location import PHANTOM_LABEL, describe, is_synthetic, phantom_note, run_locations
 from advseg.errors import UserError
-from advseg.records import read_records, white_box
 from advseg.report import (
     convergence,
     corruptions,
@@ -46,7 +44,10 @@ from advseg.report.html import (
     render_markdown,
 )
 from advseg.report.stats import MIN_POINTS, correlate
-from advseg.summary import DEFAULT_PROTOCOL, PROTOCOLS, UNITS
+from advseg.runs.names import file_stem
+from advseg.runs.records import read_records, white_box
+from advseg.stats.bootstrap import MIN_CASES, with_intervals
+from advseg.stats.summary import DEFAULT_PROTOCOL, PROTOCOLS, UNITS
 
 
 @dataclass
@@ -56,9 +57,9 @@ class Report:
     Attributes:
         html, markdown: the report's two pages.
         files: every file written (pages, CSV, PNG).
-        table: Table II at ``eps`` (as :func:`advseg.summary.summarize` returns it).
+        table: Table II at ``eps`` (as :func:`advseg.stats.summary.summarize` returns it).
         cells: its numbers one row per (model, attack, loss) at ``eps``, as
-            :func:`advseg.summary.summarize_cells` returns them.
+            :func:`advseg.stats.summary.summarize_cells` returns them.
         protocol: the Dice protocol used; eps: the headline eps.
         notes: what could not be drawn, and why (also stated in the report).
         locations: the data sets the records were computed on (``synthetic`` for the phantom,
@@ -390,7 +391,7 @@ def _luminosity_section(
             ylabel="Attack Success of the slice",
             title=f"Luminosity against Attack Success, {series}, eps {eps:g}, one point per slice",
         )
-        name = f"luminosity_{tables.file_stem(series)}"
+        name = f"luminosity_{file_stem(series)}"
         section.blocks.append(
             writer.figure(name, figure, f"{series}: points in luminosity_vs_attack_success.csv")
         )

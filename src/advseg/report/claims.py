@@ -2,11 +2,11 @@
 
 1. **Attack-loss ranking** ("BCE attacks best, better than the training loss"): for each model,
    attack (``fgsm`` is the paper's equation 5, ``fgsm:notebook`` its notebook code, see
-   :mod:`advseg.compat`) and eps, the per-slice DSC under every loss, compared pair by pair with
-   the paired Wilcoxon signed-rank test (``scipy.stats.wilcoxon``) over slices, Holm-corrected
-   within the row, with the direction of the effect (which loss leaves the lower DSC, on how many
-   slices) and, as a check on the slices' dependence within a patient, the same test on per-case
-   means. :func:`ranking_verdict` says in words which loss is strongest each way.
+   :mod:`advseg.evaluate.compat`) and eps, the per-slice DSC under every loss, compared pair by
+   pair with the paired Wilcoxon signed-rank test (``scipy.stats.wilcoxon``) over slices,
+   Holm-corrected within the row, with the direction of the effect (which loss leaves the lower
+   DSC, on how many slices) and, as a check on the slices' dependence within a patient, the same
+   test on per-case means. :func:`ranking_verdict` says in words which loss is strongest each way.
 2. **Parameters against Attack Success** ("negligible correlation"): one point per model (the
    mean over training seeds), Spearman's rho with its *exact* permutation p-value (every pairing
    of n models; a handful of models cannot reach small p-values, and the text says how small p
@@ -30,10 +30,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from scipy import stats
 
-from advseg.bootstrap import case_weights
 from advseg.metrics import PAPER_SMOOTH, attack_success, dice_from_counts
 from advseg.report.html import Block, Section
 from advseg.report.stats import RESAMPLES, SEED, smallest_p, spearman_test
+from advseg.stats.bootstrap import case_weights
 
 ALPHA = 0.05
 ROW_KEYS = ["model", "attack", "eps"]
@@ -422,7 +422,7 @@ def claim_sections(
 
 
 def _params_claim(writer, records: pd.DataFrame, protocol: str, eps: float) -> Section:
-    from advseg.summary import summarize_cells
+    from advseg.stats.summary import summarize_cells
 
     keys = ["model", *_seeded(records), "arch", "params", "attack", "loss", "eps"]
     cells = []

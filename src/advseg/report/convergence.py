@@ -1,7 +1,7 @@
 """The report's "Did the attacks converge?" section, from the traces an evaluation kept.
 
 An evaluation run with traces (``advseg evaluate --trace``, or ``evaluation.trace: true`` in an
-experiment) writes ``traces/<cell>.csv`` beside the records (:mod:`advseg.traces`): per (loss,
+experiment) writes ``traces/<cell>.csv`` beside the records (:mod:`advseg.runs.traces`): per (loss,
 step) of an iterative attack, the mean loss and mean Dice over the cell's slices after that step.
 This section draws Dice against the iteration, one line per (attack, loss), one figure per model,
 and tabulates how much the last fifth of the steps still changed: a curve still falling at its
@@ -22,8 +22,8 @@ from matplotlib.figure import Figure
 
 from advseg.report.figures import legend_beside
 from advseg.report.html import Section
-from advseg.report.tables import file_stem
-from advseg.traces import read_traces
+from advseg.runs.names import file_stem
+from advseg.runs.traces import read_traces
 
 
 def convergence_table(traces: pd.DataFrame) -> pd.DataFrame:

@@ -7,7 +7,7 @@ ICLR 2019, https://arxiv.org/abs/1903.12261), with segmentation error ``E = 1 - 
 - relative ``rCE_c = sum_s (E_{s,c} - E_clean) / sum_s (E^base_{s,c} - E^base_clean)``, the
   drop from the model's own clean error (``mrCE`` its mean).
 
-Below 1: more robust than the baseline. Every DSC is :func:`advseg.summary.summarize_cells`'s,
+Below 1: more robust than the baseline. Every DSC is :func:`advseg.stats.summary.summarize_cells`'s,
 on the records of the corruption cells (``corruption`` set), under the report's protocol.
 """
 
@@ -22,7 +22,7 @@ import pandas as pd
 from advseg.corruptions.base import SEVERITIES
 from advseg.errors import UserError
 from advseg.report.html import Section
-from advseg.summary import summarize_cells
+from advseg.stats.summary import summarize_cells
 
 
 def corruption_dice(records: pd.DataFrame, protocol: str) -> pd.DataFrame:
@@ -168,8 +168,8 @@ def _panels(writer: Any, run_dir: Path, classes: list[str]) -> list:
     """One example panel per (model, corruption): its middle severity saved (3, else the
     highest)."""
     from advseg.report import figures
-    from advseg.report.examples import load_examples
-    from advseg.report.tables import file_stem
+    from advseg.runs.examples import load_examples
+    from advseg.runs.names import file_stem
 
     chosen: dict[tuple[str, str], tuple[int, dict]] = {}
     for file in sorted((run_dir / "examples").glob("*.npz")):

@@ -1,9 +1,9 @@
 """The report's cross-model sections: transfer matrix, ensembles, universal perturbations.
 
 Like the rest of the report these read records (and the saved perturbation PNGs) only. The
-transfer matrix comes from :func:`advseg.transfer.transfer_matrix`, whose diagonal is the
+transfer matrix comes from :func:`advseg.crossmodel.transfer.transfer_matrix`, whose diagonal is the
 white-box cells; the ensemble and universal statements come from the white-box cells of
-:func:`advseg.summary.summarize_cells`.
+:func:`advseg.stats.summary.summarize_cells`.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from advseg.atomic import write_bytes_atomic
+from advseg.crossmodel.transfer import transfer_matrix
 from advseg.models.ensemble import ENSEMBLE_PREFIX, ensemble_members
-from advseg.records import white_box
 from advseg.report.html import Block, Section
-from advseg.report.tables import file_stem
-from advseg.summary import summarize_cells
-from advseg.transfer import transfer_matrix
+from advseg.runs.names import file_stem
+from advseg.runs.records import white_box
+from advseg.stats.summary import summarize_cells
 
 UNIVERSAL, RANDOM_SIGN = "universal", "random-sign"
 

@@ -1,9 +1,9 @@
 """The report's defence comparison: one row per model, and certified Dice against the radius.
 
 Built from records only: the attack records (``records/``), the certification records
-(``certified/``, :mod:`advseg.defences.certify`) and, for the training time and the training
+(``certified/``, :mod:`advseg.evaluate.certify`) and, for the training time and the training
 defence, the run's own ``models/<model>/log.csv`` and ``checkpoints/best.json`` when they exist.
-Every DSC is :func:`advseg.summary.summarize_cells`' under the report's protocol.
+Every DSC is :func:`advseg.stats.summary.summarize_cells`' under the report's protocol.
 
 Per model (a defended variant ``unet+median:3`` is its own row):
 
@@ -33,9 +33,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from advseg.defences.certify import certified_summary, read_certified
+from advseg.evaluate.certify import certified_summary, read_certified
 from advseg.report.html import Section
-from advseg.summary import summarize_cells
+from advseg.stats.summary import summarize_cells
 
 
 def _is_adaptive(attack: str) -> bool:
@@ -134,7 +134,7 @@ def certified_curve(summary: pd.DataFrame) -> Figure:
     """Certified DSC against the L2 radius, one line per (model, sigma), with the abstention.
 
     Args:
-        summary: :func:`advseg.defences.certify.certified_summary`'s table.
+        summary: :func:`advseg.evaluate.certify.certified_summary`'s table.
     """
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.0))
     for (model, sigma), rows in summary.groupby(["model", "sigma"], sort=True):

@@ -21,7 +21,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from advseg.report.examples import panel_rows
+from advseg.data.index import ID_PATTERN
+from advseg.data.split import spread_positions
 from advseg.report.stats import Correlation
 
 CLASS_COLOURS = [
@@ -32,6 +33,16 @@ CLASS_COLOURS = [
 ERROR_COLOUR = (1.0, 0.0, 0.0)
 """The outline of the pixels a prediction gets wrong (any class)."""
 ALPHA = 0.55
+
+
+def panel_rows(slice_ids: np.ndarray | list[str], count: int, seed: int = 0) -> np.ndarray:
+    """Positions of ``count`` saved example slices for a panel: seeded, spread over the cases
+    named in their ids (``case{N}_day{M}_slice_{XXXX}``; an id of another form is its own case)."""
+    cases = []
+    for slice_id in map(str, slice_ids):
+        match = ID_PATTERN.match(slice_id)
+        cases.append(f"case{match.group(1)}" if match else slice_id)
+    return spread_positions(np.asarray(cases), count, seed)
 
 
 def to_png(figure: Figure, dpi: int = 110) -> bytes:
@@ -236,7 +247,7 @@ def example_panel(
     R, L; other slices (PNG files, whose orientation is not known) as stored, without letters.
 
     Args:
-        examples: arrays saved by the experiment runner (:mod:`advseg.report.examples`):
+        examples: arrays saved by the experiment runner (:mod:`advseg.runs.examples`):
             ``slice_ids`` (N,), ``losses`` (L,), ``image`` (N, C, H, W) and ``x_adv``
             (L, N, C, H, W) in [0, 1], ``mask``, ``pred_clean`` (N, K, H, W) and ``pred_adv``
             (L, N, K, H, W) binary; optionally ``ras`` (N,).

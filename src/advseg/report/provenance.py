@@ -1,6 +1,6 @@
 """The report's first section: where its numbers came from, and whether a model is usable.
 
-What advseg wrote (version, command line, device, dates: :mod:`advseg.provenance`), the data
+What advseg wrote (version, command line, device, dates: :mod:`advseg.runs.provenance`), the data
 (the synthetic phantom said plainly, else the path; slices in the data set and evaluated; cases),
 the run's ``config.yaml`` verbatim, the report's own version and date, and a warning for each
 model whose clean DSC is below :data:`BROKEN_DICE` (its Attack Success measures noise).
@@ -16,8 +16,8 @@ import pandas as pd
 
 import advseg
 from advseg.data.location import describe, is_synthetic
-from advseg.provenance import now, read_sessions
 from advseg.report.html import Block, Section
+from advseg.runs.provenance import now, read_sessions
 
 BROKEN_DICE = 0.1
 """A clean DSC below this (on the report's protocol) marks a model as broken: it segments next to
@@ -64,7 +64,7 @@ def _data_rows(run_dir: Path, records: pd.DataFrame, locations: list[str]) -> li
     rows = [("data", source)]
     if "slices" in saved:
         rows.append(("data set size", f"{saved['slices']} slices"))
-    if saved.get("classes"):  # advseg run records these (data.location.run_data_record)
+    if saved.get("classes"):  # advseg run records these (data.record.run_data_record)
         rows.append(("classes", ", ".join(map(str, saved["classes"]))))
     if saved.get("labels"):
         rows.append(("label mapping", str(saved["labels"])))

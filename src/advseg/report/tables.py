@@ -1,26 +1,20 @@
 """The report's tables, every one computed from records.
 
-Table II and every DSC / Attack Success number come from :func:`advseg.summary.summarize` (the one
-implementation of the paper's Dice protocols); this module only selects the records it is given
-(one eps, one class, one (attack, loss, eps) cell) and reshapes its answer. The per-slice table for
-the luminosity question is the one computation done here, and it says what it leaves out.
+Table II and every DSC / Attack Success number come from :func:`advseg.stats.summary.summarize`
+(the one implementation of the paper's Dice protocols); this module only selects the records it is
+given (one eps, one class, one (attack, loss, eps) cell) and reshapes its answer. The per-slice
+table for the luminosity question is the one computation done here, and it says what it leaves out.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import pandas as pd
 
 from advseg.metrics import attack_success
 from advseg.report.stats import correlate
-from advseg.summary import summarize, summarize_cells
-
-
-def file_stem(text: str) -> str:
-    """``text`` as a file-name-safe stem (characters outside ``[A-Za-z0-9._-]`` become ``-``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+from advseg.stats.summary import summarize, summarize_cells
 
 
 def headline_eps(records: pd.DataFrame) -> float:

@@ -26,9 +26,9 @@ from advseg.config import from_dict, load_yaml
 from advseg.defences.adversarial_training import AdversarialConfig, describe
 from advseg.errors import UserError
 from advseg.models.checkpoint import read_metadata
-from advseg.records import white_box
 from advseg.report.html import Section, eps_text
-from advseg.summary import summarize_cells
+from advseg.runs.records import white_box
+from advseg.stats.summary import summarize_cells
 
 COLUMNS = ["model", "seed", "arch", "adversarial_training", "selected_by", "val_dice",
            "best_epoch", "epochs", "train_seconds", "time_ratio"]  # fmt: skip
@@ -40,9 +40,9 @@ def run_checkpoints(run_dir: str | Path) -> list[tuple[str, Path]]:
     An ``advseg run`` directory names them in ``config.yaml`` (a model's own ``checkpoint:``, or
     ``models/<name>[/seed<k>]/checkpoints/best`` for each training seed); an ``advseg evaluate``
     output in ``evaluate.yaml`` (its checkpoints, named as the records name them,
-    :func:`advseg.trained.checkpoint_label`). Empty when the run says neither.
+    :func:`advseg.train.trained.checkpoint_label`). Empty when the run says neither.
     """
-    from advseg.trained import checkpoint_label
+    from advseg.train.trained import checkpoint_label
 
     run_dir = Path(run_dir)
     found: list[tuple[str, Path]] = []

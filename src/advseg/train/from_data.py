@@ -63,7 +63,7 @@ def data_metadata(
 
     return {
         "config": to_dict(resolved_config(data_config)),
-        "fingerprint": data.cache_path.name,  # advseg.preflight.data_fingerprint
+        "fingerprint": data.cache_path.name,  # advseg.data.record.data_fingerprint
         "excluded": data.exclusions.lines(),
         "test_fraction": test_fraction,
         "val_fraction": val_fraction,
@@ -174,10 +174,10 @@ def overlapping_pixels(masks: Any, rows: Any, chunk: int = 256) -> int:
 
 def resumed_fingerprint(out_dir: Path, data: SliceData, now: str) -> str:
     """The data fingerprint a resumed run goes on with: the one its last checkpoint saved when
-    that names the same data (:func:`advseg.preflight.same_data`), else ``now`` (which
+    that names the same data (:func:`advseg.data.record.same_data`), else ``now`` (which
     :func:`restore_run` then refuses, if the checkpoint saved another)."""
+    from advseg.data.record import same_data
     from advseg.models.checkpoint import read_metadata
-    from advseg.preflight import same_data
 
     last = out_dir / "checkpoints" / "last"
     if not checkpoint_exists(last):

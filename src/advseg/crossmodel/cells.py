@@ -4,10 +4,10 @@
 cells that involve more than one model or more than the test slices:
 
 - ``ensemble:<a>+<b>`` models (:class:`~advseg.models.ensemble.EnsembleModel` of grid models);
-- transfer cells (``transfer: true`` or ``sources:`` on an attack, :mod:`advseg.transfer`): the
-  white-box cell of every source keeps its adversarial images in ``adversarial/``, each
-  transfer cell scores them on its target; an ensemble source ``a+b`` is crafted once, on the
-  first cell that needs it;
+- transfer cells (``transfer: true`` or ``sources:`` on an attack,
+  :mod:`advseg.crossmodel.transfer`): the white-box cell of every source keeps its adversarial
+  images in ``adversarial/``, each transfer cell scores them on its target; an ensemble source
+  ``a+b`` is crafted once, on the first cell that needs it;
 - ``universal`` cells (:mod:`advseg.attacks.universal`): one perturbation per (model, eps, loss)
   fitted on the training slices, saved in ``universal/``, scored beside a random-sign
   perturbation of the same norm (attack label ``random-sign``) in the same cell.
@@ -30,12 +30,7 @@ from rich.console import Console
 from torch import nn
 
 from advseg import distributed
-from advseg.errors import UserError
-from advseg.evaluate.cells import evaluate_cell
-from advseg.labels import checkpoint_activation
-from advseg.models.ensemble import ENSEMBLE_PREFIX, build_ensemble, ensemble_members
-from advseg.progress import cell_progress
-from advseg.transfer import (
+from advseg.crossmodel.transfer import (
     LossEnsemble,
     ModelIO,
     check_same_io,
@@ -47,6 +42,11 @@ from advseg.transfer import (
     source_members,
     transfer_pairs,
 )
+from advseg.errors import UserError
+from advseg.evaluate.cells import evaluate_cell
+from advseg.labels import checkpoint_activation
+from advseg.models.ensemble import ENSEMBLE_PREFIX, build_ensemble, ensemble_members
+from advseg.progress import cell_progress
 
 __all__ = ["ENSEMBLE_PREFIX", "CrossModel", "check_cross_model", "model_seeds", "transfer_cells"]
 
@@ -181,9 +181,11 @@ class CrossModel:
         nets = [load(name)[0] for name in members]
         return build_ensemble(nets, activation, names=members)
 
-    def check_io(self) -> None:
+    def check_io(self, planned_activation: Callable[[Any], str]) -> None:
         """Refuse ensemble members and (source, target) pairs that take different images or
-        predict different classes (checkpoints may come from other data), naming both."""
+        predict different classes (checkpoints may come from other data), naming both.
+        ``planned_activation``: a model spec trained here -> the activation it will train with
+        (the experiment's training settings for it)."""
         pairs = [
             (member, m.name, "ensemble members")
             for m in self.config.models
@@ -200,12 +202,19 @@ class CrossModel:
         ]
         io: dict[str, ModelIO] = {}  # models trained here: no file read
         for first, second, role in pairs:
-            check_same_io(self._io(first, io), self._io(second, io), role)
+            check_same_io(
+                self._io(first, io, planned_activation),
+                self._io(second, io, planned_activation),
+                role,
+            )
         for attack in self.config.attacks:
             names = [m.name for m in self.config.models]
             for source, _ in transfer_pairs(names, attack.sources, attack.transfer):
                 members = source_members(source)
-                if len(members) > 1 and self._io(members[0], io).activation != "sigmoid":
+                if (
+                    len(members) > 1
+                    and self._io(members[0], io, planned_activation).activation != "sigmoid"
+                ):
                     raise UserError(
                         f"sources: {source!r} is an ensemble source of softmax models; an "
                         "ensemble source takes sigmoid models only"
@@ -214,11 +223,13 @@ class CrossModel:
     def _spec(self, name: str) -> Any:
         return next(m for m in self.config.models if m.name == name)
 
-    def _io(self, name: str, cache: dict[str, ModelIO]) -> ModelIO:
+    def _io(self, name: str, cache: dict[str, ModelIO], planned: Callable[[Any], str]) -> ModelIO:
         if name not in cache:
             spec = self._spec(name)
             if spec.arch.startswith(ENSEMBLE_PREFIX):
-                cache[name] = replace(self._io(ensemble_members(spec.arch)[0], cache), name=name)
+                cache[name] = replace(
+                    self._io(ensemble_members(spec.arch)[0], cache, planned), name=name
+                )
             elif spec.checkpoint is not None:
                 from advseg.models import read_checkpoint
 
@@ -228,11 +239,9 @@ class CrossModel:
                     name, meta.in_channels, tuple(meta.classes), size, meta.activation
                 )
             else:
-                from advseg.experiment import model_train_config
-
                 preprocess = self.data.preprocess
                 classes = tuple(self.data.classes)
-                activation = model_train_config(self.config, spec).activation
+                activation = planned(spec)
                 cache[name] = ModelIO(
                     name, preprocess.channels, classes, preprocess.size, activation
                 )

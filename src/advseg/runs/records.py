@@ -2,10 +2,10 @@
 
 One row per (slice, class, model, source, attack, loss, eps). ``source`` is the model the
 adversarial images were crafted on: equal to ``model`` for a white-box cell, another model (or
-``a+b``, an ensemble of sources) for a transfer cell (:mod:`advseg.transfer`). Records written
-before the column existed are read as white-box (``source`` = ``model``). Pixel counts are kept
-beside the metrics so that every Dice protocol can be recomputed from the records alone, without
-a model. A file of
+``a+b``, an ensemble of sources) for a transfer cell (:mod:`advseg.crossmodel.transfer`).
+Records written before the column existed are read as white-box (``source`` = ``model``). Pixel
+counts are kept beside the metrics so that every Dice protocol can be recomputed from the records
+alone, without a model. A file of
 records is written atomically (one experiment cell at a time), and reading checks every file,
 naming the one that is broken.
 """

@@ -6,11 +6,11 @@ cases it was trained on (``advseg certify``). The run directory keeps the record
 ``certified/`` (:func:`certified_path`, :func:`read_certified`), apart from the attack records,
 and :func:`certified_summary` gives the report's certified Dice against radius.
 
-Records use the one records format (:data:`advseg.records.RECORD_COLUMNS`): ``attack`` is
+Records use the one records format (:data:`advseg.runs.records.RECORD_COLUMNS`): ``attack`` is
 ``certify``, ``loss`` is ``sigma=<sigma>``, ``eps`` is the L2 radius ``R``; the ``clean`` counts are
 the base model's plain prediction, the ``adv`` counts the certified prediction at ``R``, and
 ``abstained`` is the share of the slice's pixels that abstained for that class. Their columns
-are built by :func:`advseg.record_rows.slice_records`, as an attack's are.
+are built by :func:`advseg.runs.record_rows.slice_records`, as an attack's are.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from advseg.defences.smoothing import Certificate, SmoothingConfig, certify_batc
 from advseg.errors import AdvsegWarning, UserError
 from advseg.labels import class_prediction
 from advseg.metrics import hd95, luminosity
-from advseg.record_rows import Scores, hd95_mm, pixel_mm, score, slice_records
-from advseg.records import check_records
+from advseg.runs.record_rows import Scores, hd95_mm, pixel_mm, score, slice_records
+from advseg.runs.records import check_records
 
 CERTIFY = "certify"
 """The ``attack`` column of certification records."""
@@ -65,7 +65,7 @@ def certify_cell(
         on_batch: called with (batches done, batches in all) on this rank.
 
     Returns:
-        Records (:data:`advseg.records.RECORD_COLUMNS`), ordered by radius, slice, class;
+        Records (:data:`advseg.runs.records.RECORD_COLUMNS`), ordered by radius, slice, class;
         under torch.distributed every rank gets all of them.
     """
     rows = [int(r) for r in rows]
@@ -115,7 +115,7 @@ def _records(
 ) -> pd.DataFrame:
     """One row per (radius, slice, class) of one batch (``spacing``: HD95 in mm, ``(B, 2)``).
 
-    The columns are :func:`advseg.record_rows.slice_records`', as for an attack: ``clean`` is
+    The columns are :func:`advseg.runs.record_rows.slice_records`', as for an attack: ``clean`` is
     the plain prediction, ``adv`` the certified one, with every abstained pixel counted wrong.
     """
     b, k = y.shape[:2]
@@ -170,14 +170,14 @@ def certify_checkpoint(
 
     Args:
         data_path, cache_dir: ``--data`` and ``--cache-dir``
-            (:func:`advseg.trained.trained_data_config`).
+            (:func:`advseg.train.trained.trained_data_config`).
         on_data: called with the :class:`~advseg.data.DataConfig` before it is loaded (the CLI
-            prints :func:`advseg.data.location.first_line`).
+            prints :func:`advseg.data.record.first_line`).
     """
     from advseg.data import held_out_rows, load_data, saved_preprocess, spread_rows
     from advseg.models.checkpoint import check_compatible, load_checkpoint
     from advseg.train import resolve_device
-    from advseg.trained import checkpoint_label, trained_data_config
+    from advseg.train.trained import checkpoint_label, trained_data_config
 
     if split not in ("test", "all"):
         raise UserError(f"split: {split!r} is not 'test' or 'all'")
@@ -242,14 +242,14 @@ CERTIFIED_DIR = "certified"
 
 def certified_path(run_dir: str | Path, model_name: str, config: SmoothingConfig) -> Path:
     """Where one (model, sigma)'s certification records go: ``certified/<model>__sigma<s>``."""
-    from advseg.report.tables import file_stem
+    from advseg.runs.names import file_stem
 
     return Path(run_dir) / CERTIFIED_DIR / f"{file_stem(model_name)}__sigma{config.sigma:g}.parquet"
 
 
 def read_certified(run_dir: str | Path) -> pd.DataFrame | None:
     """Every certification record of a run (``certified/*.parquet``), or None when it has none."""
-    from advseg.records import read_records
+    from advseg.runs.records import read_records
 
     folder = Path(run_dir) / CERTIFIED_DIR
     if not folder.is_dir() or not any(folder.glob("*.parquet")):
@@ -264,7 +264,7 @@ def certified_summary(records: pd.DataFrame, protocol: str = "per-class") -> pd.
     Columns: ``model, sigma, radius, slices, units, dsc_plain, dsc_certified, abstained``
     (``slices``: the slices certified; ``units``: the protocol's averaging units over them).
     """
-    from advseg.summary import summarize_cells
+    from advseg.stats.summary import summarize_cells
 
     cells = summarize_cells(records, protocol)
     groups = records.groupby(["model", "loss", "eps"], sort=False)

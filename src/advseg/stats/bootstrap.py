@@ -6,11 +6,11 @@ as independent and give intervals that are too narrow, so the unit of resampling
 (Field & Welsh 2007, "Bootstrapping clustered data"): each draw picks as many cases as there
 are, with replacement, and recomputes the statistic on every slice of the picked cases.
 
-Each Dice protocol of :mod:`advseg.summary` is a ratio of sums over its units (slices, (slice,
+Each Dice protocol of :mod:`advseg.stats.summary` is a ratio of sums over its units (slices, (slice,
 class) pairs, or per-class pixel counts), so the sums are computed once per case and a draw is
 a weighted sum: ``(draws, cases) @ (cases, ...)``. 2000 draws of a whole Table II take
 milliseconds. The point estimate is the statistic on all the cases, equal to
-:func:`advseg.summary.summarize_cells`' number; the interval is the percentile interval of the
+:func:`advseg.stats.summary.summarize_cells`' number; the interval is the percentile interval of the
 draws, seeded, so the same records and seed give the same interval.
 
 Example:
@@ -224,12 +224,12 @@ def with_intervals(
     seed: int = 0,
     level: float = LEVEL,
 ) -> pd.DataFrame:
-    """Table II (:func:`advseg.summary.summarize`) with a case-bootstrap interval per number.
+    """Table II (:func:`advseg.stats.summary.summarize`) with a case-bootstrap interval per number.
 
     Every ``DSC ...`` and ``AS ...`` column is followed by ``<column> low`` and ``<column> high``,
     the bounds of its ``level`` interval over cases (``draws`` draws, seeded by ``seed``); the
     clean DSC is resampled over the model's distinct (slice, class) records, as
-    :func:`~advseg.summary.summarize` computes it.
+    :func:`~advseg.stats.summary.summarize` computes it.
 
     ``cases`` and ``slices`` (after ``excluded``) count the distinct cases and slices of each
     model's records, and ``interval`` says what its bounds rest on: below :data:`MIN_CASES`
@@ -242,7 +242,7 @@ def with_intervals(
     resamples the same cases for every seed. ``attrs``: ``protocol``, ``draws``, ``seed``,
     ``level``, ``seeds``.
     """
-    from advseg.summary import CELL_KEYS, MODEL_KEYS, cell_label, summarize
+    from advseg.stats.summary import CELL_KEYS, MODEL_KEYS, cell_label, summarize
 
     seeded = "seed" in records.columns and records["seed"].nunique() > 1
     by = "seed" if seeded else None

@@ -40,7 +40,7 @@ from advseg.evaluate.cells import Crafted, SliceSource
 from advseg.evaluate.engine import attack_batch, start_generators
 from advseg.labels import model_target
 from advseg.metrics import attack_success
-from advseg.summary import protocol_dice
+from advseg.stats.summary import protocol_dice
 
 ENSEMBLE_JOIN = "+"
 """Joins the members of an ensemble source (``a+b``); model names never hold it."""
@@ -53,7 +53,7 @@ def source_members(source: str) -> list[str]:
 
 def source_stem(source: str) -> str:
     """A source as a file-name-safe stem: each member's stem, joined by ``+``."""
-    from advseg.report.tables import file_stem
+    from advseg.runs.names import file_stem
 
     return ENSEMBLE_JOIN.join(file_stem(name) for name in source_members(source))
 
@@ -235,7 +235,7 @@ def reader(images: dict[str, np.ndarray], losses: Sequence[str]) -> Crafted:
 def transfer_matrix(records: pd.DataFrame, protocol: str) -> pd.DataFrame:
     """One row per (source, target, attack, loss, eps): clean and adversarial DSC, Attack Success.
 
-    Computed with :func:`advseg.summary.protocol_dice` (the one Dice implementation), so the
+    Computed with :func:`advseg.stats.summary.protocol_dice` (the one Dice implementation), so the
     diagonal rows (``source == target``) are exactly the white-box cells of Table II.
 
     Returns:

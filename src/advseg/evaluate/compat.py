@@ -27,7 +27,7 @@ The notebook's attack (``FGSM_attack`` in ``notebooks/utils.ipynb``), one slice 
 
 Its Dice is ``1 - monai.losses.DiceLoss()(mask, pred)`` (no sigmoid, hard predictions
 ``sigmoid >= 0.5``), averaged over the three channels with a channel empty in both masks counting
-1, over the test slices with any mask: the ``paper`` protocol of :mod:`advseg.summary`, which
+1, over the test slices with any mask: the ``paper`` protocol of :mod:`advseg.stats.summary`, which
 ``--compat notebook`` selects. One difference is kept on purpose: the notebook also scored
 against the soft mask, advseg scores every attack against the binary mask of its cache (records
 hold pixel counts), so that both modes are scored alike.

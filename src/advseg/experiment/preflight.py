@@ -10,27 +10,26 @@ a one-layer stand-in model, so that ``steps: -1`` or ``norm: l3`` is refused now
 its cell starts).
 
 :func:`advseg.atomic.check_output_dir` is the output check every command makes before its work.
-:func:`data_fingerprint` names the data a run computed on, so that a resume on other data is
-refused.
+A resume on other data is refused with :func:`advseg.data.record.same_data`.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 from torch import nn
 
 from advseg.atomic import check_output_dir
-from advseg.compat import create_compat_attack
+from advseg.data import held_out_rows, split_cases
 from advseg.data.preprocess import PreprocessConfig, saved_preprocess
 from advseg.errors import UserError
+from advseg.evaluate.compat import create_compat_attack
 
 if TYPE_CHECKING:
-    from advseg.data import SliceData
-    from advseg.experiment import ExperimentConfig
+    from advseg.experiment.config import ExperimentConfig
 
 
 def check_experiment(config: ExperimentConfig, run_dir: str | Path) -> None:
@@ -41,7 +40,6 @@ def check_experiment(config: ExperimentConfig, run_dir: str | Path) -> None:
             ``models[0].checkpoint``, ``data.path``) or the file at fault.
     """
     from advseg.data.load import build_index
-    from advseg.experiment import check_held_out
     from advseg.models.checkpoint import check_compatible, read_checkpoint
     from advseg.train import resolve_device
 
@@ -72,7 +70,7 @@ def check_encoders(config: ExperimentConfig) -> None:
     """Refuse encoder weights a model trained here could not start from (a missing file, no
     safetensors file, another encoder's keys or shapes, a model without an encoder), naming the
     model and the file; only the files' headers are read."""
-    from advseg.experiment import model_train_config, trained_here
+    from advseg.experiment.config import model_train_config, trained_here
     from advseg.models.zoo import check_encoder_weights
 
     for i, model in enumerate(config.models):
@@ -123,7 +121,7 @@ def check_attacks(config: ExperimentConfig, in_channels: int, classes: int) -> N
     An attack's constructor checks its own options (steps, norm, restarts, update rule, valid
     range, ...): building each one here is the same check its cell would make, made first.
     """
-    from advseg.experiment import attack_compat
+    from advseg.experiment.config import attack_compat
 
     stand_in = nn.Conv2d(in_channels, classes, 1)
     for i, attack in enumerate(config.attacks):
@@ -139,27 +137,44 @@ def check_attacks(config: ExperimentConfig, in_channels: int, classes: int) -> N
                     raise UserError(f"attacks[{i}] ({attack.name}): {err}") from None
 
 
-def data_fingerprint(data: SliceData) -> str:
-    """A name for the data a run computes on: the cache key of its index.
+def check_held_out(
+    metadata: dict[str, Any],
+    checkpoint: Path,
+    config: ExperimentConfig,
+    index: pd.DataFrame | None = None,
+) -> None:
+    """Refuse a checkpoint whose training split differs from the experiment's.
 
-    The key hashes the index (ids, image paths, masks, classes), the image files' contents
-    (:mod:`advseg.data.content`) and the preprocessing: replaced or edited data gives another
-    fingerprint, even with its sizes and modification times kept.
+    The experiment evaluates its own test cases; a checkpoint trained with another split seed or
+    fraction, or on another data source, may have trained on some of them. With ``index`` (the
+    data as it is now), the experiment's test rows must also be the rows the checkpoint held out
+    (:func:`advseg.data.held_out_rows`): a case added since training moves the seeded split.
     """
-    return data.cache_path.name
-
-
-def same_data(saved: str, data: SliceData) -> bool:
-    """Whether a saved fingerprint names ``data``: its fingerprint now, the one it had before
-    content digests (sizes and mtimes), or the one it had before
-    data locations were resolved (image paths as spelt relative to the working directory, what a
-    run begun with a relative data path, ``advseg demo``'s included, saved)."""
-    if saved == data_fingerprint(data):
-        return True
-    from advseg.data.cache import cache_key
-
-    if saved == cache_key(data.index, data.preprocess, content=False):
-        return True  # saved before content digests: the files' sizes and mtimes then
-    index = data.index.copy()
-    index["image_path"] = [os.path.relpath(p) for p in index["image_path"]]
-    return saved == cache_key(index, data.preprocess, content=False)
+    split = config.split
+    expected = {"test_fraction": split.test_fraction, "split_seed": split.seed}
+    for key, value in expected.items():
+        if key not in metadata:
+            raise UserError(
+                f"{checkpoint}: its metadata does not say which cases it held out (no "
+                f"data.{key}); the experiment cannot tell train cases from test cases"
+            )
+        if metadata[key] != value:
+            raise UserError(
+                f"{checkpoint}: trained with data.{key} {metadata[key]}, the experiment's split "
+                f"has {value}; its test cases would include training cases"
+            )
+    trained_on = metadata.get("config", {}).get("path")
+    ours = None if config.data.path is None else str(config.data.path)
+    if trained_on != ours:
+        raise UserError(f"{checkpoint}: trained on data {trained_on}, the experiment uses {ours}")
+    if index is not None:
+        held = held_out_rows(index, metadata, str(checkpoint))
+        _, test = split_cases(index, split.test_fraction, split.seed)
+        if not np.array_equal(held, test):
+            cases = index["case"].to_numpy()
+            raise UserError(
+                f"{checkpoint}: held out cases {sorted(set(cases[held].tolist()))}, the "
+                f"experiment's split of the data now tests {sorted(set(cases[test].tolist()))} "
+                "(the data changed since it was trained, or it predates the split's 2 test "
+                "cases default); its test cases would include training cases"
+            )

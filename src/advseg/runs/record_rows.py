@@ -1,8 +1,8 @@
 """Building records: one row per (slice, class) of a batch, the one builder every producer uses.
 
 The attack engine (:mod:`advseg.evaluate.scoring`: clean against adversarial predictions) and
-certification (:mod:`advseg.defences.certify`: the plain prediction against the certified one)
-fill the same columns of :data:`advseg.records.RECORD_COLUMNS` the same way here: the slice's
+certification (:mod:`advseg.evaluate.certify`: the plain prediction against the certified one)
+fill the same columns of :data:`advseg.runs.records.RECORD_COLUMNS` the same way here: the slice's
 identity from the index, the pixel counts (from which every Dice protocol is recomputed), Dice
 and IoU with the empty-pair convention, HD95 in pixels and in millimetres. What differs between
 them (norms, the eps, the abstentions) is handed in as columns; the model, attack and eps columns
@@ -89,7 +89,7 @@ def slice_records(
 
     Returns:
         The frame in the order of ``columns``, the common columns, ``per_slice``; the caller
-        adds the cell's columns and puts it in order with :func:`advseg.records.check_records`.
+        adds the cell's columns and puts it in order with :func:`advseg.runs.records.check_records`.
     """
     b, k = len(meta), len(classes)
     return pd.DataFrame(
