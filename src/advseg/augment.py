@@ -17,15 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from monai.transforms import (
-    Compose,
-    Rand2DElasticd,
-    RandAffined,
-    RandFlipd,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-)
-from monai.utils import convert_to_tensor
 
 from advseg.errors import UserError
 
@@ -85,6 +76,15 @@ class Augment:
     """
 
     def __init__(self, config: AugmentConfig, image_size: int) -> None:
+        from monai.transforms import (  # here: MONAI's package import is heavy
+            Compose,
+            Rand2DElasticd,
+            RandAffined,
+            RandFlipd,
+            RandScaleIntensityd,
+            RandShiftIntensityd,
+        )
+
         self.config = config
         keys = ["image", "mask"]
         modes = ["bilinear", "nearest"]
@@ -119,6 +119,8 @@ class Augment:
         """``{"image": (C, S, S), "mask": (K, S, S), ...}`` -> the same keys, augmented."""
         if not self.config.enabled:
             return item
+        from monai.utils import convert_to_tensor
+
         self.transform.set_random_state(seed=int(torch.randint(2**31, ()).item()))
         out = self.transform({"image": item["image"], "mask": item["mask"]})
         image = convert_to_tensor(out["image"], track_meta=False).float().clamp_(0.0, 1.0)

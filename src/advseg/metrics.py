@@ -22,7 +22,6 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.metrics import SSIMMetric, compute_hausdorff_distance
 from torch import Tensor
 
 PAPER_SMOOTH = 1e-5
@@ -151,28 +150,61 @@ def hd95(pred: Tensor, target: Tensor, spacing: np.ndarray | None = None) -> Ten
     - exactly one empty: NaN (no distance exists). Records keep the NaN; every summary excludes
       these pairs and reports how many it excluded, so no NaN reaches a table.
     """
+    if spacing is None:
+        return hd95_both(pred, target, None)[0]
+    return hd95_both(pred, target, spacing, pixels=False)[1]
+
+
+def hd95_both(
+    pred: Tensor, target: Tensor, spacing: np.ndarray | None, *, pixels: bool = True
+) -> tuple[Tensor, Tensor]:
+    """:func:`hd95` in pixels and in millimetres (NaN without ``spacing``), two ``(B, K)``;
+    ``pixels=False`` leaves the pixel one unmeasured (0 where both masks have a pixel).
+
+    The mask edges of each pair are found once and measured under both spacings: MONAI's
+    ``compute_hausdorff_distance`` step by step (``get_mask_edges``, then ``get_surface_distance``
+    both ways, the 95th percentile of each, their maximum in float32), so each number equals its
+    ``compute_hausdorff_distance`` value exactly; finding the edges is most of its cost.
+    """
     pred, target = pred.bool(), target.bool()
     pred_empty = ~pred.flatten(2).any(2).cpu()  # (B, K)
     target_empty = ~target.flatten(2).any(2).cpu()
-    values = torch.zeros(pred.shape[:2], dtype=torch.float64)  # both empty: 0
-    values[pred_empty ^ target_empty] = float("nan")
+    in_pixels = torch.zeros(pred.shape[:2], dtype=torch.float64)  # both empty: 0
+    in_pixels[pred_empty ^ target_empty] = float("nan")
+    mm = in_pixels.clone() if spacing is not None else torch.full_like(in_pixels, float("nan"))
     both = ~pred_empty & ~target_empty
-    if both.any():  # only the defined pairs go to MONAI, one per row: (N, 1, H, W)
-        kwargs = {}
-        if spacing is not None:
-            pairs = np.asarray(spacing, dtype=np.float64)[both.nonzero()[:, 0].numpy()]  # (N, 2)
-            kwargs["spacing"] = pairs.tolist()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # MONAI warns about its deprecated arguments
-            distances = compute_hausdorff_distance(
-                pred.cpu()[both].unsqueeze(1).float(),
-                target.cpu()[both].unsqueeze(1).float(),
-                include_background=True,
-                percentile=95,
-                **kwargs,
+    if not both.any():
+        return in_pixels, mm
+    from monai.metrics.utils import get_mask_edges, get_surface_distance, prepare_spacing
+
+    # only the defined pairs, one per row, as compute_hausdorff_distance takes them: (N, *S)
+    pred_pairs = pred.cpu()[both].float()
+    target_pairs = target.cpu()[both].float()
+    count = len(pred_pairs)
+    spacings = [None] * count
+    if spacing is not None:
+        pairs = np.asarray(spacing, dtype=np.float64)[both.nonzero()[:, 0].numpy()]  # (N, 2|3)
+        spacings = prepare_spacing(spacing=pairs.tolist(), batch_size=count, img_dim=pred.dim() - 2)
+    found = torch.empty((2, count), dtype=torch.float)  # MONAI's result dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns about its deprecated arguments
+        for i in range(count):
+            edges = get_mask_edges(
+                pred_pairs[i], target_pairs[i], crop=True, always_return_as_numpy=False
             )
-        values[both] = distances.flatten().double()
-    return values
+            for row, pair_spacing in ((0, None), (1, spacings[i])):
+                if (row == 1 and spacing is None) or (row == 0 and not pixels):
+                    continue
+                distances = [
+                    get_surface_distance(a, b, "euclidean", pair_spacing)
+                    for a, b in ((edges[0], edges[1]), (edges[1], edges[0]))
+                ]
+                found[row, i] = torch.max(torch.stack([torch.quantile(d, 0.95) for d in distances]))
+    if pixels:
+        in_pixels[both] = found[0].double()
+    if spacing is not None:
+        mm[both] = found[1].double()
+    return in_pixels, mm
 
 
 def surface_dice(
@@ -256,6 +288,8 @@ def ssim(x: Tensor, x_adv: Tensor, data_range: float = 1.0, win_size: int = 7) -
     MONAI ``SSIMMetric`` (Gaussian window, sigma 1.5); the window shrinks to the image on
     images smaller than ``win_size``.
     """
+    from monai.metrics import SSIMMetric  # here: MONAI's import is heavy
+
     side = min(x.shape[2:])
     win = min(win_size, side if side % 2 else side - 1)
     dims = x.dim() - 2  # 2 for slices (B, C, H, W), 3 for volumes (B, C, D, H, W)

@@ -24,6 +24,13 @@ if TYPE_CHECKING:
 app = typer.Typer()
 
 
+def _print_phases(result: RunResult, console: Console) -> None:
+    """Where the wall time went: one line, the phases of :func:`advseg.experiment.run_experiment`
+    (the interpreter's start and imports come before it and are not counted)."""
+    parts = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.phases.items())
+    console.print(f"time: {parts} (total {result.seconds:.1f} s)", highlight=False)
+
+
 def _print_result(result: RunResult, console: Console) -> None:
     from advseg.cli.table_ii import table_ii
     from advseg.data.location import run_locations
@@ -156,4 +163,6 @@ def demo(
 
     set_threads(threads)
 
-    _print_result(run_demo(data, out, progress=True), console())
+    result = run_demo(data, out, progress=True)
+    _print_result(result, console())
+    _print_phases(result, console())

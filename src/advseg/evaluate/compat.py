@@ -48,7 +48,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceFocalLoss, FocalLoss
 from torch import Tensor, nn
 
 from advseg.attacks import Attack, create_attack
@@ -99,6 +98,8 @@ def notebook_loss(name: str) -> PerSampleLoss:
             return _per_sample(swapped)
 
     elif name == "focal":
+        from monai.losses import FocalLoss  # here: MONAI's package import is heavy
+
         focal = FocalLoss(reduction="none")
 
         def loss(logits: Tensor, target: Tensor) -> Tensor:
@@ -107,6 +108,8 @@ def notebook_loss(name: str) -> PerSampleLoss:
     elif name == "dicefocal":
         # reduction "none": dice (B, K, 1, 1) + focal (B, K, H, W); the per-sample mean of the
         # sum is the mean over channels of the Dice term plus the mean Focal term.
+        from monai.losses import DiceFocalLoss
+
         dicefocal = DiceFocalLoss(sigmoid=True, reduction="none")
 
         def loss(logits: Tensor, target: Tensor) -> Tensor:

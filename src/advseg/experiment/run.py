@@ -6,7 +6,7 @@ path, works through the grid cell by cell, and writes Table II and the report.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,9 @@ from advseg.stats.bootstrap import with_intervals
 from advseg.stats.summary import summarize_cells
 from advseg.train import TrainConfig, resolve_device, train_on_data
 
+PHASES = ("checks", "data", "training", "evaluation", "summary", "report")
+"""The phases of :func:`run_experiment` whose wall time :attr:`RunResult.phases` holds."""
+
 
 @dataclass
 class RunResult:
@@ -83,6 +86,10 @@ class RunResult:
             :func:`advseg.stats.summary.summarize_cells`; protocol: the Dice protocol of both.
         report: the written report, when ``config.report`` is true.
         seconds: wall time of this call.
+        phases: wall seconds of its phases, in order: ``checks`` (config, preflight, run
+            directory), ``data`` (load, split), ``training`` (models trained or loaded),
+            ``evaluation`` (the grid's cells, training excluded), ``summary`` (Table II with its
+            intervals), ``report``; they add up to ``seconds``.
     """
 
     run_dir: Path
@@ -93,6 +100,7 @@ class RunResult:
     protocol: str
     report: Report | None
     seconds: float
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def run_experiment(
@@ -125,6 +133,15 @@ def _run_experiment(
     alone writes the run's files (every rank returns the same result; the report is rank 0's).
     """
     start = time.perf_counter()
+    phases = dict.fromkeys(PHASES, 0.0)
+    mark = start
+
+    def close(phase: str) -> None:  # the time since the last mark goes to ``phase``
+        nonlocal mark
+        now = time.perf_counter()
+        phases[phase] += now - mark
+        mark = now
+
     check_config(config)
     distributed.init()
     main = distributed.is_main()
@@ -140,6 +157,7 @@ def _run_experiment(
             highlight=False,
             soft_wrap=True,
         )
+    close("checks")
     columns = (SpinnerColumn(), TextColumn("{task.description}"), MofNCompleteColumn())
     hidden = not console.is_terminal
     with Progress(
@@ -170,6 +188,7 @@ def _run_experiment(
     if encoders is not None:
         console.print(encoders, highlight=False, soft_wrap=True)
     cells = plan_cells(config)
+    close("data")
     models: dict[tuple[str, int | None], tuple[torch.nn.Module, str]] = {}
     seed_of: dict[tuple[str, int | None], int] = {}  # the training seed of each model loaded
     activation_of: dict[tuple[str, int | None], str] = {}  # how each model's logits are read
@@ -202,9 +221,11 @@ def _run_experiment(
                 arch = spec.arch
                 seed_of[key] = seed_of[key_of(members[0], key[1])]
             else:
+                close("evaluation")  # what ran before this model was needed
                 net, arch, fresh, seed_of[key], activation_of[key] = _get_model(
                     spec, config, data, run_dir, progress, key[1]
                 )
+                close("training")
                 if fresh:
                     trained.append(spec.name if key[1] is None else f"{spec.name} (seed {key[1]})")
             models.clear()  # one model in memory at a time
@@ -297,6 +318,7 @@ def _run_experiment(
         distributed.main_first(lambda: run_identity(config, run_dir, data.cache_path.name))
     )
     grid = run_cells(cells, run_dir, compute, on_cell, sweep=compute_cells, identity=identity)
+    close("evaluation")
     records = white_box(read_records(run_dir))  # every cell written: run_cells' last barrier
     if (records["corruption"] == "").any():  # Table II: the attack cells, when there are any
         records = records[records["corruption"] == ""]
@@ -308,12 +330,16 @@ def _run_experiment(
     if main:
         written = summary.assign(protocol=protocol)  # the file names its Dice protocol
         write_text_atomic(run_dir / "summary.csv", written.to_csv(index=False, na_rep="n/a"))
+    close("summary")
     report = None
     if config.report and main:
         with console.status("writing the report"):
             report = write_report(run_dir, protocol=protocol, eps=eps)
-    seconds = time.perf_counter() - start
-    return RunResult(run_dir, grid, trained, summary, headline_cells, protocol, report, seconds)
+    close("report")
+    seconds = mark - start
+    return RunResult(
+        run_dir, grid, trained, summary, headline_cells, protocol, report, seconds, phases
+    )
 
 
 def evaluation_rows(

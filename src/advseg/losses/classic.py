@@ -2,12 +2,13 @@
 (softmax).
 
 MONAI's implementations where they exist; every one per sample, ``(logits, target) -> (B,)``.
+MONAI is imported where a loss is built, not here: its package ``__init__`` imports every
+submodule (networks and apps included), which ``bce`` and ``ce`` do not need.
 """
 
 from __future__ import annotations
 
 import torch.nn.functional as F
-from monai.losses import DiceLoss, FocalLoss
 from torch import Tensor
 
 from advseg.losses.base import LOSSES, PerSampleLoss
@@ -27,6 +28,8 @@ def bce() -> PerSampleLoss:
 @LOSSES.register("focal")
 def focal(gamma: float = 2.0) -> PerSampleLoss:
     """Sigmoid focal loss (Lin et al. 2017, MONAI FocalLoss), gamma 2 as in the paper."""
+    from monai.losses import FocalLoss
+
     monai_focal = FocalLoss(gamma=gamma, use_softmax=False, reduction="none")
 
     def loss(logits: Tensor, target: Tensor) -> Tensor:
@@ -38,6 +41,8 @@ def focal(gamma: float = 2.0) -> PerSampleLoss:
 @LOSSES.register("dice")
 def dice(smooth: float = 1e-5) -> PerSampleLoss:
     """Soft Dice loss on sigmoids, per sample and class, averaged (MONAI DiceLoss)."""
+    from monai.losses import DiceLoss
+
     monai_dice = DiceLoss(sigmoid=True, smooth_nr=smooth, smooth_dr=smooth, reduction="none")
 
     def loss(logits: Tensor, target: Tensor) -> Tensor:
@@ -77,6 +82,8 @@ def dicece(smooth: float = 1e-5, lambda_dice: float = 1.0, lambda_ce: float = 1.
     """Dice + cross-entropy for softmax models (MONAI DiceLoss on the softmax, background
     channel 0 left out of the Dice; torch cross-entropy over every channel): the softmax
     training loss. The target is one-hot over the K + 1 channels, or indices."""
+    from monai.losses import DiceLoss
+
     monai_dice = DiceLoss(
         softmax=True, include_background=False, smooth_nr=smooth, smooth_dr=smooth,
         reduction="none",

@@ -31,9 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import segmentation_models_pytorch as smp
 import torch
-from monai.networks.nets import BasicUNet
 from torch import nn
 
 from advseg.catalogue import SMP_NAMES
@@ -164,6 +162,8 @@ def resolve(name: str) -> ZooEntry:
     if len(parts) != 3 or not parts[1] or not parts[2]:
         raise UserError(f"model {name!r}: expected smp:<Arch>:<encoder>, e.g. smp:Unet:resnet34")
     _, arch, encoder = parts
+    import segmentation_models_pytorch as smp  # here, as MONAI below: imported when needed
+
     archs = {cls.__name__: cls for cls in smp.MODEL_ARCHITECTURES_MAPPING.values()}
     if arch not in archs:
         raise UserError(
@@ -218,6 +218,8 @@ def create_model(
     elif entry.arch == "BasicUNet":
         if encoder_weights is not None:
             raise UserError(f"model {name!r} has no pretrained encoder; drop encoder_weights")
+        from monai.networks.nets import BasicUNet  # here: MONAI's package import is heavy
+
         model = BasicUNet(
             spatial_dims=2, in_channels=in_channels, out_channels=classes, features=entry.features
         )
@@ -239,6 +241,8 @@ def create_model(
 def _create_smp(
     name: str, entry: ZooEntry, in_channels: int, classes: int, weights: str | None
 ) -> nn.Module:
+    import segmentation_models_pytorch as smp
+
     try:
         return smp.create_model(
             entry.arch,

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from torch import Tensor
 
-from advseg.metrics import confusion_counts, dice_from_counts, hd95, iou_from_counts
+from advseg.metrics import confusion_counts, dice_from_counts, hd95, hd95_both, iou_from_counts
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,8 @@ def score(pred: Tensor, target: Tensor, spacing: np.ndarray | None = None) -> Sc
     ``spacing``: ``(B, 2)`` mm per model pixel (:func:`pixel_mm`), for HD95 in millimetres.
     """
     tp, fp, fn = (t.cpu().numpy().ravel() for t in confusion_counts(pred, target))
-    return Scores(tp, fp, fn, hd95(pred, target).numpy().ravel(), hd95_mm(pred, target, spacing))
+    pixels, mm = hd95_both(pred, target, spacing)  # the edges found once for both
+    return Scores(tp, fp, fn, pixels.numpy().ravel(), mm.numpy().ravel())
 
 
 def hd95_mm(pred: Tensor, target: Tensor, spacing: np.ndarray | None) -> np.ndarray:
