@@ -365,7 +365,7 @@ def issue25_cases(c: Campaign) -> None:
 
     from advseg.models import create_model, metadata_for
     from advseg.models.checkpoint import save_checkpoint
-    from advseg.records import RECORD_COLUMNS, write_records
+    from advseg.runs.records import RECORD_COLUMNS, write_records
 
     row = {k: 0 for k in RECORD_COLUMNS}
     row.update(model="m", source="m", arch="unet", attack="fgsm", loss="bce",
@@ -590,7 +590,7 @@ def _failing_writes(code: int, kind: str):
 
     target = {
         "checkpoint": "advseg.models.checkpoint.save_file",
-        "records": "pyarrow.parquet.write_table",  # advseg.records writes through pyarrow
+        "records": "pyarrow.parquet.write_table",  # advseg.runs.records writes through pyarrow
         "text": "pathlib.Path.write_text",
         "cache": "advseg.data.cache.os.posix_fallocate",
     }[kind]

@@ -11,8 +11,8 @@ seeded, spread over the test cases):
    one cell per eps, the share of slices with Dice <= 0.5 at each.
 
 Prints, per data set, the two curves at the 7 eps, their largest and mean absolute difference
-(:func:`advseg.curves.agreement`), the median minimal eps with its case-bootstrap interval, and
-the time of the minimal-norm run against the sweep's (one process, measured in the same run).
+(:func:`advseg.stats.curves.agreement`), the median minimal eps with its case-bootstrap interval,
+and the time of the minimal-norm run against the sweep's (one process, measured in the same run).
 Writes ``OUT/minnorm-curve.json``. Sized for a shared CPU.
 
     PYTHONPATH=src python benchmarks/minnorm_curve.py --out /tmp/minnorm-curve
@@ -29,9 +29,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from advseg import curves
 from advseg.data import DataConfig, PreprocessConfig, load_data, split_cases
 from advseg.evaluate import evaluate_cell
+from advseg.stats import curves
 from worst_case import TEST_FRACTION, make_data, train  # benchmarks/ is the script's folder
 
 THRESHOLD = 0.5

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from advseg import curves
 from advseg.evaluate import evaluate_cell
-from advseg.records import RECORD_COLUMNS, check_records, check_values
+from advseg.runs.records import RECORD_COLUMNS, check_records, check_values
+from advseg.stats import curves
 from test_evaluate import MemoryData, model  # noqa: F401 (a fixture)  # tests/ is on sys.path
 
 

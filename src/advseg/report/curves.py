@@ -2,10 +2,10 @@
 
 Present when the records hold a minimal-norm cell (``alma-prox``, ``pdpgd``; their
 ``min_eps``): per model, the share of slices broken as a function of eps, read off the one
-minimal-norm run (:func:`advseg.curves.min_eps_curve`), with the points of every fixed-eps sweep
-of the same model at the same Dice threshold drawn over it; a table of each cell's median minimal
-eps with its case-bootstrap interval; and, where a sweep exists, how far the two curves lie
-apart (:func:`advseg.curves.agreement`).
+minimal-norm run (:func:`advseg.stats.curves.min_eps_curve`), with the points of every fixed-eps
+sweep of the same model at the same Dice threshold drawn over it; a table of each cell's median
+minimal eps with its case-bootstrap interval; and, where a sweep exists, how far the two curves lie
+apart (:func:`advseg.stats.curves.agreement`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from advseg import curves
 from advseg.report.figures import legend_beside
 from advseg.report.html import Section
-from advseg.report.tables import file_stem
+from advseg.runs.names import file_stem
+from advseg.stats import curves
 
 
 def curve_figure(records: pd.DataFrame, model: str, title: str) -> Figure:

@@ -15,7 +15,7 @@ both masks), the same Dice the attack's criterion takes (for softmax models the 
 against the one-hot partition, the records against the multi-label masks: they differ on the
 pixels of several classes only). The median minimal eps comes with a case-bootstrap interval
 (:func:`median_min_eps`): slices of one case are resampled together, as in
-:mod:`advseg.bootstrap` (its :func:`~advseg.bootstrap.case_weights`).
+:mod:`advseg.stats.bootstrap` (its :func:`~advseg.stats.bootstrap.case_weights`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from advseg.bootstrap import DRAWS, LEVEL, MIN_CASES, Interval, case_weights
+from advseg.stats.bootstrap import DRAWS, LEVEL, MIN_CASES, Interval, case_weights
 
 CELL = ["model", "seed", "attack", "loss", "eps"]
 """What names one evaluated cell (with a criterion, a minimal-norm cell)."""
@@ -165,7 +165,7 @@ def median_interval(
     weights = case_weights(len(cases), draws, seed)[:, position]  # (draws, slices)
     medians = weighted_median(values, weights)
     estimate = weighted_median(values, np.ones((1, len(values))))[0]
-    if len(cases) < MIN_CASES:  # as advseg.bootstrap: too few cases for a meaningful interval
+    if len(cases) < MIN_CASES:  # as advseg.stats.bootstrap: too few cases for a meaningful interval
         return Interval(float(estimate), math.nan, math.nan, len(cases), 0, level)
     tail = (1 - level) / 2
     low, high = np.quantile(medians, [tail, 1 - tail], method="inverted_cdf")
