@@ -89,3 +89,27 @@ def test_labels_that_are_no_class_number_are_refused(tmp_path, value, said):
     said = f"vol_001.nii.gz: 1 voxels hold labels outside 0..65535 ({said}); labels are class"
     with pytest.raises(UserError, match=re.escape(said)):
         read_nifti(root, {1: "organ"})
+
+
+@pytest.mark.parametrize(
+    ("bad_id", "said"),
+    [
+        (
+            "case" + "9" * 30 + "_day0_slice_0001",
+            "case, day and slice numbers have at most 9 digits",
+        ),
+        ("case1_day0_slice_0001\n", "holds white space"),
+    ],
+)
+def test_kaggle_ids_that_are_no_ids_are_one_line(tmp_path, bad_id, said):
+    import pandas as pd
+
+    from advseg.data import read_uwmgi
+
+    root = tmp_path / "k"
+    (root / "train").mkdir(parents=True)
+    rows = [{"id": bad_id, "class": "stomach", "segmentation": ""}]
+    pd.DataFrame(rows).to_csv(root / "train.csv", index=False)
+    with pytest.raises(UserError, match=re.escape(f"train.csv line 2: id {bad_id!r}")) as err:
+        read_uwmgi(root)
+    assert said in str(err.value)

@@ -105,6 +105,17 @@ def read_uwmgi(
             f"{csv} line {i + 2}: id {table['id'].iloc[i]!r} does not match "
             "case{N}_day{M}_slice_{XXXX}"
         )
+    spaced = table["id"].str.contains(r"\s", regex=True).to_numpy()
+    if spaced.any():  # "case1_day0_slice_0001\n" matches the pattern before its newline
+        i = int(np.argmax(spaced))
+        raise UserError(f"{csv} line {i + 2}: id {table['id'].iloc[i]!r} holds white space")
+    long = (parts.apply(lambda column: column.str.len()).max(axis=1) > 9).to_numpy()
+    if long.any():  # beyond int64 (a traceback), and no real case, day or slice number
+        i = int(np.argmax(long))
+        raise UserError(
+            f"{csv} line {i + 2}: id {table['id'].iloc[i]!r}: case, day and slice numbers have "
+            "at most 9 digits"
+        )
     table["case"] = parts[0].astype("int64")
     table["day"] = parts[1].astype("int64")
     table["slice"] = parts[2].astype("int64")
