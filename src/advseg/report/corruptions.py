@@ -52,7 +52,8 @@ def corruption_table(
     Args:
         records: records with corruption cells.
         protocol: the Dice protocol.
-        baseline: the model CE is relative to; default the first model of the records.
+        baseline: the model CE is relative to; default the first model of the records (the
+            report's choice: records files are read in name order).
 
     Returns:
         ``(table, summary)``: ``table`` one row per (model, corruption): ``dsc_s1`` ...
