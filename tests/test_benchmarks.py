@@ -103,3 +103,13 @@ def test_bench_corruptions_prints_the_grid_against_one_attack_cell():
     toy = ["--size", "32", "--slices", "2", "--batch", "2", "--steps", "1", "--repeats", "1"]
     out = _run("bench_corruptions.py", *toy, "--model", "unet-tiny")
     assert "grid/attack" in out and "TorchIO share" in out and "motion:" in out
+
+
+@pytest.mark.slow
+def test_minnorm_curve_prints_both_curves_their_agreement_and_the_time_ratio(tmp_path):
+    toy = ["--out", str(tmp_path), "--kinds", "phantom", "--size", "32", "--slices", "2",
+           "--train-steps", "5", "--minimal-steps", "5", "--apgd-steps", "2"]  # fmt: skip
+    out = _run("minnorm_curve.py", *toy)
+    assert "  curve " in out and "  APGD sweep " in out
+    assert "max |diff|" in out and "median min_eps" in out and "ratio" in out
+    assert (tmp_path / "minnorm-curve.json").exists()
