@@ -113,3 +113,18 @@ def test_kaggle_ids_that_are_no_ids_are_one_line(tmp_path, bad_id, said):
     with pytest.raises(UserError, match=re.escape(f"train.csv line 2: id {bad_id!r}")) as err:
         read_uwmgi(root)
     assert said in str(err.value)
+
+
+def test_dataset_json_names_that_sanitise_alike_are_refused(tmp_path):
+    import json
+
+    from advseg.data import dataset_json_labels
+
+    labels = {"0": "background", "1": "left kidney", "2": "left-kidney"}
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": labels}))
+    with pytest.raises(UserError, match="labels 'left kidney' and 'left-kidney' both become class "
+                                        "'left_kidney'; rename one"):  # fmt: skip
+        dataset_json_labels(tmp_path)
+    regions = {"background": 0, "kidney": [1, 2]}  # nnU-Net regions: one name, two values
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": regions}))
+    assert dataset_json_labels(tmp_path) == {1: "kidney", 2: "kidney"}

@@ -101,6 +101,7 @@ def dataset_json_labels(root: str | Path) -> dict[int, str] | None:
     if not isinstance(labels, dict) or not labels:
         raise UserError(f"{path}: has no 'labels' object (pass --labels 1=liver,... instead)")
     mapping: dict[int, str] = {}
+    spelt: dict[str, str] = {}  # class name -> the name as dataset.json spells it
     for key, value in labels.items():
         decathlon = isinstance(value, str)
         name, values = (value, [key]) if decathlon else (key, value)
@@ -111,9 +112,14 @@ def dataset_json_labels(root: str | Path) -> dict[int, str] | None:
             except (TypeError, ValueError):
                 raise UserError(f"{path}: label {key!r}: {v!r} is not an integer") from None
             if number != 0:
-                mapping[number] = (
-                    re.sub(r"\W+", "_", str(name).strip()).strip("_") or f"label{number}"
-                )
+                clean = re.sub(r"\W+", "_", str(name).strip()).strip("_") or f"label{number}"
+                first = spelt.setdefault(clean, str(name))
+                if first != str(name):  # two classes would silently become one
+                    raise UserError(
+                        f"{path}: labels {first!r} and {str(name)!r} both become class "
+                        f"{clean!r}; rename one of them"
+                    )
+                mapping[number] = clean
     return parse_label_map(mapping)
 
 
