@@ -15,6 +15,11 @@ attack cell, and the TorchIO share shared/grid; also the time of each corruption
 so a slow one shows.
 
     python benchmarks/bench_corruptions.py [--size 64] [--slices 32] [--steps 10] [--repeats 2]
+
+Measured (2026-12-07, unet untrained, 64 px, 32 slices, batch 16, a shared 2-core CPU under
+load, ``--repeats 1``): one PGD cell (10 steps, bce) 220 s, the 40-cell grid 505 s: grid/attack
+2.29, one corruption cell 0.057 of the PGD cell; TorchIO's transforms 0.19 of the grid (motion
+and ghosting the slow ones: 65 s and 18 s of 97 s).
 """
 
 from __future__ import annotations
