@@ -175,7 +175,7 @@ def test_compat_notebook_in_yaml_and_on_the_command_line(phantom, tmp_path, caps
     _assert_same_counts(records[records["attack"] == "fgsm:notebook"], theirs)
 
     # `advseg run --compat notebook`: the grid's FGSM attacks become the notebook's.
-    loaded = replace(config, models=[ModelSpec(name="loaded", checkpoint=best)])
+    loaded = replace(config, models=[ModelSpec(name="loaded", arch="unet-tiny", checkpoint=best)])
     loaded.attacks = loaded.attacks[:1]
     save_yaml(loaded, path)
     assert _advseg("run", str(path), "--out", str(tmp_path / "loaded"), "--compat", "notebook") == 0

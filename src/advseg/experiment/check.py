@@ -26,6 +26,7 @@ from advseg.experiment.config import (
 from advseg.limits import check_seed
 from advseg.losses import LOSSES, loss_activation
 from advseg.models.zoo import resolve as resolve_model
+from advseg.runs.names import file_stem
 from advseg.train import TrainConfig
 
 
@@ -230,11 +231,16 @@ def check_given_arch(data: dict[str, Any], config: ExperimentConfig) -> None:
     from advseg.models.checkpoint import newest_complete, read_metadata
 
     for i, (raw, model) in enumerate(zip(data.get("models") or [], config.models, strict=False)):
-        if not isinstance(raw, dict) or "arch" not in raw or model.checkpoint is None:
+        if not isinstance(raw, dict) or model.checkpoint is None:
             continue
         try:
             saved = read_metadata(newest_complete(model.checkpoint)).model
         except UserError:
+            continue
+        if "arch" not in raw:  # the checkpoint's, so config.yaml and the records name it
+            model.arch = saved
+            if "name" not in raw:
+                model.name = file_stem(saved)
             continue
         if saved != model.arch:
             raise UserError(
