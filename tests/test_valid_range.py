@@ -12,6 +12,8 @@ from advseg.errors import UserError
 from tiny_models import blobs, tiny_net  # tests/ is on sys.path
 
 NAMES = ATTACKS.names()
+PIXEL_NAMES = [name for name in NAMES if ATTACKS.get(name).pixel_budget]
+"""The attacks whose eps bounds pixels (the plausible ones keep budgets of their own)."""
 
 
 def _z_scored(n: int = 2, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +41,7 @@ def test_single_step_evaluation_path_refuses_too():
         create_attack("fgsm", tiny_net(), eps=0.01).apply_gradient(x, torch.ones_like(x))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PIXEL_NAMES)
 def test_unbounded_inputs_keep_the_budget_and_are_not_clipped(name):
     x, y = _z_scored()
     x_adv = create_attack(name, tiny_net(), "bce", 0.01, valid_range=None, **_args(name))(x, y)
@@ -47,7 +49,7 @@ def test_unbounded_inputs_keep_the_budget_and_are_not_clipped(name):
     assert x_adv.min() < -0.5 and x_adv.max() > 1.1  # still z-scored: nothing pulled into [0, 1]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PIXEL_NAMES)
 def test_the_datas_own_range_is_kept(name):
     x, y = _z_scored()
     low, high = float(x.min()), float(x.max())
@@ -94,3 +96,19 @@ def test_evaluation_takes_the_range_of_the_checkpoints_preprocessing(monkeypatch
 
     cells.evaluate_cell(tiny_net(), Data(), [0, 1], "fgsm", ["bce"], 0.01, model_name="m", arch="t")
     assert seen == [(0.0, 1.0)] == [PreprocessConfig().value_range]
+
+
+@pytest.mark.parametrize("name", ["biasfield", "gamma"])
+def test_intensity_curves_refuse_an_unbounded_range(name):
+    """A bias field multiplies the intensity above the range's floor, a gamma curve maps the
+    range onto itself: without those bounds they have nothing to act on (NaN before)."""
+    with pytest.raises(UserError, match=f"^{name}: needs a finite"):
+        create_attack(name, tiny_net(), "bce", 0.1, valid_range=None)
+
+
+def test_plausible_attacks_keep_the_datas_own_range():
+    x, y = _z_scored()
+    low, high = float(x.min()), float(x.max())
+    for name in ("biasfield", "elastic", "gamma"):
+        x_adv = create_attack(name, tiny_net(), "bce", 0.3, valid_range=(low, high), steps=2)(x, y)
+        assert torch.isfinite(x_adv).all() and low <= x_adv.min() and x_adv.max() <= high

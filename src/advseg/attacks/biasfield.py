@@ -56,6 +56,7 @@ class BiasField(PlausibleAttack):
 
     name = "biasfield"
     pixel_budget = False
+    needs_range = "low"
 
     def __init__(self, model: nn.Module, loss="bce", eps: float = 0.3, *, order: int = 3,
                  **kwargs) -> None:  # fmt: skip

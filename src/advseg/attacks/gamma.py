@@ -37,6 +37,7 @@ class Gamma(PlausibleAttack):
 
     name = "gamma"
     pixel_budget = False
+    needs_range = "both"
 
     def start(self, x: Tensor, generator: torch.Generator) -> Tensor:
         draw = torch.rand(len(x), generator=generator, device=x.device)

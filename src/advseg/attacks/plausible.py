@@ -17,6 +17,7 @@ optimisation adds.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -45,11 +46,21 @@ class PlausibleAttack(Attack):
     """
 
     norms: ClassVar[tuple[str, ...]] = ("linf",)
+    needs_range: ClassVar[str] = ""
+    """``low``: the render needs a finite floor of the valid range; ``both``: both bounds."""
 
     def __init__(self, model: nn.Module, loss="bce", eps: float = 0.3, *, steps: int = 10,
                  alpha: float | None = None, random_start: bool = True,
                  **kwargs) -> None:  # fmt: skip
         super().__init__(model, loss, eps, **kwargs)
+        low, high = self.valid_range
+        bounds = {"low": [low], "both": [low, high]}.get(self.needs_range, [])
+        if not all(math.isfinite(b) for b in bounds):
+            raise UserError(
+                f"{self.name}: needs a finite valid_range "
+                f"{'floor' if self.needs_range == 'low' else '(low, high)'} to act on, got "
+                f"{kwargs.get('valid_range')}"
+            )
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise UserError(f"{self.name}: steps must be an integer >= 0, got {steps!r}")
         self.steps = steps
