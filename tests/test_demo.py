@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from advseg.demo import default_run_dir, run_demo
+from advseg.report import applies
+from advseg.runs.records import read_records
 
 
 def test_demo_run_dir_names_the_data():
@@ -23,7 +25,11 @@ def test_demo_trains_attacks_and_reports(tmp_path):
     for loss in ("bce", "focal", "dicefocal"):
         assert table[f"DSC fgsm {loss} eps=0.009"].iloc[0] < table["DSC clean"].iloc[0]
     assert (tmp_path / "demo" / "data" / "synthetic" / "train.csv").exists()  # not in the repo
-    assert result.report is not None and result.report.notes == []
+    assert result.report is not None
+    # one model: the report leaves out (and says why) the sections needing 3 or more; nothing else
+    left_out = applies(read_records(tmp_path / "demo" / "records"), 0.009)
+    assert sorted(result.report.notes) == sorted(left_out.values())
+    assert set(left_out) == {"params", "luminosity"}
     assert result.report.locations == ["synthetic"]  # the report says it: the synthetic phantom
     assert "Data: the synthetic phantom" in result.report.markdown.read_text()
     again = run_demo(run_dir=tmp_path / "demo")  # a second run only rewrites the report

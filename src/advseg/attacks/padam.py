@@ -96,11 +96,11 @@ class PAdam(Attack):
             adam.step()
             with torch.no_grad():  # L-inf: the clamp, then the valid range (the reference's)
                 delta.copy_(self.project(x + delta, x) - x)
-        x_adv = (x + delta).detach()
+        x_adv = self.clip((x + delta).detach())  # x + (low - x) can round one ulp past low
         if by_dice:
             with torch.no_grad():
                 self.keep_lowest(x_adv, self.logits(x_adv), y, x_low, dice_low)
-            return x_low
+            return self.clip(x_low)
         return x_adv
 
     def keep_lowest(
