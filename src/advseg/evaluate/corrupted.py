@@ -109,8 +109,9 @@ def evaluate_corruptions(
         together = BatchOutput(clean_logits, [o.x_adv[0] for o in outs],
                                [o.adv_logits[0] for o in outs])  # fmt: skip
         scored = batch_records(
-            together, [NO_LOSS] * len(outs), x, y, meta, classes, activation, spacing
-        )
+            together, [NO_LOSS] * len(outs), x, y, meta, classes, activation, spacing,
+            getattr(data, "data_range", 1.0),  # as evaluate_sweep: volumes in source units
+        )  # fmt: skip
         size = len(x) * len(classes)  # rows per cell, in the order of the cells
         parts = [scored.iloc[i * size : (i + 1) * size].reset_index(drop=True)
                  for i in range(len(outs))]  # fmt: skip

@@ -63,14 +63,10 @@ def open_external(
         what = "an nnU-Net raw data set (imagesTs/ + labelsTs/, or imagesTr/ + labelsTr/)"
         if config.kind != "nnunet":
             what = "a data set advseg reads (Kaggle layout, NIfTI, or synthetic)"
-        raise UserError(f"--{_flag(config)} needs --data: {what} to score the model on")
+        raise UserError(f"--{config.flag} needs --data: {what} to score the model on")
     if config.kind == "nnunet":
         return _open_nnunet(config, Path(data), device)
     return _open_module(config, data, cache_dir, device)
-
-
-def _flag(config: ExternalConfig) -> str:
-    return {"nnunet": "nnunet", "torchscript": "torchscript"}.get(config.kind, "model-factory")
 
 
 def _open_nnunet(config: ExternalConfig, raw: Path, device: str | torch.device) -> Judged:

@@ -14,6 +14,7 @@ nnU-Net) to logits on the source's grid, so every attack works on it unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from advseg.errors import UserError
 
@@ -57,24 +58,23 @@ class ExternalConfig:
             raise UserError(f"external.kind: {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.kind != "nnunet":
             if not self.classes:
-                raise UserError(f"--{_flag(self.kind)} needs --classes (the outputs' classes)")
+                raise UserError(f"--{self.flag} needs --classes (the outputs' classes)")
             if self.in_channels < 1:
                 raise UserError(f"--in-channels: {self.in_channels} must be at least 1")
         if self.kind != "factory" and self.weights is not None:
             raise UserError("--weights goes with --model-factory only")
 
     @property
+    def flag(self) -> str:
+        """The option that names such a model: ``nnunet``, ``torchscript``, ``model-factory``."""
+        return "model-factory" if self.kind == "factory" else self.kind
+
+    @property
     def label(self) -> str:
         """The model's name in records: ``nnunet-3d_fullres-f0+1``, ``ts-model``, ..."""
-        from pathlib import Path
-
         if self.kind == "nnunet":
             folds = "+".join(self.folds) if self.folds else "all"
             return f"nnunet-{self.configuration}-f{folds}" + ("" if self.mirroring else "-nomirror")
         if self.kind == "torchscript":
             return f"ts-{Path(self.path).stem}"
         return f"factory-{self.path.split(':')[-1]}"
-
-
-def _flag(kind: str) -> str:
-    return {"torchscript": "torchscript", "factory": "model-factory"}.get(kind, kind)
