@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -22,6 +23,9 @@ from advseg.cli.flags import flag_of, options_named, seed_flag
 from advseg.config import from_dict, load_yaml, to_dict
 from advseg.errors import UserError
 from advseg.threads import THREADS_HELP
+
+if TYPE_CHECKING:
+    from advseg.train import TrainConfig
 
 _FLAGS = {
     "num_workers": "--workers",
@@ -95,7 +99,16 @@ def train(
         None, "--seed", callback=seed_flag, help="Training seed (default 0)."
     ),
     device: str | None = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:N."),
-    no_augment: bool = typer.Option(False, "--no-augment", help="Turn augmentation off."),
+    augment: str | None = typer.Option(
+        None,
+        "--augment",
+        help="default (the paper's geometric and intensity augmentations), corruptions (those, "
+        "then each image with probability 0.5 corrupted by one of `advseg corruptions` at a "
+        "random severity 1-5) or none. Default: default.",
+    ),
+    no_augment: bool = typer.Option(
+        False, "--no-augment", help="Turn augmentation off (as --augment none; default: on)."
+    ),
     noise_sigma: float | None = typer.Option(
         None, "--noise-sigma", help="Gaussian noise added to training images (default 0)."
     ),
@@ -166,6 +179,7 @@ def train(
     if data is None:
         raise no_data(out / "checkpoints" / "last" if resume else None)
     from advseg import distributed
+    from advseg.augment import corruption_text
     from advseg.data import DataConfig, PreprocessConfig
     from advseg.data.location import data_argument
     from advseg.data.record import first_line
@@ -226,8 +240,7 @@ def train(
     typed.update({f"adversarial.{key}": value for key, value in adversarial.items()})
     with options_named(typed, file=config, flags=_FLAGS):
         train_config = from_dict(TrainConfig, values)
-        if no_augment:
-            train_config.augment.enabled = False
+        _set_augment(train_config, augment, no_augment)
         data_config = DataConfig(
             path=data_argument(data),
             **label_settings(labels, strict_labels),
@@ -262,6 +275,8 @@ def train(
             f"{overlap['pixels']} in training, each labelled {overlap['labelled']}",
         )
     table.add_row("adversarial training", describe(train_config.adversarial))
+    if train_config.augment.enabled and train_config.augment.corruptions:
+        table.add_row("corruption augmentation", corruption_text(train_config.augment))
     stop = " (stopped early)" if result.stopped_early else ""
     table.add_row("epochs", f"{result.epochs_run} of {train_config.epochs}{stop}")
     table.add_row("slices", ", ".join(f"{k} {v}" for k, v in rows.items()))
@@ -291,6 +306,30 @@ def _refuse_idle(given: dict[str, object], merged: dict[str, object]) -> None:
                 f"{flag_of('adversarial.' + key, _FLAGS)}: does nothing without {needs} "
                 "(plain training attacks nothing)"
             )
+
+
+AUGMENT_CHOICES = ("default", "corruptions", "none")
+
+
+def _set_augment(config: TrainConfig, augment: str | None, no_augment: bool) -> None:
+    """``--augment`` / ``--no-augment`` onto ``config.augment`` (a config file's settings stay
+    unless an option is given)."""
+    if augment is not None and augment not in AUGMENT_CHOICES:
+        raise UserError(f"--augment: {augment!r} is not one of {', '.join(AUGMENT_CHOICES)}")
+    if no_augment and augment not in (None, "none"):
+        raise UserError(f"--no-augment: contradicts --augment {augment}")
+    settings = config.augment
+    if no_augment or augment == "none":
+        settings.enabled = False
+        settings.corruptions = []
+    elif augment == "default":
+        settings.enabled = True
+        settings.corruptions = []
+    elif augment == "corruptions":
+        from advseg.corruptions.augment import corruption_names
+
+        settings.enabled = True
+        settings.corruptions = corruption_names(["all"], "--augment")
 
 
 def _batch_size(given: str | None) -> int | str | None:

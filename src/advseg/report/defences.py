@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from advseg.augment import corruption_text
 from advseg.evaluate.certify import certified_summary, read_certified
 from advseg.report.html import Section
 from advseg.stats.summary import summarize_cells
@@ -109,6 +110,8 @@ def _training(run_dir: Path, model: str) -> tuple[str, float]:
             trained = [f"noise {facts['noise_sigma']:g}"] if facts["noise_sigma"] else []
             if facts["eps"] is not None:
                 trained.append(f"{facts['method'].removesuffix('+noise')} eps {facts['eps']:g}")
+            if facts["corruptions"]:
+                trained.append("corruptions")
             seconds = np.nan if facts["seconds"] is None else facts["seconds"]
             return ", ".join(trained) or "none", seconds
     seconds = np.nan
@@ -127,6 +130,8 @@ def _training(run_dir: Path, model: str) -> tuple[str, float]:
         adversarial = train.get("adversarial")
         if isinstance(adversarial, dict) and adversarial.get("method") not in (None, "", "none"):
             trained.append(f"{adversarial['method']} eps {adversarial.get('eps', '?')}")
+        if corruption_text(train.get("augment") or {}):
+            trained.append("corruptions")
     return (", ".join(trained) or "none") if meta.exists() else "", seconds
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 
+from advseg.augment import corruption_text
 from advseg.config import from_dict, load_yaml
 from advseg.defences.adversarial_training import AdversarialConfig, describe
 from advseg.errors import UserError
@@ -72,8 +73,10 @@ def training_facts(path: str | Path) -> dict[str, Any]:
         ``method`` (the adversarial training's method, ``noise`` for Gaussian-noise training, or
         ``none``), ``eps`` (its budget, None without one), ``noise_sigma``, ``seconds`` (the
         whole run's training time: ``last``'s where it exists, as ``best`` is written mid-run;
-        None when not stored), ``label`` (:func:`advseg.defences.describe`'s words, noise
-        added), ``seed``, ``arch``, ``advseg`` (the version it was trained with).
+        None when not stored), ``corruptions`` (the corruption augmentation in words,
+        :func:`advseg.augment.corruption_text`; ``""`` without), ``label``
+        (:func:`advseg.defences.describe`'s words, noise and corruptions added), ``seed``,
+        ``arch``, ``advseg`` (the version it was trained with).
 
     Raises:
         UserError: no readable checkpoint metadata at ``path``.
@@ -91,11 +94,15 @@ def training_facts(path: str | Path) -> dict[str, Any]:
     if sigma > 0:
         label = f"noise sigma {sigma:g}" if label == "none" else f"{label}, noise sigma {sigma:g}"
         method = "noise" if method == "none" else f"{method}+noise"
+    corruptions = corruption_text(meta.train.get("augment") or {})
+    if corruptions:
+        label = corruptions if label == "none" else f"{label}, {corruptions}"
     seconds = meta.metrics.get("train_seconds")
     return {
         "method": method,
         "eps": adversarial.eps if adversarial.enabled else None,
         "noise_sigma": sigma,
+        "corruptions": corruptions,
         "seconds": None if seconds is None else float(seconds),
         "label": label,
         "seed": int(meta.train.get("seed", 0)),
@@ -167,6 +174,9 @@ def _row(
     if train.get("noise_sigma"):
         sigma = float(train["noise_sigma"])
         label = f"noise sigma {sigma:g}" if label == "none" else f"{label}, noise sigma {sigma:g}"
+    corruptions = corruption_text(train.get("augment") or {})
+    if corruptions:
+        label = corruptions if label == "none" else f"{label}, {corruptions}"
     robust = adversarial.select_by == "robust"
     best = metrics.get("best") or {}
     history_seconds = metrics.get("train_seconds")

@@ -122,6 +122,15 @@ class TrainConfig:
             )
         if not 0 <= self.noise_sigma <= 10:
             raise UserError(f"train.noise_sigma: {self.noise_sigma} must be in [0, 10]")
+        if self.augment.corruptions:  # names checked (and `all` expanded) before any data is read
+            from advseg.corruptions.augment import RandomCorruption, corruption_names  # TorchIO
+
+            self.augment.corruptions = corruption_names(self.augment.corruptions)
+            RandomCorruption(
+                self.augment.corruptions,
+                self.augment.p_corruption,
+                self.augment.corruption_severities,
+            )
         resolve(self.model)  # an unknown model name fails here, before any data is read
 
 

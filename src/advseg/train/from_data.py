@@ -122,7 +122,7 @@ def train_on_data(
         data.index, test_fraction, val_fraction, split_seed
     )
     image_size = data_config.preprocess.size
-    train_set = data.dataset(train_rows, transform=Augment(config.augment, image_size))
+    train_set = data.dataset(train_rows, transform=augmentation(config, image_size))
     val_set = data.dataset(val_rows)
     model = new_model(
         config,
@@ -160,6 +160,20 @@ def train_on_data(
     )
     result.data = source
     return result
+
+
+def augmentation(config: TrainConfig, image_size: int) -> Augment:
+    """The training transform of ``config.augment``: MONAI's augmentations, then the corruptions
+    it names (:class:`advseg.corruptions.augment.RandomCorruption`), if any."""
+    settings = config.augment
+    corruptions = None
+    if settings.enabled and settings.corruptions:
+        from advseg.corruptions.augment import RandomCorruption  # here: TorchIO loads slowly
+
+        corruptions = RandomCorruption(
+            settings.corruptions, settings.p_corruption, settings.corruption_severities
+        )
+    return Augment(settings, image_size, image_transform=corruptions)
 
 
 def overlapping_pixels(masks: Any, rows: Any, chunk: int = 256) -> int:
