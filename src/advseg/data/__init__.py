@@ -13,7 +13,10 @@ See docs/architecture.md ("Data") for the contract. The public API:
 - :func:`split_cases`, :func:`split_train_val_test`, :func:`kfold_cases`, :func:`split_note` /
   :func:`held_out_rows` (the split a checkpoint stores, and its test rows on later data), and
   :func:`spread_rows` (a seeded sample of slices spread over cases);
-- :func:`summarize_index` (what ``advseg data info`` prints).
+- :func:`summarize_index` (what ``advseg data info`` prints);
+- volumes for 3D models: :func:`load_volumes` (``DataConfig`` -> :class:`VolumeData`, one row
+  per scan, ``DataConfig.volume`` a :class:`VolumeConfig`), :class:`PatchDataset` (training
+  patches, foreground oversampled), :class:`VolumeDataset` (whole volumes).
 """
 
 from advseg.data.cache import cache_key, cached_arrays
@@ -30,6 +33,7 @@ from advseg.data.index import (
 from advseg.data.load import DataConfig, SliceData, build_index, load_data
 from advseg.data.location import SYNTHETIC, cache_root
 from advseg.data.nifti import dataset_json_labels, parse_label_map, read_nifti
+from advseg.data.patches import PatchDataset, VolumeDataset
 from advseg.data.preprocess import (
     PreprocessConfig,
     fitted_size,
@@ -55,6 +59,8 @@ from advseg.data.split import (
 from advseg.data.synth import SynthSummary, write_synthetic
 from advseg.data.synth_nifti import NIFTI_LABELS, NiftiSynthSummary, write_synthetic_nifti
 from advseg.data.uwmgi import EXCLUDE_LISTS, read_png, read_uwmgi
+from advseg.data.volume_prep import UWMGI_SLICE_THICKNESS, Normalisation, VolumeConfig
+from advseg.data.volumes import VolumeData, load_volumes, volume_note
 
 __all__ = [
     "BASE_COLUMNS",
@@ -62,14 +68,20 @@ __all__ = [
     "NIFTI_LABELS",
     "SYNTHETIC",
     "UWMGI_CLASSES",
+    "UWMGI_SLICE_THICKNESS",
     "DataConfig",
     "Exclusions",
     "IndexSummary",
     "NiftiSynthSummary",
+    "Normalisation",
+    "PatchDataset",
     "PreprocessConfig",
     "SliceData",
     "SliceDataset",
     "SynthSummary",
+    "VolumeConfig",
+    "VolumeData",
+    "VolumeDataset",
     "build_index",
     "cache_key",
     "cache_root",
@@ -81,6 +93,7 @@ __all__ = [
     "intensity_range",
     "kfold_cases",
     "load_data",
+    "load_volumes",
     "neighbour_rows",
     "normalize_intensity",
     "parse_label_map",
@@ -102,6 +115,7 @@ __all__ = [
     "spread_positions",
     "spread_rows",
     "summarize_index",
+    "volume_note",
     "write_synthetic",
     "write_synthetic_nifti",
 ]

@@ -85,12 +85,17 @@ def cache_key(
         content: False gives the key as it was before content digests (the files' sizes and
             mtimes), which a run begun then saved (:func:`advseg.data.record.same_data`).
     """
-    return _key_and_digests(index, config, cache_dir, content)[0]
+    return key_and_digests(index, config, cache_dir, content)[0]
 
 
-def _key_and_digests(
-    index: pd.DataFrame, config: PreprocessConfig, cache_dir: str | Path | None, content: bool
+def key_and_digests(
+    index: pd.DataFrame,
+    config: PreprocessConfig,
+    cache_dir: str | Path | None,
+    content: bool = True,
 ) -> tuple[str, dict[str, list[str]]]:
+    """:func:`cache_key` and the image files' digest records (``path -> [stat key, digest]``)
+    that the entry built from them keeps (the volume cache keys on it too)."""
     from advseg.data.content import file_digests, known_digests
 
     classes = index_classes(index)
@@ -147,7 +152,7 @@ def cached_arrays(
     Raises:
         UserError: the first unreadable slice (unless ``skip_unreadable``), or no readable slice.
     """
-    key, digests = _key_and_digests(index, config, cache_dir, True)
+    key, digests = key_and_digests(index, config, cache_dir, True)
     entry = Path(cache_dir) / key
     if entry.exists():
         try:

@@ -23,6 +23,7 @@ from advseg.data.location import NO_DATA, cache_root, is_synthetic, location, ph
 from advseg.data.nifti import dataset_json_labels, read_nifti
 from advseg.data.preprocess import PreprocessConfig, neighbour_rows, slice_geometry
 from advseg.data.uwmgi import read_uwmgi
+from advseg.data.volume_prep import VolumeConfig
 from advseg.errors import UserError
 
 
@@ -48,6 +49,7 @@ class DataConfig:
             ``$ADVSEG_CACHE``, else ``$XDG_CACHE_HOME/advseg``, else ``~/.cache/advseg``
             (:func:`advseg.data.location.cache_root`).
         workers: decoding threads when the cache is filled.
+        volume: how scans become volumes for 3D models (:func:`advseg.data.load_volumes`).
     """
 
     path: Path | None = None
@@ -60,6 +62,7 @@ class DataConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     cache_dir: Path | None = None
     workers: int = 2
+    volume: VolumeConfig = field(default_factory=VolumeConfig)
 
     def __post_init__(self) -> None:
         # YAML gives int keys, JSON string keys: keep one form so that configs compare equal.
