@@ -31,23 +31,23 @@ import numpy as np
 import torch
 
 from advseg.data import DataConfig, PreprocessConfig, load_data, split_cases
-from advseg.evaluate import evaluate_cell
-from advseg.stats.summary import summarize_cells
+from advseg.labels import model_target
 from worst_case import TEST_FRACTION, make_data, train  # benchmarks/ is the script's folder
 
 OLD = "sea (old, 100 in all)"
-NEW = [  # (label, attack, loss, options)
-    ("sea fast (4 x 25)", "sea", "bce", {"preset": "fast"}),
-    ("sea reference (4 x 300)", "sea", "bce", {}),
-    (
-        "sea reference + balanced (5 x 300)",
-        "sea",
-        "bce",
-        {"members": ["masked-bce", "segpgd-bce", "js", "masked-spherical", "balanced-bce"]},
-    ),
-    ("padam-ce (200)", "padam", "bce", {}),
-    ("padam-cos (200)", "padam", "cosine", {}),
-]
+
+
+def new_runs(activation: str) -> list[tuple[str, str, str, dict]]:
+    """(label, attack, loss, options) of the new tree's rows, in the model's loss forms."""
+    ce = "ce" if activation == "softmax" else "bce"
+    five = [f"masked-{ce}", f"segpgd-{ce}", "js", "masked-spherical", f"balanced-{ce}"]
+    return [
+        ("sea fast (4 x 25)", "sea", ce, {"preset": "fast"}),
+        ("sea reference (4 x 300)", "sea", ce, {}),
+        ("sea reference + balanced (5 x 300)", "sea", ce, {"members": five}),
+        ("padam-ce (200)", "padam", ce, {}),
+        ("padam-cos (200)", "padam", "cosine", {}),
+    ]
 
 
 def main() -> None:
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--kinds", default="phantom,nifti")
     parser.add_argument("--eps", default="0.03")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a shared CPU)")
+    parser.add_argument("--activation", choices=["sigmoid", "softmax"], default="sigmoid")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = []
@@ -72,26 +73,31 @@ def main() -> None:
         )  # fmt: skip
         data = load_data(config)
         train_rows, test_rows = split_cases(data.index, TEST_FRACTION, 0)
-        saved = args.out / f"{kind}-{args.model}-{args.size}px-{args.train_steps}.pt"
+        act = "" if args.activation == "sigmoid" else f"-{args.activation}"
+        saved = args.out / f"{kind}-{args.model}{act}-{args.size}px-{args.train_steps}.pt"
         if saved.exists():  # both codes attack the very same weights
             model = torch.load(saved, weights_only=False).eval()
         else:
             images = torch.from_numpy(data.images[train_rows]).unsqueeze(1).repeat(1, 3, 1, 1)
             masks = torch.from_numpy(data.masks[train_rows]).float()
-            model = train(args.model, images, masks, args.train_steps)
+            model = train(args.model, images, masks, args.train_steps, args.activation)
             torch.save(model, saved)
         with_mask = [int(r) for r in test_rows if data.masks[r].any()]
         rng = np.random.default_rng(0)
         n = min(args.slices, len(with_mask))
         rows = sorted(int(r) for r in rng.choice(with_mask, size=n, replace=False))
         for eps in [float(e) for e in args.eps.split(",")]:
-            saved_old = args.out / f"old-{kind}-{eps:g}.pt"
+            saved_old = args.out / f"old-{kind}{act}-{eps:g}.pt"
             if args.code == "old":
-                run_old(model, data, rows, eps, saved_old)
+                run_old(model, data, rows, eps, saved_old, args.activation)
                 continue
+            from advseg.evaluate import evaluate_cell  # the new tree's only
+            from advseg.stats.summary import summarize_cells
+
             old = torch.load(saved_old)  # {"x_adv": (N, C, H, W), "seconds": float}
-            runs = [(OLD, "crafted", "bce", {}), *NEW]
+            runs = [(OLD, "crafted", "bce", {}), *new_runs(args.activation)]
             for label, attack, loss, options in runs:
+                options = {**options, "activation": args.activation}
                 start = time.perf_counter()
                 crafted = None
                 if attack == "crafted":
@@ -107,25 +113,30 @@ def main() -> None:
                 if attack == "sea":
                     counts = result.records.drop_duplicates("slice_id")["member"].value_counts()
                     won = ", ".join(f"{name} {count}" for name, count in counts.items())
-                row = {"kind": kind, "eps": eps, "label": label, "slices": n,
+                row = {"kind": kind, "activation": args.activation, "eps": eps, "label": label,
+                       "slices": n, "setting": result.records["attack_setting"].iloc[0],
                        "dsc_clean": float(cell["dsc_clean"]), "dsc_adv": float(cell["dsc_adv"]),
                        "seconds": seconds, "winners": won}  # fmt: skip
                 results.append(row)
-                print(f"{kind} eps {eps:g} {label:35s} clean {row['dsc_clean']:.3f} "
-                      f"adv {row['dsc_adv']:.3f}  {seconds:6.1f} s  {won}", flush=True)  # fmt: skip
+                print(f"{kind} {args.activation[:4]} eps {eps:g} {label:35s} "
+                      f"clean {row['dsc_clean']:.3f} adv {row['dsc_adv']:.3f}  "
+                      f"{seconds:6.1f} s  {won}", flush=True)  # fmt: skip
     if args.code == "new":
-        (args.out / f"results-{args.kinds}.json").write_text(json.dumps(results))
+        name = f"results-{args.kinds}-{args.activation}-{args.eps}.json"
+        (args.out / name).write_text(json.dumps(results))
 
 
-def run_old(model: torch.nn.Module, data, rows: list[int], eps: float, path: Path) -> None:
+def run_old(
+    model: torch.nn.Module, data, rows: list[int], eps: float, path: Path, activation: str
+) -> None:
     """The old tree's ``sea`` at its default budget on ``rows`` (one batch, as evaluate_cell
     batches them at this size), its images and time saved for the new tree to score."""
     from advseg.attacks import create_attack
 
     items = [data.dataset(rows)[i] for i in range(len(rows))]
     x = torch.stack([item["image"] for item in items])
-    y = torch.stack([item["mask"] for item in items]).float()
-    attack = create_attack("sea", model, eps=eps)
+    y = model_target(torch.stack([item["mask"] for item in items]).float(), activation)
+    attack = create_attack("sea", model, eps=eps, activation=activation)
     start = time.perf_counter()
     x_adv = attack(x, y)
     seconds = time.perf_counter() - start

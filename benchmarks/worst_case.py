@@ -25,10 +25,9 @@ from advseg.allocator import keep_freed_memory
 from advseg.data import DataConfig, PreprocessConfig, load_data, split_cases
 from advseg.data.synth import write_synthetic
 from advseg.data.synth_nifti import write_synthetic_nifti
-from advseg.evaluate import evaluate_cell
+from advseg.labels import model_target, output_channels
 from advseg.losses import create_loss
 from advseg.models.zoo import create_model
-from advseg.stats.summary import summarize_cells
 
 ATTACKS = [  # (label, attack, loss, options)
     ("PGD-10", "pgd", "bce", {"steps": 10}),
@@ -52,12 +51,17 @@ def make_data(kind: str, root: Path) -> Path:
     return path
 
 
-def train(name: str, images: torch.Tensor, masks: torch.Tensor, steps: int) -> torch.nn.Module:
-    """A zoo model trained with Adam on Dice + BCE, batches of 16 drawn with a fixed seed."""
+def train(
+    name: str, images: torch.Tensor, masks: torch.Tensor, steps: int, activation: str = "sigmoid"
+) -> torch.nn.Module:
+    """A zoo model trained with Adam on Dice + BCE (sigmoid: K outputs) or Dice + CE (softmax:
+    K + 1 outputs on the masks' partition, ``dicece``), batches of 16 drawn with a fixed seed."""
     torch.manual_seed(0)
-    model = create_model(name, in_channels=3, classes=masks.shape[1])
+    model = create_model(name, in_channels=3, classes=output_channels(masks.shape[1], activation))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2 if name == "unet-tiny" else 1e-3)
-    dice, bce = create_loss("dice"), create_loss("bce")
+    masks = model_target(masks, activation)  # softmax: one-hot with background first
+    losses = [create_loss("dicece")] if activation == "softmax" else []
+    losses = losses or [create_loss("dice"), create_loss("bce")]
     g = torch.Generator().manual_seed(0)
     model.train()
     for _ in range(steps):
@@ -65,7 +69,7 @@ def train(name: str, images: torch.Tensor, masks: torch.Tensor, steps: int) -> t
         x, y = images[pick], masks[pick]
         optimizer.zero_grad()
         logits = model(x)
-        (dice(logits, y) + bce(logits, y)).backward()
+        sum(loss(logits, y) for loss in losses).backward()
         optimizer.step()
     return model.eval()
 
@@ -80,6 +84,9 @@ def main() -> None:
     parser.add_argument("--kinds", default="phantom,nifti")
     parser.add_argument("--eps", default=",".join(map(str, EPS)))
     args = parser.parse_args()
+    from advseg.evaluate import evaluate_cell  # here: sea_budget.py imports this module on an
+    from advseg.stats.summary import summarize_cells  # older source tree without these
+
     keep_freed_memory()
     for kind in args.kinds.split(","):
         path = make_data(kind, args.out)

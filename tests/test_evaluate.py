@@ -283,10 +283,17 @@ def test_sea_cell_has_one_worst_case_loss_and_names_each_slices_winner(model):
     got = records.groupby("slice_id", sort=False)["dice_adv"].mean().to_numpy()[:4]
     np.testing.assert_allclose(best, got)
     assert records["member"].tolist()[: 4 * 3 : 3] == sea.winners
+    # the records name which SEA ran: preset, steps per member, members
+    members = "masked-bce+segpgd-bce+js+masked-spherical"
+    assert set(records["attack_setting"]) == {f"preset=reference steps=4 members={members}"}
+    fast = _cell(model, data, [0], "sea", attack_kwargs={"preset": "fast"}).records
+    assert set(fast["attack_setting"]) == {f"preset=fast steps=25 members={members}"}
 
 
 def test_other_attacks_have_an_empty_member_and_old_records_read(model):
     records = _cell(model, MemoryData(), [0, 1], "fgsm").records
     assert set(records["member"]) == {""} and set(records["loss"]) == set(LOSSES)
-    old = pd.DataFrame(records).drop(columns=["member"])  # written before the column existed
+    assert set(records["attack_setting"]) == {""}
+    old = pd.DataFrame(records).drop(columns=["member", "attack_setting"])  # written before
     assert (check_records(old)["member"] == "").all()
+    assert (check_records(old)["attack_setting"] == "").all()

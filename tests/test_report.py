@@ -273,3 +273,16 @@ def test_a_slice_correlation_says_how_many_patients_stand_behind_it():
     kept = correlate([1.0, np.nan, 3.0, 4.0], [2.0, 1.0, 5.0, 3.0], cases=["a", "b", "c", "c"])
     assert kept.cases == 2 and kept.n == 3  # the case of a dropped (NaN) pair is not counted
     assert "cases" not in correlate(x, x**2).as_row()  # points that are not slices: no count
+
+
+def test_table_ii_caption_names_each_attacks_setting(tmp_path):
+    """Which SEA ran (preset, steps per member, members) is said beside Table II."""
+    records = _records(slices=3)
+    records = records[records["eps"] == 0.009].assign(attack_setting="")
+    setting = "preset=fast steps=25 members=masked-bce+segpgd-bce+js+masked-spherical"
+    records.loc[records["loss"] == "bce", ["attack", "attack_setting"]] = ["sea", setting]
+    _write_run(tmp_path, records, examples=False)
+    markdown = write_report(tmp_path).markdown.read_text()
+    assert f"Attack settings: sea: {setting}." in markdown
+    _write_run(tmp_path / "plain", records.assign(attack_setting=""), examples=False)
+    assert "Attack settings" not in write_report(tmp_path / "plain").markdown.read_text()

@@ -112,6 +112,13 @@ def test_reference_members_budget_and_softmax_forms():
         "sea", model, eps=0.03, steps=4, members=["bce", "js"], progressive=False
     )
     assert custom.member_names == ["bce", "js"] and not custom.members[0].progressive
+    # what the records' attack_setting says of each
+    assert (
+        sea.setting == "preset=reference steps=300 members=masked-ce+segpgd-ce+js+masked-spherical"
+    )
+    assert fast.setting == "preset=fast steps=25 members=masked-bce+segpgd-bce+js+masked-spherical"
+    assert custom.setting == "preset=reference steps=4 members=bce+js progressive=off"
+    assert create_attack("pgd", model, eps=0.03).setting == ""
     optional = create_attack(
         "sea", model, eps=0.03, steps=2, members=["balanced-bce", "padam-bce", "padam-cosine"]
     )

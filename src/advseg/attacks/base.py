@@ -281,6 +281,12 @@ class Attack:
         radius = torch.empty_like(norms).uniform_(0, 1, generator=generator)
         return self.clip(x + delta * radius / norms * self.eps)
 
+    @property
+    def setting(self) -> str:
+        """The attack's named budget beyond its name, loss and eps, as the records keep it
+        (``attack_setting``): empty here; ``sea`` names its preset, steps and members."""
+        return ""
+
     def __repr__(self) -> str:
         kind = "targeted" if self.targeted else "untargeted"
         return (f"{type(self).__name__}(loss={self.loss.name!r}, eps={self.eps:g}, "

@@ -129,6 +129,7 @@ class SEA(Attack):
                   "activation": self.activation, "seed": self.seed}  # fmt: skip
         self.members = [self.member(model, n, eps, progressive, common) for n in names]
         self.member_names = names
+        self.progressive = bool(progressive)
         self.skip_broken = bool(skip_broken)
         self.winners: list[str] = []
         """The winning member of each slice of the last call."""
@@ -189,6 +190,14 @@ class SEA(Attack):
         """What SEA minimises per slice, ``(B,)``: the Dice to ``y`` (``1 - Dice`` targeted)."""
         dice = slice_dice(logits, y, self.activation)
         return 1 - dice if self.targeted else dice
+
+    @property
+    def setting(self) -> str:
+        """The records' ``attack_setting``: which SEA ran, e.g. ``preset=reference steps=300
+        members=masked-bce+segpgd-bce+js+masked-spherical`` (``progressive=off`` when off)."""
+        members = "+".join(self.member_names)
+        text = f"preset={self.preset} steps={self.steps} members={members}"
+        return text if self.progressive else f"{text} progressive=off"
 
     def __repr__(self) -> str:
         return (f"SEA(preset={self.preset!r}, members={self.member_names}, steps={self.steps}, "

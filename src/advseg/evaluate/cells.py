@@ -342,6 +342,7 @@ def evaluate_sweep(
         order = records["loss"].map({name: j for j, name in enumerate(names[i])})
         records = records.iloc[np.argsort(order.to_numpy(), kind="stable")].reset_index(drop=True)
         records.insert(0, "eps", float(eps))
+        records.insert(0, "attack_setting", sweep[i][0].setting if sweep else "")
         records.insert(0, "attack", label)
         records.insert(0, "params", params)
         records.insert(0, "arch", arch)

@@ -284,11 +284,22 @@ def _table_section(
             "a bootstrap over so few patients is not meaningful, so those intervals are left "
             "out (n/a; 'interval' says why) and the numbers describe these cases only."
         )
+    caption += attack_settings(records)
     blocks = [writer.table("table2", table, caption)]
     left_out = [c for c in table.columns if few and c.endswith((" low", " high"))]  # said above
     if table.drop(columns=left_out).isna().to_numpy().any():
         blocks.append(writer.note("n/a: no unit left to average (or a clean DSC of 0 for AS)."))
     return Section(f"Table II (Dice protocol '{protocol}', eps {eps_text(eps)})", blocks)
+
+
+def attack_settings(records: pd.DataFrame) -> str:
+    """The caption's sentence naming each attack's budget beyond eps (the records'
+    ``attack_setting``: which SEA preset, steps per member and members ran); "" when none has
+    one."""
+    named = records.loc[records["attack_setting"] != "", ["attack", "attack_setting"]]
+    pairs = named.drop_duplicates().itertuples(index=False)
+    said = "; ".join(f"{attack}: {setting}" for attack, setting in pairs)
+    return f" Attack settings: {said}." if said else ""
 
 
 def _eps_section(writer: _Writer, cells: pd.DataFrame) -> Section:

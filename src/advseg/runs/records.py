@@ -27,6 +27,7 @@ RECORD_COLUMNS: dict[str, str] = {
     "params": "int64",
     "seed": "int64",  # the model's training seed (0 in records written before seeds existed)
     "attack": "string",
+    "attack_setting": "string",  # the attack's named budget beyond eps (sea: preset, members)
     "loss": "string",
     "member": "string",  # sea: the member (loss) whose image won the slice; "" for other attacks
     "eps": "float64",
@@ -63,6 +64,7 @@ RECORD_COLUMNS: dict[str, str] = {
 }
 
 DEFAULTS: dict[str, object] = {
+    "attack_setting": "",
     "corruption": "",
     "severity": 0,
     "abstained": 0.0,
@@ -74,7 +76,9 @@ DEFAULTS: dict[str, object] = {
 """Columns a producer may leave out (and older files lack): filled with these values. An
 ordinary prediction decides every pixel, so only certification (``advseg certify``) abstains;
 records written before HD95 in millimetres have none (NaN); attack cells, and records written
-before corruptions, have no corruption ("", severity 0); only minimal-norm attacks (``alma-prox``,
+before corruptions, have no corruption ("", severity 0); only an attack with a named budget
+(``sea``: its preset, steps per member and members) has an ``attack_setting`` ("" for the rest
+and for records written before the column existed); only minimal-norm attacks (``alma-prox``,
 ``pdpgd``) have a ``min_eps`` and its criterion (NaN, "" for the rest and for older records)."""
 
 
