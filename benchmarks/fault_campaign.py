@@ -254,6 +254,8 @@ def experiment_cases(c: Campaign) -> None:
     )
     for name, (text, says) in EXPERIMENT_BAD.items():
         path = c.fresh("exp").with_suffix(".yaml")
+        if text.startswith("data: {") and "path:" not in text:  # the data set stays given
+            text = text.replace("data: {", f"data: {{path: {c.synth}, ", 1)
         lines = {line.split(":")[0]: line for line in base.splitlines()}
         merged = "\n".join(v for k, v in lines.items() if not text.startswith(k + ":")) + "\n"
         path.write_text(text if name in ("not a mapping", "syntax error") else merged + text)

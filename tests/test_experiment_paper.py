@@ -100,8 +100,10 @@ def test_two_ways_of_naming_one_models_weights_are_refused(phantom, tmp_path):  
         check_config(both)
 
 
-def test_check_encoder_weights_reads_headers_only(tmp_path, encoder_file):
+def test_check_encoder_weights_reads_headers_only(tmp_path, encoder_file, monkeypatch):
     check_encoder_weights(SMALL, encoder_file)  # fits
+    # imagenet in the cache or the hub reachable passes (offline: tests/test_faults_pretrained.py)
+    monkeypatch.setattr("advseg.models.pretrained.ensure_imagenet", lambda name, encoder: True)
     check_encoder_weights(SMALL, "imagenet")
     check_encoder_weights("unet-tiny", None)
     with pytest.raises(UserError, match="no pretrained encoder"):

@@ -80,6 +80,8 @@ def test_counts_out_of_range_are_one_line(tmp_path, capfd, command, flag, value,
         (["--attack-option", "loss_kwargs=[1,2]"], "--attack-option loss_kwargs: expected a map"),
         (["--attack-option", "steps=2.5"], "--attack-option steps: expected a whole number"),
         (["--attack-option", "restarts=true"], "--attack-option restarts: expected a whole number"),
+        (["--eps", "nan"], "--eps: eps must be a finite number >= 0, got nan"),
+        (["--eps", "0.01", "--eps", "-1"], "--eps: eps must be a finite number >= 0, got -1.0"),
     ],
 )
 def test_evaluate_options_are_checked_before_any_checkpoint(tmp_path, capfd, extra, said):

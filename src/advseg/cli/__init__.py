@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     keep_freed_memory()
     set_arguments(sys.argv[1:] if argv is None else argv)  # what provenance.json records
     warnings.showwarning = _show_warning
+    # segmentation_models_pytorch's import (through timm) calls a deprecated torch API: a
+    # library's note to its own authors, two lines on every command a user cannot act on.
+    warnings.filterwarnings("ignore", r"`torch\.jit\.interface` is deprecated", FutureWarning)
     try:
         app(args=argv, prog_name="advseg")
         sys.stdout.flush()  # a full stdout fails here, not at exit

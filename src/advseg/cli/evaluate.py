@@ -11,7 +11,7 @@ from advseg import catalogue
 from advseg.catalogue import DEFAULT_PROTOCOL
 from advseg.cli.console import console
 from advseg.cli.data import CACHE_HELP
-from advseg.cli.flags import count_flag, options_named
+from advseg.cli.flags import count_flag, eps_flag, options_named
 from advseg.errors import UserError
 from advseg.threads import THREADS_HELP
 
@@ -49,7 +49,9 @@ def evaluate_command(
         help="Attack loss (repeatable). Default: bce, focal, dicefocal for a sigmoid checkpoint; "
         "ce, dicece for a softmax one.",
     ),
-    eps: list[float] = typer.Option([0.009], "--eps", help="Budget (repeatable)."),
+    eps: list[float] = typer.Option(
+        [0.009], "--eps", help="Budget (repeatable).", callback=eps_flag
+    ),
     steps: int | None = typer.Option(
         None, "--steps", help="Iterations of iterative attacks (default: each attack's own)."
     ),

@@ -8,7 +8,7 @@ import typer
 
 from advseg.cli.console import console
 from advseg.cli.data import CACHE_HELP
-from advseg.cli.flags import count_flag, seed_flag
+from advseg.cli.flags import count_flag, eps_flag, seed_flag
 from advseg.errors import UserError
 
 
@@ -18,7 +18,9 @@ def export_command(
     attack: str | None = typer.Option(
         None, "--attack", help="Attack as the records name it [default: the only one]."
     ),
-    eps: float | None = typer.Option(None, "--eps", help="eps [default: the only one]."),
+    eps: float | None = typer.Option(
+        None, "--eps", help="eps [default: the only one].", callback=eps_flag
+    ),
     loss: str | None = typer.Option(None, "--loss", help="Attack loss [default: the only one]."),
     train_seed: int | None = typer.Option(
         None,

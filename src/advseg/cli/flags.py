@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -63,6 +64,15 @@ def count_flag(low: int = 1, high: int = COUNT_MAX):
         return None if value is None else check_count(value, _flag_name(param), low, high)
 
     return check
+
+
+def eps_flag(ctx: click.Context, param: click.Parameter, value: object) -> object:
+    """Typer callback of a budget option (``evaluate --eps``, repeatable): each a finite number
+    >= 0, refused in one line before any data is read (it was after the data line)."""
+    for eps in value if isinstance(value, (list, tuple)) else [value]:
+        if eps is not None and not (math.isfinite(eps) and eps >= 0):
+            raise UserError(f"{_flag_name(param)}: eps must be a finite number >= 0, got {eps}")
+    return value
 
 
 NOISE_FLAG = count_flag(1, NOISE_MAX)

@@ -19,11 +19,13 @@ multiples of 32 for the encoder models and of 16 for the ``BasicUNet`` ones.
 to ``(B, K, D, H, W)``; ``ZooEntry.roi`` is the window a whole volume is predicted with
 (:class:`advseg.inference.SlidingWindow`).
 
-Pretrained encoders: ``encoder_weights="imagenet"`` lets segmentation_models_pytorch download
-them (needs internet); a path to a local safetensors file holding the encoder's ``state_dict``
-(keys as in ``model.encoder``, optionally prefixed ``encoder.``) loads them with no network at all.
-The ``model.safetensors`` files that segmentation_models_pytorch itself downloads (Hugging Face
-repositories ``smp-hub/<encoder>.imagenet``) have exactly that form.
+Pretrained encoders: ``encoder_weights="imagenet"`` lets segmentation_models_pytorch download them
+(needs internet once; then from the local Hugging Face cache, with no request, and offline with no
+cache: one line at once, :mod:`advseg.models.pretrained`); a path to a local safetensors file
+holding the encoder's ``state_dict`` (keys as in ``model.encoder``, optionally prefixed
+``encoder.``) loads them with no network at all. The ``model.safetensors`` files that
+segmentation_models_pytorch itself downloads (Hugging Face repositories ``smp-
+hub/<encoder>.imagenet``) have exactly that form.
 """
 
 from __future__ import annotations
@@ -243,14 +245,18 @@ def _create_smp(
 ) -> nn.Module:
     import segmentation_models_pytorch as smp
 
+    from advseg.models.pretrained import ensure_imagenet, quiet_hub
+
+    cached = weights == "imagenet" and ensure_imagenet(name, str(entry.encoder))
     try:
-        return smp.create_model(
-            entry.arch,
-            encoder_name=entry.encoder,
-            encoder_weights=weights,
-            in_channels=in_channels,
-            classes=classes,
-        )
+        with quiet_hub(offline=cached):
+            return smp.create_model(
+                entry.arch,
+                encoder_name=entry.encoder,
+                encoder_weights=weights,
+                in_channels=in_channels,
+                classes=classes,
+            )
     except (OSError, ConnectionError) as err:  # no network, or the download failed
         raise UserError(
             f"model {name!r}: cannot fetch {weights} weights ({err}); "
@@ -290,7 +296,8 @@ def check_encoder_weights(name: str, weights: str | Path | None) -> None:
 
     A model without an encoder given weights, a missing file, a file that is no safetensors file
     or that does not fit the encoder (keys and shapes, from the file's header; the model is built
-    on the meta device) are each one :class:`UserError`; ``imagenet`` and None pass. What a
+    on the meta device) are each one :class:`UserError`; so is ``imagenet`` neither in the local
+    cache nor reachable (:mod:`advseg.models.pretrained`); None passes. What a
     preflight check calls before any training starts.
     """
     if weights is None:
@@ -299,6 +306,9 @@ def check_encoder_weights(name: str, weights: str | Path | None) -> None:
     if entry.arch == "BasicUNet" or entry.spatial_dims == 3:
         raise UserError(f"model {name!r} has no pretrained encoder; drop encoder_weights")
     if str(weights) == "imagenet":
+        from advseg.models.pretrained import ensure_imagenet
+
+        ensure_imagenet(name, str(entry.encoder))  # in the cache, or the hub reachable
         return
     from safetensors import SafetensorError, safe_open
 
