@@ -116,6 +116,24 @@ def train(
     size: int = typer.Option(224, "--size", help="Image side S after resizing."),
     resize: str = typer.Option("pad", "--resize", help=RESIZE_HELP),
     channels: int = typer.Option(3, "--channels", help="Input channels C (grey copies)."),
+    patch: str | None = typer.Option(
+        None,
+        "--patch",
+        help="3D models: training patch D,H,W (or one size), also the validation's sliding "
+        "window (default: the model's window, `advseg models`).",
+    ),
+    spacing: str | None = typer.Option(
+        None,
+        "--spacing",
+        help="3D models: resample volumes to this voxel size D,H,W in mm (default: each "
+        "volume's own).",
+    ),
+    modality: str = typer.Option(
+        "auto",
+        "--modality",
+        help="3D models' normalisation: ct (foreground percentile clip, then z-score, as "
+        "nnU-Net), mri (z-score per volume) or auto (ct when dataset.json says CT).",
+    ),
     test_fraction: float = typer.Option(
         0.1,
         "--test-fraction",
@@ -180,7 +198,7 @@ def train(
         raise no_data(out / "checkpoints" / "last" if resume else None)
     from advseg import distributed
     from advseg.augment import corruption_text
-    from advseg.data import DataConfig, PreprocessConfig
+    from advseg.data import DataConfig, PreprocessConfig, VolumeConfig
     from advseg.data.location import data_argument
     from advseg.data.record import first_line
     from advseg.defences import describe
@@ -246,6 +264,11 @@ def train(
             **label_settings(labels, strict_labels),
             preprocess=PreprocessConfig(size=size, channels=channels, resize=resize),
             cache_dir=cache_dir,
+            volume=VolumeConfig(
+                patch=_triple(patch, "--patch", int),  # type: ignore[arg-type]
+                spacing=_triple(spacing, "--spacing", float),  # type: ignore[arg-type]
+                modality=modality,  # type: ignore[arg-type]
+            ),
         )
         distributed.init()
         if distributed.is_main():  # first: which data (the phantom said plainly)
@@ -279,7 +302,8 @@ def train(
         table.add_row("corruption augmentation", corruption_text(train_config.augment))
     stop = " (stopped early)" if result.stopped_early else ""
     table.add_row("epochs", f"{result.epochs_run} of {train_config.epochs}{stop}")
-    table.add_row("slices", ", ".join(f"{k} {v}" for k, v in rows.items()))
+    unit = "volumes" if "volumes" in result.data else "slices"
+    table.add_row(unit, ", ".join(f"{k} {v}" for k, v in rows.items()))
     for line in result.data.get("excluded", []):
         table.add_row("excluded", line)
     table.add_row("time", f"{result.seconds:.1f} s")
@@ -330,6 +354,22 @@ def _set_augment(config: TrainConfig, augment: str | None, no_augment: bool) -> 
 
         settings.enabled = True
         settings.corruptions = corruption_names(["all"], "--augment")
+
+
+def _triple(text: str | None, flag: str, kind: type) -> tuple | None:
+    """``D,H,W`` (or one number for all three) as a tuple of ``kind``; None stays None."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = tuple(kind(p) for p in parts)
+    except ValueError:
+        raise UserError(f"{flag}: {text!r} is not D,H,W or one number") from None
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3:
+        raise UserError(f"{flag}: {text!r} is not D,H,W or one number")
+    return values
 
 
 def _batch_size(given: str | None) -> int | str | None:

@@ -227,6 +227,8 @@ class AdversarialTraining:
         seed: the training seed; each step's random start is drawn from (seed, epoch, step, rank).
         rank: this process's rank under torchrun.
         activation: the model's (``train.activation``); default: softmax for a softmax loss.
+        valid_range: the inputs' range the attacks keep to (slices: ``(0, 1)``; CT volumes: the
+            z-scored clip, :attr:`advseg.data.VolumeData.valid_range`; None: unbounded).
     """
 
     def __init__(
@@ -239,6 +241,7 @@ class AdversarialTraining:
         seed: int = 0,
         rank: int = 0,
         activation: Activation | None = None,
+        valid_range: tuple[float, float] | None = (0.0, 1.0),
     ) -> None:
         self.config = config
         self.model = model
@@ -260,18 +263,20 @@ class AdversarialTraining:
                 alpha=config.step_size,
                 random_start=True,
                 activation=self.activation,
+                valid_range=valid_range,
             )
         self.validation_attack: Attack | None = None
         if config.select_by == "robust":
             loss = config.loss or train_loss
             if config.select_attack == "fgsm":
                 self.validation_attack = FGSM(
-                    model, loss, config.eps, seed=seed, activation=activation
-                )
+                    model, loss, config.eps, seed=seed, activation=activation,
+                    valid_range=valid_range,
+                )  # fmt: skip
             else:
                 self.validation_attack = PGD(
                     model, loss, config.eps, steps=config.select_steps, seed=seed,
-                    activation=activation,
+                    activation=activation, valid_range=valid_range,
                 )  # fmt: skip
 
     def _divergence(self, logits: Tensor, clean_logits: Tensor) -> Tensor:

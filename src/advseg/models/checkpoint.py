@@ -135,7 +135,7 @@ def save_checkpoint(
     metadata = dataclasses.replace(
         metadata, params=count_parameters(model), versions=package_versions()
     )
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors, aliases = shared_weights(model.state_dict())
     state_json = None
     if training_state is not None:
         state_tensors: dict[str, Tensor] = {}
@@ -147,6 +147,7 @@ def save_checkpoint(
         "save_id": save_id,
         "meta": to_dict(metadata),
         "training_state": state_json,
+        **({"aliases": aliases} if aliases else {}),
     }
     prev_weights, prev_meta = previous_files(path)
     with atomic_path(meta_file, fsync=True) as tmp_meta:
@@ -163,6 +164,25 @@ def save_checkpoint(
     for stale in (prev_weights, prev_meta):
         stale.unlink(missing_ok=True)
     return weights_file, meta_file
+
+
+def shared_weights(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A state dict's tensors, each stored once, and the names that share one (``alias ->
+    stored name``): MONAI's DynUNet (``unet3d``) holds its blocks under two names
+    (``skip_layers`` and ``downsamples`` ...), which safetensors refuses to write twice."""
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, ...], str] = {}
+    for key, value in state.items():
+        if value.numel():
+            ident = (value.untyped_storage().data_ptr(), value.storage_offset(), *value.shape,
+                     *value.stride())  # fmt: skip
+            if ident in seen:
+                aliases[key] = seen[ident]
+                continue
+            seen[ident] = key
+        tensors[key] = value.detach().cpu().contiguous()
+    return tensors, aliases
 
 
 def _keep(current: Path, previous: Path) -> None:
@@ -254,6 +274,10 @@ def read_checkpoint(
     if "seed" in meta.train:
         check_seed(meta.train["seed"], f"{meta_file}: meta.train.seed")
     weights = {k: v for k, v in tensors.items() if not k.startswith(_STATE_PREFIX)}
+    aliases = document.get("aliases") or {}
+    if not isinstance(aliases, dict) or any(v not in weights for v in aliases.values()):
+        raise UserError(f"{meta_file}: aliases name weights the file does not hold")
+    weights.update({alias: weights[name] for alias, name in aliases.items()})
     state = document.get("training_state")
     training_state = None if state is None else _decode(state, tensors, meta_file)
     return weights, meta, training_state

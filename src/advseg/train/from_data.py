@@ -24,6 +24,7 @@ from advseg.models.checkpoint import (
 )
 from advseg.models.zoo import create_model
 from advseg.train.config import TrainConfig, TrainResult, resolve_device
+from advseg.train.from_volumes import is_volumetric, volume_sets
 from advseg.train.loop import train
 
 
@@ -112,6 +113,11 @@ def train_on_data(
     resolve_device(config.device)  # an unknown device fails before any data is read
     check_output_dir(out_dir, "training output directory")
     distributed.init()
+    if is_volumetric(config.model):  # a 3D network: volumes, patches, sliding-window validation
+        return _train_volumetric(
+            data_config, config, out_dir, test_fraction=test_fraction,
+            val_fraction=val_fraction, split_seed=split_seed, resume=resume, progress=progress,
+        )  # fmt: skip
     if data is None:
         if not distributed.is_main():
             distributed.barrier()  # rank 0 fills the cache first
@@ -157,6 +163,58 @@ def train_on_data(
         data=source,
         resume=resume,
         progress=progress,
+    )
+    result.data = source
+    return result
+
+
+def _train_volumetric(
+    data_config: DataConfig,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    test_fraction: float,
+    val_fraction: float,
+    split_seed: int,
+    resume: bool,
+    progress: bool,
+) -> TrainResult:
+    """:func:`train_on_data` for a 3D model (:mod:`advseg.train.from_volumes`)."""
+    from advseg.data import split_note, volume_note
+
+    sets = volume_sets(
+        data_config, config, test_fraction=test_fraction, val_fraction=val_fraction,
+        split_seed=split_seed,
+    )  # fmt: skip
+    train_rows, val_rows, test_rows = sets.rows
+    source = data_metadata(
+        sets.config,
+        sets.data,  # type: ignore[arg-type]  (cache_path, exclusions: as SliceData's)
+        test_fraction=test_fraction,
+        val_fraction=val_fraction,
+        split_seed=split_seed,
+        rows={"train": len(train_rows), "val": len(val_rows), "test": len(test_rows)},
+        split=split_note(sets.data.index, train_rows, val_rows, test_rows),
+    )
+    source["volumes"] = volume_note(sets.data)
+    model = new_model(
+        config, in_channels=1, classes=len(sets.data.classes),
+        encoder_weights=None if resume else config.encoder_weights,
+    )  # fmt: skip
+    result = train(
+        model,
+        sets.train,
+        sets.val,
+        config,
+        out_dir,
+        classes=list(sets.data.classes),
+        preprocessing=to_dict(sets.config.preprocess),
+        data=source,
+        resume=resume,
+        progress=progress,
+        window=sets.patch,
+        overlap=sets.config.volume.overlap,
+        valid_range=sets.data.valid_range,
     )
     result.data = source
     return result

@@ -58,6 +58,9 @@ def train(
     data: dict[str, Any] | None = None,
     resume: bool = False,
     progress: bool = False,
+    window: tuple[int, ...] | None = None,
+    overlap: float = 0.5,
+    valid_range: tuple[float, float] | None = (0.0, 1.0),
 ) -> TrainResult:
     """Train ``model`` and write its checkpoints and log to ``out_dir``.
 
@@ -77,6 +80,10 @@ def train(
             the checkpoints so an evaluation prepares images the same way.
         resume: continue the run in ``out_dir`` from ``checkpoints/last``.
         progress: show rich progress bars (rank 0 only).
+        window: a 3D model's sliding window: ``train_set`` then holds patches and ``val_set``
+            whole volumes ``(1, D, H, W)``, validated one at a time through
+            :class:`advseg.inference.SlidingWindow` (Gaussian blending, ``overlap``).
+        valid_range: the inputs' range the adversarial training's attacks keep to.
 
     Returns:
         The best and last metrics, the history and the checkpoint paths.
@@ -101,6 +108,8 @@ def train(
     dtype = resolve_precision(config.precision, device)
     channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if window is not None:  # 5D tensors: channels_last is 4D only
+        memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
 
     model = model.to(device, memory_format=memory_format)
     optimizer = torch.optim.AdamW(
@@ -132,7 +141,7 @@ def train(
     val_loss_fn = create_loss(config.loss, reduction="sum", **both)
     defence = AdversarialTraining(
         config.adversarial, model, loss_fn, train_loss=config.loss, seed=config.seed,
-        rank=distributed.rank(), activation=config.activation,
+        rank=distributed.rank(), activation=config.activation, valid_range=valid_range,
     )  # fmt: skip
     meta_fields = {"preprocessing": preprocessing or {}, "data": data or {}}
     writer = tensorboard_writer(out_dir) if config.tensorboard and distributed.is_main() else None
@@ -151,8 +160,9 @@ def train(
             )  # fmt: skip
             scheduler.step()
             val_loss, val_dice = _validate(
-                net, val_set, config, val_loss_fn, device, dtype, memory_format, bar, epoch
-            )
+                net, val_set, config, val_loss_fn, device, dtype, memory_format, bar, epoch,
+                window=window, overlap=overlap,
+            )  # fmt: skip
             if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
                 raise UserError(  # before this epoch's checkpoints: the last saved ones stay good
                     f"epoch {epoch}: the loss is no longer a finite number (train {train_loss}, "
@@ -227,7 +237,12 @@ def train(
 
 
 def _loader(
-    dataset: Dataset, config: TrainConfig, epoch: int, shuffle: bool, device: torch.device
+    dataset: Dataset,
+    config: TrainConfig,
+    epoch: int,
+    shuffle: bool,
+    device: torch.device,
+    batch_size: int | None = None,
 ) -> DataLoader:
     generator = torch.Generator().manual_seed(config.seed + epoch)
     sampler = None
@@ -236,7 +251,7 @@ def _loader(
         sampler.set_epoch(epoch)
     return DataLoader(
         dataset,
-        batch_size=config.batch_size,
+        batch_size=batch_size or config.batch_size,
         shuffle=shuffle and sampler is None,
         sampler=sampler,
         num_workers=config.num_workers,
@@ -250,7 +265,7 @@ def _to_device(
 ) -> tuple[Tensor, Tensor]:
     image = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
     mask = batch["mask"].to(device, non_blocking=True)
-    return image, mask  # (B, C, S, S), (B, K, S, S)
+    return image, mask  # (B, C, S, S), (B, K, S, S); volumes (B, C, D, H, W)
 
 
 def _train_epoch(
@@ -318,16 +333,29 @@ def _validate(
     bar: Bar,
     epoch: int,
     attack: Attack | None = None,
+    window: tuple[int, ...] | None = None,
+    overlap: float = 0.5,
 ) -> tuple[float, float]:
     """Mean loss and global Dice over the whole validation set (every rank's share summed).
 
-    With ``attack``, of the validation images attacked (robust validation Dice).
+    With ``attack``, of the validation images attacked (robust validation Dice). With
+    ``window``, the items are whole volumes, predicted one at a time by a sliding window over
+    the unwrapped model (no DDP synchronisation: ranks hold different volumes).
     """
     # the attack, if any, takes its own gradients; inference mode would forbid them
     with torch.no_grad(), torch.inference_mode(attack is None):
         net.eval()
         rows = distributed.shard(list(range(len(dataset))))
-        loader = _loader(Subset(dataset, rows), config, epoch, shuffle=False, device=device)
+        loader = _loader(
+            Subset(dataset, rows), config, epoch, shuffle=False, device=device,
+            batch_size=None if window is None else 1,
+        )  # fmt: skip
+        predict = net
+        if window is not None:
+            from advseg.inference import SlidingWindow
+
+            bare = net.module if isinstance(net, DistributedDataParallel) else net
+            predict = SlidingWindow(bare, window, overlap=overlap, memory="graph")
         what = "val" if attack is None else "robust val"
         bar.start(f"epoch {epoch}/{config.epochs} {what}", len(loader))
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -339,15 +367,16 @@ def _validate(
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     image = attack(image, target)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                logits = net(image).float()  # (B, K, S, S); softmax (B, K + 1, S, S)
+                logits = predict(image).float()  # (B, K, S, S); softmax (B, K + 1, S, S)
             loss_sum += loss_fn(logits, target).double()
             predicted = class_prediction(logits, config.activation, config.threshold)  # (B, K, ...)
             truth = mask > 0.5
+            dims = (0, *range(2, truth.ndim))  # all but the class axis: slices or volumes
             batch_counts = torch.stack(
                 [
-                    (predicted & truth).sum((0, 2, 3)),
-                    (predicted & ~truth).sum((0, 2, 3)),
-                    (~predicted & truth).sum((0, 2, 3)),
+                    (predicted & truth).sum(dims),
+                    (predicted & ~truth).sum(dims),
+                    (~predicted & truth).sum(dims),
                 ]
             ).double()  # (3, K)
             counts = batch_counts if counts is None else counts + batch_counts
