@@ -30,6 +30,7 @@ from advseg.report import (
     defences,
     figures,
     provenance,
+    sizes,
     tables,
     training,
 )
@@ -131,6 +132,7 @@ def write_report(
         _table_section(writer, records[records["eps"] == eps], protocol, eps, locations),
         *curves.sections(writer, records),
         *corruptions.sections(writer, run_dir, corrupted, protocol, classes),
+        *sizes.sections(writer, records[records["corruption"] == ""], corrupted, eps),
         _eps_section(writer, cells),
         panel_section(writer, run_dir, records[records["eps"] == eps], protocol, classes, eps),
         _loss_section(writer, at_eps, eps),
