@@ -137,6 +137,13 @@ def evaluate_command(
     mirroring: bool = typer.Option(
         True, "--mirroring/--no-mirroring", help="nnU-Net test-time mirroring."
     ),
+    bundle: Path | None = typer.Option(
+        None,
+        "--bundle",
+        help="A MONAI bundle folder (configs/inference.json, models/model.pt) to attack through "
+        "its own preprocessing and inferer; --data names a Decathlon-style folder; eps in the "
+        "source's units (default: none).",
+    ),
     torchscript: Path | None = typer.Option(
         None, "--torchscript", help="A TorchScript model file (torch.jit.save) (default: none)."
     ),
@@ -152,7 +159,8 @@ def evaluate_command(
         None,
         "--classes",
         help="The outputs' classes of a --torchscript / --model-factory model, comma-separated, "
-        "as the data names them (default: none; required with those).",
+        "as the data names them (default: none; required with those; for a --bundle: its "
+        "metadata.json's channel_def).",
     ),
     in_channels: int = typer.Option(
         1, "--in-channels", help="Input channels of a --torchscript / --model-factory model."
@@ -192,7 +200,7 @@ def evaluate_command(
         options[key] = value
     external = _external(
         nnunet, configuration, folds, nnunet_checkpoint, mirroring, torchscript, model_factory,
-        weights, classes, in_channels, activation, size,
+        weights, classes, in_channels, activation, size, bundle,
     )  # fmt: skip
     config = EvaluateConfig(
         checkpoints=list(checkpoints or []),
@@ -320,10 +328,12 @@ def _external(
     in_channels: int,
     activation: str | None,
     size: int,
+    bundle: Path | None = None,
 ):
     """The one model advseg did not train, from the options, or None."""
-    given = [(f, v) for f, v in (("--nnunet", nnunet), ("--torchscript", torchscript),
-                                 ("--model-factory", factory)) if v is not None]  # fmt: skip
+    given = [(f, v) for f, v in (("--nnunet", nnunet), ("--bundle", bundle),
+                                 ("--torchscript", torchscript), ("--model-factory", factory))
+             if v is not None]  # fmt: skip
     if len(given) > 1:
         raise UserError(f"{given[0][0]} and {given[1][0]}: one external model at a time")
     if weights is not None and factory is None:
@@ -333,10 +343,14 @@ def _external(
     from advseg.models.external import ExternalConfig
 
     flag, value = given[0]
-    kind = {"--nnunet": "nnunet", "--torchscript": "torchscript"}.get(flag, "factory")
+    kind = {"--nnunet": "nnunet", "--bundle": "bundle", "--torchscript": "torchscript"}.get(
+        flag, "factory"
+    )
     names = [c.strip() for c in (classes or "").split(",") if c.strip()]
     if kind == "nnunet" and (names or activation):
         raise UserError("--nnunet: the classes and activation come from its dataset.json")
+    if kind == "bundle" and activation:
+        raise UserError("--bundle: the activation comes from its postprocessing")
     return ExternalConfig(
         kind=kind,
         path=str(value),

@@ -71,7 +71,7 @@ class EvaluateConfig:
         corruptions: corruption cells (``motion:3``, ``noise`` for its five severities, ``all``;
             :func:`advseg.corruptions.parse_corruptions`), evaluated beside the attacks with one
             clean forward per batch (:func:`~advseg.evaluate.corrupted.evaluate_corruptions`).
-        external: a model advseg did not train (``--nnunet``, ``--torchscript``,
+        external: a model advseg did not train (``--nnunet``, ``--bundle``, ``--torchscript``,
             ``--model-factory``; :class:`~advseg.models.external.ExternalConfig`), judged on
             every slice or volume of ``data`` (:mod:`advseg.evaluate.external`).
         corruption_seed: seeds every slice's corruption draw (with its slice id).
@@ -200,7 +200,7 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
 
     if not config.checkpoints and config.external is None:
         raise UserError(
-            "evaluate: no checkpoint given (or --nnunet, --torchscript, --model-factory)"
+            "evaluate: no checkpoint given (or --nnunet, --bundle, --torchscript, --model-factory)"
         )
     if config.protocol not in PROTOCOLS:
         raise UserError(f"protocol: {config.protocol!r} is not one of {', '.join(PROTOCOLS)}")

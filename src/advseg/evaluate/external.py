@@ -5,6 +5,11 @@ on, and what the records and provenance say of it.
   set named by ``--data`` (:class:`~advseg.models.external.nnunet_cases.NnUNetCases`): whole
   volumes, one per batch, in the source's units (eps in HU for CT), every labelled case scored;
   unbounded valid range (the perturbation goes into the raw image, before nnU-Net's clipping).
+- MONAI bundle (``--bundle DIR``): :class:`~advseg.models.external.bundle.BundleModel` over the
+  Decathlon-style folder named by ``--data``
+  (:class:`~advseg.models.external.bundle_cases.BundleCases`): whole images read by the bundle's
+  own reader, one per batch, in the source's units, every labelled case scored on the image's
+  own grid; unbounded valid range (the perturbation goes in before the bundle's preprocessing).
 - TorchScript (``--torchscript FILE``) and factories (``--model-factory pkg.mod:fn``): slices of
   the data set named by ``--data`` through advseg's preprocessing (grey in [0, 1] at ``--size``,
   ``--in-channels`` copies), every slice scored: advseg does not know the model's training split.
@@ -61,11 +66,15 @@ def open_external(
     """Open ``config``'s model and the data it is judged on (``--data``, never defaulted)."""
     if data is None:
         what = "an nnU-Net raw data set (imagesTs/ + labelsTs/, or imagesTr/ + labelsTr/)"
-        if config.kind != "nnunet":
+        if config.kind == "bundle":
+            what = "a Decathlon-style folder (imagesTs/ + labelsTs/, or imagesTr/ + labelsTr/)"
+        elif config.kind != "nnunet":
             what = "a data set advseg reads (Kaggle layout, NIfTI, or synthetic)"
         raise UserError(f"--{config.flag} needs --data: {what} to score the model on")
     if config.kind == "nnunet":
         return _open_nnunet(config, Path(data), device)
+    if config.kind == "bundle":
+        return _open_bundle(config, Path(data), device)
     return _open_module(config, data, cache_dir, device)
 
 
@@ -99,6 +108,53 @@ def _open_nnunet(config: ExternalConfig, raw: Path, device: str | torch.device) 
         valid_range=None,
         provenance=provenance,
     )
+
+
+def _open_bundle(config: ExternalConfig, folder: Path, device: str | torch.device) -> Judged:
+    from advseg.models.external.bundle import BundleModel, read_bundle
+    from advseg.models.external.bundle_cases import BundleCases
+
+    bundle = read_bundle(config.path, classes=config.classes or None, device=device)
+    model = BundleModel(bundle)
+    cases = BundleCases(folder, bundle)
+    _check_channels(model, cases, f"--bundle {config.path}")
+    cases.bind(model)
+    provenance = {
+        **bundle.provenance(),
+        "units": "the source's (HU for CT): eps, L-inf and L2 are in them",
+        "grid": "the image's own (the bundle's preprocessing inverted, as its Invertd does)",
+    }
+    return Judged(
+        model=model,
+        name=config.label,
+        arch="bundle",
+        activation=bundle.activation,
+        data=cases,
+        rows=np.arange(len(cases.index)),
+        batch_size=1,
+        valid_range=None,
+        provenance=provenance,
+    )
+
+
+def _check_channels(model: nn.Module, cases: Any, where: str) -> None:
+    """One forward of the first case: the outputs must fit the classes (one line if not)."""
+    expected = len(cases.classes) + (1 if model.activation == "softmax" else 0)
+    cases.prepare([0])
+    image, _ = cases.read(0)
+    try:
+        with torch.no_grad():
+            out = model(image[None].to(next(iter(model.parameters())).device))
+    except UserError:
+        raise
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"{where}: fails on {cases.index['id'].iloc[0]} ({first[:160]})") from None
+    if out.shape[1] != expected:
+        raise UserError(
+            f"{where}: gives {out.shape[1]} output channels, but {len(cases.classes)} classes "
+            f"({', '.join(cases.classes)}) with {model.activation} need {expected} (--classes)"
+        )
 
 
 def _open_module(
