@@ -84,6 +84,13 @@ def run(
         "repeatable, one per model; adds to the YAML's encoder_weights mapping (default: that "
         "mapping alone). A model not named trains from random init.",
     ),
+    folds: int | None = typer.Option(
+        None,
+        "--folds",
+        help="Case-level cross-validation (YAML split.folds): every model trained K times, "
+        "model k tested on fold k of the cases (each case tested once), the folds' records "
+        "pooled as one model's (a fold column). Default: the YAML's (none: one split).",
+    ),
     threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Run an experiment grid (train or load models, attack, record, report); resumable.
@@ -108,6 +115,11 @@ def run(
             raise UserError(f"--compat: {err}") from None
     if encoder_weights:
         config = _with_encoder_weights(config, encoder_weights)
+    if folds is not None:
+        try:
+            config = check_config(replace(config, split=replace(config.split, folds=folds)))
+        except UserError as err:
+            raise UserError(f"--folds: {err}") from None
     if data is not None:
         config = replace(config, data=replace(config.data, path=data_argument(data)))
     if cache_dir is not None:  # where the cache is, not what is computed: a resume may change it

@@ -134,10 +134,18 @@ def train(
         help="3D models' normalisation: ct (foreground percentile clip, then z-score, as "
         "nnU-Net), mri (z-score per volume) or auto (ct when dataset.json says CT).",
     ),
-    test_fraction: float = typer.Option(
-        0.1,
+    test_fraction: float | None = typer.Option(
+        None,
         "--test-fraction",
-        help="Share of cases held out for test (at least 2 cases where 4 or more exist).",
+        help="Share of cases held out for test (default 0.1; at least 2 cases where 4 or more "
+        "exist). Not with --folds.",
+    ),
+    folds: int | None = typer.Option(
+        None,
+        "--folds",
+        help="Case-level cross-validation: K models in OUT/fold0..fold<K-1>, each tested on its "
+        "own fold of the cases (every case tested once; evaluate them together to pool). "
+        "Default: none, one model and one test split.",
     ),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Cases for validation."),
     split_seed: int = typer.Option(
@@ -203,8 +211,13 @@ def train(
     from advseg.data.record import first_line
     from advseg.defences import describe
     from advseg.threads import set_threads
-    from advseg.train import TrainConfig, train_on_data
+    from advseg.train import TrainConfig, train_folds, train_on_data
 
+    if folds is not None and test_fraction is not None:
+        raise UserError("--test-fraction: not used with --folds (each fold is the test side)")
+    if folds is not None and folds < 2:
+        raise UserError(f"--folds: need 2 or more folds, got {folds}")
+    test_fraction = 0.1 if test_fraction is None else test_fraction
     set_threads(threads)
     settings = {} if config is None else load_yaml(config) or {}
     if not isinstance(settings, dict):
@@ -273,17 +286,32 @@ def train(
         distributed.init()
         if distributed.is_main():  # first: which data (the phantom said plainly)
             console().print(first_line(data_config), highlight=False, soft_wrap=True)
-        result = train_on_data(
-            data_config,
-            train_config,
-            out,
-            test_fraction=test_fraction,
-            val_fraction=val_fraction,
-            split_seed=split_seed,
-            resume=resume,
-            progress=True,
-        )
+        if folds is not None:
+            results = train_folds(
+                data_config,
+                train_config,
+                out,
+                folds,
+                val_fraction=val_fraction,
+                split_seed=split_seed,
+                resume=resume,
+                progress=True,
+            )
+        else:
+            result = train_on_data(
+                data_config,
+                train_config,
+                out,
+                test_fraction=test_fraction,
+                val_fraction=val_fraction,
+                split_seed=split_seed,
+                resume=resume,
+                progress=True,
+            )
     if not distributed.is_main():
+        return
+    if folds is not None:
+        console().print(_folds_table(train_config, results, out), soft_wrap=True)
         return
     rows = result.data.get("rows", {})
     table = Table(title=f"advseg train: {train_config.model}", show_header=False)
@@ -311,6 +339,29 @@ def train(
     table.add_row("last checkpoint", str(result.last_path))
     table.add_row("settings", ", ".join(f"{k}={v}" for k, v in to_dict(train_config).items()))
     console().print(table)
+
+
+def _folds_table(train_config, results: list, out: Path) -> Table:
+    """One row per fold: its test cases and slices, best validation Dice, epochs, time."""
+    table = Table(title=f"advseg train --folds {len(results)}: {train_config.model}")
+    for column in ("fold", "test cases", "test slices", "best val Dice (global)", "epochs", "s"):
+        table.add_column(column)
+    for fold, result in enumerate(results):
+        cases = result.data["split"]["cases"]["test"]
+        table.add_row(
+            str(fold),
+            ", ".join(map(str, cases)),
+            str(result.data["rows"]["test"]),
+            f"{result.best_dice:.4f} (epoch {result.best_epoch})",
+            f"{result.epochs_run} of {train_config.epochs}",
+            f"{result.seconds:.1f}",
+        )
+    cases = sum(len(r.data["split"]["cases"]["test"]) for r in results)
+    table.caption = (
+        f"{cases} cases, each the test case of the one fold model that did not train on it. "
+        f"Score them pooled, as one model: advseg evaluate {out}/fold*/checkpoints/best ..."
+    )
+    return table
 
 
 _TRAINING_ONLY = ("steps", "alpha", "beta", "warmup", "fraction", "loss", "attack_mode")

@@ -10,7 +10,8 @@ See docs/architecture.md ("Data") for the contract. The public API:
   Kaggle layout) and :func:`write_synthetic_nifti` (abdominal CT, Decathlon layout);
 - :func:`rle_encode`, :func:`rle_decode`;
 - :class:`PreprocessConfig` and its pure functions;
-- :func:`split_cases`, :func:`split_train_val_test`, :func:`kfold_cases`, :func:`split_note` /
+- :func:`split_cases`, :func:`split_train_val_test`, :func:`kfold_cases` /
+  :func:`fold_train_val_test` (case-level cross-validation), :func:`split_note` /
   :func:`held_out_rows` (the split a checkpoint stores, and its test rows on later data), and
   :func:`spread_rows` (a seeded sample of slices spread over cases);
 - :func:`summarize_index` (what ``advseg data info`` prints);
@@ -50,6 +51,7 @@ from advseg.data.preprocess import (
 from advseg.data.record import resolved_config
 from advseg.data.rle import rle_decode, rle_encode
 from advseg.data.split import (
+    fold_train_val_test,
     kfold_cases,
     split_cases,
     split_train_val_test,
@@ -88,6 +90,7 @@ __all__ = [
     "cached_arrays",
     "dataset_json_labels",
     "fitted_size",
+    "fold_train_val_test",
     "held_out_rows",
     "index_classes",
     "intensity_range",

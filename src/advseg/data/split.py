@@ -136,6 +136,43 @@ def kfold_cases(
     return [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(k)]
 
 
+def fold_train_val_test(
+    index: pd.DataFrame, folds: int, fold: int, val_fraction: float = 0.1, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fold ``fold`` of ``folds``-fold case-level cross-validation: train, validation, test rows.
+
+    The test side is fold ``fold`` of :func:`kfold_cases` ``(index, folds, seed)``, so the
+    ``folds`` test sides partition the cases (every case tested exactly once, by the one model
+    that never saw it); validation (early stopping) is then ``val_fraction`` of the other cases,
+    drawn as in :func:`split_train_val_test` (at least 1).
+
+    Returns:
+        ``(train_rows, val_rows, test_rows)``: sorted positional row arrays, no case on two sides.
+    """
+    for name, value in (("folds", folds), ("fold", fold)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise UserError(f"{name}: expected a whole number, got {value!r}")
+    cases = index["case"].nunique() if len(index) else 0
+    if folds < 2:
+        raise UserError(f"folds: need 2 or more folds for cross-validation, got {folds}")
+    if folds > cases:
+        raise UserError(
+            f"folds: {folds} folds need at least {folds} cases (one test case each); "
+            f"the data has {cases}"
+        )
+    if not 0 <= fold < folds:
+        raise UserError(f"fold: {fold} is not one of 0..{folds - 1}")
+    learn, test = kfold_cases(index, folds, seed)[fold]
+    left = index["case"].iloc[learn].nunique()
+    if left < 2:
+        raise UserError(
+            f"folds: fold {fold} of {folds} leaves {left} case for training and validation; "
+            "they need 2 or more (use fewer folds)"
+        )
+    train_part, val_part = split_cases(index.iloc[learn], val_fraction, seed, min_test=1)
+    return learn[train_part], learn[val_part], test
+
+
 def spread_positions(groups: np.ndarray | list, count: int, seed: int = 0) -> np.ndarray:
     """``count`` positions into ``groups`` drawn at random (seeded) and spread over the groups.
 

@@ -34,7 +34,7 @@ from advseg.losses import LOSSES
 from advseg.models.external import ExternalConfig
 from advseg.progress import cell_progress
 from advseg.stats.summary import DEFAULT_PROTOCOL
-from advseg.train.trained import checkpoint_label, trained_data_config
+from advseg.train.trained import model_label, trained_data_config
 
 SETTINGS_FILE = "evaluate.yaml"
 """Where an ``advseg evaluate`` output keeps its :class:`EvaluateConfig`."""
@@ -151,6 +151,49 @@ def _refuse_existing_run(out: Path) -> None:
         )
 
 
+def check_labels(checkpoints: Sequence[Path]) -> dict[Path, tuple[str, int | None] | None]:
+    """Each checkpoint's (name, fold) in the records (:func:`model_label`), refusing two that
+    would write the same records; the folds of one cross-validated run share a name (their
+    records pool as one model), each fold at most once, and a partial set is warned about.
+    An unreadable checkpoint maps to None (:func:`load_checkpoint` says why, later)."""
+    import warnings
+
+    from advseg.errors import AdvsegWarning
+    from advseg.models.checkpoint import newest_complete, read_metadata
+
+    labels: dict[Path, tuple[str, int | None] | None] = {}
+    folds_of: dict[str, dict[int | None, Path]] = {}
+    counts: dict[str, int] = {}
+    for checkpoint in checkpoints:
+        try:
+            data_meta = read_metadata(newest_complete(checkpoint)).data
+        except UserError:
+            labels[checkpoint] = None
+            continue
+        name, fold = labels[checkpoint] = model_label(checkpoint, data_meta)
+        seen = folds_of.setdefault(name, {})
+        if fold in seen or (seen and (fold is None) != (None in seen)):
+            other = seen.get(fold, next(iter(seen.values())))
+            raise UserError(
+                f"{checkpoint}: {other} is also named {name!r}"
+                + ("" if fold is None else f" (fold {fold})")
+                + "; the records of one model would overwrite (or mix with) the other's "
+                "(rename or copy one of them)"
+            )
+        seen[fold] = checkpoint
+        if fold is not None:
+            counts[name] = int(data_meta["folds"]["folds"])
+    for name, count in counts.items():
+        if len(folds_of[name]) < count:
+            warnings.warn(
+                f"{name}: {len(folds_of[name])} of its {count} cross-validation folds given; "
+                "the pooled numbers cover only their test cases",
+                AdvsegWarning,
+                stacklevel=3,
+            )
+    return labels
+
+
 def evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResult:
     """Run a sweep: every cell's records to ``out/records``, Table II to ``out/summary.csv``.
 
@@ -246,14 +289,7 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
         raise UserError(f"--out {out}: exists and is not a directory")
     check_output_dir(out, "--out directory")  # under a file, or not writable: before any work
     _refuse_existing_run(out)
-    names: dict[str, Any] = {}
-    for checkpoint in config.checkpoints:  # one name each, before anything is written
-        other = names.setdefault(checkpoint_label(checkpoint), checkpoint)
-        if other != checkpoint:
-            raise UserError(
-                f"{checkpoint}: {other} is also named {checkpoint_label(checkpoint)!r}; the "
-                "records of one model would overwrite the other's (rename or copy one of them)"
-            )
+    labels = check_labels(config.checkpoints)  # one name (and fold) each, before any work
     for checkpoint in config.checkpoints:  # each one's outputs against the losses, before work
         try:
             own = read_metadata(newest_complete(checkpoint)).activation
@@ -271,8 +307,11 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
     frames, files, slices = [], [], {}
 
     def run_cells(bare, checkpoint_name, arch, seed, activation, losses, data, rows, batch_size,
-                  extra, examples):  # fmt: skip
-        """Every (defence, attack, eps) cell and every corruption cell of one model."""
+                  extra, examples, fold=None):  # fmt: skip
+        """Every (defence, attack, eps) cell and every corruption cell of one model (of one
+        cross-validation fold: its records carry ``fold``, its files ``__fold<k>``)."""
+        folded = {} if fold is None else {"fold": fold}
+        stem_of = file_stem if fold is None else (lambda name: f"{file_stem(name)}__fold{fold}")
         for spec, attack in itertools.product(config.defences, config.attacks):
             model, model_name = defend(bare, spec), defended_name(checkpoint_name, spec)
             options = {k: v for k, v in config.attack_options.items() if k in accepted[attack]}
@@ -289,14 +328,14 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
                         trace=config.trace, compat=config.compat,
                     )  # fmt: skip
                 for eps, result in zip(group, results, strict=True):
-                    records = result.records.assign(seed=seed)
+                    records = result.records.assign(seed=seed, **folded)
                     frames.append(records)
                     if not distributed.is_main():
                         continue
                     label = f"{attack}-erase-{'+'.join(config.erase)}" if config.erase else attack
                     if config.compat != "none":  # records say fgsm:notebook, files fgsm-notebook
                         label = compat_label(attack, config.compat)
-                    name = cell_name(file_stem(model_name), label.replace(":", "-"), eps)
+                    name = cell_name(stem_of(model_name), label.replace(":", "-"), eps)
                     files.append(write_records(records, out / "records" / f"{name}.parquet"))
                     if result.examples:
                         npz = out / "examples" / f"{name}.npz"
@@ -313,11 +352,11 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
                     batch_size=batch_size, examples=examples, on_batch=on_batch,
                 )  # fmt: skip
             for (name, severity), result in zip(corrupted, results, strict=True):
-                records = result.records.assign(seed=seed)
+                records = result.records.assign(seed=seed, **folded)
                 frames.append(records)
                 if not distributed.is_main():
                     continue
-                stem = cell_name(file_stem(model_name), f"corruption-{name}-{severity}", 0.0)
+                stem = cell_name(stem_of(model_name), f"corruption-{name}-{severity}", 0.0)
                 files.append(write_records(records, out / "records" / f"{stem}.parquet"))
                 if result.examples:
                     label = str(records["attack"].iloc[0])
@@ -336,12 +375,7 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
             meta.activation, config.attack_options.get("activation"), str(checkpoint)
         )
         losses = list(config.losses or DEFAULT_ATTACK_LOSSES[activation])
-        checkpoint_name = checkpoint_label(checkpoint)
-        if checkpoint_name in slices:
-            raise UserError(
-                f"{checkpoint}: another checkpoint is also named {checkpoint_name!r}; the records "
-                "of one model would overwrite the other's (rename or copy one of them)"
-            )
+        checkpoint_name, fold = labels[checkpoint] or model_label(checkpoint, meta.data)
         preprocess = saved_preprocess(meta.preprocessing, f"{checkpoint} preprocessing")
         data_config = trained_data_config(
             meta.data, checkpoint, preprocess, config.data, config.cache_dir
@@ -367,10 +401,10 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
             )
         if len(rows) == 0:
             raise UserError(f"{checkpoint}: the {config.split} split has no slices")
-        slices[checkpoint_name] = len(rows)
+        slices[checkpoint_name] = slices.get(checkpoint_name, 0) + len(rows)  # folds: pooled
         run_cells(
             bare, checkpoint_name, meta.model, int(meta.train.get("seed", 0)), activation, losses,
-            data, rows, config.batch_size, {}, config.examples,
+            data, rows, config.batch_size, {}, config.examples, fold,
         )  # fmt: skip
     if config.external is not None:
         judged = open_external(

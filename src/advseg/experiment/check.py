@@ -137,6 +137,7 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
         value = getattr(config.split, key)
         if not 0 < value < 1:
             raise UserError(f"split.{key}: {value} is not between 0 and 1")
+    check_folds(config)
     check_seeds(config)
     if len(set(config.seeds)) != len(config.seeds):
         raise UserError(f"seeds: each seed once, got {config.seeds}")
@@ -154,6 +155,33 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
         raise UserError(f"evaluation.examples: {ev.examples} must be 0 or more")
     check_cross_model(config)
     return config
+
+
+def check_folds(config: ExperimentConfig) -> None:
+    """``split.folds``: 2 or more, on a grid whose every model is trained here and whose cells
+    score each model on its own fold (no transfer, ensemble or universal cells, no seeds)."""
+    from advseg.crossmodel.cells import UNIVERSAL
+
+    folds = config.split.folds
+    if folds is None:
+        return
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise UserError(f"split.folds: need a whole number of 2 or more folds, got {folds!r}")
+    for i, model in enumerate(config.models):
+        if not trained_here(model):
+            what = "a checkpoint" if model.checkpoint is not None else "an ensemble"
+            raise UserError(
+                f"models[{i}]: {what} has one split, not {folds} folds; with split.folds every "
+                "model is trained here"
+            )
+    for i, attack in enumerate(config.attacks):
+        if attack.transfer or attack.sources or attack.name == UNIVERSAL:
+            raise UserError(
+                f"attacks[{i}]: transfer, sources and universal cells cross models or training "
+                "slices, which differ by fold; not with split.folds"
+            )
+    if config.seeds:
+        raise UserError("seeds: not with split.folds (one training seed per fold model)")
 
 
 def check_encoder_mapping(config: ExperimentConfig) -> None:

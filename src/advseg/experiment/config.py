@@ -95,11 +95,18 @@ class SplitSpec:
         test_fraction: share of the cases held out for evaluation (the paper: 0.1).
         val_fraction: share of the remaining cases used for early stopping while training.
         seed: the random draw of cases.
+        folds: case-level cross-validation (``advseg run --folds K``): each model trained here
+            is trained K times (``models/<name>/fold<k>/``), model ``k`` tested on fold ``k``
+            of the cases (:func:`advseg.data.fold_train_val_test`), so every case is tested
+            exactly once; the folds' records (``fold`` column, cells ``<model>__fold<k>__...``)
+            pool as one model's in Table II and the report. ``test_fraction`` is then unused.
+            None (the default): one split.
     """
 
     test_fraction: float = 0.1
     val_fraction: float = 0.1
     seed: int = 0
+    folds: int | None = None
 
 
 @dataclass

@@ -35,8 +35,10 @@ class Cell:
 
     ``source`` is set for a transfer cell: the model (or ensemble ``a+b``) whose adversarial
     images the cell scores on ``model``. ``seed`` is the training seed of the models, in a grid
-    with ``seeds:`` (None otherwise). ``compat`` is the attack's compatibility mode
-    (:mod:`advseg.evaluate.compat`); the records and the file name carry :attr:`label`.
+    with ``seeds:`` (None otherwise); ``fold`` the cross-validation fold whose model and test
+    cases the cell scores (``split.folds``; None otherwise). ``compat`` is the attack's
+    compatibility mode (:mod:`advseg.evaluate.compat`); the records and the file name carry
+    :attr:`label`.
     """
 
     model: str
@@ -47,6 +49,7 @@ class Cell:
     source: str = ""
     seed: int | None = None
     compat: str = "none"
+    fold: int | None = None
 
     @property
     def label(self) -> str:
@@ -56,36 +59,41 @@ class Cell:
     @property
     def slug(self) -> str:
         """The cell's file name stem, e.g. ``unet__fgsm__eps0.009`` (``...__from-<source>``),
-        ``unet__seed1__fgsm__eps0.009`` in a grid with seeds."""
+        ``unet__seed1__fgsm__eps0.009`` in a grid with seeds, ``unet__fold2__fgsm__eps0.009``
+        with folds."""
         seed = "" if self.seed is None else f"__seed{self.seed}"
+        seed += "" if self.fold is None else f"__fold{self.fold}"
         slug = f"{file_stem(self.model)}{seed}__{file_stem(self.label)}__eps{self.eps:g}"
         return f"{slug}__from-{source_stem(self.source)}" if self.source else slug
 
 
 def plan_cells(config: ExperimentConfig) -> list[Cell]:
     """The grid in run order (model by model), with the losses of repeated (attack, eps) united."""
-    cells: dict[tuple[str, int | None, str, str, float], list[str]] = {}
+    cells: dict[tuple[str, int | None, int | None, str, str, float], list[str]] = {}
     kwargs: dict[tuple[str, str], tuple[tuple[str, Any], ...]] = {}
+    folds = [None] if config.split.folds is None else list(range(config.split.folds))
     names = [
-        (name, seed)
+        (name, seed, fold)
         for model in config.models
         for seed in model_seeds(config, model.name)  # seed by seed: each trained once
+        for fold in folds  # fold by fold: one model each
         for name in model_variants(model)
     ]
-    for name, seed in names:
+    for name, seed, fold in names:
         for attack in config.attacks:
             mode = attack_compat(attack, config)
             kwargs[attack.name, mode] = tuple(sorted(attack.kwargs.items()))
             for eps in attack.eps:
-                losses = cells.setdefault((name, seed, attack.name, mode, float(eps)), [])
+                losses = cells.setdefault((name, seed, fold, attack.name, mode, float(eps)), [])
                 losses += [loss for loss in attack.losses if loss not in losses]
     planned = [
-        Cell(model, attack, eps, tuple(losses), kwargs[attack, mode], seed=seed, compat=mode)
-        for (model, seed, attack, mode, eps), losses in cells.items()
-    ]
+        Cell(model, attack, eps, tuple(losses), kwargs[attack, mode], seed=seed, compat=mode,
+             fold=fold)
+        for (model, seed, fold, attack, mode, eps), losses in cells.items()
+    ]  # fmt: skip
     corrupted = [
-        Cell(name, corruption_label(*cell), 0.0, (NO_LOSS,), seed=seed)
-        for name, seed in names
+        Cell(name, corruption_label(*cell), 0.0, (NO_LOSS,), seed=seed, fold=fold)
+        for name, seed, fold in names
         for cell in (
             parse_corruptions(config.corruptions, "corruptions") if config.corruptions else []
         )
@@ -118,10 +126,10 @@ def sweep_key(cell: Cell) -> tuple | None:
     one (model, attack, options) are computed together by ``run_cells``' ``sweep``.
     """
     if corruption_of(cell.attack) is not None:  # one pass per model: one clean forward
-        return (cell.model, cell.seed, "corruption")
+        return (cell.model, cell.seed, cell.fold, "corruption")
     if cell.source or "+" in cell.attack or not ATTACKS.get(cell.attack).single_step:
         return None  # a transfer cell scores images crafted elsewhere; +bpda/+eot attack a view
-    return (cell.model, cell.seed, cell.attack, cell.compat, cell.kwargs)
+    return (cell.model, cell.seed, cell.fold, cell.attack, cell.compat, cell.kwargs)
 
 
 def run_cells(

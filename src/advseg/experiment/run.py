@@ -31,6 +31,7 @@ from advseg.crossmodel.cells import (
 )
 from advseg.data import (
     SliceData,
+    fold_train_val_test,
     load_data,
     split_train_val_test,
     spread_rows,
@@ -67,7 +68,7 @@ from advseg.runs.provenance import record_session
 from advseg.runs.records import read_records, white_box
 from advseg.stats.bootstrap import with_intervals
 from advseg.stats.summary import summarize_cells
-from advseg.train import TrainConfig, resolve_device, train_on_data
+from advseg.train import TrainConfig, fold_dir, resolve_device, train_on_data
 
 PHASES = ("checks", "data", "training", "evaluation", "summary", "report")
 """The phases of :func:`run_experiment` whose wall time :attr:`RunResult.phases` holds."""
@@ -171,17 +172,23 @@ def _run_experiment(
         )
     data = data if main else load_data(config.data)
     distributed.main_first(lambda: check_data_fingerprint(run_dir, data, config.data))
-    train_rows, val_rows, test_rows = split_train_val_test(
-        data.index, config.split.test_fraction, config.split.val_fraction, config.split.seed
-    )
-    eval_rows = evaluation_rows(data, test_rows, config.evaluation, config.seed)
-    console.print(
-        f"data: {len(data)} slices; cases split into train {len(train_rows)}, validation "
-        f"{len(val_rows)}, test {len(test_rows)} slices; evaluated {len(eval_rows)} test slices "
-        f"({config.evaluation.slices})",
-        highlight=False,
-        soft_wrap=True,
-    )
+    splits = run_splits(data, config)  # fold -> (train, val, test) rows; None: one split
+    rows_of = {
+        fold: evaluation_rows(data, test, config.evaluation, config.seed)
+        for fold, (_, _, test) in splits.items()
+    }
+    for fold, (train_rows, val_rows, test_rows) in splits.items():
+        what = "cases split" if fold is None else f"fold {fold} of {config.split.folds}:"
+        cases = data.index["case"].iloc[test_rows].nunique()
+        console.print(
+            f"data: {len(data)} slices; {what} into train {len(train_rows)}, validation "
+            f"{len(val_rows)}, test {len(test_rows)} slices ({cases} cases); evaluated "
+            f"{len(rows_of[fold])} test slices ({config.evaluation.slices})",
+            highlight=False,
+            soft_wrap=True,
+        )
+    train_rows, _, _ = next(iter(splits.values()))
+    eval_rows = rows_of[next(iter(rows_of))]  # cross-model cells: one split (check_folds)
     for line in data.exclusions.lines():
         console.print(f"data: {line}", highlight=False, soft_wrap=True)
     encoders = encoder_line(config)
@@ -189,9 +196,10 @@ def _run_experiment(
         console.print(encoders, highlight=False, soft_wrap=True)
     cells = plan_cells(config)
     close("data")
-    models: dict[tuple[str, int | None], tuple[torch.nn.Module, str]] = {}
-    seed_of: dict[tuple[str, int | None], int] = {}  # the training seed of each model loaded
-    activation_of: dict[tuple[str, int | None], str] = {}  # how each model's logits are read
+    Key = tuple[str, int | None, int | None]  # (model, training seed, fold)
+    models: dict[Key, tuple[torch.nn.Module, str]] = {}
+    seed_of: dict[Key, int] = {}  # the training seed of each model loaded
+    activation_of: dict[Key, str] = {}  # how each model's logits are read
     trained = []
     device = resolve_device(config.train.device)
     if main:
@@ -203,13 +211,15 @@ def _run_experiment(
         for name, defence in zip(model_variants(spec), ["none", *spec.defences], strict=True)
     }
 
-    def key_of(name: str, seed: int | None) -> tuple[str, int | None]:
+    def key_of(name: str, seed: int | None, fold: int | None = None) -> Key:
         spec = variants[name][0]  # a checkpoint is one model, whatever the cell's seed
-        return spec.name, seed if model_seeds(config, spec.name) != [None] else None
+        return spec.name, seed if model_seeds(config, spec.name) != [None] else None, fold
 
-    def model_for(name: str, seed: int | None = None) -> tuple[torch.nn.Module, str]:
+    def model_for(
+        name: str, seed: int | None = None, fold: int | None = None
+    ) -> tuple[torch.nn.Module, str]:
         spec, defence = variants[name]
-        key = key_of(name, seed)
+        key = key_of(name, seed, fold)
         if key not in models:
             if spec.arch.startswith(ENSEMBLE_PREFIX):
                 members = ensemble_members(spec.arch)
@@ -223,20 +233,24 @@ def _run_experiment(
             else:
                 close("evaluation")  # what ran before this model was needed
                 net, arch, fresh, seed_of[key], activation_of[key] = _get_model(
-                    spec, config, data, run_dir, progress, key[1]
+                    spec, config, data, run_dir, progress, key[1], fold
                 )
                 close("training")
                 if fresh:
-                    trained.append(spec.name if key[1] is None else f"{spec.name} (seed {key[1]})")
+                    which = [f"seed {key[1]}"] * (key[1] is not None)
+                    which += [f"fold {fold}"] * (fold is not None)
+                    trained.append(spec.name + (f" ({', '.join(which)})" if which else ""))
             models.clear()  # one model in memory at a time
             models[key] = (net.to(device).eval(), arch)
         net, arch = models[key]
         return defend(net, defence), arch  # a fresh defence per cell: its own noise draws
 
     def seeded(cell: Cell, output: CellOutput) -> CellOutput:
-        """The cell's records with the training seed of its model (``seed`` column)."""
-        seed = seed_of[key_of(cell.model, cell.seed)] if cell.seed is None else cell.seed
-        output.records = output.records.assign(seed=seed)
+        """The cell's records with the training seed of its model (``seed`` column) and its
+        cross-validation fold (``fold``, -1 without folds)."""
+        seed = seed_of[key_of(cell.model, cell.seed, cell.fold)] if cell.seed is None else cell.seed
+        fold = -1 if cell.fold is None else cell.fold
+        output.records = output.records.assign(seed=seed, fold=fold)
         if output.trace is not None:
             output.trace = output.trace.assign(seed=seed)  # the report names each trace's seed
         return output
@@ -252,16 +266,17 @@ def _run_experiment(
     cross.check_io(lambda spec: model_train_config(config, spec).activation)
 
     def compute_cells(group: list[Cell]) -> list[CellOutput]:
-        first = group[0]  # the group shares model, seed, attack and options (sweep_key)
-        net, arch = model_for(first.model, first.seed)
+        first = group[0]  # the group shares model, seed, fold, attack, options (sweep_key)
+        net, arch = model_for(first.model, first.seed, first.fold)
+        eval_rows = rows_of[first.fold]
         activation = checkpoint_activation(  # an attack's own activation must agree
-            activation_of[key_of(first.model, first.seed)],
+            activation_of[key_of(first.model, first.seed, first.fold)],
             dict(first.kwargs).get("activation"),
             f"model {first.model!r}",
         )
         if corruption_of(first.attack) is not None:
-            return [seeded(c, o) for c, o in zip(group, corrupted(group, net, arch, activation),
-                                                 strict=True)]  # fmt: skip
+            outputs = corrupted(group, net, arch, activation, eval_rows)
+            return [seeded(c, o) for c, o in zip(group, outputs, strict=True)]
         eps = ", ".join(f"{c.eps:g}" for c in group)
         losses = ", ".join(dict.fromkeys(loss for c in group for loss in c.losses))
         what = f"evaluating {first.model}, {first.label} eps {eps} ({losses})"
@@ -290,7 +305,9 @@ def _run_experiment(
             for c, r in zip(group, results, strict=True)
         ]
 
-    def corrupted(group: list[Cell], net, arch: str, activation: str) -> list[CellOutput]:
+    def corrupted(
+        group: list[Cell], net, arch: str, activation: str, eval_rows: np.ndarray
+    ) -> list[CellOutput]:
         """A model's corruption cells in one pass (one clean forward per batch)."""
         pairs = [corruption_of(c.attack) for c in group]
         what = f"evaluating {group[0].model}, {len(group)} corruption cells"
@@ -342,6 +359,21 @@ def _run_experiment(
     )
 
 
+def run_splits(
+    data: SliceData, config: ExperimentConfig
+) -> dict[int | None, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The grid's (train, validation, test) rows: ``{None: split}`` for one split, or one per
+    fold ``{0: ..., K-1: ...}`` with ``split.folds`` (the test sides partition the cases)."""
+    split = config.split
+    if split.folds is None:
+        return {None: split_train_val_test(data.index, split.test_fraction, split.val_fraction,
+                                           split.seed)}  # fmt: skip
+    return {
+        fold: fold_train_val_test(data.index, split.folds, fold, split.val_fraction, split.seed)
+        for fold in range(split.folds)
+    }
+
+
 def evaluation_rows(
     data: SliceData, test_rows: np.ndarray, evaluation: EvaluationSpec, seed: int = 0
 ) -> np.ndarray:
@@ -366,6 +398,7 @@ def _get_model(
     run_dir: Path,
     progress: bool,
     seed: int | None = None,
+    fold: int | None = None,
 ) -> tuple[torch.nn.Module, str, bool, int, str]:
     """The model of ``spec``: loaded from its checkpoint, or trained (resumed) in the run dir.
 
@@ -375,6 +408,8 @@ def _get_model(
     Args:
         seed: a training seed of the grid's ``seeds`` (in place of ``train.seed``; the run in
             ``models/<name>/seed<k>/``), or None.
+        fold: a cross-validation fold (``split.folds``; the run in ``models/<name>/fold<k>/``,
+            trained on that fold's split), or None.
 
     Returns:
         ``(model, zoo name, trained_now, training seed, activation)``.
@@ -384,6 +419,8 @@ def _get_model(
         check_held_out(meta.data, spec.checkpoint, config, data.index)
         return net, meta.model, False, int(meta.train.get("seed", 0)), meta.activation
     out = model_dir(run_dir, spec.name, seed)
+    if fold is not None:
+        out = fold_dir(out, fold)
     best = out / "checkpoints" / "best"
     last = out / "checkpoints" / "last"
     train_config = model_train_config(config, spec)
@@ -403,6 +440,7 @@ def _get_model(
             resume=checkpoint_exists(last),
             progress=progress,
             data=data,
+            fold=None if fold is None else (fold, config.split.folds),
         )
     net, meta = load_checkpoint(best, classes=data.classes)
     return net, meta.model, fresh, train_config.seed, meta.activation

@@ -292,6 +292,13 @@ def _check_split(data: dict[str, Any], meta_file: Path) -> None:
         from advseg.data.heldout import check_split_note
 
         check_split_note(data["split"], f"{meta_file}: meta.data.split")
+    folds = data.get("folds")
+    if folds is not None and not (
+        isinstance(folds, dict)
+        and all(isinstance(folds.get(k), int) for k in ("fold", "folds"))
+        and 0 <= folds["fold"] < folds["folds"]
+    ):
+        raise UserError(f"{meta_file}: meta.data.folds: expected {{fold, folds}}, got {folds!r}")
     for key in ("test_fraction", "val_fraction"):
         value = data.get(key, 0.5)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:

@@ -279,6 +279,14 @@ def _table_section(
             "mean over seeds, '<number> seed sd' its standard deviation over seeds, and each "
             "bootstrap draw resamples the same cases for every seed."
         )
+    if "folds" in table.columns:
+        pooled = ", ".join(f"{m} ({k} folds)" for m, k in zip(table["model"], table["folds"],
+                                                             strict=True) if k)  # fmt: skip
+        caption += (
+            f" Cross-validated: {pooled}; each model's numbers pool its folds' records, every "
+            "case scored once by the fold model that did not train on it ('fold' in the "
+            "records), and the bootstrap resamples the pooled cases."
+        )
     few = table.attrs.get("few_cases", [])
     if few:
         caption += (

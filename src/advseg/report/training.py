@@ -39,11 +39,11 @@ def run_checkpoints(run_dir: str | Path) -> list[tuple[str, Path]]:
     """``(model name in the records, checkpoint path)`` of every model a run evaluated.
 
     An ``advseg run`` directory names them in ``config.yaml`` (a model's own ``checkpoint:``, or
-    ``models/<name>[/seed<k>]/checkpoints/best`` for each training seed); an ``advseg evaluate``
-    output in ``evaluate.yaml`` (its checkpoints, named as the records name them,
-    :func:`advseg.train.trained.checkpoint_label`). Empty when the run says neither.
+    ``models/<name>[/seed<k>][/fold<k>]/checkpoints/best`` for each training seed and
+    cross-validation fold); an ``advseg evaluate`` output in ``evaluate.yaml`` (its checkpoints,
+    named as the records name them, :func:`advseg.train.trained.model_label`: the folds of one
+    cross-validated run under its name). Empty when the run says neither.
     """
-    from advseg.train.trained import checkpoint_label
 
     run_dir = Path(run_dir)
     found: list[tuple[str, Path]] = []
@@ -51,6 +51,7 @@ def run_checkpoints(run_dir: str | Path) -> list[tuple[str, Path]]:
     if config_file.exists():
         config = load_yaml(config_file) or {}
         seeds = config.get("seeds") or [None]  # a grid with seeds trains each model per seed
+        folds = (config.get("split") or {}).get("folds")  # and with folds, once per fold
         for spec in config.get("models") or []:
             name = str(spec.get("name") or spec.get("arch"))
             if spec.get("checkpoint"):
@@ -58,12 +59,25 @@ def run_checkpoints(run_dir: str | Path) -> list[tuple[str, Path]]:
                 continue
             for seed in seeds:
                 folder = run_dir / "models" / name / ("" if seed is None else f"seed{seed}")
-                found.append((name, folder / "checkpoints" / "best"))
+                for fold in [None] if not folds else range(folds):
+                    at = folder if fold is None else folder / f"fold{fold}"
+                    found.append((name, at / "checkpoints" / "best"))
     settings = run_dir / "evaluate.yaml"  # advseg.evaluate.command.SETTINGS_FILE
     if settings.exists():
         for checkpoint in (load_yaml(settings) or {}).get("checkpoints") or []:
-            found.append((checkpoint_label(checkpoint), Path(checkpoint)))
+            found.append((_record_name(checkpoint), Path(checkpoint)))
     return found
+
+
+def _record_name(checkpoint: str | Path) -> str:
+    """The name the records of ``checkpoint`` carry (its file's, or its cross-validated run's)."""
+    from advseg.models.checkpoint import newest_complete
+    from advseg.train.trained import checkpoint_label, model_label
+
+    try:
+        return model_label(checkpoint, read_metadata(newest_complete(checkpoint)).data)[0]
+    except UserError:
+        return checkpoint_label(checkpoint)
 
 
 def training_facts(path: str | Path) -> dict[str, Any]:

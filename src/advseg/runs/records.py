@@ -26,6 +26,7 @@ RECORD_COLUMNS: dict[str, str] = {
     "arch": "string",  # the zoo name it was built from
     "params": "int64",
     "seed": "int64",  # the model's training seed (0 in records written before seeds existed)
+    "fold": "int64",  # the cross-validation fold whose model scored the slice; -1: no folds
     "attack": "string",
     "attack_setting": "string",  # the attack's named budget beyond eps (sea: preset, members)
     "loss": "string",
@@ -65,6 +66,7 @@ RECORD_COLUMNS: dict[str, str] = {
 
 DEFAULTS: dict[str, object] = {
     "attack_setting": "",
+    "fold": -1,
     "corruption": "",
     "severity": 0,
     "abstained": 0.0,
@@ -78,7 +80,8 @@ ordinary prediction decides every pixel, so only certification (``advseg certify
 records written before HD95 in millimetres have none (NaN); attack cells, and records written
 before corruptions, have no corruption ("", severity 0); only an attack with a named budget
 (``sea``: its preset, steps per member and members) has an ``attack_setting`` ("" for the rest
-and for records written before the column existed); only minimal-norm attacks (``alma-prox``,
+and for records written before the column existed); records of a model not cross-validated
+(and older files) have no fold (-1); only minimal-norm attacks (``alma-prox``,
 ``pdpgd``) have a ``min_eps`` and its criterion (NaN, "" for the rest and for older records)."""
 
 
@@ -187,6 +190,7 @@ VALUE_RANGES: dict[str, tuple[float, float]] = {
     **{c: (0.0, float("inf")) for c in ("eps", "linf", "l2", "hd95_clean", "hd95_adv",
                                         "hd95_mm_clean", "hd95_mm_adv", "min_eps")},
     "ssim": (-1.0, 1.0),
+    "fold": (-1, float("inf")),
 }  # fmt: skip
 """The closed range of each numeric column's values (NaN passes: an empty mask's Dice, a
 distance to nothing): records read with a value outside are refused, not reported."""

@@ -74,9 +74,12 @@ class Interval:
         return f"{self.estimate:.3f} [{self.low:.3f}, {self.high:.3f}] ({units})"
 
 
-def interval_note(cases: int, slices: int) -> str:
-    """What the ``interval`` column of :func:`with_intervals` says for a model."""
+def interval_note(cases: int, slices: int, folds: int = 0) -> str:
+    """What the ``interval`` column of :func:`with_intervals` says for a model (whose records
+    pool ``folds`` cross-validation folds, when there are any)."""
     units = f"{cases} case{'s' * (cases != 1)}, {slices} slices"
+    if folds:
+        units += f" pooled over {folds} fold{'s' * (folds != 1)}"
     if cases < MIN_CASES:
         return f"not meaningful: {units} (< {MIN_CASES} cases); bounds left out"
     return f"{LEVEL:.0%} case bootstrap over {units}"
@@ -232,7 +235,9 @@ def with_intervals(
     :func:`~advseg.stats.summary.summarize` computes it.
 
     ``cases`` and ``slices`` (after ``excluded``) count the distinct cases and slices of each
-    model's records, and ``interval`` says what its bounds rest on: below :data:`MIN_CASES`
+    model's records (``folds``, when a model's records pool 2 or more cross-validation folds: how
+    many, every case scored by the fold model that did not train on it), and ``interval``
+    says what its bounds rest on: below :data:`MIN_CASES`
     cases the bounds are NaN and it says they are not meaningful (one case gave zero-width
     intervals that looked exact).
 
@@ -280,11 +285,14 @@ def with_intervals(
     at_excluded = list(table.columns).index("excluded") + 1
     table.insert(at_excluded, "cases", [int(case_counts[k]) for k in model_keys])
     table.insert(at_excluded + 1, "slices", [int(slice_counts[k]) for k in model_keys])
-    table.insert(
-        at_excluded + 2,
-        "interval",
-        [interval_note(int(case_counts[k]), int(slice_counts[k])) for k in model_keys],
-    )
+    folds = {k: 0 for k in model_keys}
+    if "fold" in records.columns:  # cross-validated models: their folds' records pooled
+        folded = records[records["fold"] >= 0].groupby(MODEL_KEYS, sort=False)["fold"].nunique()
+        folds.update({k: int(v) for k, v in folded.items() if k in folds and v > 1})
+    notes = [interval_note(int(case_counts[k]), int(slice_counts[k]), folds[k]) for k in model_keys]
+    table.insert(at_excluded + 2, "interval", notes)
+    if any(folds.values()):
+        table.insert(at_excluded + 2, "folds", [folds[k] for k in model_keys])
     columns: list[str] = []
     for column in list(table.columns):
         columns.append(column)

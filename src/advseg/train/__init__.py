@@ -24,7 +24,7 @@ its classes), with a softmax loss (``dicece`` by default, or ``ce``).
 The package's modules: :mod:`~advseg.train.config` (settings, results, device and precision),
 :mod:`~advseg.train.loop` (the loop, validation), :mod:`~advseg.train.state` (resume),
 :mod:`~advseg.train.display` (progress, ETA, TensorBoard) and :mod:`~advseg.train.from_data`
-(split, model, data metadata: :func:`train_on_data`).
+(split, model, data metadata: :func:`train_on_data`; cross-validation: :func:`train_folds`).
 """
 
 from advseg.train.config import (
@@ -36,7 +36,14 @@ from advseg.train.config import (
     resolve_device,
     resolve_precision,
 )
-from advseg.train.from_data import data_metadata, new_model, overlapping_pixels, train_on_data
+from advseg.train.from_data import (
+    data_metadata,
+    fold_dir,
+    new_model,
+    overlapping_pixels,
+    train_folds,
+    train_on_data,
+)
 from advseg.train.loop import global_dice, train
 
 __all__ = [
@@ -46,11 +53,13 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "data_metadata",
+    "fold_dir",
     "global_dice",
     "new_model",
     "overlapping_pixels",
     "resolve_device",
     "resolve_precision",
     "train",
+    "train_folds",
     "train_on_data",
 ]

@@ -51,6 +51,7 @@ def data_metadata(
     split_seed: int,
     rows: dict[str, int],
     split: dict[str, Any] | None = None,
+    fold: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """What a checkpoint records of its data, so that an evaluation finds the same test cases.
 
@@ -58,15 +59,20 @@ def data_metadata(
     its paths resolved (absolute; ``synthetic`` for the phantom), the split is
     ``split_train_val_test(index, test_fraction, val_fraction, split_seed)``, and ``split`` its
     cases (:func:`advseg.data.split_note`), which later uses check the data against
-    (:func:`advseg.data.held_out_rows`).
+    (:func:`advseg.data.held_out_rows`). A cross-validation fold ``(fold, folds)`` stores
+    ``folds: {fold, folds}`` in place of ``test_fraction`` (its test cases are its fold's,
+    :func:`advseg.data.fold_train_val_test`).
     """
     from advseg.data import resolved_config
 
+    held = {"test_fraction": test_fraction} if fold is None else {
+        "folds": {"fold": fold[0], "folds": fold[1]}
+    }  # fmt: skip
     return {
         "config": to_dict(resolved_config(data_config)),
         "fingerprint": data.cache_path.name,  # advseg.data.record.data_fingerprint
         "excluded": data.exclusions.lines(),
-        "test_fraction": test_fraction,
+        **held,
         "val_fraction": val_fraction,
         "split_seed": split_seed,
         "rows": rows,
@@ -85,6 +91,7 @@ def train_on_data(
     resume: bool = False,
     progress: bool = False,
     data: SliceData | None = None,
+    fold: tuple[int, int] | None = None,
 ) -> TrainResult:
     """Load a data set, split it by case, build ``config.model`` and :func:`train` it.
 
@@ -101,9 +108,12 @@ def train_on_data(
 
     Args:
         data: ``data_config`` already loaded (the experiment runner's); loaded here when None.
+        fold: ``(fold, folds)``: train fold ``fold`` of ``folds``-fold case-level
+            cross-validation instead (:func:`advseg.data.fold_train_val_test`: its test cases
+            are that fold's, seeded by ``split_seed``; ``test_fraction`` is not used).
     """
     from advseg.atomic import check_output_dir
-    from advseg.data import load_data, split_note, split_train_val_test
+    from advseg.data import fold_train_val_test, load_data, split_note, split_train_val_test
 
     for name, value in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
         if not 0 < value < 1:  # also nan
@@ -114,6 +124,8 @@ def train_on_data(
     check_output_dir(out_dir, "training output directory")
     distributed.init()
     if is_volumetric(config.model):  # a 3D network: volumes, patches, sliding-window validation
+        if fold is not None:
+            raise UserError(f"folds: cross-validation trains 2D models; {config.model} is 3D")
         return _train_volumetric(
             data_config, config, out_dir, test_fraction=test_fraction,
             val_fraction=val_fraction, split_seed=split_seed, resume=resume, progress=progress,
@@ -124,9 +136,14 @@ def train_on_data(
         data = load_data(data_config)
         if distributed.is_main():
             distributed.barrier()
-    train_rows, val_rows, test_rows = split_train_val_test(
-        data.index, test_fraction, val_fraction, split_seed
-    )
+    if fold is None:
+        train_rows, val_rows, test_rows = split_train_val_test(
+            data.index, test_fraction, val_fraction, split_seed
+        )
+    else:
+        train_rows, val_rows, test_rows = fold_train_val_test(
+            data.index, fold[1], fold[0], val_fraction, split_seed
+        )
     image_size = data_config.preprocess.size
     train_set = data.dataset(train_rows, transform=augmentation(config, image_size))
     val_set = data.dataset(val_rows)
@@ -144,6 +161,7 @@ def train_on_data(
         split_seed=split_seed,
         rows={"train": len(train_rows), "val": len(val_rows), "test": len(test_rows)},
         split=split_note(data.index, train_rows, val_rows, test_rows),
+        fold=fold,
     )
     if config.activation == "softmax":  # said, not silently relabelled
         source["overlap"] = {
@@ -232,6 +250,60 @@ def augmentation(config: TrainConfig, image_size: int) -> Augment:
             settings.corruptions, settings.p_corruption, settings.corruption_severities
         )
     return Augment(settings, image_size, image_transform=corruptions)
+
+
+def fold_dir(out_dir: str | Path, fold: int) -> Path:
+    """Where fold ``fold`` of a cross-validated training run lives: ``<out_dir>/fold<fold>``."""
+    return Path(out_dir) / f"fold{fold}"
+
+
+def train_folds(
+    data_config: DataConfig,
+    config: TrainConfig,
+    out_dir: str | Path,
+    folds: int,
+    *,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    resume: bool = False,
+    progress: bool = False,
+    data: SliceData | None = None,
+) -> list[TrainResult]:
+    """Case-level cross-validation: ``folds`` models, each by :func:`train_on_data` (the one
+    training path) in ``<out_dir>/fold<k>/`` on fold ``k``'s split, so that every case is the
+    test case of exactly one model (whose checkpoint stores it). The data is loaded once.
+
+    Returns:
+        The folds' results, in fold order.
+    """
+    from advseg.data import fold_train_val_test, load_data
+
+    if is_volumetric(config.model):  # before any data is read
+        raise UserError(f"--folds: cross-validation trains 2D models; {config.model} is 3D")
+    if data is None:
+        if not distributed.is_main():
+            distributed.barrier()
+        data = load_data(data_config)
+        if distributed.is_main():
+            distributed.barrier()
+    fold_train_val_test(data.index, folds, 0, val_fraction, split_seed)  # fold count checked
+    results = []
+    for fold in range(folds):
+        out = fold_dir(out_dir, fold)
+        results.append(
+            train_on_data(
+                data_config,
+                config,
+                out,
+                val_fraction=val_fraction,
+                split_seed=split_seed,
+                resume=resume and checkpoint_exists(out / "checkpoints" / "last"),
+                progress=progress,
+                data=data,
+                fold=(fold, folds),
+            )
+        )
+    return results
 
 
 def overlapping_pixels(masks: Any, rows: Any, chunk: int = 256) -> int:

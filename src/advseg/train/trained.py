@@ -112,6 +112,24 @@ def checkpoint_label(checkpoint: str | Path) -> str:
     return stem
 
 
+def model_label(checkpoint: str | Path, data_meta: dict[str, Any]) -> tuple[str, int | None]:
+    """The model's name in records and its cross-validation fold (None: not a fold).
+
+    A fold's checkpoint (``<run>/fold<k>/checkpoints/best``, written by ``advseg train --folds``,
+    its metadata's ``data.folds``) is named by its run, so that the folds' records pool as one
+    model's; any other checkpoint is named by :func:`checkpoint_label`.
+    """
+    label = checkpoint_label(checkpoint)
+    folds = data_meta.get("folds")
+    if not isinstance(folds, dict):
+        return label, None
+    fold = int(folds["fold"])
+    run = Path(checkpoint).parent.parent.parent.name
+    if run and label in (f"fold{fold}", f"fold{fold}-last"):
+        return run + label.removeprefix(f"fold{fold}"), fold
+    return label, fold
+
+
 def trained_data_config(
     metadata: dict[str, Any],
     checkpoint: Path,
