@@ -1,5 +1,7 @@
 """Robustness cards and the leaderboard: three tiny models whose metadata says plain, Gaussian
-noise and PGD adversarial training, each carded on 2 held-out slices with a reduced protocol."""
+noise and PGD adversarial training, each carded on 2 held-out slices with a reduced protocol
+(one corruption, 2 SEA steps, 8 noise samples: the default suite's cards take seconds); the
+whole corruption grid of one card is checked by a slow test."""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ MODELS = {
     "pgd": {"adversarial": {"method": "pgd", "eps": 0.03, "steps": 2}},
 }
 """Three tiny models and how their metadata says they were trained (the card reads it)."""
-SMALL = ["--max-slices", "2", "--sea-steps", "4", "--certify-n", "8", "--batch-size", "2"]
+SMALL = ["--max-slices", "2", "--sea-steps", "2", "--certify-n", "8", "--batch-size", "2"]
+SMALL += ["--corruption", "noise"]
 
 
 def cli(args: list[str]) -> int:
@@ -75,10 +78,17 @@ def test_a_card_holds_the_protocols_numbers_with_their_slices(cards, capsys):
         assert at["dice"] <= results["clean"]["dice"] + 1e-9
     corruptions = results["corruptions"]
     assert corruptions["status"] == "measured" and corruptions["slices"] == 2
-    assert len(corruptions["cells"]) == 5 * len(corruptions["per_corruption"]) >= 5 * 8
+    assert len(corruptions["cells"]) == 5 and list(corruptions["per_corruption"]) == ["noise"]
     assert corruptions["dice"] == pytest.approx(np.mean([c["dice"] for c in corruptions["cells"]]))
     deviations = card["protocol"]["deviations"]
-    assert len(deviations) == 3 and "at most 2 held-out slices (max_slices)" in deviations
+    assert len(deviations) == 4 and "at most 2 held-out slices (max_slices)" in deviations
+    assert "corruptions noise only (protocol: all 8)" in deviations
+    # 2 slices of 1 held-out case: every number says its interval is not meaningful
+    for part in (results["clean"], *results["sea"]["at"], corruptions, results["certified"]):
+        ci = part["interval"]
+        assert ci["low"] is None and ci["high"] is None and not ci["meaningful"]
+        assert ci["cases"] == part["cases"] == 1 and ci["slices"] == part["slices"]
+        assert ci["text"] == "not meaningful: 1 case, 2 slices (< 5 cases); bounds left out"
     # the certified number is what `advseg certify` gives with the same settings
     smoothing = SmoothingConfig(sigma=0.25, n0=16, n=8, alpha=0.001, radii=[0.0, 0.1])
     checkpoint = cards / "models" / "pgd"
@@ -89,6 +99,7 @@ def test_a_card_holds_the_protocols_numbers_with_their_slices(cards, capsys):
     assert results["certified"]["slices"] == records["slice_id"].nunique()
     page = (cards / "cards" / "pgd" / "card.html").read_text()
     assert "Reduced card, not the full protocol" in page and "8/255" in page
+    assert "not meaningful: 1 case, 2 slices (&lt; 5 cases)" in page
     assert "<script" not in page and "http" not in page.replace(
         model["checkpoint"], ""
     )  # nothing fetched
@@ -169,9 +180,60 @@ def test_card_and_leaderboard_open_cleanly_in_a_browser_and_sort(cards):
         names = page.locator("tbody tr td:first-child").all_inner_texts()
         assert sorted(name.split(" (")[0] for name in names) == sorted(MODELS)
         page.locator("th", has_text="clean Dice").click()  # sort ascending by clean Dice
-        clean = [float(v) for v in page.locator("tbody tr td:nth-child(5)").all_inner_texts()]
+        texts = page.locator("tbody tr td:nth-child(5)").all_inner_texts()
+        assert all("(no interval: not meaningful: 1 case, 2 slices" in t for t in texts)
+        clean = [float(v.split()[0]) for v in texts]
         assert clean == sorted(clean)
         page.locator("th", has_text="clean Dice").click()  # and descending
-        clean = [float(v) for v in page.locator("tbody tr td:nth-child(5)").all_inner_texts()]
+        texts = page.locator("tbody tr td:nth-child(5)").all_inner_texts()
+        clean = [float(v.split()[0]) for v in texts]
         assert clean == sorted(clean, reverse=True)
         assert seen.errors == [] and seen.external == []
+
+
+def test_card_intervals_are_case_bootstraps_with_their_unit_counts():
+    """Over 6 cases a card number has an interval: the case bootstrap of its records (the
+    corruption mean's resamples the same cases in every cell), with its cases and slices."""
+    import pandas as pd
+
+    from advseg.card import card_interval
+    from advseg.card.pages import interval_text
+    from advseg.stats.bootstrap import case_bootstrap
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for cell in ("noise:1", "noise:2"):
+        for case in range(6):
+            for s in range(3):
+                tp, fp, fn = rng.integers(1, 50, size=3)
+                counts = {"tp_clean": tp, "fp_clean": fp, "fn_clean": fn, "tp_adv": tp // 2,
+                          "fp_adv": fp, "fn_adv": fn + tp - tp // 2}  # fmt: skip
+                rows.append({"cell": cell, "case": case, "slice_id": f"{case}_{s}", "class": "a",
+                             "gt_pixels": tp + fn, **counts})  # fmt: skip
+    records = pd.DataFrame(rows)
+    one = records[records["cell"] == "noise:1"]
+    ci = card_interval(one, "dsc_adv")
+    reference = case_bootstrap(one, "per-class", draws=2000, seed=0)["dsc_adv"]
+    assert (ci["low"], ci["high"]) == (reference.low, reference.high)
+    assert ci["low"] < reference.estimate < ci["high"] and ci["meaningful"]
+    assert (ci["cases"], ci["slices"]) == (6, 18)
+    assert ci["text"] == "95% case bootstrap over 6 cases, 18 slices"
+    assert interval_text({"interval": ci}) == f"[{ci['low']:.3f}, {ci['high']:.3f}]"
+    pooled = card_interval(records, "dsc_adv", by="cell")
+    per_cell = [card_interval(g, "dsc_adv") for _, g in records.groupby("cell")]
+    assert min(c["low"] for c in per_cell) <= pooled["low"] <= max(c["high"] for c in per_cell)
+    assert pooled["slices"] == 18  # the same slices in every cell, counted once
+    few = card_interval(one[one["case"] < 4], "dsc_clean")
+    assert few["low"] is None and not few["meaningful"] and few["cases"] == 4
+
+
+@pytest.mark.slow
+def test_a_full_corruption_grid_card(cards, tmp_path):
+    """The protocol's corruption mean: every corruption at severities 1-5 (40 cells)."""
+    args = ["card", str(cards / "models" / "plain"), "--out", str(tmp_path / "full")]
+    args += ["--max-slices", "2", "--sea-steps", "1", "--certify-n", "4", "--device", "cpu"]
+    assert cli(args) == 0
+    corruptions = read_card(tmp_path / "full")["results"]["corruptions"]
+    assert len(corruptions["cells"]) == 5 * len(corruptions["per_corruption"]) >= 5 * 8
+    assert corruptions["dice"] == pytest.approx(np.mean([c["dice"] for c in corruptions["cells"]]))
+    assert corruptions["interval"]["cases"] == 1 and corruptions["interval"]["low"] is None

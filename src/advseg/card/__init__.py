@@ -26,7 +26,11 @@ The protocol (version :data:`PROTOCOL_VERSION`), all on the cases the checkpoint
    slices with a mask. A model not trained with noise is certified all the same (its number is
    low, and its training is on the card).
 
-Every number carries the slices and cases it was computed on. ``max_slices`` (tests and quick
+Every number carries the slices and cases it was computed on and its 95% case-bootstrap
+interval (:func:`advseg.stats.bootstrap.case_bootstrap`, 2000 draws, seed 0: the slices of one
+case resampled together; the corruption mean resamples the same cases in all of its cells); with
+fewer than :data:`advseg.stats.bootstrap.MIN_CASES` cases the bounds are left out (null) and the
+card says the interval is not meaningful, as Table II does. ``max_slices`` (tests and quick
 looks) and fewer SEA steps or noise samples than the protocol's are *deviations*: the card lists
 them and the leaderboard marks such a card, so that a reduced card is never read as a full one.
 """
@@ -41,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 import advseg
 from advseg.errors import UserError
@@ -72,6 +77,8 @@ class CardConfig:
             a deviation.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         batch_size: slices per batch.
+        corruptions: only these corruptions (names, each at severities 1-5); None: every one
+            (the protocol's); fewer is a deviation.
     """
 
     checkpoint: Path
@@ -83,6 +90,7 @@ class CardConfig:
     certify_n: int = CERTIFY_N
     device: str = "auto"
     batch_size: int = 8
+    corruptions: list[str] | None = None
 
 
 def sea_default_steps() -> int:
@@ -103,13 +111,18 @@ def protocol(config: CardConfig) -> dict[str, Any]:
         deviations.append(f"SEA with {steps} steps per member (protocol: {sea_default_steps()})")
     if config.certify_n < CERTIFY_N:
         deviations.append(f"certified with n {config.certify_n} (protocol: {CERTIFY_N})")
+    names = corruption_names(config)
+    if len(names) < len(corruption_names()):
+        deviations.append(
+            f"corruptions {', '.join(names)} only (protocol: all {len(corruption_names())})"
+        )
     return {
         "version": PROTOCOL_VERSION,
         "split": "test (the cases the checkpoint held out)",
         "dice": DICE,
         "sea": {"eps": list(SEA_EPS), "norm": "linf", "steps_per_member": steps},
         "corruptions": {
-            "names": corruption_names(),
+            "names": corruption_names(config),
             "severities": [1, 2, 3, 4, 5],
             "seed": 0,  # with each slice id: advseg.corruptions.corruption_seed
         },
@@ -126,11 +139,17 @@ def protocol(config: CardConfig) -> dict[str, Any]:
     }
 
 
-def corruption_names() -> list[str]:
-    """Every corruption advseg has (:data:`advseg.corruptions.CORRUPTIONS`), in its order."""
-    from advseg.corruptions import CORRUPTIONS
+def corruption_names(config: CardConfig | None = None) -> list[str]:
+    """The corruptions a card measures: ``config.corruptions`` (checked, each once), else
+    every corruption advseg has (:data:`advseg.corruptions.CORRUPTIONS`), in its order."""
+    from advseg.corruptions import CORRUPTIONS, parse_corruptions
 
-    return list(CORRUPTIONS.names())
+    if config is None or config.corruptions is None:
+        return list(CORRUPTIONS.names())
+    if not config.corruptions or any(":" in n or n == "all" for n in config.corruptions):
+        raise UserError("--corruption: name whole corruptions (each at severities 1-5)")
+    cells = parse_corruptions(config.corruptions)  # unknown or repeated names: one line
+    return list(dict.fromkeys(name for name, _ in cells))
 
 
 def make_card(config: CardConfig) -> dict[str, Any]:
@@ -154,6 +173,7 @@ def make_card(config: CardConfig) -> dict[str, Any]:
         raise UserError(f"--sea-steps: {config.sea_steps} must be at least 1")
     if config.certify_n < 1:
         raise UserError(f"--certify-n: {config.certify_n} must be at least 1")
+    corruption_names(config)  # a bad --corruption before any work
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
@@ -236,6 +256,28 @@ def _counts(records: Any) -> dict[str, int]:
     return {"slices": int(records["slice_id"].nunique()), "cases": int(records["case"].nunique())}
 
 
+def card_interval(records: Any, statistic: str, by: str | None = None) -> dict[str, Any]:
+    """The 95% case-bootstrap interval of one card number (``dsc_clean`` or ``dsc_adv`` of
+    ``records``, the mean over the ``by`` groups when given), as JSON: ``low``/``high`` (null
+    below :data:`~advseg.stats.bootstrap.MIN_CASES` cases), ``level``, ``draws``, ``seed``,
+    ``cases``, ``slices``, ``meaningful`` and ``text`` (what Table II's ``interval`` says)."""
+    from advseg.stats.bootstrap import DRAWS, case_bootstrap, interval_note
+
+    ci = case_bootstrap(records, DICE, draws=DRAWS, seed=0, by=by)[statistic]
+    finite = ci.meaningful and np.isfinite(ci.low) and np.isfinite(ci.high)
+    return {
+        "low": float(ci.low) if finite else None,
+        "high": float(ci.high) if finite else None,
+        "level": ci.level,
+        "draws": DRAWS,
+        "seed": 0,
+        "cases": ci.cases,
+        "slices": ci.slices,
+        "meaningful": bool(finite),
+        "text": interval_note(ci.cases, ci.slices),
+    }
+
+
 def _sea(config: CardConfig, model: Any, meta: Any, data: Any, rows: np.ndarray,
          settings: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """Clean Dice and SEA's Dice at each eps, from one sweep's records."""
@@ -258,10 +300,11 @@ def _sea(config: CardConfig, model: Any, meta: Any, data: Any, rows: np.ndarray,
         at.append({
             "eps": eps, "eps_255": round(eps * 255, 6), "dice": float(cell["dsc_adv"]),
             "attack_success": float(cell["as"]), "units": int(cell["units"]),
-            **_counts(result.records),
+            **_counts(result.records), "interval": card_interval(result.records, "dsc_adv"),
         })  # fmt: skip
     first = summarize_cells(results[0].records, DICE).iloc[0]
-    clean = {"dice": float(first["dsc_clean"]), "units": int(first["units"])}
+    clean = {"dice": float(first["dsc_clean"]), "units": int(first["units"]),
+             "interval": card_interval(results[0].records, "dsc_clean")}  # fmt: skip
     steps = settings["sea"]["steps_per_member"]
     return {"clean": {**clean, **_counts(results[0].records)}, "steps_per_member": steps, "at": at}
 
@@ -277,7 +320,7 @@ def _corruptions(
     from advseg.stats.summary import summarize_cells
     from advseg.train.trained import checkpoint_label
 
-    pairs = parse_corruptions(["all"])
+    pairs = parse_corruptions(corruption_names(config))
     results = evaluate_corruptions(
         model, data, rows, pairs, model_name=checkpoint_label(config.checkpoint),
         arch=meta.model, activation=meta.activation, seed=0, batch_size=config.batch_size,
@@ -291,8 +334,13 @@ def _corruptions(
         name: float(np.mean([c["dice"] for c in cells if c["name"] == name])) for name in names
     }
     first = summarize_cells(results[0].records, DICE).iloc[0]
+    every = pd.concat(
+        [r.records.assign(cell=f"{n}:{k}") for (n, k), r in zip(pairs, results, strict=True)],
+        ignore_index=True,
+    )  # the mean over cells, each draw resampling the same cases in every cell
     return {
         "dice": float(np.mean([c["dice"] for c in cells])),
+        "interval": card_interval(every, "dsc_adv", by="cell"),
         "status": "measured",
         "per_corruption": per_corruption,
         "cells": cells,
@@ -316,10 +364,12 @@ def _certified(config: CardConfig, settings: dict[str, Any]) -> dict[str, Any]:
     )  # fmt: skip
     summary = certified_summary(records, DICE)
     row = summary[np.isclose(summary["radius"], certify["radius"])].iloc[0]
+    at_radius = records[np.isclose(records["eps"], certify["radius"])]
     return {
         "radius": certify["radius"], "sigma": certify["sigma"],
         "dice": float(row["dsc_certified"]), "dice_plain": float(row["dsc_plain"]),
         "abstained": float(row["abstained"]), "units": int(row["units"]), **_counts(records),
+        "interval": card_interval(at_radius, "dsc_adv"),
     }  # fmt: skip
 
 

@@ -74,36 +74,60 @@ def _page(title: str, body: list[str], script: str = "") -> str:
     return "\n".join(parts)
 
 
-def result_rows(card: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """``(measure, value, computed on)`` for each number of the card."""
+def interval_text(part: dict[str, Any]) -> str:
+    """A number's interval as shown: ``[0.812, 0.901]``, or why there is none (fewer than 5
+    cases: ``not meaningful: 2 cases, 8 slices (< 5 cases)``); empty for a card made before
+    cards had intervals."""
+    ci = part.get("interval")
+    if not ci:
+        return ""
+    if not ci.get("meaningful"):
+        return ci["text"].removesuffix("; bounds left out")
+    return f"[{ci['low']:.3f}, {ci['high']:.3f}]"
+
+
+def _with_interval(value: str, part: dict[str, Any]) -> str:
+    text = interval_text(part)
+    if not text:
+        return value
+    return f"{value} {text}" if text.startswith("[") else f"{value} (no interval: {text})"
+
+
+def result_rows(card: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """``(measure, value, 95% interval, computed on)`` for each number of the card."""
     results = card["results"]
 
     def on(part: dict[str, Any]) -> str:
         return f"{part['slices']} slices of {part['cases']} cases"
 
-    rows = [("clean Dice", _number(results["clean"]["dice"]), on(results["clean"]))]
+    clean = results["clean"]
+    rows = [("clean Dice", _number(clean["dice"]), interval_text(clean), on(clean))]
     for at in results["sea"]["at"]:
         rows.append(
             (
                 f"Dice under SEA, L-inf eps {_eps(at['eps'])}",
                 f"{at['dice']:.4f} (AS {at['attack_success']:.3f})",
+                interval_text(at),
                 on(at),
             )
         )
     corruptions = results["corruptions"]
     if corruptions.get("dice") is None:
-        rows.append(("corruption mean Dice", "not measured", corruptions.get("reason", "")))
+        rows.append(("corruption mean Dice", "not measured", "", corruptions.get("reason", "")))
     else:
         what = f"{len(corruptions['per_corruption'])} corruptions x 5 severities"
         mean = _number(corruptions["dice"])
-        rows.append((f"corruption mean Dice ({what})", mean, on(corruptions)))
+        rows.append(
+            (f"corruption mean Dice ({what})", mean, interval_text(corruptions), on(corruptions))
+        )
         for name, dice in corruptions["per_corruption"].items():
-            rows.append((f"  {name} (mean over severities)", _number(dice), on(corruptions)))
+            rows.append((f"  {name} (mean over severities)", _number(dice), "", on(corruptions)))
     certified = results["certified"]
     rows.append(
         (
             f"certified Dice, L2 radius {certified['radius']:g} (sigma {certified['sigma']:g})",
             f"{certified['dice']:.4f} ({certified['abstained']:.1%} pixels abstained)",
+            interval_text(certified),
             on(certified),
         )
     )
@@ -136,7 +160,15 @@ def card_page(card: dict[str, Any]) -> str:
     body.append("<h2>Model</h2>")
     body.append(_table(["what", "value"], [(a, b) for a, b in info]))
     body.append(f"<h2>Results (Dice protocol '{html.escape(settings['dice'])}')</h2>")
-    body.append(_table(["measure", "value", "computed on"], result_rows(card)))
+    body.append(
+        _table(["measure", "value", "95% interval (case bootstrap)", "computed on"],
+               result_rows(card))
+    )  # fmt: skip
+    body.append(
+        '<p class="note">Intervals: 95% percentile bootstrap over cases (2000 draws, seed 0; '
+        "the slices of one case resampled together). Below 5 cases there is none: a bootstrap "
+        "over so few patients is not meaningful, and the numbers describe those cases only.</p>"
+    )
     body.append(f"<h2>Protocol {html.escape(settings['version'])}</h2>")
     body.append(f"<pre>{html.escape(json.dumps(settings, indent=2))}</pre>")
     provenance = card.get("provenance") or {}
@@ -181,14 +213,28 @@ def leaderboard_rows(cards: list[dict[str, Any]]) -> list[list[tuple[str, Any]]]
             (model["architecture"], model["architecture"]),
             (f"{model['params'] / 1e6:.2f}", model["params"]),
             (_training(model), (model.get("training") or {}).get("method", "")),
-            (f"{results['clean']['dice']:.4f}", results["clean"]["dice"]),
+            (
+                _with_interval(f"{results['clean']['dice']:.4f}", results["clean"]),
+                results["clean"]["dice"],
+            ),
             *[
-                (f"{sea[k]['dice']:.4f}", sea[k]["dice"]) if k in sea else ("n/a", "")
+                (_with_interval(f"{sea[k]['dice']:.4f}", sea[k]), sea[k]["dice"])
+                if k in sea
+                else ("n/a", "")
                 for k in (2, 4, 8)
             ],
-            (_number(corruption), "" if corruption is None else corruption),
-            (f"{certified['dice']:.4f} @ L2 {certified['radius']:g}", certified["dice"]),
-            (f"{results['clean']['slices']}", results["clean"]["slices"]),
+            (
+                _with_interval(_number(corruption), results["corruptions"]),
+                "" if corruption is None else corruption,
+            ),
+            (
+                _with_interval(f"{certified['dice']:.4f} @ L2 {certified['radius']:g}", certified),
+                certified["dice"],
+            ),
+            (
+                f"{results['clean']['slices']} of {results['clean']['cases']} cases",
+                results["clean"]["slices"],
+            ),
             (
                 settings["version"] + (" reduced: " + "; ".join(reduced) if reduced else ""),
                 settings["version"],
@@ -206,7 +252,8 @@ def leaderboard_page(cards: list[dict[str, Any]]) -> str:
         + html.escape(
             f"{len(cards)} robustness cards. Dice under the '{cards[0]['protocol']['dice']}' "
             "protocol on each model's held-out cases; SEA in L-inf at eps 2/255, 4/255, 8/255; "
-            "certified Dice by randomized smoothing at the stated L2 radius. Sorted by the Dice "
+            "certified Dice by randomized smoothing at the stated L2 radius; [low, high]: 95% "
+            "case-bootstrap interval (none below 5 cases: not meaningful). Sorted by the Dice "
             "under SEA at 8/255; click a column header to sort by it."
         )
         + "</p>"

@@ -33,6 +33,12 @@ def card_command(
     certify_n: int = typer.Option(
         128, "--certify-n", help="Noisy samples per certified decision (fewer: a reduced card)."
     ),
+    corruption: list[str] = typer.Option(
+        [],
+        "--corruption",
+        help="Only this corruption (repeatable; each at severities 1-5). Default: every "
+        "corruption, the protocol's; fewer is a reduced card.",
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Slices per batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
 ) -> None:
@@ -47,13 +53,16 @@ def card_command(
     config = CardConfig(
         checkpoint=checkpoint, out=out, data=data_argument(data), cache_dir=cache_dir,
         max_slices=max_slices, sea_steps=sea_steps, certify_n=certify_n, device=device,
-        batch_size=batch_size,
+        batch_size=batch_size, corruptions=list(corruption) or None,
     )  # fmt: skip
     card = make_card(config)
     terminal = console()
     terminal.print(f"card of {card['model']['name']} ({card['protocol']['version']}):")
-    for measure, value, on in result_rows(card):
-        terminal.print(f"  {measure}: {value}  [{on}]", highlight=False, markup=False)
+    for measure, value, interval, on in result_rows(card):
+        interval = (
+            f" 95% {interval}" if interval.startswith("[") else f" ({interval})" * bool(interval)
+        )
+        terminal.print(f"  {measure}: {value}{interval}  [{on}]", highlight=False, markup=False)
     for line in card["warnings"]:
         terminal.print(f"[bold red]warning:[/] {line}", highlight=False)
     for deviation in card["protocol"]["deviations"]:
