@@ -32,13 +32,14 @@ from advseg.attacks.pgd import PGD
 from advseg.attacks.sea import SEA
 from advseg.attacks.segpgd import SegPGD
 from advseg.attacks.universal import Universal
+from advseg.attacks.vafa import VAFA
 from advseg.catalogue import parse_attack_name
 from advseg.errors import UserError
 from advseg.losses import PerSampleLoss
 
 __all__ = ["APGD", "ASMA", "ATTACKS", "BIM", "DAG", "FGSM", "MIFGSM", "PDPGD", "PGD", "SEA",
            "ALMAProx", "Attack", "BiasField", "CosPGD", "Elastic", "Gamma", "MinimalNorm", "PAdam",
-           "SegPGD", "Universal",
+           "SegPGD", "Universal", "VAFA",
            "attack_options", "check_eps", "check_option_values", "create_attack", "frozen",
            "model_logits", "parse_attack_name"]  # fmt: skip
 
@@ -52,7 +53,8 @@ def create_attack(
         name: ``fgsm``, ``bim``, ``pgd``, ``mifgsm``, ``segpgd``, ``cospgd``, ``apgd``, ``sea``,
             ``dag``, ``asma``, the plausible ``biasfield``, ``elastic`` and ``gamma`` (budgets in
             their own terms: :mod:`advseg.attacks.plausible`), the minimal-norm ``alma-prox`` and
-            ``pdpgd`` (their ``min_eps``) or ``universal`` (which must be
+            ``pdpgd`` (their ``min_eps``), the frequency-domain ``vafa`` (eps: its largest
+            quantisation step; an SSIM bound) or ``universal`` (which must be
             fitted on training slices before it is called), optionally with the adaptive
             suffixes ``+bpda`` / ``+eot`` (e.g. ``pgd+bpda``),
             which attack a :class:`~advseg.defences.DefendedModel` through BPDA / EOT
