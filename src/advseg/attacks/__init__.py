@@ -37,9 +37,9 @@ from advseg.catalogue import parse_attack_name
 from advseg.errors import UserError
 from advseg.losses import PerSampleLoss
 
-__all__ = ["APGD", "ASMA", "ATTACKS", "BIM", "DAG", "FGSM", "MIFGSM", "PDPGD", "PGD", "SEA",
+__all__ = ["APGD", "ASMA", "ATTACKS", "BIM", "DAG", "FGSM", "MIFGSM", "PDPGD", "PGD", "SEA", "VAFA",
            "ALMAProx", "Attack", "BiasField", "CosPGD", "Elastic", "Gamma", "MinimalNorm", "PAdam",
-           "SegPGD", "Universal", "VAFA",
+           "SegPGD", "Universal",
            "attack_options", "check_eps", "check_option_values", "create_attack", "frozen",
            "model_logits", "parse_attack_name"]  # fmt: skip
 
