@@ -113,7 +113,13 @@ def test_evaluate_a_bundle_from_the_cli(made, tmp_path, capsys):
     assert records["hd95_mm_clean"].notna().any()
     provenance = json.loads((out / "external.json").read_text())["bundle-bundle"]
     assert provenance["kind"] == "bundle" and provenance["inferer"] == "SlidingWindowInferer"
-    assert len(provenance["sha256"]["model.pt"]) == 64
+    digest = provenance["sha256"]["model.pt"]
+    assert len(digest) == 64
+    with pytest.raises(SystemExit) as exit_:  # the report names the bundle and its weights' hash
+        main(["report", str(out)])
+    assert exit_.value.code == 0, capsys.readouterr().err
+    page = (out / "report" / "report.md").read_text()
+    assert "MONAI bundle" in page and digest in page and "SlidingWindowInferer" in page
 
 
 def test_a_torchscript_bundle_equals_the_weights(made, tmp_path):

@@ -110,3 +110,19 @@ def test_evaluate_refuses_bad_external_options_in_one_line(files, tmp_path, caps
     assert cli(args) == 2
     assert "the data's classes are" in capsys.readouterr().err
     assert not (tmp_path / "o" / "records").exists()
+
+
+def test_the_report_names_an_external_models_provenance(tmp_path):
+    from advseg.report.provenance import _external_rows
+
+    facts = {
+        "kind": "nnunet", "folder": "/r/Dataset001_X", "configuration": "2d", "folds": ["0", "1"],
+        "checkpoint": "checkpoint_final.pth", "trainer": "nnUNetTrainer", "mirroring": False,
+        "checkpoint_sha256": {"0": "a" * 64, "1": "b" * 64}, "units": "HU",
+    }  # fmt: skip
+    (tmp_path / "external.json").write_text(json.dumps({"nnunet-2d-f0+1-nomirror": facts}))
+    ((name, text),) = _external_rows(tmp_path)
+    assert name == "model: nnunet-2d-f0+1-nomirror"
+    for part in ("/r/Dataset001_X", "configuration 2d", "folds 0, 1", "checkpoint_final.pth",
+                 "mirroring off", "a" * 64, "b" * 64, "eps in HU"):  # fmt: skip
+        assert part in text

@@ -2,8 +2,10 @@
 
 What advseg wrote (version, command line, device, dates: :mod:`advseg.runs.provenance`), the data
 (the synthetic phantom said plainly, else the path; slices in the data set and evaluated; cases),
-the run's ``config.yaml`` verbatim, the report's own version and date, and a warning for each
-model whose clean DSC is below :data:`BROKEN_DICE` (its Attack Success measures noise).
+the run's ``config.yaml`` verbatim, the models advseg did not train (``external.json``: folder or
+bundle, folds, configuration, checkpoint hashes, units), the report's own version and date, and a
+warning for each model whose clean DSC is below :data:`BROKEN_DICE` (its Attack Success measures
+noise).
 """
 
 from __future__ import annotations
@@ -112,6 +114,47 @@ def _checkpoint_rows(run_dir: Path) -> list[tuple]:
     return rows
 
 
+def external_text(facts: dict[str, Any]) -> str:
+    """One model advseg did not train, in a line: what it is (folder or bundle, configuration,
+    folds, checkpoint and its hashes), and the units its eps are in."""
+    kind = facts.get("kind", "?")
+    parts = []
+    if kind == "nnunet":
+        parts.append(f"nnU-Net v2 results folder {facts.get('folder', '?')}")
+        parts.append(f"configuration {facts.get('configuration', '?')}")
+        parts.append(f"folds {', '.join(map(str, facts.get('folds', []))) or '?'}")
+        parts.append(f"checkpoint {facts.get('checkpoint', '?')}")
+        parts.append(f"trainer {facts.get('trainer', '?')}")
+        parts.append("mirroring " + ("on" if facts.get("mirroring", True) else "off"))
+        hashes = facts.get("checkpoint_sha256", {})
+    elif kind == "bundle":
+        parts.append(f"MONAI bundle {facts.get('bundle', '?')} ({facts.get('config', '?')})")
+        parts.append(f"weights {facts.get('weights', '?')}")
+        parts.append(f"inferer {facts.get('inferer', '?')}")
+        parts.append(f"preprocessing {' > '.join(facts.get('preprocessing', [])) or 'none'}")
+        hashes = facts.get("sha256", {})
+    else:
+        parts.append(f"{kind} {facts.get('path', '?')}")
+        hashes = facts.get("sha256", {})
+    if facts.get("activation"):
+        parts.append(f"{facts['activation']} outputs")
+    parts += [f"SHA-256 of {name}: {digest}" for name, digest in hashes.items()]
+    if facts.get("units"):
+        parts.append(f"eps in {facts['units']}")
+    return "; ".join(parts)
+
+
+def _external_rows(run_dir: Path) -> list[tuple]:
+    """The models advseg did not train (``external.json`` of an ``advseg evaluate`` output, or
+    of each run of a grid, one folder down)."""
+    rows = []
+    for path in [run_dir / "external.json", *sorted(run_dir.glob("*/external.json"))]:
+        for name, facts in _json(path).items():
+            if isinstance(facts, dict):
+                rows.append((f"model: {name}", external_text(facts)))
+    return list(dict.fromkeys(rows))
+
+
 def section(
     writer: Any,
     run_dir: Path,
@@ -127,6 +170,7 @@ def section(
         *_data_rows(run_dir, records, locations),
         *_session_rows(run_dir),
         *_checkpoint_rows(run_dir),
+        *_external_rows(run_dir),
         ("report", f"{now()} by advseg {advseg.__version__}"),
         ("Dice protocol", protocol),
         ("broken-model threshold", f"clean DSC < {BROKEN_DICE:g}"),
