@@ -317,6 +317,7 @@ def train(
     table = Table(title=f"advseg train: {train_config.model}", show_header=False)
     robust = train_config.adversarial.select_by == "robust"
     what = "best robust validation Dice" if robust else "best validation Dice"
+    what += " (global)"  # TP, FP, FN summed over the validation pixels, as the epochs print it
     table.add_row(what, f"{result.best_dice:.4f} (epoch {result.best_epoch})")
     table.add_row("activation", f"{train_config.activation} (loss {train_config.loss})")
     overlap = result.data.get("overlap")

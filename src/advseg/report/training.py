@@ -168,8 +168,12 @@ def training_table(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
         except UserError as err:
             notes.append(f"model {name}: no training details ({err})")
             continue
-        rows.append(_row(name, meta.model, meta.train, meta.metrics, meta.epoch))
-    table = pd.DataFrame(rows, columns=COLUMNS)
+        row = _row(name, meta.model, meta.train, meta.metrics, meta.epoch)
+        folds = meta.data.get("folds")  # a cross-validation fold's model: which fold
+        rows.append({**row, "fold": folds["fold"] if isinstance(folds, dict) else None})
+    table = pd.DataFrame(rows, columns=[*COLUMNS[:2], "fold", *COLUMNS[2:]])
+    if table["fold"].isna().all():
+        table = table.drop(columns="fold")
     plain = table.loc[table["adversarial_training"] == "none", "train_seconds"].dropna()
     if len(plain) and plain.mean() > 0:
         table["time_ratio"] = table["train_seconds"] / plain.mean()
@@ -247,10 +251,13 @@ def sections(
         writer.table(
             "training",
             table,
-            "How each model was trained, one row per training seed: its adversarial training "
+            "How each model was trained, one row per training seed (and cross-validation fold, "
+            "whose clean and worst DSC are those of the folds pooled): its adversarial training "
             "(the attack inside each training step), what picked its best checkpoint and that "
-            "checkpoint's validation Dice (robust Dice where selected by it), its training time "
-            "and the ratio to the undefended models' time; then that seed's clean DSC and its "
+            "checkpoint's validation Dice (global Dice: TP, FP, FN summed over every validation "
+            "pixel per class; robust Dice where selected by it), its training time and the ratio "
+            f"to the undefended models' time; then that seed's clean DSC ({protocol} Dice, as "
+            "Table II) and its "
             "lowest DSC under any white-box attack and loss of this grid at this eps. A defence "
             "is only as good as the strongest attack run against it: add PGD with many steps and "
             "restarts.",
