@@ -96,7 +96,10 @@ def test_records_are_complete_and_match_direct_computation(model):
     assert len(records) == len(rows) * 3 * len(LOSSES)
     hd95_columns = ["hd95_clean", "hd95_adv", "hd95_mm_clean", "hd95_mm_adv"]
     assert records["min_eps"].isna().all()  # a fixed-budget attack measures no minimal norm
-    assert not records.drop(columns=[*hd95_columns, "min_eps"]).isna().to_numpy().any()
+    nsd_columns = ["nsd_clean", "nsd_adv", "nsd_mm"]  # volumes only
+    assert (
+        not records.drop(columns=[*hd95_columns, *nsd_columns, "min_eps"]).isna().to_numpy().any()
+    )
     # the mm distance is defined exactly where the pixel one is, and lies between 0.5x and 2x it
     assert records["hd95_mm_adv"].isna().equals(records["hd95_adv"].isna())
     defined = records.dropna(subset=["hd95_adv"])

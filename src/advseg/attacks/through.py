@@ -133,3 +133,39 @@ def _padded_tile(name, inferer, x, y, loss, eps, generator, kwargs) -> Tensor:
     attack = create_attack(name, inferer.model, loss=loss, eps=eps, **kwargs)
     x_adv = attack(F.pad(x, pad), F.pad(y, pad), generator=generator)
     return x_adv[(slice(None), slice(None), *reversed(crop))].contiguous()
+
+
+class TiledAttack:
+    """A registry attack run by the published tile protocol, with an attack's interface.
+
+    What the evaluation engine (:mod:`advseg.evaluate.engine`) calls: ``attack(x, y,
+    generator=)`` gives :func:`attack_through_tiles`'s volumes; every other attribute (``loss``,
+    ``seed``, ``single_step``, ``setting``, ``model``: the bare network, so the engine never
+    shares a gradient through the inferer for it) is the attack built on the bare network's.
+    ``loss_ensemble`` is False: an ensemble's winning member differs per tile, so none is named.
+    """
+
+    loss_ensemble = False
+
+    def __init__(
+        self,
+        name: str,
+        inferer: SlidingWindow,
+        *,
+        loss: str | PerSampleLoss = "bce",
+        eps: float = 4 / 255,
+        **kwargs,
+    ) -> None:
+        self.name_given, self.inferer, self.eps_given = name, inferer, eps
+        self.loss_given, self.kwargs = loss, kwargs
+        self.inner = create_attack(name, inferer.model, loss=loss, eps=eps, **kwargs)
+
+    def __getattr__(self, key: str):
+        if key == "inner":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(key)
+        return getattr(self.inner, key)
+
+    def __call__(self, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        return attack_through_tiles(self.name_given, self.inferer, x, y, loss=self.loss_given,
+                                    eps=self.eps_given, generator=generator,
+                                    **self.kwargs)  # fmt: skip

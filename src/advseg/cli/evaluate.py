@@ -82,6 +82,18 @@ def evaluate_command(
     examples: int = typer.Option(
         0, "--examples", callback=count_flag(0), help="Slices per cell saved for figures."
     ),
+    through: list[str] = typer.Option(
+        ["inference"],
+        "--through",
+        help="3D models: the threat protocol (repeatable): inference (end to end through the "
+        "sliding window that scores the volume; default) or tiles (non-overlapping tiles "
+        "attacked one by one, as the published volumetric studies).",
+    ),
+    nsd_tolerance: float = typer.Option(
+        1.0,
+        "--nsd-tolerance",
+        help="3D models: the normalised surface Dice's tolerance in mm (default 1).",
+    ),
     erase: list[str] = typer.Option(
         [],
         "--erase",
@@ -224,6 +236,8 @@ def evaluate_command(
         corruptions=list(corruption),
         corruption_seed=corruption_seed,
         external=external,
+        through=list(through),
+        nsd_mm=nsd_tolerance,
     )
     with options_named(
         ("protocol", "split", "device", "max_slices")

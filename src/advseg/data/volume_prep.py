@@ -110,18 +110,21 @@ class Normalisation:
 
     @property
     def valid_range(self) -> tuple[float, float] | None:
-        """The model inputs' range, ``((low - mean) / std, (high - mean) / std)`` for CT; None
-        (unbounded) for a per-volume z-score."""
+        """The model inputs' range, ``((low - mean) / std, (high - mean) / std)`` rounded to
+        float32 (what the inputs hold) for CT; None (unbounded) for a per-volume z-score."""
         if self.low is None or self.high is None:
             return None
-        return ((self.low - self.mean) / self.std, (self.high - self.mean) / self.std)
+        bounds = [np.float32((v - self.mean) / self.std) for v in (self.low, self.high)]
+        return float(bounds[0]), float(bounds[1])  # the float32 inputs' own extremes
 
     def apply(self, image: np.ndarray) -> np.ndarray:
         """``image`` (any shape) normalised, float32."""
         x = image.astype(np.float64, copy=False)
         if self.low is not None and self.high is not None:
             x = np.clip(x, self.low, self.high)
-        return ((x - self.mean) / self.std).astype(np.float32)
+        out = ((x - self.mean) / self.std).astype(np.float32)
+        valid = self.valid_range
+        return out if valid is None else np.clip(out, *valid)  # resampling keeps to it too
 
 
 def ct_normalisation(samples: list[np.ndarray], where: str) -> Normalisation:

@@ -53,8 +53,8 @@ from advseg.data.volume_prep import (
 )
 from advseg.errors import UserError
 
-#: Bump when the cached volumes' meaning changes.
-VOLUME_CACHE_VERSION = 1
+#: Bump when the cached volumes' meaning changes (2: CT inputs clipped to their float32 range).
+VOLUME_CACHE_VERSION = 2
 
 #: The columns of a volume index, one row per scan (then nothing: masks live in the arrays).
 VOLUME_COLUMNS = (
@@ -69,7 +69,8 @@ class VolumeData:
     """A loaded volumetric data set: row i of :attr:`index` is volume i.
 
     Attributes:
-        index: one row per scan (:data:`VOLUME_COLUMNS`): ``id`` = ``scan``, the array's
+        index: one row per scan (:data:`VOLUME_COLUMNS`, and ``slice`` -1: a whole volume, as
+            records name it): ``id`` = ``scan``, the array's
             ``depth, height, width`` and voxel size ``spacing_d, spacing_h, spacing_w`` (mm),
             the source's shape and spacing before resampling, and ``mean``, ``std`` of the
             z-score (a model-input difference ``d`` is ``d * std`` in the source's units).
@@ -99,6 +100,19 @@ class VolumeData:
 
     def __len__(self) -> int:
         return len(self.index)
+
+    @property
+    def geometry(self) -> pd.DataFrame:
+        """``mm_d``, ``mm_h``, ``mm_w`` per row: the voxel size, for HD95 and the surface Dice in
+        mm (what the evaluation reads of a source, :func:`advseg.runs.record_rows.pixel_mm`)."""
+        columns = {"mm_d": "spacing_d", "mm_h": "spacing_h", "mm_w": "spacing_w"}
+        return pd.DataFrame({k: self.index[v].to_numpy(float) for k, v in columns.items()})
+
+    @property
+    def data_range(self) -> float | None:
+        """The inputs' range for PSNR and SSIM: the valid range's width (CT), else None (each
+        volume's own max - min)."""
+        return None if self.valid_range is None else self.valid_range[1] - self.valid_range[0]
 
     def volume(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Volume ``row`` as model input ``(1, D, H, W)`` float32 and masks ``(K, D, H, W)``
@@ -194,7 +208,7 @@ def load_volumes(config: DataConfig, progress: Callable[[int], None] | None = No
         decoded = _build(entry, slices, modality, volume, str(root), progress)
     keep_digests(entry, digests)  # the files' stat keys now: not read again next time
     meta = json.loads((entry / "volumes.json").read_text())
-    index = pd.DataFrame(meta["rows"], columns=list(VOLUME_COLUMNS))
+    index = pd.DataFrame(meta["rows"], columns=list(VOLUME_COLUMNS)).assign(slice=-1)
     n = len(index)
     images = [np.load(entry / f"image-{i:04d}.npy", mmap_mode="r") for i in range(n)]
     masks = [np.load(entry / f"mask-{i:04d}.npy", mmap_mode="r") for i in range(n)]
@@ -257,6 +271,8 @@ def _build(
             if volume.spacing is not None:
                 shape = resampled_shape(source, spacing, volume.spacing)
             image, masks = resample(image, masks, shape)
+            if norm.valid_range is not None:  # a float32 blend may round one ulp outside
+                image = np.clip(image, *norm.valid_range)
             np.save(tmp / f"image-{i:04d}.npy", image)
             np.save(tmp / f"mask-{i:04d}.npy", masks)
             (tmp / f"raw-{i:04d}.npy").unlink()

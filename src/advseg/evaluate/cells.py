@@ -187,6 +187,8 @@ def evaluate_sweep(
     trace: bool = False,
     compat: str = "none",
     only_batches: Sequence[int] | None = None,
+    through: str | None = None,
+    nsd_mm: float | None = None,
 ) -> list[CellResult]:
     """Evaluate several cells of one (model, attack), one per eps, in one pass over the data.
 
@@ -206,6 +208,12 @@ def evaluate_sweep(
         trace: keep each cell's convergence trace (``CellResult.trace``): per loss and step the
             mean loss and Dice over the slices. Iterative attacks only: a single-step sweep
             (which shares one gradient) and crafted images have no steps to trace.
+        through: volumes only (``model`` is then a :class:`advseg.inference.SlidingWindow`):
+            ``inference`` (the attack's model is the inferer, end to end) or ``tiles`` (the
+            published protocol, :class:`advseg.attacks.through.TiledAttack`); the records'
+            ``through`` column, and their attack label ``<attack>:<through>``, so that Table II
+            keeps the two apart. Tiles keep no convergence trace.
+        nsd_mm: volumes: the records' normalised surface Dice tolerance in mm.
 
     Returns:
         One :class:`CellResult` per eps, in the order of ``cells``.
@@ -232,14 +240,28 @@ def evaluate_sweep(
     if compat != "none" and erase:
         raise UserError(f"compat {compat}: the notebook's attack was untargeted (no erase)")
     label = compat_label(label, compat)
+    if through is not None:
+        if through not in ("inference", "tiles"):
+            raise UserError(f"through: {through!r} is not inference or tiles")
+        label = f"{label}:{through}"
+    tiles = through == "tiles"
     for losses in cells.values():
         check_losses(losses, activation, model_name)
     # crafted images carry a label (universal, random-sign), not necessarily a registry name
     base_attack = None if crafted is not None else ATTACKS.get(parse_attack_name(attack)[0])
-    traced = trace and base_attack is not None and not base_attack.single_step
+    traced = trace and base_attack is not None and not base_attack.single_step and not tiles
     if traced:
         kwargs["record_trace"] = True
-    if crafted is None and getattr(base_attack, "loss_ensemble", False):
+    if crafted is None and tiles:  # the bare network tile by tile (model is the inferer)
+        from advseg.attacks.through import TiledAttack
+
+        ensemble = getattr(base_attack, "loss_ensemble", False)
+        sweep = [[TiledAttack(attack, model, eps=eps, **kwargs)] if ensemble else
+                 [TiledAttack(attack, model, loss=loss, eps=eps, **kwargs) for loss in losses]
+                 for eps, losses in cells.items()]  # fmt: skip
+        names = [[WORST_CASE_LOSS] if ensemble else [a.loss.name for a in attacks]
+                 for attacks in sweep]  # fmt: skip
+    elif crafted is None and getattr(base_attack, "loss_ensemble", False):
         # sea: one attack per cell whose members carry their own losses; one set of records
         sweep = [[create_attack(attack, model, eps=eps, **kwargs)] for eps in cells]
         names = [[WORST_CASE_LOSS] for _ in cells]
@@ -315,7 +337,7 @@ def evaluate_sweep(
         meta = index.iloc[batch["row"].tolist()]
         spacing = pixel_mm(data, batch["row"].tolist())
         parts = [
-            batch_records(o, n, x, y, meta, classes, activation, spacing, data_range)
+            batch_records(o, n, x, y, meta, classes, activation, spacing, data_range, nsd_mm)
             for o, n in zip(outs, names, strict=True)
         ]
         frames.append((batch_number, parts))
@@ -342,6 +364,7 @@ def evaluate_sweep(
         order = records["loss"].map({name: j for j, name in enumerate(names[i])})
         records = records.iloc[np.argsort(order.to_numpy(), kind="stable")].reset_index(drop=True)
         records.insert(0, "eps", float(eps))
+        records["through"] = through or ""
         records.insert(0, "attack_setting", sweep[i][0].setting if sweep else "")
         records.insert(0, "attack", label)
         records.insert(0, "params", params)

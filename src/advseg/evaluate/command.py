@@ -78,6 +78,11 @@ class EvaluateConfig:
         max_slices: evaluate at most this many slices of the split per checkpoint, drawn with
             the checkpoint's split seed and spread over its cases
             (:func:`advseg.data.spread_rows`), never the first N (one case's bottom slices).
+        through: a 3D checkpoint's threat protocols (:mod:`advseg.attacks.through`):
+            ``inference`` (end to end through the sliding window that scores the volume) and/or
+            ``tiles`` (the published protocol); each its own cells, ``<attack>:<through>``.
+        nsd_mm: a 3D checkpoint's records also hold the normalised surface Dice at this
+            tolerance in mm.
     """
 
     checkpoints: list[Path]
@@ -101,6 +106,8 @@ class EvaluateConfig:
     corruption_seed: int = 0
     max_slices: int | None = None
     external: ExternalConfig | None = None
+    through: list[str] = field(default_factory=lambda: ["inference"])
+    nsd_mm: float = 1.0
 
 
 @dataclass
@@ -220,11 +227,12 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
     from advseg.atomic import atomic_path, check_output_dir, write_text_atomic
     from advseg.attacks import attack_options, check_option_values
     from advseg.corruptions import parse_corruptions
-    from advseg.data import held_out_rows, load_data, saved_preprocess, spread_rows
+    from advseg.data import held_out_rows, load_data, load_volumes, saved_preprocess, spread_rows
     from advseg.data.record import data_note, first_line
     from advseg.defences import create_defence, defend, defended_name
     from advseg.evaluate.corrupted import evaluate_corruptions
     from advseg.evaluate.external import open_external
+    from advseg.inference import SlidingWindow
     from advseg.labels import DEFAULT_ATTACK_LOSSES, checkpoint_activation
     from advseg.models.checkpoint import (
         check_compatible,
@@ -232,6 +240,7 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
         newest_complete,
         read_metadata,
     )
+    from advseg.models.zoo import resolve
     from advseg.runs.examples import save_examples
     from advseg.runs.names import file_stem
     from advseg.runs.provenance import record_session
@@ -240,6 +249,7 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
     from advseg.stats.bootstrap import with_intervals
     from advseg.stats.summary import PROTOCOLS, summarize_cells
     from advseg.train import resolve_device
+    from advseg.train.from_volumes import is_volumetric
 
     if not config.checkpoints and config.external is None:
         raise UserError(
@@ -280,6 +290,12 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
             f"attack options {', '.join(unused)}: no attack of the sweep takes them ({takes})"
         )
 
+    bad = [name for name in config.through if name not in ("inference", "tiles")]
+    if bad or not config.through or len(set(config.through)) != len(config.through):
+        raise UserError(f"--through: {', '.join(config.through) or 'none'}: give inference "
+                        "and/or tiles, each once")  # fmt: skip
+    if not 0 < config.nsd_mm < 1000:
+        raise UserError(f"--nsd-tolerance: {config.nsd_mm} mm must lie in (0, 1000)")
     if config.examples < 0:
         raise UserError(f"--examples: {config.examples} must be 0 or more")
     if config.batch_size < 1:
@@ -307,11 +323,14 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
     frames, files, slices = [], [], {}
 
     def run_cells(bare, checkpoint_name, arch, seed, activation, losses, data, rows, batch_size,
-                  extra, examples, fold=None):  # fmt: skip
+                  extra, examples, fold=None, through=None):  # fmt: skip
         """Every (defence, attack, eps) cell and every corruption cell of one model (of one
-        cross-validation fold: its records carry ``fold``, its files ``__fold<k>``)."""
+        cross-validation fold: its records carry ``fold``, its files ``__fold<k>``); volumes
+        (``through`` given: ``bare`` is the sliding-window inferer) under that protocol."""
         folded = {} if fold is None else {"fold": fold}
         stem_of = file_stem if fold is None else (lambda name: f"{file_stem(name)}__fold{fold}")
+        unit = "slices" if through is None else "volumes"
+        volume = {} if through is None else {"through": through, "nsd_mm": config.nsd_mm}
         for spec, attack in itertools.product(config.defences, config.attacks):
             model, model_name = defend(bare, spec), defended_name(checkpoint_name, spec)
             options = {k: v for k, v in config.attack_options.items() if k in accepted[attack]}
@@ -319,13 +338,15 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
             options.update(extra)
             for group in sweep_groups(attack, config.eps):
                 what = f"{model_name}, {attack} eps {','.join(f'{e:g}' for e in group)}"
-                with cell_progress(console, f"{what} on {len(rows)} slices") as on_batch:
+                if through is not None:
+                    what += f" through {through}"
+                with cell_progress(console, f"{what} on {len(rows)} {unit}") as on_batch:
                     results = evaluate_sweep(
                         model, data, rows, attack, dict.fromkeys(group, losses),
                         model_name=model_name,
                         arch=arch, attack_kwargs=options, batch_size=batch_size,
                         examples=examples, erase=config.erase, on_batch=on_batch,
-                        trace=config.trace, compat=config.compat,
+                        trace=config.trace, compat=config.compat, **volume,
                     )  # fmt: skip
                 for eps, result in zip(group, results, strict=True):
                     records = result.records.assign(seed=seed, **folded)
@@ -335,6 +356,8 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
                     label = f"{attack}-erase-{'+'.join(config.erase)}" if config.erase else attack
                     if config.compat != "none":  # records say fgsm:notebook, files fgsm-notebook
                         label = compat_label(attack, config.compat)
+                    if through is not None:
+                        label = f"{label}:{through}"
                     name = cell_name(stem_of(model_name), label.replace(":", "-"), eps)
                     files.append(write_records(records, out / "records" / f"{name}.parquet"))
                     if result.examples:
@@ -380,18 +403,22 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
         data_config = trained_data_config(
             meta.data, checkpoint, preprocess, config.data, config.cache_dir
         )
-        key = (repr(data_config),)
+        volumetric = is_volumetric(meta.model)
+        if volumetric:
+            _refuse_for_volumes(config, checkpoint)
+        key = (repr(data_config), volumetric)
         if key not in loaded:  # rank 0 fills the preprocessing cache before the others read it
             console.print(first_line(data_config), highlight=False, soft_wrap=True)
             if not distributed.is_main():
                 distributed.barrier()
-            loaded[key] = load_data(data_config)
+            loaded[key] = (load_volumes if volumetric else load_data)(data_config)
             if distributed.is_main():
                 distributed.barrier()
         data = loaded[key]
         check_compatible(
-            meta, checkpoint, in_channels=preprocess.channels, classes=list(data.classes)
-        )
+            meta, checkpoint, in_channels=1 if volumetric else preprocess.channels,
+            classes=list(data.classes),
+        )  # fmt: skip
         rows = np.arange(len(data.index))
         if config.split == "test":
             rows = held_out_rows(data.index, meta.data, str(checkpoint))
@@ -402,8 +429,18 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
         if len(rows) == 0:
             raise UserError(f"{checkpoint}: the {config.split} split has no slices")
         slices[checkpoint_name] = slices.get(checkpoint_name, 0) + len(rows)  # folds: pooled
+        seed = int(meta.train.get("seed", 0))
+        if volumetric:  # whole volumes, one at a time, through the window that scores them
+            inferer = SlidingWindow(bare, data_config.volume.patch or resolve(meta.model).roi,
+                                    overlap=data_config.volume.overlap)  # fmt: skip
+            for through in config.through:
+                run_cells(
+                    inferer, checkpoint_name, meta.model, seed, activation, losses, data, rows,
+                    1, {"valid_range": data.valid_range}, config.examples, fold, through,
+                )  # fmt: skip
+            continue
         run_cells(
-            bare, checkpoint_name, meta.model, int(meta.train.get("seed", 0)), activation, losses,
+            bare, checkpoint_name, meta.model, seed, activation, losses,
             data, rows, config.batch_size, {}, config.examples, fold,
         )  # fmt: skip
     if config.external is not None:
@@ -441,6 +478,16 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
             write_text_atomic(out / "external.json", json.dumps(externals, indent=2))
     cells = summarize_cells(records, config.protocol)
     return EvaluateResult(table, cells, files, summary_path, slices, locations)
+
+
+def _refuse_for_volumes(config: EvaluateConfig, checkpoint: Path) -> None:
+    """What a 3D checkpoint's evaluation does not do yet, refused in one line each."""
+    if config.corruptions:
+        raise UserError(f"{checkpoint}: a 3D model; corruption cells on volumes are not built")
+    if config.defences != ["none"]:
+        raise UserError(f"{checkpoint}: a 3D model; input defences on volumes are not built")
+    if config.compat != "none" or config.erase:
+        raise UserError(f"{checkpoint}: a 3D model; --compat and --erase are for slices")
 
 
 def named_budget(config: EvaluateConfig) -> dict[str, Any]:

@@ -31,17 +31,20 @@ def batch_records(
     activation: str,
     spacing: np.ndarray | None = None,
     data_range: float | None = 1.0,
+    nsd_mm: float | None = None,
 ) -> pd.DataFrame:
     """Records of one batch: one row per (loss, slice, class); model/attack columns added later.
 
     ``spacing``: ``(B, 2)`` mm per model pixel (``(B, 3)`` per voxel of a volume), for HD95 in mm
     (:func:`advseg.runs.record_rows.pixel_mm`). ``data_range``: the images' range for PSNR and SSIM
-    (None: the batch's own max - min, for images in the source's units).
+    (None: the batch's own max - min, for images in the source's units). ``nsd_mm``: volumes
+    also get the normalised surface Dice at this tolerance (``nsd_clean``, ``nsd_adv``,
+    ``nsd_mm``).
     """
     if data_range is None:
         data_range = max(float(x.max() - x.min()), 1e-12)
     target = y > 0.5
-    clean = score(class_prediction(out.clean_logits, activation), target, spacing)
+    clean = score(class_prediction(out.clean_logits, activation), target, spacing, nsd_mm)
     lum = luminosity(x).cpu().numpy()  # (B,)
     frames = []
     members = out.members or [None] * len(losses)
@@ -50,7 +53,7 @@ def batch_records(
     for attack_loss, x_adv, adv_logits, winners, min_eps, criterion in zip(
         losses, out.x_adv, out.adv_logits, members, minimal, criteria, strict=True
     ):
-        adv = score(class_prediction(adv_logits, activation), target, spacing)
+        adv = score(class_prediction(adv_logits, activation), target, spacing, nsd_mm)
         linf, l2 = (v.cpu().numpy() for v in perturbation_norms(x, x_adv))
         member = np.repeat(np.asarray(winners, dtype=str), len(classes)) if winners else ""
         per_slice = {
@@ -62,6 +65,8 @@ def batch_records(
             "min_eps": np.full(len(x), np.nan) if min_eps is None else min_eps.cpu().numpy(),
         }
         columns = {"loss": attack_loss, "member": member, "min_eps_criterion": criterion}
+        if nsd_mm is not None:
+            columns["nsd_mm"] = float(nsd_mm)
         frames.append(slice_records(meta, classes, clean, adv, per_slice, **columns))
     return pd.concat(frames, ignore_index=True)
 

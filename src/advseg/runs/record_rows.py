@@ -19,7 +19,14 @@ import numpy as np
 import pandas as pd
 from torch import Tensor
 
-from advseg.metrics import confusion_counts, dice_from_counts, hd95, hd95_both, iou_from_counts
+from advseg.metrics import (
+    confusion_counts,
+    dice_from_counts,
+    hd95,
+    hd95_both,
+    iou_from_counts,
+    surface_dice,
+)
 
 
 @dataclass(frozen=True)
@@ -34,16 +41,26 @@ class Scores:
     """Pixels."""
     hd95_mm: np.ndarray
     """Millimetres; NaN without a pixel spacing."""
+    nsd: np.ndarray | None = None
+    """Normalised surface Dice at a tolerance in mm (volumes); None where not computed."""
 
 
-def score(pred: Tensor, target: Tensor, spacing: np.ndarray | None = None) -> Scores:
-    """The :class:`Scores` of hard masks ``pred`` against ``target`` (both ``(B, K, H, W)``).
+def score(
+    pred: Tensor, target: Tensor, spacing: np.ndarray | None = None, nsd_mm: float | None = None
+) -> Scores:
+    """The :class:`Scores` of hard masks ``pred`` against ``target`` (both ``(B, K, H, W)``, or
+    ``(B, K, D, H, W)`` volumes).
 
-    ``spacing``: ``(B, 2)`` mm per model pixel (:func:`pixel_mm`), for HD95 in millimetres.
+    ``spacing``: ``(B, 2)`` mm per model pixel (``(B, 3)`` per voxel; :func:`pixel_mm`), for
+    HD95 in millimetres. ``nsd_mm``: also the normalised surface Dice at this tolerance in mm
+    (:func:`advseg.metrics.surface_dice`; needs ``spacing``).
     """
     tp, fp, fn = (t.cpu().numpy().ravel() for t in confusion_counts(pred, target))
     pixels, mm = hd95_both(pred, target, spacing)  # the edges found once for both
-    return Scores(tp, fp, fn, pixels.numpy().ravel(), mm.numpy().ravel())
+    nsd = None
+    if nsd_mm is not None and spacing is not None:
+        nsd = surface_dice(pred, target, nsd_mm, spacing).numpy().ravel()
+    return Scores(tp, fp, fn, pixels.numpy().ravel(), mm.numpy().ravel(), nsd)
 
 
 def hd95_mm(pred: Tensor, target: Tensor, spacing: np.ndarray | None) -> np.ndarray:
@@ -116,6 +133,8 @@ def slice_records(
             "hd95_adv": adv.hd95,
             "hd95_mm_clean": clean.hd95_mm,
             "hd95_mm_adv": adv.hd95_mm,
+            **({} if clean.nsd is None else {"nsd_clean": clean.nsd}),
+            **({} if adv.nsd is None else {"nsd_adv": adv.nsd}),
             **{name: np.repeat(values, k) for name, values in (per_slice or {}).items()},
         }
     )

@@ -62,6 +62,10 @@ RECORD_COLUMNS: dict[str, str] = {
     "abstained": "float64",  # share of the pixels left undecided (randomized smoothing), else 0
     "min_eps": "float64",  # minimal-norm attacks: smallest breaking norm (inf: none found)
     "min_eps_criterion": "string",  # what "breaking" meant (dice<=0.5, pixels>=0.99); "" else
+    "through": "string",  # volumes: the threat protocol (inference, tiles); "" for slices
+    "nsd_clean": "float64",  # volumes: normalised surface Dice at nsd_mm; NaN for slices
+    "nsd_adv": "float64",
+    "nsd_mm": "float64",  # its tolerance in mm
 }
 
 DEFAULTS: dict[str, object] = {
@@ -74,6 +78,10 @@ DEFAULTS: dict[str, object] = {
     "hd95_mm_adv": float("nan"),
     "min_eps": float("nan"),
     "min_eps_criterion": "",
+    "through": "",
+    "nsd_clean": float("nan"),
+    "nsd_adv": float("nan"),
+    "nsd_mm": float("nan"),
 }
 """Columns a producer may leave out (and older files lack): filled with these values. An
 ordinary prediction decides every pixel, so only certification (``advseg certify``) abstains;
@@ -82,7 +90,9 @@ before corruptions, have no corruption ("", severity 0); only an attack with a n
 (``sea``: its preset, steps per member and members) has an ``attack_setting`` ("" for the rest
 and for records written before the column existed); records of a model not cross-validated
 (and older files) have no fold (-1); only minimal-norm attacks (``alma-prox``,
-``pdpgd``) have a ``min_eps`` and its criterion (NaN, "" for the rest and for older records)."""
+``pdpgd``) have a ``min_eps`` and its criterion (NaN, "" for the rest and for older records);
+only volumes (a 3D checkpoint's cells) have a threat protocol ``through`` and the normalised
+surface Dice ``nsd_*`` at the tolerance ``nsd_mm`` ("" and NaN for slices and older records)."""
 
 
 def check_records(frame: pd.DataFrame, source: str = "records") -> pd.DataFrame:
