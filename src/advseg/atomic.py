@@ -18,6 +18,7 @@ Three more duties live here because they concern every such write:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -150,6 +151,43 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+@contextmanager
+def staged_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty directory beside ``path`` to write a set of files in; on success move each
+    into ``path`` (created if need be; files of the same name replaced, any other kept), else
+    remove it. For outputs of many files (a report): a failure midway, such as a full disk,
+    leaves ``path`` as it was, with no file of the half-written set.
+
+    Raises:
+        UserError: the disk is full, the file system read-only, ...: one line naming ``path``.
+    """
+    path = Path(path)
+    made = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(
+            tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+        )
+    except OSError as err:
+        raise (write_error(path, err) or err) from None
+    done = False
+    try:
+        yield tmp
+        path.mkdir(exist_ok=True)
+        for file in sorted(f for f in tmp.rglob("*") if f.is_file()):
+            target = path / file.relative_to(tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(file, target)
+        done = True
+    except OSError as err:
+        raise (write_error(path, err) or err) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in [] if done else made:  # the folders this call created, if left empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _current_umask() -> int:

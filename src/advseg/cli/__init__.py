@@ -180,10 +180,20 @@ def main(argv: list[str] | None = None) -> None:
     # library's note to its own authors, two lines on every command a user cannot act on.
     warnings.filterwarnings("ignore", r"`torch\.jit\.interface` is deprecated", FutureWarning)
     try:
+        check_arguments(sys.argv[1:] if argv is None else argv)
         app(args=argv, prog_name="advseg")
         sys.stdout.flush()  # a full stdout fails here, not at exit
     except UserError as err:
         Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except UnicodeEncodeError as err:
+        if "surrogates not allowed" not in str(err) or not isinstance(err.object, str):
+            raise
+        # a file name found on disk (not typed: check_arguments saw those), or the directory
+        # a relative path was resolved in, whose bytes are not UTF-8
+        Console(stderr=True).print(
+            f"[bold red]error:[/] {not_utf8(err.object)}", highlight=False, soft_wrap=True
+        )
         sys.exit(2)
     except OSError as err:
         if err.errno not in _OUTPUT_ERRORS or err.filename is not None:
@@ -194,6 +204,33 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     finally:
         set_arguments(None)
+
+
+def check_arguments(argv: list[str]) -> None:
+    """Refuse, before any command runs, an argument no command can use: an empty one (``--out
+    ''`` was read as ``.``, the current directory) or one that is not UTF-8 (a file name in
+    another encoding: records, JSON and YAML hold paths as UTF-8 text, and writing them was a
+    traceback). One line naming the option, the undecodable bytes shown as ``\\xff``."""
+    for i, arg in enumerate(argv):
+        option = argv[i - 1] if i and argv[i - 1].startswith("--") else None
+        name, _, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        if arg == "" or (name and arg.endswith("=") and not value):
+            where = name or option or f"argument {i + 1} of the command line"
+            raise UserError(f"{where}: an empty value (a path, name or number was expected)")
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            where = f"{name or option}: " if name or option else ""
+            raise UserError(f"{where}{not_utf8(arg)}") from None
+
+
+def not_utf8(text: str) -> str:
+    """The one line for a name whose bytes are not UTF-8 (Python keeps them as surrogates)."""
+    shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return (
+        f"'{shown}' is not UTF-8 text (a name in another encoding); advseg writes paths into "
+        "its records and JSON files as UTF-8: rename it"
+    )
 
 
 _OUTPUT_ERRORS = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import typer
@@ -10,7 +11,7 @@ from rich.table import Table
 from advseg.atomic import check_output_dir
 from advseg.cli.console import console
 from advseg.cli.flags import count_flag, seed_flag
-from advseg.errors import UserError
+from advseg.errors import AdvsegWarning, UserError
 
 app = typer.Typer(
     help="Data sets: write the synthetic phantom, describe or check a data set.",
@@ -89,6 +90,13 @@ def synth(
     from advseg.data.synth import write_synthetic
 
     check_output_dir(out, "--out directory")
+    if cases < 2:  # a valid set (data info reads it), but nothing can be held out of it
+        warnings.warn(
+            f"--cases {cases}: a data set of one case has no case to hold out; train, evaluate "
+            "and run split by case and need 2 or more",
+            AdvsegWarning,
+            stacklevel=1,
+        )
     if kind == "nifti":
         from advseg.data.synth_nifti import write_synthetic_nifti
 

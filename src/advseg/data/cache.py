@@ -181,12 +181,12 @@ def cached_arrays(
     try:
         try:
             decoded = _build(tmp, index, config, skip_unreadable, workers, progress)
-        except OSError as err:
+            meta = json.loads((tmp / "meta.json").read_text())
+            meta["key"] = key
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            (tmp / STORE).write_text(json.dumps(digests))
+        except OSError as err:  # a full disk at any of the entry's files: one line, no entry
             raise (write_error(entry, err, "cannot write the cache") or err) from None
-        meta = json.loads((tmp / "meta.json").read_text())
-        meta["key"] = key
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        (tmp / STORE).write_text(json.dumps(digests))
         fault_point("rename", entry.name)
         try:
             os.replace(tmp, entry)

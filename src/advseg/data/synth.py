@@ -41,6 +41,45 @@ SIZES = ((266, 266, 1.50), (360, 310, 1.50), (276, 276, 1.63), (234, 234, 1.50))
 SIZE_CYCLE = (0, 1, 0, 2, 0, 1, 0, 3)
 
 
+MARK = ".advseg-synth"
+"""The file every synthetic data set holds: ``--overwrite`` replaces only a directory marked so."""
+
+
+def check_replaceable(out: Path, overwrite: bool) -> None:
+    """Refuse to write a synthetic set over a non-empty ``out``; with ``overwrite``, allow it
+    only where ``out`` is one advseg wrote (its :data:`MARK` file, or an older synthetic CT
+    set's ``dataset.json`` name), never over a directory of the user's own files."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(f"{out}: exists and is not empty (choose another --out or --overwrite)")
+    if not (out / MARK).is_file() and not _older_synthetic_ct(out):
+        raise UserError(
+            f"{out}: --overwrite replaces only a synthetic data set advseg wrote (marked by its "
+            f"{MARK} file); this directory holds other files: choose another --out"
+        )
+
+
+def mark(folder: Path, kind: str) -> None:
+    """Write the :data:`MARK` file of a synthetic set of ``kind`` (phantom, nifti)."""
+    (folder / MARK).write_text(
+        f"advseg synthetic data set ({kind}): `advseg data synth --overwrite` may replace it\n"
+    )
+
+
+def _older_synthetic_ct(out: Path) -> bool:
+    """A synthetic CT set written before the mark: its three entries and its dataset.json name."""
+    import json
+
+    if {p.name for p in out.iterdir()} != {"imagesTr", "labelsTr", "dataset.json"}:
+        return False
+    try:
+        name = json.loads((out / "dataset.json").read_text(encoding="utf-8")).get("name")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return name == "advseg synthetic abdominal CT"
+
+
 @dataclass
 class SynthSummary:
     """What :func:`write_synthetic` wrote."""
@@ -71,20 +110,20 @@ def write_synthetic(
         scans: scans (days) per case.
         slices: slices per scan.
         seed: random seed; the same seed gives the same files.
-        overwrite: replace ``out`` if it exists.
+        overwrite: replace ``out`` if it is a synthetic set (:func:`check_replaceable`).
         workers: threads writing scans in parallel (the output does not depend on it).
     """
     out = Path(out)
     for name, value in (("cases", cases), ("scans", scans), ("slices", slices)):
         if value < 1:
             raise UserError(f"--{name}: must be at least 1, got {value}")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: exists and is not empty (choose another --out or --overwrite)")
+    check_replaceable(out, overwrite)
     with atomic_dir(out) as tmp:
         rows, with_mask = _write_all(tmp, cases, scans, slices, seed, workers)
-        pd.DataFrame(rows, columns=["id", "class", "segmentation"]).to_csv(
-            tmp / "train.csv", index=False
-        )
+        table = pd.DataFrame(rows, columns=["id", "class", "segmentation"])
+        # through write_text: pandas' to_csv let a full disk pass without an error
+        (tmp / "train.csv").write_text(table.to_csv(index=False))
+        mark(tmp, "phantom")
     return SynthSummary(out, cases, cases * scans, cases * scans * slices, with_mask)
 
 
@@ -146,7 +185,8 @@ def _write_scan(root: Path, plan: _ScanPlan, slices: int) -> tuple[list[Row], in
         ok, buf = cv2.imencode(".png", image, _PNG_OPTIONS)
         if not ok:  # pragma: no cover - OpenCV encodes any uint16 array
             raise RuntimeError(f"cannot encode slice {z + 1} of {folder}")
-        buf.tofile(folder / f"slice_{z + 1:04d}_{size}.png")
+        # write_bytes: numpy's tofile raises a full disk as an OSError without its errno
+        (folder / f"slice_{z + 1:04d}_{size}.png").write_bytes(buf.tobytes())
         sid = slice_id(plan.case, plan.day, z + 1)
         with_mask += bool(any(m.any() for m in masks))
         rows += [(sid, k, rle_encode(m)) for k, m in zip(UWMGI_CLASSES, masks, strict=True)]

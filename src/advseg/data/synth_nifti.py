@@ -30,6 +30,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from advseg.atomic import atomic_dir
+from advseg.data.synth import check_replaceable, mark
 from advseg.errors import UserError
 
 #: Label value -> organ, as written to ``dataset.json``.
@@ -75,14 +76,13 @@ def write_synthetic_nifti(
         slices: axial slices per volume.
         size: in-plane size (W, H) in voxels.
         seed: random seed; the same seed gives the same voxels.
-        overwrite: replace ``out`` if it exists.
+        overwrite: replace ``out`` if it is a synthetic set (:func:`check_replaceable`).
     """
     out = Path(out)
     for name, value in (("cases", cases), ("slices", slices), ("size", min(size))):
         if value < 1 or (name == "size" and value < 16):
             raise UserError(f"--{name}: must be at least {16 if name == 'size' else 1}")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: exists and is not empty (choose another --out or --overwrite)")
+    check_replaceable(out, overwrite)
     with atomic_dir(out) as tmp:
         (tmp / "imagesTr").mkdir()
         (tmp / "labelsTr").mkdir()
@@ -105,6 +105,7 @@ def write_synthetic_nifti(
             "training": entries,
         }
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+        mark(tmp, "nifti")
     return NiftiSynthSummary(out, cases, cases * slices, with_mask)
 
 

@@ -44,6 +44,7 @@ def check_experiment(config: ExperimentConfig, run_dir: str | Path) -> None:
     from advseg.train import resolve_device
 
     check_output_dir(run_dir, "run directory")
+    check_cache_dir(config.data.cache_dir)
     resolve_device(config.train.device)
     check_encoders(config)
     try:
@@ -64,6 +65,19 @@ def check_experiment(config: ExperimentConfig, run_dir: str | Path) -> None:
         except UserError as err:
             raise UserError(f"{where}: {err}") from None
     check_attacks(config, in_channels=config.data.preprocess.channels, classes=len(classes) or 1)
+
+
+def check_cache_dir(cache_dir: str | Path | None) -> None:
+    """Refuse a cache directory (``data.cache_dir``, ``--cache-dir``, ``$ADVSEG_CACHE``) that is
+    a file or lies under one, before the run writes anything (its config.yaml was left behind).
+    A read-only cache passes: entries already built are read from it."""
+    from advseg.data.location import cache_root
+
+    path = cache_root(cache_dir)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under a file ({existing})"
+        raise UserError(f"data.cache_dir: {path}: the cache directory {where}")
 
 
 def check_encoders(config: ExperimentConfig) -> None:

@@ -12,13 +12,13 @@ comes from :mod:`advseg.stats.summary`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from advseg.atomic import check_output_dir, write_bytes_atomic, write_text_atomic
+from advseg.atomic import check_output_dir, staged_dir, write_bytes_atomic, write_text_atomic
 from advseg.config import load_yaml
 from advseg.data.location import PHANTOM_LABEL, describe, is_synthetic, phantom_note, run_locations
 from advseg.errors import UserError
@@ -118,7 +118,23 @@ def write_report(
     eps = next(e for e in available if abs(eps - e) < 1e-12)
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
     check_output_dir(out, "report directory")
-    writer = _Writer(out)
+    with staged_dir(out) as stage:  # a failure (a full disk) leaves no file of a half report
+        report = _write_sections(run_dir, records, every_record, corrupted, protocol, eps,
+                                 _Writer(stage))  # fmt: skip
+    moved = [out / path.relative_to(stage) for path in report.files]
+    return replace(report, html=out / "report.html", markdown=out / "report.md", files=moved)
+
+
+def _write_sections(
+    run_dir: Path,
+    records: pd.DataFrame,
+    every_record: pd.DataFrame,
+    corrupted: pd.DataFrame,
+    protocol: str,
+    eps: float,
+    writer: _Writer,
+) -> Report:
+    """The report's sections and files, written by ``writer`` (into its staging directory)."""
 
     table_ii = tables.table_ii(records, protocol, eps)
     cells = tables.cells_table(records, protocol)
