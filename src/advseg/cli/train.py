@@ -153,7 +153,9 @@ def train(
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
     adv_train: str | None = typer.Option(
-        None, "--adv-train", help="Adversarial training: none (default), fgsm-rs, pgd or trades."
+        None,
+        "--adv-train",
+        help="Adversarial training: none (default), fgsm-rs, pgd, trades or vaft.",
     ),
     adv_eps: float | None = typer.Option(None, "--adv-eps", help="Its L-inf eps (default 0.009)."),
     adv_steps: int | None = typer.Option(
@@ -192,9 +194,9 @@ def train(
 ) -> None:
     """Train a model (AdamW, cosine schedule, early stopping on validation Dice, Dice+Focal).
 
-    With --adv-train, adversarially: FGSM-RS (Wong et al. 2020), PGD (Madry et al. 2018) or
-    TRADES (Zhang et al. 2019) at --adv-eps; --select-by robust keeps the checkpoint with the best
-    validation Dice under a cheap attack (Rice et al. 2020).
+    With --adv-train, adversarially: FGSM-RS (Wong et al. 2020), PGD (Madry et al. 2018),
+    TRADES (Zhang et al. 2019) or VAFT (Hanif et al. 2023) at --adv-eps; --select-by robust keeps
+    the checkpoint with the best validation Dice under a cheap attack (Rice et al. 2020).
 
     Run it under torchrun (`torchrun --nproc-per-node N -m advseg train ...`) for
     DistributedDataParallel on several GPUs or machines.

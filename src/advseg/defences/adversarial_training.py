@@ -1,4 +1,4 @@
-"""Adversarial training: the attack step inside a training step (FGSM-RS, PGD, TRADES).
+"""Adversarial training: the attack step inside a training step (FGSM-RS, PGD, TRADES, VAFT).
 
 The one training loop (:func:`advseg.train.train`) asks :class:`AdversarialTraining` for each
 micro-batch's loss; with ``method: none`` that is the plain ``loss(model(x), y)``, so an undefended
@@ -16,6 +16,12 @@ Methods (``train.adversarial.method``, ``advseg train --adv-train``):
   ICML 2019, https://arxiv.org/abs/1901.08573. Loss = ``L(f(x), y) + beta * D(f(x), f(x'))``
   where ``x'`` maximises ``D`` by PGD and ``D`` is the per-pixel KL divergence between the clean
   and the adversarial prediction (:func:`trades_divergence`), averaged over pixels.
+- ``vaft``: Hanif et al., "Frequency Domain Adversarial Training for Robust Volumetric Medical
+  Segmentation", MICCAI 2023, https://arxiv.org/abs/2307.07269. Loss = ``L(f(x), y) +
+  L(f(x'), y) + ||DCT(f(x)) - DCT(f(x'))||_1 / ||DCT(f(x))||_1``
+  (:func:`advseg.defences.vaft.frequency_consistency`) where ``x'`` is the registry's VAFA
+  (:class:`advseg.attacks.VAFA`: ``eps`` its largest quantisation step, ``steps`` steps of
+  ``alpha``, default 1/255, on the table; its SSIM bound 0.95). Volumes or slices.
 
 Both the attack inside a step and the attack of robust validation are the registry's
 :class:`~advseg.attacks.PGD` and :class:`~advseg.attacks.FGSM`, with any registry loss (default:
@@ -59,7 +65,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advseg.attacks import FGSM, PGD, Attack, check_eps, frozen, model_logits
+from advseg.attacks import FGSM, PGD, VAFA, Attack, check_eps, frozen, model_logits
+from advseg.defences.vaft import frequency_consistency
 from advseg.errors import UserError
 from advseg.losses import LOSSES, SOFTMAX_LOSSES, Loss
 from advseg.registry import Registry
@@ -71,6 +78,7 @@ for _name, _help in (
     ("fgsm-rs", "FGSM from a random start, step 1.25 eps (Wong et al. 2020)"),
     ("pgd", "k-step PGD from a random start (Madry et al. 2018)"),
     ("trades", "clean loss + beta * KL(clean || adversarial), per pixel (Zhang et al. 2019)"),
+    ("vaft", "clean + VAFA loss + L1 between their logits' DCT (Hanif et al. 2023)"),
 ):
     ADVERSARIAL_TRAINING.register(_name, help=_help)(_help)
 
@@ -82,10 +90,12 @@ class AdversarialConfig:
     """Adversarial training settings (``train.adversarial`` in YAML, ``--adv-*`` in the CLI).
 
     Attributes:
-        method: ``none`` (plain training), ``fgsm-rs``, ``pgd`` or ``trades``.
-        eps: the L-inf budget trained against, in image units ([0, 1] range).
+        method: ``none`` (plain training), ``fgsm-rs``, ``pgd``, ``trades`` or ``vaft``.
+        eps: the L-inf budget trained against, in image units ([0, 1] range); for ``vaft`` the
+            VAFA's largest quantisation step, as a fraction of the valid range.
         steps: attack steps for ``pgd`` and ``trades`` (default 10); ``fgsm-rs`` takes one.
-        alpha: step size; default ``1.25 eps`` for ``fgsm-rs``, ``2.5 eps / steps`` otherwise.
+        alpha: step size; default ``1.25 eps`` for ``fgsm-rs``, ``1/255`` (on the quantisation
+            table) for ``vaft``, ``2.5 eps / steps`` otherwise.
         beta: the weight of TRADES's divergence term (the paper's 1/lambda; 6 on CIFAR-10).
         warmup: epochs over which eps ramps up linearly to its value (0: full eps at once).
         fraction: share of each batch that is attacked (Madry et al.: 1; Goodfellow et al.: 0.5).
@@ -162,6 +172,8 @@ class AdversarialConfig:
             return self.alpha
         if self.method == "fgsm-rs":
             return 1.25 * self.eps
+        if self.method == "vaft":
+            return 1 / 255
         return 2.5 * self.eps / self.attack_steps
 
 
@@ -175,6 +187,8 @@ def describe(config: AdversarialConfig) -> str:
         text += f"{config.step_size:.3g}"
         if config.method == "trades":
             text += f", beta {config.beta:g}"
+        if config.method == "vaft":
+            text += ", VAFA SSIM >= 0.95"
         if config.loss:
             text += f", attack loss {config.loss}"
         if config.fraction < 1:
@@ -250,8 +264,13 @@ class AdversarialTraining:
         if activation is None:
             activation = "softmax" if train_loss in SOFTMAX_LOSSES else "sigmoid"
         self.activation: Activation = activation
-        self.attack: PGD | None = None
-        if config.enabled:
+        self.attack: PGD | VAFA | None = None
+        if config.method == "vaft":
+            self.attack = VAFA(
+                model, config.loss or train_loss, config.eps, steps=config.attack_steps,
+                alpha=config.step_size, activation=self.activation, valid_range=valid_range,
+            )  # fmt: skip
+        elif config.enabled:
             objective = config.loss or train_loss
             if config.method == "trades" and config.loss is None:
                 objective = self._divergence
@@ -316,16 +335,26 @@ class AdversarialTraining:
             adv_logits = model_logits(net, x_adv).float()
             divergence = trades_divergence(clean_logits[:count], adv_logits, self.activation)
             return self.loss_fn(clean_logits, y) + self.config.beta * divergence.sum() / len(x)
+        if self.config.method == "vaft":
+            clean_logits = model_logits(net, x).float()  # (B, K, *S), training forward
+            x_adv = self.perturb(x[:count], y[:count], eps, generator)
+            adv_logits = model_logits(net, x_adv).float()
+            consistency = frequency_consistency(clean_logits[:count], adv_logits)
+            return self.loss_fn(clean_logits, y) + self.loss_fn(adv_logits, y[:count]) + consistency
         x_adv = self.perturb(x[:count], y[:count], eps, generator)
         batch = torch.cat([x_adv, x[count:]]) if count < len(x) else x_adv
         return self.loss_fn(model_logits(net, batch).float(), y)
 
     def perturb(self, x: Tensor, y: Tensor, eps: float, generator: torch.Generator) -> Tensor:
-        """Adversarial images ``(B, C, H, W)`` within ``eps`` of ``x``, parameters frozen."""
+        """Adversarial images ``(B, C, H, W)`` within ``eps`` of ``x`` (VAFA: within its table's
+        bound and SSIM bound), parameters frozen."""
         attack = self.attack
         assert attack is not None
         attack.eps = eps
-        attack.alpha = self.config.step_size * eps / self.config.eps
+        if isinstance(attack, VAFA):  # the table's range follows eps; its step does not
+            attack.q_min = eps / 4
+        else:
+            attack.alpha = self.config.step_size * eps / self.config.eps
         x, y = x.detach(), y.detach()
         with self._attack_state(), torch.enable_grad():
             x_adv = attack.perturb(x, y, generator)
