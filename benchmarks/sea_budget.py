@@ -95,7 +95,8 @@ def main() -> None:
             from advseg.stats.summary import summarize_cells
 
             old = torch.load(saved_old)  # {"x_adv": (N, C, H, W), "seconds": float}
-            runs = [(OLD, "crafted", "bce", {}), *new_runs(args.activation)]
+            ce = "ce" if args.activation == "softmax" else "bce"
+            runs = [(OLD, "crafted", ce, {}), *new_runs(args.activation)]
             for label, attack, loss, options in runs:
                 options = {**options, "activation": args.activation}
                 start = time.perf_counter()

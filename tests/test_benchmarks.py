@@ -110,6 +110,7 @@ def test_minnorm_curve_prints_both_curves_their_agreement_and_the_time_ratio(tmp
     toy = ["--out", str(tmp_path), "--kinds", "phantom", "--size", "32", "--slices", "2",
            "--train-steps", "5", "--minimal-steps", "5", "--apgd-steps", "2"]  # fmt: skip
     out = _run("minnorm_curve.py", *toy)
-    assert "  curve " in out and "  APGD sweep " in out
-    assert "max |diff|" in out and "median min_eps" in out and "ratio" in out
-    assert (tmp_path / "minnorm-curve.json").exists()
+    assert "  curve " in out and "  sweep " in out
+    assert "slices, alma-prox " in out and "slices, pdpgd " in out  # both against one sweep
+    assert "max |diff|" in out and "median min_eps" in out and "sweep's minimal eps" in out
+    assert (tmp_path / "minnorm-curve-phantom-sigmoid.json").exists()

@@ -119,6 +119,12 @@ def test_reference_members_budget_and_softmax_forms():
     assert fast.setting == "preset=fast steps=25 members=masked-bce+segpgd-bce+js+masked-spherical"
     assert custom.setting == "preset=reference steps=4 members=bce+js progressive=off"
     assert create_attack("pgd", model, eps=0.03).setting == ""
+    # the optional fifth member, in either form, after the reference's four
+    plus = create_attack("sea", model, eps=0.03, extra=["balanced-bce"], activation="softmax")
+    assert plus.member_names == ["masked-ce", "segpgd-ce", "js", "masked-spherical", "balanced-ce"]
+    assert plus.setting.endswith("members=masked-ce+segpgd-ce+js+masked-spherical+balanced-ce")
+    one = create_attack("sea", model, eps=0.03, extra="balanced-ce", members=["js"])
+    assert one.member_names == ["js", "balanced-bce"]
     optional = create_attack(
         "sea", model, eps=0.03, steps=2, members=["balanced-bce", "padam-bce", "padam-cosine"]
     )
@@ -203,6 +209,9 @@ def test_segpgd_schedule_restarts_with_each_stage():
         ({"members": ["masked-ce"]}, "is a softmax loss"),
         ({"members": ["padam-ce"]}, "is a softmax loss"),
         ({"preset": "slow"}, "preset 'slow'"),
+        ({"extra": ["js"]}, "each member once"),
+        ({"extra": 5}, "extra must be"),
+        ({"extra": "balanced-bec"}, "unknown loss 'balanced-bec'"),
         ({"steps": 0}, "steps"),
     ],
 )

@@ -70,7 +70,8 @@ class SEA(Attack):
 
     ``preset="fast"`` keeps the members but runs 25 steps each (advseg's earlier 100 in all),
     for quick looks; the preset is in :meth:`__repr__` and in the options the records keep.
-    Further members (:data:`OPTIONAL_MEMBERS`): ``balanced-bce`` / ``balanced-ce``, and PAdam-CE
+    Further members (:data:`OPTIONAL_MEMBERS`, added with ``extra`` or named in ``members``):
+    ``balanced-bce`` / ``balanced-ce``, and PAdam-CE
     / PAdam-Cos as ``padam-bce`` (``padam-ce``) / ``padam-cosine``
     (:class:`~advseg.attacks.padam.PAdam`, also keeping its lowest-Dice iterate). A slice whose
     Dice is already 0 is not attacked by the later members (``skip_broken``), and a member stops
@@ -90,6 +91,9 @@ class SEA(Attack):
             created like every attack. Evaluation records label it ``worst-case``.
         members: member names (see :data:`MEMBER_KINDS`), one run each; by default
             :data:`DEFAULT_MEMBERS`, each replaced by its softmax form on softmax models.
+        extra: further members after ``members`` (e.g. ``["balanced-bce"]``, the one
+            :data:`OPTIONAL_MEMBERS` that won most slices on advseg's small medical models:
+            ``benchmarks/sea_budget.py``), each in either activation's form (made the model's).
         preset: ``reference`` (default, 300 steps per member) or ``fast`` (25 per member).
         steps: steps per member (default: the preset's).
         progressive: progressive radius reduction inside each APGD member (default true).
@@ -110,7 +114,8 @@ class SEA(Attack):
     loss_ensemble = True
 
     def __init__(self, model: nn.Module, loss="bce", eps: float = 0.009, *,
-                 members: Sequence[str] | None = None, preset: str = DEFAULT_PRESET,
+                 members: Sequence[str] | None = None, extra: Sequence[str] | str = (),
+                 preset: str = DEFAULT_PRESET,
                  steps: int | None = None, progressive: bool = True, skip_broken: bool = True,
                  **kwargs) -> None:  # fmt: skip
         super().__init__(model, loss, eps, **kwargs)
@@ -119,6 +124,10 @@ class SEA(Attack):
             raise UserError(f"{self.name}: members must be a list of member names, got {members!r}")
         forms = SOFTMAX_FORMS if self.activation == "softmax" else SIGMOID_FORMS
         names = [forms.get(n, n) if members is None else n for n in names]
+        if not isinstance(extra, (str, list, tuple)):
+            raise UserError(f"{self.name}: extra must be a member name or a list of them, got "
+                            f"{extra!r}")  # fmt: skip
+        names += [forms.get(n, n) for n in ([extra] if isinstance(extra, str) else list(extra))]
         if len(set(names)) != len(names):
             raise UserError(f"{self.name}: each member once, got {', '.join(names)}")
         if preset not in PRESETS:
