@@ -161,3 +161,22 @@ def test_wilcoxon_with_ties_is_a_permutation_p_not_the_normal_approximation():
     centre = ranks.sum() / 2
     exact = np.mean(np.abs(null - centre) >= abs(observed - centre) - 1e-9)
     assert _wilcoxon(d) == pytest.approx(exact, abs=0.01)
+
+
+def test_the_effect_interval_is_left_out_below_five_cases():
+    few = _slices({"bce": 0.2, "focal": 0.05}, n=16)  # 4 cases of 4 slices
+    row = loss_ranking(few).iloc[0]
+    assert row["cases"] == 4 and np.isnan(row["diff_low"]) and np.isnan(row["diff_high"])
+    assert np.isfinite(row["diff"])  # the estimate stays; only the bounds are not meaningful
+    row = loss_ranking(_slices({"bce": 0.2, "focal": 0.05}, n=20)).iloc[0]
+    assert row["cases"] == 5 and row["diff_low"] < row["diff"] < row["diff_high"]
+
+
+def test_a_median_min_eps_without_an_interval_says_why():
+    from advseg.report.curves import _interval_text
+
+    assert (
+        _interval_text(0.0123, float("nan"), float("nan"), 2)
+        == "0.0123 (no interval: 2 cases, < 5)"
+    )
+    assert _interval_text(0.0123, 0.01, 0.015, 6) == "0.0123 [0.01, 0.015]"

@@ -362,7 +362,8 @@ def _folds_table(train_config, results: list, out: Path) -> Table:
     cases = sum(len(r.data["split"]["cases"]["test"]) for r in results)
     table.caption = (
         f"{cases} cases, each the test case of the one fold model that did not train on it. "
-        f"Score them pooled, as one model: advseg evaluate {out}/fold*/checkpoints/best ..."
+        "Score them pooled, as one model: advseg evaluate "
+        f"{out}/fold*/checkpoints/best.safetensors ..."
     )
     return table
 

@@ -33,7 +33,7 @@ from scipy import stats
 from advseg.metrics import PAPER_SMOOTH, attack_success, dice_from_counts
 from advseg.report.html import Block, Section
 from advseg.report.stats import RESAMPLES, SEED, smallest_p, spearman_test
-from advseg.stats.bootstrap import case_weights
+from advseg.stats.bootstrap import MIN_CASES, case_weights
 
 ALPHA = 0.05
 ROW_KEYS = ["model", "attack", "eps"]
@@ -153,10 +153,12 @@ def loss_ranking(slices: pd.DataFrame) -> pd.DataFrame:
 
 def _case_interval(d: np.ndarray, owner: np.ndarray, draws: int = 2000) -> tuple[float, float]:
     """95% percentile interval of the mean of paired differences ``d`` (one per slice pair),
-    resampling the cases that own them (``owner``): each draw weights a case's sum and count."""
-    if d.size == 0:
-        return float("nan"), float("nan")
+    resampling the cases that own them (``owner``): each draw weights a case's sum and count.
+    NaN below :data:`~advseg.stats.bootstrap.MIN_CASES` cases, as every interval of the report
+    (a bootstrap over one or a few patients is not meaningful)."""
     cases, index = np.unique(owner, return_inverse=True)
+    if d.size == 0 or len(cases) < MIN_CASES:
+        return float("nan"), float("nan")
     sums = np.bincount(index, weights=d, minlength=len(cases))
     counts = np.bincount(index, minlength=len(cases)).astype(float)
     weights = case_weights(len(cases), draws, SEED)
@@ -409,7 +411,8 @@ def claim_sections(
             "out), Wilcoxon signed-rank p over slices and Holm-corrected within the row, the "
             "same test over per-case means (p_cases, p_cases_holm), diff = mean DSC under "
             "loss_a minus loss_b with its 95% case-bootstrap interval (diff_low, diff_high; "
-            "2000 seeded draws), and the seeds where loss_a is lower."
+            f"2000 seeded draws; n/a below {MIN_CASES} cases: not meaningful), and the seeds "
+            "where loss_a is lower."
         )
         section.blocks.append(writer.table("claim_loss_ranking", ranking, caption))
     sections.append(section)

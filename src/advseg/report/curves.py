@@ -76,7 +76,9 @@ def sections(writer, records: pd.DataFrame) -> list[Section]:
     medians = curves.median_min_eps(records)
     shown = medians.assign(
         found=(100 * medians["found"]).map("{:.0f}%".format),
-        median=medians.apply(lambda r: _interval_text(r["median"], r["low"], r["high"]), axis=1),
+        median=medians.apply(
+            lambda r: _interval_text(r["median"], r["low"], r["high"], r["cases"]), axis=1
+        ),
     ).drop(columns=["low", "high"])
     section.blocks.append(writer.table(
         "min_eps", shown,
@@ -97,7 +99,10 @@ def sections(writer, records: pd.DataFrame) -> list[Section]:
     return [section]
 
 
-def _interval_text(median: float, low: float, high: float) -> str:
+def _interval_text(median: float, low: float, high: float, cases: int) -> str:
+    """``0.0123 [0.01, 0.015]``; without bounds (fewer than 5 cases) it says so, naming them."""
     if not np.isfinite(median):
         return "inf"
+    if np.isnan(low) or np.isnan(high):
+        return f"{median:.4g} (no interval: {cases} case{'s' * (cases != 1)}, < 5)"
     return f"{median:.4g} [{low:.4g}, {high:.4g}]"
