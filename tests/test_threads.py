@@ -7,7 +7,7 @@ import torch
 from advseg.errors import UserError
 from advseg.threads import default_threads, set_threads
 
-HEAVY = ["train", "evaluate", "certify", "run", "demo"]
+HEAVY = ["train", "evaluate", "certify", "run", "demo", "card", "export"]
 
 
 @pytest.mark.parametrize(

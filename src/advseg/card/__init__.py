@@ -199,11 +199,19 @@ def make_card(config: CardConfig) -> dict[str, Any]:
             "advseg": advseg.__version__,
             "device": describe_device(device),
             "seconds": round(time.monotonic() - started, 1),
+            "threads": torch_threads(),
         },
     }
     write_text_atomic(out / "card.json", json.dumps(card, indent=2) + "\n")
     write_text_atomic(out / "card.html", card_page(card))
     return card
+
+
+def torch_threads() -> int:
+    """torch's intra-op thread count (``--threads``): it moves results in the 4th decimal."""
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 def card_warnings(results: dict[str, Any], model: dict[str, Any]) -> list[str]:

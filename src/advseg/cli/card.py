@@ -10,6 +10,7 @@ import typer
 from advseg.cli.console import console
 from advseg.cli.data import CACHE_HELP
 from advseg.errors import UserError
+from advseg.threads import THREADS_HELP
 
 
 def card_command(
@@ -41,12 +42,16 @@ def card_command(
     ),
     batch_size: int = typer.Option(8, "--batch-size", help="Slices per batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Measure a checkpoint by the card protocol (advseg-card/1) on its held-out cases: clean
     Dice, Dice under SEA at eps 2/255, 4/255 and 8/255 (L-inf), corruption mean Dice (every
     corruption at severities 1-5), certified Dice at L2 radius 0.1 (sigma 0.25); every number
     with the slices and cases behind it. Writes OUT/card.json (the numbers) and OUT/card.html."""
     from advseg.card import CardConfig, make_card
+    from advseg.threads import set_threads
+
+    set_threads(threads)  # before any model or data: torch's pool is sized once
     from advseg.card.pages import result_rows
     from advseg.data.location import data_argument
 

@@ -10,6 +10,7 @@ from advseg.cli.console import console
 from advseg.cli.data import CACHE_HELP
 from advseg.cli.flags import count_flag, eps_flag, seed_flag
 from advseg.errors import UserError
+from advseg.threads import THREADS_HELP
 
 
 def export_command(
@@ -48,6 +49,7 @@ def export_command(
     ),
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
 ) -> None:
     """Write one cell's adversarial images and clean / adversarial predictions of chosen slices
     as PNG and, for NIfTI sources, as NIfTI volumes on the source affine.
@@ -59,6 +61,9 @@ def export_command(
     """
     from advseg.data.location import data_argument
     from advseg.export import export_cell
+    from advseg.threads import set_threads
+
+    set_threads(threads)  # before any model or data: torch's pool is sized once
 
     ids = [s.strip() for s in slices.split(",") if s.strip()] if slices else None
     if slices is not None and not ids:
