@@ -72,21 +72,23 @@ def synth(
     out: Path = typer.Option(..., "--out", help="Directory to create."),
     kind: str = typer.Option(
         "phantom",
-        help="phantom: abdominal MRI (Kaggle layout); nifti: abdominal CT (Decathlon layout).",
+        help="phantom: abdominal MRI (Kaggle layout); nifti: abdominal CT (Decathlon layout); "
+        "mri: brain MRI volumes with a bias field and Rician noise (Decathlon layout).",
     ),
     cases: int = typer.Option(8, callback=count_flag(), help="Cases (patients)."),
     scans: int = typer.Option(
         2, callback=count_flag(), help="Scans (days) per case (phantom only)."
     ),
     slices: int = typer.Option(
-        64, callback=count_flag(), help="Slices per scan (per volume for nifti)."
+        64, callback=count_flag(), help="Slices per scan (per volume for nifti and mri)."
     ),
     seed: int = typer.Option(
         0, callback=seed_flag, help="Random seed; the same seed writes the same files."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ) -> None:
-    """Write a synthetic data set: the MRI phantom, or abdominal CT volumes (--kind nifti)."""
+    """Write a synthetic data set: the MRI phantom, abdominal CT volumes (--kind nifti) or brain
+    MRI volumes (--kind mri)."""
     from advseg.data.synth import write_synthetic
 
     check_output_dir(out, "--out directory")
@@ -109,8 +111,18 @@ def synth(
             "(labels in dataset.json)"
         )
         return
+    if kind == "mri":
+        from advseg.data.synth_mri import write_synthetic_mri
+
+        made = write_synthetic_mri(out, cases=cases, slices=slices, seed=seed, overwrite=overwrite)
+        console().print(
+            f"wrote {made.cases} brain MRI volumes ({made.slices} slices, "
+            f"{made.with_mask / made.slices:.1%} with a mask) to {made.path} "
+            "(labels in dataset.json)"
+        )
+        return
     if kind != "phantom":
-        raise UserError(f"--kind: {kind!r} is not one of phantom, nifti")
+        raise UserError(f"--kind: {kind!r} is not one of phantom, nifti, mri")
     summary = write_synthetic(
         out, cases=cases, scans=scans, slices=slices, seed=seed, overwrite=overwrite
     )
