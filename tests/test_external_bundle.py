@@ -121,6 +121,34 @@ def test_evaluate_a_bundle_from_the_cli(made, tmp_path, capsys):
     page = (out / "report" / "report.md").read_text()
     assert "MONAI bundle" in page and digest in page and "SlidingWindowInferer" in page
 
+    # export: the volume recomputed (same random start), on the source grid, in HU
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            [
+                "export",
+                str(out),
+                "--slices",
+                "ct_01",
+                "--loss",
+                "dicece",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+    assert exit_.value.code == 0, capsys.readouterr().err
+    document = json.loads((tmp_path / "x" / "export.json").read_text())
+    assert [c["same_counts"] for c in document["check"]] == [True]
+    assert document["external"]["sha256"]["model.pt"] == digest
+    source = nib.load(data / "imagesTs" / "ct_01.nii.gz")
+    files = document["nifti"]["ct_01"]
+    adv = nib.load(tmp_path / "x" / files["adversarial_0000"])
+    assert np.allclose(adv.affine, source.affine) and adv.shape == source.shape
+    delta = adv.get_fdata() - source.get_fdata()
+    assert 0 < np.abs(delta).max() <= 30 + 1e-3
+    truth = nib.load(tmp_path / "x" / files["truth_ball"]).get_fdata()
+    label = np.asarray(nib.load(data / "labelsTs" / "ct_01.nii.gz").dataobj)
+    assert np.array_equal(truth > 0, label == 1)
+
 
 def test_a_torchscript_bundle_equals_the_weights(made, tmp_path):
     bundle, data, _ = made

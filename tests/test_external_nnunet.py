@@ -225,3 +225,22 @@ def test_evaluate_an_nnunet_folder_from_the_cli(results, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["evaluate", "--nnunet", str(base), "--out", str(tmp_path / "x")])
     assert exit_.value.code == 2 and "needs --data" in capsys.readouterr().err
+
+
+def test_a_volume_is_written_back_on_its_source_grid(results):
+    """What ``advseg export`` writes of an nnU-Net case: NIfTI on the source's own geometry."""
+    import SimpleITK as sitk
+
+    from advseg.models.external.nnunet_cases import NnUNetCases
+
+    base, raw = results
+    cases = NnUNetCases(raw, read_folder(base, configuration="2d", folds=["0"]))
+    image, _ = cases.read(1)
+    payload = cases.nifti(1, image[0].numpy() + 5.0)
+    written = Path(cases.location) / ".." / "written.nii.gz"
+    written.write_bytes(payload)
+    back = sitk.ReadImage(str(written))
+    source = sitk.ReadImage(cases.index["image_paths"].iloc[1][0])
+    assert back.GetSpacing() == source.GetSpacing() and back.GetOrigin() == source.GetOrigin()
+    assert back.GetDirection() == source.GetDirection()
+    assert np.allclose(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(source) + 5.0)

@@ -36,6 +36,10 @@ What is written, under ``OUT`` (default ``RUN_DIR/export/<cell>__<loss>/``):
   resamples the perturbation and clips negative values, so it gives an image near to it, not
   equal to it; for viewing beside the source in its units.
 - ``export.json``: the cell, the slices, where each file is, and the check against the records.
+
+A model advseg did not train (``--nnunet``, ``--bundle``: named in the run's ``external.json``) is
+opened again from the run's ``evaluate.yaml``, and its chosen volumes are written as NIfTI on each
+source volume's own grid, in its units (:mod:`advseg.evaluate.external_export`).
 """
 
 from __future__ import annotations
@@ -309,6 +313,7 @@ def export_cell(
     from advseg.data import intensity_range, load_data, restore_slice, saved_preprocess
     from advseg.data.nifti import canonical_geometry, read_volume
     from advseg.evaluate.cells import DEFAULT_BATCH_SIZE, evaluate_cell
+    from advseg.evaluate.external_export import export_volumes, external_models
     from advseg.labels import checkpoint_activation
     from advseg.models.checkpoint import check_compatible, load_checkpoint
     from advseg.runs.names import file_stem
@@ -330,6 +335,31 @@ def export_cell(
     chosen = choose_slices(cell, slices, count, seed)
     config = _run_config(run_dir)
     settings = attack_settings(label, config, eps, loss)
+    cell_info = {"model": name, "attack": label, "eps": eps, "loss": loss}
+    if trained_seed is not None:
+        cell_info["train_seed"] = trained_seed
+    stem = f"{file_stem(name)}__{file_stem(label)}__eps{eps:g}__{file_stem(loss)}"
+    target = Path(out) if out is not None else run_dir / "export" / stem
+    files: list[Path] = []
+
+    def put(relative: str, payload: bytes) -> str:
+        write_bytes_atomic(target / relative, payload)
+        files.append(target / relative)
+        return relative
+
+    if name in external_models(run_dir):  # an nnU-Net folder or a bundle: whole volumes
+        check_output_dir(target, "export folder")
+        records, nifti, external = export_volumes(
+            run_dir, cell, chosen, settings, put, data=data, device=resolve_device(device)
+        )
+        check = _check(cell, records, chosen)
+        document = {"cell": cell_info, "external": external, "attack": settings, "nifti": nifti,
+                    "how": "recomputed with advseg.evaluate.evaluate_cell on these volumes, "
+                    "written on each source volume's grid in its units; 'check' compares each "
+                    "volume's voxel counts with the run's records",
+                    "check": check.to_dict(orient="records")}  # fmt: skip
+        write_text_atomic(target / "export.json", json.dumps(document, indent=1) + "\n")
+        return ExportResult(target, cell_info, chosen, check, [*files, target / "export.json"])
     path = (
         Path(checkpoint) if checkpoint else locate_checkpoint(run_dir, name, trained_seed, config)
     )
@@ -366,18 +396,7 @@ def export_cell(
     )  # fmt: skip
     shown = result.examples  # every chosen slice: images, masks, predictions
     order = [list(shown["slice_ids"]).index(s) for s in chosen]
-    cell_info = {"model": name, "attack": label, "eps": eps, "loss": loss}
-    if trained_seed is not None:
-        cell_info["train_seed"] = trained_seed
-    stem = f"{file_stem(name)}__{file_stem(label)}__eps{eps:g}__{file_stem(loss)}"
-    target = Path(out) if out is not None else run_dir / "export" / stem
     check_output_dir(target, "export folder")
-    files: list[Path] = []
-
-    def put(relative: str, payload: bytes) -> str:
-        write_bytes_atomic(target / relative, payload)
-        files.append(target / relative)
-        return relative
 
     classes = list(loaded.classes)
     listing: dict[str, dict[str, Any]] = {}

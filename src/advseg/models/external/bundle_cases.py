@@ -154,6 +154,18 @@ class BundleCases:
             )
         return image.as_tensor().float().contiguous(), mask.float().contiguous()
 
+    def nifti(self, row: int, array: np.ndarray) -> bytes:
+        """``array`` (the reader's axis order, one channel or one mask) as the bytes of a
+        ``.nii.gz`` file on case ``row``'s own grid (the affine the bundle's reader gave it)."""
+        import gzip
+
+        import nibabel as nib
+
+        affine = np.asarray(self.metas[int(row)]["affine"], dtype=np.float64)
+        image = nib.Nifti1Image(np.asarray(array), affine)
+        image.header.set_xyzt_units("mm")
+        return gzip.compress(image.to_bytes(), mtime=0)
+
     def dataset(self, rows: Sequence[int]) -> Dataset:
         """Whole images of ``rows``: ``{"image": (C, *S), "mask": (K, *S), "row"}``."""
         return _Images(self, rows)

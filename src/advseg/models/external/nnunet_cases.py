@@ -156,6 +156,30 @@ class NnUNetCases:
             mask
         )
 
+    def nifti(self, row: int, array: np.ndarray) -> bytes:
+        """``array`` (the reader's axis order, one channel or one mask) as the bytes of a
+        ``.nii.gz`` file on case ``row``'s own grid (its spacing, origin and direction, as
+        SimpleITK read them: data sets read by nnU-Net's SimpleITKIO)."""
+        import tempfile
+
+        import SimpleITK as sitk
+
+        _, properties = self.reader.read_images(list(self.index.iloc[int(row)]["image_paths"]))
+        geometry = properties.get("sitk_stuff")
+        if geometry is None:
+            raise UserError(
+                f"{self.location}: read by {type(self.reader).__name__}; export writes the "
+                "source grid of SimpleITK-read data sets only"
+            )
+        image = sitk.GetImageFromArray(np.asarray(array))
+        image.SetSpacing(geometry["spacing"])
+        image.SetOrigin(geometry["origin"])
+        image.SetDirection(geometry["direction"])
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "volume.nii.gz"
+            sitk.WriteImage(image, str(path), True)
+            return path.read_bytes()
+
     def dataset(self, rows: Sequence[int]) -> Dataset:
         """Whole volumes of ``rows``: ``{"image": (C, Z, Y, X), "mask": (K, Z, Y, X), "row"}``."""
         return _Volumes(self, rows)
