@@ -55,6 +55,24 @@ class Judged:
     valid_range: tuple[float, float] | None = (0.0, 1.0)
     provenance: dict[str, Any] = field(default_factory=dict)
 
+    def batch(self, rows: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and masks of ``rows`` (positions in ``data.index``) on the model's device:
+        slices ``(B, C, H, W)`` in [0, 1], or one volume ``(1, C, *S)`` in the source's units
+        (then the model is told which volume it is: its spacing or affine)."""
+        rows = [int(r) for r in np.asarray(rows).reshape(-1)]
+        if not rows:
+            raise UserError("batch: no rows given")
+        if self.batch_size == 1 and len(rows) != 1:
+            raise UserError(f"batch: {self.name} takes one volume at a time, got {len(rows)}")
+        prepare = getattr(self.data, "prepare", None)
+        if prepare is not None:
+            prepare(rows)
+        dataset = self.data.dataset(rows)
+        items = [dataset[i] for i in range(len(dataset))]
+        device = next(self.model.parameters()).device
+        x = torch.stack([item["image"] for item in items]).to(device)
+        return x, torch.stack([item["mask"] for item in items]).to(device)
+
 
 def open_external(
     config: ExternalConfig,
