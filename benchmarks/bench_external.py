@@ -114,7 +114,9 @@ def evaluate(args: list[str], out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/external-bench"))
-    parser.add_argument("--stage", choices=["prepare", "evaluate", "all"], default="all")
+    parser.add_argument(
+        "--stage", choices=["prepare", "prepare-bundle", "evaluate", "all"], default="all"
+    )
     parser.add_argument("--eps", type=float, default=20.0, help="PGD/sea eps in HU")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--only", default="", help="comma-separated setting names to run")
@@ -123,8 +125,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.stage in ("prepare", "all"):
         prepare_nnunet(work)
+    if args.stage in ("prepare", "prepare-bundle", "all") and not (work / "bundle").is_dir():
         prepare_bundle(work)
-    if args.stage == "prepare":
+    if args.stage.startswith("prepare"):
         return
     nnunet = work / "results" / DATASET / "nnUNetTrainer_1epoch__nnUNetPlans__2d"
     raw = work / "nnUNet_raw" / DATASET

@@ -120,9 +120,9 @@ def test_the_report_names_an_external_models_provenance(tmp_path):
         "checkpoint": "checkpoint_final.pth", "trainer": "nnUNetTrainer", "mirroring": False,
         "checkpoint_sha256": {"0": "a" * 64, "1": "b" * 64}, "units": "HU",
     }  # fmt: skip
-    (tmp_path / "external.json").write_text(json.dumps({"nnunet-2d-f0+1-nomirror": facts}))
+    (tmp_path / "external.json").write_text(json.dumps({"nnunet-2d-f0f1-nomirror": facts}))
     ((name, text),) = _external_rows(tmp_path)
-    assert name == "model: nnunet-2d-f0+1-nomirror"
+    assert name == "model: nnunet-2d-f0f1-nomirror"
     for part in ("/r/Dataset001_X", "configuration 2d", "folds 0, 1", "checkpoint_final.pth",
                  "mirroring off", "a" * 64, "b" * 64, "eps in HU"):  # fmt: skip
         assert part in text

@@ -244,3 +244,36 @@ def test_a_volume_is_written_back_on_its_source_grid(results):
     assert back.GetSpacing() == source.GetSpacing() and back.GetOrigin() == source.GetOrigin()
     assert back.GetDirection() == source.GetDirection()
     assert np.allclose(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(source) + 5.0)
+
+
+@pytest.mark.slow  # ~2 min on the loaded 2-core machine
+def test_two_folds_and_transfer_between_them_from_the_cli(results, tmp_path, capsys):
+    """``--folds 0 --folds 1 --transfer``: each fold attacked white-box, and each fold's
+    adversarial volumes scored on the other (records' ``source``)."""
+    from advseg.cli import main
+    from advseg.runs.records import read_records
+
+    base, raw = results
+    out = tmp_path / "folds"
+    args = ["evaluate", "--nnunet", str(base), "--configuration", "2d", "--folds", "0",
+            "--folds", "1", "--transfer", "--no-mirroring", "--max-slices", "1", "--data",
+            str(raw), "--attack", "fgsm", "--eps", "20", "--loss", "ce",
+            "--out", str(out)]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 0, capsys.readouterr().err
+    records = read_records(out / "records")
+    f0, f1 = "nnunet-2d-f0-nomirror", "nnunet-2d-f1-nomirror"
+    pairs = set(zip(records["source"], records["model"], strict=True))
+    assert pairs == {(f0, f0), (f1, f1), (f0, f1), (f1, f0)}
+    for source, target in ((f0, f1), (f1, f0)):
+        crafted = records[(records["source"] == source) & (records["model"] == source)]
+        moved = records[(records["source"] == source) & (records["model"] == target)]
+        own = records[(records["source"] == target) & (records["model"] == target)]
+        assert np.allclose(moved["linf"].to_numpy(), crafted["linf"].to_numpy())  # same images
+        assert np.allclose(moved["l2"].to_numpy(), crafted["l2"].to_numpy())
+        assert np.allclose(moved["dice_clean"].to_numpy(), own["dice_clean"].to_numpy())
+    assert set(json.loads((out / "external.json").read_text())) == {f0, f1}
+    with pytest.raises(SystemExit) as exit_:
+        main([*args[:7], *args[9:-1], str(tmp_path / "one")])  # one model: nothing to transfer to
+    assert exit_.value.code == 2 and "--transfer: needs two models" in capsys.readouterr().err

@@ -140,8 +140,17 @@ def evaluate_command(
     configuration: str = typer.Option(
         "3d_fullres", "--configuration", help="nnU-Net configuration: 2d, 3d_fullres, 3d_lowres."
     ),
-    folds: str | None = typer.Option(
-        None, "--folds", help="nnU-Net folds averaged, e.g. 0,1 (default: every fold found)."
+    folds: list[str] = typer.Option(
+        [],
+        "--folds",
+        help="nnU-Net folds averaged, e.g. 0,1 (default: every fold found); repeat it to judge "
+        "several models of the folder, e.g. --folds 0 --folds 1 --folds 0,1.",
+    ),
+    transfer: bool = typer.Option(
+        False,
+        "--transfer",
+        help="Also score each external model's adversarial images on the run's other external "
+        "models (--folds groups): transfer cells (default: off).",
     ),
     nnunet_checkpoint: str = typer.Option(
         "checkpoint_final.pth", "--nnunet-checkpoint", help="nnU-Net checkpoint file name."
@@ -210,7 +219,7 @@ def evaluate_command(
                 f"--attack-option {key}: given twice (also as --{key.replace('_', '-')})"
             )
         options[key] = value
-    external = _external(
+    external, *more_external = _external(
         nnunet, configuration, folds, nnunet_checkpoint, mirroring, torchscript, model_factory,
         weights, classes, in_channels, activation, size, bundle,
     )  # fmt: skip
@@ -236,6 +245,8 @@ def evaluate_command(
         corruptions=list(corruption),
         corruption_seed=corruption_seed,
         external=external,
+        more_external=more_external,
+        transfer=transfer,
         through=list(through),
         nsd_mm=nsd_tolerance,
     )
@@ -332,7 +343,7 @@ def corruptions_command() -> None:
 def _external(
     nnunet: Path | None,
     configuration: str,
-    folds: str | None,
+    folds: list[str],
     checkpoint: str,
     mirroring: bool,
     torchscript: Path | None,
@@ -344,7 +355,8 @@ def _external(
     size: int,
     bundle: Path | None = None,
 ):
-    """The one model advseg did not train, from the options, or None."""
+    """The models advseg did not train, from the options: ``[None]`` without one; one per
+    ``--folds`` group of an nnU-Net folder."""
     given = [(f, v) for f, v in (("--nnunet", nnunet), ("--bundle", bundle),
                                  ("--torchscript", torchscript), ("--model-factory", factory))
              if v is not None]  # fmt: skip
@@ -353,7 +365,9 @@ def _external(
     if weights is not None and factory is None:
         raise UserError("--weights: goes with --model-factory")
     if not given:
-        return None
+        if folds:
+            raise UserError("--folds: goes with --nnunet")
+        return [None]
     from advseg.models.external import ExternalConfig
 
     flag, value = given[0]
@@ -365,16 +379,24 @@ def _external(
         raise UserError("--nnunet: the classes and activation come from its dataset.json")
     if kind == "bundle" and activation:
         raise UserError("--bundle: the activation comes from its postprocessing")
-    return ExternalConfig(
-        kind=kind,
-        path=str(value),
-        weights=str(weights) if weights else None,
-        configuration=configuration,
-        folds=[f.strip() for f in (folds or "").split(",") if f.strip()],
-        checkpoint=checkpoint,
-        mirroring=mirroring,
-        classes=names,
-        in_channels=in_channels,
-        activation=activation or "sigmoid",
-        size=size,
-    )
+    if folds and kind != "nnunet":
+        raise UserError("--folds: goes with --nnunet")
+    groups = [[f.strip() for f in group.split(",") if f.strip()] for group in folds] or [[]]
+    if len({tuple(g) for g in groups}) != len(groups):
+        raise UserError(f"--folds: each group once, got {' '.join(folds)}")
+    return [
+        ExternalConfig(
+            kind=kind,
+            path=str(value),
+            weights=str(weights) if weights else None,
+            configuration=configuration,
+            folds=group,
+            checkpoint=checkpoint,
+            mirroring=mirroring,
+            classes=names,
+            in_channels=in_channels,
+            activation=activation or "sigmoid",
+            size=size,
+        )
+        for group in groups
+    ]

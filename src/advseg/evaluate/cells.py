@@ -76,7 +76,8 @@ class CellResult:
     examples: dict[str, np.ndarray] = field(default_factory=dict)
     adversarial: dict[str, np.ndarray] = field(default_factory=dict)
     """With ``keep_adversarial``: per loss, the adversarial images ``(N, C, H, W)`` of every
-    slice of ``rows``, in that order (what a transfer study scores on other models)."""
+    slice of ``rows``, in that order (what a transfer study scores on other models); for volumes
+    of different shapes, a list of ``(C, *S)`` arrays."""
     trace: pd.DataFrame | None = None
     """With ``trace``: the cell's convergence trace (:data:`advseg.runs.traces.TRACE_COLUMNS`), for
     iterative attacks; None otherwise."""
@@ -374,15 +375,21 @@ def evaluate_sweep(
         examples_i = merge_examples([(b, parts[i]) for b, parts in shown], names[i])
         adversarial = {}
         if keep_adversarial:
-            adversarial = {
-                n: np.concatenate([k[i][j] for _, k in kept]) for j, n in enumerate(names[i])
-            }
+            adversarial = {n: _joined([k[i][j] for _, k in kept]) for j, n in enumerate(names[i])}
         cell_steps = None
         if traced:
             batches = [parts[i] for _, parts in steps]
             cell_steps = cell_trace(batches, names[i], model=model_name, attack=label, eps=eps)
         results.append(CellResult(check_records(records), examples_i, adversarial, cell_steps))
     return results
+
+
+def _joined(batches: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """Kept adversarial batches as one array, or, for volumes of different shapes (one per
+    batch), a list with one ``(C, *S)`` array per volume."""
+    if len({b.shape[1:] for b in batches}) <= 1:
+        return np.concatenate(batches)
+    return [image for batch in batches for image in batch]
 
 
 def check_losses(losses: Sequence[str], activation: str, model_name: str) -> None:

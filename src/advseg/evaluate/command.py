@@ -74,6 +74,10 @@ class EvaluateConfig:
         external: a model advseg did not train (``--nnunet``, ``--bundle``, ``--torchscript``,
             ``--model-factory``; :class:`~advseg.models.external.ExternalConfig`), judged on
             every slice or volume of ``data`` (:mod:`advseg.evaluate.external`).
+        more_external: further models of the same kind judged on the same data (nnU-Net: each
+            ``--folds`` group, e.g. fold 0, fold 1 and their ensemble ``0,1``).
+        transfer: also score each external model's adversarial images on every other external
+            model of the run (transfer cells: the records' ``source`` is the crafting model).
         corruption_seed: seeds every slice's corruption draw (with its slice id).
         max_slices: evaluate at most this many slices of the split per checkpoint, drawn with
             the checkpoint's split seed and spread over its cases
@@ -106,6 +110,8 @@ class EvaluateConfig:
     corruption_seed: int = 0
     max_slices: int | None = None
     external: ExternalConfig | None = None
+    more_external: list[ExternalConfig] = field(default_factory=list)
+    transfer: bool = False
     through: list[str] = field(default_factory=lambda: ["inference"])
     nsd_mm: float = 1.0
 
@@ -323,7 +329,7 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
     frames, files, slices = [], [], {}
 
     def run_cells(bare, checkpoint_name, arch, seed, activation, losses, data, rows, batch_size,
-                  extra, examples, fold=None, through=None):  # fmt: skip
+                  extra, examples, fold=None, through=None, keep=None):  # fmt: skip
         """Every (defence, attack, eps) cell and every corruption cell of one model (of one
         cross-validation fold: its records carry ``fold``, its files ``__fold<k>``); volumes
         (``through`` given: ``bare`` is the sliding-window inferer) under that protocol."""
@@ -347,8 +353,11 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
                         arch=arch, attack_kwargs=options, batch_size=batch_size,
                         examples=examples, erase=config.erase, on_batch=on_batch,
                         trace=config.trace, compat=config.compat, **volume,
+                        keep_adversarial=keep is not None,
                     )  # fmt: skip
                 for eps, result in zip(group, results, strict=True):
+                    if keep is not None:  # --transfer: scored on the other models below
+                        keep[(model_name, attack, eps)] = result.adversarial
                     records = result.records.assign(seed=seed, **folded)
                     frames.append(records)
                     if not distributed.is_main():
@@ -443,10 +452,12 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
             bare, checkpoint_name, meta.model, seed, activation, losses,
             data, rows, config.batch_size, {}, config.examples, fold,
         )  # fmt: skip
-    if config.external is not None:
-        judged = open_external(
-            config.external, config.data, cache_dir=config.cache_dir, device=device
-        )
+    opened = [open_external(external, config.data, cache_dir=config.cache_dir, device=device)
+              for external in ([config.external, *config.more_external]
+                               if config.external is not None else [])]  # fmt: skip
+    check_transfer(opened, config.transfer)
+    kept_images: dict[str, dict] = {}
+    for judged in opened:
         if config.max_slices is not None:  # seeded (0), spread over the cases
             judged.rows = spread_rows(judged.data.index, judged.rows, config.max_slices, 0)
         console.print(f"model: {judged.name} ({judged.arch}); data: {judged.data.location}, "
@@ -461,7 +472,26 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
             judged.model, judged.name, judged.arch, 0, judged.activation, losses, judged.data,
             judged.rows, judged.batch_size or config.batch_size,
             {"valid_range": judged.valid_range}, 0 if judged.batch_size == 1 else config.examples,
+            keep=kept_images.setdefault(judged.name, {}) if config.transfer else None,
         )  # fmt: skip
+    for source, target in itertools.permutations(opened, 2) if config.transfer else ():
+        for (name, attack, eps), images in kept_images[source.name].items():
+            what = f"{name} -> {target.name}, {attack} eps {eps:g} (transfer)"
+            with cell_progress(console, f"{what} on {len(target.rows)} {_unit(target)}") as tick:
+                result = evaluate_sweep(
+                    target.model, target.data, target.rows, attack, {eps: list(images)},
+                    model_name=target.name, arch=target.arch, on_batch=tick,
+                    attack_kwargs={"activation": target.activation,
+                                   "valid_range": target.valid_range},
+                    batch_size=target.batch_size or config.batch_size,
+                    crafted=crafted_reader(images), source=name,
+                )[0]  # fmt: skip
+            records = result.records.assign(seed=0)
+            frames.append(records)
+            if distributed.is_main():
+                stem = f"{file_stem(target.name)}__from-{file_stem(name)}"
+                path = out / "records" / f"{cell_name(stem, attack, eps)}.parquet"
+                files.append(write_records(records, path))
     records = pd.concat(frames, ignore_index=True)
     table = with_intervals(records, config.protocol)  # Table II with case-bootstrap intervals
     summary_path = out / "summary.csv"
@@ -488,6 +518,37 @@ def _refuse_for_volumes(config: EvaluateConfig, checkpoint: Path) -> None:
         raise UserError(f"{checkpoint}: a 3D model; input defences on volumes are not built")
     if config.compat != "none" or config.erase:
         raise UserError(f"{checkpoint}: a 3D model; --compat and --erase are for slices")
+
+
+def check_transfer(opened: Sequence[Any], transfer: bool) -> None:
+    """Refuse ``--transfer`` without two external models, or between models that do not score
+    the same images (cases, classes, units): one line naming both."""
+    if not transfer:
+        return
+    if len(opened) < 2:
+        raise UserError("--transfer: needs two models judged on the same data (e.g. --folds 0 "
+                        "--folds 1 of one nnU-Net folder)")  # fmt: skip
+    first = opened[0]
+    for other in opened[1:]:
+        same = (list(first.data.index["id"]) == list(other.data.index["id"])
+                and list(first.data.classes) == list(other.data.classes)
+                and first.valid_range == other.valid_range
+                and list(first.rows) == list(other.rows))  # fmt: skip
+        if not same:
+            raise UserError(f"--transfer: {first.name} and {other.name} do not score the same "
+                            "cases, classes and units")  # fmt: skip
+
+
+def crafted_reader(images: dict[str, Any]) -> Any:
+    """The ``crafted`` callable of :func:`evaluate_sweep` over kept adversarial images (an array
+    per loss, or for volumes of different shapes a list of per-volume arrays)."""
+    import torch
+
+    def read(x: Any, y: Any, positions: np.ndarray) -> list:
+        return [torch.stack([torch.as_tensor(np.asarray(images[loss][int(p)]))
+                             for p in positions]).to(x.device) for loss in images]  # fmt: skip
+
+    return read
 
 
 def named_budget(config: EvaluateConfig) -> dict[str, Any]:

@@ -64,7 +64,12 @@ def export_volumes(
     saved = (load_yaml(settings_file) or {}) if settings_file.is_file() else {}
     if not saved.get("external"):
         raise UserError(f"{run_dir}: no evaluate.yaml with the external model's settings")
-    config = from_dict(ExternalConfig, saved["external"], where=f"{run_dir}/evaluate.yaml external")
+    name = str(cell["model"].iloc[0])
+    listed = [saved["external"], *(saved.get("more_external") or [])]
+    configs = [from_dict(ExternalConfig, c, where=f"{settings_file} external") for c in listed]
+    config = next((c for c in configs if c.label == name), None)
+    if config is None:
+        raise UserError(f"{settings_file}: names no external model {name!r}")
     where = data if data is not None else saved.get("data")
     judged = open_external(config, where, device=device)
     cases = judged.data

@@ -76,10 +76,10 @@ class ExternalConfig:
 
     @property
     def label(self) -> str:
-        """The model's name in records: ``nnunet-3d_fullres-f0+1``, ``ts-model``, ..."""
-        if self.kind == "nnunet":
-            folds = "+".join(self.folds) if self.folds else "all"
-            return f"nnunet-{self.configuration}-f{folds}" + ("" if self.mirroring else "-nomirror")
+        """The model's name in records: ``nnunet-3d_fullres-f0f1``, ``ts-model``, ..."""
+        if self.kind == "nnunet":  # never "+": it joins defences and ensemble sources
+            folds = "".join(f"f{fold}" for fold in self.folds) if self.folds else "fall"
+            return f"nnunet-{self.configuration}-{folds}" + ("" if self.mirroring else "-nomirror")
         if self.kind == "torchscript":
             return f"ts-{Path(self.path).stem}"
         if self.kind == "bundle":
