@@ -43,10 +43,8 @@ def table_ii(cells: pd.DataFrame, protocol: str, locations: list[str] | None = N
 
 def _table(cell: pd.DataFrame, attack: str, eps: float, protocol: str, note: str | None) -> Table:
     losses = list(dict.fromkeys(cell["loss"]))
-    title = (
-        f"Table II: {attack}, eps {eps:g} ({eps * 255:.3g}/255) (DSC = {protocol} Dice; "
-        "AS = attack success)"
-    )
+    scale = f" ({eps * 255:.3g}/255)" if eps <= 1 else ""  # above 1: the source's units (HU)
+    title = f"Table II: {attack}, eps {eps:g}{scale} (DSC = {protocol} Dice; AS = attack success)"
     if "seeds" in cell.columns:  # a grid with seeds: the mean over training seeds, and its sd
         title += f"; mean ± sd over {int(cell['seeds'].max())} training seeds"
     if note is not None:
