@@ -9,11 +9,13 @@ Stages (each reuses what the earlier ones left in ``--work``):
              ``nnUNetTrainer_1epoch`` (one epoch: 250 iterations, its augmentation, its loss, on
              the CPU). Bundle: tests/monai_bundle.py's tiny 3D UNet, trained 25 Adam steps on
              3 cases, judged on 3 held-out cases.
-``evaluate`` ``advseg evaluate`` for each setting (``--threads 1``): nnU-Net fold 0 with and
-             without mirroring, folds 0+1 with mirroring, under PGD (``--eps`` in HU, ``--steps``)
-             and ``sea`` (``preset=fast``); the bundle under the same. Wall time per run, clean
-             Dice and Dice under each attack (mean over the held-out volumes and classes, from
-             the records), into ``--work/results.json`` and a table on stdout.
+``evaluate`` ``advseg evaluate`` for each setting (``--threads 1``): the bundle and nnU-Net fold 0
+             (mirroring on, its default) under PGD (``--eps`` in HU, ``--steps``) and ``sea``
+             (``preset=fast``); fold 0 without mirroring under PGD; folds 0, 1 and their
+             ensemble 0,1 in one run under PGD with ``--transfer`` (each model's adversarial
+             volumes scored on the two others). Wall time per run, clean Dice and Dice under
+             each attack (mean over the held-out volumes and classes, from the records), into
+             ``--work/results.json`` and a table on stdout.
 
     python benchmarks/bench_external.py --work /tmp/external-bench [--stage prepare|evaluate|all]
 """
@@ -104,10 +106,13 @@ def evaluate(args: list[str], out: Path) -> dict:
     subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     seconds = time.perf_counter() - started
     records = pd.concat(pd.read_parquet(p) for p in sorted((out / "records").glob("*.parquet")))
-    result = {"seconds": round(seconds, 1), "volumes": int(records["slice_id"].nunique())}
-    result["clean"] = round(float(records["dice_clean"].mean()), 4)
-    for attack, group in records.groupby("attack"):
-        result[str(attack)] = round(float(group["dice_adv"].mean()), 4)
+    result: dict = {"seconds": round(seconds, 1), "volumes": int(records["slice_id"].nunique())}
+    for (source, model), rows in records.groupby(["source", "model"], sort=False):
+        key = model if source == model else f"{source} -> {model}"
+        cell = {"clean": round(float(rows["dice_clean"].mean()), 4)}
+        for attack, group in rows.groupby("attack"):
+            cell[str(attack)] = round(float(group["dice_adv"].mean()), 4)
+        result[key] = cell
     return result
 
 
@@ -131,21 +136,14 @@ def main() -> None:
         return
     nnunet = work / "results" / DATASET / "nnUNetTrainer_1epoch__nnUNetPlans__2d"
     raw = work / "nnUNet_raw" / DATASET
-    attacks = ["--attack", "pgd", "--attack", "sea", "--attack-option", "preset=fast",
-               "--eps", f"{args.eps:g}", "--steps", str(args.steps)]  # fmt: skip
-    settings = {
-        "nnunet-f0": ["--nnunet", str(nnunet), "--configuration", "2d", "--folds", "0"],
-        "nnunet-f0-nomirror": [
-            "--nnunet",
-            str(nnunet),
-            "--configuration",
-            "2d",
-            "--folds",
-            "0",
-            "--no-mirroring",
-        ],
-        "nnunet-f0+1": ["--nnunet", str(nnunet), "--configuration", "2d", "--folds", "0,1"],
-        "bundle": ["--bundle", str(work / "bundle")],
+    pgd = ["--attack", "pgd", "--eps", f"{args.eps:g}", "--steps", str(args.steps)]
+    sea = [*pgd, "--attack", "sea", "--attack-option", "preset=fast"]
+    nn = ["--nnunet", str(nnunet), "--configuration", "2d"]
+    settings = {  # sea where it is the point; PGD for the mirroring and fold comparisons
+        "bundle": ["--bundle", str(work / "bundle"), *sea],
+        "nnunet-f0-nomirror": [*nn, "--folds", "0", "--no-mirroring", *pgd],
+        "nnunet-f0": [*nn, "--folds", "0", *sea],
+        "nnunet-folds": [*nn, "--folds", "0", "--folds", "1", "--folds", "0,1", "--transfer", *pgd],
     }
     data = {"bundle": work / "bundle-test"}
     only = [s for s in args.only.split(",") if s]
@@ -155,16 +153,19 @@ def main() -> None:
         if only and name not in only:
             continue
         where = data.get(name, raw)
-        results[name] = evaluate([*options, "--data", str(where), *attacks], work / "runs" / name)
+        results[name] = evaluate([*options, "--data", str(where)], work / "runs" / name)
         results[name]["eps_hu"] = args.eps
         results[name]["pgd_steps"] = args.steps
         print(name, results[name], flush=True)
         path.write_text(json.dumps(results, indent=2))
-    print(f"{'setting':22} {'s':>7} {'clean':>7} {'pgd':>7} {'sea':>7}")
+    print(f"{'setting':20} {'model (source -> target)':52} {'s':>7} {'clean':>7} {'pgd':>7} "
+          f"{'sea':>7}")  # fmt: skip
     for name, r in results.items():
-        sea = next((v for k, v in r.items() if str(k).startswith("sea")), float("nan"))
-        print(f"{name:22} {r['seconds']:7.1f} {r['clean']:7.4f} {r.get('pgd', float('nan')):7.4f} "
-              f"{sea:7.4f}")  # fmt: skip
+        for key, cell in r.items():
+            if isinstance(cell, dict):
+                sea = next((v for k, v in cell.items() if k.startswith("sea")), float("nan"))
+                print(f"{name:20} {key:52} {r['seconds']:7.1f} {cell['clean']:7.4f} "
+                      f"{cell.get('pgd', float('nan')):7.4f} {sea:7.4f}")  # fmt: skip
 
 
 if __name__ == "__main__":
