@@ -126,3 +126,19 @@ def test_the_report_names_an_external_models_provenance(tmp_path):
     for part in ("/r/Dataset001_X", "configuration 2d", "folds 0, 1", "checkpoint_final.pth",
                  "mirroring off", "a" * 64, "b" * 64, "eps in HU"):  # fmt: skip
         assert part in text
+
+
+def test_kept_volumes_of_different_shapes_are_read_back_one_by_one():
+    """--transfer keeps each volume's adversarial image; volumes differ in shape."""
+    import numpy as np
+
+    from advseg.evaluate.cells import _joined
+    from advseg.evaluate.command import crafted_reader
+
+    same = _joined([np.zeros((1, 1, 2, 3)), np.ones((1, 1, 2, 3))])
+    assert isinstance(same, np.ndarray) and same.shape == (2, 1, 2, 3)
+    kept = _joined([np.zeros((1, 1, 2, 3)), np.ones((1, 1, 4, 5))])
+    assert [k.shape for k in kept] == [(1, 2, 3), (1, 4, 5)]
+    read = crafted_reader({"ce": kept})
+    (image,) = read(torch.zeros(1), None, np.array([1]))
+    assert image.shape == (1, 1, 4, 5) and bool((image == 1).all())
