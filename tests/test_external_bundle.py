@@ -22,7 +22,7 @@ pytest.importorskip("ignite")  # monai.bundle.run's evaluator
 
 from advseg.cli import main
 from advseg.errors import UserError
-from advseg.models.external.bundle import BundleModel, read_bundle
+from advseg.models.external.bundle import BundleModel, check_differentiable, read_bundle
 from advseg.models.external.bundle_cases import BundleCases
 from advseg.runs.records import read_records
 from monai_bundle import CLASSES, write_bundle, write_data
@@ -186,6 +186,15 @@ def test_bad_bundles_are_one_line(made, tmp_path, capsys):
     (broken / "configs" / "inference.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="no network_def"):
         read_bundle(broken)
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    config["preprocessing"]["transforms"].insert(
+        4, {"_target_": "EnsureTyped", "keys": "image", "data_type": "numpy"}
+    )  # through numpy: no gradient
+    shutil.copy(bundle / "models" / "model.pt", broken / "models" / "model.pt")
+    (broken / "configs" / "inference.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="EnsureTyped stops the gradient"):
+        model, cases = _opened(broken, data)
+        check_differentiable(model.bundle, cases.read(0)[0], cases.metas[0])
     base = ["evaluate", "--bundle", str(bundle), "--data", str(data), "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit) as exit_:
         main([*base, "--classes", "only-one"])

@@ -129,12 +129,13 @@ def _open_nnunet(config: ExternalConfig, raw: Path, device: str | torch.device) 
 
 
 def _open_bundle(config: ExternalConfig, folder: Path, device: str | torch.device) -> Judged:
-    from advseg.models.external.bundle import BundleModel, read_bundle
+    from advseg.models.external.bundle import BundleModel, check_differentiable, read_bundle
     from advseg.models.external.bundle_cases import BundleCases
 
     bundle = read_bundle(config.path, classes=config.classes or None, device=device)
     model = BundleModel(bundle)
     cases = BundleCases(folder, bundle)
+    check_differentiable(bundle, cases.read(0)[0], cases.metas[0])
     _check_channels(model, cases, f"--bundle {config.path}")
     cases.bind(model)
     provenance = {

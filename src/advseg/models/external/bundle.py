@@ -291,6 +291,23 @@ class BundleModel(nn.Module):
         return back[None]
 
 
+def check_differentiable(bundle: Bundle, image: Tensor, meta: dict[str, Any]) -> None:
+    """Refuse, in one line naming it, a preprocessing transform the gradient cannot pass (one
+    that goes through numpy, or draws at random): run each on ``image`` (``(C, *S)``, the
+    reading transforms' output) with the input requiring grad."""
+    from monai.data import MetaTensor
+
+    item = {bundle.key: MetaTensor(image.detach().clone().requires_grad_(True), meta=dict(meta))}
+    for transform in bundle.preprocessing.transforms:
+        item = transform(item)
+        value = item[bundle.key]
+        if not (isinstance(value, Tensor) and value.requires_grad):
+            raise UserError(
+                f"--bundle {bundle.root}: preprocessing transform {type(transform).__name__} "
+                "stops the gradient (numpy or random): advseg cannot attack through it"
+            )
+
+
 def _sliding(inferer, network: nn.Module, root: Path) -> nn.Module:
     """advseg's :class:`~advseg.inference.SlidingWindow` configured as MONAI's inferer (refused
     in one line where it has an option advseg's does not reproduce)."""
