@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from advseg.cli import main
 from advseg.config import to_dict
@@ -151,3 +152,80 @@ def test_a_grid_with_corruptions_runs_them_once_per_model_and_resumes(tmp_path):
         from advseg.experiment.check import check_config
 
         check_config(ExperimentConfig(corruptions=["blurr:2"]))
+
+
+def _trained_three(tmp_path, slices=5):
+    """Three unet-tiny checkpoints: adversarially trained, corruption-trained, plain."""
+    data = tmp_path / "data"
+    write_synthetic(data, cases=3, scans=1, slices=slices)
+    preprocessing = to_dict(PreprocessConfig(size=32))
+    source = {"config": {"path": str(data), "cache_dir": str(tmp_path / "cache")},
+              "test_fraction": 0.34, "split_seed": 0}  # fmt: skip
+    trainings = {
+        "a_adv": {"adversarial": {"method": "fgsm-rs", "eps": 0.03}},
+        "b_corr": {"augment": {"corruptions": ["noise"], "p_corruption": 0.5}},
+        "c_plain": {"adversarial": {"method": "none"}},
+    }
+    for name, train in trainings.items():
+        torch.manual_seed(0)
+        model = create_model("unet-tiny")
+        meta = metadata_for(
+            model, list(UWMGI_CLASSES), preprocessing=preprocessing, data=source, train=train
+        )
+        save_checkpoint(tmp_path / name, model, meta)
+    return [tmp_path / name for name in trainings]
+
+
+def test_the_mce_baseline_is_the_undefended_model_unless_chosen(tmp_path):
+    """Default: the first model trained without a defence (here the last in name order);
+    ``given`` (``advseg report --baseline``) chooses another; a stranger is refused."""
+    from advseg.report.corruptions import choose_baseline
+
+    paths = _trained_three(tmp_path, slices=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "evaluate.yaml").write_text(yaml.safe_dump({"checkpoints": list(map(str, paths))}))
+    models = [p.name for p in paths]
+    assert choose_baseline(run, models) == ("c_plain", "the first model trained without a defence")
+    assert choose_baseline(run, models[:2])[0] == "a_adv"  # no undefended one: the first
+    assert choose_baseline(run, models, "b_corr") == ("b_corr", "chosen")
+    assert choose_baseline(tmp_path / "nothing", models)[0] == "a_adv"  # no training found
+    with pytest.raises(UserError, match=r"--baseline: 'zz' is not a model"):
+        choose_baseline(run, models, "zz")
+
+
+@pytest.mark.slow  # three evaluations and two reports (about 90 s on a loaded CPU)
+def test_the_report_names_its_mce_baseline_and_takes_another(tmp_path):
+    paths = _trained_three(tmp_path)
+    out = tmp_path / "run"
+    args = ["evaluate", *map(str, paths), "--out", str(out)]
+    with pytest.raises(SystemExit) as done:
+        main([*args, "--corruption", "blur:5", "--device", "cpu"])
+    assert done.value.code == 0
+    summary = pd.read_csv(write_report(out).html.parent / "corruption_summary.csv")
+    assert set(summary["baseline"]) == {"c_plain"}
+    assert summary.set_index("model").loc["c_plain", "mce"] == pytest.approx(1.0)
+    assert "relative to c_plain (the first model trained without a defence" in (
+        (out / "report" / "report.md").read_text()
+    )
+    with pytest.raises(SystemExit) as done:
+        main(["report", str(out), "--baseline", "a_adv", "--out", str(tmp_path / "r2")])
+    assert done.value.code == 0
+    summary = pd.read_csv(tmp_path / "r2" / "corruption_summary.csv")
+    assert set(summary["baseline"]) == {"a_adv"}
+
+
+def test_an_experiment_names_its_corruption_baseline_among_its_models():
+    from advseg.config import from_dict
+    from advseg.experiment.check import check_config
+    from advseg.experiment.config import ExperimentConfig
+
+    grid = {"models": [{"arch": "unet-tiny", "name": "plain"}, {"arch": "unet-tiny", "name": "b"}],
+            "corruptions": ["noise:1"]}  # fmt: skip
+    config = check_config(from_dict(ExperimentConfig, {**grid, "corruption_baseline": "b"}))
+    assert config.corruption_baseline == "b"
+    with pytest.raises(UserError, match=r"corruption_baseline: 'c' is not a model of the grid"):
+        check_config(from_dict(ExperimentConfig, {**grid, "corruption_baseline": "c"}))
+    without = {**grid, "corruptions": [], "corruption_baseline": "b"}
+    with pytest.raises(UserError, match="corruption_baseline: does nothing without corruptions"):
+        check_config(from_dict(ExperimentConfig, without))

@@ -40,9 +40,14 @@ def report(
         None, help="eps of Table II [default: the eps with the most results]."
     ),
     out: Path | None = typer.Option(None, help="Output folder [default: RUN_DIR/report]."),
+    baseline: str | None = typer.Option(
+        None,
+        help="Model the corruption errors (CE, mCE) are relative to [default: the run's "
+        "corruption_baseline, else the first model trained without a defence, else the first].",
+    ),
 ) -> None:
     """Write a run's report (HTML, Markdown, CSV, PNG) from its records; no model is needed."""
     from advseg.report import write_report
 
-    result = write_report(run_dir, protocol=protocol, eps=eps, out_dir=out)
+    result = write_report(run_dir, protocol=protocol, eps=eps, out_dir=out, baseline=baseline)
     print_report(result, console())

@@ -21,6 +21,7 @@ from advseg.experiment.config import (
     ExperimentConfig,
     attack_compat,
     model_train_config,
+    model_variants,
     trained_here,
 )
 from advseg.limits import check_seed
@@ -40,6 +41,13 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
         from advseg.corruptions import parse_corruptions
 
         parse_corruptions(config.corruptions, "corruptions")
+    if config.corruption_baseline is not None:
+        names = [name for model in config.models for name in model_variants(model)]
+        if not config.corruptions:
+            raise UserError("corruption_baseline: does nothing without corruptions")
+        if config.corruption_baseline not in names:
+            raise UserError(f"corruption_baseline: {config.corruption_baseline!r} is not a "
+                            f"model of the grid ({', '.join(names)})")  # fmt: skip
     check_file_name(config.name, "name")
     seen: dict[str, int] = {}
     for i, model in enumerate(config.models):

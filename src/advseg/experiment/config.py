@@ -167,6 +167,9 @@ class ExperimentConfig:
             severities, ``all``; :func:`advseg.corruptions.parse_corruptions`): one cell per
             (model, corruption, severity), all of a model's computed in one pass over the
             slices (:func:`advseg.evaluate.corrupted.evaluate_corruptions`), seeded by ``seed``.
+        corruption_baseline: the model (a ``models[i].name``) the report's corruption errors
+            (CE, mCE) are relative to; None: the first model trained without a defence, else
+            the first (:func:`advseg.report.corruptions.choose_baseline`).
     """
 
     name: str = "experiment"
@@ -182,6 +185,7 @@ class ExperimentConfig:
     compat: str = "none"
     encoder_weights: dict[str, str] = field(default_factory=dict)
     corruptions: list[str] = field(default_factory=list)
+    corruption_baseline: str | None = None
 
 
 def trained_here(model: ModelSpec) -> bool:

@@ -351,7 +351,9 @@ def _run_experiment(
     report = None
     if config.report and main:
         with console.status("writing the report"):
-            report = write_report(run_dir, protocol=protocol, eps=eps)
+            report = write_report(
+                run_dir, protocol=protocol, eps=eps, baseline=config.corruption_baseline
+            )
     close("report")
     seconds = mark - start
     return RunResult(

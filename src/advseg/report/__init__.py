@@ -88,6 +88,7 @@ def write_report(
     protocol: str | None = None,
     eps: float | None = None,
     out_dir: str | Path | None = None,
+    baseline: str | None = None,
 ) -> Report:
     """Write the report of ``run_dir`` from its records.
 
@@ -96,6 +97,9 @@ def write_report(
         protocol: Dice protocol; default: the run's ``evaluation.protocol``, else ``per-class``.
         eps: the eps of Table II and the per-eps figures; default: the eps with the most results.
         out_dir: where to write; default ``run_dir/report``.
+        baseline: the model the corruption section's mCE is relative to; default the run's
+            ``corruption_baseline`` (an experiment's), else
+            :func:`advseg.report.corruptions.choose_baseline`'s (the first undefended model).
 
     Raises:
         UserError: no records, a broken records or examples file, an eps not in the records.
@@ -147,7 +151,9 @@ def _write_sections(
         provenance.section(writer, run_dir, records, table_ii, protocol, locations),
         _table_section(writer, records[records["eps"] == eps], protocol, eps, locations),
         *curves.sections(writer, records),
-        *corruptions.sections(writer, run_dir, corrupted, protocol, classes),
+        *corruptions.sections(
+            writer, run_dir, corrupted, protocol, classes, baseline or _run_baseline(run_dir)
+        ),
         *sizes.sections(writer, records[records["corruption"] == ""], corrupted, eps),
         _eps_section(writer, cells),
         panel_section(writer, run_dir, records[records["eps"] == eps], protocol, classes, eps),
@@ -234,6 +240,16 @@ def _run_protocol(run_dir: Path) -> str:
         if protocol:
             return str(protocol)
     return DEFAULT_PROTOCOL
+
+
+def _run_baseline(run_dir: Path) -> str | None:
+    """An experiment's ``corruption_baseline`` (its ``config.yaml``), else None."""
+    config = run_dir / "config.yaml"
+    if config.exists():
+        value = (load_yaml(config) or {}).get("corruption_baseline")
+        if value:
+            return str(value)
+    return None
 
 
 class _Writer:

@@ -128,25 +128,59 @@ def dice_by_severity(dice: pd.DataFrame) -> Any:
     return figure
 
 
+def choose_baseline(run_dir: Path, models: list[str], given: str | None = None) -> tuple[str, str]:
+    """The model mCE is relative to, and why: ``given`` (``advseg report --baseline``, an
+    experiment's ``corruption_baseline``) when set; else the first of ``models`` whose
+    checkpoint says it was trained without a defence (no adversarial training, Gaussian noise or
+    corruption augmentation: the usual reference, as ImageNet-C's AlexNet); else the first model.
+
+    Raises:
+        UserError: ``given`` is not one of ``models``.
+    """
+    from advseg.report.training import run_checkpoints, training_facts
+
+    if given is not None:
+        if given not in models:
+            raise UserError(f"--baseline: {given!r} is not a model of the corruption records "
+                            f"({', '.join(models)})")  # fmt: skip
+        return given, "chosen"
+    undefended = set()
+    for name, path in run_checkpoints(run_dir):
+        try:
+            facts = training_facts(path)
+        except UserError:
+            continue
+        if facts["method"] == "none" and not facts["corruptions"]:
+            undefended.add(name)
+    for name in models:
+        if name in undefended:
+            return name, "the first model trained without a defence"
+    return models[0], "the first model (no undefended model's training found in the run)"
+
+
 def sections(
     writer: Any,
     run_dir: Path,
     records: pd.DataFrame,
     protocol: str,
     classes: list[str],
+    baseline: str | None = None,
 ) -> list[Section]:
     """The report's "Corruptions" section (tables, figure, one example panel per corruption);
-    none when the run has no corruption cells. ``records``: the white-box records."""
+    none when the run has no corruption cells. ``records``: the white-box records;
+    ``baseline``: the mCE baseline (default: :func:`choose_baseline`'s)."""
     corrupted = records[records["corruption"] != ""]
     if corrupted.empty:
         return []
-    table, summary = corruption_table(corrupted, protocol)
-    baseline = summary["baseline"].iloc[0]
+    models = list(dict.fromkeys(corruption_dice(corrupted, protocol)["model"]))
+    baseline, why = choose_baseline(run_dir, models, baseline)
+    table, summary = corruption_table(corrupted, protocol, baseline)
     section = Section("Corruptions (TorchIO)")
     section.blocks.append(writer.table(
         "corruption_summary", summary,
         f"Per model: clean DSC, the mean DSC over corruptions and severities, and the mean "
-        f"corruption error relative to {baseline} (mCE, Hendrycks & Dietterich 2019: the summed "
+        f"corruption error relative to {baseline} ({why}; `advseg report --baseline` chooses "
+        f"another) (mCE, Hendrycks & Dietterich 2019: the summed "
         f"error 1 - DSC over severities divided by {baseline}'s; mrCE: the same for the drop "
         f"from each model's clean error). Below 1: more robust than {baseline}. "
         f"{protocol} Dice.",

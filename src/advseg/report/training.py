@@ -226,11 +226,14 @@ def sections(
     seeded = bool(table.groupby("model")["seed"].nunique().gt(1).any()) if len(table) else False
     if table.empty:
         return [Section("Training", [writer.note(text) for text in notes])] if notes else []
-    at_eps = white_box(records[records["eps"] == eps])
+    attacked = records[(records["eps"] == eps) & (records["corruption"] == "")]  # no corruption
+    at_eps = white_box(attacked)
+    per_seed = []
     if not at_eps.empty:
-        per_seed = []
         for seed, frame in at_eps.groupby("seed", sort=True):
-            cells = summarize_cells(frame, protocol)
+            cells = summarize_cells(frame, protocol).dropna(subset=["dsc_adv"])
+            if cells.empty:  # no slice with a structure: no Dice
+                continue
             worst = cells.loc[cells.groupby("model", sort=False)["dsc_adv"].idxmin()]
             per_seed.append(
                 pd.DataFrame(
@@ -243,6 +246,7 @@ def sections(
                     }
                 )
             )
+    if per_seed:
         table = table.merge(pd.concat(per_seed), on=["model", "seed"], how="left")
     title = "Training and adversarial training" if defended else "Training"
     title = "Training, per seed" if seeded and not defended else title
