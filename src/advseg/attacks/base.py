@@ -103,6 +103,8 @@ class Attack:
     """True when ``eps`` bounds pixel values (so an L-inf budget above the valid range's width is
     refused); False for budgets in their own terms (pixels of displacement, a log gain)."""
     single_step: ClassVar[bool] = False
+    moves_anatomy: ClassVar[bool] = False
+    """True for a spatial attack: its images are scored against :meth:`adversarial_truth`."""
     """True for attacks made of one step from the clean gradient: they provide
     ``apply_gradient(x, grad)``, so that an evaluation can share one forward over losses."""
 
@@ -200,6 +202,12 @@ class Attack:
     def perturb(self, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         """The attack's algorithm; runs with the model frozen. Subclasses override it."""
         raise NotImplementedError
+
+    def adversarial_truth(self, y: Tensor) -> Tensor:
+        """The truth the last call's images are scored against, for masks ``y`` ``(B, K, ...)``
+        of that batch: ``y`` itself, as an attack that changes intensities leaves the anatomy
+        where it is (a spatial attack, :class:`~advseg.attacks.elastic.Elastic`, moves it)."""
+        return y
 
     def logits(self, x: Tensor) -> Tensor:
         """The model's logits ``(B, K, H, W)`` in float32."""

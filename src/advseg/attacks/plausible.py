@@ -69,13 +69,18 @@ class PlausibleAttack(Attack):
         self.theta: Tensor | None = None
         """The parameters of the last call's images (per sample), for inspection."""
 
+    def __call__(self, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        self.theta = None  # eps 0 returns x unchanged, with no parameters
+        return super().__call__(x, y, generator=generator)
+
     def perturb(self, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         theta = self.start(x, generator) if self.random_start else self.identity(x)
         for t in range(self.steps):
             theta = theta.detach().requires_grad_(True)
             logits = self.logits(self.render(x, theta))
-            self.note(logits, y)
-            values = self.objective(self.weigh(logits, y, t), y)
+            target = self.target(y, theta)
+            self.note(logits, target)
+            values = self.objective(self.weigh(logits, target, t), target)
             (grad,) = torch.autograd.grad(values.sum(), theta)
             direction = grad.sign()
             reach = self.size(x, direction).clamp_min(1e-12)  # (B,): the step's reach per sample
@@ -83,6 +88,11 @@ class PlausibleAttack(Attack):
             theta = self.project(x, theta.detach() + self.alpha * direction / reach.view(shape))
         self.theta = theta.detach()
         return self.render(x, self.theta).detach()
+
+    def target(self, y: Tensor, theta: Tensor) -> Tensor:
+        """The masks the images rendered with ``theta`` are attacked against: ``y`` (a spatial
+        attack moves them with the anatomy)."""
+        return y
 
     def identity(self, x: Tensor) -> Tensor:
         """The parameters that leave the images unchanged (zeros)."""

@@ -169,6 +169,11 @@ def craft(
     if activation != "sigmoid" and isinstance(source, LossEnsemble):
         raise UserError(f"{attack}: an ensemble source needs sigmoid outputs (activation)")
     attacks = [create_attack(attack, source, loss, eps, **kwargs) for loss in losses]
+    if attacks and attacks[0].moves_anatomy:  # only images are kept: the moved truth is lost
+        raise UserError(
+            f"{attack}: moves the anatomy, and transferred images are kept without the "
+            "deformation their truth needs; it cannot be a transfer attack"
+        )
     device = next(source.parameters()).device
     rows = [int(r) for r in rows]
     batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]

@@ -337,9 +337,14 @@ def evaluate_sweep(
             )
         meta = index.iloc[batch["row"].tolist()]
         spacing = pixel_mm(data, batch["row"].tolist())
+        truths = [None] * len(outs)  # a spatial attack's truth moves with the anatomy
+        if crafted is None and not shared:
+            truths = [[a.adversarial_truth(y) for a in attacks] for attacks in sweep]
         parts = [
-            batch_records(o, n, x, y, meta, classes, activation, spacing, data_range, nsd_mm)
-            for o, n in zip(outs, names, strict=True)
+            batch_records(
+                o, n, x, y, meta, classes, activation, spacing, data_range, nsd_mm, truths=t
+            )
+            for o, n, t in zip(outs, names, truths, strict=True)
         ]
         frames.append((batch_number, parts))
         start = batch_number * batch_size

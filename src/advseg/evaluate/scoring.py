@@ -32,8 +32,13 @@ def batch_records(
     spacing: np.ndarray | None = None,
     data_range: float | None = 1.0,
     nsd_mm: float | None = None,
+    truths: Sequence[Tensor] | None = None,
 ) -> pd.DataFrame:
     """Records of one batch: one row per (loss, slice, class); model/attack columns added later.
+
+    ``truths``: per loss, the masks its adversarial prediction is scored against
+    (:meth:`advseg.attacks.Attack.adversarial_truth`: ``y`` moved with the anatomy by a spatial
+    attack); default ``y`` for every loss. The clean prediction is scored against ``y``.
 
     ``spacing``: ``(B, 2)`` mm per model pixel (``(B, 3)`` per voxel of a volume), for HD95 in mm
     (:func:`advseg.runs.record_rows.pixel_mm`). ``data_range``: the images' range for PSNR and SSIM
@@ -50,10 +55,12 @@ def batch_records(
     members = out.members or [None] * len(losses)
     minimal = out.min_eps or [None] * len(losses)
     criteria = out.criteria or [""] * len(losses)
-    for attack_loss, x_adv, adv_logits, winners, min_eps, criterion in zip(
-        losses, out.x_adv, out.adv_logits, members, minimal, criteria, strict=True
+    truths = truths or [y] * len(losses)
+    for attack_loss, x_adv, adv_logits, winners, min_eps, criterion, truth in zip(
+        losses, out.x_adv, out.adv_logits, members, minimal, criteria, truths, strict=True
     ):
-        adv = score(class_prediction(adv_logits, activation), target, spacing, nsd_mm)
+        moved = target if truth is y else truth > 0.5
+        adv = score(class_prediction(adv_logits, activation), moved, spacing, nsd_mm)
         linf, l2 = (v.cpu().numpy() for v in perturbation_norms(x, x_adv))
         member = np.repeat(np.asarray(winners, dtype=str), len(classes)) if winners else ""
         per_slice = {
