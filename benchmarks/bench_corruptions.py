@@ -20,6 +20,16 @@ Measured (2026-12-07, unet untrained, 64 px, 32 slices, batch 16, a shared 2-cor
 load, ``--repeats 1``): one PGD cell (10 steps, bce) 220 s, the 40-cell grid 505 s: grid/attack
 2.29, one corruption cell 0.057 of the PGD cell; TorchIO's transforms 0.19 of the grid (motion
 and ghosting the slow ones: 65 s and 18 s of 97 s).
+
+Re-run (2026-12-07, second session; unet untrained, 64 px, 16 slices, batch 16, one thread,
+``--repeats 1``, the shared CPU at load 9-14): one PGD cell (10 steps, bce) 10.95 s, the grid
+101.2 s: grid/attack 9.24, one corruption cell 0.23 of the PGD cell; TorchIO 8.2 s (share 0.08;
+motion 3.2 s, anisotropy 2.1 s). The ratio moves with the load and the thread count (the PGD
+cell took 20x less time than in the run above, the grid 2.5x less): the per-cell scoring of
+every slice (HD95, records), not TorchIO, is the grid's cost. On trained models through the CLI
+(``benchmarks/corruption_robustness.py``, 48 slices x 3 models, one thread): 40 corruption
+cells 769 s (phantom) / 808 s (CT) against one optimised ``biasfield`` cell of 10 steps 333 s /
+304 s: grid/attack 2.3 / 2.7.
 """
 
 from __future__ import annotations

@@ -28,9 +28,16 @@ PRESETS: dict[str, int] = {"reference": 300, "fast": 25}
 """Steps per member: the reference's 300, or ``fast`` (advseg's earlier 100 in all, 25 each)."""
 DEFAULT_PRESET = "reference"
 
-MEMBER_KINDS = ("segpgd-", "padam-")
+PLAUSIBLE_KINDS = ("biasfield-", "gamma-")
+"""Member prefixes of a plausible ensemble: ``biasfield-L`` / ``gamma-L`` is the registry's
+plausible attack with loss L (:mod:`advseg.attacks.plausible`), eps in its own terms. An
+ensemble's members all share one kind of budget, so plausible members are all of one kind.
+``elastic`` is no member: it moves the truth, and SEA ranks members against the unmoved one."""
+
+MEMBER_KINDS = ("segpgd-", "padam-", *PLAUSIBLE_KINDS)
 """Member name prefixes: ``segpgd-L`` is APGD with loss L under SegPGD's weighting, ``padam-L``
-is :class:`~advseg.attacks.padam.PAdam` with loss L; a bare loss name is APGD with that loss."""
+is :class:`~advseg.attacks.padam.PAdam` with loss L, ``biasfield-L`` / ``gamma-L`` a plausible
+attack (:data:`PLAUSIBLE_KINDS`); a bare loss name is APGD with that loss."""
 
 SOFTMAX_FORMS: dict[str, str] = {
     f"{kind}{a}": f"{kind}{b}"
@@ -77,6 +84,10 @@ class SEA(Attack):
     Dice is already 0 is not attacked by the later members (``skip_broken``), and a member stops
     once all its slices are at 0 (the reference's ``early_stop``). When targeted, the score is
     the Dice to the target, raised.
+
+    A plausible ensemble (members ``biasfield-L`` or ``gamma-L``, all of one kind,
+    :data:`PLAUSIBLE_KINDS`) is the same worst case per slice over losses, for the optimised bias
+    field or gamma curve at ``eps`` in its own terms.
 
     Departures from the reference, each small: the random start is APGD's (a uniform draw
     scaled to the ball's corner, torchattacks' and AutoAttack's) rather than a plain uniform
@@ -136,6 +147,10 @@ class SEA(Attack):
         self.steps = check_steps(PRESETS[preset] if steps is None else steps, self.name)
         common = {"norm": self.norm, "valid_range": self.valid_range, "targeted": self.targeted,
                   "activation": self.activation, "seed": self.seed}  # fmt: skip
+        kinds = {next((k for k in PLAUSIBLE_KINDS if n.startswith(k)), "pixel") for n in names}
+        if len(kinds) > 1:
+            raise UserError(f"{self.name}: members {', '.join(names)} mix budgets (L-inf pixels, "
+                            "a bias field's, a gamma's): one kind per ensemble")  # fmt: skip
         self.members = [self.member(model, n, eps, progressive, common) for n in names]
         self.member_names = names
         self.progressive = bool(progressive)
@@ -160,6 +175,8 @@ class SEA(Attack):
                             f"activation is {self.activation}")  # fmt: skip
         if kind == "padam-":
             return PAdam(model, loss, eps, steps=self.steps, best="dice", **common)
+        if kind in PLAUSIBLE_KINDS:  # its last iterate; SEA keeps the worst member per slice
+            return ATTACKS.get(kind[:-1])(model, loss, eps, steps=self.steps, **common)
         plain = "ce" if self.activation == "softmax" else "bce"
         return APGD(
             model, loss, eps, steps=self.steps, progressive=progressive, best="dice",

@@ -155,11 +155,17 @@ def train(
     adv_train: str | None = typer.Option(
         None,
         "--adv-train",
-        help="Adversarial training: none (default), fgsm-rs, pgd, trades or vaft.",
+        help="Adversarial training: none (default), fgsm-rs, pgd, trades, vaft, or a plausible "
+        "attack: biasfield, elastic, gamma (AdvBias / AdvChain).",
     ),
-    adv_eps: float | None = typer.Option(None, "--adv-eps", help="Its L-inf eps (default 0.009)."),
+    adv_eps: float | None = typer.Option(
+        None,
+        "--adv-eps",
+        help="Its L-inf eps; for biasfield, elastic, gamma their own bound (log gain, pixels, "
+        "log gamma) (default 0.009).",
+    ),
     adv_steps: int | None = typer.Option(
-        None, "--adv-steps", help="PGD/TRADES steps (default 10)."
+        None, "--adv-steps", help="PGD/TRADES/plausible attack steps (default 10)."
     ),
     adv_alpha: float | None = typer.Option(
         None,

@@ -12,6 +12,14 @@ Methods (``train.adversarial.method``, ``advseg train --adv-train``):
 - ``pgd``: Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks",
   ICLR 2018, https://arxiv.org/abs/1706.06083. ``steps`` projected signed steps of ``alpha``
   (default ``2.5 eps / steps``) from a random start; the model trains on the result.
+- ``biasfield``, ``elastic``, ``gamma``: adversarial data augmentation with a physically
+  plausible change (Chen et al., "Realistic Adversarial Data Augmentation for MR Image
+  Segmentation", MICCAI 2020, https://arxiv.org/abs/2006.13322; AdvChain, MedIA 2022,
+  https://arxiv.org/abs/2108.03429): the registry's attack of that name
+  (:mod:`advseg.attacks.plausible`), ``steps`` signed steps on its parameters from a random
+  start at the bound, ``eps`` in its own terms (log gain, pixels, log gamma); the model trains
+  on the result, and for ``elastic`` on the masks warped by the same field
+  (:meth:`~advseg.attacks.Attack.adversarial_truth`), as AdvChain warps the labels.
 - ``trades``: Zhang et al., "Theoretically Principled Trade-off between Robustness and Accuracy",
   ICML 2019, https://arxiv.org/abs/1901.08573. Loss = ``L(f(x), y) + beta * D(f(x), f(x'))``
   where ``x'`` maximises ``D`` by PGD and ``D`` is the per-pixel KL divergence between the clean
@@ -55,6 +63,7 @@ step, rank); a resumed run repeats the draws of an uninterrupted one, and the gl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,7 +74,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advseg.attacks import FGSM, PGD, VAFA, Attack, check_eps, frozen, model_logits
+from advseg.attacks import (
+    FGSM,
+    PGD,
+    VAFA,
+    Attack,
+    check_eps,
+    create_attack,
+    frozen,
+    model_logits,
+)
 from advseg.defences.vaft import frequency_consistency
 from advseg.errors import UserError
 from advseg.losses import LOSSES, SOFTMAX_LOSSES, Loss
@@ -74,11 +92,18 @@ from advseg.registry import Registry
 ADVERSARIAL_TRAINING: Registry[str] = Registry("adversarial training method")
 """The methods by name; each entry's value is its one-line description."""
 
+PLAUSIBLE_TRAINING: tuple[str, ...] = ("biasfield", "elastic", "gamma")
+"""Methods that train on the registry's plausible attack of that name (AdvBias / AdvChain's
+adversarial data augmentation), at ``eps`` in that attack's own terms."""
+
 for _name, _help in (
     ("fgsm-rs", "FGSM from a random start, step 1.25 eps (Wong et al. 2020)"),
     ("pgd", "k-step PGD from a random start (Madry et al. 2018)"),
     ("trades", "clean loss + beta * KL(clean || adversarial), per pixel (Zhang et al. 2019)"),
     ("vaft", "clean + VAFA loss + L1 between their logits' DCT (Hanif et al. 2023)"),
+    ("biasfield", "an optimised smooth bias field, max|log gain| <= eps (AdvBias, Chen 2020)"),
+    ("elastic", "an optimised smooth deformation <= eps px, masks warped alike (AdvChain)"),
+    ("gamma", "an optimised gamma curve, |log gamma| <= eps (AdvChain, Chen et al. 2022)"),
 ):
     ADVERSARIAL_TRAINING.register(_name, help=_help)(_help)
 
@@ -90,10 +115,13 @@ class AdversarialConfig:
     """Adversarial training settings (``train.adversarial`` in YAML, ``--adv-*`` in the CLI).
 
     Attributes:
-        method: ``none`` (plain training), ``fgsm-rs``, ``pgd``, ``trades`` or ``vaft``.
+        method: ``none`` (plain training), ``fgsm-rs``, ``pgd``, ``trades``, ``vaft``, or a
+            plausible attack: ``biasfield``, ``elastic``, ``gamma`` (:data:`PLAUSIBLE_TRAINING`).
         eps: the L-inf budget trained against, in image units ([0, 1] range); for ``vaft`` the
-            VAFA's largest quantisation step, as a fraction of the valid range.
-        steps: attack steps for ``pgd`` and ``trades`` (default 10); ``fgsm-rs`` takes one.
+            VAFA's largest quantisation step, as a fraction of the valid range; for a plausible
+            method, its attack's bound in its own terms (``elastic``: pixels).
+        steps: attack steps for ``pgd``, ``trades``, ``vaft`` and the plausible methods
+            (default 10); ``fgsm-rs`` takes one.
         alpha: step size; default ``1.25 eps`` for ``fgsm-rs``, ``1/255`` (on the quantisation
             table) for ``vaft``, ``2.5 eps / steps`` otherwise.
         beta: the weight of TRADES's divergence term (the paper's 1/lambda; 6 on CIFAR-10).
@@ -126,7 +154,13 @@ class AdversarialConfig:
         if self.method != "none" and self.method not in ADVERSARIAL_TRAINING:
             message = ADVERSARIAL_TRAINING.unknown_message(self.method)
             raise UserError(f"{where}.method: {message} (or none)")
-        self.eps = check_eps(self.eps, "linf", 1.0, f"{where}.eps")
+        plausible = self.method in PLAUSIBLE_TRAINING  # eps in the attack's own terms
+        self.eps = check_eps(self.eps, "linf", math.inf if plausible else 1.0, f"{where}.eps")
+        if plausible and self.select_by == "robust":
+            raise UserError(
+                f"{where}.select_by: robust validation attacks with {self.select_attack} at an "
+                f"L-inf eps, and {self.method}'s eps is in its own terms; use select_by clean"
+            )
         if self.eps == 0 and (self.method != "none" or self.select_by == "robust"):
             raise UserError(f"{where}.eps: must be > 0 for {self.method} / robust selection")
         if self.steps is not None:
@@ -264,8 +298,19 @@ class AdversarialTraining:
         if activation is None:
             activation = "softmax" if train_loss in SOFTMAX_LOSSES else "sigmoid"
         self.activation: Activation = activation
-        self.attack: PGD | VAFA | None = None
-        if config.method == "vaft":
+        self.attack: Attack | None = None
+        if config.method in PLAUSIBLE_TRAINING:
+            self.attack = create_attack(
+                config.method,
+                model,
+                config.loss or train_loss,
+                config.eps,
+                steps=config.attack_steps,
+                alpha=config.step_size,
+                activation=self.activation,
+                valid_range=valid_range,
+            )
+        elif config.method == "vaft":
             self.attack = VAFA(
                 model, config.loss or train_loss, config.eps, steps=config.attack_steps,
                 alpha=config.step_size, activation=self.activation, valid_range=valid_range,
@@ -343,6 +388,10 @@ class AdversarialTraining:
             return self.loss_fn(clean_logits, y) + self.loss_fn(adv_logits, y[:count]) + consistency
         x_adv = self.perturb(x[:count], y[:count], eps, generator)
         batch = torch.cat([x_adv, x[count:]]) if count < len(x) else x_adv
+        head = y[:count]
+        truth = self.attack.adversarial_truth(head)  # elastic: the masks moved alike
+        if truth is not head:
+            y = torch.cat([truth, y[count:]]) if count < len(y) else truth
         return self.loss_fn(model_logits(net, batch).float(), y)
 
     def perturb(self, x: Tensor, y: Tensor, eps: float, generator: torch.Generator) -> Tensor:

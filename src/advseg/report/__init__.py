@@ -123,8 +123,9 @@ def write_report(
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
     check_output_dir(out, "report directory")
     with staged_dir(out) as stage:  # a failure (a full disk) leaves no file of a half report
+        baseline = baseline or _run_baseline(run_dir)
         report = _write_sections(run_dir, records, every_record, corrupted, protocol, eps,
-                                 _Writer(stage))  # fmt: skip
+                                 _Writer(stage), baseline)  # fmt: skip
     moved = [out / path.relative_to(stage) for path in report.files]
     return replace(report, html=out / "report.html", markdown=out / "report.md", files=moved)
 
@@ -137,8 +138,10 @@ def _write_sections(
     protocol: str,
     eps: float,
     writer: _Writer,
+    baseline: str | None = None,
 ) -> Report:
-    """The report's sections and files, written by ``writer`` (into its staging directory)."""
+    """The report's sections and files, written by ``writer`` (into its staging directory);
+    ``baseline``: the corruption section's mCE baseline (None: its default)."""
 
     table_ii = tables.table_ii(records, protocol, eps)
     cells = tables.cells_table(records, protocol)
@@ -151,9 +154,7 @@ def _write_sections(
         provenance.section(writer, run_dir, records, table_ii, protocol, locations),
         _table_section(writer, records[records["eps"] == eps], protocol, eps, locations),
         *curves.sections(writer, records),
-        *corruptions.sections(
-            writer, run_dir, corrupted, protocol, classes, baseline or _run_baseline(run_dir)
-        ),
+        *corruptions.sections(writer, run_dir, corrupted, protocol, classes, baseline),
         *sizes.sections(writer, records[records["corruption"] == ""], corrupted, eps),
         _eps_section(writer, cells),
         panel_section(writer, run_dir, records[records["eps"] == eps], protocol, classes, eps),

@@ -24,7 +24,7 @@ import pandas as pd
 
 from advseg.augment import corruption_text
 from advseg.config import from_dict, load_yaml
-from advseg.defences.adversarial_training import AdversarialConfig, describe
+from advseg.defences.adversarial_training import PLAUSIBLE_TRAINING, AdversarialConfig, describe
 from advseg.errors import UserError
 from advseg.models.checkpoint import read_metadata
 from advseg.report.html import Section, eps_text
@@ -135,7 +135,7 @@ def facts_text(facts: dict[str, Any]) -> str:
 
 def _in_255(label: str, adversarial: AdversarialConfig) -> str:
     """``describe``'s words with the eps also in /255: ``pgd eps 0.0314 (8/255), ...``."""
-    if not adversarial.enabled:
+    if not adversarial.enabled or adversarial.method in PLAUSIBLE_TRAINING:  # not pixel units
         return label
     return label.replace(f"eps {adversarial.eps:g}", f"eps {eps_text(adversarial.eps)}", 1)
 
