@@ -26,10 +26,11 @@ Re-run (2026-12-07, second session; unet untrained, 64 px, 16 slices, batch 16, 
 101.2 s: grid/attack 9.24, one corruption cell 0.23 of the PGD cell; TorchIO 8.2 s (share 0.08;
 motion 3.2 s, anisotropy 2.1 s). The ratio moves with the load and the thread count (the PGD
 cell took 20x less time than in the run above, the grid 2.5x less): the per-cell scoring of
-every slice (HD95, records), not TorchIO, is the grid's cost. On trained models through the CLI
-(``benchmarks/corruption_robustness.py``, 48 slices x 3 models, one thread): 40 corruption
-cells 769 s (phantom) / 808 s (CT) against one optimised ``biasfield`` cell of 10 steps 333 s /
-304 s: grid/attack 2.3 / 2.7.
+every slice (HD95, records), not TorchIO, is the grid's cost. On trained unets through the CLI
+(``benchmarks/corruption_robustness.py``, 48 slices, one thread; the evaluation's own progress
+times per model): the 40-cell grid 207-262 s against one optimised ``biasfield`` cell of 10
+steps 52-92 s (grid/attack 2.4-2.6 for the same model), and a random bias field cell (steps 0,
+one forward) 6-9 s, about one corruption cell's 5-6.5 s.
 """
 
 from __future__ import annotations
