@@ -34,7 +34,7 @@ from advseg.losses import LOSSES
 from advseg.models.external import ExternalConfig
 from advseg.progress import cell_progress
 from advseg.stats.summary import DEFAULT_PROTOCOL
-from advseg.train.trained import model_label, trained_data_config
+from advseg.train.trained import checkpoint_label, model_label, trained_data_config
 
 SETTINGS_FILE = "evaluate.yaml"
 """Where an ``advseg evaluate`` output keeps its :class:`EvaluateConfig`."""
@@ -180,10 +180,11 @@ def check_labels(checkpoints: Sequence[Path]) -> dict[Path, tuple[str, int | Non
     for checkpoint in checkpoints:
         try:
             data_meta = read_metadata(newest_complete(checkpoint)).data
-        except UserError:
+        except UserError:  # load_checkpoint says why later; its file name still must be unique
             labels[checkpoint] = None
-            continue
-        name, fold = labels[checkpoint] = model_label(checkpoint, data_meta)
+            name, fold = checkpoint_label(checkpoint), None
+        else:
+            name, fold = labels[checkpoint] = model_label(checkpoint, data_meta)
         seen = folds_of.setdefault(name, {})
         if fold in seen or (seen and (fold is None) != (None in seen)):
             other = seen.get(fold, next(iter(seen.values())))
