@@ -291,6 +291,12 @@ def test_sea_cell_has_one_worst_case_loss_and_names_each_slices_winner(model):
     assert set(records["attack_setting"]) == {f"preset=reference steps=4 members={members}"}
     fast = _cell(model, data, [0], "sea", attack_kwargs={"preset": "fast"}).records
     assert set(fast["attack_setting"]) == {f"preset=fast steps=25 members={members}"}
+    # images crafted elsewhere by sea (a transfer cell) keep the setting; other labels none
+    given = lambda x, y, at: [x] * len(LOSSES)  # noqa: E731
+    moved = _cell(model, data, [0], "sea", attack_kwargs={"preset": "fast"}, crafted=given)
+    assert set(moved.records["attack_setting"]) == set(fast["attack_setting"])
+    other = _cell(model, data, [0], "random-sign", crafted=given)
+    assert set(other.records["attack_setting"]) == {""}
 
 
 def test_other_attacks_have_an_empty_member_and_old_records_read(model):

@@ -272,6 +272,11 @@ def evaluate_sweep(
         names = [[a.loss.name for a in attacks] for attacks in sweep]
     else:
         sweep, names = [], [list(losses) for losses in cells.values()]
+    settings = [attacks[0].setting for attacks in sweep] or [""] * len(cells)
+    named = str(attack).split("+")[0]  # crafted images' label may name no attack
+    ensemble = named in ATTACKS.names() and getattr(ATTACKS.get(named), "loss_ensemble", False)
+    if crafted is not None and ensemble:  # e.g. a transfer cell of sea: which sea crafted them
+        settings = [create_attack(attack, model, eps=eps, **kwargs).setting for eps in cells]
     shared = bool(sweep) and all(
         a.single_step and a.model is model for attacks in sweep for a in attacks
     )  # an adaptive attack (+bpda/+eot) differentiates a view of the model, not the model
@@ -371,7 +376,7 @@ def evaluate_sweep(
         records = records.iloc[np.argsort(order.to_numpy(), kind="stable")].reset_index(drop=True)
         records.insert(0, "eps", float(eps))
         records["through"] = through or ""
-        records.insert(0, "attack_setting", sweep[i][0].setting if sweep else "")
+        records.insert(0, "attack_setting", settings[i])
         records.insert(0, "attack", label)
         records.insert(0, "params", params)
         records.insert(0, "arch", arch)
