@@ -197,7 +197,15 @@ def test_run_folds_trains_k_models_and_pools_their_records(folded, tmp_path):
     assert "pooled over 3 folds" in summary["interval"].iloc[0]
     assert result.report is not None
     html = result.report.html.read_text()
-    assert "pooled over 3 folds" in html
+    assert "pooled over 3 folds" in html and "Cross-validated: unet-tiny (3 folds)" in html
+    from advseg.runs.examples import load_examples
+
+    for k in range(3):
+        saved = load_examples(run_dir / "examples" / f"unet-tiny__fold{k}__fgsm__eps0.01.npz")
+        assert saved["cell"]["fold"] == k
+    titles = html.count("(the strongest; AS")  # every panel's title (caption, alt text)
+    fold0 = html.count("fold 0&#x27;s model on its test cases") + html.count("fold 0's model on")
+    assert titles == fold0 and 1 <= titles <= 2  # one panel per (model, attack): fold 0's
 
     again = run_experiment(_experiment(data, tmp_path), run_dir)  # resumes: nothing to redo
     assert again.trained == [] and again.grid.computed == []

@@ -193,6 +193,7 @@ def run_cells(
                     attack=cell.label,
                     eps=cell.eps,
                     seed=cell.seed,
+                    fold=cell.fold,
                 )
             if main and output.trace is not None:
                 write_trace(output.trace, run_dir / "traces" / f"{cell.slug}.csv")

@@ -35,6 +35,8 @@ def panel_section(
     for file in sorted((run_dir / "examples").glob("*.npz")):
         examples = load_examples(file)
         cell = examples["cell"]
+        if cell.get("fold", 0) != 0:  # cross-validated: fold 0's panels (its title says so)
+            continue
         if abs(cell["eps"] - eps) < 1e-12 and len(examples.get("slice_ids", [])):
             saved.setdefault(cell["model"], []).append((cell["attack"], cell.get("seed"), examples))
     several = []
@@ -52,6 +54,8 @@ def panel_section(
                 continue
             strongest = losses.sort_values("attack_success", ascending=False).iloc[0]
             who = model if seed is None else f"{model} (training seed {seed})"
+            if examples["cell"].get("fold") is not None:
+                who += " (fold 0's model on its test cases)"
             title = (
                 f"{who}: {attack.upper()} eps {eps:g}, loss {strongest['loss']} "
                 f"(the strongest; AS {strongest['attack_success']:.3f})"

@@ -39,6 +39,7 @@ def save_examples(
     attack: str,
     eps: float,
     seed: int | None = None,
+    fold: int | None = None,
 ) -> Path:
     """Write one cell's example arrays to ``path`` (``.npz``) atomically.
 
@@ -47,7 +48,7 @@ def save_examples(
         path: the file to write; its name should end in ``.npz``.
         model, attack, eps: the cell the examples come from.
         seed: the training seed of the cell's model, in a grid with ``seeds:`` (None: not
-            stored).
+            stored); fold: its cross-validation fold (None: not stored).
     """
     path = Path(path)
     arrays = {key: np.asarray(value) for key, value in examples.items()}
@@ -55,6 +56,8 @@ def save_examples(
     arrays["cell/eps"] = np.asarray(float(eps))
     if seed is not None:
         arrays["cell/seed"] = np.asarray(int(seed))
+    if fold is not None:
+        arrays["cell/fold"] = np.asarray(int(fold))
     for key, array in arrays.items():
         if array.dtype == object:
             raise ValueError(f"example array {key!r} has dtype object; it would need a pickle")
@@ -68,7 +71,8 @@ def load_examples(path: str | Path) -> dict[str, Any]:
 
     Returns:
         The arrays by name, and ``"cell"``: ``{"model": str, "attack": str, "eps": float}``, with
-        ``"seed": int`` where the file stores a training seed.
+        ``"seed": int`` where the file stores a training seed and ``"fold": int`` a
+        cross-validation fold.
 
     Raises:
         UserError: the file is not a readable ``.npz`` of plain arrays with a cell (naming it).
@@ -83,6 +87,7 @@ def load_examples(path: str | Path) -> dict[str, Any]:
     if missing:
         raise UserError(f"{path}: not an examples file (no cell/{', cell/'.join(missing)})")
     arrays["cell"] = {key: arrays.pop(f"cell/{key}").item() for key in CELL_KEYS}
-    if "cell/seed" in arrays:
-        arrays["cell"]["seed"] = int(arrays.pop("cell/seed").item())
+    for key in ("seed", "fold"):
+        if f"cell/{key}" in arrays:
+            arrays["cell"][key] = int(arrays.pop(f"cell/{key}").item())
     return arrays
