@@ -104,3 +104,30 @@ def test_the_meta_json_is_untouched_by_the_rewrite(saved):
     assert meta.model == "unet-tiny"
     good = json.loads(checkpoint_files(saved / "good")[1].read_text())
     assert json.loads(checkpoint_files(path)[1].read_text()) == good
+
+
+@pytest.mark.parametrize("damage", ["reshaped", "nan"])
+def test_a_resume_state_of_wrong_shapes_is_one_line(tmp_path, damage):
+    """An optimiser state whose moments do not fit their parameters (load_state_dict took it;
+    the first step was a traceback) is refused naming the checkpoint and the entry."""
+    from test_train import run as train_blobs
+    from test_train import tiny_config
+
+    from advseg.models import read_checkpoint
+
+    train_blobs(tmp_path, tiny_config(epochs=1))
+    last = tmp_path / "checkpoints" / "last"
+    weights, meta, state = read_checkpoint(last)
+    moment = state["optimizer"]["state"][0]["exp_avg"]
+    if damage == "reshaped":
+        state["optimizer"]["state"][0]["exp_avg"] = moment.reshape(-1)
+        said = rf"optimizer.state.0.exp_avg has shape \({moment.numel()},\), its parameter"
+    else:
+        state["optimizer"]["state"][0]["exp_avg"] = torch.full_like(moment, float("nan"))
+        said = "optimizer.state.0.exp_avg holds NaN or inf"
+    model = create_model("unet-tiny", in_channels=3, classes=2)
+    model.load_state_dict(weights)
+    save_checkpoint(last, model, meta, training_state=state)
+    with pytest.raises(UserError, match=rf"last.json: training_state {said}") as caught:
+        train_blobs(tmp_path, tiny_config(epochs=1), resume=True)
+    assert "\n" not in str(caught.value)

@@ -110,6 +110,7 @@ def restore_run(
     load_weights(model, weights, last_path)
     try:
         optimizer.load_state_dict(state["optimizer"])
+        check_optimizer_state(optimizer, last_path)
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         return RunState(
@@ -123,3 +124,22 @@ def restore_run(
         raise UserError(
             f"{last_path}.json: training_state is damaged ({type(err).__name__}: {err})"
         ) from None
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, last_path: Path) -> None:
+    """Refuse an optimiser state whose per-parameter tensors (AdamW's ``exp_avg``,
+    ``exp_avg_sq``; SGD's ``momentum_buffer``) do not have their parameter's shape, or hold NaN
+    or inf: ``load_state_dict`` checks neither, and the first step ended in a traceback."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, param in enumerate(params):
+        for key, value in optimizer.state.get(param, {}).items():
+            if not torch.is_tensor(value) or value.dim() == 0:  # ``step``: a count
+                continue
+            where = f"{last_path}.json: training_state optimizer.state.{i}.{key}"
+            if value.shape != param.shape:
+                raise UserError(
+                    f"{where} has shape {tuple(value.shape)}, its parameter "
+                    f"{tuple(param.shape)}: the state belongs to another model; train anew"
+                )
+            if not torch.isfinite(value).all():
+                raise UserError(f"{where} holds NaN or inf; train anew")
