@@ -110,10 +110,9 @@ def test_the_meta_json_is_untouched_by_the_rewrite(saved):
 def test_a_resume_state_of_wrong_shapes_is_one_line(tmp_path, damage):
     """An optimiser state whose moments do not fit their parameters (load_state_dict took it;
     the first step was a traceback) is refused naming the checkpoint and the entry."""
+    from advseg.models import read_checkpoint
     from test_train import run as train_blobs
     from test_train import tiny_config
-
-    from advseg.models import read_checkpoint
 
     train_blobs(tmp_path, tiny_config(epochs=1))
     last = tmp_path / "checkpoints" / "last"
