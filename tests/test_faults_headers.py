@@ -128,3 +128,75 @@ def test_dataset_json_names_that_sanitise_alike_are_refused(tmp_path):
     regions = {"background": 0, "kidney": [1, 2]}  # nnU-Net regions: one name, two values
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": regions}))
     assert dataset_json_labels(tmp_path) == {1: "kidney", 2: "kidney"}
+
+
+def _peak_mib(call) -> float:
+    """Peak Python/numpy allocation while ``call`` runs, in MiB (numpy reports to tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        call()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak / 2**20
+
+
+def test_a_gzip_bomb_under_the_size_limit_is_refused_by_the_memory_it_needs(tmp_path, monkeypatch):
+    """A label of zeros declaring 256**3 voxels gzips to a few hundred KB; with less memory
+    available than its decoding needs it is one line before any voxel is decoded."""
+    zeros = np.zeros((256, 256, 256), np.uint8)
+    root = nifti_pair(tmp_path, zeros, zeros)
+    label = root / "labelsTr" / "vol_001.nii.gz"
+    assert label.stat().st_size < 2**20  # a few hundred KB declaring 16 MiB
+    monkeypatch.setattr("advseg.data.nifti.available_memory", lambda: 8 * 2**20)
+
+    def read():
+        with pytest.raises(UserError, match=re.escape(
+            f"{label}: decoding it needs about 0.03 GiB (its header declares 256x256x256 voxels "
+            "of uint8), more than the 0.01 GiB of memory available now; refused before decoding"
+        )):  # fmt: skip
+            read_nifti(root, {1: "organ"})
+
+    assert _peak_mib(read) < 8  # nothing of its 16 MiB decoded
+
+
+def test_a_label_whose_header_differs_from_its_image_is_refused_before_decoding(tmp_path):
+    root = nifti_pair(tmp_path, np.zeros((8, 6, 4), np.float32), np.zeros((8, 6, 4), np.uint8))
+    label = root / "labelsTr" / "vol_001.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((256, 256, 256), np.uint8), np.eye(4)), label)
+
+    def read():
+        with pytest.raises(UserError, match=r"shape \(256, 256, 256\) differs from its image "
+                                            r".* \(8, 6, 4\)"):  # fmt: skip
+            read_nifti(root, {1: "organ"})
+
+    assert _peak_mib(read) < 8  # refused from the two headers
+
+
+def test_out_of_memory_while_decoding_is_one_line(tmp_path, monkeypatch):
+    root = nifti_pair(tmp_path, np.zeros((8, 6, 4), np.float32), np.zeros((8, 6, 4), np.uint8))
+
+    def no_memory(self, *args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "__array__", no_memory)
+    with pytest.raises(UserError, match=r"vol_001.nii.gz: out of memory while decoding"):
+        read_volume(root / "labelsTr" / "vol_001.nii.gz")
+
+
+def test_label_values_checked_in_chunks_still_count_them_all(tmp_path):
+    """The value checks run a few slices at a time: the count covers every chunk."""
+    from advseg.data.nifti import _check_label_values, label_counts
+
+    label = np.zeros((4, 4, 10), np.float32)
+    label[0, 0, 1], label[1, 1, 9] = 0.5, 2.5
+    with pytest.raises(UserError, match=r"2 voxels hold non-integer labels \(e.g. 0.5\)"):
+        _check_label_values(tmp_path / "l.nii.gz", label, chunk=16)
+    label = np.zeros((4, 4, 10), np.int32)
+    label[0, 0, 1], label[1, 1, 9], label[2, 2, 5] = -1, 70000, 3
+    with pytest.raises(UserError, match=r"2 voxels hold labels outside 0..65535 \(e.g. -1\)"):
+        _check_label_values(tmp_path / "l.nii.gz", label, chunk=16)
+    assert label_counts(label, chunk=16) == label_counts(label, chunk=2**24) == {
+        -1: 1, 0: 157, 3: 1, 70000: 1}  # fmt: skip

@@ -189,12 +189,54 @@ def canonical_geometry(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
     return nib.orientations.apply_orientation(dummy, ornt).shape + shape[3:], affine
 
 
+DECODE_COPIES = 2
+"""Copies of a volume held while it is decoded and reoriented (the decoded array and one copy):
+what :func:`read_volume` asks of the available memory before it decodes anything."""
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says a new allocation can take now (``MemAvailable``), or
+    None where it does not say (not Linux)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(path: str | Path, image: nib.Nifti1Image) -> None:
+    """Refuse, from the header, a volume whose decoding would not fit the memory available now:
+    a gzip bomb under :data:`MAX_VOLUME_BYTES` (a few MB of zeros declaring gigabytes) is one
+    line here instead of the kernel's OOM kill or a MemoryError traceback part-way."""
+    shape = tuple(int(n) for n in image.shape)
+    size = int(np.prod(shape, dtype=np.float64)) * np.dtype(image.get_data_dtype()).itemsize
+    free = available_memory()
+    if free is not None and size * DECODE_COPIES > free:
+        raise UserError(
+            f"{path}: decoding it needs about {size * DECODE_COPIES / 2**30:.2f} GiB (its header "
+            f"declares {'x'.join(map(str, shape))} voxels of {image.get_data_dtype()}), more "
+            f"than the {free / 2**30:.2f} GiB of memory available now; refused before decoding"
+        )
+
+
 def read_volume(path: str | Path, image: nib.Nifti1Image | None = None) -> np.ndarray:
     """A 3D NIfTI volume in canonical orientation as an ``(H, W, Z)`` array (canonical voxel axes
-    1, 0, 2), native dtype. ``image``: ``path`` already opened with :func:`load_canonical`."""
+    1, 0, 2), native dtype. ``image``: ``path`` already opened with :func:`load_canonical`.
+
+    Raises:
+        UserError: a volume whose decoding would not fit the memory available
+            (:func:`check_memory`, from the header), a truncated or damaged file, a MemoryError
+            while decoding, NaN or inf voxels: one line naming ``path``.
+    """
     image = load_canonical(path) if image is None else image
+    check_memory(path, image)
     try:
         data = np.asanyarray(image.dataobj)
+    except MemoryError:
+        raise UserError(f"{path}: out of memory while decoding the volume") from None
     except Exception as err:  # a truncated file fails when its data is read
         raise UserError(f"{path}: cannot read NIfTI volume ({type(err).__name__}: {err})") from None
     if data.ndim != 3:
@@ -208,14 +250,55 @@ def read_volume(path: str | Path, image: nib.Nifti1Image | None = None) -> np.nd
     return data.transpose(1, 0, 2)
 
 
-def label_counts(label: np.ndarray) -> dict[int, int]:
-    """Voxels per label value of an integer-valued volume (zero counts left out)."""
-    values = label.astype(np.int64, copy=False).ravel()
-    if values.size and values.min() >= 0 and values.max() < 1 << 16:
-        counts = np.bincount(values)
-        return {int(v): int(counts[v]) for v in np.flatnonzero(counts)}
-    found, counts = np.unique(values, return_counts=True)
-    return {int(v): int(n) for v, n in zip(found, counts, strict=True)}
+def _check_label_values(path: Path, label: np.ndarray, chunk: int = 2**24) -> None:
+    """Refuse non-integer labels and labels outside 0..:data:`MAX_LABEL`, a few slices at a
+    time: the temporaries stay ~``chunk`` voxels, not several copies of the whole volume."""
+    per = max(1, chunk // max(1, label.shape[0] * label.shape[1]))
+    for z in range(0, label.shape[2], per):
+        part = label[:, :, z : z + per]
+        if np.issubdtype(part.dtype, np.floating):
+            fractional = part != np.round(part)
+            if fractional.any():
+                count = sum(
+                    int(np.count_nonzero(p != np.round(p)))
+                    for p in (label[:, :, k : k + per] for k in range(0, label.shape[2], per))
+                )
+                raise UserError(
+                    f"{path}: {count} voxels hold non-integer labels "
+                    f"(e.g. {part[fractional].flat[0]:g}); labels must be whole numbers"
+                )
+    for z in range(0, label.shape[2], per):
+        part = label[:, :, z : z + per]
+        outside = (part < 0) | (part > MAX_LABEL)  # a class number, not a wrapped integer
+        if outside.any():
+            count = sum(
+                int(np.count_nonzero((p < 0) | (p > MAX_LABEL)))
+                for p in (label[:, :, k : k + per] for k in range(0, label.shape[2], per))
+            )
+            raise UserError(
+                f"{path}: {count} voxels hold labels outside 0..{MAX_LABEL} "
+                f"(e.g. {part[outside].flat[0]:g}); labels are class numbers"
+            )
+
+
+def label_counts(label: np.ndarray, chunk: int = 2**24) -> dict[int, int]:
+    """Voxels per label value of an integer-valued volume (zero counts left out), counted a few
+    slices at a time (an int64 copy of the whole volume was 8 bytes a voxel at once)."""
+    if label.ndim < 3:
+        label = label.reshape(*label.shape, *([1] * (3 - label.ndim)))
+    per = max(1, chunk // max(1, label.shape[0] * label.shape[1]))
+    found: dict[int, int] = {}
+    for z in range(0, label.shape[2], per):
+        values = label[:, :, z : z + per].astype(np.int64).ravel()
+        if values.size and values.min() >= 0 and values.max() < 1 << 16:
+            counts = np.bincount(values)
+            pairs = ((int(v), int(counts[v])) for v in np.flatnonzero(counts))
+        else:
+            unique, counts = np.unique(values, return_counts=True)
+            pairs = ((int(v), int(n)) for v, n in zip(unique, counts, strict=True))
+        for value, count in pairs:
+            found[value] = found.get(value, 0) + count
+    return dict(sorted(found.items()))
 
 
 def _stem(path: Path) -> str:
@@ -283,27 +366,15 @@ def read_nifti(
     for name, case in zip(names, cases, strict=True):
         image_path, label_path = images[name], label_files[name]
         image_shape, image_affine = canonical_geometry(image_path)
-        label_image = load_canonical(label_path)
-        label = read_volume(label_path, label_image)  # (H, W, Z), canonical
-        if np.issubdtype(label.dtype, np.floating):
-            fractional = label != np.round(label)
-            if fractional.any():
-                raise UserError(
-                    f"{label_path}: {int(fractional.sum())} voxels hold non-integer labels "
-                    f"(e.g. {label[fractional].flat[0]:g}); labels must be whole numbers"
-                )
-        outside = (label < 0) | (label > MAX_LABEL)  # a class number, not a wrapped integer
-        if outside.any():
+        label_shape = canonical_geometry(label_path)[0]
+        if label_shape != image_shape:  # from the headers, before the label is decoded
             raise UserError(
-                f"{label_path}: {int(outside.sum())} voxels hold labels outside 0..{MAX_LABEL} "
-                f"(e.g. {label[outside].flat[0]:g}); labels are class numbers"
-            )
-        shape = image_shape[1], image_shape[0], *image_shape[2:]
-        if label.shape != shape:
-            raise UserError(
-                f"{label_path}: shape {label.shape[1::-1] + label.shape[2:]} differs from its "
+                f"{label_path}: shape {label_shape} differs from its "
                 f"image {image_path} {image_shape} (both in canonical orientation)"
             )
+        label_image = load_canonical(label_path)
+        label = read_volume(label_path, label_image)  # (H, W, Z), canonical
+        _check_label_values(label_path, label)
         difference = float(np.abs(label_image.affine - image_affine).max())
         if difference > AFFINE_TOLERANCE:
             raise UserError(
