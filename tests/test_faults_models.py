@@ -130,3 +130,34 @@ def test_a_resume_state_of_wrong_shapes_is_one_line(tmp_path, damage):
     with pytest.raises(UserError, match=rf"last.json: training_state {said}") as caught:
         train_blobs(tmp_path, tiny_config(epochs=1), resume=True)
     assert "\n" not in str(caught.value)
+
+
+def test_evaluate_outputs_carry_their_identity_and_refuse_a_foreign_file(saved, capfd):
+    """``advseg evaluate`` writes run.json and each records file's run, cell and model (the
+    checkpoint's save_id); a records file of another evaluation copied in is refused by
+    every later reader (report, export), naming it."""
+    import shutil
+
+    from advseg.models.checkpoint import checkpoint_id
+    from advseg.runs.records import read_records, records_identity
+
+    outs = []
+    for eps in ("0.01", "0.02"):
+        outs.append(saved / f"eval-{eps}")
+        with pytest.raises(SystemExit) as stop:
+            main(["evaluate", str(saved / "good"), "--out", str(outs[-1]), "--eps", eps,
+                  "--attack", "fgsm", "--loss", "bce", "--device", "cpu"])  # fmt: skip
+        assert stop.value.code == 0
+    files = sorted((outs[0] / "records").glob("*.parquet"))
+    run = json.loads((outs[0] / "run.json").read_text())["config"]
+    assert records_identity(files[0]) == {
+        "run": run, "cell": files[0].stem, "model": checkpoint_id(saved / "good")}  # fmt: skip
+    assert len(read_records(outs[0])) > 0
+    foreign = sorted((outs[1] / "records").glob("*.parquet"))[0]
+    shutil.copy(foreign, outs[0] / "records" / foreign.name)
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["report", str(outs[0])])
+    assert stop.value.code == 2
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and f"{foreign.name}: records of another run (another config)" in err[0]

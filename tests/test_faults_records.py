@@ -116,3 +116,51 @@ def test_the_run_identity_is_kept_across_resumes(tmp_path):
     assert config_hash(resumable) == first["run"]  # how the work is done is not what it is
     assert run_identity(resumable, tmp_path, "fp") == first
     assert pd.read_json(tmp_path / "run.json", typ="series")["config"] == first["run"]
+
+
+# --- the model in the identity, and a directory's records checked on every read --------------
+
+
+def test_records_of_another_checkpoint_are_refused(tmp_path):
+    """A given checkpoint replaced between two runs of one grid (same config, same path): the
+    cells computed on the old one are refused, not reported beside the new one's."""
+    run_cells(CELLS, tmp_path, _compute, identity=RUN_A, model_id=lambda cell: "old")
+    path = tmp_path / "records" / f"{CELLS[0].slug}.parquet"
+    assert records_identity(path)["model"] == "old"
+    run_cells(CELLS, tmp_path, _compute, identity=RUN_A, model_id=lambda cell: "old")  # resumes
+    run_cells(CELLS, tmp_path, _compute, identity=RUN_A, model_id=lambda cell: None)  # unknown
+    with pytest.raises(UserError, match=re.escape(
+        f"{path.name}: records of another model (another checkpoint) (model 'old', this one's "
+        "is 'new')"
+    )):  # fmt: skip
+        run_cells(CELLS, tmp_path, _compute, identity=RUN_A, model_id=lambda cell: "new")
+
+
+def test_a_file_from_before_the_model_field_still_resumes(tmp_path):
+    run_cells(CELLS, tmp_path, _compute, identity=RUN_A)  # no model in its identity
+    result = run_cells(CELLS, tmp_path, _compute, identity=RUN_A, model_id=lambda cell: "x")
+    assert result.skipped == [c.slug for c in CELLS]
+
+
+def test_reading_a_run_refuses_a_file_of_another_run_or_cell(tmp_path):
+    """``report`` and ``export`` read a directory's records: a file copied in from another run
+    (its identity's run is not run.json's), or copied under another cell's name, is refused."""
+    ours = tmp_path / "ours"
+    run_cells(CELLS[:1], ours, _compute, identity=RUN_A)
+    (ours / "run.json").write_text('{"config": "aaaa"}\n')
+    assert len(read_records(ours)) == 2
+    foreign = tmp_path / "foreign"
+    run_cells(CELLS[1:], foreign, _compute, identity={"run": "bbbb", "data": "d1"})
+    copied = ours / "records" / f"{CELLS[1].slug}.parquet"
+    shutil.copy(foreign / "records" / copied.name, copied)
+    with pytest.raises(UserError, match=re.escape(
+        f"{copied}: records of another run (another config) (run 'bbbb', this directory's "
+        "run.json says 'aaaa'); remove the file"
+    )):  # fmt: skip
+        read_records(ours)
+    copied.unlink()
+    renamed = ours / "records" / "m__fgsm__eps0.05.parquet"
+    shutil.copy(ours / "records" / f"{CELLS[0].slug}.parquet", renamed)
+    with pytest.raises(UserError, match=r"eps0.05.parquet: records of another cell "
+                                        r"\('m__fgsm__eps0.01'\) under this name"):  # fmt: skip
+        read_records(ours)

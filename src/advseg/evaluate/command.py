@@ -243,6 +243,7 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
     from advseg.labels import DEFAULT_ATTACK_LOSSES, checkpoint_activation
     from advseg.models.checkpoint import (
         check_compatible,
+        checkpoint_id,
         load_checkpoint,
         newest_complete,
         read_metadata,
@@ -251,7 +252,7 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
     from advseg.runs.examples import save_examples
     from advseg.runs.names import file_stem
     from advseg.runs.provenance import record_session
-    from advseg.runs.records import write_records
+    from advseg.runs.records import RUN_FILE, write_records
     from advseg.runs.traces import write_trace
     from advseg.stats.bootstrap import with_intervals
     from advseg.stats.summary import PROTOCOLS, summarize_cells
@@ -329,6 +330,14 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
     externals: dict[str, dict] = {}
     frames, files, slices = [], [], {}
 
+    run_hash = settings_hash(config)
+    model_ids: dict[str, str] = {}  # a checkpoint's records name -> its save_id
+
+    def identity_of(checkpoint_name: str, stem: str) -> dict[str, str]:
+        """A records file's identity: these settings (``run.json``), its cell, its model."""
+        model = model_ids.get(checkpoint_name)
+        return {"run": run_hash, "cell": stem, **({"model": model} if model else {})}
+
     def run_cells(bare, checkpoint_name, arch, seed, activation, losses, data, rows, batch_size,
                   extra, examples, fold=None, through=None, keep=None):  # fmt: skip
         """Every (defence, attack, eps) cell and every corruption cell of one model (of one
@@ -369,7 +378,8 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
                     if through is not None:
                         label = f"{label}:{through}"
                     name = cell_name(stem_of(model_name), label.replace(":", "-"), eps)
-                    files.append(write_records(records, out / "records" / f"{name}.parquet"))
+                    files.append(write_records(records, out / "records" / f"{name}.parquet",
+                                               identity_of(checkpoint_name, name)))  # fmt: skip
                     if result.examples:
                         npz = out / "examples" / f"{name}.npz"
                         save_examples(result.examples, npz, model=model_name, attack=label, eps=eps)
@@ -390,7 +400,8 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
                 if not distributed.is_main():
                     continue
                 stem = cell_name(stem_of(model_name), f"corruption-{name}-{severity}", 0.0)
-                files.append(write_records(records, out / "records" / f"{stem}.parquet"))
+                files.append(write_records(records, out / "records" / f"{stem}.parquet",
+                                           identity_of(checkpoint_name, stem)))  # fmt: skip
                 if result.examples:
                     label = str(records["attack"].iloc[0])
                     npz = out / "examples" / f"{stem}.npz"
@@ -439,6 +450,10 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
         if len(rows) == 0:
             raise UserError(f"{checkpoint}: the {config.split} split has no slices")
         slices[checkpoint_name] = slices.get(checkpoint_name, 0) + len(rows)  # folds: pooled
+        saved = checkpoint_id(checkpoint)
+        if saved is not None:  # the folds of one run pool under one name: their ids, joined
+            known = model_ids.get(checkpoint_name)
+            model_ids[checkpoint_name] = saved if known is None else f"{known}+{saved}"
         seed = int(meta.train.get("seed", 0))
         if volumetric:  # whole volumes, one at a time, through the window that scores them
             inferer = SlidingWindow(bare, data_config.volume.patch or resolve(meta.model).roi,
@@ -505,10 +520,22 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
         kept = replace(config, checkpoints=where, attack_options=named_budget(config))
         save_yaml(kept, out / SETTINGS_FILE)
         record_session(out, "advseg evaluate", device)
+        write_text_atomic(out / RUN_FILE, json.dumps({"config": run_hash}) + "\n")
         if externals:  # a model advseg did not train: what it is, and the units of its eps
             write_text_atomic(out / "external.json", json.dumps(externals, indent=2))
     cells = summarize_cells(records, config.protocol)
     return EvaluateResult(table, cells, files, summary_path, slices, locations)
+
+
+def settings_hash(config: EvaluateConfig) -> str:
+    """SHA-256 (16 hex digits) of an evaluation's settings, checkpoints made absolute: the
+    ``run`` of its records files and of its ``run.json`` (:func:`advseg.runs.records.read_records`
+    refuses a file of another evaluation copied in)."""
+    import hashlib
+
+    settings = replace(config, checkpoints=[Path(c).absolute() for c in config.checkpoints])
+    text = json.dumps(settings, default=lambda o: getattr(o, "__dict__", str(o)), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _refuse_for_volumes(config: EvaluateConfig, checkpoint: Path) -> None:

@@ -139,6 +139,7 @@ def run_cells(
     on_cell: Callable[[Cell, bool], None] | None = None,
     sweep: Callable[[list[Cell]], list[CellOutput]] | None = None,
     identity: dict[str, str] | None = None,
+    model_id: Callable[[Cell], str | None] | None = None,
 ) -> GridResult:
     """Compute every cell whose records file is missing; a present file means the cell is done.
 
@@ -156,6 +157,9 @@ def run_cells(
         identity: the run's identity (``run``: config hash, ``data``: fingerprint); each
             records file is written with it and its ``cell``, and a present file that carries
             another (copied from another run or cell) is refused, naming it.
+        model_id: the ``save_id`` of the checkpoint of a cell's model (None: not saved yet),
+            kept as the records' ``model``: a present file of another model (a checkpoint
+            replaced since) is refused, naming it.
     """
     run_dir = Path(run_dir)
     result = GridResult()
@@ -164,7 +168,10 @@ def run_cells(
         return run_dir / "records" / f"{cell.slug}.parquet"
 
     def identity_of(cell: Cell) -> dict[str, str] | None:
-        return None if identity is None else {**identity, "cell": cell.slug}
+        if identity is None:
+            return None
+        model = model_id(cell) if model_id is not None else None
+        return {**identity, "cell": cell.slug, **({"model": model} if model else {})}
 
     done = {cell.slug for cell in cells if records_path(cell).exists()}
     for cell in cells:

@@ -59,7 +59,7 @@ from advseg.experiment.rundir import (
 )
 from advseg.labels import checkpoint_activation
 from advseg.models import load_checkpoint, read_checkpoint
-from advseg.models.checkpoint import checkpoint_exists
+from advseg.models.checkpoint import checkpoint_exists, checkpoint_id
 from advseg.models.ensemble import ensemble_members
 from advseg.progress import cell_progress
 from advseg.report import Report, write_report
@@ -334,7 +334,23 @@ def _run_experiment(
     identity = distributed.broadcast_object(  # rank 0 writes run.json; every rank checks
         distributed.main_first(lambda: run_identity(config, run_dir, data.cache_path.name))
     )
-    grid = run_cells(cells, run_dir, compute, on_cell, sweep=compute_cells, identity=identity)
+
+    def model_id(cell: Cell) -> str | None:
+        """The save_id of the checkpoint the cell's model is (ensembles: their members')."""
+        spec = variants[cell.model][0]
+        if spec.arch.startswith(ENSEMBLE_PREFIX):
+            ids = [model_id(replace(cell, model=m)) for m in ensemble_members(spec.arch)]
+            return None if None in ids else "+".join(map(str, ids))
+        _, seed, fold = key_of(cell.model, cell.seed, cell.fold)
+        if spec.checkpoint is not None:
+            return checkpoint_id(spec.checkpoint)
+        out = model_dir(run_dir, spec.name, seed)
+        return checkpoint_id(
+            (out if fold is None else fold_dir(out, fold)) / "checkpoints" / "best"
+        )
+
+    grid = run_cells(cells, run_dir, compute, on_cell, sweep=compute_cells, identity=identity,
+                     model_id=model_id)  # fmt: skip
     close("evaluation")
     records = white_box(read_records(run_dir))  # every cell written: run_cells' last barrier
     if (records["corruption"] == "").any():  # Table II: the attack cells, when there are any

@@ -17,6 +17,7 @@ from advseg.data.record import run_data_record, same_data
 from advseg.errors import UserError
 from advseg.experiment.config import ExperimentConfig
 from advseg.models.checkpoint import checkpoint_exists
+from advseg.runs.records import RUN_FILE
 
 RESUMABLE_KEYS = frozenset(
     {
@@ -81,8 +82,8 @@ def prepare_run_dir(config: ExperimentConfig, run_dir: str | Path) -> Path:
     return run_dir
 
 
-RUN_FILE = "run.json"
-"""The run's identity, written once when its first records are due: ``{"config": hash}``."""
+# RUN_FILE (advseg.runs.records): the run's identity, written once when its first records are
+# due: ``{"config": hash}``; read_records checks every records file against it.
 
 
 def config_hash(config: ExperimentConfig) -> str:

@@ -209,6 +209,12 @@ def _pair_id(weights_file: Path, meta_file: Path) -> str | None:
     return None
 
 
+def checkpoint_id(path: str | Path) -> str | None:
+    """The ``save_id`` of the newest complete pair at ``path`` (:func:`newest_complete`): what
+    a records file names its model by; None when no complete pair is there."""
+    return _pair_id(*checkpoint_files(newest_complete(path)))
+
+
 def newest_complete(path: str | Path) -> Path:
     """The checkpoint path (``PATH`` or ``PATH.prev``) holding the newest complete pair.
 

@@ -125,6 +125,10 @@ def white_box(records: pd.DataFrame) -> pd.DataFrame:
     return records[records["source"] == records["model"]]
 
 
+RUN_FILE = "run.json"
+"""A run directory's identity (``advseg run``'s and ``advseg evaluate``'s): ``{"config": hash}``,
+the ``run`` every records file of the directory carries."""
+
 IDENTITY_KEY = b"advseg.identity"
 """The Parquet schema metadata key holding a records file's identity (JSON)."""
 
@@ -184,14 +188,21 @@ def check_identity(path: Path, expected: dict[str, str]) -> None:
     if found is None:
         return
     for key, value in expected.items():
-        if found.get(key) != value:
+        if key not in found:  # a field newer than the file (``model``): nothing to compare
+            continue
+        if found[key] != value:
             raise UserError(
                 f"{path}: records of another {_WHAT.get(key, key)} ({key} {found.get(key)!r}, "
                 f"this one's is {value!r}); remove the file to compute the cell here"
             )
 
 
-_WHAT = {"run": "run (another config)", "data": "data set", "cell": "cell", "model": "model"}
+_WHAT = {
+    "run": "run (another config)",
+    "data": "data set",
+    "cell": "cell",
+    "model": "model (another checkpoint)",
+}
 
 VALUE_RANGES: dict[str, tuple[float, float]] = {
     **{c: (0.0, 1.0) for c in ("dice_clean", "dice_adv", "iou_clean", "iou_adv", "abstained")},
@@ -236,8 +247,11 @@ def read_records(path: str | Path) -> pd.DataFrame:
         files = [path]
     else:
         raise UserError(f"{path}: no such file or directory")
+    run = _run_of(path) if path.is_dir() else None
     frames = []
     for file in files:
+        if path.is_dir():
+            check_belongs(file, run)
         try:
             frame = pd.read_parquet(file)
         except Exception as err:  # pyarrow raises several types for truncated files
@@ -249,6 +263,35 @@ def read_records(path: str | Path) -> pd.DataFrame:
     _refuse_repeats(records, [f for f, frame in zip(files, frames, strict=True)
                               for _ in range(len(frame))])  # fmt: skip
     return records
+
+
+def _run_of(run_dir: Path) -> str | None:
+    """The ``config`` hash of ``run_dir``'s :data:`RUN_FILE`, or None (none, or unreadable)."""
+    try:
+        saved = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8")).get("config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return saved if isinstance(saved, str) else None
+
+
+def check_belongs(file: Path, run: str | None) -> None:
+    """Refuse a records file of a run directory whose identity says it was written elsewhere:
+    by another run (its ``run`` is not the directory's ``run.json`` config) or for another cell
+    (its ``cell`` is not its file name: a file copied under another name). A file without an
+    identity (written before identities) passes."""
+    found = records_identity(file)
+    if not found:
+        return
+    if run is not None and "run" in found and found["run"] != run:
+        raise UserError(
+            f"{file}: records of another run (another config) (run {found['run']!r}, this "
+            f"directory's {RUN_FILE} says {run!r}); remove the file"
+        )
+    if "cell" in found and found["cell"] != file.stem:
+        raise UserError(
+            f"{file}: records of another cell ({found['cell']!r}) under this name; remove the "
+            "file or give it back its name"
+        )
 
 
 KEY_COLUMNS = ("model", "seed", "source", "attack", "loss", "eps", "slice_id", "class")
