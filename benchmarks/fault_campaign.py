@@ -500,6 +500,129 @@ def issue25_cases(c: Campaign) -> None:
            lambda: refused(argv, "holds finished work but no config.yaml"))  # fmt: skip
 
 
+def issue25_output_cases(c: Campaign) -> None:
+    """Issue 25's second stop: output faults and what a refusal leaves (empty and non-UTF-8
+    arguments, --overwrite over a user's directory, full disks in data synth and a report, a
+    cache directory that is a file), imagenet weights offline, a gzip bomb under the size limit,
+    records of another evaluation copied into a run directory."""
+    import json
+    import pathlib
+    from unittest import mock
+
+    import pandas as pd
+
+    from advseg.runs.records import RECORD_COLUMNS, write_records
+
+    def patched(target: str, replacement, argv: list[str], says: str, absent: Path | None = None):
+        def check() -> Outcome:
+            with mock.patch(target, replacement):
+                return refused(argv, says, absent)
+
+        return check
+
+    def offline(address, *args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    hub = c.fresh("hub")
+    out = c.fresh("run")
+    argv = ["train", "--data", str(c.synth), "--out", str(out), "--size", "32", "--epochs", "1",
+            "--model", "smp:Unet:resnet18", "--encoder-weights", "imagenet"]  # fmt: skip
+
+    def imagenet() -> Outcome:
+        with mock.patch("huggingface_hub.constants.HF_HUB_CACHE", str(hub)):
+            return patched("socket.create_connection", offline, argv, "cannot be reached", out)()
+
+    c.case("issue25", "--encoder-weights imagenet offline", imagenet)
+
+    for name, argv, says in [
+        ("evaluate --out ''", ["evaluate", "ck", "--out", ""], "--out: an empty value"),
+        ("evaluate --out=", ["evaluate", "ck", "--out="], "--out: an empty value"),
+        ("a non-UTF-8 path", ["data", "info", str(c.work / os.fsdecode(b"caf\xe9"))],
+         "is not UTF-8 text"),
+    ]:  # fmt: skip
+        c.case("issue25", name, lambda a=argv, s=says: refused(a, s))
+
+    mine = c.fresh("mine")
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("months of work")
+    argv = ["data", "synth", "--out", str(mine), "--overwrite", "--cases", "2"]
+
+    def overwrite() -> Outcome:
+        outcome = refused(argv, "replaces only a synthetic data set advseg wrote")
+        kept = [p.name for p in mine.iterdir()] == ["thesis.tex"]
+        return outcome if kept or not outcome[0] else (False, "the user's file is gone")
+
+    c.case("issue25", "data synth --overwrite over a user's directory", overwrite)
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    synth = c.fresh("synth")
+    argv = ["data", "synth", "--out", str(synth), "--cases", "2", "--scans", "1", "--slices", "2"]
+
+    def synth_full() -> Outcome:
+        outcome = patched("pathlib.Path.write_bytes", full, argv, "no space left", synth)()
+        debris = [p.name for p in synth.parent.glob(f".{synth.name}.*")]
+        return outcome if not debris else (False, f"left {debris}")
+
+    c.case("issue25", "a full disk during data synth", synth_full)
+
+    taken = c.fresh("file")
+    taken.write_text("a file")
+    experiment = c.fresh("exp").with_suffix(".yaml")
+    experiment.write_text(f"data: {{path: {c.synth}, cache_dir: {taken}}}\n"
+                          "models: [{arch: unet-tiny}]\n")  # fmt: skip
+    out = c.fresh("run")
+    argv = ["run", str(experiment), "--out", str(out)]
+    c.case("issue25", "run --cache-dir naming a file",
+           lambda: refused(argv, "the cache directory is a file", out))  # fmt: skip
+
+    row = {k: 0 for k in RECORD_COLUMNS}
+    row.update(model="m", source="m", arch="unet", attack="fgsm", loss="bce",
+               slice_id="case1_day0_slice_0001", scan="case1_day0", dice_clean=0.9,
+               dice_adv=0.5, **{"class": "stomach"})  # fmt: skip
+    run = c.fresh("records")
+    write_records(pd.DataFrame([row]), run / "records" / "cell.parquet", {"run": "aaaa"})
+    (run / "run.json").write_text(json.dumps({"config": "aaaa"}))
+    report = run / "report"
+    real_write = pathlib.Path.write_text
+    count = [0]
+
+    def fills_up(self, *args, **kwargs):
+        count[0] += 1
+        if count[0] > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(self, *args, **kwargs)
+
+    def report_full() -> Outcome:
+        outcome = patched("pathlib.Path.write_text", fills_up, ["report", str(run)],
+                          "no space left", report)()  # fmt: skip
+        debris = [p.name for p in run.iterdir() if p.name not in ("records", "run.json")]
+        return outcome if not debris else (False, f"left {debris}")
+
+    c.case("issue25", "a full disk part-way through a report", report_full)
+
+    foreign = c.fresh("records")
+    write_records(pd.DataFrame([row]), foreign / "records" / "cell.parquet", {"run": "bbbb"})
+    ours = c.fresh("records")
+    write_records(pd.DataFrame([{**row, "eps": 0.5}]), ours / "records" / "cell2.parquet",
+                  {"run": "aaaa", "cell": "cell2"})  # fmt: skip
+    (ours / "run.json").write_text(json.dumps({"config": "aaaa"}))
+    shutil.copy(foreign / "records" / "cell.parquet", ours / "records" / "cell.parquet")
+    c.case("issue25", "another evaluation's records copied in",
+           lambda: refused(["report", str(ours)], "records of another run"))  # fmt: skip
+
+    import nibabel as nib
+
+    zeros = np.zeros((128, 128, 128), np.uint8)
+    bomb = nifti_pair(c.fresh(), zeros, zeros)
+    nib.save(nib.Nifti1Image(zeros, np.eye(4)), bomb / "labelsTr" / "vol_001.nii.gz")
+    argv = ["data", "info", str(bomb), "--labels", "1=organ"]
+    c.case("issue25", "a gzip bomb under the 4 GiB limit",
+           patched("advseg.data.nifti.available_memory", lambda: 2**20, argv,
+                   "more than the 0.00 GiB of memory available now"))  # fmt: skip
+
+
 def cache_cases(c: Campaign) -> None:
     for how in DAMAGES:
 
@@ -642,7 +765,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         campaign = Campaign(Path(tmp), args.verbose)
         for cases in (data_cases, train_cases, experiment_cases, checkpoint_cases,
-                      records_cases, cache_cases, disk_cases, issue25_cases):  # fmt: skip
+                      records_cases, cache_cases, disk_cases, issue25_cases,
+                      issue25_output_cases):  # fmt: skip
             cases(campaign)
         if args.kills:
             kill_cases(campaign)

@@ -87,7 +87,5 @@ def test_train_offline_imagenet_is_one_line_and_writes_nothing(offline, tmp_path
         main(argv)
     assert stop.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    errors = [line for line in err if line.startswith("error:")]
-    assert len(errors) == 1 and "cannot be reached" in errors[0], err
-    assert not any("Retry" in line or "Traceback" in line for line in err), err
+    assert len(err) == 1 and "cannot be reached" in err[0], err  # before the data is read
     assert not out.exists()

@@ -279,6 +279,10 @@ def train(
     typed.update({f"adversarial.{key}": value for key, value in adversarial.items()})
     with options_named(typed, file=config, flags=_FLAGS):
         train_config = from_dict(TrainConfig, values)
+        if train_config.encoder_weights is not None and not resume:  # before any data is read
+            from advseg.models.zoo import check_encoder_weights
+
+            check_encoder_weights(train_config.model, train_config.encoder_weights)
         _set_augment(train_config, augment, no_augment)
         data_config = DataConfig(
             path=data_argument(data),
