@@ -230,3 +230,39 @@ def test_the_evaluate_settings_name_seas_preset_even_by_default(tmp_path):
     assert named_budget(config(["pgd", "sea"], steps=5)) == {"steps": 5, "preset": "reference"}
     assert named_budget(config(["sea"], preset="fast")) == {"preset": "fast"}
     assert named_budget(config(["pgd"])) == {}
+
+
+class Ramp(torch.nn.Module):
+    """A scripted landscape: 8 pixels of one class, logit ``c_i - 4 (x_i - 0.5)``, every pixel
+    of the class (so the clean image, x = 0.5, is right everywhere). Raising ``x`` flips the
+    pixels one by one (smallest ``c`` first); masked BCE averages over the pixels still right,
+    so it peaks just before a flip and falls after it, while the Dice only falls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = torch.nn.Parameter(torch.linspace(0.2, 2.4, 8).view(1, 1, 1, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c - 4 * (x - 0.5)
+
+
+def test_on_a_scripted_landscape_the_member_returns_its_lowest_dice():
+    model = Ramp().eval()
+    x, y = torch.full((1, 1, 1, 8), 0.5), torch.ones(1, 1, 1, 8)
+    returned, visited = {}, {}
+    for best in ("loss", "dice"):
+        seen = []
+        hook = model.register_forward_hook(
+            lambda _m, _i, out, seen=seen: seen.append(
+                float(slice_dice(out.detach(), y, "sigmoid"))
+            )
+        )
+        try:
+            x_adv = APGD(model, "masked-bce", 0.5, steps=20, best=best, seed=0)(x, y)
+        finally:
+            hook.remove()
+        with torch.no_grad():
+            returned[best] = float(slice_dice(model(x_adv), y, "sigmoid"))
+        visited[best] = min(seen)
+    assert returned["dice"] == visited["dice"]  # the lowest Dice of every point it evaluated
+    assert returned["loss"] > returned["dice"]  # the highest-loss point is not the lowest Dice
