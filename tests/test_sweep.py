@@ -140,3 +140,18 @@ def test_run_cells_sweeps_a_groups_unfinished_cells_and_resumes_cell_by_cell(tmp
     third = Counting()
     run_cells(cells, tmp_path, third.compute, sweep=third.sweep)
     assert third.swept == [] and third.single == []
+
+
+@pytest.mark.parametrize(("attack", "options"), [("fgsm", {}), ("pgd", {"steps": 1})])
+def test_a_sweep_scores_each_batchs_clean_prediction_once(model, monkeypatch, attack, options):
+    import advseg.evaluate.cells as cells_module
+
+    calls = []
+    real = cells_module.clean_scores
+    monkeypatch.setattr(
+        cells_module, "clean_scores", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k)
+    )
+    data = MemoryData(6)
+    evaluate_sweep(model, data, range(6), attack, {eps: ["bce"] for eps in EPS},
+                   attack_kwargs=options, **KW)  # fmt: skip
+    assert calls == [4, 2]  # 2 batches (4 and 2 slices), 3 eps each: HD95 of the clean once

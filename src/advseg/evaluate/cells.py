@@ -30,7 +30,7 @@ from advseg.data.split import spread_positions
 from advseg.errors import UserError
 from advseg.evaluate.compat import check_compat, compat_label, create_compat_attack, soft_masks
 from advseg.evaluate.engine import attack_batch, score_batch, start_generators, sweep_batch
-from advseg.evaluate.scoring import batch_records, example_arrays, merge_examples
+from advseg.evaluate.scoring import batch_records, clean_scores, example_arrays, merge_examples
 from advseg.labels import model_target, output_channels
 from advseg.losses import SOFTMAX_LOSSES, loss_activation
 from advseg.runs.record_rows import pixel_mm
@@ -345,12 +345,12 @@ def evaluate_sweep(
         truths = [None] * len(outs)  # a spatial attack's truth moves with the anatomy
         if crafted is None and not shared:
             truths = [[a.adversarial_truth(y) for a in attacks] for attacks in sweep]
-        parts = [
-            batch_records(
-                o, n, x, y, meta, classes, activation, spacing, data_range, nsd_mm, truths=t
-            )
-            for o, n, t in zip(outs, names, truths, strict=True)
-        ]
+        parts, scored = [], None  # the clean scores of the last distinct clean prediction
+        for o, n, t in zip(outs, names, truths, strict=True):
+            if scored is None or not torch.equal(o.clean_logits, scored[0]):
+                scored = (o.clean_logits, clean_scores(o, y, activation, spacing, nsd_mm))
+            parts.append(batch_records(o, n, x, y, meta, classes, activation, spacing,
+                                       data_range, nsd_mm, truths=t, clean=scored[1]))  # fmt: skip
         frames.append((batch_number, parts))
         start = batch_number * batch_size
         picks = [i for i in range(len(x)) if start + i in chosen]

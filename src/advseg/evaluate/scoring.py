@@ -18,7 +18,7 @@ from torch import Tensor
 from advseg.evaluate.engine import BatchOutput
 from advseg.labels import class_prediction
 from advseg.metrics import luminosity, perturbation_norms, psnr, ssim
-from advseg.runs.record_rows import score, slice_records
+from advseg.runs.record_rows import Scores, score, slice_records
 
 
 def batch_records(
@@ -33,6 +33,7 @@ def batch_records(
     data_range: float | None = 1.0,
     nsd_mm: float | None = None,
     truths: Sequence[Tensor] | None = None,
+    clean: Scores | None = None,
 ) -> pd.DataFrame:
     """Records of one batch: one row per (loss, slice, class); model/attack columns added later.
 
@@ -44,12 +45,15 @@ def batch_records(
     (:func:`advseg.runs.record_rows.pixel_mm`). ``data_range``: the images' range for PSNR and SSIM
     (None: the batch's own max - min, for images in the source's units). ``nsd_mm``: volumes
     also get the normalised surface Dice at this tolerance (``nsd_clean``, ``nsd_adv``,
-    ``nsd_mm``).
+    ``nsd_mm``). ``clean``: the :func:`clean_scores` of ``out`` (with the same ``spacing`` and
+    ``nsd_mm``) when the caller has them already (a sweep's eps share one clean prediction, so
+    its HD95 is computed once, not once per eps).
     """
     if data_range is None:
         data_range = max(float(x.max() - x.min()), 1e-12)
     target = y > 0.5
-    clean = score(class_prediction(out.clean_logits, activation), target, spacing, nsd_mm)
+    if clean is None:
+        clean = clean_scores(out, y, activation, spacing, nsd_mm)
     lum = luminosity(x).cpu().numpy()  # (B,)
     frames = []
     members = out.members or [None] * len(losses)
@@ -76,6 +80,18 @@ def batch_records(
             columns["nsd_mm"] = float(nsd_mm)
         frames.append(slice_records(meta, classes, clean, adv, per_slice, **columns))
     return pd.concat(frames, ignore_index=True)
+
+
+def clean_scores(
+    out: BatchOutput,
+    y: Tensor,
+    activation: str,
+    spacing: np.ndarray | None = None,
+    nsd_mm: float | None = None,
+) -> Scores:
+    """The scores (counts, HD95, NSD) of the clean prediction of ``out`` against the masks ``y``
+    (``spacing``, ``nsd_mm``: as for :func:`batch_records`)."""
+    return score(class_prediction(out.clean_logits, activation), y > 0.5, spacing, nsd_mm)
 
 
 def example_arrays(
