@@ -223,6 +223,16 @@ def test_provenance_opens_the_report_and_a_broken_model_is_warned_about(tmp_path
     assert 'class="warning"' in report.html.read_text()
 
 
+def test_report_says_when_max_slices_drew_the_evaluated_slices(tmp_path):
+    _write_run(tmp_path, _records(), examples=False)
+    (tmp_path / "config.yaml").write_text("evaluation:\n  max_slices: 6\n")
+    markdown = write_report(tmp_path).markdown.read_text()
+    assert (
+        "| evaluated | 6 slices of 1 cases (evaluation.max_slices 6: at most 6 of the test "
+        "slices, a seeded draw spread over the test cases) |"
+    ) in markdown
+
+
 def test_a_run_without_provenance_says_so(tmp_path):
     _write_run(tmp_path, _records(), examples=False)
     report = write_report(tmp_path)

@@ -25,10 +25,14 @@ app = typer.Typer()
 
 
 def _print_phases(result: RunResult, console: Console) -> None:
-    """Where the wall time went: one line, the phases of :func:`advseg.experiment.run_experiment`
-    (the interpreter's start and imports come before it and are not counted)."""
+    """Where the time went: two lines, the wall and the CPU seconds of the phases of
+    :func:`advseg.experiment.run_experiment` (the interpreter's start and imports come before it
+    and are not counted)."""
     parts = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.phases.items())
     console.print(f"time: {parts} (total {result.seconds:.1f} s)", highlight=False)
+    parts = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.cpu.items())
+    total = sum(result.cpu.values())
+    console.print(f"CPU time (all threads): {parts} (total {total:.1f} s)", highlight=False)
 
 
 def _print_result(result: RunResult, console: Console) -> None:

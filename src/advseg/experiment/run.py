@@ -91,6 +91,8 @@ class RunResult:
             directory), ``data`` (load, split), ``training`` (models trained or loaded),
             ``evaluation`` (the grid's cells, training excluded), ``summary`` (Table II with its
             intervals), ``report``; they add up to ``seconds``.
+        cpu: CPU seconds (user + system, every thread of this process) of the same phases: on a
+            busy machine the wall time says little, the CPU time what the work cost.
     """
 
     run_dir: Path
@@ -102,6 +104,7 @@ class RunResult:
     report: Report | None
     seconds: float
     phases: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
 
 
 def run_experiment(
@@ -135,13 +138,15 @@ def _run_experiment(
     """
     start = time.perf_counter()
     phases = dict.fromkeys(PHASES, 0.0)
-    mark = start
+    cpu = dict.fromkeys(PHASES, 0.0)
+    mark, cpu_mark = start, time.process_time()
 
     def close(phase: str) -> None:  # the time since the last mark goes to ``phase``
-        nonlocal mark
-        now = time.perf_counter()
+        nonlocal mark, cpu_mark
+        now, cpu_now = time.perf_counter(), time.process_time()
         phases[phase] += now - mark
-        mark = now
+        cpu[phase] += cpu_now - cpu_mark
+        mark, cpu_mark = now, cpu_now
 
     check_config(config)
     distributed.init()
@@ -177,13 +182,15 @@ def _run_experiment(
         fold: evaluation_rows(data, test, config.evaluation, config.seed)
         for fold, (_, _, test) in splits.items()
     }
+    most = config.evaluation.max_slices
+    drawn = "" if most is None else f"; at most {most}: evaluation.max_slices, a seeded draw"
     for fold, (train_rows, val_rows, test_rows) in splits.items():
         what = "cases split" if fold is None else f"fold {fold} of {config.split.folds}:"
         cases = data.index["case"].iloc[test_rows].nunique()
         console.print(
             f"data: {len(data)} slices; {what} into train {len(train_rows)}, validation "
             f"{len(val_rows)}, test {len(test_rows)} slices ({cases} cases); evaluated "
-            f"{len(rows_of[fold])} test slices ({config.evaluation.slices})",
+            f"{len(rows_of[fold])} test slices ({config.evaluation.slices}{drawn})",
             highlight=False,
             soft_wrap=True,
         )
@@ -373,7 +380,7 @@ def _run_experiment(
     close("report")
     seconds = mark - start
     return RunResult(
-        run_dir, grid, trained, summary, headline_cells, protocol, report, seconds, phases
+        run_dir, grid, trained, summary, headline_cells, protocol, report, seconds, phases, cpu
     )
 
 

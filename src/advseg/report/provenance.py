@@ -17,7 +17,9 @@ from typing import Any
 import pandas as pd
 
 import advseg
+from advseg.config import load_yaml
 from advseg.data.location import describe, is_synthetic
+from advseg.errors import UserError
 from advseg.report.html import Block, Section
 from advseg.runs.provenance import now, read_sessions
 
@@ -73,8 +75,24 @@ def _data_rows(run_dir: Path, records: pd.DataFrame, locations: list[str]) -> li
     if saved.get("cache"):
         rows.append(("cache", str(saved["cache"])))
     slices = records["slice_id"].nunique()
-    rows.append(("evaluated", f"{slices} slices of {records['case'].nunique()} cases"))
+    evaluated = f"{slices} slices of {records['case'].nunique()} cases"
+    most = _max_slices(run_dir)
+    if most is not None:
+        evaluated += (
+            f" (evaluation.max_slices {most}: at most {most} of the test slices, a seeded draw "
+            "spread over the test cases)"
+        )
+    rows.append(("evaluated", evaluated))
     return rows
+
+
+def _max_slices(run_dir: Path) -> int | None:
+    """``evaluation.max_slices`` of the run's ``config.yaml``, when it set one."""
+    try:
+        value = (load_yaml(run_dir / "config.yaml") or {})["evaluation"]["max_slices"]
+    except (OSError, UserError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) else None
 
 
 def _session_rows(run_dir: Path) -> list[tuple]:
