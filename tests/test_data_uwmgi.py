@@ -119,3 +119,15 @@ def test_images_without_labels_are_counted(synth, tmp_path):
     table.iloc[3:].to_csv(root / "train.csv", index=False)  # drop the first slice's 3 rows
     index, exclusions = read_uwmgi(root)
     assert len(index) == 23 and exclusions.unlabelled == 1
+
+
+def test_phantom_ellipses_drawn_on_their_box_equal_the_whole_grid_formula():
+    from advseg.data.synth import _Painter
+
+    painter = _Painter(360, 310, np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    for _ in range(500):  # centres and radii within, across and beyond the image's edges
+        cx, cy = (float(v) for v in rng.uniform(-1.5, 1.5, 2))
+        rx, ry = (float(v) for v in rng.uniform(0.002, 1.2, 2))
+        whole = ((painter.x - cx) / rx) ** 2 + ((painter.y - cy) / ry) ** 2 <= 1
+        assert (painter._ellipse(cx, cy, rx, ry) == whole).all()
