@@ -9,13 +9,15 @@ Stages (each reuses what the earlier ones left in ``--work``):
              ``nnUNetTrainer_1epoch`` (one epoch: 250 iterations, its augmentation, its loss, on
              the CPU). Bundle: tests/monai_bundle.py's tiny 3D UNet, trained 25 Adam steps on
              3 cases, judged on 3 held-out cases.
-``evaluate`` ``advseg evaluate`` for each setting (``--threads 1``): the bundle and nnU-Net fold 0
-             (mirroring on, its default) under PGD (``--eps`` in HU, ``--steps``) and ``sea``
-             (``preset=fast``); fold 0 without mirroring under PGD; folds 0, 1 and their
-             ensemble 0,1 in one run under PGD with ``--transfer`` (each model's adversarial
-             volumes scored on the two others). Wall time per run, clean Dice and Dice under
-             each attack (mean over the held-out volumes and classes, from the records), into
-             ``--work/results.json`` and a table on stdout.
+``evaluate`` ``advseg evaluate`` for each setting (``--threads 1``): the bundle under PGD (``--eps``
+             in HU, ``--steps``, its ce and dicece losses) and ``sea`` (``preset=fast``);
+             nnU-Net fold 0 under PGD (loss ce) with and without mirroring; folds 0, 1 and
+             their ensemble 0,1 (no mirroring) in one run under PGD with ``--transfer`` (each
+             model's adversarial volumes scored on the two others); fold 0 (no mirroring) under
+             ``sea`` on two of the held-out volumes (``--max-slices 2``: the CPU is shared).
+             Wall time per run, clean Dice and Dice under each attack (mean over the held-out
+             volumes and classes, from the records), into ``--work/results.json`` and a table
+             on stdout.
 
     python benchmarks/bench_external.py --work /tmp/external-bench [--stage prepare|evaluate|all]
 """
@@ -137,13 +139,33 @@ def main() -> None:
     nnunet = work / "results" / DATASET / "nnUNetTrainer_1epoch__nnUNetPlans__2d"
     raw = work / "nnUNet_raw" / DATASET
     pgd = ["--attack", "pgd", "--eps", f"{args.eps:g}", "--steps", str(args.steps)]
-    sea = [*pgd, "--attack", "sea", "--attack-option", "preset=fast"]
-    nn = ["--nnunet", str(nnunet), "--configuration", "2d"]
-    settings = {  # sea where it is the point; PGD for the mirroring and fold comparisons
-        "bundle": ["--bundle", str(work / "bundle"), *sea],
+    sea = ["--attack", "sea", "--attack-option", "preset=fast", "--eps", f"{args.eps:g}"]
+    nn = ["--nnunet", str(nnunet), "--configuration", "2d", "--loss", "ce"]
+    settings = {  # the CPU this was measured on is shared: sea on two volumes, without mirroring
+        "bundle": ["--bundle", str(work / "bundle"), *pgd, *sea[:-2]],
         "nnunet-f0-nomirror": [*nn, "--folds", "0", "--no-mirroring", *pgd],
-        "nnunet-f0": [*nn, "--folds", "0", *sea],
-        "nnunet-folds": [*nn, "--folds", "0", "--folds", "1", "--folds", "0,1", "--transfer", *pgd],
+        "nnunet-f0": [*nn, "--folds", "0", *pgd],
+        "nnunet-folds": [
+            *nn,
+            "--folds",
+            "0",
+            "--folds",
+            "1",
+            "--folds",
+            "0,1",
+            "--transfer",
+            "--no-mirroring",
+            *pgd,
+        ],
+        "nnunet-f0-nomirror-sea": [
+            *nn[:-2],
+            "--folds",
+            "0",
+            "--no-mirroring",
+            "--max-slices",
+            "2",
+            *sea,
+        ],
     }
     data = {"bundle": work / "bundle-test"}
     only = [s for s in args.only.split(",") if s]
