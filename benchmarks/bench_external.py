@@ -7,8 +7,13 @@ Stages (each reuses what the earlier ones left in ``--work``):
              structure), 8 in ``imagesTr`` and 4 held out in ``imagesTs``; nnU-Net's own
              ``nnUNetv2_plan_and_preprocess`` (2d), then folds 0 and 1 trained by nnU-Net's own
              ``nnUNetTrainer_1epoch`` (one epoch: 250 iterations, its augmentation, its loss, on
-             the CPU). Bundle: tests/monai_bundle.py's tiny 3D UNet, trained 25 Adam steps on
-             3 cases, judged on 3 held-out cases.
+             the CPU). On the shared 2-core machine of this session that epoch had not ended
+             after 45 minutes (9 minutes of CPU), so the measurement used ``train-quickly``.
+             Bundle: tests/monai_bundle.py's tiny 3D UNet, trained 25 Adam steps on 3 cases,
+             judged on 3 held-out cases.
+``train-quickly`` folds 0 and 1 (``--train-folds``) by a plain loop over nnU-Net's own network,
+             data, split, loss and optimiser (:func:`train_folds_quickly`), judged with
+             ``--trainer nnUNetTrainer``.
 ``evaluate`` ``advseg evaluate`` for each setting (``--threads 1``): the bundle under PGD (``--eps``
              in HU, ``--steps``, its ce and dicece losses) and ``sea`` (``preset=fast``);
              nnU-Net fold 0 under PGD (loss ce) with and without mirroring; folds 0, 1 and
@@ -19,7 +24,10 @@ Stages (each reuses what the earlier ones left in ``--work``):
              volumes and classes, from the records), into ``--work/results.json`` and a table
              on stdout.
 
-    python benchmarks/bench_external.py --work /tmp/external-bench [--stage prepare|evaluate|all]
+    python benchmarks/bench_external.py --work /tmp/external-bench --stage prepare
+    python benchmarks/bench_external.py --work /tmp/external-bench --stage train-quickly
+    python benchmarks/bench_external.py --work /tmp/external-bench --stage evaluate \
+        --trainer nnUNetTrainer [--only nnunet-f0,...]
 """
 
 from __future__ import annotations
@@ -78,6 +86,91 @@ def prepare_nnunet(work: Path) -> Path:
     return results / DATASET
 
 
+def train_folds_quickly(work: Path, steps: int = 150, folds: tuple[int, ...] = (0, 1)) -> Path:
+    """Folds 0 and 1 trained by a plain loop (not nnU-Net's trainer: its augmentation made one
+    epoch take longer than this session on the shared CPU), with nnU-Net's own pieces: its
+    network (``nnUNetTrainer.build_network_architecture`` from the plans), its preprocessed data
+    and its 5-fold split (``splits_final.json``), its loss (``DC_and_CE_loss``, Dice without
+    background + CE) and optimiser (SGD, Nesterov, momentum 0.99, lr 0.01), on random 2D patches of
+    the plans' patch size and batch size, no augmentation, no deep supervision. Saved in the
+    trainer's checkpoint layout as ``nnUNetTrainer__nnUNetPlans__2d/fold_F/``."""
+    import numpy as np
+    import torch
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    torch.set_num_threads(1)
+    pre = work / "nnUNet_preprocessed" / DATASET
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    dataset = json.loads((pre / "dataset.json").read_text())
+    manager = PlansManager(plans)
+    config = manager.get_configuration("2d")
+    heads = manager.get_label_manager(dataset).num_segmentation_heads
+    splits = json.loads((pre / "splits_final.json").read_text())
+    folder = str(pre / config.data_identifier)
+    out = work / "results" / DATASET / "nnUNetTrainer__nnUNetPlans__2d"
+    patch, batch = list(config.patch_size), int(config.batch_size)
+    for fold in folds:
+        cases = splits[fold]["train"]
+        loaded = infer_dataset_class(folder)(folder, cases)
+        arrays = [loaded.load_case(c)[:2] for c in cases]
+        images = [np.asarray(a[0], np.float32) for a in arrays]  # (C, Z, Y, X)
+        labels = [np.asarray(a[1][0], np.int64) for a in arrays]  # (Z, Y, X)
+        torch.manual_seed(100 + fold)
+        rng = np.random.default_rng(fold)
+        network = nnUNetTrainer.build_network_architecture(
+            manager, config, 1, heads, enable_deep_supervision=False
+        )
+        loss = DC_and_CE_loss({"batch_dice": config.batch_dice, "smooth": 1e-5, "do_bg": False,
+                               "ddp": False}, {}, weight_ce=1, weight_dice=1,
+                              dice_class=MemoryEfficientSoftDiceLoss)  # fmt: skip
+        optimiser = torch.optim.SGD(network.parameters(), 0.01, momentum=0.99, nesterov=True,
+                                    weight_decay=3e-5)  # fmt: skip
+        started = time.process_time()
+        for step in range(steps):
+            xs, ys = [], []
+            for _ in range(batch):
+                i = int(rng.integers(len(images)))
+                z = int(rng.integers(images[i].shape[1]))
+                image = np.pad(images[i][:, z], [(0, 0)] + [(0, max(p - s, 0)) for p, s in
+                               zip(patch, images[i].shape[2:], strict=True)])  # fmt: skip
+                label = np.pad(labels[i][z], [(0, max(p - s, 0)) for p, s in
+                               zip(patch, labels[i].shape[1:], strict=True)])  # fmt: skip
+                y0 = int(rng.integers(image.shape[1] - patch[0] + 1))
+                x0 = int(rng.integers(image.shape[2] - patch[1] + 1))
+                xs.append(image[:, y0 : y0 + patch[0], x0 : x0 + patch[1]])
+                ys.append(label[None, y0 : y0 + patch[0], x0 : x0 + patch[1]])
+            x, y = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+            optimiser.zero_grad()
+            value = loss(network(x), y)
+            value.backward()
+            torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+            optimiser.step()
+            if step % 25 == 0:
+                print(f"fold {fold} step {step} loss {value.item():.4f}", flush=True)
+        print(f"fold {fold}: {steps} steps, {time.process_time() - started:.0f} s CPU", flush=True)
+        checkpoint = {
+            "network_weights": network.state_dict(),
+            "optimizer_state": optimiser.state_dict(),
+            "grad_scaler_state": None,
+            "logging": {},
+            "_best_ema": None,
+            "current_epoch": 1,
+            "init_args": {"plans": plans, "configuration": "2d", "fold": fold,
+                          "dataset_json": dataset, "device": torch.device("cpu")},
+            "trainer_name": "nnUNetTrainer",
+            "inference_allowed_mirroring_axes": (0, 1),
+        }  # fmt: skip
+        (out / f"fold_{fold}").mkdir(parents=True, exist_ok=True)
+        torch.save(checkpoint, out / f"fold_{fold}" / "checkpoint_final.pth")
+    (out / "plans.json").write_text(json.dumps(plans))
+    (out / "dataset.json").write_text(json.dumps(dataset))
+    return out
+
+
 def prepare_bundle(work: Path) -> tuple[Path, Path]:
     """tests/monai_bundle.py's bundle, trained on 3 cases; 3 other cases to judge it on."""
     from monai_bundle import volume, write_bundle, write_data
@@ -122,8 +215,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/external-bench"))
     parser.add_argument(
-        "--stage", choices=["prepare", "prepare-bundle", "evaluate", "all"], default="all"
+        "--stage",
+        choices=["prepare", "prepare-bundle", "train-quickly", "evaluate", "all"],
+        default="all",
     )
+    parser.add_argument("--train-folds", default="0,1", help="train-quickly: the folds")
+    parser.add_argument("--trainer", default="nnUNetTrainer_1epoch", help="whose folds to judge")
     parser.add_argument("--eps", type=float, default=20.0, help="PGD/sea eps in HU")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--only", default="", help="comma-separated setting names to run")
@@ -134,9 +231,11 @@ def main() -> None:
         prepare_nnunet(work)
     if args.stage in ("prepare", "prepare-bundle", "all") and not (work / "bundle").is_dir():
         prepare_bundle(work)
-    if args.stage.startswith("prepare"):
+    if args.stage == "train-quickly":
+        train_folds_quickly(work, folds=tuple(int(f) for f in args.train_folds.split(",")))
+    if args.stage.startswith("prepare") or args.stage == "train-quickly":
         return
-    nnunet = work / "results" / DATASET / "nnUNetTrainer_1epoch__nnUNetPlans__2d"
+    nnunet = work / "results" / DATASET / f"{args.trainer}__nnUNetPlans__2d"
     raw = work / "nnUNet_raw" / DATASET
     pgd = ["--attack", "pgd", "--eps", f"{args.eps:g}", "--steps", str(args.steps)]
     sea = ["--attack", "sea", "--attack-option", "preset=fast", "--eps", f"{args.eps:g}"]
@@ -169,7 +268,7 @@ def main() -> None:
     }
     data = {"bundle": work / "bundle-test"}
     only = [s for s in args.only.split(",") if s]
-    path = work / "results.json"
+    path = work / (f"results-{args.only}.json" if only else "results.json")  # parallel runs
     results = json.loads(path.read_text()) if path.exists() else {}
     for name, options in settings.items():
         if only and name not in only:
