@@ -87,9 +87,8 @@ def test_logits_and_segmentation_equal_nnunet_predictor(results, configuration, 
         model.accumulate = accumulate
         with torch.no_grad():
             fold_logits = []
-            for weights in found.weights:
-                model.network.load_state_dict(weights)
-                fold_logits.append(model.sliding_window(torch.from_numpy(theirs)))
+            for network in model.networks:
+                fold_logits.append(model.sliding_window(torch.from_numpy(theirs), network))
             ours_logits = (sum(fold_logits) / len(fold_logits)).float()
         difference = (ours_logits - reference).abs()
         if accumulate == torch.float16:
@@ -181,6 +180,22 @@ def test_planner_reproduces_the_committed_plans(tmp_path):
     subprocess.run([sys.executable, str(tmp_path / "plan.py")], env=env, check=True)
     made = json.loads((tmp_path / "pre" / DATASET / "nnUNetPlans.json").read_text())
     assert made["configurations"] == json.loads(PLANS.read_text())["configurations"]
+
+
+def test_the_gradient_of_a_fold_ensemble_is_the_mean_of_the_folds(results):
+    """Attacks differentiate through every fold at once (one network per fold)."""
+    base, raw = results
+    image, properties = _reader_image(raw)
+    x = torch.from_numpy(image)[None]
+    grads = []
+    for folds in (["0", "1"], ["0"], ["1"]):
+        model = NnUNet(read_folder(base, configuration="2d", folds=folds),
+                       properties["spacing"], mirroring=False)  # fmt: skip
+        z = x.clone().requires_grad_(True)
+        model(z)[:, 1].sum().backward()
+        grads.append(z.grad)
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], (grads[1] + grads[2]) / 2, atol=1e-5, rtol=1e-4)
 
 
 def test_pgd_keeps_its_budget_in_hounsfield_units(results):

@@ -250,9 +250,9 @@ def read_folder(
     )
 
 
-def build_network(found: NnUNetFolder) -> nn.Module:
+def build_network(found: NnUNetFolder, fold: int = 0) -> nn.Module:
     """The network as nnU-Net's predictor builds it (its trainer class, deep supervision off),
-    holding the first fold's weights, in eval mode."""
+    holding the weights of ``found.folds[fold]``, in eval mode."""
     _require_nnunet()
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
@@ -269,10 +269,10 @@ def build_network(found: NnUNetFolder) -> nn.Module:
         manager, config, n_in, n_out, enable_deep_supervision=False
     )
     try:
-        network.load_state_dict(found.weights[0])
+        network.load_state_dict(found.weights[fold])
     except RuntimeError as error:
         raise UserError(
-            f"{found.folder}: fold {found.folds[0]}'s weights do not fit the network of "
+            f"{found.folder}: fold {found.folds[fold]}'s weights do not fit the network of "
             f"plans.json: {str(error).splitlines()[0][:200]}"
         ) from None
     return network.eval()
@@ -348,8 +348,11 @@ class NnUNet(nn.Module):
                     f"{found.folder / 'plans.json'}: normalisation {scheme!r} is not one advseg "
                     f"reproduces ({', '.join(NORMALISATIONS)})"
                 )
-        self.network = build_network(found)
-        self.network.requires_grad_(False)
+        # one network per fold: an attack differentiates through every fold at once (one network
+        # reloaded fold by fold would change the weights the first folds' graphs still hold)
+        self.networks = nn.ModuleList(build_network(found, i) for i in range(len(found.weights)))
+        self.networks.requires_grad_(False)
+        self.network = self.networks[0]
 
     @property
     def mirror_axes(self) -> tuple[int, ...]:
@@ -428,7 +431,7 @@ class NnUNet(nn.Module):
             channels.append(x)
         return torch.stack(channels)
 
-    def sliding_window(self, data: Tensor) -> Tensor:
+    def sliding_window(self, data: Tensor, network: nn.Module | None = None) -> Tensor:
         """Logits ``(K, *spatial')`` of the preprocessed ``data`` (in ``accumulate``'s dtype):
         windows, Gaussian blending, mirroring, nnU-Net's padding to the patch size (undone)."""
         from nnunetv2.inference.sliding_window_prediction import (
@@ -461,7 +464,7 @@ class NnUNet(nn.Module):
             chunk = windows[start : start + self.window_batch]
             slicers = [self._slicer(d, corner, patch) for d, corner in chunk]
             batch = torch.stack([padded[(slice(None), *s)] for s in slicers])
-            predicted = self._mirrored(batch) * gaussian
+            predicted = self._mirrored(batch, network or self.network) * gaussian
             for s, p in zip(slicers, predicted, strict=True):
                 logits[(slice(None), *s)] += p
                 weight[s] += gaussian
@@ -473,12 +476,12 @@ class NnUNet(nn.Module):
         window = tuple(slice(c, c + p) for c, p in zip(corner, patch, strict=True))
         return window if depth is None else (depth, *window)
 
-    def _mirrored(self, batch: Tensor) -> Tensor:
-        prediction = self.network(batch)
+    def _mirrored(self, batch: Tensor, network: nn.Module) -> Tensor:
+        prediction = network(batch)
         axes = [a + 2 for a in self.mirror_axes]
         combos = [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
         for dims in combos:
-            prediction = prediction + torch.flip(self.network(torch.flip(batch, dims)), dims)
+            prediction = prediction + torch.flip(network(torch.flip(batch, dims)), dims)
         return prediction / (len(combos) + 1)
 
     def postprocess(self, logits: Tensor, undo: dict[str, Any]) -> Tensor:
@@ -503,9 +506,7 @@ class NnUNet(nn.Module):
         averaged, as nnU-Net's ensemble of folds does."""
         data, undo = self.preprocess(image)
         total = None
-        for weights in self.found.weights:
-            if len(self.found.weights) > 1:
-                self.network.load_state_dict(weights)
-            logits = self.sliding_window(data)
+        for network in self.networks:
+            logits = self.sliding_window(data, network)
             total = logits if total is None else total + logits
         return self.postprocess((total / len(self.found.weights)).float(), undo)
