@@ -104,6 +104,8 @@ def same_data(saved: str, data: SliceData) -> bool:
     run begun with a relative data path, ``advseg demo``'s included, saved)."""
     if saved == data_fingerprint(data):
         return True
+    if not hasattr(data, "preprocess"):  # volumes (VolumeData): no older key to match
+        return False
     if saved == cache_key(data.index, data.preprocess, content=False):
         return True  # saved before content digests: the files' sizes and mtimes then
     index = data.index.copy()

@@ -30,7 +30,13 @@ from advseg.data.split import spread_positions
 from advseg.errors import UserError
 from advseg.evaluate.compat import check_compat, compat_label, create_compat_attack, soft_masks
 from advseg.evaluate.engine import attack_batch, score_batch, start_generators, sweep_batch
-from advseg.evaluate.scoring import batch_records, clean_scores, example_arrays, merge_examples
+from advseg.evaluate.scoring import (
+    batch_records,
+    clean_scores,
+    example_arrays,
+    merge_examples,
+    volume_slices,
+)
 from advseg.labels import model_target, output_channels
 from advseg.losses import SOFTMAX_LOSSES, loss_activation
 from advseg.runs.record_rows import pixel_mm
@@ -383,6 +389,8 @@ def evaluate_sweep(
         records.insert(0, "source", source or model_name)
         records.insert(0, "model", model_name)
         examples_i = merge_examples([(b, parts[i]) for b, parts in shown], names[i])
+        if through is not None:  # the report draws one axial slice of each example volume
+            examples_i = volume_slices(examples_i)
         adversarial = {}
         if keep_adversarial:
             adversarial = {n: _joined([k[i][j] for _, k in kept]) for j, n in enumerate(names[i])}

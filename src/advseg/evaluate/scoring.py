@@ -135,3 +135,25 @@ def merge_examples(
         merged[key] = np.concatenate([p[key] for p in parts], axis=1)
     merged["losses"] = np.array(list(losses), dtype=str)
     return merged
+
+
+def volume_slices(examples: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Example volumes (:func:`merge_examples` of ``(N, C, D, H, W)`` arrays) cut to one axial
+    slice each, the one holding the most true foreground (the middle one when there is none),
+    so that the report draws clean and adversarial predictions as it does for slices; the slice
+    id becomes ``<scan>_slice_<z + 1>``."""
+    if not examples or examples["image"].ndim != 5:
+        return examples
+    mask = examples["mask"]  # (N, K, D, H, W)
+    counts = mask.reshape(*mask.shape[:3], -1).sum(axis=(1, 3))  # (N, D)
+    depth = mask.shape[2]
+    z = np.where(counts.max(axis=1) > 0, counts.argmax(axis=1), depth // 2)
+    out = dict(examples)
+    for key in ("image", "mask", "pred_clean"):  # (N, C or K, H, W)
+        out[key] = np.stack([examples[key][i, :, k] for i, k in enumerate(z)])
+    for key in ("x_adv", "pred_adv"):  # (L, N, C or K, H, W)
+        out[key] = np.stack([examples[key][:, i, :, k] for i, k in enumerate(z)], axis=1)
+    out["slice_ids"] = np.array(
+        [f"{sid}_slice_{k + 1:04d}" for sid, k in zip(examples["slice_ids"], z, strict=True)]
+    )
+    return out

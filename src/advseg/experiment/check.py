@@ -24,6 +24,7 @@ from advseg.experiment.config import (
     model_variants,
     trained_here,
 )
+from advseg.experiment.volumes import check_volumes
 from advseg.limits import check_seed
 from advseg.losses import LOSSES, loss_activation
 from advseg.models.zoo import resolve as resolve_model
@@ -162,6 +163,7 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
     if ev.examples < 0:
         raise UserError(f"evaluation.examples: {ev.examples} must be 0 or more")
     check_cross_model(config)
+    check_volumes(config)
     return config
 
 

@@ -123,6 +123,10 @@ class EvaluationSpec:
         protocol: the Dice protocol of the summary (``paper``, ``per-class``, ``global``).
         trace: keep iterative attacks' convergence traces (``traces/<cell>.csv``) for the
             report's "Did the attacks converge?".
+        through: a grid of 3D models: each attack cell once per threat protocol
+            (``inference``: end to end through the sliding window; ``tiles``: the published
+            tile protocol; :mod:`advseg.experiment.volumes`). Slices ignore it.
+        nsd_mm: a grid of 3D models: the normalised surface Dice's tolerance in mm.
     """
 
     slices: Literal["with_mask", "all"] = "with_mask"
@@ -131,6 +135,8 @@ class EvaluationSpec:
     examples: int = 2
     protocol: Literal["paper", "per-class", "global"] = DEFAULT_PROTOCOL
     trace: bool = False
+    through: list[str] = field(default_factory=lambda: ["inference"])
+    nsd_mm: float = 1.0
 
 
 @dataclass

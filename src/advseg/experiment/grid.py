@@ -23,6 +23,7 @@ from advseg.crossmodel.cells import (
 from advseg.crossmodel.transfer import source_stem
 from advseg.evaluate.compat import compat_label
 from advseg.experiment.config import ExperimentConfig, attack_compat, model_variants
+from advseg.experiment.volumes import volumetric
 from advseg.runs.examples import save_examples
 from advseg.runs.names import file_stem
 from advseg.runs.records import check_identity, write_records
@@ -50,11 +51,14 @@ class Cell:
     seed: int | None = None
     compat: str = "none"
     fold: int | None = None
+    through: str = ""
 
     @property
     def label(self) -> str:
-        """The records' attack label: ``fgsm``, or ``fgsm:notebook`` under ``compat: notebook``."""
-        return compat_label(self.attack, self.compat)
+        """The records' attack label: ``fgsm``, or ``fgsm:notebook`` under ``compat: notebook``,
+        or ``fgsm:inference`` / ``fgsm:tiles`` for a 3D model's volumes (``through``)."""
+        label = compat_label(self.attack, self.compat)
+        return f"{label}:{self.through}" if self.through else label
 
     @property
     def slug(self) -> str:
@@ -86,10 +90,12 @@ def plan_cells(config: ExperimentConfig) -> list[Cell]:
             for eps in attack.eps:
                 losses = cells.setdefault((name, seed, fold, attack.name, mode, float(eps)), [])
                 losses += [loss for loss in attack.losses if loss not in losses]
+    protocols = config.evaluation.through if volumetric(config) else [""]
     planned = [
         Cell(model, attack, eps, tuple(losses), kwargs[attack, mode], seed=seed, compat=mode,
-             fold=fold)
+             fold=fold, through=through)
         for (model, seed, fold, attack, mode, eps), losses in cells.items()
+        for through in protocols
     ]  # fmt: skip
     corrupted = [
         Cell(name, corruption_label(*cell), 0.0, (NO_LOSS,), seed=seed, fold=fold)
@@ -129,7 +135,7 @@ def sweep_key(cell: Cell) -> tuple | None:
         return (cell.model, cell.seed, cell.fold, "corruption")
     if cell.source or "+" in cell.attack or not ATTACKS.get(cell.attack).single_step:
         return None  # a transfer cell scores images crafted elsewhere; +bpda/+eot attack a view
-    return (cell.model, cell.seed, cell.fold, cell.attack, cell.compat, cell.kwargs)
+    return (cell.model, cell.seed, cell.fold, cell.attack, cell.compat, cell.kwargs, cell.through)
 
 
 def run_cells(

@@ -33,6 +33,7 @@ from advseg.data import (
     SliceData,
     fold_train_val_test,
     load_data,
+    load_volumes,
     split_train_val_test,
     spread_rows,
 )
@@ -57,10 +58,13 @@ from advseg.experiment.rundir import (
     prepare_run_dir,
     run_identity,
 )
+from advseg.experiment.volumes import volumetric
+from advseg.inference import SlidingWindow
 from advseg.labels import checkpoint_activation
 from advseg.models import load_checkpoint, read_checkpoint
 from advseg.models.checkpoint import checkpoint_exists, checkpoint_id
 from advseg.models.ensemble import ensemble_members
+from advseg.models.zoo import resolve
 from advseg.progress import cell_progress
 from advseg.report import Report, write_report
 from advseg.report.tables import headline_eps
@@ -172,10 +176,11 @@ def _run_experiment(
         task = bar.add_task(
             "loading data (the phantom is written on first use), slices", total=None
         )
+        load = load_volumes if volumetric(config) else load_data  # a 3D grid: whole volumes
         data = distributed.main_first(  # rank 0 fills the preprocessing cache first
-            lambda: load_data(config.data, progress=lambda n: bar.update(task, completed=n))
+            lambda: load(config.data, progress=lambda n: bar.update(task, completed=n))
         )
-    data = data if main else load_data(config.data)
+    data = data if main else load(config.data)
     distributed.main_first(lambda: check_data_fingerprint(run_dir, data, config.data))
     splits = run_splits(data, config)  # fold -> (train, val, test) rows; None: one split
     rows_of = {
@@ -287,7 +292,15 @@ def _run_experiment(
         eps = ", ".join(f"{c.eps:g}" for c in group)
         losses = ", ".join(dict.fromkeys(loss for c in group for loss in c.losses))
         what = f"evaluating {first.model}, {first.label} eps {eps} ({losses})"
-        what += f" on {len(eval_rows)} slices"
+        what += f" on {len(eval_rows)} {'volumes' if first.through else 'slices'}"
+        kwargs = {"seed": config.seed, **dict(first.kwargs), "activation": activation}
+        batch_size, volume = config.evaluation.batch_size, {}
+        if first.through:  # whole volumes, one at a time, through the window that scores them
+            patch = config.data.volume.patch or resolve(arch).roi
+            net = SlidingWindow(net, patch, overlap=config.data.volume.overlap)
+            kwargs["valid_range"] = data.valid_range
+            batch_size = 1
+            volume = {"through": first.through, "nsd_mm": config.evaluation.nsd_mm}
         with cell_progress(console, what) as on_batch:
             results = evaluate_sweep(
                 net,
@@ -297,8 +310,9 @@ def _run_experiment(
                 {c.eps: list(c.losses) for c in group},
                 model_name=first.model,
                 arch=arch,
-                attack_kwargs={"seed": config.seed, **dict(first.kwargs), "activation": activation},
-                batch_size=config.evaluation.batch_size,
+                attack_kwargs=kwargs,
+                batch_size=batch_size,
+                **volume,
                 examples=config.evaluation.examples,
                 on_batch=on_batch,
                 keep_adversarial=any(cross.is_source(c) for c in group),
@@ -404,7 +418,10 @@ def evaluation_rows(
 ) -> np.ndarray:
     rows = test_rows
     if evaluation.slices == "with_mask":
-        has_mask = data.masks[rows].reshape(len(rows), -1).any(axis=1)
+        if isinstance(data.masks, list):  # volumes: those with any mask
+            has_mask = np.array([bool(data.masks[r].any()) for r in rows], bool)
+        else:
+            has_mask = data.masks[rows].reshape(len(rows), -1).any(axis=1)
         rows = rows[has_mask]
     if evaluation.max_slices is not None:  # seeded, spread over the cases, not the first N
         rows = spread_rows(data.index, rows, evaluation.max_slices, seed)

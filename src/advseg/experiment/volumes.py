@@ -1,0 +1,69 @@
+"""A grid of 3D models (``configs/volumes.yaml``): what such a grid may hold, and its cells.
+
+A grid whose models are 3D networks (``advseg models``: ``unet3d``, ``segresnet``, ``unetr``,
+``swinunetr``, ``unet3d-tiny``) runs on volumes end to end: the data is
+:func:`advseg.data.load_volumes` (one row per scan), each model trains through
+:func:`advseg.train.train_on_data` (patches, sliding-window validation), and each attack cell is
+computed once per threat protocol of ``evaluation.through`` (``inference``, ``tiles``;
+:mod:`advseg.attacks.through`) on whole held-out volumes through
+:class:`advseg.inference.SlidingWindow` with the patch as window, its records naming the
+protocol (``<attack>:<through>``) and holding the normalised surface Dice at
+``evaluation.nsd_mm``. What is not built for volumes yet is refused in one line: 2D and 3D models
+in one grid, checkpoints given to the grid, input defences, ensembles, transfer or universal
+cells, corruptions, cross-validation folds and ``compat: notebook``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from advseg.errors import UserError
+from advseg.experiment.config import ENSEMBLE_PREFIX
+from advseg.models.zoo import MODELS, resolve
+
+if TYPE_CHECKING:
+    from advseg.experiment.config import ExperimentConfig
+
+THROUGH = ("inference", "tiles")
+
+
+def is_3d(arch: str) -> bool:
+    """Whether the zoo name ``arch`` is a 3D network (an unknown name: no; it is refused
+    elsewhere, naming the valid ones)."""
+    return arch in MODELS and resolve(arch).spatial_dims == 3
+
+
+def volumetric(config: ExperimentConfig) -> bool:
+    """Whether the grid's models are 3D networks (checked by :func:`check_volumes`)."""
+    return any(is_3d(model.arch) for model in config.models)
+
+
+def check_volumes(config: ExperimentConfig) -> None:
+    """Refuse a 3D grid holding what volumes do not support yet, and a bad
+    ``evaluation.through`` / ``evaluation.nsd_mm``, in one line naming the key."""
+    through = config.evaluation.through
+    if not through or any(t not in THROUGH for t in through) or len(set(through)) < len(through):
+        raise UserError(f"evaluation.through: {through}: give inference and/or tiles, each once")
+    if not 0 < config.evaluation.nsd_mm < 1000:
+        raise UserError(f"evaluation.nsd_mm: {config.evaluation.nsd_mm} must lie in (0, 1000)")
+    if not volumetric(config):
+        return
+    for i, model in enumerate(config.models):
+        where = f"models[{i}] ({model.name})"
+        if model.arch.startswith(ENSEMBLE_PREFIX) or not is_3d(model.arch):
+            raise UserError(f"{where}: a grid holds 2D or 3D models, not both (run two grids)")
+        if model.checkpoint is not None:
+            raise UserError(f"{where}: a 3D grid trains its models; checkpoints are not built")
+        if model.defences:
+            raise UserError(f"{where}: input defences on volumes are not built")
+    for i, attack in enumerate(config.attacks):
+        if attack.transfer or attack.sources:
+            raise UserError(f"attacks[{i}]: transfer cells on volumes are not built")
+        if (attack.compat or config.compat) != "none":
+            raise UserError(f"attacks[{i}]: compat notebook is for slices")
+        if attack.name == "universal":
+            raise UserError(f"attacks[{i}]: universal perturbations of volumes are not built")
+    if config.corruptions:
+        raise UserError("corruptions: corruption cells on volumes are not built")
+    if config.split.folds is not None:
+        raise UserError("split.folds: cross-validation trains 2D models")
