@@ -249,7 +249,8 @@ def example_panel(
     Args:
         examples: arrays saved by the experiment runner (:mod:`advseg.runs.examples`):
             ``slice_ids`` (N,), ``losses`` (L,), ``image`` (N, C, H, W) and ``x_adv``
-            (L, N, C, H, W) in [0, 1], ``mask``, ``pred_clean`` (N, K, H, W) and ``pred_adv``
+            (L, N, C, H, W) in [0, 1] (z-scored volumes' slices: drawn over the clean image's
+            own range), ``mask``, ``pred_clean`` (N, K, H, W) and ``pred_adv``
             (L, N, K, H, W) binary; optionally ``ras`` (N,).
         loss: which attack loss's adversarial image to show (one of ``losses``).
         classes: class names, in channel order, for the ground-truth legend.
@@ -277,6 +278,9 @@ def example_panel(
             )
         delta = grey_adv - grey
         scale = float(np.abs(delta).max()) or 1.0
+        low, high = float(grey.min()), float(grey.max())
+        if low < 0 or high > 1:  # z-scored volumes: shown over the clean image's own range
+            grey, grey_adv = ((v - low) / max(high - low, 1e-12) for v in (grey, grey_adv))
         wrong = (mask != pred).any(axis=0)  # (H, W): some class wrong
         wrong_adv = (mask != pred_adv).any(axis=0)
         cells = [
