@@ -95,3 +95,29 @@ def test_evaluate_command_names_the_protocol(trained, tmp_path, capsys):
         main([*args, "--corruption", "noise:1", "--out", str(tmp_path / "bad2")])
     assert exit_.value.code == 2
     assert "corruption cells on volumes are not built" in capsys.readouterr().err
+
+
+def test_export_writes_volumes_on_the_source_grid(trained, tmp_path):
+    import nibabel as nib
+
+    from advseg.export_volumes import export_any
+
+    root, config, checkpoint = trained
+    sweep = EvaluateConfig(checkpoints=[checkpoint], out=tmp_path / "out", attacks=["pgd"],
+                           losses=["bce"], eps=[EPS], through=["tiles"],
+                           attack_options={"steps": 2}, device="cpu")  # fmt: skip
+    evaluate(sweep)
+    result = export_any(tmp_path / "out", count=1, checkpoint=checkpoint, device="cpu")
+    assert result.reproduced == 1  # the random starts of the evaluation's batch, again
+    scan = result.slices[0]
+    case = int(scan.removeprefix("case").split("_")[0])
+    source = nib.load(root / f"ct/imagesTr/abct_{case:03d}.nii.gz")
+    label = np.asarray(nib.load(root / f"ct/labelsTr/abct_{case:03d}.nii.gz").dataobj)
+    folder = result.out / "nifti"
+    truth = nib.load(folder / f"{scan}_truth_mask.nii.gz")
+    assert truth.shape == (*source.shape, 4)
+    assert np.allclose(truth.affine, source.affine)
+    assert np.array_equal(np.asarray(truth.dataobj)[..., 1], label == 2)  # spleen
+    delta = np.asarray(nib.load(folder / f"{scan}_perturbation_source.nii.gz").dataobj)
+    std = float(load_volumes(config).index["std"].iloc[0])  # CT: one z-score for the set
+    assert 0 < np.abs(delta).max() <= EPS * std * (1 + 1e-5)  # within eps, in HU

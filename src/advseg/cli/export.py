@@ -60,7 +60,7 @@ def export_command(
     attacks with random starts draw their own).
     """
     from advseg.data.location import data_argument
-    from advseg.export import export_cell
+    from advseg.export_volumes import export_any
     from advseg.threads import set_threads
 
     set_threads(threads)  # before any model or data: torch's pool is sized once
@@ -68,7 +68,7 @@ def export_command(
     ids = [s.strip() for s in slices.split(",") if s.strip()] if slices else None
     if slices is not None and not ids:
         raise UserError(f"--slices {slices!r}: no slice id given (e.g. case1_day0_slice_0001)")
-    result = export_cell(
+    result = export_any(  # a 3D model's cell: whole volumes as NIfTI on the source grid
         run_dir, model=model, attack=attack, eps=eps, loss=loss, train_seed=train_seed,
         slices=ids, count=count, seed=seed, out=out, checkpoint=checkpoint,
         data=data_argument(data), cache_dir=cache_dir, device=device,
