@@ -95,7 +95,10 @@ def test_mistyped_names_are_refused_before_torch_loads(tmp_path, args, said):
 @pytest.mark.parametrize(
     ("args", "said"),
     [
-        (["run", "papr"], "papr: no such experiment file (shipped experiments: demo, paper)"),
+        (
+            ["run", "papr"],
+            "papr: no such experiment file (shipped experiments: demo, paper, volumes)",
+        ),
         (["run", "paper", "--out", "{out}"], "paper: data: no data set given: pass --data"),
         (["train", "--out", "{out}"], "no data set given: pass --data PATH"),
     ],
