@@ -30,7 +30,10 @@ def export_command(
         help="Training seed, in a grid with seeds [default: the only one].",
     ),
     slices: str | None = typer.Option(
-        None, "--slices", help="Comma-separated slice ids (default: --count slices, seeded)."
+        None,
+        "--slices",
+        help="Comma-separated slice ids; scan ids for a 3D model's cell, whose volumes are "
+        "written as NIfTI on the source grid (default: --count slices, seeded).",
     ),
     count: int = typer.Option(
         4, "--count", callback=count_flag(), help="Slices to draw when --slices is not given."
