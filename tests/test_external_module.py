@@ -94,6 +94,9 @@ def test_evaluate_a_torchscript_model_from_the_cli(files, tmp_path, capsys):
     assert (records["linf"] <= 0.03 + 1e-6).all()
     provenance = json.loads((out / "external.json").read_text())["ts-model"]
     assert provenance["kind"] == "torchscript" and len(next(iter(provenance["sha256"].values())))
+    assert cli(["export", str(out), "--loss", "bce", "--out", str(tmp_path / "x")]) == 2
+    assert "slices are not exported" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_evaluate_refuses_bad_external_options_in_one_line(files, tmp_path, capsys):

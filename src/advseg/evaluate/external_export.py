@@ -70,6 +70,9 @@ def export_volumes(
     config = next((c for c in configs if c.label == name), None)
     if config is None:
         raise UserError(f"{settings_file}: names no external model {name!r}")
+    if config.kind not in ("nnunet", "bundle"):
+        raise UserError(f"--model {name}: export writes the volumes of --nnunet and --bundle "
+                        f"models; a --{config.flag} model's slices are not exported")  # fmt: skip
     where = data if data is not None else saved.get("data")
     judged = open_external(config, where, device=device)
     cases = judged.data
