@@ -49,11 +49,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     trees = [p.resolve() for p in args.src]
     print(f"load average at start: {os.getloadavg()}; threads {args.threads}")
-    running, results = [], []
+    running: dict[int, tuple[Path, float, Path]] = {}  # pid -> (tree, start, log)
+    results = []
 
-    def finish(tree: Path, process: subprocess.Popen, began: float, log_path: Path) -> None:
-        _, status, usage = os.wait4(process.pid, 0)  # the child's own CPU time
-        process.returncode = status  # reaped here, not by Popen
+    def finish(pid: int = -1) -> None:  # pid -1: whichever demo ends first
+        pid, status, usage = os.wait4(pid, 0)  # the child's own CPU time
+        tree, began, log_path = running.pop(pid)
         if status != 0:
             raise SystemExit(f"the demo of {tree} failed: see {log_path}")
         wall, cpu = time.perf_counter() - began, usage.ru_utime + usage.ru_stime
@@ -66,11 +67,12 @@ def main() -> None:
                    "--threads", str(args.threads)]  # fmt: skip
         with log_path.open("w") as log:
             process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        running.append((tree, process, time.perf_counter(), log_path))
+        running[process.pid] = (tree, time.perf_counter(), log_path)
         if args.sequential:
-            finish(*running.pop())
-    for item in running:
-        finish(*item)
+            finish(process.pid)
+    while running:
+        finish()
+    results.sort(key=lambda result: trees.index(result[0]))
     print(f"load average at end: {os.getloadavg()}")
     first = results[0]
     for tree, wall, cpu, found in results:
