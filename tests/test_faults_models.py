@@ -150,8 +150,10 @@ def test_evaluate_outputs_carry_their_identity_and_refuse_a_foreign_file(saved, 
         assert stop.value.code == 0
     files = sorted((outs[0] / "records").glob("*.parquet"))
     run = json.loads((outs[0] / "run.json").read_text())["config"]
+    fingerprint = json.loads((outs[0] / "data.json").read_text())["fingerprint"]
     assert records_identity(files[0]) == {
-        "run": run, "cell": files[0].stem, "model": checkpoint_id(saved / "good")}  # fmt: skip
+        "run": run, "cell": files[0].stem, "model": checkpoint_id(saved / "good"),
+        "data": fingerprint}  # fmt: skip
     assert len(read_records(outs[0])) > 0
     foreign = sorted((outs[1] / "records").glob("*.parquet"))[0]
     shutil.copy(foreign, outs[0] / "records" / foreign.name)

@@ -333,10 +333,14 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
     run_hash = settings_hash(config)
     model_ids: dict[str, str] = {}  # a checkpoint's records name -> its save_id
 
-    def identity_of(checkpoint_name: str, stem: str) -> dict[str, str]:
-        """A records file's identity: these settings (``run.json``), its cell, its model."""
+    def identity_of(checkpoint_name: str, stem: str, data: Any) -> dict[str, str]:
+        """A records file's identity: these settings (``run.json``), its cell, its model and
+        the data it was scored on (its fingerprint, as ``data.json`` names it)."""
         model = model_ids.get(checkpoint_name)
-        return {"run": run_hash, "cell": stem, **({"model": model} if model else {})}
+        found = getattr(data, "fingerprint", None) or getattr(data, "cache_path", None)
+        fingerprint = found.name if isinstance(found, Path) else found
+        return {"run": run_hash, "cell": stem, **({"model": model} if model else {}),
+                **({"data": str(fingerprint)} if fingerprint else {})}  # fmt: skip
 
     def run_cells(bare, checkpoint_name, arch, seed, activation, losses, data, rows, batch_size,
                   extra, examples, fold=None, through=None, keep=None):  # fmt: skip
@@ -378,8 +382,9 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
                     if through is not None:
                         label = f"{label}:{through}"
                     name = cell_name(stem_of(model_name), label.replace(":", "-"), eps)
+                    identity = identity_of(checkpoint_name, name, data)
                     files.append(write_records(records, out / "records" / f"{name}.parquet",
-                                               identity_of(checkpoint_name, name)))  # fmt: skip
+                                               identity))  # fmt: skip
                     if result.examples:
                         npz = out / "examples" / f"{name}.npz"
                         save_examples(result.examples, npz, model=model_name, attack=label, eps=eps)
@@ -401,7 +406,7 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
                     continue
                 stem = cell_name(stem_of(model_name), f"corruption-{name}-{severity}", 0.0)
                 files.append(write_records(records, out / "records" / f"{stem}.parquet",
-                                           identity_of(checkpoint_name, stem)))  # fmt: skip
+                                           identity_of(checkpoint_name, stem, data)))  # fmt: skip
                 if result.examples:
                     label = str(records["attack"].iloc[0])
                     npz = out / "examples" / f"{stem}.npz"
