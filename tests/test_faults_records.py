@@ -136,6 +136,23 @@ def test_records_of_another_checkpoint_are_refused(tmp_path):
         run_cells(CELLS, tmp_path, _compute, identity=RUN_A, model_id=lambda cell: "new")
 
 
+def test_a_transfer_cell_of_another_source_checkpoint_is_refused(tmp_path):
+    """A transfer cell's records name its source's checkpoint too: the source model replaced
+    since (its target unchanged) makes the old images' cell refused, naming the file."""
+    cells = [Cell("t", "fgsm", 0.01, ("bce",), source="a+b")]
+    ids = {"t": "target", "a": "a1", "b": "b1"}
+    run_cells(cells, tmp_path, _compute, identity=RUN_A, model_id=lambda cell: ids[cell.model])
+    path = tmp_path / "records" / f"{cells[0].slug}.parquet"
+    assert records_identity(path)["source_model"] == "a1+b1"
+    assert records_identity(path)["model"] == "target"
+    ids["b"] = "b2"
+    with pytest.raises(UserError, match=re.escape(
+        f"{path.name}: records of another source model (another checkpoint) (source_model "
+        "'a1+b1', this one's is 'a1+b2')"
+    )):  # fmt: skip
+        run_cells(cells, tmp_path, _compute, identity=RUN_A, model_id=lambda c: ids[c.model])
+
+
 def test_a_file_from_before_the_model_field_still_resumes(tmp_path):
     run_cells(CELLS, tmp_path, _compute, identity=RUN_A)  # no model in its identity
     result = run_cells(CELLS, tmp_path, _compute, identity=RUN_A, model_id=lambda cell: "x")

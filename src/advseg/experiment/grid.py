@@ -7,7 +7,7 @@ run skips what is done.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from advseg.crossmodel.cells import (
     model_seeds,
     transfer_cells,
 )
-from advseg.crossmodel.transfer import source_stem
+from advseg.crossmodel.transfer import source_members, source_stem
 from advseg.evaluate.compat import compat_label
 from advseg.experiment.config import ExperimentConfig, attack_compat, model_variants
 from advseg.experiment.volumes import volumetric
@@ -164,8 +164,9 @@ def run_cells(
             records file is written with it and its ``cell``, and a present file that carries
             another (copied from another run or cell) is refused, naming it.
         model_id: the ``save_id`` of the checkpoint of a cell's model (None: not saved yet),
-            kept as the records' ``model``: a present file of another model (a checkpoint
-            replaced since) is refused, naming it.
+            kept as the records' ``model`` (a transfer cell's also its source's, as
+            ``source_model``): a present file of another model (a checkpoint replaced since) is
+            refused, naming it.
     """
     run_dir = Path(run_dir)
     result = GridResult()
@@ -177,7 +178,12 @@ def run_cells(
         if identity is None:
             return None
         model = model_id(cell) if model_id is not None else None
-        return {**identity, "cell": cell.slug, **({"model": model} if model else {})}
+        found = {**identity, "cell": cell.slug, **({"model": model} if model else {})}
+        if cell.source and model_id is not None:  # a transfer cell: the images' model too
+            ids = [model_id(replace(cell, model=m, source="")) for m in source_members(cell.source)]
+            if None not in ids:
+                found["source_model"] = "+".join(map(str, ids))
+        return found
 
     done = {cell.slug for cell in cells if records_path(cell).exists()}
     for cell in cells:

@@ -202,6 +202,7 @@ _WHAT = {
     "data": "data set",
     "cell": "cell",
     "model": "model (another checkpoint)",
+    "source_model": "source model (another checkpoint)",
 }
 
 VALUE_RANGES: dict[str, tuple[float, float]] = {
