@@ -104,7 +104,7 @@ def model_seeds(config: Any, name: str) -> list[int | None]:
     if spec.arch.startswith(ENSEMBLE_PREFIX):
         seeded = any(model_seeds(config, m) != [None] for m in ensemble_members(spec.arch))
     else:
-        seeded = spec.checkpoint is None
+        seeded = spec.checkpoint is None and spec.external is None
     return list(config.seeds) if seeded else [None]
 
 

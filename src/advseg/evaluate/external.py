@@ -80,8 +80,12 @@ def open_external(
     *,
     cache_dir: Path | None = None,
     device: str | torch.device = "cpu",
+    data_config: Any = None,
 ) -> Judged:
-    """Open ``config``'s model and the data it is judged on (``--data``, never defaulted)."""
+    """Open ``config``'s model and the data it is judged on (``--data``, never defaulted).
+
+    ``data_config``: a TorchScript or factory model's whole :class:`~advseg.data.DataConfig`
+    (an experiment grid's data, at the model's size and channels) in place of ``data``'s."""
     if data is None:
         what = "an nnU-Net raw data set (imagesTs/ + labelsTs/, or imagesTr/ + labelsTr/)"
         if config.kind == "bundle":
@@ -93,7 +97,7 @@ def open_external(
         return _open_nnunet(config, Path(data), device)
     if config.kind == "bundle":
         return _open_bundle(config, Path(data), device)
-    return _open_module(config, data, cache_dir, device)
+    return _open_module(config, data, cache_dir, device, data_config)
 
 
 def _open_nnunet(config: ExternalConfig, raw: Path, device: str | torch.device) -> Judged:
@@ -177,7 +181,11 @@ def _check_channels(model: nn.Module, cases: Any, where: str) -> None:
 
 
 def _open_module(
-    config: ExternalConfig, data: Path | str, cache_dir: Path | None, device: str | torch.device
+    config: ExternalConfig,
+    data: Path | str,
+    cache_dir: Path | None,
+    device: str | torch.device,
+    data_config: Any = None,
 ) -> Judged:
     from advseg.data import DataConfig, PreprocessConfig, load_data
     from advseg.models.external.module import (
@@ -192,7 +200,9 @@ def _open_module(
     else:
         model, where = load_factory(config.path, config.weights, device), config.path
     preprocess = PreprocessConfig(size=config.size, channels=config.in_channels)
-    loaded = load_data(DataConfig(path=Path(data), cache_dir=cache_dir, preprocess=preprocess))
+    if data_config is None:
+        data_config = DataConfig(path=Path(data), cache_dir=cache_dir, preprocess=preprocess)
+    loaded = load_data(data_config)
     if list(loaded.classes) != list(config.classes):
         raise UserError(
             f"--classes {','.join(config.classes)}: the data's classes are "

@@ -20,10 +20,12 @@ from advseg.evaluate.compat import NOTEBOOK_ATTACKS, check_compat, compat_label
 from advseg.experiment.config import (
     ExperimentConfig,
     attack_compat,
+    external_entry,
     model_train_config,
     model_variants,
     trained_here,
 )
+from advseg.experiment.external import check_external, in_source_units
 from advseg.experiment.volumes import check_volumes
 from advseg.limits import check_seed
 from advseg.losses import LOSSES, loss_activation
@@ -55,7 +57,7 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
         check_file_name(model.name, f"models[{i}].name")
         if model.arch.startswith(ENSEMBLE_PREFIX):
             pass  # members are checked by check_cross_model
-        elif model.checkpoint is None:
+        elif model.checkpoint is None and model.external is None:
             try:
                 resolve_model(model.arch)
             except UserError as err:
@@ -90,6 +92,7 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
                 raise UserError(f"models[{i}].defences[{j}]: {spec!r} is listed twice (or none)")
             seen[label] = i
     check_encoder_mapping(config)
+    check_external(config)  # before the eps, folds and volumes checks' more general lines
     activations = trained_activations(config)
     kwargs_of: dict[str, tuple[int, dict[str, Any]]] = {}
     check_compat(config.compat, "compat")
@@ -133,7 +136,8 @@ def check_config(config: ExperimentConfig) -> ExperimentConfig:
             raise UserError(f"attacks[{i}].eps: at least one eps is needed")
         for j, eps in enumerate(attack.eps):
             try:
-                check_eps(eps, attack.kwargs.get("norm", "linf"), 1.0, attack.name)
+                span = float("inf") if in_source_units(config) else 1.0  # HU: any width
+                check_eps(eps, attack.kwargs.get("norm", "linf"), span, attack.name)
             except UserError as err:
                 raise UserError(f"attacks[{i}].eps[{j}]: {err}") from None
         first = kwargs_of.setdefault(compat_label(attack.name, mode), (i, attack.kwargs))
@@ -250,6 +254,13 @@ def check_file_name(name: str, where: str) -> None:
 def load_experiment(path: str | Path) -> ExperimentConfig:
     """Read and check an experiment file; a bad key or value is a UserError naming key and file."""
     data = load_yaml(path)
+    if isinstance(data, dict) and isinstance(data.get("models"), list):
+        size = ((data.get("data") or {}).get("preprocess") or {}).get("size")
+        try:
+            data = {**data, "models": [external_entry(raw, f"models[{i}]", size)
+                                       for i, raw in enumerate(data["models"])]}  # fmt: skip
+        except UserError as err:
+            raise UserError(f"{path}: {err}") from None
     try:
         config = check_config(from_dict(ExperimentConfig, data or {}))
         check_given_arch(data or {}, config)

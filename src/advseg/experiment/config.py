@@ -19,6 +19,7 @@ from advseg.defences.adversarial_training import AdversarialConfig
 from advseg.errors import UserError
 from advseg.evaluate.compat import NOTEBOOK_ATTACKS
 from advseg.labels import DEFAULT_LOSS
+from advseg.models.external import ExternalConfig
 from advseg.runs.names import file_stem
 from advseg.stats.summary import DEFAULT_PROTOCOL
 from advseg.train import TrainConfig
@@ -44,6 +45,13 @@ class ModelSpec:
         adversarial: this model's adversarial training, in place of ``train.adversarial``
             (:class:`advseg.defences.AdversarialConfig`), so that one grid holds defended and
             undefended models side by side.
+        external: a model advseg did not train (:class:`advseg.models.external.ExternalConfig`;
+            in the experiment file ``nnunet: DIR``, ``bundle: DIR``, ``torchscript: FILE`` or
+            ``model_factory: pkg.mod:fn`` with its options beside it, :func:`external_entry`):
+            not trained, judged as ``advseg evaluate --nnunet ...`` judges it.
+        data: an external model's data: the nnU-Net raw data set or the Decathlon-style folder
+            it is scored on (needed for ``nnunet`` and ``bundle``); a TorchScript or factory
+            model is scored on the grid's own data and held-out slices.
     """
 
     arch: str = "unet"
@@ -52,9 +60,15 @@ class ModelSpec:
     train: dict[str, Any] = field(default_factory=dict)
     defences: list[str] = field(default_factory=list)
     adversarial: AdversarialConfig | None = None
+    external: ExternalConfig | None = None
+    data: Path | None = None
 
     def __post_init__(self) -> None:
-        self.name = self.name or file_stem(self.arch)
+        if self.external is not None:
+            self.arch = f"external:{self.external.kind}"
+        self.name = self.name or (
+            self.external.label if self.external is not None else file_stem(self.arch)
+        )
 
 
 @dataclass
@@ -195,8 +209,45 @@ class ExperimentConfig:
 
 
 def trained_here(model: ModelSpec) -> bool:
-    """Whether the grid trains ``model`` (not a checkpoint, not an ensemble of other models)."""
-    return model.checkpoint is None and not model.arch.startswith(ENSEMBLE_PREFIX)
+    """Whether the grid trains ``model`` (not a checkpoint, not an ensemble of other models, not
+    a model advseg did not train)."""
+    return (
+        model.checkpoint is None
+        and model.external is None
+        and not model.arch.startswith(ENSEMBLE_PREFIX)
+    )
+
+
+EXTERNAL_KEYS = {"nnunet": "nnunet", "bundle": "bundle", "torchscript": "torchscript",
+                 "model_factory": "factory"}  # fmt: skip
+"""The experiment file's key naming an external model -> its :attr:`ExternalConfig.kind`."""
+
+
+def external_entry(raw: Any, where: str, size: Any = None) -> Any:
+    """A model entry of the experiment file in its short form, e.g. ``{name: mine, nnunet: DIR,
+    configuration: 2d, folds: [0]}``, rewritten as ``{name: mine, external: {kind: nnunet,
+    path: DIR, configuration: 2d, folds: ["0"]}}`` (the form ``config.yaml`` keeps); the
+    options beside the key are :class:`ExternalConfig`'s (``checkpoint`` is then nnU-Net's
+    checkpoint file name; a TorchScript or factory model's ``size`` defaults to ``size``, the
+    grid's). Other entries come back unchanged."""
+    if not isinstance(raw, dict):
+        return raw
+    named = [key for key in EXTERNAL_KEYS if key in raw]
+    if not named:
+        return raw
+    if len(named) > 1:
+        raise UserError(f"{where}: names {' and '.join(named)}; one external model per entry")
+    if "arch" in raw or "external" in raw:
+        key = "arch" if "arch" in raw else "external"
+        raise UserError(f"{where}.{key}: a {named[0]} model is not trained here; drop {key}")
+    keep = {"name", "data", "train", "defences", "adversarial"}  # refused by check_config
+    external = {k: v for k, v in raw.items() if k not in keep and k != named[0]}
+    external = {"kind": EXTERNAL_KEYS[named[0]], "path": str(raw[named[0]]), **external}
+    if external["kind"] in ("torchscript", "factory"):
+        external.setdefault("size", size if size is not None else DataConfig().preprocess.size)
+    if isinstance(external.get("folds"), list):
+        external["folds"] = [str(fold) for fold in external["folds"]]
+    return {**{k: v for k, v in raw.items() if k in keep}, "external": external}
 
 
 def model_variants(model: ModelSpec) -> list[str]:

@@ -136,8 +136,10 @@ def check_attacks(config: ExperimentConfig, in_channels: int, classes: int) -> N
     range, ...): building each one here is the same check its cell would make, made first.
     """
     from advseg.experiment.config import attack_compat
+    from advseg.experiment.external import in_source_units
 
     stand_in = nn.Conv2d(in_channels, classes, 1)
+    unbounded = {"valid_range": None} if in_source_units(config) else {}  # eps in HU
     for i, attack in enumerate(config.attacks):
         mode = attack_compat(attack, config)  # the notebook's losses and options, or the attack's
         for loss in attack.losses:
@@ -145,7 +147,7 @@ def check_attacks(config: ExperimentConfig, in_channels: int, classes: int) -> N
                 try:
                     create_compat_attack(
                         attack.name, stand_in, loss, eps, mode,
-                        **{"seed": config.seed, **attack.kwargs},
+                        **{"seed": config.seed, **attack.kwargs, **unbounded},
                     )  # fmt: skip
                 except (UserError, TypeError, ValueError) as err:
                     raise UserError(f"attacks[{i}] ({attack.name}): {err}") from None

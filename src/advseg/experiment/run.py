@@ -5,6 +5,7 @@ path, works through the grid cell by cell, and writes Table II and the report.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -50,6 +51,7 @@ from advseg.experiment.config import (
     model_train_config,
     model_variants,
 )
+from advseg.experiment.external import open_externals
 from advseg.experiment.grid import Cell, CellOutput, GridResult, plan_cells, run_cells
 from advseg.experiment.preflight import check_experiment, check_held_out
 from advseg.experiment.rundir import (
@@ -207,13 +209,17 @@ def _run_experiment(
     if encoders is not None:
         console.print(encoders, highlight=False, soft_wrap=True)
     cells = plan_cells(config)
+    device = resolve_device(config.train.device)
+    judged = open_externals(config, data, eval_rows, device)  # not trained: opened, as evaluate
+    if judged and main:  # what each is, and the units of its eps (the report's provenance)
+        provenance = {name: j.provenance for name, j in judged.items()}
+        write_text_atomic(run_dir / "external.json", json.dumps(provenance, indent=2))
     close("data")
     Key = tuple[str, int | None, int | None]  # (model, training seed, fold)
     models: dict[Key, tuple[torch.nn.Module, str]] = {}
     seed_of: dict[Key, int] = {}  # the training seed of each model loaded
     activation_of: dict[Key, str] = {}  # how each model's logits are read
     trained = []
-    device = resolve_device(config.train.device)
     if main:
         record_session(run_dir, "advseg run", device)  # version, device, date for the report
 
@@ -233,7 +239,10 @@ def _run_experiment(
         spec, defence = variants[name]
         key = key_of(name, seed, fold)
         if key not in models:
-            if spec.arch.startswith(ENSEMBLE_PREFIX):
+            if spec.name in judged:
+                net, arch = judged[spec.name].model, judged[spec.name].arch
+                seed_of[key], activation_of[key] = 0, judged[spec.name].activation
+            elif spec.arch.startswith(ENSEMBLE_PREFIX):
                 members = ensemble_members(spec.arch)
                 model_for(members[0], key[1])  # loaded first: its activation is the ensemble's
                 activation_of[key] = activation_of[key_of(members[0], key[1])]
@@ -291,20 +300,27 @@ def _run_experiment(
             return [seeded(c, o) for c, o in zip(group, outputs, strict=True)]
         eps = ", ".join(f"{c.eps:g}" for c in group)
         losses = ", ".join(dict.fromkeys(loss for c in group for loss in c.losses))
-        what = f"evaluating {first.model}, {first.label} eps {eps} ({losses})"
-        what += f" on {len(eval_rows)} {'volumes' if first.through else 'slices'}"
         kwargs = {"seed": config.seed, **dict(first.kwargs), "activation": activation}
-        batch_size, volume = config.evaluation.batch_size, {}
+        batch_size, volume, examples = config.evaluation.batch_size, {}, config.evaluation.examples
+        cell_data = data
+        if first.model in judged:  # a model advseg did not train: its own data, rows, units
+            own = judged[first.model]
+            cell_data, eval_rows, kwargs["valid_range"] = own.data, own.rows, own.valid_range
+            batch_size = own.batch_size or batch_size
+            examples = 0 if own.batch_size == 1 else examples  # volumes: no example panels
         if first.through:  # whole volumes, one at a time, through the window that scores them
             patch = config.data.volume.patch or resolve(arch).roi
             net = SlidingWindow(net, patch, overlap=config.data.volume.overlap)
             kwargs["valid_range"] = data.valid_range
             batch_size = 1
             volume = {"through": first.through, "nsd_mm": config.evaluation.nsd_mm}
+        what = f"evaluating {first.model}, {first.label} eps {eps} ({losses})"
+        unit = "volumes" if first.through or batch_size == 1 else "slices"
+        what += f" on {len(eval_rows)} {unit}"
         with cell_progress(console, what) as on_batch:
             results = evaluate_sweep(
                 net,
-                data,
+                cell_data,
                 eval_rows,
                 first.attack,
                 {c.eps: list(c.losses) for c in group},
@@ -313,7 +329,7 @@ def _run_experiment(
                 attack_kwargs=kwargs,
                 batch_size=batch_size,
                 **volume,
-                examples=config.evaluation.examples,
+                examples=examples,
                 on_batch=on_batch,
                 keep_adversarial=any(cross.is_source(c) for c in group),
                 trace=config.evaluation.trace,
@@ -359,6 +375,8 @@ def _run_experiment(
     def model_id(cell: Cell) -> str | None:
         """The save_id of the checkpoint the cell's model is (ensembles: their members')."""
         spec = variants[cell.model][0]
+        if spec.external is not None:
+            return None  # its hashes are in external.json
         if spec.arch.startswith(ENSEMBLE_PREFIX):
             ids = [model_id(replace(cell, model=m)) for m in ensemble_members(spec.arch)]
             return None if None in ids else "+".join(map(str, ids))
