@@ -92,12 +92,41 @@ def test_what_does_not_apply_to_an_external_model_is_refused_in_one_line(files, 
     path.write_text(yaml.safe_dump(grid(files, [{"arch": "unet-tiny"}, {**nn, "data": "raw"}])))
     with pytest.raises(UserError, match=r"eps are in its source's units .* run them in two grids"):
         load_experiment(path)
-    path = tmp_path / "transfer.yaml"
+    refused = [
+        ({**ts, "size": 64}, r"attacks\[0\]: mine reads slices of size 64 with 3 channel\(s\), "
+                             "the grid's models 32 with 3: they share no images"),
+        ({**ts, "data": str(files / "data")}, "mine is scored on its own data, not the grid's"),
+    ]  # fmt: skip
+    for entry, message in refused:
+        path = tmp_path / "transfer.yaml"
+        config = grid(files, [{"arch": "unet-tiny"}, entry])
+        config["attacks"][0]["transfer"] = True
+        path.write_text(yaml.safe_dump(config))
+        with pytest.raises(UserError, match=message):
+            load_experiment(path)
+
+
+def test_transfer_between_a_torchscript_model_and_a_zoo_model_on_the_same_slices(
+    files, tmp_path, capsys
+):
+    ts = {"name": "mine", "torchscript": str(files / "model.ts"), "classes": list(UWMGI_CLASSES),
+          "in_channels": 3}  # fmt: skip
     config = grid(files, [{"arch": "unet-tiny"}, ts])
     config["attacks"][0]["transfer"] = True
-    path.write_text(yaml.safe_dump(config))
-    with pytest.raises(UserError, match="transfer cells with a model advseg did not train"):
-        load_experiment(path)
+    code, err = run(config, tmp_path, capsys)
+    assert code == 0, err
+    records = read_records(tmp_path / "run")
+    keys = ["slice_id", "class", "loss"]
+    for source, target in [("mine", "unet-tiny"), ("unet-tiny", "mine")]:
+        crafted = records[(records["model"] == source) & (records["source"] == source)]
+        scored = records[(records["model"] == target) & (records["source"] == source)]
+        own = records[(records["model"] == target) & (records["source"] == target)]
+        assert len(scored) == len(own) > 0  # every test slice the target scores white-box
+        pair = scored.merge(crafted, on=keys, suffixes=("", "_src"))
+        assert len(pair) == len(scored)
+        assert (pair["linf"] - pair["linf_src"]).abs().max() < 1e-6  # the source's images
+        clean = scored.merge(own, on=keys, suffixes=("", "_own"))
+        assert (clean["dice_clean"] - clean["dice_clean_own"]).abs().max() < 1e-6
 
 
 def test_an_nnunet_model_in_a_grid_is_judged_on_its_own_volumes_in_hu(tmp_path, capsys):

@@ -230,6 +230,11 @@ class CrossModel:
                 cache[name] = replace(
                     self._io(ensemble_members(spec.arch)[0], cache, planned), name=name
                 )
+            elif getattr(spec, "external", None) is not None:  # the classes, size it declares
+                ext = spec.external
+                cache[name] = ModelIO(
+                    name, ext.in_channels, tuple(ext.classes), ext.size, ext.activation
+                )
             elif spec.checkpoint is not None:
                 from advseg.models import read_checkpoint
 

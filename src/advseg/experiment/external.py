@@ -12,8 +12,13 @@ as in ``advseg evaluate``:
 - TorchScript and factory models are scored on the grid's data at the entry's ``size`` (the
   grid's by default) and ``in_channels``, on the grid's held-out test slices.
 
+Transfer, sources and universal cells take a TorchScript or factory model that reads the grid's
+own slices (no ``data`` of its own, the grid's size and channels): it is then scored on the
+same test slices as the zoo models, so each one's adversarial images are scored on the others
+(:class:`advseg.crossmodel.cells.CrossModel`, which checks classes and activation too).
 Training options, input defences, adversarial training, the grid's cross-validation folds,
-corruptions, 3D grids and transfer cells are refused for them in one line.
+corruptions, 3D grids, and transfer or universal cells with a model scored on its own data are
+refused in one line.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from advseg.crossmodel.cells import UNIVERSAL
 from advseg.errors import UserError
 from advseg.experiment.config import ExperimentConfig, ModelSpec
 
@@ -66,10 +72,21 @@ def check_external(config: ExperimentConfig) -> None:
         raise UserError(f"models[{i}]: {model.name} is not trained here; not with split.folds")
     if config.corruptions:
         raise UserError(f"corruptions: not built for a model advseg did not train ({model.name})")
-    for j, attack in enumerate(config.attacks):
-        if attack.transfer or attack.sources:
-            raise UserError(f"attacks[{j}]: transfer cells with a model advseg did not train "
-                            f"({model.name}) are not built")  # fmt: skip
+    crossing = [j for j, a in enumerate(config.attacks)
+                if a.transfer or a.sources or a.name == UNIVERSAL]  # fmt: skip
+    for _, model in found if crossing else ():
+        ext, j = model.external, crossing[0]
+        if ext.kind in SOURCE_UNITS or model.data is not None:
+            hint = " (advseg evaluate --transfer crosses nnU-Net folds)" * (ext.kind == "nnunet")
+            raise UserError(f"attacks[{j}]: {model.name} is scored on its own data, not the "
+                            "grid's slices: no transfer or universal cells with it"
+                            + hint)  # fmt: skip
+        grid = config.data.preprocess
+        if (ext.size, ext.in_channels) != (grid.size, grid.channels):
+            raise UserError(f"attacks[{j}]: {model.name} reads slices of size {ext.size} with "
+                            f"{ext.in_channels} channel(s), the grid's models {grid.size} with "
+                            f"{grid.channels}: they share no images for transfer or universal "
+                            "cells")  # fmt: skip
 
 
 def open_externals(
