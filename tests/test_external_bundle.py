@@ -202,3 +202,29 @@ def test_bad_bundles_are_one_line(made, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "3 output channels" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o" / "records").exists()
+
+
+def test_a_bundle_in_an_experiment_grid_is_judged_on_its_own_images(made, tmp_path, capsys):
+    """``advseg run`` with ``{name: b, bundle: DIR, data: DIR}``: not trained, its own images
+    in HU, its provenance in ``external.json`` and the report."""
+    import yaml
+
+    bundle, data, _ = made
+    config = {
+        "name": "bundle-grid",
+        "data": {"path": "synthetic", "cache_dir": str(tmp_path / "cache")},
+        "models": [{"name": "b", "bundle": str(bundle), "data": str(data)}],
+        "attacks": [{"name": "fgsm", "losses": ["ce"], "eps": [20]}],
+        "evaluation": {"max_slices": 1, "examples": 0},
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", str(path), "--out", str(tmp_path / "run")])
+    assert exit_.value.code == 0, capsys.readouterr().err
+    records = read_records(tmp_path / "run")
+    assert set(records["model"]) == {"b"} and set(records["arch"]) == {"bundle"}
+    assert records["case"].nunique() == 1 and 1 < records["linf"].max() <= 20 + 1e-3
+    provenance = json.loads((tmp_path / "run" / "external.json").read_text())["b"]
+    assert len(provenance["sha256"]["model.pt"]) == 64
+    assert str(bundle) in (tmp_path / "run" / "report" / "report.md").read_text()
