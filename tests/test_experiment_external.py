@@ -149,3 +149,10 @@ def test_an_nnunet_model_in_a_grid_is_judged_on_its_own_volumes_in_hu(tmp_path, 
     assert records["linf"].max() > 1  # HU, not [0, 1]
     provenance = json.loads((tmp_path / "run" / "external.json").read_text())["nn"]
     assert provenance["folds"] == ["0"] and provenance["mirroring"] is False
+    case = str(records["slice_id"].iloc[0])  # advseg export: the volume, on its source grid
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", str(tmp_path / "run"), "--slices", case, "--out", str(tmp_path / "x")])
+    assert exit_.value.code == 0, capsys.readouterr().err
+    document = json.loads((tmp_path / "x" / "export.json").read_text())
+    assert [c["same_counts"] for c in document["check"]] == [True]
+    assert document["external"]["folds"] == ["0"] and set(document["nifti"]) == {case}

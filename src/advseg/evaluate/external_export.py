@@ -60,21 +60,32 @@ def export_volumes(
     from advseg.models.external import ExternalConfig
     from advseg.runs.names import file_stem
 
-    settings_file = run_dir / "evaluate.yaml"  # advseg.evaluate.command.SETTINGS_FILE
-    saved = (load_yaml(settings_file) or {}) if settings_file.is_file() else {}
-    if not saved.get("external"):
-        raise UserError(f"{run_dir}: no evaluate.yaml with the external model's settings")
     name = str(cell["model"].iloc[0])
-    listed = [saved["external"], *(saved.get("more_external") or [])]
-    configs = [from_dict(ExternalConfig, c, where=f"{settings_file} external") for c in listed]
-    config = next((c for c in configs if c.label == name), None)
-    if config is None:
-        raise UserError(f"{settings_file}: names no external model {name!r}")
+    settings_file = run_dir / "evaluate.yaml"  # advseg.evaluate.command.SETTINGS_FILE
+    grid_file = run_dir / "config.yaml"  # an experiment grid's: models[i].external and .data
+    if not settings_file.is_file() and grid_file.is_file():
+        saved = load_yaml(grid_file) or {}
+        entry = next((m for m in saved.get("models") or [] if isinstance(m, dict)
+                      and m.get("name") == name and m.get("external")), None)  # fmt: skip
+        if entry is None:
+            raise UserError(f"{grid_file}: names no external model {name!r}")
+        config = from_dict(ExternalConfig, entry["external"], where=f"{grid_file} {name}")
+        saved = {"data": entry.get("data")}
+    else:
+        saved = (load_yaml(settings_file) or {}) if settings_file.is_file() else {}
+        if not saved.get("external"):
+            raise UserError(f"{run_dir}: no evaluate.yaml with the external model's settings")
+        listed = [saved["external"], *(saved.get("more_external") or [])]
+        configs = [from_dict(ExternalConfig, c, where=f"{settings_file} external") for c in listed]
+        config = next((c for c in configs if c.label == name), None)
+        if config is None:
+            raise UserError(f"{settings_file}: names no external model {name!r}")
     if config.kind not in ("nnunet", "bundle"):
         raise UserError(f"--model {name}: export writes the volumes of --nnunet and --bundle "
                         f"models; a --{config.flag} model's slices are not exported")  # fmt: skip
     where = data if data is not None else saved.get("data")
     judged = open_external(config, where, device=device)
+    judged.name = name  # a grid's entry names it
     cases = judged.data
     row_of = pd.Series(np.arange(len(cases.index)), index=cases.index["id"].astype(str).to_numpy())
     evaluated = cell["slice_id"].astype(str).drop_duplicates().tolist()
