@@ -292,3 +292,74 @@ def test_two_folds_and_transfer_between_them_from_the_cli(results, tmp_path, cap
     with pytest.raises(SystemExit) as exit_:
         main([*args[:7], *args[9:-1], str(tmp_path / "one")])  # one model: nothing to transfer to
     assert exit_.value.code == 2 and "--transfer: needs two models" in capsys.readouterr().err
+
+
+def test_configurations_times_fold_groups_are_the_models_listed(tmp_path):
+    """``--configuration 2d --configuration 3d_fullres --folds 0 --folds 1``: four models,
+    configuration first, each with its own label; a repeat or a non-nnU-Net model refused."""
+    from advseg.cli.evaluate import _external
+
+    def listed(configurations, folds, **kinds):
+        options = {"nnunet": tmp_path, "torchscript": None, "model_factory": None}
+        options.update(kinds)
+        return _external(options["nnunet"], configurations, folds, "checkpoint_final.pth",
+                         True, options["torchscript"], options["model_factory"], None, None, 1,
+                         None, 224)  # fmt: skip
+
+    models = listed(["2d", "3d_fullres"], ["0", "1"])
+    assert [(m.configuration, m.folds) for m in models] == [
+        ("2d", ["0"]),
+        ("2d", ["1"]),
+        ("3d_fullres", ["0"]),
+        ("3d_fullres", ["1"]),
+    ]
+    assert [m.label for m in models] == [
+        "nnunet-2d-f0",
+        "nnunet-2d-f1",
+        "nnunet-3d_fullres-f0",
+        "nnunet-3d_fullres-f1",
+    ]
+    assert [m.label for m in listed([], [])] == ["nnunet-3d_fullres-fall"]  # the default
+    with pytest.raises(UserError, match="--configuration: each once"):
+        listed(["2d", "2d"], [])
+    with pytest.raises(UserError, match="--configuration: goes with --nnunet"):
+        listed(["2d"], [], nnunet=None, torchscript=tmp_path / "m.pt")
+    with pytest.raises(UserError, match="--configuration: goes with --nnunet"):
+        listed(["2d"], [], nnunet=None)
+
+
+def test_two_configurations_and_transfer_between_them_from_the_cli(results, tmp_path, capsys):
+    """``--configuration 2d --configuration 3d_fullres --transfer``: each configuration judged on
+    the same raw volumes (HU) and attacked white-box, and each one's adversarial volumes scored
+    on the other (records' ``source``): the same images, the target's own clean Dice."""
+    from advseg.cli import main
+    from advseg.runs.records import read_records
+
+    base, raw = results
+    out = tmp_path / "configurations"
+    args = ["evaluate", "--nnunet", str(base), "--configuration", "2d", "--configuration",
+            "3d_fullres", "--folds", "0", "--transfer", "--no-mirroring", "--max-slices", "1",
+            "--data", str(raw), "--attack", "fgsm", "--eps", "20", "--loss", "ce",
+            "--out", str(out)]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 0, capsys.readouterr().err
+    records = read_records(out / "records")
+    two, three = "nnunet-2d-f0-nomirror", "nnunet-3d_fullres-f0-nomirror"
+    pairs = set(zip(records["source"], records["model"], strict=True))
+    assert pairs == {(two, two), (three, three), (two, three), (three, two)}
+    assert records["slice_id"].nunique() == 1 and set(records["slice"]) == {-1}  # one volume
+    for source, target in ((two, three), (three, two)):
+        crafted = records[(records["source"] == source) & (records["model"] == source)]
+        moved = records[(records["source"] == source) & (records["model"] == target)]
+        own = records[(records["source"] == target) & (records["model"] == target)]
+        assert list(moved["slice_id"]) == list(crafted["slice_id"]) == list(own["slice_id"])
+        assert np.allclose(moved["linf"].to_numpy(), crafted["linf"].to_numpy())  # same images
+        assert (moved["linf"] <= 20.0 * (1 + 1e-6)).all()  # the budget, in HU
+        assert np.allclose(moved["dice_clean"].to_numpy(), own["dice_clean"].to_numpy())
+    provenance = json.loads((out / "external.json").read_text())
+    assert set(provenance) == {two, three}
+    assert {provenance[two]["configuration"], provenance[three]["configuration"]} == {
+        "2d",
+        "3d_fullres",
+    }

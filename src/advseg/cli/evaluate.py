@@ -137,8 +137,12 @@ def evaluate_command(
         "attack through its own inference; --data names its raw data set; eps in the source's "
         "units (HU for CT) (default: none).",
     ),
-    configuration: str = typer.Option(
-        "3d_fullres", "--configuration", help="nnU-Net configuration: 2d, 3d_fullres, 3d_lowres."
+    configuration: list[str] = typer.Option(
+        [],
+        "--configuration",
+        help="nnU-Net configuration: 2d, 3d_fullres, 3d_lowres (default: 3d_fullres); repeat it "
+        "to judge several configurations of the folder on the same raw volumes, e.g. "
+        "--configuration 2d --configuration 3d_fullres (each times each --folds group).",
     ),
     folds: list[str] = typer.Option(
         [],
@@ -150,7 +154,7 @@ def evaluate_command(
         False,
         "--transfer",
         help="Also score each external model's adversarial images on the run's other external "
-        "models (--folds groups): transfer cells (default: off).",
+        "models (--folds groups, --configuration values): transfer cells (default: off).",
     ),
     nnunet_checkpoint: str = typer.Option(
         "checkpoint_final.pth", "--nnunet-checkpoint", help="nnU-Net checkpoint file name."
@@ -342,7 +346,7 @@ def corruptions_command() -> None:
 
 def _external(
     nnunet: Path | None,
-    configuration: str,
+    configuration: list[str],
     folds: list[str],
     checkpoint: str,
     mirroring: bool,
@@ -355,8 +359,9 @@ def _external(
     size: int,
     bundle: Path | None = None,
 ):
-    """The models advseg did not train, from the options: ``[None]`` without one; one per
-    ``--folds`` group of an nnU-Net folder."""
+    """The models advseg did not train, from the options: ``[None]`` without one; for an
+    nnU-Net folder one per ``--configuration`` (default ``3d_fullres``) and ``--folds`` group,
+    configuration first (``2d`` f0, ``2d`` f1, ``3d_fullres`` f0, ...)."""
     given = [(f, v) for f, v in (("--nnunet", nnunet), ("--bundle", bundle),
                                  ("--torchscript", torchscript), ("--model-factory", factory))
              if v is not None]  # fmt: skip
@@ -367,6 +372,8 @@ def _external(
     if not given:
         if folds:
             raise UserError("--folds: goes with --nnunet")
+        if configuration:
+            raise UserError("--configuration: goes with --nnunet")
         return [None]
     from advseg.models.external import ExternalConfig
 
@@ -379,17 +386,21 @@ def _external(
         raise UserError("--nnunet: the classes and activation come from its dataset.json")
     if kind == "bundle" and activation:
         raise UserError("--bundle: the activation comes from its postprocessing")
-    if folds and kind != "nnunet":
-        raise UserError("--folds: goes with --nnunet")
+    for given_flag, values in (("--folds", folds), ("--configuration", configuration)):
+        if values and kind != "nnunet":
+            raise UserError(f"{given_flag}: goes with --nnunet")
     groups = [[f.strip() for f in group.split(",") if f.strip()] for group in folds] or [[]]
     if len({tuple(g) for g in groups}) != len(groups):
         raise UserError(f"--folds: each group once, got {' '.join(folds)}")
+    configurations = [c.strip() for c in configuration] or ["3d_fullres"]
+    if len(set(configurations)) != len(configurations):
+        raise UserError(f"--configuration: each once, got {' '.join(configurations)}")
     return [
         ExternalConfig(
             kind=kind,
             path=str(value),
             weights=str(weights) if weights else None,
-            configuration=configuration,
+            configuration=one,
             folds=group,
             checkpoint=checkpoint,
             mirroring=mirroring,
@@ -398,5 +409,6 @@ def _external(
             activation=activation or "sigmoid",
             size=size,
         )
+        for one in configurations
         for group in groups
     ]

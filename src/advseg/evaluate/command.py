@@ -75,7 +75,8 @@ class EvaluateConfig:
             ``--model-factory``; :class:`~advseg.models.external.ExternalConfig`), judged on
             every slice or volume of ``data`` (:mod:`advseg.evaluate.external`).
         more_external: further models of the same kind judged on the same data (nnU-Net: each
-            ``--folds`` group, e.g. fold 0, fold 1 and their ensemble ``0,1``).
+            ``--configuration`` times each ``--folds`` group, e.g. fold 0, fold 1 and their
+            ensemble ``0,1``; ``2d`` and ``3d_fullres`` on the same raw volumes).
         transfer: also score each external model's adversarial images on every other external
             model of the run (transfer cells: the records' ``source`` is the crafting model).
         corruption_seed: seeds every slice's corruption draw (with its slice id).
@@ -560,7 +561,8 @@ def check_transfer(opened: Sequence[Any], transfer: bool) -> None:
         return
     if len(opened) < 2:
         raise UserError("--transfer: needs two models judged on the same data (e.g. --folds 0 "
-                        "--folds 1 of one nnU-Net folder)")  # fmt: skip
+                        "--folds 1, or --configuration 2d --configuration 3d_fullres, of one "
+                        "nnU-Net folder)")  # fmt: skip
     first = opened[0]
     for other in opened[1:]:
         same = (list(first.data.index["id"]) == list(other.data.index["id"])
