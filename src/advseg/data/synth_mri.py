@@ -24,16 +24,12 @@ Files: ``imagesTr/mrbrain_NNN.nii.gz`` (int16) + ``labelsTr/mrbrain_NNN.nii.gz``
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from advseg.atomic import atomic_dir
-from advseg.data.synth import check_replaceable, mark
-from advseg.data.synth_nifti import NiftiSynthSummary
+from advseg.data.synth_nifti import NiftiSynthSummary, write_decathlon
 from advseg.errors import UserError
 
 #: Label value -> structure, as written to ``dataset.json``.
@@ -73,31 +69,16 @@ def write_synthetic_mri(
         raise UserError("--slices: must be at least 8 for --kind mri")
     if min(size) < 16:
         raise UserError("--size: must be at least 16")
-    check_replaceable(out, overwrite)
-    with atomic_dir(out) as tmp:
-        (tmp / "imagesTr").mkdir()
-        (tmp / "labelsTr").mkdir()
-        affine = np.diag([*MRI_SPACING, 1.0])
-        with_mask = 0
-        entries = []
-        for case in range(1, cases + 1):
-            image, label = synthetic_mri_volume(size, slices, np.random.default_rng([seed, case]))
-            with_mask += int((label.reshape(-1, slices) > 0).any(axis=0).sum())
-            name = f"mrbrain_{case:03d}.nii.gz"
-            nib.save(nib.Nifti1Image(image, affine), tmp / "imagesTr" / name)
-            nib.save(nib.Nifti1Image(label, affine), tmp / "labelsTr" / name)
-            entries.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-        meta = {
+    return write_decathlon(
+        Path(out), synthetic_mri_volume, cases=cases, slices=slices, size=size, seed=seed,
+        overwrite=overwrite, spacing=MRI_SPACING, prefix="mrbrain", kind="mri",
+        meta={
             "name": "advseg synthetic brain MRI",
             "description": "Synthetic T1-weighted volumes written by advseg.data.synth_mri.",
             "modality": {"0": "MRI"},
             "labels": {"0": "background", **{str(k): v for k, v in MRI_LABELS.items()}},
-            "numTraining": cases,
-            "training": entries,
-        }
-        (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
-        mark(tmp, "mri")
-    return NiftiSynthSummary(out, cases, cases * slices, with_mask)
+        },
+    )  # fmt: skip
 
 
 def synthetic_mri_volume(

@@ -22,8 +22,10 @@ same arrays.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -82,30 +84,53 @@ def write_synthetic_nifti(
     for name, value in (("cases", cases), ("slices", slices), ("size", min(size))):
         if value < 1 or (name == "size" and value < 16):
             raise UserError(f"--{name}: must be at least {16 if name == 'size' else 1}")
-    check_replaceable(out, overwrite)
-    with atomic_dir(out) as tmp:
-        (tmp / "imagesTr").mkdir()
-        (tmp / "labelsTr").mkdir()
-        affine = np.diag([*SPACING, 1.0])
-        with_mask = 0
-        entries = []
-        for case in range(1, cases + 1):
-            image, label = synthetic_ct_volume(size, slices, np.random.default_rng([seed, case]))
-            with_mask += int((label.reshape(-1, slices) > 0).any(axis=0).sum())
-            name = f"abct_{case:03d}.nii.gz"
-            nib.save(nib.Nifti1Image(image, affine), tmp / "imagesTr" / name)
-            nib.save(nib.Nifti1Image(label, affine), tmp / "labelsTr" / name)
-            entries.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-        meta = {
+    return write_decathlon(
+        out, synthetic_ct_volume, cases=cases, slices=slices, size=size, seed=seed,
+        overwrite=overwrite, spacing=SPACING, prefix="abct", kind="nifti",
+        meta={
             "name": "advseg synthetic abdominal CT",
             "description": "Synthetic volumes written by advseg.data.write_synthetic_nifti.",
             "modality": {"0": "CT"},
             "labels": {"0": "background", **{str(k): v for k, v in NIFTI_LABELS.items()}},
-            "numTraining": cases,
-            "training": entries,
-        }
+        },
+    )  # fmt: skip
+
+
+def write_decathlon(
+    out: Path,
+    volume: Callable[[tuple[int, int], int, np.random.Generator], tuple[np.ndarray, np.ndarray]],
+    *,
+    cases: int,
+    slices: int,
+    size: tuple[int, int],
+    seed: int,
+    overwrite: bool,
+    spacing: tuple[float, float, float],
+    prefix: str,
+    kind: str,
+    meta: dict[str, Any],
+) -> NiftiSynthSummary:
+    """Write ``cases`` volumes made by ``volume(size, slices, rng)`` (case ``k`` from the seed
+    ``[seed, k]``) as a Decathlon / nnU-Net raw set: ``imagesTr/`` and ``labelsTr/``
+    (``<prefix>_<k:03d>.nii.gz``, the diagonal ``spacing`` affine) and ``dataset.json`` (``meta``
+    with ``numTraining`` and ``training``), atomically, marked as advseg's ``kind``."""
+    check_replaceable(out, overwrite)
+    with atomic_dir(out) as tmp:
+        (tmp / "imagesTr").mkdir()
+        (tmp / "labelsTr").mkdir()
+        affine = np.diag([*spacing, 1.0])
+        with_mask = 0
+        entries = []
+        for case in range(1, cases + 1):
+            image, label = volume(size, slices, np.random.default_rng([seed, case]))
+            with_mask += int((label.reshape(-1, slices) > 0).any(axis=0).sum())
+            name = f"{prefix}_{case:03d}.nii.gz"
+            nib.save(nib.Nifti1Image(image, affine), tmp / "imagesTr" / name)
+            nib.save(nib.Nifti1Image(label, affine), tmp / "labelsTr" / name)
+            entries.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        meta = {**meta, "numTraining": cases, "training": entries}
         (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
-        mark(tmp, "nifti")
+        mark(tmp, kind)
     return NiftiSynthSummary(out, cases, cases * slices, with_mask)
 
 
