@@ -25,24 +25,11 @@ from torch.utils.data import Dataset
 
 from advseg.errors import UserError
 from advseg.models.external.bundle import Bundle
-
-FOLDERS = (("imagesTs", "labelsTs"), ("imagesTr", "labelsTr"))
+from advseg.models.external.nnunet_cases import IMAGE_FOLDERS, CaseRows
 
 
 def _ending(name: str) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
-
-
-class _Images(Dataset):
-    def __init__(self, cases: BundleCases, rows: Sequence[int]) -> None:
-        self.cases, self.rows = cases, [int(r) for r in rows]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        image, mask = self.cases.read(self.rows[i])
-        return {"image": image, "mask": mask, "row": self.rows[i]}
 
 
 class BundleCases:
@@ -59,7 +46,7 @@ class BundleCases:
         root = Path(folder)
         if not root.is_dir():
             raise UserError(f"--data {root}: no such directory (imagesTs/ + labelsTs/)")
-        pair = next(((i, lab) for i, lab in FOLDERS if (root / lab).is_dir()), None)
+        pair = next(((i, lab) for i, lab in IMAGE_FOLDERS if (root / lab).is_dir()), None)
         if pair is None:
             raise UserError(f"--data {root}: no labelsTs/ or labelsTr/ to score against")
         images, labels = root / pair[0], root / pair[1]
@@ -168,4 +155,4 @@ class BundleCases:
 
     def dataset(self, rows: Sequence[int]) -> Dataset:
         """Whole images of ``rows``: ``{"image": (C, *S), "mask": (K, *S), "row"}``."""
-        return _Images(self, rows)
+        return CaseRows(self, rows)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,8 +27,11 @@ from advseg.models.external.nnunet import NnUNetFolder
 IMAGE_FOLDERS = (("imagesTs", "labelsTs"), ("imagesTr", "labelsTr"))
 
 
-class _Volumes(Dataset):
-    def __init__(self, cases: NnUNetCases, rows: Sequence[int]) -> None:
+class CaseRows(Dataset):
+    """``rows`` of a case source (anything with ``read(row) -> (image, mask)``: the nnU-Net and
+    bundle cases) as the evaluation engine's dataset of ``{"image", "mask", "row"}`` items."""
+
+    def __init__(self, cases: Any, rows: Sequence[int]) -> None:
         self.cases, self.rows = cases, [int(r) for r in rows]
 
     def __len__(self) -> int:
@@ -182,4 +186,4 @@ class NnUNetCases:
 
     def dataset(self, rows: Sequence[int]) -> Dataset:
         """Whole volumes of ``rows``: ``{"image": (C, Z, Y, X), "mask": (K, Z, Y, X), "row"}``."""
-        return _Volumes(self, rows)
+        return CaseRows(self, rows)
