@@ -43,9 +43,11 @@ from advseg.crossmodel.transfer import (
     transfer_pairs,
 )
 from advseg.errors import UserError
-from advseg.evaluate.cells import evaluate_cell
+from advseg.evaluate.cells import evaluate_cell, evaluate_sweep
+from advseg.inference import SlidingWindow
 from advseg.labels import checkpoint_activation
 from advseg.models.ensemble import ENSEMBLE_PREFIX, build_ensemble, ensemble_members
+from advseg.models.zoo import resolve
 from advseg.progress import cell_progress
 
 __all__ = ["ENSEMBLE_PREFIX", "CrossModel", "check_cross_model", "model_seeds", "transfer_cells"]
@@ -243,6 +245,8 @@ class CrossModel:
                 cache[name] = ModelIO(
                     name, meta.in_channels, tuple(meta.classes), size, meta.activation
                 )
+            elif not hasattr(self.data, "preprocess"):  # volumes: one channel, any shape
+                cache[name] = ModelIO(name, 1, tuple(self.data.classes), None, planned(spec))
             else:
                 preprocess = self.data.preprocess
                 classes = tuple(self.data.classes)
@@ -262,8 +266,8 @@ class CrossModel:
     def keep(self, cell: Any, adversarial: dict[str, np.ndarray]) -> None:
         """Save a source's white-box images for its transfer cells (before its records)."""
         if self.is_source(cell) and distributed.is_main():  # rank 0 writes
-            folder = crafted_dir(self.run_dir, _seeded(cell.model, cell), cell.attack, cell.eps)
-            save_crafted(folder, self.slice_ids, adversarial)
+            save_crafted(_crafted_folder(self.run_dir, cell.model, cell), self.slice_ids,
+                         adversarial)  # fmt: skip
 
     def handles(self, cell: Any) -> bool:
         """True for the cells this class computes: transfer and universal cells."""
@@ -283,7 +287,9 @@ class CrossModel:
         return {"seed": self.config.seed, **dict(cell.kwargs), "activation": activation}
 
     def _transfer(self, cell: Any) -> pd.DataFrame:
-        folder = crafted_dir(self.run_dir, _seeded(cell.source, cell), cell.attack, cell.eps)
+        if cell.through:
+            return self._transfer_volumes(cell)
+        folder = _crafted_folder(self.run_dir, cell.source, cell)
         images = load_crafted(folder, cell.losses, self.slice_ids)
         if images is None:  # an ensemble source, or a source whose images were removed
             nets = [self.model_for(name, cell.seed)[0] for name in source_members(cell.source)]
@@ -309,6 +315,44 @@ class CrossModel:
                 crafted=reader(images, cell.losses), source=cell.source,
             )  # fmt: skip
         return result.records
+
+    def _transfer_volumes(self, cell: Any) -> pd.DataFrame:
+        """A transfer cell on volumes: the source's adversarial volumes (crafted through its own
+        sliding-window inference, or by the tile protocol: ``cell.through``) scored on the
+        target through the target's inference. Volumes the source's white-box cell did not
+        leave (removed) are made again by that cell's own evaluation (same random starts)."""
+        folder = _crafted_folder(self.run_dir, cell.source, cell)
+        images = load_crafted(folder, cell.losses, self.slice_ids)
+        if images is None:
+            source, arch = self.model_for(cell.source, cell.seed)
+            what = f"crafting on {cell.source}, {cell.attack}:{cell.through} eps {cell.eps:g}"
+            with self.console.status(what):
+                images = evaluate_sweep(
+                    volume_inferer(self.config, source, arch), self.data, self.rows,
+                    cell.attack, {cell.eps: list(cell.losses)}, model_name=cell.source,
+                    arch=arch, attack_kwargs=self._volume_kwargs(cell, cell.source),
+                    batch_size=1, keep_adversarial=True, through=cell.through,
+                    nsd_mm=self.config.evaluation.nsd_mm,
+                )[0].adversarial  # fmt: skip
+            self.crafted_now += 1
+            if distributed.is_main():
+                save_crafted(folder, self.slice_ids, images)
+            distributed.barrier()
+        net, arch = self.model_for(cell.model, cell.seed)
+        what = f"scoring {cell.source}'s {cell.attack}:{cell.through} eps {cell.eps:g} volumes"
+        with cell_progress(self.console, f"{what} on {cell.model}") as on_batch:
+            result = evaluate_sweep(
+                volume_inferer(self.config, net, arch), self.data, self.rows, cell.attack,
+                {cell.eps: list(cell.losses)}, model_name=cell.model, arch=arch,
+                attack_kwargs=self._volume_kwargs(cell), batch_size=1, on_batch=on_batch,
+                crafted=reader(images, cell.losses), source=cell.source, through=cell.through,
+                nsd_mm=self.config.evaluation.nsd_mm,
+            )[0]  # fmt: skip
+        return result.records
+
+    def _volume_kwargs(self, cell: Any, model: str | None = None) -> dict[str, Any]:
+        """:meth:`_kwargs` with the volumes' valid range (what the white-box cells take)."""
+        return {**self._kwargs(cell, model), "valid_range": self.data.valid_range}
 
     # --- universal perturbations -----------------------------------------------------------
 
@@ -344,6 +388,20 @@ class CrossModel:
             )  # fmt: skip
             frames.append(result.records)
         return pd.concat(frames, ignore_index=True)
+
+
+def volume_inferer(config: Any, net: nn.Module, arch: str) -> SlidingWindow:
+    """The sliding-window inference that scores a 3D grid's volumes with ``net``: the grid's
+    patch (default the model's window, ``advseg models``) and overlap, Gaussian blending."""
+    patch = config.data.volume.patch or resolve(arch).roi
+    return SlidingWindow(net, patch, overlap=config.data.volume.overlap)
+
+
+def _crafted_folder(run_dir: Path, source: str, cell: Any) -> Path:
+    """Where the images ``source`` crafted for ``cell`` live; on volumes the threat protocol
+    is part of the name (``<attack>-<through>``): each protocol crafts its own."""
+    attack = f"{cell.attack}-{cell.through}" if cell.through else cell.attack
+    return crafted_dir(run_dir, _seeded(source, cell), attack, cell.eps)
 
 
 def _seeded(name: str, cell: Any) -> str:

@@ -203,11 +203,23 @@ def crafted_dir(run_dir: str | Path, source: str, attack: str, eps: float) -> Pa
     return Path(run_dir) / "adversarial" / f"{source_stem(source)}__{attack}__eps{eps:g}"
 
 
-def save_crafted(folder: str | Path, slice_ids: Sequence[str], images: dict[str, np.ndarray]):
-    """Save crafted images: ``<loss>.npy`` each, then ``slice_ids.npy`` (written last: the
-    folder is complete exactly when it exists)."""
+def save_crafted(
+    folder: str | Path,
+    slice_ids: Sequence[str],
+    images: dict[str, np.ndarray | list[np.ndarray]],
+):
+    """Save crafted images: ``<loss>.npy`` each (volumes of different shapes, a list of
+    ``(C, *S)`` arrays: ``<loss>.npz``, one array per volume named by its position), then
+    ``slice_ids.npy`` (written last: the folder is complete exactly when it exists)."""
     folder = Path(folder)
     for loss, array in images.items():
+        if isinstance(array, list):
+            arrays = {
+                f"v{i}": np.ascontiguousarray(a, dtype=np.float32) for i, a in enumerate(array)
+            }
+            with atomic_path(folder / f"{loss}.npz") as tmp, open(tmp, "wb") as handle:
+                np.savez(handle, **arrays)
+            continue
         with atomic_path(folder / f"{loss}.npy") as tmp, open(tmp, "wb") as handle:
             np.save(handle, np.ascontiguousarray(array, dtype=np.float32))
     with atomic_path(folder / "slice_ids.npy") as tmp, open(tmp, "wb") as handle:
@@ -217,24 +229,47 @@ def save_crafted(folder: str | Path, slice_ids: Sequence[str], images: dict[str,
 def load_crafted(
     folder: str | Path, losses: Sequence[str], slice_ids: Sequence[str]
 ) -> dict[str, np.ndarray] | None:
-    """The saved images of ``losses`` for exactly ``slice_ids`` (memory-mapped), or None when
-    the folder is incomplete or was crafted for other slices."""
+    """The saved images of ``losses`` for exactly ``slice_ids`` (memory-mapped; volumes of
+    different shapes: a list of arrays), or None when the folder is incomplete or was crafted
+    for other slices."""
     folder = Path(folder)
     ids_file = folder / "slice_ids.npy"
-    if not ids_file.exists() or not all((folder / f"{loss}.npy").exists() for loss in losses):
+    if not ids_file.exists() or not all(_crafted_file(folder, loss) for loss in losses):
         return None
     if np.load(ids_file).tolist() != list(slice_ids):
         return None
-    return {loss: np.load(folder / f"{loss}.npy", mmap_mode="r") for loss in losses}
+    images = {}
+    for loss in losses:
+        path = _crafted_file(folder, loss)
+        if path.suffix == ".npz":
+            with np.load(path) as saved:
+                images[loss] = [saved[f"v{i}"] for i in range(len(saved.files))]
+        else:
+            images[loss] = np.load(path, mmap_mode="r")
+    return images
+
+
+def _crafted_file(folder: Path, loss: str) -> Path | None:
+    """A loss's saved images: ``<loss>.npy`` (one array), ``<loss>.npz`` (volumes), or None."""
+    found = [folder / f"{loss}{suffix}" for suffix in (".npy", ".npz")]
+    return next((path for path in found if path.exists()), None)
 
 
 def reader(images: dict[str, np.ndarray], losses: Sequence[str]) -> Crafted:
     """The ``crafted`` callable of :func:`~advseg.evaluate.evaluate_cell` over saved images."""
 
     def read(x: Tensor, y: Tensor, positions: np.ndarray) -> list[Tensor]:
-        return [torch.from_numpy(np.array(images[loss][positions])).to(x.device) for loss in losses]
+        return [torch.from_numpy(_take(images[loss], positions)).to(x.device) for loss in losses]
 
     return read
+
+
+def _take(images: np.ndarray | list[np.ndarray], positions: np.ndarray) -> np.ndarray:
+    """The images at ``positions``, ``(B, C, *S)``; from a list of volumes (of one shape
+    within a batch: volumes are evaluated one per batch), stacked."""
+    if isinstance(images, list):
+        return np.stack([images[int(p)] for p in positions])
+    return np.array(images[positions])
 
 
 def transfer_matrix(records: pd.DataFrame, protocol: str) -> pd.DataFrame:

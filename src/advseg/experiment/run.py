@@ -29,6 +29,7 @@ from advseg.crossmodel.cells import (
     ENSEMBLE_PREFIX,
     CrossModel,
     model_seeds,
+    volume_inferer,
 )
 from advseg.data import (
     SliceData,
@@ -61,12 +62,10 @@ from advseg.experiment.rundir import (
     run_identity,
 )
 from advseg.experiment.volumes import volumetric
-from advseg.inference import SlidingWindow
 from advseg.labels import checkpoint_activation
 from advseg.models import load_checkpoint, read_checkpoint
 from advseg.models.checkpoint import checkpoint_exists, checkpoint_id
 from advseg.models.ensemble import ensemble_members
-from advseg.models.zoo import resolve
 from advseg.progress import cell_progress
 from advseg.report import Report, write_report
 from advseg.report.tables import headline_eps
@@ -309,8 +308,7 @@ def _run_experiment(
             batch_size = own.batch_size or batch_size
             examples = 0 if own.batch_size == 1 else examples  # volumes: no example panels
         if first.through:  # whole volumes, one at a time, through the window that scores them
-            patch = config.data.volume.patch or resolve(arch).roi
-            net = SlidingWindow(net, patch, overlap=config.data.volume.overlap)
+            net = volume_inferer(config, net, arch)
             kwargs["valid_range"] = data.valid_range
             batch_size = 1
             volume = {"through": first.through, "nsd_mm": config.evaluation.nsd_mm}

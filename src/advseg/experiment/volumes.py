@@ -8,15 +8,18 @@ computed once per threat protocol of ``evaluation.through`` (``inference``, ``ti
 :mod:`advseg.attacks.through`) on whole held-out volumes through
 :class:`advseg.inference.SlidingWindow` with the patch as window, its records naming the
 protocol (``<attack>:<through>``) and holding the normalised surface Dice at
-``evaluation.nsd_mm``. What is not built for volumes yet is refused in one line: 2D and 3D models
-in one grid, checkpoints given to the grid, input defences, ensembles, transfer or universal
-cells, corruptions, cross-validation folds and ``compat: notebook``.
+``evaluation.nsd_mm``. Transfer cells score the volumes a source crafted (under the same
+protocol) on the target through the target's inference (:mod:`advseg.crossmodel.cells`). What is
+not built for volumes yet is refused in one line: 2D and 3D models in one grid, checkpoints given
+to the grid, input defences, ensembles (models and transfer sources ``a+b``), universal cells,
+corruptions, cross-validation folds and ``compat: notebook``.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from advseg.crossmodel.transfer import ENSEMBLE_JOIN
 from advseg.errors import UserError
 from advseg.experiment.config import ENSEMBLE_PREFIX
 from advseg.models.zoo import MODELS, resolve
@@ -57,8 +60,10 @@ def check_volumes(config: ExperimentConfig) -> None:
         if model.defences:
             raise UserError(f"{where}: input defences on volumes are not built")
     for i, attack in enumerate(config.attacks):
-        if attack.transfer or attack.sources:
-            raise UserError(f"attacks[{i}]: transfer cells on volumes are not built")
+        for j, source in enumerate(attack.sources):
+            if ENSEMBLE_JOIN in source:
+                raise UserError(f"attacks[{i}].sources[{j}]: ensemble sources on volumes are "
+                                "not built")  # fmt: skip
         if (attack.compat or config.compat) != "none":
             raise UserError(f"attacks[{i}]: compat notebook is for slices")
         if attack.name == "universal":
