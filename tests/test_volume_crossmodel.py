@@ -5,7 +5,6 @@ through the target's inference)."""
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
