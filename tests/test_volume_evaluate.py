@@ -91,10 +91,6 @@ def test_evaluate_command_names_the_protocol(trained, tmp_path, capsys):
         main([*args[:-5], "--through", "windows", "--out", str(tmp_path / "bad")])
     assert exit_.value.code == 2
     assert "--through" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_:
-        main([*args, "--corruption", "noise:1", "--out", str(tmp_path / "bad2")])
-    assert exit_.value.code == 2
-    assert "corruption cells on volumes are not built" in capsys.readouterr().err
 
 
 def test_export_writes_volumes_on_the_source_grid(trained, tmp_path):

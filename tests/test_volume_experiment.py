@@ -67,10 +67,6 @@ def test_a_3d_grid_refuses_what_volumes_lack(tiny):
     with pytest.raises(UserError, match="2D or 3D models, not both"):
         check_config(config)
     config.models = [ModelSpec(arch="unet3d-tiny")]
-    config.corruptions = ["noise:1"]
-    with pytest.raises(UserError, match="corruption cells on volumes"):
-        check_config(config)
-    config.corruptions = []
     config.evaluation.through = ["inference", "windows"]
     with pytest.raises(UserError, match=r"evaluation\.through"):
         check_config(config)

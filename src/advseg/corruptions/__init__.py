@@ -44,7 +44,8 @@ def corrupt(
     *,
     generator: torch.Generator | None = None,
     seed: int = 0,
-    valid_range: tuple[float, float] = (0.0, 1.0),
+    valid_range: tuple[float, float] | None = (0.0, 1.0),
+    spacing: Sequence[float] | None = None,
 ) -> Tensor:
     """Corrupted images: each image of the batch with its own parameters, drawn in turn.
 
@@ -57,31 +58,47 @@ def corrupt(
         severity: 1 (mild) to 5 (severe).
         generator: draws the parameters (a CPU generator); by default one seeded with ``seed``.
         seed: seeds the default generator.
-        valid_range: the images' ``(low, high)``.
+        valid_range: the images' ``(low, high)``; None: each image's own minimum and maximum
+            (images with no fixed range, e.g. MRI volumes z-scored one by one).
+        spacing: volumes only: the voxel size ``(D, H, W)`` in mm, handed to TorchIO, so that
+            blur, motion and anisotropy act in mm (:class:`~advseg.corruptions.base.Geometry`);
+            default one unit per voxel.
 
     Returns:
         Images of ``x``'s shape, dtype and device, in ``valid_range``.
 
     Example:
         >>> x_c = corrupt(images, "motion", 3, seed=0)  # (B, C, H, W)
+        >>> v_c = corrupt(volume, "blur", 3, valid_range=(-2.2, 3.4), spacing=(2.5, 0.8, 0.8))
     """
     corruption = create_corruption(name)
     severity = check_severity(severity, name)
     if x.dim() not in (4, 5):
         raise ValueError(f"corrupt: expected (B, C, H, W) or (B, C, D, H, W), got {tuple(x.shape)}")
-    low, high = (float(v) for v in valid_range)
-    if not low < high:
-        raise UserError(f"{name}: valid_range {valid_range} must be (low, high), low < high")
+    if spacing is not None and x.dim() != 5:
+        raise ValueError("corrupt: a spacing is for volumes (B, C, D, H, W)")
+    ranges = [valid_range] * len(x)
+    if valid_range is None:  # each image's own range (a flat image: a unit range)
+        ranges = [(float(v.min()), float(v.max()) if v.max() > v.min() else float(v.min()) + 1)
+                  for v in x.detach()]  # fmt: skip
+    for low, high in ranges:
+        if not float(low) < float(high):
+            raise UserError(f"{name}: valid_range {valid_range} must be (low, high), low < high")
     if generator is None:
         generator = torch.Generator().manual_seed(int(seed))
-    geometry = Geometry(volume=x.dim() == 5)
-    unit = ((x.detach().float() - low) / (high - low)).cpu()
+    volume = x.dim() == 5
+    geometry = Geometry(volume)
+    if spacing is not None:
+        geometry = Geometry(volume, tuple(float(s) for s in spacing))
     out = []
-    for image in unit:  # (C, H, W) or (C, D, H, W)
+    for image, (low, high) in zip(x.detach(), ranges, strict=True):  # (C, H, W) or (C, D, H, W)
+        low, high = float(low), float(high)
+        unit = ((image.float() - low) / (high - low)).cpu()
         params = corruption.draw(severity, generator, geometry)
-        changed = corruption.apply(to_torchio(image), params)
-        out.append(from_torchio(changed, geometry.volume).float().clamp(0.0, 1.0))
-    return (torch.stack(out) * (high - low) + low).to(device=x.device, dtype=x.dtype)
+        changed = corruption.apply(to_torchio(unit), params, geometry)
+        changed = from_torchio(changed, geometry.volume).float().clamp(0.0, 1.0)
+        out.append(changed * (high - low) + low)
+    return torch.stack(out).to(device=x.device, dtype=x.dtype)
 
 
 NO_LOSS = "none"

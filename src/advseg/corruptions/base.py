@@ -14,8 +14,12 @@ exactly TorchIO's transform of it given those parameters (then clipped to the va
 
 Layout: TorchIO works on ``(C, X, Y, Z)``. A slice ``(C, H, W)`` goes in as ``(C, 1, H, W)``
 (so that TorchIO's k-space artefacts, which cut k-space along the last axis, stay in the plane),
-a volume ``(C, D, H, W)`` as it is. Spacing is one voxel, so lengths (blur, translation) are in
-pixels.
+a volume ``(C, D, H, W)`` as it is. A slice's spacing is one pixel, so its lengths (blur,
+translation) are in pixels. A volume may carry its voxel size in mm (:attr:`Geometry.spacing`):
+TorchIO then gets it as the image's affine, so that blur and motion act in mm (an anisotropic
+voxel blurs and moves less through the plane, in voxels, than in it) and the anisotropy
+corruption thickens the real slices; a length strength is then in in-plane pixels, the same
+length in mm along every axis (:attr:`Geometry.pixel`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torchio as tio
 from torch import Tensor
@@ -41,9 +46,22 @@ PLANE = (1, 2)
 
 @dataclass(frozen=True)
 class Geometry:
-    """Whether an image is a slice (TorchIO's X axis has one voxel) or a volume ``(D, H, W)``."""
+    """Whether an image is a slice (TorchIO's X axis has one voxel) or a volume ``(D, H, W)``,
+    and its voxel size in mm in TorchIO's axis order (a slice, or a volume without a known
+    spacing: one unit per voxel)."""
 
     volume: bool
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    @property
+    def pixel(self) -> float:
+        """The in-plane voxel size (mean of H and W, mm): the unit of a length strength."""
+        return (self.spacing[1] + self.spacing[2]) / 2
+
+    @property
+    def affine(self) -> np.ndarray:
+        """TorchIO's ``(4, 4)`` affine of this voxel size (no rotation, origin 0)."""
+        return np.diag([*map(float, self.spacing), 1.0])
 
 
 class Corruption:
@@ -85,10 +103,18 @@ class Corruption:
         """TorchIO's transform with these parameters."""
         raise NotImplementedError
 
-    def apply(self, image: Tensor, params: dict[str, Any]) -> Tensor:
-        """One image in TorchIO's layout ``(C, X, Y, Z)`` (float32, CPU) through the transform."""
-        subject = tio.Subject(image=tio.ScalarImage(tensor=image))
-        return self.transform(**params)(subject)["image"].data
+    def apply(
+        self, image: Tensor, params: dict[str, Any], geometry: Geometry | None = None
+    ) -> Tensor:
+        """One image in TorchIO's layout ``(C, X, Y, Z)`` (float32, CPU) through the transform,
+        with ``geometry``'s voxel size (default one unit per voxel)."""
+        return self.transform(**params)(subject_of(image, geometry))["image"].data
+
+
+def subject_of(image: Tensor, geometry: Geometry | None = None) -> tio.Subject:
+    """A TorchIO subject of one image ``(C, X, Y, Z)`` with ``geometry``'s voxel size."""
+    affine = (geometry or Geometry(volume=True)).affine
+    return tio.Subject(image=tio.ScalarImage(tensor=image, affine=affine))
 
 
 def check_severity(severity: object, name: str = "corruption") -> int:

@@ -2,7 +2,9 @@
 
 Each class gives its strength parameter's five ranges (severity 1 to 5, both ends rising) and
 how the other parameters are drawn. Intensities are those of the image mapped to [0, 1] (the
-valid range's low to high), lengths are in pixels (voxels). The artefact models are TorchIO's
+valid range's low to high), lengths are in pixels (a volume with a known voxel size: in-plane
+pixels, as mm along every axis; :class:`advseg.corruptions.base.Geometry`). The artefact models
+are TorchIO's
 (Pérez-García et al., CMPB 2021, https://arxiv.org/abs/2003.04696): motion after Shaw et al.
 (MIDL 2019), ghosting, spikes (herringbone) and the polynomial bias field after Sudre et al.
 """
@@ -24,6 +26,7 @@ from advseg.corruptions.base import (
     Geometry,
     choice,
     sign,
+    subject_of,
     uniform,
 )
 
@@ -36,7 +39,8 @@ class Motion(Corruption):
     keeps the still image, as TorchIO orders it); each rotates by the strength in degrees
     (random sign) about the axis normal to the slice plane and moves by the strength in pixels
     in a random in-plane direction; in a volume each also turns about the two other axes and
-    moves through the plane by up to the strength.
+    moves through the plane by up to the strength (lengths in in-plane pixels, as mm: TorchIO
+    moves the volume in mm on its voxel grid).
     """
 
     name = "motion"
@@ -52,7 +56,8 @@ class Motion(Corruption):
             degrees.append([sign(generator) * value, *other])
             angle = uniform(generator, 0.0, 2 * math.pi)
             through = uniform(generator, -value, value) if geometry.volume else 0.0
-            translation.append([through, value * math.cos(angle), value * math.sin(angle)])
+            shift = [through, value * math.cos(angle), value * math.sin(angle)]
+            translation.append([geometry.pixel * s for s in shift])  # mm
         times = np.arange(1, self.movements + 1) / (self.movements + 1)  # k-space in thirds
         return {"degrees": np.array(degrees), "translation": np.array(translation),
                 "times": times, "image_interpolation": "linear"}  # fmt: skip
@@ -139,14 +144,15 @@ class Noise(Corruption):
 @CORRUPTIONS.register("blur", help="Gaussian blur (tio.Blur)")
 class Blur(Corruption):
     """Gaussian blur (tio.Blur), the strength its standard deviation in pixels, in the plane
-    (and through it, in a volume)."""
+    (and through it, in a volume: the same length in mm, so fewer voxels across thick slices)."""
 
     name = "blur"
     strength = "standard deviation (pixels)"
     levels = ((0.3, 0.6), (0.6, 0.9), (0.9, 1.3), (1.3, 1.8), (1.8, 2.5))
 
     def parameters(self, value: float, generator: torch.Generator, geometry: Geometry):
-        return {"std": (value if geometry.volume else 0.0, value, value)}
+        std = value * geometry.pixel  # mm (TorchIO's unit): pixels on a slice
+        return {"std": (std if geometry.volume else 0.0, std, std)}
 
     def transform(self, **params: Any) -> tio.Transform:
         return tio.Blur(**params)
@@ -181,9 +187,11 @@ class Anisotropy(Corruption):
     def parameters(self, value: float, generator: torch.Generator, geometry: Geometry):
         return {"axis": 0 if geometry.volume else choice(generator, PLANE), "downsampling": value}
 
-    def apply(self, image: Tensor, params: dict[str, Any]) -> Tensor:
+    def apply(
+        self, image: Tensor, params: dict[str, Any], geometry: Geometry | None = None
+    ) -> Tensor:
         """TorchIO's two resamplings (RandomAnisotropy's, with its axis and factor given)."""
-        subject = tio.Subject(image=tio.ScalarImage(tensor=image))
+        subject = subject_of(image, geometry)
         spacing = list(subject.spacing)
         spacing[params["axis"]] *= params["downsampling"]
         reference = (subject["image"].spatial_shape, subject["image"].affine.copy())

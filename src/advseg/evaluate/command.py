@@ -391,14 +391,16 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
                         save_examples(result.examples, npz, model=model_name, attack=label, eps=eps)
                     if result.trace is not None:
                         write_trace(result.trace, out / "traces" / f"{name}.csv")
-        for spec in config.defences if corrupted else ():
+        once = through in (None, config.through[0])  # volumes: scored once, by the inference
+        for spec in config.defences if corrupted and once else ():
             model, model_name = defend(bare, spec), defended_name(checkpoint_name, spec)
-            what = f"{model_name}, {len(corrupted)} corruption cells on {len(rows)} slices"
+            what = f"{model_name}, {len(corrupted)} corruption cells on {len(rows)} {unit}"
             with cell_progress(console, what) as on_batch:
                 results = evaluate_corruptions(
                     model, data, rows, corrupted, model_name=model_name, arch=arch,
                     activation=activation, seed=config.corruption_seed,
                     batch_size=batch_size, examples=examples, on_batch=on_batch,
+                    volumes=through is not None, nsd_mm=volume.get("nsd_mm"),
                 )  # fmt: skip
             for (name, severity), result in zip(corrupted, results, strict=True):
                 records = result.records.assign(seed=seed, **folded)
@@ -546,8 +548,6 @@ def settings_hash(config: EvaluateConfig) -> str:
 
 def _refuse_for_volumes(config: EvaluateConfig, checkpoint: Path) -> None:
     """What a 3D checkpoint's evaluation does not do yet, refused in one line each."""
-    if config.corruptions:
-        raise UserError(f"{checkpoint}: a 3D model; corruption cells on volumes are not built")
     if config.defences != ["none"]:
         raise UserError(f"{checkpoint}: a 3D model; input defences on volumes are not built")
     if config.compat != "none" or config.erase:

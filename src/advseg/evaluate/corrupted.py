@@ -12,6 +12,14 @@ Each slice's corruption is drawn from its own generator, seeded by (seed, corrup
 slice id) (:func:`advseg.corruptions.corruption_seed`): the images depend neither on the batch
 size nor on the shard. Under torchrun the batches are dealt out over the ranks as in
 :func:`advseg.evaluate.cells.evaluate_sweep`.
+
+Volumes (``data`` an :class:`advseg.data.VolumeData`, ``model`` its
+:class:`advseg.inference.SlidingWindow`, batch size 1): TorchIO's transforms are 3D, so each
+whole volume is corrupted at once, with its voxel size in mm (blur, motion and anisotropy act in
+mm) and in the source's intensity window (a CT volume's valid range, the clip of its HU window,
+is what maps to [0, 1]; an MRI volume, which has none, uses its own minimum and maximum), then
+scored through the same sliding-window inference as the attack cells: one row per (volume,
+class, cell), ``through`` ``inference`` and the normalised surface Dice at ``nsd_mm``.
 """
 
 from __future__ import annotations
@@ -31,7 +39,12 @@ from advseg.data.split import spread_positions
 from advseg.errors import UserError
 from advseg.evaluate.cells import DEFAULT_BATCH_SIZE, CellResult, SliceSource
 from advseg.evaluate.engine import BatchOutput
-from advseg.evaluate.scoring import batch_records, example_arrays, merge_examples
+from advseg.evaluate.scoring import (
+    batch_records,
+    example_arrays,
+    merge_examples,
+    volume_slices,
+)
 from advseg.runs.record_rows import pixel_mm
 from advseg.runs.records import check_records
 
@@ -50,12 +63,16 @@ def evaluate_corruptions(
     examples: int = 0,
     workers: int = 0,
     on_batch: Callable[[int, int], None] | None = None,
+    volumes: bool = False,
+    nsd_mm: float | None = None,
 ) -> list[CellResult]:
     """Evaluate ``model`` on corrupted slices: one :class:`CellResult` per (name, severity).
 
     Args:
-        model: a segmentation model (logits ``(B, K, H, W)``), on the device to use.
-        data: the slices (:class:`~advseg.evaluate.cells.SliceSource`).
+        model: a segmentation model (logits ``(B, K, H, W)``), on the device to use; for
+            volumes the :class:`~advseg.inference.SlidingWindow` that scores them.
+        data: the slices (:class:`~advseg.evaluate.cells.SliceSource`), or volumes
+            (:class:`~advseg.data.VolumeData`, with ``nsd_mm``).
         rows: positional rows of ``data.index`` (a split).
         cells: ``(corruption, severity)`` pairs (:func:`advseg.corruptions.parse_corruptions`).
         model_name, arch: the records' ``model`` and ``arch``.
@@ -64,6 +81,9 @@ def evaluate_corruptions(
         batch_size, examples, workers, on_batch: as for
             :func:`~advseg.evaluate.cells.evaluate_cell` (``examples``: slices per cell kept
             for the report's panels, spread over the cases).
+        volumes: ``data`` holds whole volumes and ``model`` is their sliding-window inferer
+            (batch size 1): each volume corrupted in 3D with its spacing and valid range.
+        nsd_mm: volumes: the records' normalised surface Dice tolerance in mm.
 
     Returns:
         One :class:`CellResult` per cell, in the order of ``cells``; records ordered by slice
@@ -86,6 +106,8 @@ def evaluate_corruptions(
         Subset(data.dataset(rows), positions), batch_size=batch_size, num_workers=workers
     )
     index = data.index
+    if volumes and batch_size != 1:
+        raise ValueError("evaluate_corruptions: volumes go one at a time (batch_size 1)")
     chosen = set(spread_positions(index["case"].to_numpy()[rows], examples).tolist())
     frames: list[tuple[int, list[pd.DataFrame]]] = []
     shown: list[tuple[int, list[dict[str, np.ndarray]]]] = []
@@ -94,23 +116,26 @@ def evaluate_corruptions(
         y = batch["mask"].to(device).float()
         meta = index.iloc[batch["row"].tolist()]
         ids = meta["id"].astype(str).tolist()
+        spacing = pixel_mm(data, batch["row"].tolist())
+        units = {"valid_range": data.valid_range} if volumes else {}  # slices: [0, 1]
         with frozen(model), amp, torch.inference_mode():
             clean_logits = model_logits(model, x).float()  # one clean forward for every cell
             outs = []
             for name, severity in cells:
                 x_c = torch.cat([
                     corrupt(x[i : i + 1], name, severity,
-                            seed=corruption_seed(seed, name, severity, ids[i]))
+                            seed=corruption_seed(seed, name, severity, ids[i]),
+                            **units, **({"spacing": spacing[i]} if volumes else {}))
                     for i in range(len(x))
                 ])  # fmt: skip
                 outs.append(BatchOutput(clean_logits, [x_c], [model_logits(model, x_c).float()]))
-        spacing = pixel_mm(data, batch["row"].tolist())
         # one call for every cell: the clean prediction is scored (HD95 too) once per batch
         together = BatchOutput(clean_logits, [o.x_adv[0] for o in outs],
                                [o.adv_logits[0] for o in outs])  # fmt: skip
         scored = batch_records(
             together, [NO_LOSS] * len(outs), x, y, meta, classes, activation, spacing,
             getattr(data, "data_range", 1.0),  # as evaluate_sweep: volumes in source units
+            nsd_mm,
         )  # fmt: skip
         size = len(x) * len(classes)  # rows per cell, in the order of the cells
         parts = [scored.iloc[i * size : (i + 1) * size].reset_index(drop=True)
@@ -137,9 +162,11 @@ def evaluate_corruptions(
         records = records.assign(
             model=model_name, source=model_name, arch=arch, params=params,
             attack=corruption_label(name, severity), eps=0.0, corruption=name,
-            severity=int(severity),
+            severity=int(severity), through="inference" if volumes else "",
         )  # fmt: skip
         examples_i = merge_examples([(b, parts[i]) for b, parts in shown], [NO_LOSS])
+        if volumes:  # the report draws one axial slice of each example volume
+            examples_i = volume_slices(examples_i)
         results.append(CellResult(check_records(records), examples_i))
     return results
 

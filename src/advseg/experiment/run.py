@@ -346,11 +346,16 @@ def _run_experiment(
         """A model's corruption cells in one pass (one clean forward per batch)."""
         pairs = [corruption_of(c.attack) for c in group]
         what = f"evaluating {group[0].model}, {len(group)} corruption cells"
-        with cell_progress(console, f"{what} on {len(eval_rows)} slices") as on_batch:
+        batch_size, volume = config.evaluation.batch_size, {}
+        if volumetric(config):  # whole volumes, corrupted in 3D, scored by the sliding window
+            net = volume_inferer(config, net, arch)
+            batch_size, volume = 1, {"volumes": True, "nsd_mm": config.evaluation.nsd_mm}
+        unit = "volumes" if volume else "slices"
+        with cell_progress(console, f"{what} on {len(eval_rows)} {unit}") as on_batch:
             results = evaluate_corruptions(
                 net, data, eval_rows, pairs, model_name=group[0].model, arch=arch,
-                activation=activation, seed=config.seed, batch_size=config.evaluation.batch_size,
-                examples=config.evaluation.examples, on_batch=on_batch,
+                activation=activation, seed=config.seed, batch_size=batch_size,
+                examples=config.evaluation.examples, on_batch=on_batch, **volume,
             )  # fmt: skip
         return [CellOutput(r.records, r.examples) for r in results]
 
