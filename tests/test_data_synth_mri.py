@@ -53,7 +53,9 @@ def test_labels_come_from_dataset_json_and_the_loader_reads_it_as_mri(mri, tmp_p
     assert dataset_json_labels(mri) == MRI_LABELS
     data = load_volumes(DataConfig(path=mri, cache_dir=tmp_path / "cache"))
     assert len(data) == 3 and data.classes == list(MRI_LABELS.values())
-    assert data.normalisation["kind"] == "mri" and data.valid_range is None
+    assert data.normalisation["kind"] == "mri"
+    low, high = data.valid_range  # finite: the z-scored volumes' extremes (VAFA needs one)
+    assert low == min(float(i.min()) for i in data.images) and high > 2
     image, masks = data.volume(0)
     assert image.shape[0] == 1 and masks.shape[0] == 3
     assert abs(float(image.mean())) < 1e-3 and abs(float(image.std()) - 1) < 1e-2  # z-scored

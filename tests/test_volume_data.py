@@ -76,7 +76,10 @@ def test_cache_reused_and_keyed_by_settings(ct):
     mri = load_volumes(DataConfig(path=ct / "ct", cache_dir=ct / "cache",
                                   volume=VolumeConfig(modality="mri")))  # fmt: skip
     assert mri.cache_path != first.cache_path and mri.decoded == 4
-    assert mri.valid_range is None
+    low, high = mri.valid_range  # the z-scored volumes' extremes: every volume as it is
+    assert low == min(float(im.min()) for im in mri.images)
+    assert high == max(float(im.max()) for im in mri.images)
+    assert mri.data_range == high - low and low < -0.5 and high > 0.5
     for i in range(4):  # a z-score per volume
         assert float(mri.images[i].mean()) == pytest.approx(0.0, abs=1e-4)
         assert float(mri.images[i].std()) == pytest.approx(1.0, abs=1e-3)
@@ -102,7 +105,9 @@ def test_resampling_to_a_spacing(ct):
 def test_uwmgi_scans_stacked_by_slice(tmp_path):
     write_synthetic(tmp_path / "mri", cases=2, scans=1, slices=6, seed=1)
     data = load_volumes(DataConfig(path=tmp_path / "mri", cache_dir=tmp_path / "cache"))
-    assert len(data) == 2 and data.normalisation["kind"] == "mri" and data.valid_range is None
+    assert len(data) == 2 and data.normalisation["kind"] == "mri"
+    assert data.valid_range == (min(float(i.min()) for i in data.images),
+                                max(float(i.max()) for i in data.images))  # fmt: skip
     assert (data.index["spacing_d"] == UWMGI_SLICE_THICKNESS).all()
     assert (data.index["depth"] == 6).all()
     from advseg.data import load_data

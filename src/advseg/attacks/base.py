@@ -292,7 +292,8 @@ class Attack:
     @property
     def setting(self) -> str:
         """The attack's named budget beyond its name, loss and eps, as the records keep it
-        (``attack_setting``): empty here; ``sea`` names its preset, steps and members."""
+        (``attack_setting``): empty here; ``sea`` names its preset, steps and members, ``vafa``
+        its table's steps, SSIM bound and valid range."""
         return ""
 
     def __repr__(self) -> str:

@@ -106,6 +106,16 @@ class VAFA(Attack):
         self.q_table: Tensor | None = None
         """The quantisation tables of the last call's images (per sample), for inspection."""
 
+    @property
+    def setting(self) -> str:
+        """The records' ``attack_setting``: the table's steps and bounds, the SSIM bound and the
+        valid range the table and the SSIM are in, e.g. ``steps=20 alpha=0.00392 q_min=0.0196
+        block=8 ssim_min=0.95 range=-2.19,3.36`` (volumes: the z-scored range,
+        :attr:`advseg.data.VolumeData.valid_range`)."""
+        low, high = self.valid_range
+        table = f"steps={self.steps} alpha={self.alpha:.3g} q_min={self.q_min:.3g}"
+        return f"{table} block={self.block} ssim_min={self.ssim_min:g} range={low:.6g},{high:.6g}"
+
     def perturb(self, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         low, high = self.valid_range
         dims = x.dim() - 2

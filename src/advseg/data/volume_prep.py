@@ -10,7 +10,9 @@ Normalisation follows nnU-Net v2 (Isensee et al., Nature Methods 2021;
   percentiles, the mean and the standard deviation (nnU-Net's dataset fingerprint); every volume
   is clipped to those percentiles and z-scored with that mean and deviation. The model inputs
   then lie in one fixed interval, :attr:`Normalisation.valid_range`, which the attacks take.
-- MRI (any other modality): each volume z-scored by its own mean and deviation; no fixed bound.
+- MRI (any other modality): each volume z-scored by its own mean and deviation, no clip; the
+  volumes' valid range is then the lowest and highest z-scored value of the data set
+  (:func:`advseg.data.volumes.load_volumes`).
 
 Resampling (optional, ``VolumeConfig.spacing``) is trilinear for images and for each class mask
 taken as a float and kept where >= 0.5 (pixel centres at ``(i + 0.5) * scale - 0.5``, the

@@ -53,8 +53,9 @@ from advseg.data.volume_prep import (
 )
 from advseg.errors import UserError
 
-#: Bump when the cached volumes' meaning changes (2: CT inputs clipped to their float32 range).
-VOLUME_CACHE_VERSION = 2
+#: Bump when the cached volumes' meaning changes (2: CT inputs clipped to their float32 range;
+#: 3: MRI volumes have a finite valid range, the z-scored volumes' lowest and highest value).
+VOLUME_CACHE_VERSION = 3
 
 #: The columns of a volume index, one row per scan (then nothing: masks live in the arrays).
 VOLUME_COLUMNS = (
@@ -79,8 +80,10 @@ class VolumeData:
         masks: per volume ``(K, D, H, W)`` uint8 in {0, 1}, memory-mapped.
         normalisation: how intensities were normalised (``kind``: ``ct`` or ``mri``; ``mean``,
             ``std``, ``low``, ``high`` for CT).
-        valid_range: the model inputs' range, which attacks take as ``valid_range`` (CT:
-            the clip z-scored; MRI: None, unbounded).
+        valid_range: the model inputs' range, which attacks take as ``valid_range`` and PSNR /
+            SSIM as their data range (CT: the clip z-scored; MRI: the lowest and the highest
+            value of all the z-scored volumes, so that one range holds every volume as it is
+            and eps, SSIM and VAFA's quantisation steps have one unit for the data set).
         config: the volume settings.
         exclusions, cache_path, decoded, location: as :class:`advseg.data.SliceData`'s
             (``decoded``: volumes decoded by this load).
@@ -110,8 +113,8 @@ class VolumeData:
 
     @property
     def data_range(self) -> float | None:
-        """The inputs' range for PSNR and SSIM: the valid range's width (CT), else None (each
-        volume's own max - min)."""
+        """The inputs' range for PSNR and SSIM: the valid range's width (None: each volume's own
+        max - min, for caches without a valid range)."""
         return None if self.valid_range is None else self.valid_range[1] - self.valid_range[0]
 
     def volume(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,6 +246,7 @@ def _build(
                                 suffix=".tmp"))  # fmt: skip
     try:
         rows, samples = [], []
+        lowest, highest = np.inf, -np.inf  # MRI: the z-scored volumes' extremes
         scans = list(dict.fromkeys(slices["scan"]))
         for i, scan in enumerate(scans):
             part = slices[slices["scan"] == scan]
@@ -273,6 +277,7 @@ def _build(
             image, masks = resample(image, masks, shape)
             if norm.valid_range is not None:  # a float32 blend may round one ulp outside
                 image = np.clip(image, *norm.valid_range)
+            lowest, highest = min(lowest, float(image.min())), max(highest, float(image.max()))
             np.save(tmp / f"image-{i:04d}.npy", image)
             np.save(tmp / f"mask-{i:04d}.npy", masks)
             (tmp / f"raw-{i:04d}.npy").unlink()
@@ -283,10 +288,12 @@ def _build(
             if progress is not None:
                 progress(i + 1)
         normalisation = asdict(shared) if shared else {"kind": "mri"}
+        valid = list(shared.valid_range or ()) if shared else [lowest, highest]
+        if not shared and not lowest < highest:  # constant volumes: a range of 1 around them
+            valid = [lowest - 0.5, lowest + 0.5] if np.isfinite(lowest) else None
         meta = {
             "version": VOLUME_CACHE_VERSION, "classes": classes, "rows": rows,
-            "normalisation": normalisation, "config": to_dict(volume),
-            "valid_range": None if shared is None else list(shared.valid_range or ()),
+            "normalisation": normalisation, "config": to_dict(volume), "valid_range": valid,
         }  # fmt: skip
         (tmp / "volumes.json").write_text(json.dumps(meta, indent=1))
         try:

@@ -28,7 +28,7 @@ RECORD_COLUMNS: dict[str, str] = {
     "seed": "int64",  # the model's training seed (0 in records written before seeds existed)
     "fold": "int64",  # the cross-validation fold whose model scored the slice; -1: no folds
     "attack": "string",
-    "attack_setting": "string",  # the attack's named budget beyond eps (sea: preset, members)
+    "attack_setting": "string",  # the named budget beyond eps (sea: preset, members; vafa: SSIM)
     "loss": "string",
     "member": "string",  # sea: the member (loss) whose image won the slice; "" for other attacks
     "eps": "float64",
@@ -87,7 +87,8 @@ DEFAULTS: dict[str, object] = {
 ordinary prediction decides every pixel, so only certification (``advseg certify``) abstains;
 records written before HD95 in millimetres have none (NaN); attack cells, and records written
 before corruptions, have no corruption ("", severity 0); only an attack with a named budget
-(``sea``: its preset, steps per member and members) has an ``attack_setting`` ("" for the rest
+(``sea``: its preset, steps per member and members; ``vafa``: its table's steps, SSIM bound and
+valid range) has an ``attack_setting`` ("" for the rest
 and for records written before the column existed); records of a model not cross-validated
 (and older files) have no fold (-1); only minimal-norm attacks (``alma-prox``,
 ``pdpgd``) have a ``min_eps`` and its criterion (NaN, "" for the rest and for older records);
