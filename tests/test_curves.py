@@ -23,6 +23,9 @@ def test_a_minimal_norm_cell_records_each_slices_min_eps_and_criterion(model):  
     check_values(records, "records")
     assert list(records.columns) == list(RECORD_COLUMNS)
     assert (records["min_eps_criterion"] == "dice<=0.5").all()
+    assert (records["attack_setting"] == "steps=60 refine=apgd-bisection 6x20").all()
+    # min_eps is refined below the search's own norm, kept as min_eps_upper
+    assert (records["min_eps"] <= records["min_eps_upper"]).all()
     slices = curves.slice_table(records)
     per_slice = records.groupby("slice_id")["min_eps"].nunique(dropna=False)
     assert (per_slice == 1).all()  # one value per slice, repeated over its classes
@@ -130,3 +133,16 @@ def test_the_report_section_draws_and_tabulates_the_curves(tmp_path):
     agree = pd.read_csv(tmp_path / "curve_agreement.csv")
     assert agree["mean_abs_diff"].iloc[0] == pytest.approx(0.0)  # 5 of 12 broken at 0.01: both
     assert sections(_Writer(tmp_path / "none"), records[records["attack"] == "apgd"]) == []
+    # the note says how each cell measured min_eps, and calls an unrefined one an upper bound
+    refined = records.assign(attack_setting=np.where(
+        records["attack"] == "alma-prox", "steps=500 refine=apgd-bisection 6x20", ""))  # fmt: skip
+    writer = _Writer(tmp_path / "refined")
+    sections(writer, refined)
+    assert "alma-prox: steps=500 refine=apgd-bisection 6x20" in writer.notes[0]
+    assert "upper bound, which" not in writer.notes[0]
+    off = refined.assign(attack_setting=refined["attack_setting"].str.replace(
+        "refine=apgd-bisection 6x20", "refine=off"))  # fmt: skip
+    writer = _Writer(tmp_path / "off")
+    sections(writer, off)
+    assert "alma-prox: steps=500 refine=off" in writer.notes[0]
+    assert "upper bound, which" in writer.notes[0]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from advseg.attacks import create_attack
-from advseg.attacks.minimal import foreground_dice
+from advseg.attacks.metric import sample_dice
 from advseg.attacks.prox import l1_ball_projection, l2_prox, l2_prox_box, linf_prox, linf_prox_box
 from advseg.errors import UserError
 from tiny_models import blobs, fit, tiny_net  # tests/ is on sys.path
@@ -81,7 +81,7 @@ def alma_against_adv_lib(monkeypatch, mix: float, n: int, size: int, seed: int) 
     x, labels, onehot = band_batch(model, n=n, size=size, seed=seed)
     ref = adv_lib.alma_prox(model, x, labels, adv_threshold=0.9, num_steps=500)
     attack = create_attack("alma-prox", model, "ce", 1.0, activation="softmax", threshold=0.9,
-                           steps=500)  # fmt: skip
+                           steps=500, refine=False)  # fmt: skip
     ours = attack(x, onehot)
     reference = reference_norms(model, ref, x, labels, "linf", 0.9)
     found = torch.isfinite(attack.min_eps)
@@ -107,7 +107,7 @@ def test_pdpgd_agrees_with_adv_lib_softmax(norm):
     p = math.inf if norm == "linf" else 2
     ref = adv_lib.pdpgd(model, x, labels, norm=p, adv_threshold=0.9, num_steps=150)
     attack = create_attack("pdpgd", model, "ce", None, norm=norm, activation="softmax",
-                           threshold=0.9, steps=150)  # fmt: skip
+                           threshold=0.9, steps=150, refine=False)  # fmt: skip
     attack(x, onehot)
     reference = reference_norms(model, ref, x, labels, norm, 0.9)
     assert torch.isfinite(reference).all() and torch.isfinite(attack.min_eps).all()
@@ -133,7 +133,7 @@ def test_pdpgd_agrees_with_adv_lib_on_a_trained_sigmoid_net():
     x, y = blobs(6, seed=2)
     bits = (y > 0.5).long().reshape(6, -1, y.shape[-1])  # (B, K * H, W)
     ref = adv_lib.pdpgd(TwoWay(model), x, bits, norm=math.inf, adv_threshold=0.6, num_steps=100)
-    attack = create_attack("pdpgd", model, "bce", 1.0, threshold=0.6, steps=100)
+    attack = create_attack("pdpgd", model, "bce", 1.0, threshold=0.6, steps=100, refine=False)
     attack(x, y)
     assert torch.isfinite(attack.min_eps).all()
     reference = norms(ref - x, "linf")
@@ -173,7 +173,7 @@ def test_minimal_norm_is_close_to_the_exact_one(name, norm, options):
     linf, l2 = exact_minimal_norms(model, x, 0.9)
     exact = linf if norm == "linf" else l2
     attack = create_attack(name, model, "ce", None, norm=norm, activation="softmax", threshold=0.9,
-                           **options)  # fmt: skip
+                           refine=False, **options)  # fmt: skip
     attack(x, onehot)
     found = attack.min_eps.numpy()
     assert (found >= exact * (1 - 1e-3)).all()  # nothing smaller exists
@@ -236,8 +236,8 @@ def test_dice_criterion_on_a_trained_sigmoid_net(name):
     found = torch.isfinite(attack.min_eps)
     assert found.sum() >= 4
     with torch.no_grad():
-        dice = foreground_dice(model(images), y, "sigmoid", 4)
-        clean = foreground_dice(model(x), y, "sigmoid", 4)
+        dice = sample_dice(model(images), y, "sigmoid")
+        clean = sample_dice(model(x), y, "sigmoid")
     assert (dice[found] <= 0.3).all() and (clean > 0.3).all()
     assert torch.allclose(norms(images - x, "linf")[found], attack.min_eps[found])
 

@@ -149,7 +149,7 @@ class ALMAProx(MinimalNorm):
                 metric = (square / (1 - ALPHA ** (i + 1))).sqrt().clamp(min=1e-8)
                 delta = delta - per_sample(lam, x) * grad / metric
                 delta = prox(delta, lam, lower, upper, metric)
-        return self.finish(best, x)
+        return self.finish(best, x, y, generator)
 
 
 def penalty(y: Tensor, rho: Tensor, mu: Tensor) -> Tensor:

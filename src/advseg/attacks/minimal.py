@@ -33,11 +33,13 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from advseg.attacks.apgd import APGD
 from advseg.attacks.base import Activation, Attack
 from advseg.attacks.bim import check_steps
+from advseg.attacks.metric import sample_dice
+from advseg.attacks.refine import bisect, norms, parse_refine
 from advseg.errors import UserError
 
 Criterion = Literal["pixels", "dice"]
@@ -50,12 +52,6 @@ MASKED_SHARE = 0.99
 def per_sample(values: Tensor, like: Tensor) -> Tensor:
     """``(B,)`` values shaped to broadcast against ``like`` ``(B, ...)``."""
     return values.view(-1, *([1] * (like.dim() - 1)))
-
-
-def norms(delta: Tensor, norm: str) -> Tensor:
-    """Per-sample ``(B,)`` L-inf or L2 norm of ``delta`` ``(B, ...)``."""
-    flat = delta.flatten(1)
-    return flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)
 
 
 class Decisions:
@@ -113,24 +109,6 @@ class Decisions:
         return (same if self.targeted else ~same).flatten(1)
 
 
-def foreground_dice(logits: Tensor, y: Tensor, activation: Activation, image_dims: int) -> Tensor:
-    """Per sample ``(B,)``: the mean over the foreground classes of the hard prediction's Dice to
-    ``y`` (1 for a class empty in both), as the records score a slice."""
-    if activation == "sigmoid":
-        pred, true = logits > 0, y > 0.5
-    else:
-        channels = logits.shape[1]
-        if y.dim() != image_dims:  # class indices
-            y = F.one_hot(y.long(), channels).movedim(-1, 1)
-        pred = F.one_hot(logits.argmax(1), channels).movedim(-1, 1)[:, 1:].bool()
-        true = y[:, 1:] > 0.5
-    dims = tuple(range(2, pred.dim()))
-    both = (pred & true).sum(dims).double()
-    total = pred.sum(dims).double() + true.sum(dims).double()
-    dice = torch.where(total > 0, 2 * both / total.clamp(min=1), torch.ones_like(total))
-    return dice.mean(1).float()
-
-
 class Best:
     """Each sample's best iterate so far (adv-lib's rule): the smallest successful one; until one
     succeeds, the one closest to success."""
@@ -168,13 +146,17 @@ class MinimalNorm(Attack):
         steps: iterations (forward and backward passes).
         criterion: ``pixels`` or ``dice`` (see the module's docstring).
         threshold: the criterion's threshold (default 0.99 of the units wrong; Dice 0.5).
+        refine: lower each sample's norm by an APGD bisection below it
+            (:mod:`advseg.attacks.refine`): ``True``/``"on"`` (the default: 6 rounds of 20
+            APGD steps), ``False``/``"off"``, or ``"ROUNDSxSTEPS"``. APGD raises the attack's
+            ``loss`` and, with the ``dice`` criterion, keeps its lowest-Dice iterate.
 
-    After a call: :attr:`min_eps` ``(B,)``.
+    After a call: :attr:`min_eps` ``(B,)`` and :attr:`min_eps_upper` ``(B,)``.
     """
 
     def __init__(self, model: nn.Module, loss="bce", eps: float | None = None, *, steps: int,
                  criterion: Criterion = "pixels", threshold: float | None = None,
-                 **kwargs) -> None:  # fmt: skip
+                 refine: bool | str = True, **kwargs) -> None:  # fmt: skip
         super().__init__(model, loss, 0.0 if eps is None else eps, **kwargs)
         if eps is None:
             self.eps = math.inf
@@ -189,9 +171,20 @@ class MinimalNorm(Attack):
             raise UserError(f"{self.name}: threshold must be a number in [0, 1], got {value!r}")
         self.criterion: Criterion = criterion
         self.threshold = float(value)
+        self.refinement = parse_refine(refine, self.name)
         self.min_eps: Tensor = torch.empty(0)
         """After a call, per sample ``(B,)``: the smallest breaking perturbation's norm found
-        (``inf``: none found; NaN: not searched, ``eps`` 0)."""
+        (``inf``: none found; NaN: not searched, ``eps`` 0), after the refinement if any."""
+        self.min_eps_upper: Tensor = torch.empty(0)
+        """After a call, ``(B,)``: the norm the search itself found, before the refinement (the
+        upper bound it started from; equal to :attr:`min_eps` with ``refine`` off)."""
+
+    @property
+    def setting(self) -> str:
+        """The records' ``attack_setting``: the search's steps and the refinement, e.g.
+        ``steps=500 refine=apgd-bisection 6x20`` (``refine=off``)."""
+        how = "off" if self.refinement is None else self.refinement.label
+        return f"steps={self.steps} refine={how}"
 
     @property
     def criterion_label(self) -> str:
@@ -208,6 +201,7 @@ class MinimalNorm(Attack):
         """The adversarial images ``(B, C, *S)`` for images ``x`` (``S``: ``(H, W)`` or
         ``(D, H, W)``) and masks ``y``; sets :attr:`min_eps`."""
         self.min_eps = torch.full((len(x),), math.nan, device=x.device)
+        self.min_eps_upper = self.min_eps.clone()
         return super().__call__(x, y, generator=generator)
 
     def score(self, logits: Tensor, won: Tensor, y: Tensor, image_dims: int) -> Tensor:
@@ -215,19 +209,38 @@ class MinimalNorm(Attack):
         won (``pixels``) or 1 minus the foreground Dice (``dice``)."""
         if self.criterion == "pixels":
             return won.float().mean(1)
-        return 1 - foreground_dice(logits, y, self.activation, image_dims)
+        return 1 - sample_dice(logits, y, self.activation).float()
 
     @property
     def goal(self) -> float:
         return self.threshold if self.criterion == "pixels" else 1 - self.threshold
 
-    def finish(self, best: Best, x: Tensor) -> Tensor:
-        """Set :attr:`min_eps` from ``best`` and return its images within the budget and range."""
-        self.min_eps = torch.where(best.found, best.dist, torch.full_like(best.dist, math.inf))
-        delta = best.images - x
+    def broken(self, logits: Tensor, y: Tensor) -> Tensor:
+        """``(B,)`` bool: whether the criterion counts the samples at ``logits`` as broken."""
+        units = Decisions(y, self.activation, logits.dim(), self.targeted)
+        return self.score(logits, units.wrong(logits), y, logits.dim()) >= self.goal
+
+    def refine(self, x: Tensor, y: Tensor, images: Tensor, upper: Tensor,
+               generator: torch.Generator) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """``(min_eps (B,), images)``: ``upper`` and ``images`` lowered by the bisection."""
+        if self.refinement is None:
+            return upper, images
+        keep = "dice" if self.criterion == "dice" else "loss"
+        search = APGD(self.model, self.loss, 0.0, norm=self.norm, activation=self.activation,
+                      valid_range=self.valid_range, best=keep)  # fmt: skip
+        return bisect(search, x, y, images, upper, self.broken, self.refinement, generator)
+
+    def finish(self, best: Best, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        """Set :attr:`min_eps_upper` from ``best``, refine it into :attr:`min_eps`, and return
+        the images at it within the budget and range."""
+        self.min_eps_upper = torch.where(
+            best.found, best.dist, torch.full_like(best.dist, math.inf)
+        )
+        self.min_eps, images = self.refine(x, y, best.images, self.min_eps_upper, generator)
+        delta = images - x
         if self.norm == "linf":
             delta = delta.clamp(-self.eps, self.eps)
         else:
-            size = delta.flatten(1).norm(dim=1)
+            size = norms(delta, "l2")
             delta = delta * per_sample((self.eps / size.clamp(min=1e-30)).clamp(max=1), delta)
         return self.clip(x + delta)

@@ -132,7 +132,7 @@ class PDPGD(MinimalNorm):
                 rate = self.dual_lr * (progress * (1 - self.dual_lr_decrease) +
                                        self.dual_lr_decrease)  # fmt: skip
                 dual = (dual + rate * m.sign().double() * mask).clamp(-bound, bound)
-        return self.finish(best, x)
+        return self.finish(best, x, y, generator)
 
     def proximal(self, r: Tensor, denom: Tensor, total: Tensor, step: float, prox, x: Tensor
                  ) -> Tensor:  # fmt: skip

@@ -42,6 +42,8 @@ class BatchOutput:
     min_eps: list[Tensor | None] = field(default_factory=list)
     """Per loss, a minimal-norm attack's smallest breaking norm per slice ``(B,)`` (``alma-prox``,
     ``pdpgd``: :attr:`~advseg.attacks.minimal.MinimalNorm.min_eps`); None otherwise."""
+    min_eps_upper: list[Tensor | None] = field(default_factory=list)
+    """Per loss, that attack's norm before its refinement (``MinimalNorm.min_eps_upper``)."""
     criteria: list[str] = field(default_factory=list)
     """Per loss, that attack's criterion (``dice<=0.5``); ``""`` otherwise."""
 
@@ -75,8 +77,9 @@ def attack_batch(
     members = [list(a.winners) if getattr(a, "loss_ensemble", False) else None for a in attacks]
     minimal = [isinstance(a, MinimalNorm) for a in attacks]
     min_eps = [a.min_eps.clone() if m else None for a, m in zip(attacks, minimal, strict=True)]
+    upper = [a.min_eps_upper.clone() if m else None for a, m in zip(attacks, minimal, strict=True)]
     criteria = [a.criterion_label if m else "" for a, m in zip(attacks, minimal, strict=True)]
-    return BatchOutput(clean_logits, x_adv, adv_logits, members, min_eps, criteria)
+    return BatchOutput(clean_logits, x_adv, adv_logits, members, min_eps, upper, criteria)
 
 
 def sweep_batch(

@@ -58,10 +58,11 @@ def batch_records(
     frames = []
     members = out.members or [None] * len(losses)
     minimal = out.min_eps or [None] * len(losses)
+    uppers = out.min_eps_upper or [None] * len(losses)
     criteria = out.criteria or [""] * len(losses)
     truths = truths or [y] * len(losses)
-    for attack_loss, x_adv, adv_logits, winners, min_eps, criterion, truth in zip(
-        losses, out.x_adv, out.adv_logits, members, minimal, criteria, truths, strict=True
+    for attack_loss, x_adv, adv_logits, winners, min_eps, upper, criterion, truth in zip(
+        losses, out.x_adv, out.adv_logits, members, minimal, uppers, criteria, truths, strict=True
     ):
         moved = target if truth is y else truth > 0.5
         adv = score(class_prediction(adv_logits, activation), moved, spacing, nsd_mm)
@@ -74,6 +75,7 @@ def batch_records(
             "ssim": ssim(x, x_adv, data_range).cpu().numpy(),
             "luminosity": lum,
             "min_eps": np.full(len(x), np.nan) if min_eps is None else min_eps.cpu().numpy(),
+            "min_eps_upper": np.full(len(x), np.nan) if upper is None else upper.cpu().numpy(),
         }
         columns = {"loss": attack_loss, "member": member, "min_eps_criterion": criterion}
         if nsd_mm is not None:

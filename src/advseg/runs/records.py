@@ -61,6 +61,7 @@ RECORD_COLUMNS: dict[str, str] = {
     "luminosity": "float64",
     "abstained": "float64",  # share of the pixels left undecided (randomized smoothing), else 0
     "min_eps": "float64",  # minimal-norm attacks: smallest breaking norm (inf: none found)
+    "min_eps_upper": "float64",  # the search's own norm before refine (= min_eps when off)
     "min_eps_criterion": "string",  # what "breaking" meant (dice<=0.5, pixels>=0.99); "" else
     "through": "string",  # volumes: the threat protocol (inference, tiles); "" for slices
     "nsd_clean": "float64",  # volumes: normalised surface Dice at nsd_mm; NaN for slices
@@ -77,6 +78,7 @@ DEFAULTS: dict[str, object] = {
     "hd95_mm_clean": float("nan"),
     "hd95_mm_adv": float("nan"),
     "min_eps": float("nan"),
+    "min_eps_upper": float("nan"),
     "min_eps_criterion": "",
     "through": "",
     "nsd_clean": float("nan"),
@@ -91,7 +93,8 @@ before corruptions, have no corruption ("", severity 0); only an attack with a n
 valid range) has an ``attack_setting`` ("" for the rest
 and for records written before the column existed); records of a model not cross-validated
 (and older files) have no fold (-1); only minimal-norm attacks (``alma-prox``,
-``pdpgd``) have a ``min_eps`` and its criterion (NaN, "" for the rest and for older records);
+``pdpgd``) have a ``min_eps``, the search's upper bound ``min_eps_upper`` it was refined from,
+and their criterion (NaN, "" for the rest and for older records);
 only volumes (a 3D checkpoint's cells) have a threat protocol ``through`` and the normalised
 surface Dice ``nsd_*`` at the tolerance ``nsd_mm`` ("" and NaN for slices and older records)."""
 
@@ -211,7 +214,8 @@ VALUE_RANGES: dict[str, tuple[float, float]] = {
     **{c: (0, float("inf")) for c in ("gt_pixels", "tp_clean", "fp_clean", "fn_clean", "tp_adv",
                                       "fp_adv", "fn_adv", "params", "seed", "severity")},
     **{c: (0.0, float("inf")) for c in ("eps", "linf", "l2", "hd95_clean", "hd95_adv",
-                                        "hd95_mm_clean", "hd95_mm_adv", "min_eps")},
+                                        "hd95_mm_clean", "hd95_mm_adv", "min_eps",
+                                        "min_eps_upper")},
     "ssim": (-1.0, 1.0),
     "fold": (-1, float("inf")),
 }  # fmt: skip
