@@ -358,16 +358,26 @@ class CrossModel:
 
     def _universal(self, cell: Any) -> pd.DataFrame:
         from advseg.attacks import create_attack
-        from advseg.attacks.universal import save_perturbation
+        from advseg.attacks.universal import WindowTiles, save_perturbation
 
         net, arch = self.model_for(cell.model, cell.seed)
-        kwargs = self._kwargs(cell)
+        kwargs, volume, scored = self._kwargs(cell), {}, net
+        fit_net, fit_data = net, self.data.dataset(self.train_rows)
+        if cell.through:  # volumes: a window-sized perturbation laid out over each volume
+            scored = volume_inferer(self.config, net, arch)
+            kwargs = {**self._volume_kwargs(cell), "window": scored.roi_size}
+            volume = {"through": cell.through, "nsd_mm": self.config.evaluation.nsd_mm}
+            if cell.through == "inference":  # fitted through the inference that scores it
+                fit_net = scored
+            else:  # tiles: through the bare network, on the training volumes' tiles
+                fit_data = WindowTiles(fit_data, scored.roi_size)
         fitted = []
         for loss in cell.losses:
-            attack = create_attack(UNIVERSAL, net, loss, cell.eps, **kwargs)
+            attack = create_attack(UNIVERSAL, fit_net, loss, cell.eps, **kwargs)
             with self.console.status(f"fitting a universal perturbation on {cell.model} ({loss})"):
-                attack.fit(self.data.dataset(self.train_rows))
+                attack.fit(fit_data)
             stem = f"{_seeded(cell.model, cell)}__eps{cell.eps:g}__{loss}"
+            stem += f"__{cell.through}" if cell.through else ""
             if distributed.is_main():
                 save_perturbation(attack.perturbation, self.run_dir / "universal" / stem)
             fitted.append(attack)
@@ -379,13 +389,14 @@ class CrossModel:
             ]
 
             def add(x: torch.Tensor, y: torch.Tensor, positions: np.ndarray, deltas=deltas):
-                return [a.clip(x + d.to(x.device)) for a, d in zip(fitted, deltas, strict=True)]
+                return [a.clip(x + a.laid_out(d.to(x.device), x.shape[2:]))
+                        for a, d in zip(fitted, deltas, strict=True)]  # fmt: skip
 
-            result = evaluate_cell(
-                net, self.data, self.rows, label, list(cell.losses), cell.eps,
-                model_name=cell.model, arch=arch, attack_kwargs=kwargs,
-                batch_size=self.config.evaluation.batch_size, crafted=add,
-            )  # fmt: skip
+            result = evaluate_sweep(
+                scored, self.data, self.rows, label, {cell.eps: list(cell.losses)},
+                model_name=cell.model, arch=arch, attack_kwargs=kwargs, crafted=add,
+                batch_size=1 if volume else self.config.evaluation.batch_size, **volume,
+            )[0]  # fmt: skip
             frames.append(result.records)
         return pd.concat(frames, ignore_index=True)
 

@@ -11,10 +11,12 @@ protocol (``<attack>:<through>``) and holding the normalised surface Dice at
 ``evaluation.nsd_mm``. Corruption cells corrupt each whole volume in 3D
 (:func:`advseg.evaluate.corrupted.evaluate_corruptions`), scored once, by the inference.
 Transfer cells score the volumes a source crafted (under the same protocol) on the target
-through the target's inference (:mod:`advseg.crossmodel.cells`). What is not built for volumes
-yet is refused in one line: 2D and 3D models in one grid, checkpoints given to the grid, input
-defences, ensembles (models and transfer sources ``a+b``), universal cells, cross-validation
-folds and ``compat: notebook``.
+through the target's inference, and a universal cell fits one window-sized perturbation on the
+training volumes (through the inference, or through the bare network on their tiles) laid out on
+every tile of each held-out volume (:mod:`advseg.crossmodel.cells`,
+:func:`advseg.attacks.universal.lay_out`). What is not built for volumes yet is refused in one
+line: 2D and 3D models in one grid, checkpoints given to the grid, input defences, ensembles
+(models and transfer sources ``a+b``), cross-validation folds and ``compat: notebook``.
 """
 
 from __future__ import annotations
@@ -68,7 +70,5 @@ def check_volumes(config: ExperimentConfig) -> None:
                                 "not built")  # fmt: skip
         if (attack.compat or config.compat) != "none":
             raise UserError(f"attacks[{i}]: compat notebook is for slices")
-        if attack.name == "universal":
-            raise UserError(f"attacks[{i}]: universal perturbations of volumes are not built")
     if config.split.folds is not None:
         raise UserError("split.folds: cross-validation trains 2D models")
