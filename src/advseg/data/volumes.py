@@ -70,8 +70,9 @@ class VolumeData:
     """A loaded volumetric data set: row i of :attr:`index` is volume i.
 
     Attributes:
-        index: one row per scan (:data:`VOLUME_COLUMNS`, and ``slice`` -1: a whole volume, as
-            records name it): ``id`` = ``scan``, the array's
+        index: one row per scan (:data:`VOLUME_COLUMNS`, ``slice`` -1: a whole volume, as
+            records name it, and ``ras`` 1 where the volume is in canonical RAS+ orientation,
+            NIfTI / DICOM, 0 for stacked PNG slices): ``id`` = ``scan``, the array's
             ``depth, height, width`` and voxel size ``spacing_d, spacing_h, spacing_w`` (mm),
             the source's shape and spacing before resampling, and ``mean``, ``std`` of the
             z-score (a model-input difference ``d`` is ``d * std`` in the source's units).
@@ -211,7 +212,8 @@ def load_volumes(config: DataConfig, progress: Callable[[int], None] | None = No
         decoded = _build(entry, slices, modality, volume, str(root), progress)
     keep_digests(entry, digests)  # the files' stat keys now: not read again next time
     meta = json.loads((entry / "volumes.json").read_text())
-    index = pd.DataFrame(meta["rows"], columns=list(VOLUME_COLUMNS)).assign(slice=-1)
+    index = pd.DataFrame(meta["rows"], columns=list(VOLUME_COLUMNS))
+    index = index.assign(slice=-1, ras=np.uint8(source == "nifti"))  # NIfTI / DICOM: RAS+
     n = len(index)
     images = [np.load(entry / f"image-{i:04d}.npy", mmap_mode="r") for i in range(n)]
     masks = [np.load(entry / f"mask-{i:04d}.npy", mmap_mode="r") for i in range(n)]

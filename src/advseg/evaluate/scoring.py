@@ -101,12 +101,16 @@ def example_arrays(
 ) -> dict[str, np.ndarray]:
     """The arrays of the batch positions ``picks`` (see :attr:`CellResult.examples`), one entry
     per loss in ``x_adv`` and ``pred_adv``; ``ras`` (N,) marks the slices of volumes read in
-    canonical RAS+ orientation (NIfTI: ``image_z`` >= 0), whose rows run posterior to anterior
-    and columns left to right, so that a figure can show them in the radiological convention."""
+    canonical RAS+ orientation (NIfTI: ``image_z`` >= 0; whole volumes: the index's ``ras``),
+    whose rows run posterior to anterior and columns left to right, so that a figure can show
+    them (or a volume's axial slice) in the radiological convention."""
     at = torch.as_tensor(picks, device=x.device)
-    z = meta["image_z"].to_numpy() if "image_z" in meta else np.full(len(meta), -1)
+    if "ras" in meta:  # whole volumes (advseg.data.VolumeData.index)
+        ras = meta["ras"].to_numpy()
+    else:
+        ras = meta["image_z"].to_numpy() >= 0 if "image_z" in meta else np.zeros(len(meta))
     return {
-        "ras": (np.asarray(z)[picks] >= 0).astype(np.uint8),
+        "ras": np.asarray(ras)[picks].astype(np.uint8),
         "slice_ids": meta["id"].to_numpy()[picks].astype(str),
         "image": x[at].float().cpu().numpy(),
         "mask": (y[at] > 0.5).to(torch.uint8).cpu().numpy(),
