@@ -98,25 +98,74 @@ def test_recomputed_gradient_equals_full_autograd_through_monai(mirror):
     assert relative <= 1e-6
 
 
+def saved_bytes(inferer: SlidingWindow, x: torch.Tensor) -> int:
+    """Bytes autograd saves for the backward during the inferer's forward."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        inferer(x.requires_grad_(True))
+    return sum(sizes)
+
+
 def test_recompute_keeps_no_window_graph():
-    """What autograd saves during the forward: the input alone with ``recompute``; every
-    window's activations with ``graph`` (MONAI's behaviour)."""
+    """What autograd saves during the forward: the input alone with ``recompute`` and no graph
+    kept; every window's activations with ``graph`` (MONAI's behaviour)."""
     net = tiny3d()
-    x = torch.rand(1, 1, 16, 16, 16).requires_grad_(True)
+    x = torch.rand(1, 1, 16, 16, 16)
+    assert saved_bytes(SlidingWindow(net, (8, 8, 8), memory="recompute", keep_graphs=0), x) == (
+        x.numel() * x.element_size()
+    )
+    assert saved_bytes(SlidingWindow(net, (8, 8, 8), memory="graph"), x) > 20 * x.numel() * 4
 
-    def saved_bytes(memory):
-        sizes = []
 
-        def pack(t):
-            sizes.append(t.numel() * t.element_size())
-            return t
+@pytest.mark.parametrize("keep", [1, 2, 5])
+def test_kept_graphs_are_bounded_by_keep_graphs_not_by_the_volume(keep):
+    """keep_graphs=k saves k windows' graphs (whole batches), the same on 8, 27 and 125 windows:
+    memory does not grow with the volume."""
+    net = tiny3d()
+    window = saved_bytes(SlidingWindow(net, (8, 8, 8), keep_graphs=1), torch.rand(1, 1, 8, 8, 8))
+    window -= 8**3 * 4  # one window's graph: what a volume of one window saves beyond its input
+    assert window > 10 * 8**3 * 4  # the activations of a window, not just its input
+    for size in (12, 16, 24):  # 2, 3 and 5 windows per axis
+        x = torch.rand(1, 1, size, size, size)
+        inferer = SlidingWindow(net, (8, 8, 8), memory="recompute", keep_graphs=keep)
+        assert saved_bytes(inferer, x) - x.numel() * 4 == keep * window
+    x = torch.rand(1, 1, 12, 12, 12)  # 8 windows, in 4 batches of 2: whole batches are kept
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            SlidingWindow(net, (8, 8, 8), memory=memory)(x)
-        return sum(sizes)
+    def batched(k: int) -> int:
+        return saved_bytes(SlidingWindow(net, (8, 8, 8), batch_size=2, keep_graphs=k), x) - 1728 * 4
 
-    assert saved_bytes("recompute") == x.numel() * x.element_size()
-    assert saved_bytes("graph") > 20 * x.numel() * x.element_size()
+    pair = batched(2)
+    assert 1.5 * window < pair <= 2 * window
+    assert batched(keep) == keep // 2 * pair
+
+
+@pytest.mark.parametrize(("batch", "mirror"), [(1, ()), (2, (0, 2))])
+def test_kept_graphs_give_the_same_gradient(batch, mirror):
+    """float64: the input gradient with no graph kept, some and every window's (10 windows of
+    2 images) agree to 1e-12; a second backward (graphs used up) recomputes, same gradient."""
+    net = tiny3d(dtype=torch.float64)
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 1, 13, 11, 10, generator=g, dtype=torch.float64)
+    w = torch.randn(2, 3, 13, 11, 10, generator=g, dtype=torch.float64)
+    grads = {}
+    for keep in (0, 1, 3, 8, 100):
+        ours = x.clone().requires_grad_(True)
+        inferer = SlidingWindow(net, (8, 8, 8), batch_size=batch, mirror_axes=mirror,
+                                memory="recompute", keep_graphs=keep)  # fmt: skip
+        out = (inferer(ours) * w).sum()
+        (grads[keep],) = torch.autograd.grad(out, ours, retain_graph=True)
+        (again,) = torch.autograd.grad(out, ours)
+        assert (again - grads[keep]).abs().max() <= 1e-12
+    for keep, grad in grads.items():
+        assert (grad - grads[0]).abs().max() <= 1e-12 * grads[0].abs().max(), keep
+    theirs = x.clone().requires_grad_(True)
+    (monai(theirs, net, (8, 8, 8), batch=batch, mirror=mirror) * w).sum().backward()
+    assert (grads[3] - theirs.grad).norm() / theirs.grad.norm() <= 1e-6
 
 
 def test_training_through_the_inferer_keeps_the_graph_and_gives_parameter_gradients():
@@ -149,6 +198,7 @@ def test_works_for_slices_too():
         ({"mirror_axes": (3,)}, "mirror_axes"),
         ({"blend": "mean"}, "blend"),
         ({"batch_size": 0}, "batch_size"),
+        ({"keep_graphs": -1}, "keep_graphs"),
     ],
 )
 def test_bad_settings_are_refused(kw, match):

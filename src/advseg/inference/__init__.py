@@ -7,6 +7,12 @@ mirroring, gradients whose memory does not grow with the volume). A low layer: i
 only, never the evaluation, experiment, report or CLI modules.
 """
 
-from advseg.inference.sliding import SlidingWindow, gaussian_weights, window_slices, window_starts
+from advseg.inference.sliding import (
+    KEEP_GRAPHS,
+    SlidingWindow,
+    gaussian_weights,
+    window_slices,
+    window_starts,
+)
 
-__all__ = ["SlidingWindow", "gaussian_weights", "window_slices", "window_starts"]
+__all__ = ["KEEP_GRAPHS", "SlidingWindow", "gaussian_weights", "window_slices", "window_starts"]

@@ -14,6 +14,12 @@ the window's Gaussian, ``C`` the sum of the Gaussians over the windows covering 
 input gradient is ``sum_w J_w^T (g * dL / C)``: exact, one window's graph alive at a time. It needs
 the model to be deterministic (eval mode, as attacks run it) and gives no parameter gradients, so
 training through the inferer (parameters requiring grad) keeps the full graph instead.
+
+The recomputation costs one more forward per window. ``keep_graphs=k`` buys part of it back with a
+bounded graph cache: the last ``k`` windows of the forward are computed with their graph, which
+the backward uses directly (then frees) before recomputing the others. Memory is bounded by ``k``
+window graphs whatever the image's size; the gradient is the same (the same forward, in the same
+order; tested in float64 for ``k`` = 0, some and all windows).
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ Blend = Literal["gaussian", "constant"]
 Memory = Literal["auto", "recompute", "graph"]
 
 MIN_WEIGHT = 1e-3  # MONAI's floor of the importance map (compute_importance_map)
+# Window graphs a recomputing forward keeps by default: on benchmarks/bench_volume_attack.py's 8
+# windows (unet3d-tiny, 32^3, CPU) the one value with the step <= 1.25x its windows' forward +
+# backward and its peak memory <= 1.5x that on one window. Lower it for big windows on a GPU.
+KEEP_GRAPHS = 4
 
 
 def window_starts(size: int, roi: int, overlap: float) -> list[int]:
@@ -90,9 +100,13 @@ class SlidingWindow(nn.Module):
         mirror_axes: spatial axes (0-based: 0 is D of a volume) whose flips are averaged in each
             window, every combination of them (nnU-Net's test-time mirroring; 2^n forwards).
         batch_size: windows per model call.
-        memory: ``recompute`` (no window graph kept: the backward recomputes each window),
+        memory: ``recompute`` (the backward recomputes the windows whose graph was not kept),
             ``graph`` (ordinary autograd through every window, MONAI's behaviour), or ``auto``:
             ``recompute`` unless some model parameter requires grad (training), then ``graph``.
+        keep_graphs: with ``recompute``, how many windows (the last ones, in whole batches) the
+            forward computes with their graph so the backward needs not recompute them: memory
+            grows by that many window graphs (not with the image), time falls by one forward
+            each. The gradient is the same for any value.
 
     Example:
         >>> inferer = SlidingWindow(model, (32, 32, 32), overlap=0.5, mirror_axes=(0, 1, 2))
@@ -111,6 +125,7 @@ class SlidingWindow(nn.Module):
         mirror_axes: Sequence[int] = (),
         batch_size: int = 1,
         memory: Memory = "auto",
+        keep_graphs: int = KEEP_GRAPHS,
     ) -> None:
         super().__init__()
         roi = tuple(int(r) for r in roi_size)
@@ -127,6 +142,8 @@ class SlidingWindow(nn.Module):
             raise ValueError(f"memory must be auto, recompute or graph, got {memory!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if keep_graphs < 0:
+            raise ValueError(f"keep_graphs must be >= 0, got {keep_graphs}")
         self.model = model
         self.roi_size = roi
         self.overlap = float(overlap)
@@ -135,6 +152,8 @@ class SlidingWindow(nn.Module):
         self.mirror_axes = axes
         self.batch_size = int(batch_size)
         self.memory: Memory = memory
+        self.keep_graphs = int(keep_graphs)
+        self._cache: dict[tuple, Tensor] = {}  # constant across calls: weights, normaliser
 
     @property
     def spatial_dims(self) -> int:
@@ -160,10 +179,17 @@ class SlidingWindow(nn.Module):
         return window_slices(shape, self.roi_size, self.overlap)
 
     def weights(self, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """One window's blending weights, shape ``roi_size``."""
-        if self.blend == "constant":
-            return torch.ones(self.roi_size, dtype=dtype, device=device)
-        return gaussian_weights(self.roi_size, self.sigma_scale, dtype=dtype, device=device)
+        """One window's blending weights, shape ``roi_size`` (built once per dtype and device;
+        not to be written to)."""
+        key = ("weights", dtype, device)
+        if key not in self._cache:
+            if self.blend == "constant":
+                self._cache[key] = torch.ones(self.roi_size, dtype=dtype, device=device)
+            else:
+                self._cache[key] = gaussian_weights(
+                    self.roi_size, self.sigma_scale, dtype=dtype, device=device
+                )
+        return self._cache[key]
 
     def predict(self, windows: Tensor) -> Tensor:
         """The model's logits of a batch of windows, averaged over the mirrorings."""
@@ -180,18 +206,37 @@ class SlidingWindow(nn.Module):
     def blended(self, x: Tensor) -> Tensor:
         """The blended logits of ``x`` (at least one window in every axis), with or without a
         graph as autograd's state says: ``sum_w g * P_w / sum_w g``."""
+        return self._blend(x, keep=0)[0]
+
+    def _blend(self, x: Tensor, keep: int) -> tuple[Tensor, list[tuple[int, Tensor, Tensor]]]:
+        """:meth:`blended`, the last batches of at most ``keep`` windows in all computed with a
+        graph (grad enabled, their inputs detached leaves): those ``(batch index, inputs,
+        logits)`` are returned beside the blend, which holds their logits detached."""
         windows = self.windows(x.shape[2:])
+        batches = self._batches(x.shape[0], windows)
+        kept_from = len(batches)
+        while kept_from and keep >= sum(len(b) for b in batches[kept_from - 1 :]):
+            kept_from -= 1
         out: Tensor | None = None
         weights = count = None
-        for batch in self._batches(x.shape[0], windows):
-            logits = self.predict(torch.cat([x[(b, slice(None), *s)][None] for b, s in batch]))
+        kept: list[tuple[int, Tensor, Tensor]] = []
+        for i, batch in enumerate(batches):
+            inputs = torch.cat([x[(b, slice(None), *s)][None] for b, s in batch])
+            if i >= kept_from:
+                with torch.enable_grad():
+                    inputs = inputs.detach().requires_grad_(True)
+                    logits = self.predict(inputs)
+                kept.append((i, inputs, logits))
+                logits = logits.detach()
+            else:
+                logits = self.predict(inputs)
             if out is None:
                 weights = self.weights(logits.dtype, logits.device)
                 count = self._count(windows, x.shape[2:], weights)
                 out = logits.new_zeros((x.shape[0], logits.shape[1], *x.shape[2:]))
             for (b, s), window in zip(batch, logits * weights, strict=True):
                 out[(b, slice(None), *s)] += window  # in place: autograd records CopySlices
-        return out / count
+        return out / count, kept
 
     def _batches(self, images: int, windows: list) -> list[list[tuple[int, tuple[slice, ...]]]]:
         """(image, window) pairs in MONAI's order (image by image), ``batch_size`` at a time."""
@@ -199,11 +244,16 @@ class SlidingWindow(nn.Module):
         return [pairs[i : i + self.batch_size] for i in range(0, len(pairs), self.batch_size)]
 
     def _count(self, windows: list, shape: Sequence[int], weights: Tensor) -> Tensor:
-        """The sum of the windows' weights at each voxel, shape ``(1, 1, *shape)``."""
-        count = weights.new_zeros((1, 1, *shape))
-        for s in windows:
-            count[(0, 0, *s)] += weights
-        return count
+        """The sum of the windows' weights at each voxel, shape ``(1, 1, *shape)`` (built once
+        per shape, dtype and device; not to be written to)."""
+        key = ("count", tuple(shape), weights.dtype, weights.device)
+        if key not in self._cache:
+            count = weights.new_zeros((1, 1, *shape))
+            for s in windows:
+                count[(0, 0, *s)] += weights
+            self._cache = {k: v for k, v in self._cache.items() if k[0] != "count"}  # one shape
+            self._cache[key] = count
+        return self._cache[key]
 
     def _padding(self, shape: Sequence[int]) -> list[int]:
         """F.pad's list (last axis first) growing each axis smaller than the window to it,
@@ -226,7 +276,8 @@ class SlidingWindow(nn.Module):
     def extra_repr(self) -> str:
         mirror = f", mirror_axes={self.mirror_axes}" if self.mirror_axes else ""
         return (f"roi_size={self.roi_size}, overlap={self.overlap:g}, blend={self.blend!r}"
-                f"{mirror}, batch_size={self.batch_size}, memory={self.memory!r}")  # fmt: skip
+                f"{mirror}, batch_size={self.batch_size}, memory={self.memory!r}, "
+                f"keep_graphs={self.keep_graphs}")  # fmt: skip
 
 
 def _tensor(out: Tensor | Sequence[Tensor] | dict) -> Tensor:
@@ -239,32 +290,49 @@ def _tensor(out: Tensor | Sequence[Tensor] | dict) -> Tensor:
 
 
 class _Recomputed(torch.autograd.Function):
-    """The blend with no graph in the forward; the backward recomputes window by window."""
+    """The blend with no graph in the forward (but the last ``keep_graphs`` windows'); the
+    backward back-propagates the kept windows, then recomputes the others window by window."""
 
     @staticmethod
     def forward(ctx, x: Tensor, inferer: SlidingWindow) -> Tensor:
         ctx.inferer = inferer
         ctx.save_for_backward(x)
         with torch.no_grad():
-            return inferer.blended(x)
+            out, ctx.kept = inferer._blend(x, keep=inferer.keep_graphs)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (x,) = ctx.saved_tensors
         inferer: SlidingWindow = ctx.inferer
+        kept, ctx.kept = ctx.kept, []  # used once: a second backward recomputes everything
         windows = inferer.windows(x.shape[2:])
         weights = inferer.weights(grad.dtype, grad.device)
         count = inferer._count(windows, x.shape[2:], weights)[0, 0]  # C: (*S)
+        batches = inferer._batches(x.shape[0], windows)
         grad_x = torch.zeros_like(x)
-        for batch in inferer._batches(x.shape[0], windows):
-            with torch.enable_grad():
-                inputs = torch.cat([x[(b, slice(None), *s)][None] for b, s in batch])
-                inputs = inputs.detach().requires_grad_(True)
-                logits = inferer.predict(inputs)
-                shares = torch.stack(  # the window's share of dL: g / C
-                    [grad[(b, slice(None), *s)] * (weights / count[s]) for b, s in batch]
-                )
-                (window_grad,) = torch.autograd.grad(logits, inputs, shares.to(logits.dtype))
-            for (b, s), g in zip(batch, window_grad, strict=True):
+
+        def window_grad(batch: list, inputs: Tensor, logits: Tensor) -> Tensor:
+            shares = torch.stack(  # the window's share of dL: g / C
+                [grad[(b, slice(None), *s)] * (weights / count[s]) for b, s in batch]
+            )
+            return torch.autograd.grad(logits, inputs, shares.to(logits.dtype))[0]
+
+        # The kept graphs first, each freed once used; their input gradients (one window each)
+        # wait so that grad_x sums the windows in the same order whatever keep_graphs is.
+        done = {}
+        while kept:
+            i, inputs, logits = kept.pop()
+            done[i] = window_grad(batches[i], inputs, logits)
+            del inputs, logits
+        for i, batch in enumerate(batches):
+            if i in done:
+                grads = done.pop(i)
+            else:
+                with torch.enable_grad():
+                    inputs = torch.cat([x[(b, slice(None), *s)][None] for b, s in batch])
+                    inputs = inputs.detach().requires_grad_(True)
+                    grads = window_grad(batch, inputs, inferer.predict(inputs))
+            for (b, s), g in zip(batch, grads, strict=True):
                 grad_x[(b, slice(None), *s)] += g
         return grad_x, None
