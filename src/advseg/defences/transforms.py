@@ -18,6 +18,11 @@ transform therefore declares two facts the adaptive attacks (:mod:`advseg.attack
 
 Specs are ``name`` or ``name:value`` with the defence's main parameter (``median:3``,
 ``blur:1.0``, ``bitdepth:4``, ``jpeg:75``, ``noise:0.1``); ``none`` means no defence.
+
+Slices ``(B, C, H, W)`` and, for the transforms that are not inherently 2D (``volumetric``: all
+but JPEG, whose 8x8 blocks belong to a 2D image), whole volumes ``(B, C, D, H, W)``: a median
+over a ``K^3`` cube, a 3D Gaussian, bit depth and noise per voxel
+(:mod:`advseg.defences.volumes` puts them in front of a 3D model's sliding-window inference).
 """
 
 from __future__ import annotations
@@ -36,10 +41,13 @@ DEFENCES: Registry[type[InputTransform]] = Registry("defence")
 
 
 class InputTransform(nn.Module):
-    """Base of the input defences: ``forward(x (B, C, H, W)) -> (B, C, H, W)``.
+    """Base of the input defences: ``forward(x (B, C, H, W)) -> (B, C, H, W)`` (volumes
+    ``(B, C, D, H, W)`` alike where ``volumetric``).
 
     Subclasses set ``name``, ``parameter`` (the name of the ``name:value`` argument), its
-    ``default`` and the two flags ``differentiable`` and ``random``.
+    ``default``, the two flags ``differentiable`` and ``random``, and ``volumetric`` (False: the
+    step is inherently 2D). :attr:`value_range` is the inputs' ``(low, high)`` for the steps
+    that need one (bit depth); (0, 1) unless set (volumes: their valid range).
     """
 
     name: ClassVar[str] = "transform"
@@ -47,10 +55,13 @@ class InputTransform(nn.Module):
     default: ClassVar[float] = 0.0
     differentiable: ClassVar[bool] = True
     random: ClassVar[bool] = False
+    volumetric: ClassVar[bool] = True
+    needs_range: ClassVar[bool] = False
 
     def __init__(self, value: float | None = None) -> None:
         super().__init__()
         self.value = self.check(self.default if value is None else value)
+        self.value_range: tuple[float, float] = (0.0, 1.0)
 
     def check(self, value: float) -> float:
         """The parameter, checked; subclasses refuse values outside their range."""
@@ -67,7 +78,8 @@ class InputTransform(nn.Module):
 
 @DEFENCES.register("median")
 class MedianFilter(InputTransform):
-    """Median filter over a square window (``median:K``, K odd), per channel, reflect padding.
+    """Median filter over a square window (``median:K``, K odd; a ``K^3`` cube on a volume),
+    per channel, reflect padding.
 
     Piecewise linear: autograd routes each output's gradient to the pixel the median selected,
     which is the exact gradient almost everywhere. So it counts as differentiable and ``+bpda``
@@ -88,15 +100,17 @@ class MedianFilter(InputTransform):
         k = int(self.value)
         if k == 1:
             return x
-        pad = k // 2
-        padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")  # (B, C, H + 2p, W + 2p)
-        windows = padded.unfold(2, k, 1).unfold(3, k, 1)  # (B, C, H, W, k, k)
-        return windows.flatten(-2).median(dim=-1).values  # (B, C, H, W)
+        axes = x.dim() - 2  # 2 (slices) or 3 (volumes)
+        windows = F.pad(x, (k // 2,) * (2 * axes), mode="reflect")  # (B, C, H + 2p, W + 2p)
+        for axis in range(2, 2 + axes):
+            windows = windows.unfold(axis, k, 1)  # (B, C, H, W, k, k): k^3 for volumes
+        return windows.flatten(-axes).median(dim=-1).values  # (B, C, H, W)
 
 
 @DEFENCES.register("blur")
 class GaussianBlur(InputTransform):
-    """Gaussian blur with standard deviation ``sigma`` pixels (``blur:SIGMA``), reflect padding.
+    """Gaussian blur with standard deviation ``sigma`` pixels (``blur:SIGMA``; voxels along
+    each axis of a volume), reflect padding.
 
     A convolution: differentiable, so the naive attack already has its exact gradient.
     """
@@ -115,21 +129,27 @@ class GaussianBlur(InputTransform):
         t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
         kernel = torch.exp(-0.5 * (t / self.value) ** 2)
         kernel = kernel / kernel.sum()  # (2r + 1,)
-        c = x.shape[1]
-        padded = F.pad(x, (radius, radius, radius, radius), mode="reflect")
-        rows = F.conv2d(padded, kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-        return F.conv2d(rows, kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+        c, axes = x.shape[1], x.dim() - 2
+        out = F.pad(x, (radius,) * (2 * axes), mode="reflect")
+        conv = F.conv2d if axes == 2 else F.conv3d
+        for axis in reversed(range(axes)):  # separable: the last axis first
+            shape = [1] * axes
+            shape[axis] = -1
+            out = conv(out, kernel.view(1, 1, *shape).repeat(c, 1, *[1] * axes), groups=c)
+        return out
 
 
 @DEFENCES.register("bitdepth")
 class BitDepth(InputTransform):
     """Bit-depth reduction to ``bits`` bits per pixel (``bitdepth:B``; Xu et al., NDSS 2018,
-    "Feature Squeezing"): ``round(x (2^B - 1)) / (2^B - 1)``. Rounding has a zero gradient."""
+    "Feature Squeezing"): ``round(x (2^B - 1)) / (2^B - 1)``, over :attr:`value_range` mapped to
+    [0, 1] (a CT volume: its valid range, the HU window). Rounding has a zero gradient."""
 
     name = "bitdepth"
     parameter = "bits"
     default = 4
     differentiable = False
+    needs_range = True
 
     def check(self, value: float) -> float:
         if value != int(value) or not 1 <= value <= 16:
@@ -138,7 +158,11 @@ class BitDepth(InputTransform):
 
     def forward(self, x: Tensor) -> Tensor:
         levels = 2 ** int(self.value) - 1
-        return torch.round(x.clamp(0, 1) * levels) / levels
+        low, high = (float(v) for v in self.value_range)
+        if (low, high) == (0.0, 1.0):
+            return torch.round(x.clamp(0, 1) * levels) / levels
+        unit = ((x - low) / (high - low)).clamp(0, 1)
+        return torch.round(unit * levels) / levels * (high - low) + low
 
 
 # The JPEG standard's luminance quantisation table (ITU-T T.81, Annex K, Table K.1).
@@ -187,6 +211,7 @@ class JpegQuantisation(InputTransform):
     parameter = "quality"
     default = 75
     differentiable = False
+    volumetric = False  # 8x8 blocks of a 2D image
 
     def __init__(self, value: float | None = None) -> None:
         super().__init__(value)

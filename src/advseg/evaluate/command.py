@@ -238,6 +238,7 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
     from advseg.data import held_out_rows, load_data, load_volumes, saved_preprocess, spread_rows
     from advseg.data.record import data_note, first_line
     from advseg.defences import create_defence, defend, defended_name
+    from advseg.defences.volumes import defend_volume
     from advseg.evaluate.corrupted import evaluate_corruptions
     from advseg.evaluate.external import open_external
     from advseg.inference import SlidingWindow
@@ -352,8 +353,14 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
         stem_of = file_stem if fold is None else (lambda name: f"{file_stem(name)}__fold{fold}")
         unit = "slices" if through is None else "volumes"
         volume = {} if through is None else {"through": through, "nsd_mm": config.nsd_mm}
+
+        def defended(spec: str) -> Any:  # volumes: the defence filters the whole volume
+            if through is None:
+                return defend(bare, spec)
+            return defend_volume(bare, spec, data.valid_range, str(checkpoint_name))
+
         for spec, attack in itertools.product(config.defences, config.attacks):
-            model, model_name = defend(bare, spec), defended_name(checkpoint_name, spec)
+            model, model_name = defended(spec), defended_name(checkpoint_name, spec)
             options = {k: v for k, v in config.attack_options.items() if k in accepted[attack]}
             options["activation"] = activation  # the checkpoint's; --activation may repeat it
             options.update(extra)
@@ -393,7 +400,7 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
                         write_trace(result.trace, out / "traces" / f"{name}.csv")
         once = through in (None, config.through[0])  # volumes: scored once, by the inference
         for spec in config.defences if corrupted and once else ():
-            model, model_name = defend(bare, spec), defended_name(checkpoint_name, spec)
+            model, model_name = defended(spec), defended_name(checkpoint_name, spec)
             what = f"{model_name}, {len(corrupted)} corruption cells on {len(rows)} {unit}"
             with cell_progress(console, what) as on_batch:
                 results = evaluate_corruptions(
@@ -548,8 +555,10 @@ def settings_hash(config: EvaluateConfig) -> str:
 
 def _refuse_for_volumes(config: EvaluateConfig, checkpoint: Path) -> None:
     """What a 3D checkpoint's evaluation does not do yet, refused in one line each."""
-    if config.defences != ["none"]:
-        raise UserError(f"{checkpoint}: a 3D model; input defences on volumes are not built")
+    from advseg.defences.volumes import check_volume_defence
+
+    for spec in config.defences:  # JPEG is 2D; the tile protocol has no place for a defence
+        check_volume_defence(spec, f"{checkpoint}: a 3D model", tuple(config.through))
     if config.compat != "none" or config.erase:
         raise UserError(f"{checkpoint}: a 3D model; --compat and --erase are for slices")
 

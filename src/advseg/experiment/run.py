@@ -29,7 +29,6 @@ from advseg.crossmodel.cells import (
     ENSEMBLE_PREFIX,
     CrossModel,
     model_seeds,
-    volume_inferer,
 )
 from advseg.data import (
     SliceData,
@@ -61,7 +60,7 @@ from advseg.experiment.rundir import (
     prepare_run_dir,
     run_identity,
 )
-from advseg.experiment.volumes import volumetric
+from advseg.experiment.volumes import volume_model, volumetric
 from advseg.labels import checkpoint_activation
 from advseg.models import load_checkpoint, read_checkpoint
 from advseg.models.checkpoint import checkpoint_exists, checkpoint_id
@@ -308,7 +307,7 @@ def _run_experiment(
             batch_size = own.batch_size or batch_size
             examples = 0 if own.batch_size == 1 else examples  # volumes: no example panels
         if first.through:  # whole volumes, one at a time, through the window that scores them
-            net = volume_inferer(config, net, arch)
+            net = volume_model(config, net, arch, data.valid_range)
             kwargs["valid_range"] = data.valid_range
             batch_size = 1
             volume = {"through": first.through, "nsd_mm": config.evaluation.nsd_mm}
@@ -348,7 +347,7 @@ def _run_experiment(
         what = f"evaluating {group[0].model}, {len(group)} corruption cells"
         batch_size, volume = config.evaluation.batch_size, {}
         if volumetric(config):  # whole volumes, corrupted in 3D, scored by the sliding window
-            net = volume_inferer(config, net, arch)
+            net = volume_model(config, net, arch, data.valid_range)
             batch_size, volume = 1, {"volumes": True, "nsd_mm": config.evaluation.nsd_mm}
         unit = "volumes" if volume else "slices"
         with cell_progress(console, f"{what} on {len(eval_rows)} {unit}") as on_batch:

@@ -14,9 +14,12 @@ Transfer cells score the volumes a source crafted (under the same protocol) on t
 through the target's inference, and a universal cell fits one window-sized perturbation on the
 training volumes (through the inference, or through the bare network on their tiles) laid out on
 every tile of each held-out volume (:mod:`advseg.crossmodel.cells`,
-:func:`advseg.attacks.universal.lay_out`). What is not built for volumes yet is refused in one
-line: 2D and 3D models in one grid, checkpoints given to the grid, input defences, ensembles
-(models and transfer sources ``a+b``), cross-validation folds and ``compat: notebook``.
+:func:`advseg.attacks.universal.lay_out`). Input defences (``models[i].defences``) filter each
+whole volume before the inference (:mod:`advseg.defences.volumes`). What is not built for
+volumes yet is refused in one line: 2D and 3D models in one grid, checkpoints given to the grid,
+ensembles (models and transfer sources ``a+b``), cross-validation folds, ``compat: notebook``,
+JPEG (a 2D defence), a defence under the tile protocol, and transfer or universal cells in a
+grid with defended models.
 """
 
 from __future__ import annotations
@@ -24,11 +27,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from advseg.crossmodel.transfer import ENSEMBLE_JOIN
+from advseg.defences import DefendedModel
+from advseg.defences.volumes import check_volume_defence, defend_volume
 from advseg.errors import UserError
 from advseg.experiment.config import ENSEMBLE_PREFIX
 from advseg.models.zoo import MODELS, resolve
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from advseg.experiment.config import ExperimentConfig
 
 THROUGH = ("inference", "tiles")
@@ -61,8 +68,12 @@ def check_volumes(config: ExperimentConfig) -> None:
             raise UserError(f"{where}: a grid holds 2D or 3D models, not both (run two grids)")
         if model.checkpoint is not None:
             raise UserError(f"{where}: a 3D grid trains its models; checkpoints are not built")
-        if model.defences:
-            raise UserError(f"{where}: input defences on volumes are not built")
+        for j, spec in enumerate(model.defences):  # JPEG is 2D; tiles attack the bare network
+            check_volume_defence(spec, f"models[{i}].defences[{j}]", tuple(through))
+        crossed = any(a.transfer or a.sources or a.name == "universal" for a in config.attacks)
+        if model.defences and crossed:
+            raise UserError(f"{where}: transfer or universal cells with defended 3D models are "
+                            "not built")  # fmt: skip
     for i, attack in enumerate(config.attacks):
         for j, source in enumerate(attack.sources):
             if ENSEMBLE_JOIN in source:
@@ -72,3 +83,18 @@ def check_volumes(config: ExperimentConfig) -> None:
             raise UserError(f"attacks[{i}]: compat notebook is for slices")
     if config.split.folds is not None:
         raise UserError("split.folds: cross-validation trains 2D models")
+
+
+def volume_model(
+    config: ExperimentConfig, net: nn.Module, arch: str, valid_range: tuple[float, float] | None
+) -> nn.Module:
+    """The model a 3D grid's cell scores volumes with: ``net``'s sliding-window inference
+    (:func:`advseg.crossmodel.cells.volume_inferer`); a model variant behind an input defence
+    gets the defence in front of the inference, filtering the whole volume
+    (:func:`advseg.defences.volumes.defend_volume`), not inside it, window by window."""
+    from advseg.crossmodel.cells import volume_inferer
+
+    if isinstance(net, DefendedModel):
+        inferer = volume_inferer(config, net.model, arch)
+        return defend_volume(inferer, net.spec, valid_range, f"model {arch}+{net.spec}")
+    return volume_inferer(config, net, arch)
