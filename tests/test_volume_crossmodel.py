@@ -6,6 +6,7 @@ the training volumes, laid out on every tile of each volume)."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -228,3 +229,17 @@ def test_universal_cells_on_volumes_score_the_saved_window_laid_out(grid):
             tp = (pred & mask.bool()).sum((1, 2, 3)).tolist()
             rows = cell[cell["slice_id"] == scan].set_index("class").loc[list(data.classes)]
             assert rows["tp_adv"].tolist() == tp
+
+
+@pytest.mark.slow
+def test_report_shows_transfer_and_universal_on_volumes(grid):
+    _, run_dir, _, _ = grid
+    from advseg.report import write_report
+
+    write_report(run_dir, protocol="per-class", eps=EPS)
+    table = pd.read_csv(run_dir / "report" / "universal.csv")
+    assert set(table["through"]) == {"inference", "tiles"}
+    assert table["as_universal"].notna().all() and table["as_random_sign"].notna().all()
+    assert (run_dir / "report" / "universal_a__eps0.05__bce__inference.png").is_file()
+    matrix = pd.read_csv(run_dir / "report" / "transfer_matrix.csv")
+    assert {"a", "b"} <= set(matrix["source"])

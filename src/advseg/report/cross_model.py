@@ -71,7 +71,7 @@ def sections(
     cells = summarize_cells(white_box(at_eps), protocol)
     if cells["arch"].str.startswith(ENSEMBLE_PREFIX).any():
         found.append(_ensemble_section(writer, cells, eps))
-    if (cells["attack"] == UNIVERSAL).any():
+    if (cells["attack"].str.partition(":")[0] == UNIVERSAL).any():  # volumes: universal:tiles
         found.append(_universal_section(writer, run_dir, cells, eps))
     return found
 
@@ -167,11 +167,15 @@ def _ensemble_section(writer: Any, cells: pd.DataFrame, eps: float) -> Section:
 
 
 def _universal_section(writer: Any, run_dir: Path, cells: pd.DataFrame, eps: float) -> Section:
-    pairs = cells[cells["attack"].isin([UNIVERSAL, RANDOM_SIGN])]
-    table = pairs.pivot_table(index=["model", "loss", "eps"], columns="attack", values="as")
-    table = table.reset_index().rename(
-        columns={UNIVERSAL: "as_universal", RANDOM_SIGN: "as_random_sign"}
-    )
+    parts = cells["attack"].str.partition(":")  # volumes: the threat protocol after the colon
+    pairs = cells.assign(kind=parts[0], through=parts[2])
+    pairs = pairs[pairs["kind"].isin([UNIVERSAL, RANDOM_SIGN])]
+    index = ["model", "through", "loss", "eps"]
+    table = pairs.pivot_table(index=index, columns="kind", values="as").reset_index()
+    table = table.rename(columns={UNIVERSAL: "as_universal", RANDOM_SIGN: "as_random_sign"})
+    table.columns.name = None
+    if (table["through"] == "").all():  # slices: no protocol
+        table = table.drop(columns="through")
     section = Section(f"Universal perturbations (eps {eps:g})")
     section.blocks.append(
         writer.table(
@@ -182,8 +186,10 @@ def _universal_section(writer: Any, run_dir: Path, cells: pd.DataFrame, eps: flo
             "of the same norm: the gap is the damage due to universal structure, not noise.",
         )
     )
+    middle = ", the window's middle axial slice"  # volumes: one window laid out on the tiles
     for row in table.itertuples():
-        stem = f"{row.model}__eps{row.eps:g}__{row.loss}"
+        through = getattr(row, "through", "")
+        stem = f"{row.model}__eps{row.eps:g}__{row.loss}" + (f"__{through}" if through else "")
         png = run_dir / "universal" / f"{stem}.png"
         if png.exists():
             data = png.read_bytes()
@@ -191,7 +197,8 @@ def _universal_section(writer: Any, run_dir: Path, cells: pd.DataFrame, eps: flo
             write_bytes_atomic(writer.out / name, data)
             writer.files.append(writer.out / name)
             caption = (
-                f"{row.model}, loss {row.loss}: the universal perturbation (first channel; "
+                f"{row.model}, loss {row.loss}{f', through {through}' if through else ''}: the "
+                f"universal perturbation (first channel{middle if through else ''}; "
                 f"mid-grey 0, black/white -+max), AS {row.as_universal:.3f} vs random sign "
                 f"{row.as_random_sign:.3f}"
             )
