@@ -192,3 +192,29 @@ def test_evaluate_and_a_grid_run_corruptions_on_volumes(trained, tmp_path, capsy
                               ".parquet")  # fmt: skip
     assert len(records) == 2 * 4 and (records["through"] == "inference").all()
     assert (records["corruption"] == "biasfield").all() and records["nsd_adv"].notna().all()
+
+
+def test_the_plausible_attacks_run_on_volumes_and_elastic_moves_the_truth(trained, tmp_path):
+    """biasfield by tiles (gamma is the same machinery: a bounded parameter per volume);
+    elastic through the inference, scored against the truth moved by its field;
+    elastic by tiles (a field per tile) refused."""
+    from advseg.errors import UserError
+    from advseg.evaluate import EvaluateConfig, evaluate
+
+    _, _, checkpoint = trained
+    out = tmp_path / "plausible"
+    sweep = EvaluateConfig(checkpoints=[checkpoint], out=out, attacks=["biasfield"],
+                           losses=["bce"], eps=[0.3], through=["tiles"],
+                           attack_options={"steps": 2}, device="cpu")  # fmt: skip
+    records = pd.concat([pd.read_parquet(f) for f in evaluate(sweep).record_files])
+    assert set(records["attack"]) == {"biasfield:tiles"}
+    assert (records["linf"] > 0).all()
+    elastic = EvaluateConfig(checkpoints=[checkpoint], out=tmp_path / "elastic",
+                             attacks=["elastic"], losses=["bce"], eps=[2.0],
+                             attack_options={"steps": 2}, device="cpu")  # fmt: skip
+    moved = pd.concat([pd.read_parquet(f) for f in evaluate(elastic).record_files])
+    truth_adv = moved["tp_adv"] + moved["fn_adv"]  # the deformed truth's voxels
+    assert (truth_adv != moved["gt_pixels"]).any()
+    elastic.out, elastic.through = tmp_path / "tiles", ["tiles"]
+    with pytest.raises(UserError, match="elastic through tiles: each tile would get its own"):
+        evaluate(elastic)

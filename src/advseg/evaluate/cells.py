@@ -262,6 +262,11 @@ def evaluate_sweep(
     if crafted is None and tiles:  # the bare network tile by tile (model is the inferer)
         from advseg.attacks.through import TiledAttack
 
+        if getattr(base_attack, "moves_anatomy", False):  # one field per tile: no one truth
+            raise UserError(f"{attack} through tiles: each tile would get its own deformation, "
+                            "torn at the tile borders, with no truth moved alike; use "
+                            "through inference")  # fmt: skip
+
         ensemble = getattr(base_attack, "loss_ensemble", False)
         sweep = [[TiledAttack(attack, model, eps=eps, **kwargs)] if ensemble else
                  [TiledAttack(attack, model, loss=loss, eps=eps, **kwargs) for loss in losses]
