@@ -108,9 +108,11 @@ def test_bench_corruptions_prints_the_grid_against_one_attack_cell():
 @pytest.mark.slow
 def test_minnorm_curve_prints_both_curves_their_agreement_and_the_time_ratio(tmp_path):
     toy = ["--out", str(tmp_path), "--kinds", "phantom", "--size", "32", "--slices", "2",
-           "--train-steps", "5", "--minimal-steps", "5", "--apgd-steps", "2"]  # fmt: skip
+           "--train-steps", "5", "--runs", "alma-prox:5,pdpgd:5", "--apgd-steps", "2",
+           "--refine", "2x2"]  # fmt: skip
     out = _run("minnorm_curve.py", *toy)
     assert "  curve " in out and "  sweep " in out
-    assert "slices, alma-prox " in out and "slices, pdpgd " in out  # both against one sweep
+    assert "slices, alma-prox:5 " in out and "slices, pdpgd:5 " in out  # both against one sweep
+    assert "refine=2x2 vs" in out and "refine=off vs" in out  # refined and not, from one run
     assert "max |diff|" in out and "median min_eps" in out and "sweep's minimal eps" in out
     assert (tmp_path / "minnorm-curve-phantom-sigmoid.json").exists()

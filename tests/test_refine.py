@@ -109,11 +109,27 @@ class Blind(nn.Module):
         return torch.full((len(x), 1, *x.shape[2:]), 5.0) + 0 * x
 
 
+def test_a_sample_the_search_missed_is_tried_at_the_budget(trained):
+    model, x, y = trained
+    attack = create_attack("alma-prox", model, "bce", 1.0, criterion="dice", steps=5)
+    images = attack(x, y)
+    assert torch.isinf(attack.min_eps_upper).all()  # 5 steps find nothing
+    found = torch.isfinite(attack.min_eps)
+    assert found.sum() >= 6  # APGD at eps 1, then the bisection below its norm
+    with torch.no_grad():
+        dice = sample_dice(model(images), y, "sigmoid")
+    assert (dice[found] <= 0.5).all()
+    assert torch.allclose(norms(images - x, "linf")[found], attack.min_eps[found])
+    without = create_attack("alma-prox", model, "bce", None, criterion="dice", steps=5)
+    without(x, y)
+    assert torch.isinf(without.min_eps).all()  # no budget to try
+
+
 def test_never_broken_stays_inf_and_clean_broken_stays_zero():
     x = torch.rand(3, 1, 8, 8)
     y = torch.ones(3, 1, 8, 8)
     y[2] = 0  # predicted everywhere, empty in the mask: Dice 0, broken clean
-    attack = create_attack("alma-prox", Blind(), "bce", None, criterion="dice", steps=20)
+    attack = create_attack("alma-prox", Blind(), "bce", 1.0, criterion="dice", steps=20)
     attack(x, y)
     assert torch.isinf(attack.min_eps[:2]).all() and torch.isinf(attack.min_eps_upper[:2]).all()
     assert attack.min_eps[2] == 0 and attack.min_eps_upper[2] == 0

@@ -149,7 +149,8 @@ class MinimalNorm(Attack):
         refine: lower each sample's norm by an APGD bisection below it
             (:mod:`advseg.attacks.refine`): ``True``/``"on"`` (the default: 6 rounds of 20
             APGD steps), ``False``/``"off"``, or ``"ROUNDSxSTEPS"``. APGD raises the attack's
-            ``loss`` and, with the ``dice`` criterion, keeps its lowest-Dice iterate.
+            ``loss`` and, with the ``dice`` criterion, keeps its lowest-Dice iterate. A sample
+            the search did not break is tried once at a finite ``eps`` first.
 
     After a call: :attr:`min_eps` ``(B,)`` and :attr:`min_eps_upper` ``(B,)``.
     """
@@ -228,7 +229,8 @@ class MinimalNorm(Attack):
         keep = "dice" if self.criterion == "dice" else "loss"
         search = APGD(self.model, self.loss, 0.0, norm=self.norm, activation=self.activation,
                       valid_range=self.valid_range, best=keep)  # fmt: skip
-        return bisect(search, x, y, images, upper, self.broken, self.refinement, generator)
+        return bisect(search, x, y, images, upper, self.broken, self.refinement, generator,
+                      self.eps)  # fmt: skip
 
     def finish(self, best: Best, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         """Set :attr:`min_eps_upper` from ``best``, refine it into :attr:`min_eps`, and return
