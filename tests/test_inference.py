@@ -1,6 +1,7 @@
 """The sliding-window inferer against MONAI's, and its recomputed gradient against full autograd."""
 
 import itertools
+import weakref
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from advseg.inference import SlidingWindow, gaussian_weights, window_starts
+from advseg.inference.sliding import saved_bytes as graph_bytes
 
 
 def tiny3d(classes: int = 3, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
@@ -99,16 +101,21 @@ def test_recomputed_gradient_equals_full_autograd_through_monai(mirror):
 
 
 def saved_bytes(inferer: SlidingWindow, x: torch.Tensor) -> int:
-    """Bytes autograd saves for the backward during the inferer's forward."""
-    sizes = []
+    """Bytes autograd saved for the backward during the inferer's forward and still holds after
+    it (a graph built and dropped in the forward does not count), the model's weights aside."""
+    weights = {p.untyped_storage().data_ptr() for p in inferer.model.parameters()}
+    saved = []
 
     def pack(t):
-        sizes.append(t.numel() * t.element_size())
+        if t.untyped_storage().data_ptr() not in weights:
+            saved.append((weakref.ref(t), t.numel() * t.element_size()))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        inferer(x.requires_grad_(True))
-    return sum(sizes)
+        out = inferer(x.requires_grad_(True))
+    alive = sum(size for ref, size in saved if ref() is not None)
+    del out
+    return alive
 
 
 def test_recompute_keeps_no_window_graph():
@@ -144,6 +151,20 @@ def test_kept_graphs_are_bounded_by_keep_graphs_not_by_the_volume(keep):
     assert batched(keep) == keep // 2 * pair
 
 
+def test_graph_memory_caps_the_kept_graphs_in_bytes():
+    """graph_memory: a window's graph is kept while the kept bytes stay within it; the bytes
+    counted are what autograd saved (the test's own hook agrees, the weights aside)."""
+    net = tiny3d()
+    w = torch.rand(1, 1, 8, 8, 8).requires_grad_(True)
+    window = graph_bytes(net(w), net)
+    one = SlidingWindow(net, (8, 8, 8), keep_graphs=1, graph_memory=None)
+    assert saved_bytes(one, torch.rand(1, 1, 8, 8, 8)) - 8**3 * 4 == window
+    x = torch.rand(1, 1, 16, 16, 16)
+    for budget, kept in [(None, 5), (5.5 * window, 5), (2.5 * window, 2), (0.5 * window, 0)]:
+        inferer = SlidingWindow(net, (8, 8, 8), keep_graphs=5, graph_memory=budget)
+        assert saved_bytes(inferer, x) - x.numel() * 4 == kept * window, budget
+
+
 @pytest.mark.parametrize(("batch", "mirror"), [(1, ()), (2, (0, 2))])
 def test_kept_graphs_give_the_same_gradient(batch, mirror):
     """float64: the input gradient with no graph kept, some and every window's (10 windows of
@@ -153,19 +174,19 @@ def test_kept_graphs_give_the_same_gradient(batch, mirror):
     x = torch.rand(2, 1, 13, 11, 10, generator=g, dtype=torch.float64)
     w = torch.randn(2, 3, 13, 11, 10, generator=g, dtype=torch.float64)
     grads = {}
-    for keep in (0, 1, 3, 8, 100):
+    for keep, budget in [(0, None), (1, None), (3, None), (8, None), (100, None), (8, 1.2e5)]:
         ours = x.clone().requires_grad_(True)
         inferer = SlidingWindow(net, (8, 8, 8), batch_size=batch, mirror_axes=mirror,
-                                memory="recompute", keep_graphs=keep)  # fmt: skip
+                                keep_graphs=keep, graph_memory=budget)  # fmt: skip
         out = (inferer(ours) * w).sum()
-        (grads[keep],) = torch.autograd.grad(out, ours, retain_graph=True)
+        (grads[keep, budget],) = torch.autograd.grad(out, ours, retain_graph=True)
         (again,) = torch.autograd.grad(out, ours)
-        assert (again - grads[keep]).abs().max() <= 1e-12
+        assert (again - grads[keep, budget]).abs().max() <= 1e-12
     for keep, grad in grads.items():
-        assert (grad - grads[0]).abs().max() <= 1e-12 * grads[0].abs().max(), keep
+        assert (grad - grads[0, None]).abs().max() <= 1e-12 * grads[0, None].abs().max(), keep
     theirs = x.clone().requires_grad_(True)
     (monai(theirs, net, (8, 8, 8), batch=batch, mirror=mirror) * w).sum().backward()
-    assert (grads[3] - theirs.grad).norm() / theirs.grad.norm() <= 1e-6
+    assert (grads[3, None] - theirs.grad).norm() / theirs.grad.norm() <= 1e-6
 
 
 def test_training_through_the_inferer_keeps_the_graph_and_gives_parameter_gradients():
@@ -199,6 +220,7 @@ def test_works_for_slices_too():
         ({"blend": "mean"}, "blend"),
         ({"batch_size": 0}, "batch_size"),
         ({"keep_graphs": -1}, "keep_graphs"),
+        ({"graph_memory": -1}, "graph_memory"),
     ],
 )
 def test_bad_settings_are_refused(kw, match):

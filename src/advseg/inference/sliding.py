@@ -18,8 +18,8 @@ training through the inferer (parameters requiring grad) keeps the full graph in
 The recomputation costs one more forward per window. ``keep_graphs=k`` buys part of it back with a
 bounded graph cache: the last ``k`` windows of the forward are computed with their graph, which
 the backward uses directly (then frees) before recomputing the others. Memory is bounded by ``k``
-window graphs whatever the image's size; the gradient is the same (the same forward, in the same
-order; tested in float64 for ``k`` = 0, some and all windows).
+window graphs whatever the image's size (and by ``graph_memory`` bytes); the gradient is the same
+(the same forward, in the same order; tested in float64 for ``k`` = 0, some and all windows).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ MIN_WEIGHT = 1e-3  # MONAI's floor of the importance map (compute_importance_map
 # windows (unet3d-tiny, 32^3, CPU) the one value with the step <= 1.25x its windows' forward +
 # backward and its peak memory <= 1.5x that on one window. Lower it for big windows on a GPU.
 KEEP_GRAPHS = 4
+GRAPH_MEMORY = 2**30  # and no more than 1 GiB of kept activations (big windows on a GPU)
 
 
 def window_starts(size: int, roi: int, overlap: float) -> list[int]:
@@ -107,6 +108,9 @@ class SlidingWindow(nn.Module):
             forward computes with their graph so the backward needs not recompute them: memory
             grows by that many window graphs (not with the image), time falls by one forward
             each. The gradient is the same for any value.
+        graph_memory: the most bytes the kept graphs may hold (the unique storages autograd
+            saved, parameters aside); a window whose graph would pass it is not kept (nor any
+            after it), so memory is bounded by both. ``None``: no limit in bytes.
 
     Example:
         >>> inferer = SlidingWindow(model, (32, 32, 32), overlap=0.5, mirror_axes=(0, 1, 2))
@@ -126,6 +130,7 @@ class SlidingWindow(nn.Module):
         batch_size: int = 1,
         memory: Memory = "auto",
         keep_graphs: int = KEEP_GRAPHS,
+        graph_memory: float | None = GRAPH_MEMORY,
     ) -> None:
         super().__init__()
         roi = tuple(int(r) for r in roi_size)
@@ -144,6 +149,8 @@ class SlidingWindow(nn.Module):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if keep_graphs < 0:
             raise ValueError(f"keep_graphs must be >= 0, got {keep_graphs}")
+        if graph_memory is not None and graph_memory < 0:
+            raise ValueError(f"graph_memory must be >= 0 bytes or None, got {graph_memory}")
         self.model = model
         self.roi_size = roi
         self.overlap = float(overlap)
@@ -153,6 +160,7 @@ class SlidingWindow(nn.Module):
         self.batch_size = int(batch_size)
         self.memory: Memory = memory
         self.keep_graphs = int(keep_graphs)
+        self.graph_memory = graph_memory
         self._cache: dict[tuple, Tensor] = {}  # constant across calls: weights, normaliser
 
     @property
@@ -209,9 +217,10 @@ class SlidingWindow(nn.Module):
         return self._blend(x, keep=0)[0]
 
     def _blend(self, x: Tensor, keep: int) -> tuple[Tensor, list[tuple[int, Tensor, Tensor]]]:
-        """:meth:`blended`, the last batches of at most ``keep`` windows in all computed with a
-        graph (grad enabled, their inputs detached leaves): those ``(batch index, inputs,
-        logits)`` are returned beside the blend, which holds their logits detached."""
+        """:meth:`blended`, the last batches of at most ``keep`` windows in all (and at most
+        ``graph_memory`` bytes) computed with a graph (grad enabled, their inputs detached
+        leaves): those ``(batch index, inputs, logits)`` are returned beside the blend, which
+        holds their logits detached."""
         windows = self.windows(x.shape[2:])
         batches = self._batches(x.shape[0], windows)
         kept_from = len(batches)
@@ -220,13 +229,18 @@ class SlidingWindow(nn.Module):
         out: Tensor | None = None
         weights = count = None
         kept: list[tuple[int, Tensor, Tensor]] = []
+        budget = math.inf if self.graph_memory is None else self.graph_memory
         for i, batch in enumerate(batches):
             inputs = torch.cat([x[(b, slice(None), *s)][None] for b, s in batch])
             if i >= kept_from:
                 with torch.enable_grad():
                     inputs = inputs.detach().requires_grad_(True)
                     logits = self.predict(inputs)
-                kept.append((i, inputs, logits))
+                budget -= saved_bytes(logits, self.model)
+                if budget >= 0:
+                    kept.append((i, inputs, logits))
+                else:  # over the budget: this graph is dropped, no later one is built
+                    kept_from = len(batches)
                 logits = logits.detach()
             else:
                 logits = self.predict(inputs)
@@ -277,7 +291,31 @@ class SlidingWindow(nn.Module):
         mirror = f", mirror_axes={self.mirror_axes}" if self.mirror_axes else ""
         return (f"roi_size={self.roi_size}, overlap={self.overlap:g}, blend={self.blend!r}"
                 f"{mirror}, batch_size={self.batch_size}, memory={self.memory!r}, "
-                f"keep_graphs={self.keep_graphs}")  # fmt: skip
+                f"keep_graphs={self.keep_graphs}, graph_memory={self.graph_memory}")  # fmt: skip
+
+
+def saved_bytes(out: Tensor, model: nn.Module) -> int:
+    """Bytes the graph behind ``out`` holds for its backward: the unique storages of the tensors
+    its nodes saved (``grad_fn._saved_*``), the model's parameters and buffers aside."""
+    constants = itertools.chain(model.parameters(), model.buffers())
+    skip = {t.untyped_storage().data_ptr() for t in constants}
+    storages: dict[int, int] = {}
+    seen: set = set()
+    nodes = [out.grad_fn]
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for name in dir(node):
+            if not name.startswith("_saved_"):
+                continue
+            value = getattr(node, name)
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in skip:
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        nodes.extend(n for n, _ in node.next_functions)
+    return sum(storages.values())
 
 
 def _tensor(out: Tensor | Sequence[Tensor] | dict) -> Tensor:
