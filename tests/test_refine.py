@@ -134,3 +134,22 @@ def test_never_broken_stays_inf_and_clean_broken_stays_zero():
     assert torch.isinf(attack.min_eps[:2]).all() and torch.isinf(attack.min_eps_upper[:2]).all()
     assert attack.min_eps[2] == 0 and attack.min_eps_upper[2] == 0
     assert not math.isnan(float(attack.min_eps.sum()))
+
+
+def test_apgd_with_a_radius_per_sample_equals_one_run_per_radius(trained):
+    """The bisection runs the whole batch at once, each sample in its own ball: the same as
+    running each sample alone at its radius."""
+    from advseg.attacks.apgd import APGD
+
+    model, x, y = trained
+    x, y = x[:3], y[:3]
+    radii = torch.tensor([0.01, 0.05, 0.2])
+    apgd = APGD(model, "bce", 0.0, steps=10)
+    generator = torch.Generator().manual_seed(0)
+    start = (x + 0.3 * (torch.rand(x.shape, generator=generator) - 0.5)).clamp(0, 1)
+    start = x + (start - x).clamp(-radii.view(-1, 1, 1, 1), radii.view(-1, 1, 1, 1))
+    together, _ = apgd.run(x, y, radii.view(-1, 1, 1, 1), 10, start, generator)
+    for i, radius in enumerate(radii.tolist()):
+        alone, _ = apgd.run(x[i : i + 1], y[i : i + 1], radius, 10, start[i : i + 1], generator)
+        assert torch.allclose(together[i : i + 1], alone, atol=1e-6)
+        assert (together[i] - x[i]).abs().max() <= radius + 1e-6

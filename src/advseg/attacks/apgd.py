@@ -153,12 +153,13 @@ class APGD(Attack):
         self,
         x: Tensor,
         y: Tensor,
-        eps: float,
+        eps: float | Tensor,
         steps: int,
         start: Tensor | None,
         generator: torch.Generator,
     ) -> tuple[Tensor, Tensor]:
-        """One APGD run in the ball of radius ``eps``.
+        """One APGD run in the ball of radius ``eps``: a number, or per sample a tensor
+        ``(B, 1, ..., 1)`` (the minimal-norm attacks' bisection, :mod:`advseg.attacks.refine`).
 
         Returns:
             ``(x_best (B, C, H, W), value_best (B,))``: each sample's best iterate and its value,
@@ -270,7 +271,7 @@ class APGD(Attack):
             return logits
         return segpgd_weigh(logits, y, t / (2 * self._run_steps), self.activation, self.targeted)
 
-    def apgd_start(self, x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
+    def apgd_start(self, x: Tensor, eps: float | Tensor, generator: torch.Generator) -> Tensor:
         """The reference's random start: a uniform draw scaled so that its largest entry
         reaches ``eps`` (L-inf), or a Gaussian direction of length ``eps`` (L2)."""
         b = x.shape[0]
@@ -291,7 +292,7 @@ class APGD(Attack):
         momentum_step: Tensor,
         step_size: Tensor,
         a: float,
-        eps: float,
+        eps: float | Tensor,
     ) -> Tensor:
         """A projected gradient step, then the momentum step, projected again."""
         low, high = self.valid_range
