@@ -1,38 +1,39 @@
-"""The 3D study: a 3D and a 2D U-Net on the same synthetic volumes, attacked end to end through the
-sliding-window inference and through tiles; VAFA against PGD at equal SSIM.
+"""The 3D study through the product: `advseg data synth`, `advseg train`, `advseg evaluate`.
 
-Data (one of two kinds, ``--kind``), written in memory by advseg's synthetic writers and scaled
-to [0, 1] here, so that eps 4/255 and 8/255 mean what they mean on slices:
+For each data set (``--kinds``: ``ct``, the synthetic abdominal CT volumes, `advseg data synth
+--kind nifti`; ``mri``, the synthetic brain MRI volumes, `--kind mri`), in ``--out``:
 
-- ``ct``: :func:`advseg.data.synth_nifti.synthetic_ct_volume` (liver, spleen, two kidneys), HU
-  clipped to [-200, 300] (a soft-tissue window) -> [0, 1];
-- ``mri``: :func:`advseg.data.synth_mri.synthetic_mri_volume` (ventricles, thalamus, lesion;
-  bias field, Rician noise), clipped to the volume's 99.5th percentile -> [0, 1].
+1. the data set (``--cases`` volumes of ``--slices`` slices, seed 0);
+2. models trained by `advseg train` on the same split (``--test-fraction``, ``--val-fraction``,
+   split seed 0), each evaluated at its last epoch: ``3d`` = unet3d-tiny on ``--patch``^3
+   patches of the volumes resampled to ``--spacing`` (default per kind; CT: clipped to the
+   foreground percentiles and z-scored as nnU-Net; MRI: z-scored per volume), ``--epochs3d``
+   epochs of 4 patches per volume (a third centred on foreground), batch 2, AdamW ``--lr3d``
+   cosine; ``2d`` = the 2D unet-tiny on the same volumes' axial slices (``--size`` square,
+   aspect kept and padded, each slice divided by its maximum: the product's 2D preprocessing),
+   ``--epochs2d`` epochs, batch 16; for the kinds in ``--vaft``, ``3d-vaft`` = unet3d-tiny trained
+   exactly like ``3d`` but with ``--adv-train vaft`` (``--vaft-eps``, ``--vaft-steps`` VAFA
+   steps, ``--vaft-fraction`` of each batch);
+3. `advseg evaluate --split test` on the held-out volumes (3D: whole volumes through the
+   sliding-window inference, ``--through inference`` and ``--through tiles``; 2D: every slice of
+   the same volumes), loss dicefocal, L-inf, at ``--eps`` = 4/255 and 8/255 **of the inputs'
+   range**: 2D slices are in [0, 1], so eps as given; a 3D checkpoint's inputs are z-scored, so
+   eps x the width of its valid range (CT: the z-scored clip; MRI: the data set's z-scored
+   extremes), read from the checkpoint. Cells: FGSM, PGD-``--steps``, APGD-``--steps``,
+   SEA (``preset=fast``, ``--sea-steps`` per member), and VAFA (largest quantisation step
+   ``--vafa-eps``, ``--steps`` steps of ``--vafa-alpha``) held to ``ssim_min`` = the lowest SSIM
+   PGD left on a held-out volume at that eps (3D: through inference), so VAFA is compared with
+   PGD at (at least) PGD's SSIM. The VAFT model: clean, PGD and VAFA (the clean ``3d`` model's
+   ``ssim_min``) through inference. ``--only`` limits the models (e.g. to evaluate some while
+   another trains).
 
-Volumes ``(D, H, W)`` = ``--shape`` (default 32 x 48 x 48), ``--train`` for training and
-``--test`` held out. Models: ``unet3d-tiny`` (MONAI DynUNet, 0.09M parameters) on random
-``--roi`` patches (a third centred on foreground) and ``unet-tiny`` (the 2D zoo U-Net, 0.12M) on
-the same volumes' axial slices, each trained here by a minimal Adam loop on the Dice-focal loss
-(``--steps3d`` / ``--steps2d``; advseg's own 3D training z-scores the volumes, which would make
-eps a fraction of a standard deviation rather than of the [0, 1] range: hence this loop).
+Every cell is one `advseg evaluate` run directory (skipped when its records exist: a killed study
+resumes); the summary (``--out``/study.json and a Markdown table) is computed from the records:
+Dice per (held-out volume, class) from the records' tp / fp / fn (2D: summed over the volume's
+slices; a class absent from both truth and prediction counts 1), averaged; SSIM averaged over
+volumes (2D: over slices); the largest L-inf.
 
-Scoring: the 3D model through :class:`advseg.inference.SlidingWindow` (window ``--roi``^3,
-overlap 0.5, Gaussian); the 2D model slice by slice; Dice per (volume, class) of the stacked
-prediction (both empty: 1), averaged. Attacks (loss dicefocal, L-inf):
-
-- 3D ``through inference`` (the whole inference is the attacked model) and ``through tiles``
-  (non-overlapping window tiles attacked through the bare network, stitched, then scored by the
-  overlapping inference), :func:`advseg.attacks.through.attack_volume`;
-- 2D: every slice attacked as a 2D image (what a 2D pipeline faces);
-- FGSM, PGD-20, APGD-20, SEA (``preset=fast``, ``--sea-steps`` per member) at eps 4/255, 8/255;
-- VAFA (largest quantisation step 80/255 of the range, 20 steps of 4/255 on the table), its
-  SSIM bound set to the lowest SSIM PGD-20 left on a test volume at each eps (through
-  inference), so that both are compared at (at least) PGD's SSIM.
-
-Writes ``--out`` (JSON, one entry per cell, rewritten after each cell: a killed run keeps what it
-measured) and prints a table. Times are CPU seconds of this process, one torch thread.
-
-    python benchmarks/volume_study.py --kind ct --out /tmp/study_ct.json
+    python benchmarks/volume_study.py --out /tmp/volstudy --kinds ct mri --vaft ct
 """
 
 from __future__ import annotations
@@ -40,205 +41,226 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
+import pandas as pd
 
-from advseg.attacks import create_attack
-from advseg.attacks.through import attack_volume
-from advseg.data.synth_mri import synthetic_mri_volume
-from advseg.data.synth_nifti import synthetic_ct_volume
-from advseg.inference import SlidingWindow
-from advseg.losses import create_loss
-from advseg.metrics import dice_score, hard_prediction, ssim
-from advseg.models import count_parameters, create_model
-
+#: (D, H, W) mm: the synthetic CT (192 x 160 x 32 at 0.8 x 0.8 x 2.5) becomes 32 x 40 x 48, the
+#: MRI (96 x 96 x 32 at 1 x 1 x 1.2) 32 x 48 x 48: four 32^3 windows at overlap 0.5.
+SPACING = {"ct": "2.5,3.2,3.2", "mri": "1.2,2,2"}
+SYNTH = {"ct": "nifti", "mri": "mri"}
 LOSS = "dicefocal"
 
 
-def make_volumes(kind: str, n: int, shape: tuple[int, int, int], seed: int):
-    """``n`` volumes ``(n, 1, D, H, W)`` in [0, 1] and their masks ``(n, K, D, H, W)``."""
-    depth, height, width = shape
-    images, masks = [], []
-    for case in range(n):
-        rng = np.random.default_rng([seed, case])
-        if kind == "ct":
-            hu, label = synthetic_ct_volume((width, height), depth, rng)
-            image = (np.clip(hu.astype(np.float32), -200, 300) + 200) / 500
-            classes = 4
+def advseg(args: list[str], log: Path) -> None:
+    """Run one advseg command (this interpreter, the same source tree), its output to ``log``."""
+    src = os.environ.get("PYTHONPATH") or str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with log.open("w") as out:
+        done = subprocess.run([sys.executable, "-m", "advseg", *args], check=False, stdout=out,
+                              stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    if done.returncode:
+        sys.exit(f"advseg {' '.join(args)} failed ({done.returncode}): see {log}")
+    print(f"  {time.time() - start:7.0f} s  advseg {' '.join(args[:3])} ... ({log.name})",
+          flush=True)  # fmt: skip
+
+
+def train(args, kind: str, name: str) -> Path:
+    """Train one model of the study (skipped when its run has a log); its last checkpoint (all
+    epochs: the VAFT model and its clean twin are compared after the same training)."""
+    run = args.out / "runs" / f"{kind}-{name}"
+    last = run / "checkpoints" / "last.safetensors"
+    if (run / "log.csv").exists():
+        return last
+    common = ["--data", str(args.out / kind), "--cache-dir", str(args.out / "cache"),
+              "--test-fraction", str(args.test_fraction), "--val-fraction",
+              str(args.val_fraction), "--split-seed", "0", "--seed", "0", "--device", "cpu",
+              "--threads", str(args.threads), "--patience", "0", "--out", str(run)]  # fmt: skip
+    if name == "2d":
+        model = ["--model", "unet-tiny", "--size", str(args.size), "--epochs",
+                 str(args.epochs2d), "--batch-size", "16", "--lr", str(args.lr2d)]  # fmt: skip
+    else:
+        model = ["--model", "unet3d-tiny", "--patch", str(args.patch), "--spacing",
+                 args.spacing or SPACING[kind], "--modality", kind, "--epochs", str(args.epochs3d),
+                 "--batch-size", "2", "--lr", str(args.lr3d)]  # fmt: skip
+        if name == "3d-vaft":
+            model += ["--adv-train", "vaft", "--adv-eps", str(args.vaft_eps), "--adv-steps",
+                      str(args.vaft_steps), "--adv-fraction", str(args.vaft_fraction)]  # fmt: skip
+    advseg(["train", *model, *common], args.out / "logs" / f"train-{kind}-{name}.log")
+    return last
+
+
+def width(checkpoint: Path) -> float:
+    """The width of a 3D checkpoint's valid range (its inputs' range, z-units); 1 for slices."""
+    meta = json.loads(checkpoint.with_suffix(".json").read_text())["meta"]
+    valid = (meta.get("data") or {}).get("volumes", {}).get("valid_range")
+    return 1.0 if not valid else float(valid[1]) - float(valid[0])
+
+
+def evaluate(args, kind: str, name: str, checkpoint: Path, cell: str, attack: str,
+             eps: list[float], extra: list[str], through: list[str]) -> Path:  # fmt: skip
+    """One `advseg evaluate` cell into ``evaluations/<kind>-<name>/<cell>`` (skipped if done)."""
+    out = args.out / "evaluations" / f"{kind}-{name}" / cell
+    if any((out / "records").glob("*.parquet")):
+        return out
+    command = ["evaluate", str(checkpoint), "--out", str(out), "--split", "test", "--attack",
+               attack, "--loss", LOSS, "--device", "cpu", "--threads", str(args.threads),
+               "--protocol", "per-class", "--examples", "0", "--batch-size", "16"]  # fmt: skip
+    for e in eps:
+        command += ["--eps", f"{e:.10g}"]
+    for t in through if name != "2d" else []:
+        command += ["--through", t]
+    advseg([*command, *extra], args.out / "logs" / f"eval-{kind}-{name}-{cell}.log")
+    return out
+
+
+def records(out: Path) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(f) for f in sorted((out / "records").glob("*.parquet"))],
+                     ignore_index=True)  # fmt: skip
+
+
+def summarise(frame: pd.DataFrame, scale: float) -> list[dict]:
+    """Cells of one evaluation: Dice per (volume, class) from the counts, averaged; SSIM and
+    the largest L-inf (``linf / scale``: in units of the inputs' range)."""
+    cells = []
+    for (attack, eps, setting), part in frame.groupby(["attack", "eps", "attack_setting"]):
+        per = part.groupby(["scan", "class"])[
+            ["tp_clean", "fp_clean", "fn_clean", "tp_adv", "fp_adv", "fn_adv"]
+        ].sum()
+        dice = {}
+        for when in ("clean", "adv"):
+            tp, fp, fn = (per[f"{c}_{when}"].to_numpy(float) for c in ("tp", "fp", "fn"))
+            denominator = 2 * tp + fp + fn  # 0: absent from truth and prediction, counts 1
+            ratio = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 1.0)
+            dice[when] = float(ratio.mean())
+        ssim = part.drop_duplicates(["scan", "slice"])["ssim"]
+        name, _, through = str(attack).partition(":")
+        cells.append({
+            "attack": name, "through": through or "slices", "eps": float(eps) / scale,
+            "eps_model_units": float(eps), "setting": setting,
+            "dice_clean": dice["clean"], "dice_adv": dice["adv"],
+            "ssim": float(ssim.mean()), "ssim_min": float(ssim.min()),
+            "linf": float(part["linf"].max()) / scale,
+            "volumes": int(part["scan"].nunique()), "pairs": len(per),
+        })  # fmt: skip
+    return cells
+
+
+def study(args, kind: str) -> list[dict]:
+    data = args.out / kind
+    if not data.exists():
+        advseg(["data", "synth", "--kind", SYNTH[kind], "--out", str(data), "--cases",
+                str(args.cases), "--slices", str(args.slices), "--seed", "0"],
+               args.out / "logs" / f"synth-{kind}.log")  # fmt: skip
+    names = [n for n in ("2d", "3d", "3d-vaft") if n in args.only]
+    if kind not in args.vaft:
+        names = [n for n in names if n != "3d-vaft"]
+    checkpoints = {name: train(args, kind, name) for name in names}
+    through = ["inference", "tiles"]
+    steps = ["--steps", str(args.steps)]
+    found = []
+
+    def cell(name: str, cell: str, attack: str, eps: list[float], extra: list[str],
+             protocols: list[str], matched: float | None = None) -> list[dict]:  # fmt: skip
+        """Evaluate (or read) one cell; its summary rows, eps in units of the inputs' range."""
+        ckpt = checkpoints[name]
+        scale = 1.0 if attack == "vafa" else width(ckpt)  # vafa's eps is a range fraction
+        out = evaluate(args, kind, name, ckpt, cell, attack, [e * scale for e in eps], extra,
+                       protocols)  # fmt: skip
+        cells = summarise(records(out), scale)
+        for c in cells:
+            c.update(kind=kind, model=name, cell=cell, params=params(ckpt))
+            if matched is not None:
+                c["matched_eps"] = matched
+        found.extend(cells)
+        return cells
+
+    def vafa_at(pgd: list[dict], protocols: list[str], models: list[str]) -> None:
+        """VAFA on ``models`` held to the lowest per-volume SSIM that PGD left in ``pgd``."""
+        for e in args.eps:
+            matched = [c for c in pgd if math.isclose(c["eps"], e, rel_tol=1e-6)
+                       and c["through"] in ("inference", "slices")]  # fmt: skip
+            floor = math.floor(matched[0]["ssim_min"] * 1e4) / 1e4
+            extra = [*steps, "--alpha", f"{args.vafa_alpha:.10g}",
+                     "--attack-option", f"ssim_min={floor}"]  # fmt: skip
+            for model in models:
+                cell(model, f"vafa-at-pgd-{round(e * 255)}", "vafa", [args.vafa_eps], extra,
+                     protocols if model != "3d-vaft" else ["inference"], matched=e)  # fmt: skip
+
+    for name in [n for n in ("3d", "2d") if n in checkpoints]:
+        cell(name, "fgsm", "fgsm", args.eps, [], through)
+        pgd = cell(name, "pgd", "pgd", args.eps, steps, through)
+        if name == "3d" and "3d-vaft" in checkpoints:  # VAFT beside the clean model, trained alike
+            cell("3d-vaft", "pgd", "pgd", args.eps, steps, ["inference"])
+            vafa_at(pgd, through, ["3d", "3d-vaft"])
         else:
-            raw, label = synthetic_mri_volume((width, height), depth, rng)
-            raw = raw.astype(np.float32)
-            image = np.clip(raw / np.percentile(raw, 99.5), 0, 1)
-            classes = 3
-        image, label = image.transpose(2, 1, 0), label.transpose(2, 1, 0)  # (W,H,Z) -> (D,H,W)
-        images.append(torch.from_numpy(np.ascontiguousarray(image))[None])
-        onehot = np.stack([label == k for k in range(1, classes + 1)]).astype(np.float32)
-        masks.append(torch.from_numpy(onehot))
-    return torch.stack(images).float(), torch.stack(masks)
+            vafa_at(pgd, through, [name])
+        cell(name, "apgd", "apgd", args.eps, steps, through)
+    for name in [n for n in ("2d", "3d") if n in checkpoints]:  # SEA last: the costliest
+        extra = ["--attack-option", "preset=fast", "--steps", str(args.sea_steps)]
+        cell(name, "sea", "sea", args.eps, extra, through)
+    return found
 
 
-def train3d(x, y, roi, steps, seed):
-    """unet3d-tiny on random roi^3 patches, batch 2, a third centred on foreground."""
-    torch.manual_seed(seed)
-    model = create_model("unet3d-tiny", in_channels=1, classes=y.shape[1])
-    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
-    loss = create_loss(LOSS)
-    g = torch.Generator().manual_seed(seed)
-    shape = x.shape[2:]
-    model.train()
-    for step in range(steps):
-        xs, ys = [], []
-        for _ in range(2):
-            i = int(torch.randint(len(x), (1,), generator=g))
-            fg = torch.nonzero(y[i].amax(0))
-            if step % 3 == 0 and len(fg):  # centred on a foreground voxel
-                centre = fg[int(torch.randint(len(fg), (1,), generator=g))].tolist()
-                start = [
-                    min(max(c - roi // 2, 0), s - roi) for c, s in zip(centre, shape, strict=True)
-                ]
-            else:
-                start = [int(torch.randint(s - roi + 1, (1,), generator=g)) for s in shape]
-            box = tuple(slice(s, s + roi) for s in start)
-            xs.append(x[(i, slice(None), *box)])
-            ys.append(y[(i, slice(None), *box)])
-        optimizer.zero_grad()
-        loss(model(torch.stack(xs)), torch.stack(ys)).backward()
-        optimizer.step()
-    return model.eval()
+def params(checkpoint: Path) -> int:
+    """The model's parameter count (its records say it too)."""
+    meta = json.loads(checkpoint.with_suffix(".json").read_text())["meta"]
+    return int(meta.get("params") or 0)
 
 
-def train2d(x, y, steps, seed):
-    """unet-tiny on random axial slices of the same volumes, batch 16."""
-    torch.manual_seed(seed)
-    model = create_model("unet-tiny", in_channels=1, classes=y.shape[1])
-    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
-    loss = create_loss(LOSS)
-    slices_x, slices_y = to_slices(x), to_slices(y)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        pick = torch.randint(len(slices_x), (16,), generator=g)
-        optimizer.zero_grad()
-        loss(model(slices_x[pick]), slices_y[pick]).backward()
-        optimizer.step()
-    return model.eval()
-
-
-def to_slices(v: torch.Tensor) -> torch.Tensor:
-    """``(B, C, D, H, W)`` -> ``(B * D, C, H, W)``."""
-    return v.movedim(2, 1).reshape(-1, v.shape[1], *v.shape[3:])
-
-
-def to_volumes(s: torch.Tensor, b: int) -> torch.Tensor:
-    """``(B * D, C, H, W)`` -> ``(B, C, D, H, W)``."""
-    return s.reshape(b, -1, *s.shape[1:]).movedim(1, 2)
-
-
-def dice(logits: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean Dice over (volume, class) of the sigmoid prediction (both empty: 1)."""
-    return float(dice_score(hard_prediction(logits, "sigmoid"), y > 0.5).mean())
+def table(cells: list[dict]) -> str:
+    lines = ["| kind | model | attack | eps | through | Dice clean | Dice adv | SSIM | linf |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for c in cells:
+        eps = c.get("matched_eps", c["eps"])
+        label = f"{round(eps * 255)}/255" + (" (SSIM-matched)" if "matched_eps" in c else "")
+        lines.append(f"| {c['kind']} | {c['model']} | {c['attack']} | {label} | {c['through']} "
+                     f"| {c['dice_clean']:.3f} | {c['dice_adv']:.3f} | {c['ssim']:.3f} "
+                     f"| {c['linf']:.4f} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kind", choices=["ct", "mri"], default="ct")
-    parser.add_argument("--shape", default="32,48,48", help="D,H,W of each volume")
-    parser.add_argument("--roi", type=int, default=32)
-    parser.add_argument("--train", type=int, default=6)
-    parser.add_argument("--test", type=int, default=2)
-    parser.add_argument("--steps3d", type=int, default=300)
-    parser.add_argument("--steps2d", type=int, default=400)
-    parser.add_argument("--sea-steps", type=int, default=5)
-    parser.add_argument("--attacks", default="fgsm,pgd,vafa,apgd,sea")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--models", default=None, help="cache of the trained weights (.pt)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--kinds", nargs="+", default=["ct", "mri"], choices=["ct", "mri"])
+    parser.add_argument("--vaft", nargs="*", default=["ct"], choices=["ct", "mri"],
+                        help="kinds that also get a VAFT-trained 3D model")  # fmt: skip
+    parser.add_argument("--cases", type=int, default=14)
+    parser.add_argument("--slices", type=int, default=32)
+    parser.add_argument("--test-fraction", type=float, default=0.36)
+    parser.add_argument("--val-fraction", type=float, default=0.08)
+    parser.add_argument("--patch", type=int, default=32)
+    parser.add_argument("--spacing", help="D,H,W mm for the 3D models (default: CT "
+                        f"{SPACING['ct']}, MRI {SPACING['mri']})")  # fmt: skip
+    parser.add_argument("--size", type=int, default=48)
+    parser.add_argument("--epochs3d", type=int, default=40)
+    parser.add_argument("--epochs2d", type=int, default=30)
+    parser.add_argument("--lr3d", type=float, default=0.005)
+    parser.add_argument("--lr2d", type=float, default=0.005)
+    parser.add_argument("--vaft-fraction", type=float, default=0.5)
+    parser.add_argument("--vaft-eps", type=float, default=0.0784)
+    parser.add_argument("--vaft-steps", type=int, default=1)
+    parser.add_argument("--eps", type=float, nargs="+", default=[4 / 255, 8 / 255])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--sea-steps", type=int, default=5)
+    parser.add_argument("--vafa-eps", type=float, default=80 / 255)
+    parser.add_argument("--vafa-alpha", type=float, default=4 / 255)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", nargs="+", default=["2d", "3d", "3d-vaft"],
+                        help="the models to train and evaluate (default: all)")  # fmt: skip
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    shape = tuple(int(v) for v in args.shape.split(","))
-    x, y = make_volumes(args.kind, args.train + args.test, shape, args.seed)
-    xtr, ytr, xte, yte = x[: args.train], y[: args.train], x[args.train :], y[args.train :]
-    results: dict = {"kind": args.kind, "shape": shape, "roi": args.roi, "cells": []}
-
-    def save():
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
-
-    cache = args.models or str(args.out.with_suffix(".models.pt"))
-    t0 = time.process_time()
-    if Path(cache).is_file():
-        state = torch.load(cache)
-        net3 = create_model("unet3d-tiny", in_channels=1, classes=y.shape[1])
-        net2 = create_model("unet-tiny", in_channels=1, classes=y.shape[1])
-        net3.load_state_dict(state["3d"])
-        net2.load_state_dict(state["2d"])
-        net3.eval(), net2.eval()
-    else:
-        net3 = train3d(xtr, ytr, args.roi, args.steps3d, args.seed)
-        results["train3d_cpu_s"] = time.process_time() - t0
-        t0 = time.process_time()
-        net2 = train2d(xtr, ytr, args.steps2d, args.seed)
-        results["train2d_cpu_s"] = time.process_time() - t0
-        torch.save({"3d": net3.state_dict(), "2d": net2.state_dict()}, cache)
-    results["params"] = {"unet3d-tiny": count_parameters(net3), "unet-tiny": count_parameters(net2)}
-    inferer = SlidingWindow(net3, (args.roi,) * 3, overlap=0.5, batch_size=4)
-    b = len(xte)
-
-    def score3d(v):
-        with torch.no_grad():
-            return dice(inferer(v), yte)
-
-    def score2d(v):
-        with torch.no_grad():
-            return dice(to_volumes(net2(to_slices(v)), b), yte)
-
-    def cell(model, attack, eps, through, x_adv, cpu):
-        entry = {"model": model, "attack": attack, "eps": eps, "through": through,
-                 "dice": score3d(x_adv) if model == "3d" else score2d(x_adv),
-                 "ssim": float(ssim(xte, x_adv).mean()),
-                 "linf": float((x_adv - xte).abs().max()), "cpu_s": round(cpu, 1)}  # fmt: skip
-        results["cells"].append(entry)
-        save()
-        print(json.dumps(entry), flush=True)
-
-    cell("3d", "clean", 0.0, "-", xte, 0.0)
-    cell("2d", "clean", 0.0, "-", xte, 0.0)
-    options = {
-        "fgsm": {},
-        "pgd": {"steps": 20},
-        "apgd": {"steps": 20},
-        "sea": {"preset": "fast", "steps": args.sea_steps},
-    }
-    pgd_ssim: dict[float, float] = {}
-    for name in args.attacks.split(","):
-        for eps in (4 / 255, 8 / 255):
-            if name == "vafa":
-                if eps not in pgd_ssim:
-                    continue
-                kw = {"eps": 80 / 255, "steps": 20, "alpha": 4 / 255, "ssim_min": pgd_ssim[eps]}
-            else:
-                kw = {"eps": eps, **options[name]}
-            t0 = time.process_time()
-            adv2 = create_attack(name, net2, LOSS, **kw)(to_slices(xte), to_slices(yte))
-            cell("2d", name, eps, "slices", to_volumes(adv2, b), time.process_time() - t0)
-            for through in ("inference", "tiles"):
-                t0 = time.process_time()
-                adv = attack_volume(name, inferer, xte, yte, through=through, loss=LOSS, **kw)
-                cell("3d", name, eps, through, adv, time.process_time() - t0)
-                if name == "pgd" and through == "inference":
-                    pgd_ssim[eps] = math.floor(float(ssim(xte, adv).min()) * 1e4) / 1e4
-    print_table(results)
-
-
-def print_table(results: dict) -> None:
-    print(f"\n{results['kind']}: Dice (SSIM) per cell")
-    print("| model | attack | eps | through | Dice | SSIM | L-inf | CPU s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for c in results["cells"]:
-        print(f"| {c['model']} | {c['attack']} | {c['eps'] * 255:.0f}/255 | {c['through']} | "
-              f"{c['dice']:.3f} | {c['ssim']:.4f} | {c['linf']:.4f} | {c['cpu_s']} |")  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    cells = [c for kind in args.kinds for c in study(args, kind)]
+    (args.out / "study.json").write_text(json.dumps({"cells": cells}, indent=1))
+    print(table(cells))
 
 
 if __name__ == "__main__":
