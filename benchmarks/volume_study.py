@@ -55,6 +55,7 @@ import pandas as pd
 SPACING = {"ct": "2.5,3.2,3.2", "mri": "1.2,2,2"}
 SYNTH = {"ct": "nifti", "mri": "mri"}
 LOSS = "dicefocal"
+ATTACKS = ("fgsm", "pgd", "apgd", "sea", "vafa")
 
 
 def advseg(args: list[str], log: Path) -> None:
@@ -108,7 +109,7 @@ def evaluate(args, kind: str, name: str, checkpoint: Path, cell: str, attack: st
              eps: list[float], extra: list[str], through: list[str]) -> Path:  # fmt: skip
     """One `advseg evaluate` cell into ``evaluations/<kind>-<name>/<cell>`` (skipped if done)."""
     out = args.out / "evaluations" / f"{kind}-{name}" / cell
-    if any((out / "records").glob("*.parquet")):
+    if (out / "summary.csv").exists():  # written last: the cell is complete
         return out
     command = ["evaluate", str(checkpoint), "--out", str(out), "--split", "test", "--attack",
                attack, "--loss", LOSS, "--device", "cpu", "--threads", str(args.threads),
@@ -159,10 +160,10 @@ def study(args, kind: str) -> list[dict]:
         advseg(["data", "synth", "--kind", SYNTH[kind], "--out", str(data), "--cases",
                 str(args.cases), "--slices", str(args.slices), "--seed", "0"],
                args.out / "logs" / f"synth-{kind}.log")  # fmt: skip
-    names = [n for n in ("2d", "3d", "3d-vaft") if n in args.only]
-    if kind not in args.vaft:
-        names = [n for n in names if n != "3d-vaft"]
-    checkpoints = {name: train(args, kind, name) for name in names}
+    evaluated = [n for n in ("2d", "3d") if n in args.only]
+    vaft = "3d-vaft" in args.only and kind in args.vaft
+    needed = sorted({*evaluated, *(["3d", "3d-vaft"] if vaft else [])})
+    checkpoints = {name: train(args, kind, name) for name in needed}
     through = ["inference", "tiles"]
     steps = ["--steps", str(args.steps)]
     found = []
@@ -192,20 +193,26 @@ def study(args, kind: str) -> list[dict]:
                      "--attack-option", f"ssim_min={floor}"]  # fmt: skip
             for model in models:
                 cell(model, f"vafa-at-pgd-{round(e * 255)}", "vafa", [args.vafa_eps], extra,
-                     protocols if model != "3d-vaft" else ["inference"], matched=e)  # fmt: skip
+                     protocols, matched=e)  # fmt: skip
 
-    for name in [n for n in ("3d", "2d") if n in checkpoints]:
-        cell(name, "fgsm", "fgsm", args.eps, [], through)
-        pgd = cell(name, "pgd", "pgd", args.eps, steps, through)
-        if name == "3d" and "3d-vaft" in checkpoints:  # VAFT beside the clean model, trained alike
-            cell("3d-vaft", "pgd", "pgd", args.eps, steps, ["inference"])
-            vafa_at(pgd, through, ["3d", "3d-vaft"])
-        else:
-            vafa_at(pgd, through, [name])
-        cell(name, "apgd", "apgd", args.eps, steps, through)
-    for name in [n for n in ("2d", "3d") if n in checkpoints]:  # SEA last: the costliest
+    def protocols(attack: str) -> list[str]:
+        return through if attack in args.tiles else ["inference"]
+
+    for name in evaluated:
+        cell(name, "fgsm", "fgsm", args.eps, [], protocols("fgsm"))
+        pgd = cell(name, "pgd", "pgd", args.eps, steps, protocols("pgd"))
+        vafa_at(pgd, protocols("vafa"), [name])
+        cell(name, "apgd", "apgd", args.eps, steps, protocols("apgd"))
+    if vaft:  # the VAFT model beside the clean one trained alike; VAFA at the clean PGD's SSIM
+        cell("3d-vaft", "pgd", "pgd", args.eps, steps, ["inference"])
+        pgd = [c for c in found if (c["model"], c["attack"]) == ("3d", "pgd")]
+        if not pgd:  # the clean model's PGD cell, read (or run) without the rest of its grid
+            pgd = cell("3d", "pgd", "pgd", args.eps, steps, protocols("pgd"))
+            del found[-len(pgd) :]
+        vafa_at(pgd, ["inference"], ["3d-vaft"])
+    for name in evaluated:  # SEA last: the costliest
         extra = ["--attack-option", "preset=fast", "--steps", str(args.sea_steps)]
-        cell(name, "sea", "sea", args.eps, extra, through)
+        cell(name, "sea", "sea", args.eps, extra, protocols("sea"))
     return found
 
 
@@ -253,6 +260,8 @@ def main() -> None:
     parser.add_argument("--sea-steps", type=int, default=5)
     parser.add_argument("--vafa-eps", type=float, default=80 / 255)
     parser.add_argument("--vafa-alpha", type=float, default=4 / 255)
+    parser.add_argument("--tiles", nargs="*", default=list(ATTACKS), choices=ATTACKS,
+                        help="attacks run through tiles too (3D; default all)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", nargs="+", default=["2d", "3d", "3d-vaft"],
                         help="the models to train and evaluate (default: all)")  # fmt: skip
