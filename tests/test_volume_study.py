@@ -18,7 +18,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "volume_study.py"
 @pytest.mark.slow  # a few minutes on a shared 2-core machine
 def test_volume_study_writes_every_cell(tmp_path):
     toy = ["--out", str(tmp_path), "--kinds", "mri", "--vaft", "mri", "--cases", "5",
-           "--slices", "16", "--spacing", "1.2,6,6", "--patch", "16", "--size", "16",
+           "--slices", "16", "--spacing", "1.2,6,6", "--patch", "16", "--size", "32",
            "--epochs3d", "1", "--epochs2d", "1", "--steps", "1", "--sea-steps", "1",
            "--vafa-eps", "0.1"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1] / "src")}
