@@ -227,6 +227,23 @@ def test_attack_option_and_activation_reach_the_attack(setup, tmp_path, capsys, 
     assert "batches (100%)" in capsys.readouterr().err  # piped: progress lines, not silence
 
 
+def test_refine_option_reaches_the_records_of_a_minimal_norm_run(setup, tmp_path, capsys):
+    base = ["evaluate", str(setup / "tiny"), "--loss", "bce", "--device", "cpu", "--eps", "1",
+            "--attack", "pdpgd", "--steps", "5", "--attack-option", "criterion=dice"]  # fmt: skip
+    assert cli([*base, "--out", str(tmp_path / "bad"), "--attack-option", "refine=often"]) == 2
+    err = capsys.readouterr().err
+    assert "refine must be on, off or ROUNDSxSTEPS" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+    for option, setting in (("refine=2x3", "steps=5 refine=apgd-bisection 2x3"),
+                            ("refine=off", "steps=5 refine=off")):  # fmt: skip
+        out = tmp_path / option.replace("=", "-")
+        assert cli([*base, "--out", str(out), "--attack-option", option]) == 0
+        records = read_records(out)
+        assert (records["attack_setting"] == setting).all()
+        found, upper = records["min_eps"], records["min_eps_upper"]
+        assert (found <= upper).all() and (option != "refine=off" or (found == upper).all())
+
+
 @pytest.mark.parametrize(
     ("extra", "said"),
     [(["--loss", "dicefocl"], "did you mean 'dicefocal'"), (["--erase", "stomac"], "'stomac'")],

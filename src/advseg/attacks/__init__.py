@@ -94,6 +94,7 @@ def check_option_values(name: str, options: dict, where: str) -> None:
     """
     import math
 
+    from advseg.attacks.refine import parse_refine
     from advseg.limits import check_seed
 
     base, _ = parse_attack_name(name)
@@ -109,6 +110,8 @@ def check_option_values(name: str, options: dict, where: str) -> None:
         default, said = defaults[key], f"{where}{key}"
         if key == "seed":
             check_seed(value, said)
+        elif key == "refine":  # the minimal-norm attacks' ROUNDSxSTEPS, on or off
+            parse_refine(value, said)
         elif key == "loss_kwargs" and value is not None and not isinstance(value, dict):
             raise UserError(f"{said}: expected a mapping like {{gamma: 2.0}}, got {value!r}")
         elif isinstance(default, bool) and not isinstance(value, bool):

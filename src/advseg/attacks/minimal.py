@@ -147,17 +147,17 @@ class MinimalNorm(Attack):
         criterion: ``pixels`` or ``dice`` (see the module's docstring).
         threshold: the criterion's threshold (default 0.99 of the units wrong; Dice 0.5).
         refine: lower each sample's norm by an APGD bisection below it
-            (:mod:`advseg.attacks.refine`): ``True``/``"on"`` (the default: 6 rounds of 20
-            APGD steps), ``False``/``"off"``, or ``"ROUNDSxSTEPS"``. APGD raises the attack's
-            ``loss`` and, with the ``dice`` criterion, keeps its lowest-Dice iterate. A sample
-            the search did not break is tried once at a finite ``eps`` first.
+            (:mod:`advseg.attacks.refine`): ``"ROUNDSxSTEPS"`` (default ``"6x20"``: 6 rounds
+            of 20 APGD steps; ``True``/``"on"``: the same), or ``False``/``"off"``. APGD
+            raises the attack's ``loss`` and, with the ``dice`` criterion, keeps its lowest-Dice
+            iterate. A sample the search did not break is tried once at a finite ``eps`` first.
 
     After a call: :attr:`min_eps` ``(B,)`` and :attr:`min_eps_upper` ``(B,)``.
     """
 
     def __init__(self, model: nn.Module, loss="bce", eps: float | None = None, *, steps: int,
                  criterion: Criterion = "pixels", threshold: float | None = None,
-                 refine: bool | str = True, **kwargs) -> None:  # fmt: skip
+                 refine: bool | str = "6x20", **kwargs) -> None:  # fmt: skip
         super().__init__(model, loss, 0.0 if eps is None else eps, **kwargs)
         if eps is None:
             self.eps = math.inf
