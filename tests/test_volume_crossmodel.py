@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from advseg.attacks import create_attack
 from advseg.attacks.universal import WindowTiles, lay_out
 from advseg.catalogue import packaged_config
+from advseg.cli import main
 from advseg.crossmodel.transfer import crafted_dir, load_crafted, save_crafted
 from advseg.data import load_volumes, write_synthetic_nifti
 from advseg.errors import UserError
@@ -243,3 +244,15 @@ def test_report_shows_transfer_and_universal_on_volumes(grid):
     assert (run_dir / "report" / "universal_a__eps0.05__bce__inference.png").is_file()
     matrix = pd.read_csv(run_dir / "report" / "transfer_matrix.csv")
     assert {"a", "b"} <= set(matrix["source"])
+
+
+def test_evaluate_refuses_universal_on_a_3d_checkpoint(grid, tmp_path, capsys):
+    """Without the training volumes it would fit on each held-out volume itself: not universal."""
+    _, run_dir, _, _ = grid
+    checkpoint = run_dir / "models" / "a" / "checkpoints" / "best"
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", str(checkpoint), "--out", str(tmp_path / "ev"), "--attack",
+              "universal", "--eps", "0.05", "--device", "cpu"])  # fmt: skip
+    assert exit_.value.code == 2
+    assert "advseg run" in capsys.readouterr().err
+    assert not (tmp_path / "ev" / "records").exists()

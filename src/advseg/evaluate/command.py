@@ -561,6 +561,9 @@ def _refuse_for_volumes(config: EvaluateConfig, checkpoint: Path) -> None:
         check_volume_defence(spec, f"{checkpoint}: a 3D model", tuple(config.through))
     if config.compat != "none" or config.erase:
         raise UserError(f"{checkpoint}: a 3D model; --compat and --erase are for slices")
+    if any(str(name).split("+")[0] == "universal" for name in config.attacks):
+        raise UserError(f"{checkpoint}: --attack universal on volumes is fitted on the training "
+                        "volumes: run it in an experiment grid (advseg run)")  # fmt: skip
 
 
 def check_transfer(opened: Sequence[Any], transfer: bool) -> None:
