@@ -26,6 +26,8 @@ def test_a_minimal_norm_cell_records_each_slices_min_eps_and_criterion(model):  
     assert (records["attack_setting"] == "steps=60 refine=apgd-bisection 6x20").all()
     # min_eps is refined below the search's own norm, kept as min_eps_upper
     assert (records["min_eps"] <= records["min_eps_upper"]).all()
+    median = curves.median_min_eps(records).iloc[0]
+    assert median["median"] <= median["median_upper"] < math.inf
     slices = curves.slice_table(records)
     per_slice = records.groupby("slice_id")["min_eps"].nunique(dropna=False)
     assert (per_slice == 1).all()  # one value per slice, repeated over its classes

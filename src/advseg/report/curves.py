@@ -106,8 +106,9 @@ def sections(writer, records: pd.DataFrame) -> list[Section]:
         "min_eps", shown,
         "Median minimal eps per minimal-norm cell, with its 95% case-bootstrap interval (cases "
         "resampled with their slices; inf: half the slices or more never broken); found: slices "
-        "with a finite min_eps. robustness_curve_*.csv-free numbers: every slice's min_eps is in "
-        "the records."))  # fmt: skip
+        "with a finite min_eps; median_upper: the median of the searches' own norms before the "
+        "refinement (min_eps_upper: upper bounds). robustness_curve_*.csv-free numbers: every "
+        "slice's min_eps is in the records."))  # fmt: skip
     agree = curves.agreement(records)
     if not agree.empty:
         section.blocks.append(writer.table(

@@ -39,11 +39,12 @@ def minimal_records(records: pd.DataFrame) -> pd.DataFrame:
 
 
 def slice_table(records: pd.DataFrame) -> pd.DataFrame:
-    """One row per (cell, slice): ``case``, ``min_eps``, ``min_eps_criterion``, ``dice_clean``
-    and ``dice_adv`` (means over the slice's classes)."""
+    """One row per (cell, slice): ``case``, ``min_eps``, ``min_eps_upper``,
+    ``min_eps_criterion``, ``dice_clean`` and ``dice_adv`` (means over the slice's classes)."""
     keys = [*CELL, "min_eps_criterion", "slice_id"]
     grouped = records.groupby(keys, sort=False, dropna=False)
     return grouped.agg(case=("case", "first"), min_eps=("min_eps", "first"),
+                       min_eps_upper=("min_eps_upper", "first"),
                        dice_clean=("dice_clean", "mean"),
                        dice_adv=("dice_adv", "mean")).reset_index()  # fmt: skip
 
@@ -139,19 +140,23 @@ def median_min_eps(
 
     Returns:
         Columns ``model, seed, attack, loss, min_eps_criterion, slices, cases, found`` (share
-        of slices with a finite ``min_eps``), ``median``, ``low``, ``high``.
+        of slices with a finite ``min_eps``), ``median``, ``low``, ``high``, and
+        ``median_upper``: the lower median of ``min_eps_upper``, the search's own norms before
+        the refinement (NaN for records without them).
     """
     rows = []
     slices = slice_table(minimal_records(records))
     keys = ["model", "seed", "attack", "loss", "min_eps_criterion"]
     for key, frame in slices.groupby(keys, sort=False):
         interval = median_interval(frame, draws=draws, seed=seed, level=level)
+        upper = np.sort(frame["min_eps_upper"].to_numpy(dtype=float))
         rows.append(dict(zip(keys, key, strict=True)) | {
             "slices": len(frame), "cases": interval.cases,
             "found": float(np.isfinite(frame["min_eps"]).mean()),
-            "median": interval.estimate, "low": interval.low, "high": interval.high})  # fmt: skip
+            "median": interval.estimate, "low": interval.low, "high": interval.high,
+            "median_upper": float(upper[(len(upper) - 1) // 2])})  # fmt: skip
     return pd.DataFrame(rows, columns=[*keys, "slices", "cases", "found", "median", "low",
-                                       "high"])  # fmt: skip
+                                       "high", "median_upper"])  # fmt: skip
 
 
 def median_interval(
