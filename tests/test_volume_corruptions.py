@@ -176,6 +176,10 @@ def test_evaluate_and_a_grid_run_corruptions_on_volumes(trained, tmp_path, capsy
     assert np.array_equal(motion["dice_clean"], fgsm["dice_clean"])  # one clean reference
     assert motion["nsd_adv"].between(0, 1).all() and motion["hd95_mm_clean"].notna().all()
     assert "corruption:motion:2" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:  # no attack to rebuild: one line, not a traceback
+        main(["export", str(tmp_path / "cli"), "--attack", "corruption:motion:2"])
+    assert exit_.value.code == 2
+    assert "a corruption cell; export rebuilds attack cells" in capsys.readouterr().err
 
     from advseg.catalogue import packaged_config
     from advseg.experiment import load_experiment, run_experiment

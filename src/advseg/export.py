@@ -207,10 +207,17 @@ def attack_settings(label: str, config: dict, eps: float, loss: str) -> dict[str
     ``batch_size`` None.
 
     Raises:
-        UserError: an adaptive (``+bpda``, ``+eot``) label, which export cannot rebuild.
+        UserError: an adaptive (``+bpda``, ``+eot``) label, which export cannot rebuild, or a
+            corruption cell's (no attack to rebuild).
     """
+    from advseg.corruptions import corruption_of
     from advseg.experiment.config import EvaluationSpec
 
+    if corruption_of(label) is not None:  # no attack to rebuild: the TorchIO draw is its image
+        raise UserError(
+            f"--attack {label}: a corruption cell; export rebuilds attack cells "
+            "(advseg.corruptions.corrupt with the run's seed gives its images)"
+        )
     name, compat, erase = label, "none", []
     if label.endswith(":notebook"):
         name, compat = label[: -len(":notebook")], "notebook"
