@@ -110,6 +110,20 @@ def test_defend_and_names():
     assert defended_name("unet", "none") == "unet"
 
 
+def test_bit_depth_quantises_the_inputs_range_and_refuses_inputs_without_one():
+    """An external model's inputs are in the source's units (HU): bit depth quantises the range
+    the evaluation passes, and a source with no fixed range is refused in one line."""
+    net = tiny_net(batch_norm=False)
+    hu = defend(net, "bitdepth:2", (-1000.0, 1000.0)).transform
+    x = torch.tensor([-1500.0, -1000.0, -400.0, 300.0, 1000.0]).view(1, 1, 1, 5)
+    levels = torch.tensor([-1000.0, -1000.0, -1000.0 / 3, 1000.0 / 3, 1000.0]).view(1, 1, 1, 5)
+    assert torch.allclose(hu(x), levels)
+    assert defend(net, "bitdepth:2").transform.value_range == (0.0, 1.0)
+    with pytest.raises(UserError, match=r"^model\.ts: defence bitdepth:2 needs a fixed intensity"):
+        defend(net, "bitdepth:2", None, "model.ts")
+    assert isinstance(defend(net, "median:3", None, "model.ts"), DefendedModel)
+
+
 # ------------------------------------------------------------------- adaptive attacks
 
 

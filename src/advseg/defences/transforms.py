@@ -364,11 +364,30 @@ def create_defence(spec: str) -> InputTransform | None:
     return cls(number)
 
 
-def defend(model: nn.Module, spec: str) -> nn.Module:
-    """``model`` behind the defence ``spec`` (a :class:`DefendedModel`); ``none``: the model."""
+def defend(
+    model: nn.Module,
+    spec: str,
+    valid_range: tuple[float, float] | None = (0.0, 1.0),
+    where: str = "defence",
+) -> nn.Module:
+    """``model`` behind the defence ``spec`` (a :class:`DefendedModel`); ``none``: the model.
+
+    Args:
+        model: the network (or a sliding-window inferer over volumes).
+        spec: a defence spec (``median:3``, ``bitdepth:5``, ...).
+        valid_range: the inputs' ``(low, high)``, the range bit depth quantises: (0, 1) for
+            slices, a CT's HU window for volumes; None (inputs in a source's units with no fixed
+            range, e.g. an nnU-Net or bundle model) refuses the defences that need one.
+        where: names the model in a refusal.
+    """
     transform = create_defence(spec)
     if transform is None:
         return model
+    if transform.needs_range:
+        if valid_range is None:
+            raise UserError(f"{where}: defence {transform.spec} needs a fixed intensity range; "
+                            "these inputs have none")  # fmt: skip
+        transform.value_range = (float(valid_range[0]), float(valid_range[1]))
     device = next(model.parameters()).device
     return DefendedModel(model, transform.to(device)).train(model.training)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from advseg.defences.transforms import DEFENCES, DefendedModel, create_defence
+from advseg.defences.transforms import DEFENCES, create_defence, defend
 from advseg.errors import UserError
 
 
@@ -58,13 +58,4 @@ def defend_volume(
         where: names the model in a refusal.
     """
     check_volume_defence(spec, where)
-    transform = create_defence(spec)
-    if transform is None:
-        return inferer
-    if transform.needs_range:
-        if valid_range is None:
-            raise UserError(f"{where}: defence {transform.spec} needs a fixed intensity range; "
-                            "these volumes have none")  # fmt: skip
-        transform.value_range = (float(valid_range[0]), float(valid_range[1]))
-    device = next(inferer.parameters()).device
-    return DefendedModel(inferer, transform.to(device)).train(inferer.training)
+    return defend(inferer, spec, valid_range, where)

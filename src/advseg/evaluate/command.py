@@ -355,8 +355,8 @@ def _evaluate(config: EvaluateConfig, *, progress: bool = False) -> EvaluateResu
         volume = {} if through is None else {"through": through, "nsd_mm": config.nsd_mm}
 
         def defended(spec: str) -> Any:  # volumes: the defence filters the whole volume
-            if through is None:
-                return defend(bare, spec)
+            if through is None:  # external models in their source's units: their range
+                return defend(bare, spec, extra.get("valid_range", (0.0, 1.0)), checkpoint_name)
             return defend_volume(bare, spec, data.valid_range, str(checkpoint_name))
 
         for spec, attack in itertools.product(config.defences, config.attacks):
