@@ -127,9 +127,11 @@ def records(out: Path) -> pd.DataFrame:
                      ignore_index=True)  # fmt: skip
 
 
-def summarise(frame: pd.DataFrame, scale: float) -> list[dict]:
+def summarise(frame: pd.DataFrame, scale: float, unit: float | None = None) -> list[dict]:
     """Cells of one evaluation: Dice per (volume, class) from the counts, averaged; SSIM and
-    the largest L-inf (``linf / scale``: in units of the inputs' range)."""
+    the largest L-inf. ``eps / scale`` and ``linf / unit`` (``unit`` default ``scale``) are in
+    units of the inputs' range (vafa: its eps is a range fraction already, scale 1)."""
+    unit = scale if unit is None else unit
     cells = []
     for (attack, eps, setting), part in frame.groupby(["attack", "eps", "attack_setting"]):
         per = part.groupby(["scan", "class"])[
@@ -148,7 +150,7 @@ def summarise(frame: pd.DataFrame, scale: float) -> list[dict]:
             "eps_model_units": float(eps), "setting": setting,
             "dice_clean": dice["clean"], "dice_adv": dice["adv"],
             "ssim": float(ssim.mean()), "ssim_min": float(ssim.min()),
-            "linf": float(part["linf"].max()) / scale,
+            "linf": float(part["linf"].max()) / unit,
             "volumes": int(part["scan"].nunique()), "pairs": len(per),
         })  # fmt: skip
     return cells
@@ -175,7 +177,7 @@ def study(args, kind: str) -> list[dict]:
         scale = 1.0 if attack == "vafa" else width(ckpt)  # vafa's eps is a range fraction
         out = evaluate(args, kind, name, ckpt, cell, attack, [e * scale for e in eps], extra,
                        protocols)  # fmt: skip
-        cells = summarise(records(out), scale)
+        cells = summarise(records(out), scale, width(ckpt))
         for c in cells:
             c.update(kind=kind, model=name, cell=cell, params=params(ckpt))
             if matched is not None:
