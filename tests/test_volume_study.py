@@ -38,10 +38,10 @@ def test_volume_study_writes_every_cell(tmp_path):
         assert c["volumes"] == 2 and 0 <= c["dice_adv"] <= 1
         if c["attack"] in ("fgsm", "pgd", "apgd", "sea"):  # eps in units of the inputs' range
             assert c["linf"] <= c["eps"] + 1e-6
-    pgd = {(c["model"], c["eps"]): c["ssim_min"] for c in cells
+    pgd = {(c["model"], round(c["eps"] * 255)): c["ssim_min"] for c in cells
            if c["attack"] == "pgd" and c["through"] in ("inference", "slices")}  # fmt: skip
     for c in cells:
         if c["attack"] == "vafa":  # every volume at least PGD's lowest SSIM (floored to 1e-4)
             source = "3d" if c["model"] == "3d-vaft" else c["model"]
-            assert c["ssim_min"] >= pgd[(source, c["matched_eps"])] - 1e-4
+            assert c["ssim_min"] >= pgd[(source, round(c["matched_eps"] * 255))] - 1e-4
     assert "| kind | model | attack | eps | through |" in done.stdout
