@@ -94,8 +94,9 @@ def test_bench_apgd_prints_its_ratio_and_what_sea_skipping_saves():
 @pytest.mark.slow  # five fresh processes importing torch and MONAI, a minute or more when shared
 def test_bench_volume_attack_prints_time_and_memory_ratios():
     out = _run("bench_volume_attack.py", "--roi", "16", "--repeats", "1")
-    assert "step/floor" in out and "(target <= 1.25)" in out
-    assert "advseg 8/1" in out and "(target <= 1.5)" in out and "monai 8/1" in out
+    assert "time / floor: step k=0" in out and "(target <= 1.25)" in out
+    assert "memory k=4: 8/1" in out and "(target 8/1 <= 1.5)" in out
+    assert "memory monai: 8/1" in out
 
 
 @pytest.mark.slow  # 40 cells of records, even at toy sizes (about 100 s on a shared CPU)
