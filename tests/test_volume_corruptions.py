@@ -13,15 +13,14 @@ import torchio as tio
 
 from advseg.cli import main
 from advseg.corruptions import CORRUPTIONS, Geometry, corrupt, corruption_seed, create_corruption
-from advseg.data import DataConfig, VolumeConfig, load_volumes, write_synthetic_nifti
+from advseg.data import load_volumes
 from advseg.evaluate.corrupted import evaluate_corruptions
 from advseg.inference import SlidingWindow
 from advseg.labels import class_prediction
 from advseg.metrics import dice_score, surface_dice
 from advseg.models import load_checkpoint
-from advseg.train import TrainConfig, train_on_data
+from tiny_volumes import PATCH, train_tiny_volume_model  # tests/ is on sys.path
 
-PATCH = (16, 16, 16)
 SPACING = (2.5, 0.8, 0.8)  # (D, H, W) mm: thick axial slices, as the synthetic CT
 
 
@@ -102,12 +101,8 @@ def test_a_volume_without_a_valid_range_is_corrupted_in_its_own_range():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("volcorrupt")
-    write_synthetic_nifti(root / "ct", cases=5, slices=16, size=(32, 24), seed=0)
-    config = DataConfig(path=root / "ct", cache_dir=root / "cache",
-                        volume=VolumeConfig(patch=PATCH, samples=2))  # fmt: skip
-    train = TrainConfig(model="unet3d-tiny", epochs=1, batch_size=2, lr=1e-2, device="cpu")
-    result = train_on_data(config, train, root / "run", test_fraction=0.3, val_fraction=0.3)
-    return root, config, result.best_path
+    config, best = train_tiny_volume_model(root)
+    return root, config, best
 
 
 def test_a_corruption_cell_equals_torchio_and_the_inference_by_hand(trained):

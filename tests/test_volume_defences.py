@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from advseg.attacks import create_attack
 from advseg.cli import main
-from advseg.data import DataConfig, VolumeConfig, load_volumes, write_synthetic_nifti
+from advseg.data import load_volumes
 from advseg.defences import DefendedModel, create_defence
 from advseg.defences.volumes import check_volume_defence, defend_volume, volume_defences
 from advseg.errors import UserError
@@ -21,9 +21,8 @@ from advseg.inference import SlidingWindow
 from advseg.labels import class_prediction
 from advseg.metrics import dice_score
 from advseg.models import create_model, load_checkpoint
-from advseg.train import TrainConfig, train_on_data
+from tiny_volumes import PATCH, train_tiny_volume_model  # tests/ is on sys.path
 
-PATCH = (16, 16, 16)
 RANGE = (-2.0, 3.0)  # a CT volume's valid range in z units
 
 
@@ -121,12 +120,8 @@ def test_an_adaptive_attack_on_a_defended_volume_keeps_its_budget(defended, spec
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("voldefence")
-    write_synthetic_nifti(root / "ct", cases=5, slices=16, size=(32, 24), seed=0)
-    config = DataConfig(path=root / "ct", cache_dir=root / "cache",
-                        volume=VolumeConfig(patch=PATCH, samples=2))  # fmt: skip
-    train = TrainConfig(model="unet3d-tiny", epochs=1, batch_size=2, lr=1e-2, device="cpu")
-    result = train_on_data(config, train, root / "run", test_fraction=0.3, val_fraction=0.3)
-    return root, config, result.best_path
+    config, best = train_tiny_volume_model(root)
+    return root, config, best
 
 
 def test_evaluate_and_a_grid_run_defences_on_volumes(trained, tmp_path, capsys):

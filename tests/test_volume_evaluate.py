@@ -12,27 +12,22 @@ import torch
 
 from advseg.attacks.through import attack_volume
 from advseg.cli import main
-from advseg.data import DataConfig, VolumeConfig, load_volumes, write_synthetic_nifti
+from advseg.data import load_volumes
 from advseg.evaluate import EvaluateConfig, evaluate
 from advseg.inference import SlidingWindow
 from advseg.labels import class_prediction
 from advseg.metrics import dice_score, surface_dice
 from advseg.models import load_checkpoint
-from advseg.train import TrainConfig, train_on_data
+from tiny_volumes import PATCH, train_tiny_volume_model  # tests/ is on sys.path
 
-PATCH = (16, 16, 16)
 EPS = 0.1
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("voleval")
-    write_synthetic_nifti(root / "ct", cases=5, slices=16, size=(32, 24), seed=0)
-    config = DataConfig(path=root / "ct", cache_dir=root / "cache",
-                        volume=VolumeConfig(patch=PATCH, samples=2))  # fmt: skip
-    train = TrainConfig(model="unet3d-tiny", epochs=1, batch_size=2, lr=1e-2, device="cpu")
-    result = train_on_data(config, train, root / "run", test_fraction=0.3, val_fraction=0.3)
-    return root, config, result.best_path
+    config, best = train_tiny_volume_model(root)
+    return root, config, best
 
 
 def test_records_per_volume_class_and_protocol(trained, tmp_path):

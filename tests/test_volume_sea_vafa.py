@@ -10,27 +10,19 @@ import pytest
 import torch
 
 from advseg.attacks.through import attack_volume
-from advseg.data import DataConfig, VolumeConfig, load_volumes
-from advseg.data.synth_mri import write_synthetic_mri
+from advseg.data import load_volumes
 from advseg.evaluate import EvaluateConfig, evaluate
 from advseg.inference import SlidingWindow
 from advseg.labels import class_prediction
 from advseg.metrics import dice_score, ssim
 from advseg.models import load_checkpoint
-from advseg.train import TrainConfig, train_on_data
-
-PATCH = (16, 16, 16)
+from tiny_volumes import PATCH, train_tiny_volume_model  # tests/ is on sys.path
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("volsea")
-    write_synthetic_mri(root / "mri", cases=5, slices=16, size=(32, 24), seed=0)
-    config = DataConfig(path=root / "mri", cache_dir=root / "cache",
-                        volume=VolumeConfig(patch=PATCH, samples=2))  # fmt: skip
-    train = TrainConfig(model="unet3d-tiny", epochs=1, batch_size=2, lr=1e-2, device="cpu")
-    result = train_on_data(config, train, root / "run", test_fraction=0.3, val_fraction=0.3)
-    return config, result.best_path
+    return train_tiny_volume_model(root, "mri")
 
 
 def _records(result) -> pd.DataFrame:
